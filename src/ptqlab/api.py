@@ -1,0 +1,103 @@
+"""The public verbs: `quantize` a model into a checkpoint folder. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ptqlab.errors import PtqlabError
+from ptqlab.formats.compressed_tensors import write_checkpoint
+from ptqlab.models import load_model, model_dtype
+from ptqlab.output import atomic_dir, check_writable
+from ptqlab.pipeline import QuantizationResult, quantize_model
+from ptqlab.recipes import Recipe, get_recipe
+
+RECORD_NAME = "ptqlab.json"
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that shapes the numbers, for run records."""
+    import compressed_tensors
+    import safetensors
+    import transformers
+
+    import ptqlab
+
+    return {
+        "ptqlab": ptqlab.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compressed_tensors": compressed_tensors.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def _record(loaded, result: QuantizationResult, settings: dict, seconds: float) -> dict:
+    return {
+        "model": loaded.source,
+        "model_path": loaded.path,
+        "model_note": loaded.note,
+        "recipe": dataclasses.asdict(result.recipe),
+        "format": result.recipe.scheme.format,
+        "scheme": result.recipe.scheme.describe(),
+        "settings": settings,
+        "quantized_layers": len(result.quantized),
+        "ignored_layers": result.ignored,
+        "notes": result.notes,
+        "seconds": round(seconds, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "command": sys.argv,
+    }
+
+
+def default_out(source: str | None, recipe: str) -> Path:
+    from ptqlab.embedded import DEFAULT_MODEL_NAME
+
+    name = Path(source.rstrip("/")).name if source else DEFAULT_MODEL_NAME
+    return Path(f"{name}-{recipe}")
+
+
+def quantize(
+    model: str | None = None,
+    recipe: str | Recipe = "fp8-dynamic",
+    out: str | Path | None = None,
+    ignore: list[str] | None = None,
+    group_size: int | None = None,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    seed: int = 0,
+    quiet: bool = False,
+) -> Path:
+    """Quantize `model` (hub id, local folder, or None for the embedded default) with `recipe` into `out`.
+
+    Returns the checkpoint folder. The folder appears only when complete (see ptqlab.output).
+    """
+    if isinstance(recipe, str):
+        recipe = get_recipe(recipe)
+    recipe = recipe.with_overrides(ignore=ignore, group_size=group_size)
+    out = Path(out) if out is not None else default_out(model, recipe.name)
+    check_writable(out, overwrite)  # before the slow part: fail in a second, not after loading
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    loaded = load_model(model, dtype=dtype)
+    result = quantize_model(loaded.model, recipe, quiet=quiet)
+    if loaded.tokenizer is None:
+        result.notes.append("the model folder has no tokenizer; the checkpoint has none either")
+    settings = {"recipe": recipe.name, "dtype": str(model_dtype(loaded.model)).removeprefix("torch."), "seed": seed, "out": str(out)}
+    with atomic_dir(out, overwrite) as tmp:
+        write_checkpoint(tmp, loaded.model, loaded.tokenizer, result.recipe)
+        record = _record(loaded, result, settings, time.perf_counter() - start)
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return out
+
+
+__all__ = ["quantize", "PtqlabError"]

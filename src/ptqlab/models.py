@@ -1,0 +1,145 @@
+"""Loading a causal LM (hub id, local folder, or the embedded default) and finding its decoder layers.
+
+Architecture differences are data: `DECODER_LAYERS` maps a config's `model_type` to the dotted path of its
+decoder-layer list. A new architecture is a new row; an unlisted one works if it has exactly one ModuleList of
+`num_hidden_layers` blocks, and is refused with a clear message otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptqlab.embedded import DEFAULT_MODEL_NAME, NOTE as EMBEDDED_NOTE, default_model_path
+from ptqlab.errors import PtqlabError
+
+# model_type -> where the decoder layers live. Tested with a tiny random model of each in tests/.
+DECODER_LAYERS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "phi3": "model.layers",
+}
+
+DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to quantize, with where it came from."""
+
+    model: nn.Module
+    tokenizer: object | None
+    source: str
+    """What the user asked for: a hub id, a folder, or the embedded default's name."""
+    path: str
+    """Where it was loaded from (hub id or local folder)."""
+    note: str | None = None
+    """A caveat to carry into records and reports (e.g. the embedded model's provenance)."""
+
+
+def resolve_dtype(name: str) -> torch.dtype | str:
+    if name not in DTYPES:
+        raise PtqlabError(f"unknown --dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _load_config(path: str, source: str):
+    from transformers import AutoConfig
+
+    is_local = os.path.isdir(path)
+    if os.path.exists(path) and not is_local:
+        raise PtqlabError(f"{source!r} is a file, not a model folder: give the folder holding config.json")
+    if is_local and not (Path(path) / "config.json").is_file():
+        raise PtqlabError(f"{source!r} has no config.json: give a Hugging Face model folder (config.json + weights)")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if is_local:
+            raise PtqlabError(f"cannot read the config in {source!r}: {str(e).splitlines()[0]}") from e
+        raise PtqlabError(
+            f"unknown model {source!r}: not a local folder, and the Hugging Face Hub has no such model or is "
+            "unreachable; give a local folder or a hub id such as Qwen/Qwen2.5-0.5B-Instruct "
+            "(or no MODEL for the embedded default)"
+        ) from e
+
+
+CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")
+
+
+def _check_causal_lm(config, source: str) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    architectures = getattr(config, "architectures", None) or []
+    # BERT-like configs sit in the causal-LM mapping too (as LM heads for decoders): trust the checkpoint's
+    # own declared head when it has one.
+    declared_causal = not architectures or any(a.endswith(CAUSAL_LM_HEADS) for a in architectures)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or not declared_causal or config.is_encoder_decoder:
+        arch = ", ".join(architectures) or config.model_type
+        raise PtqlabError(
+            f"{source!r} is a {arch} model, not a causal language model: ptqlab quantizes decoder-only LMs "
+            "that AutoModelForCausalLM loads (Llama, Qwen, Mistral, Gemma, Phi-3, ...)"
+        )
+
+
+def load_model(source: str | None = None, dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id or local folder; None loads the embedded default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    note = None
+    if source is None:
+        path, source, note = str(default_model_path()), DEFAULT_MODEL_NAME, EMBEDDED_NOTE
+    else:
+        path = os.path.expanduser(source)
+    config = _load_config(path, source)
+    _check_causal_lm(config, source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+    except OSError as e:
+        raise PtqlabError(f"cannot load the weights of {source!r}: {str(e).splitlines()[0]}") from e
+    model.eval()
+    decoder_layers(model)  # fail now, not half-way through quantization
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=path, note=note)
+
+
+def _get_submodule(model: nn.Module, dotted: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(dotted)
+    except AttributeError:
+        return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (one entry per transformer block)."""
+    config = model.config
+    model_type = getattr(config, "model_type", "?")
+    dotted = DECODER_LAYERS.get(model_type)
+    if dotted is not None:
+        layers = _get_submodule(model, dotted)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(getattr(config, "text_config", None), "num_hidden_layers", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise PtqlabError(
+        f"cannot find the decoder layers of this {model_type} model ({type(model).__name__}): supported are "
+        f"{', '.join(sorted(DECODER_LAYERS))}; add a row for {model_type!r} to ptqlab.models.DECODER_LAYERS "
+        "with the dotted path of its layer list"
+    )
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's weights."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())

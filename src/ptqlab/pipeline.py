@@ -1,0 +1,121 @@
+"""The layer loop: choose the linears a recipe targets, check them, and replace each with a QuantizedLinear.
+
+Works decoder layer by decoder layer (the unit of progress now, and of calibration once data-driven methods
+arrive), then any targeted linear outside the decoder layers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ptqlab.errors import PtqlabError
+from ptqlab.models import decoder_layers
+from ptqlab.progress import track
+from ptqlab.quant.linear import QuantizedLinear
+from ptqlab.recipes import Recipe
+
+
+@dataclass
+class QuantizationResult:
+    """What quantize_model did, for the run record."""
+
+    recipe: Recipe
+    """The recipe as applied (after automatic adjustments such as the group size)."""
+    quantized: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def matches(name: str, pattern: str) -> bool:
+    """llm-compressor's rule: `re:PATTERN` is a regex matched from the start of the name; else an exact name."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return name == pattern
+
+
+def target_linears(model: nn.Module, ignore: tuple[str, ...]) -> tuple[dict[str, nn.Linear], list[str], list[str]]:
+    """-> (targets by name, ignored names, ignore patterns that matched nothing)."""
+    targets, ignored, used = {}, [], set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        hit = [p for p in ignore if matches(name, p)]
+        if hit:
+            ignored.append(name)
+            used.update(hit)
+        else:
+            targets[name] = module
+    return targets, ignored, [p for p in ignore if p not in used]
+
+
+def resolve_group_size(recipe: Recipe, targets: dict[str, nn.Linear]) -> tuple[Recipe, str | None]:
+    """Make the recipe's group size divide every target's input width, or explain why it cannot."""
+    weights = recipe.scheme.weights
+    if weights.strategy != "group":
+        return recipe, None
+    widths = {name: m.in_features for name, m in targets.items()}
+    bad = {name: w for name, w in widths.items() if w % weights.group_size}
+    if not bad:
+        return recipe, None
+    largest = weights.group_size
+    while largest > 1 and any(w % largest for w in widths.values()):
+        largest //= 2
+    examples = ", ".join(f"{n} ({w})" for n, w in list(bad.items())[:3])
+    if not recipe.auto_group_size or largest < 8:
+        raise PtqlabError(
+            f"group size {weights.group_size} does not divide the input width of {len(bad)} layers, e.g. {examples}; "
+            f"the largest power-of-two group size that divides every layer is {largest}: use --group-size {largest}"
+        )
+    note = (
+        f"group size {weights.group_size} does not divide the input width of {len(bad)} layers (e.g. {examples}); "
+        f"using group size {largest}, the largest power of two that divides every layer"
+    )
+    scheme = replace(recipe.scheme, weights=weights.with_group_size(largest))
+    return replace(recipe, scheme=scheme), note
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _quantize_linear(name: str, linear: nn.Linear, recipe: Recipe) -> QuantizedLinear:
+    weight = linear.weight.detach()
+    if not torch.isfinite(weight).all():
+        raise PtqlabError(f"{name}: the weight holds NaN or Inf; the checkpoint is damaged or was loaded in a dtype that overflows (try --dtype bfloat16)")
+    return QuantizedLinear.from_weight(weight, linear.bias, recipe.scheme)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, recipe: Recipe, quiet: bool = False) -> QuantizationResult:
+    """Quantize `model` in place according to `recipe`."""
+    targets, ignored, unused = target_linears(model, recipe.ignore)
+    if not targets:
+        raise PtqlabError(f"the ignore list {list(recipe.ignore)} leaves no linear layer to quantize")
+    recipe, note = resolve_group_size(recipe, targets)
+    result = QuantizationResult(recipe=recipe, ignored=ignored)
+    if note:
+        result.notes.append(note)
+    for pattern in unused:
+        result.notes.append(f"ignore pattern {pattern!r} matched no linear layer")
+
+    layers = decoder_layers(model)
+    layer_names = {id(m): name for name, m in model.named_modules()}
+    by_layer = []
+    for layer in layers:
+        prefix = layer_names[id(layer)] + "."
+        by_layer.append([n for n in targets if n.startswith(prefix)])
+    outside = sorted(set(targets) - {n for names in by_layer for n in names})
+    if outside:
+        by_layer.append(outside)
+
+    label = f"{recipe.name} ({recipe.method})"
+    for i, names in enumerate(track(by_layer, label, total=len(by_layer), quiet=quiet, status=lambda ns: f"{len(ns)} linears")):
+        for name in names:
+            _set_submodule(model, name, _quantize_linear(name, targets[name], recipe))
+            result.quantized.append(name)
+    return result

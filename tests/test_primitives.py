@@ -1,0 +1,176 @@
+"""Quantization primitives against an independent float64 reference written here.
+
+Inputs are random with the hard cases mixed in: outliers (100x), an all-zero row, a row of tiny values and
+a row of huge values (extreme scales). Properties: grid values equal the float64 reference's nearest grid
+point (a difference of one step is allowed only where the exact quotient is a rounding tie to within fp32
+precision), every error is within the format's bound, and nothing is NaN or infinite.
+"""
+
+import pytest
+import torch
+
+from ptqlab.quant.linear import rtn
+from ptqlab.quant.primitives import FP8_DTYPE, dequantize, fake_quantize, quant_params, quantize
+from ptqlab.schemes import QuantArgs
+
+
+def hard_matrix(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g, dtype=torch.float64) * 0.05
+    outliers = torch.rand(rows, cols, generator=g) < 0.01
+    x[outliers] *= 100
+    x[1] = 0.0  # all-zero row
+    x[2] *= 1e-6 if dtype == torch.float16 else 1e-30  # tiny scale
+    if dtype != torch.float16:
+        x[3] *= 1e30  # huge scale
+    x[4, : cols // 2] = 0.0  # half-zero row: exercises zero groups
+    x[5] = x[5].abs()  # one-signed row: exercises asymmetric zero points at the grid's edge
+    return x.to(dtype)
+
+
+def reference_int(x: torch.Tensor, scale: torch.Tensor, zero_point, args: QuantArgs):
+    """Nearest grid point in float64, using the stored scale/zero point. -> (q, exact quotient)."""
+    qmin, qmax = -(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1
+    s = scale.double()
+    z = torch.zeros_like(s) if zero_point is None else zero_point.double()
+    if args.strategy == "group":
+        s, z = s.repeat_interleave(args.group_size, dim=-1), z.repeat_interleave(args.group_size, dim=-1)
+    exact = x.double() / s + z
+    return exact.round().clamp(qmin, qmax), exact
+
+
+def fp8_grid() -> torch.Tensor:
+    """Every finite FP8 E4M3 value, ascending, in float64."""
+    values = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).double()
+    return torch.unique(values[torch.isfinite(values)])
+
+
+def reference_fp8(y: torch.Tensor) -> torch.Tensor:
+    """Nearest FP8 E4M3 value of y (float64), by search over the whole grid."""
+    grid = fp8_grid()
+    y = y.clamp(grid[0], grid[-1])
+    idx = torch.searchsorted(grid, y).clamp(1, len(grid) - 1)
+    lo, hi = grid[idx - 1], grid[idx]
+    return torch.where((y - lo) <= (hi - y), lo, hi)
+
+
+INT_CASES = [
+    QuantArgs(num_bits=bits, symmetric=sym, strategy=strategy, group_size=group)
+    for bits in (2, 3, 4, 8)
+    for sym in (True, False)
+    for strategy, group in (("tensor", None), ("channel", None), ("group", 8), ("group", 24), ("group", 64), ("group", 192))
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("args", INT_CASES, ids=lambda a: f"int{a.num_bits}-{'sym' if a.symmetric else 'asym'}-{a.strategy}{a.group_size or ''}")
+def test_int_quantization_matches_float64_reference(args, dtype):
+    x = hard_matrix(16, 192, dtype)
+    if args.strategy == "tensor":  # one scale for everything: keep the extremes out or nothing else survives
+        x = hard_matrix(16, 192, dtype)[6:]
+    q, scale, zero_point = rtn(x, args, scale_dtype=dtype)
+    assert q.dtype == torch.int8 and scale.dtype == dtype and q.shape == x.shape
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+
+    ref_q, exact = reference_int(x, scale, zero_point, args)
+    differs = q.double() != ref_q
+    # Only a rounding tie (to fp32 precision of the quotient) may go either way.
+    tie = ((exact - exact.floor() - 0.5).abs() < 1e-5 * exact.abs().clamp(min=1)) & ((q.double() - ref_q).abs() <= 1)
+    assert (~differs | tie).all(), f"{int(differs.sum())} grid values differ from the float64 reference"
+
+    xhat = dequantize(q, scale, zero_point, args, dtype=torch.float64)
+    assert torch.isfinite(xhat).all()
+    step = scale.double()
+    if args.strategy == "group":
+        step = step.repeat_interleave(args.group_size, dim=-1)
+    # Half a step from rounding, plus the clamp of the extreme value when the stored scale was rounded down
+    # to its dtype (relative eps of that dtype times the grid's span).
+    span = 2**args.num_bits - 1
+    bound = step * (0.5 + span * torch.finfo(dtype).eps) + 1e-300
+    err = (xhat - x.double()).abs()
+    assert (err <= bound).all(), f"max error {float((err / bound).max()):.3f} x bound"
+
+
+@pytest.mark.parametrize("args", [a for a in INT_CASES if a.strategy == "group"][:6])
+def test_zero_block_dequantizes_to_exact_zero(args):
+    x = hard_matrix(16, 192, torch.float32)
+    q, scale, zero_point = rtn(x, args)
+    xhat = dequantize(q, scale, zero_point, args)
+    assert (xhat[1] == 0).all() and (xhat[4, :96] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strategy", ["tensor", "channel"])
+def test_fp8_quantization_matches_float64_reference(strategy, dtype):
+    args = QuantArgs(num_bits=8, type="float", strategy=strategy)
+    x = hard_matrix(16, 192, dtype)
+    if strategy == "tensor":
+        x = x[6:]
+    q, scale, _ = rtn(x, args, scale_dtype=dtype)
+    assert q.dtype == FP8_DTYPE and scale.dtype == dtype
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+
+    y = x.double() / scale.double()
+    ref = reference_fp8(y)
+    differs = q.double() != ref
+    # Ties between two FP8 neighbours (to fp32 precision of the quotient) may go either way.
+    grid = fp8_grid()
+    idx = torch.searchsorted(grid, y.clamp(grid[0], grid[-1])).clamp(1, len(grid) - 1)
+    midpoint = (grid[idx - 1] + grid[idx]) / 2
+    tie = (y - midpoint).abs() <= 1e-6 * y.abs()
+    assert (~differs | tie).all(), f"{int(differs.sum())} FP8 values differ from the float64 reference"
+
+    xhat = dequantize(q, scale, None, args, dtype=torch.float64)
+    assert torch.isfinite(xhat).all()
+    s = scale.double()
+    # E4M3 has 3 mantissa bits: half an ulp is 2^-4 of the value for normals; below 2^-6 the subnormal step
+    # is 2^-9, so half of it (times the scale) bounds the absolute error. The clamp at 448 adds the scale's
+    # own rounding to its dtype.
+    bound = x.double().abs() * (2.0**-4 + 448 * torch.finfo(dtype).eps / 448) + s * 2.0**-10 + 1e-300
+    err = (xhat - x.double()).abs()
+    assert (err <= bound).all(), f"max error {float((err / bound).max()):.3f} x bound"
+
+
+@pytest.mark.parametrize("args", [
+    QuantArgs(num_bits=8, type="float", strategy="token", dynamic=True),
+    QuantArgs(num_bits=8, strategy="token", dynamic=True),
+], ids=["fp8", "int8"])
+def test_dynamic_token_quantization_has_one_scale_per_token(args):
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    x[0, 0] = 0.0
+    x[1, 2] *= 1000
+    scale, _ = quant_params(x, args, scale_dtype=torch.float32)
+    assert scale.shape == (3, 5, 1)
+    absmax = x.float().abs().amax(-1, keepdim=True)
+    half = 448.0 if args.type == "float" else 127.5
+    expected = torch.where(absmax == 0, torch.finfo(torch.float32).tiny, absmax / half)
+    assert torch.equal(scale, expected)
+    xhat = fake_quantize(x, args)
+    assert xhat.dtype == x.dtype and torch.isfinite(xhat).all()
+    assert (xhat[0, 0] == 0).all()
+    # A 1000x token does not change its neighbours' quantization: scales are per token.
+    y = x.clone()
+    y[1, 2] /= 1000
+    assert torch.equal(fake_quantize(y, args)[1, 3], xhat[1, 3])
+
+
+def test_group_size_must_divide_the_row():
+    with pytest.raises(ValueError, match="does not divide"):
+        quant_params(torch.randn(4, 100), QuantArgs(num_bits=4, strategy="group", group_size=64))
+
+
+def test_int_quantize_of_dequantized_values_is_identity():
+    """Quantizing an on-grid tensor again with the same scale returns the same grid values."""
+    args = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32)
+    x = hard_matrix(16, 192, torch.float32)
+    q, scale, zp = rtn(x, args)
+    again = quantize(dequantize(q, scale, zp, args), scale, zp, args)
+    assert torch.equal(again, q)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(num_bits=5), dict(num_bits=4, type="float"), dict(strategy="group"), dict(strategy="channel", group_size=64),
+])
+def test_invalid_quant_args_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        QuantArgs(**kwargs)

@@ -1,0 +1,85 @@
+"""Tiny random models of real architectures, built from a config in memory (no downloads), with a tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+# Every width is a multiple of 128 so that group 128 (the W4A16 default) divides every layer.
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=64, max_position_embeddings=256, tie_word_embeddings=False,
+    bos_token_id=None, eos_token_id=2, pad_token_id=0,
+)
+
+
+def tiny_config(arch: str, **overrides):
+    import transformers as tf
+
+    params = {**COMMON, **overrides}
+    if arch == "llama":
+        return tf.LlamaConfig(**params)
+    if arch == "mistral":
+        return tf.MistralConfig(**params, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**params)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**params)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**params, query_pre_attn_scalar=64)
+    if arch == "gemma3_text":
+        return tf.Gemma3TextConfig(**params, query_pre_attn_scalar=64)
+    if arch == "phi3":
+        return tf.Phi3Config(**{k: v for k, v in params.items() if k != "head_dim"})
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Quantization maps weights onto a small grid of values. "
+    "A language model predicts the next token from the tokens before it. Paris is the capital of France. "
+) * 8
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, chat_template=CHAT_TEMPLATE
+    )
+
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=dtype)
+    # Random init gives std-0.02 weights everywhere; give norms and biases non-trivial values too so that
+    # a bug that drops them shows in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def save_tiny_model(folder: Path, arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Path:
+    model = tiny_model(arch, dtype, seed, **overrides)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

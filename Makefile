@@ -19,11 +19,10 @@ $(BIN)/ptqlab: pyproject.toml
 
 install: $(BIN)/ptqlab
 
-# Quantize the embedded default model (SmolLM2-135M-Instruct) with each preset recipe, offline.
+# The lab on the embedded default model (SmolLM2-135M-Instruct), offline: quantize with every preset,
+# benchmark against the 16-bit baseline, report in out/lab/report.html. Resumes if interrupted.
 demo: install
-	$(BIN)/ptqlab quantize --recipe fp8-dynamic --out out/SmolLM2-135M-Instruct-fp8-dynamic --overwrite
-	$(BIN)/ptqlab quantize --recipe w4a16-rtn --out out/SmolLM2-135M-Instruct-w4a16-rtn --overwrite
-	$(BIN)/ptqlab quantize --recipe w8a8-rtn --out out/SmolLM2-135M-Instruct-w8a8-rtn --overwrite
+	$(BIN)/ptqlab lab --out out/lab
 
 test: install
 	$(BIN)/python -m pytest

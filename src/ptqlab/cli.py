@@ -60,5 +60,84 @@ def recipes() -> None:
     console.print(table)
 
 
+def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens,
+              device, seed, quiet):
+    from ptqlab.bench.variant import QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings, resolve_device
+
+    if ppl_quick and ppl_full:
+        raise PtqlabError("--ppl-quick and --ppl-full exclude each other")
+    if not ppl_quick and not ppl_full:
+        # Neither given: the full protocol on a GPU, the quick probe on a CPU, said out loud.
+        ppl_quick = resolve_device(device).type == "cpu"
+        if ppl_quick and not quiet:
+            console.print(f"[yellow]note:[/] no GPU: perplexity and KL use the quick probe ({QUICK_WINDOWS} windows of "
+                          f"{QUICK_CONTEXT} tokens); pass --ppl-full for the whole text", highlight=False)
+    windows = QUICK_WINDOWS if ppl_quick else None
+    context = ppl_context or (QUICK_CONTEXT if ppl_quick else None)
+    return BenchSettings(ppl_text=ppl_text, ppl_context=context, ppl_windows=windows, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, repeats=repeats, sample_tokens=sample_tokens, device=device, seed=seed)
+
+
+PplQuick = Annotated[bool, typer.Option("--ppl-quick", help="Quick probe: the first 20 windows of 512 tokens (default on CPU).")]
+PplFull = Annotated[bool, typer.Option("--ppl-full", help="Full protocol: every window of the text (default on GPU).")]
+PplContext = Annotated[Optional[int], typer.Option(help="Window length; default min(2048, model context), 512 for the quick probe.")]
+PplText = Annotated[str, typer.Option(help="wikitext-2 (offline fallback: python-docs), python-docs, or a .txt path.")]
+MaxNewTokens = Annotated[int, typer.Option(help="Tokens generated per speed run (EOS ignored).")]
+BatchSize = Annotated[int, typer.Option(help="Batch size of the throughput run.")]
+Repeats = Annotated[int, typer.Option(help="Timed repeats after one warm-up; the median is reported.")]
+SampleTokens = Annotated[int, typer.Option(help="Max tokens of each sample completion.")]
+Device = Annotated[str, typer.Option(help="auto (a GPU if present), cpu, cuda, cuda:1, ...")]
+MaxKl = Annotated[float, typer.Option(help="Quality budget: mean KL from the baseline, nats per token.")]
+MaxPplIncrease = Annotated[float, typer.Option(help="Quality budget: perplexity increase over the baseline, percent.")]
+Quiet = Annotated[bool, typer.Option(help="No progress bars (log.jsonl still records every step).")]
+
+
+@app.command()
+def bench(
+    paths: Annotated[list[Path], typer.Argument(help="Checkpoint or 16-bit model folders.")],
+    out: Annotated[Path, typer.Option(help="Results folder (resumable).")] = Path("ptqlab-bench"),
+    baseline: Annotated[Optional[Path], typer.Option(help="16-bit model for KL; default: the first unquantized PATH, else the model the first checkpoint was made from.")] = None,
+    ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
+    max_new_tokens: MaxNewTokens = 128, batch_size: BatchSize = 8, repeats: Repeats = 3, sample_tokens: SampleTokens = 64,
+    device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
+) -> None:
+    """Benchmark model folders side by side: size, load time, memory, perplexity, KL, speed, samples; write a report."""
+    from ptqlab.suite import Budget, bench as run
+
+    try:
+        settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet)
+        folder = run([str(p) for p in paths], out, str(baseline) if baseline else None, settings, Budget(max_kl, max_ppl_increase), quiet)
+    except PtqlabError as e:
+        _fail(e)
+    _print_summary(folder)
+
+
+@app.command()
+def lab(
+    model: Annotated[Optional[str], typer.Argument(help="Hub id or local folder; omitted: the embedded SmolLM2-135M-Instruct.")] = None,
+    recipes: Annotated[Optional[str], typer.Option(help="Comma-separated recipes; default: every preset.")] = None,
+    out: Annotated[Path, typer.Option(help="Lab folder: checkpoints, results, report (resumable).")] = Path("ptqlab-lab"),
+    dtype: Annotated[str, typer.Option(help="Load dtype for quantization.")] = "auto",
+    ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
+    max_new_tokens: MaxNewTokens = 128, batch_size: BatchSize = 8, repeats: Repeats = 3, sample_tokens: SampleTokens = 64,
+    device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
+) -> None:
+    """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
+    from ptqlab.suite import Budget, lab as run
+
+    try:
+        settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet)
+        names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
+        folder = run(model, names, out, settings, Budget(max_kl, max_ppl_increase), dtype, quiet)
+    except PtqlabError as e:
+        _fail(e)
+    _print_summary(folder)
+
+
+def _print_summary(folder: Path) -> None:
+    console.print((folder / "summary.md").read_text().split("## Sample completions")[0], highlight=False)
+    console.print(f"[green]report:[/] {folder / 'report.html'}  [green]data:[/] {folder / 'results.json'}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover
     app()

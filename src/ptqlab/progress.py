@@ -28,3 +28,13 @@ def track(items: Iterable[T], description: str, total: int, quiet: bool = False,
             progress.update(task, status=status(item))
             yield item
             progress.advance(task)
+
+
+def log_event(log_path, event: str, **fields) -> None:
+    """Append one JSON line {time, event, ...} to a machine-readable log."""
+    import json
+    from datetime import datetime, timezone
+
+    record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event, **fields}
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,159 @@
+"""Perplexity and KL divergence from the baseline, on the same non-overlapping token windows.
+
+Perplexity (the standard protocol of GPTQ and the transformers docs with stride = context): the evaluation
+text is tokenized once; window i is tokens [i*C, (i+1)*C) for C = the context; the model sees each window on
+its own and predicts tokens 2..C of it from the tokens before them, so every token except each window's first
+is scored exactly once; an incomplete last window is dropped. Perplexity = exp(mean NLL over scored tokens).
+
+KL divergence (as llama.cpp's `--kl-divergence` reports it): at every scored position, KL(P_base || P_variant)
+of the next-token distributions; we report mean, median, 99th percentile, and top-1 agreement (how often the
+variant's most likely token is the baseline's). The baseline's distributions are stored once, compactly, as
+its top-k log-probabilities plus the log of the mass outside them; KL is then computed between the two
+distributions coarsened to those k tokens + "everything else". That is a lower bound of the full-vocabulary
+KL (coarsening never increases KL) and tight when the top k hold nearly all the mass, as they do for LMs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ptqlab.errors import PtqlabError
+from ptqlab.progress import track
+
+
+def make_windows(n_tokens: int, context: int, max_windows: int | None = None) -> list[tuple[int, int]]:
+    """Non-overlapping [start, end) windows of `context` tokens; the first `max_windows` if given."""
+    if context < 2:
+        raise PtqlabError(f"--ppl-context {context}: a window needs at least 2 tokens")
+    count = n_tokens // context
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise PtqlabError(f"the evaluation text has {n_tokens} tokens, fewer than one window of {context}: use a smaller --ppl-context or a longer text")
+    return [(i * context, (i + 1) * context) for i in range(count)]
+
+
+def tokens_digest(token_ids: torch.Tensor, windows: list[tuple[int, int]]) -> str:
+    """Identifies exactly which tokens were scored, so KL is only ever computed on the same positions."""
+    h = hashlib.sha256()
+    for start, end in windows:
+        h.update(f"{start}:{end};".encode())  # the same tokens cut into other windows are other positions
+        h.update(token_ids[start:end].to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# Below this, a remaining probability mass is float32 rounding noise of the top-k log-probs, not signal.
+REST_FLOOR = 1e-10
+
+
+def rest_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """1 - sum(exp(top-k log-probs)) in float64, at least 0: the probability outside the top k."""
+    return (1.0 - topk_logprobs.double().exp().sum(-1)).clamp(min=0.0)
+
+
+@dataclass
+class TopK:
+    """The baseline's next-token distributions at every scored position, compactly."""
+
+    ids: torch.Tensor  # [positions, k] int32, most likely first
+    logprobs: torch.Tensor  # [positions, k] float32
+    digest: str
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".partial")
+        save_file({"ids": self.ids.contiguous(), "logprobs": self.logprobs.contiguous()}, tmp, metadata={"digest": self.digest})
+        tmp.rename(path)
+
+    @classmethod
+    def load(cls, path: Path) -> TopK:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            digest = f.metadata()["digest"]
+        tensors = load_file(path)
+        return cls(tensors["ids"], tensors["logprobs"], digest)
+
+
+def coarse_kl(base_ids: torch.Tensor, base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(base || variant) per position over the base's top-k tokens + one bucket for the rest. [positions]"""
+    p_log = base_logprobs.double()
+    q_log = logprobs.gather(-1, base_ids.long()).double()
+    p_rest, q_rest = rest_mass(base_logprobs), rest_mass(q_log)
+    # p log(p/q) for the "everything else" bucket, with 0 log 0 = 0 and q floored at float32 noise level.
+    rest = torch.xlogy(p_rest, p_rest) - torch.xlogy(p_rest, q_rest.clamp(min=REST_FLOOR))
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1) + rest
+    return kl.clamp(min=0.0)  # >= 0 mathematically; clamp rounding noise
+
+
+@dataclass
+class QualityResult:
+    nll_sum: float
+    tokens: int
+    windows: int
+    context: int
+    kl: torch.Tensor | None  # [positions] float64
+    top1_agreement: float | None
+    topk: TopK
+
+    @property
+    def perplexity(self) -> float:
+        return float(torch.tensor(self.nll_sum / self.tokens, dtype=torch.float64).exp())
+
+    def summary(self) -> dict:
+        out = {
+            "perplexity": {"value": self.perplexity, "nll_mean": self.nll_sum / self.tokens, "tokens_scored": self.tokens,
+                           "windows": self.windows, "context": self.context},
+            "kl": None,
+        }
+        if self.kl is not None:
+            out["kl"] = {
+                "mean": float(self.kl.mean()), "median": float(self.kl.median()),
+                "p99": float(torch.quantile(self.kl, 0.99)), "top1_agreement_pct": 100.0 * self.top1_agreement,
+                "positions": int(self.kl.numel()), "topk": int(self.topk.ids.shape[1]),
+            }
+        return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    token_ids: torch.Tensor,
+    windows: list[tuple[int, int]],
+    baseline: TopK | None = None,
+    topk: int = 32,
+    quiet: bool = False,
+) -> QualityResult:
+    """Score every window once: NLL for perplexity, KL and top-1 agreement against `baseline` if given."""
+    device = next(model.parameters()).device
+    digest = tokens_digest(token_ids, windows)
+    if baseline is not None and baseline.digest != digest:
+        raise PtqlabError("the baseline's stored distributions were computed on other tokens (another tokenizer, text or "
+                          "window setting): benchmark the baseline again with the same settings")
+    nll_sum, count, agree, offset = 0.0, 0, 0, 0
+    kls, top_ids, top_logprobs = [], [], []
+    state = {"ppl": float("nan")}
+    for start, end in track(windows, "perplexity", total=len(windows), quiet=quiet, status=lambda _: f"ppl {state['ppl']:.3f}"):
+        ids = token_ids[start:end].to(device).unsqueeze(0)
+        logprobs = model(ids).logits[0, :-1].float().log_softmax(-1)  # [C-1, vocab]: predictions of tokens 2..C
+        targets = ids[0, 1:]
+        nll_sum += float(-logprobs.gather(-1, targets.unsqueeze(-1)).double().sum())
+        count += targets.numel()
+        state["ppl"] = float(torch.tensor(nll_sum / count).exp())
+        values, indices = logprobs.topk(topk, dim=-1)
+        top_ids.append(indices.to(torch.int32).cpu())
+        top_logprobs.append(values.cpu())
+        if baseline is not None:
+            n = targets.numel()
+            b_ids, b_logprobs = baseline.ids[offset:offset + n].to(device), baseline.logprobs[offset:offset + n].to(device)
+            kls.append(coarse_kl(b_ids, b_logprobs, logprobs).cpu())
+            agree += int((indices[:, 0] == b_ids[:, 0].long()).sum())
+            offset += n
+    context = windows[0][1] - windows[0][0]
+    own = TopK(torch.cat(top_ids), torch.cat(top_logprobs), digest)
+    kl = torch.cat(kls) if baseline is not None else None
+    return QualityResult(nll_sum, count, len(windows), context, kl, None if kl is None else agree / count, own)

@@ -1,0 +1,103 @@
+"""Generation speed: time to first token, batch-1 decode tokens/s, batched throughput; and sample answers.
+
+Every measurement runs greedy decoding for a fixed number of new tokens with EOS ignored, so every variant
+does the same work. Each is warmed up first (kernels, allocator, lazy init stay out of the numbers), then
+repeated; we report the median and keep the raw repeats. The device is synchronised at each timestamp.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+WARMUP_TOKENS = 16
+SPEED_PROMPT = "Explain in a few sentences what quantization does to a neural network and why it makes inference faster."
+SAMPLE_PROMPTS = [
+    "What is the capital of France?",
+    SPEED_PROMPT,
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Give three short tips for staying focused while studying.",
+]
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def repeat_timed(run: Callable[[], dict], warmup: int, repeats: int, warmup_run: Callable[[], dict] | None = None) -> list[dict]:
+    """Call `warmup_run` (default `run`) `warmup` times, discarding what it measured, then `run` `repeats` times."""
+    for _ in range(warmup):
+        (warmup_run or run)()
+    return [run() for _ in range(repeats)]
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """The prompt in the model's chat format (plain text when it has no chat template). [1, tokens]"""
+    if getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+        return encoded["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def greedy_decode(model, input_ids: torch.Tensor, new_tokens: int, sync: Callable[[], None]) -> dict:
+    """Greedy decoding of exactly `new_tokens` tokens (EOS ignored), timing prefill and decode separately."""
+    sync()
+    start = time.perf_counter()
+    out = model(input_ids=input_ids, use_cache=True)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync()
+    first = time.perf_counter()
+    cache = out.past_key_values
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync()
+    end = time.perf_counter()
+    return {"ttft_s": first - start, "decode_s": end - first, "total_s": end - start}
+
+
+def measure_speed(model, tokenizer, new_tokens: int = 128, batch_size: int = 8, repeats: int = 3, warmup: int = 1) -> dict:
+    """TTFT and decode tok/s at batch 1, and generated tok/s at `batch_size` (the same prompt in every row)."""
+    device = next(model.parameters()).device
+    sync = synchronizer(device)
+    ids = chat_prompt_ids(tokenizer, SPEED_PROMPT).to(device)
+    # A short warm-up reaches every code path (prefill, cache growth, decode) at a fraction of the cost.
+    warm = min(new_tokens, WARMUP_TOKENS)
+    single = repeat_timed(lambda: greedy_decode(model, ids, new_tokens, sync), warmup, repeats,
+                          lambda: greedy_decode(model, ids, warm, sync))
+    batch = ids.expand(batch_size, -1).contiguous()
+    batched = repeat_timed(lambda: greedy_decode(model, batch, new_tokens, sync), warmup, repeats,
+                           lambda: greedy_decode(model, batch, warm, sync))
+    decode_rates = [(new_tokens - 1) / r["decode_s"] for r in single]
+    throughputs = [batch_size * new_tokens / r["total_s"] for r in batched]
+    return {
+        "ttft_ms": 1000 * statistics.median(r["ttft_s"] for r in single),
+        "decode_tok_s": statistics.median(decode_rates),
+        "throughput_tok_s": statistics.median(throughputs),
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": new_tokens,
+        "batch_size": batch_size,
+        "warmup": warmup,
+        "repeats": {"batch1": single, "batched": batched},
+    }
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, max_new_tokens: int = 64, prompts: list[str] = SAMPLE_PROMPTS) -> list[dict]:
+    """Greedy answers to fixed chat prompts, stopping at EOS (this is about what the model says)."""
+    device = next(model.parameters()).device
+    samples = []
+    for prompt in prompts:
+        ids = chat_prompt_ids(tokenizer, prompt).to(device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+    return samples

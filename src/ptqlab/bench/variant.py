@@ -1,0 +1,173 @@
+"""Benchmarking one variant (a 16-bit model or a quantized checkpoint): every metric, into one JSON dict.
+
+`run_isolated` runs it in a fresh Python process, so that load time, peak memory (CPU RSS or GPU) and any crash
+belong to that variant alone; `bench_variant` is the in-process body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ptqlab.errors import PtqlabError
+
+QUICK_CONTEXT, QUICK_WINDOWS = 512, 20
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to measure and how. Defaults are the recommended protocol."""
+
+    ppl_text: str = "wikitext-2"
+    """Evaluation text: wikitext-2 (offline fallback: python-docs), python-docs, or a .txt path."""
+    ppl_context: int | None = None
+    """Window length; None: min(2048, the model's context)."""
+    ppl_windows: int | None = None
+    """Score only the first N windows; None: all (the full protocol). The quick probe is 20 x 512."""
+    topk: int = 32
+    """Baseline log-probs kept per position for KL."""
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    repeats: int = 3
+    warmup: int = 1
+    sample_tokens: int = 64
+    device: str = "auto"
+    seed: int = 0
+
+    @property
+    def protocol(self) -> str:
+        if self.ppl_windows is None:
+            return "full: every window of the text"
+        return f"quick probe: first {self.ppl_windows} windows"
+
+    def digest(self) -> str:
+        """Results computed under the same settings can be reused (lab resume)."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PtqlabError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def folder_sizes(path: Path) -> dict:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    weights = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+    return {"weights_bytes": weights, "folder_bytes": sum(p.stat().st_size for p in files)}
+
+
+def describe_checkpoint(path: Path) -> dict:
+    """Recipe, format and scheme from ptqlab.json or config.json; 16-bit when not quantized."""
+    record = path / "ptqlab.json"
+    if record.is_file():
+        data = json.loads(record.read_text())
+        return {"recipe": data["recipe"]["name"], "format": data["format"], "scheme": data["scheme"]}
+    config = json.loads((path / "config.json").read_text())
+    qc = config.get("quantization_config")
+    if qc:
+        return {"recipe": None, "format": qc.get("format"), "scheme": qc.get("quant_method")}
+    return {"recipe": None, "format": "dense", "scheme": f"{config.get('dtype') or config.get('torch_dtype') or '16-bit'} (not quantized)"}
+
+
+def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out: Path | None = None,
+                  topk_in: Path | None = None, quiet: bool = False) -> dict:
+    """Measure everything for one variant. The baseline passes `topk_out`; the others pass `topk_in` for KL."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ptqlab.bench.quality import TopK, evaluate, make_windows
+    from ptqlab.bench.speed import measure_speed, sample_completions
+    from ptqlab.bench.text import load_eval_text
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise PtqlabError(f"{path}: not a model folder (no config.json); bench takes local folders (checkpoints or 16-bit models)")
+    torch.manual_seed(settings.seed)
+    device = resolve_device(settings.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    sync()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+    sync()
+    load_s = time.perf_counter() - start
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    text = load_eval_text(settings.ppl_text)
+    token_ids = tokenizer(text.text, return_tensors="pt", verbose=False)["input_ids"][0]
+    model_context = getattr(model.config, "max_position_embeddings", 2048) or 2048
+    context = settings.ppl_context or min(2048, model_context)
+    windows = make_windows(len(token_ids), context, settings.ppl_windows)
+    baseline = TopK.load(topk_in) if topk_in else None
+    quality = evaluate(model, token_ids, windows, baseline, settings.topk, quiet=quiet)
+    if topk_out:
+        quality.topk.save(Path(topk_out))
+
+    speed = measure_speed(model, tokenizer, settings.max_new_tokens, settings.batch_size, settings.repeats, settings.warmup)
+    samples = sample_completions(model, tokenizer, settings.sample_tokens)
+
+    if device.type == "cuda":
+        peak, memory_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    else:
+        peak, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+    return {
+        "name": name,
+        "path": str(path.resolve()),
+        **describe_checkpoint(path),
+        "runtime": "transformers",
+        "device": device_name(device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "size": folder_sizes(path),
+        "load_s": load_s,
+        "peak_memory_bytes": peak,
+        "memory_kind": memory_kind,
+        "text": {"name": text.name, "source": text.source, "fallback": text.fallback, "tokens_total": len(token_ids),
+                 "protocol": settings.protocol},
+        **quality.summary(),
+        "speed": speed,
+        "samples": samples,
+        "settings_digest": settings.digest(),
+    }
+
+
+def run_isolated(name: str, path: Path, settings: BenchSettings, result_json: Path, topk_out: Path | None = None,
+                 topk_in: Path | None = None, quiet: bool = False) -> dict:
+    """bench_variant in a fresh process; writes and returns its result."""
+    spec = {"name": name, "path": str(path), "settings": dataclasses.asdict(settings), "result_json": str(result_json),
+            "topk_out": str(topk_out) if topk_out else None, "topk_in": str(topk_in) if topk_in else None, "quiet": quiet}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        env = {**os.environ, "TQDM_DISABLE": "1"} if quiet else None  # also silences transformers' own bars
+        proc = subprocess.run([sys.executable, "-m", "ptqlab.bench.worker", f.name], env=env)
+    finally:
+        os.unlink(f.name)
+    if proc.returncode != 0 or not result_json.is_file():
+        raise PtqlabError(f"benchmarking {name} ({path}) failed with exit status {proc.returncode}; its error is printed above. "
+                          "Finished variants are kept: run the same command again to resume")
+    return json.loads(result_json.read_text())

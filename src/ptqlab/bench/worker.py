@@ -1,0 +1,33 @@
+"""Entry point of the per-variant benchmark process: `python -m ptqlab.bench.worker SPEC.json`.
+
+Kept apart from variant.py so that the package never imports the module it runs as __main__.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ptqlab.bench.variant import BenchSettings, bench_variant
+from ptqlab.errors import PtqlabError
+
+
+def _main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    settings = BenchSettings(**spec["settings"])
+    try:
+        result = bench_variant(spec["name"], spec["path"], settings, spec["topk_out"] and Path(spec["topk_out"]),
+                               spec["topk_in"] and Path(spec["topk_in"]), spec["quiet"])
+    except PtqlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(spec["result_json"])
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.rename(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1]))

@@ -1,0 +1,157 @@
+"""Honest numbers: perplexity by hand, KL's zero and ordering, timing that excludes warm-up, the report."""
+
+import time
+
+import pytest
+import torch
+
+from ptqlab.bench.quality import TopK, coarse_kl, evaluate, make_windows
+from ptqlab.bench.speed import greedy_decode, measure_speed, repeat_timed
+from ptqlab.errors import PtqlabError
+from ptqlab.report import recommend
+from tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    return torch.randint(0, 384, (5 * 64 + 10,), generator=torch.Generator().manual_seed(0))
+
+
+def test_perplexity_is_exp_of_mean_nll_over_exactly_the_scored_tokens(model, token_ids):
+    windows = make_windows(len(token_ids), 64)
+    assert windows == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 320)]  # the 10 leftover tokens dropped
+    result = evaluate(model, token_ids, windows, quiet=True)
+
+    nll, scored = 0.0, 0
+    with torch.no_grad():
+        for start, end in windows:
+            window = token_ids[start:end]
+            logprobs = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)
+            for t in range(len(window) - 1):  # position t predicts token t+1; the window's first token is not scored
+                nll -= float(logprobs[t, window[t + 1]])
+                scored += 1
+    assert result.tokens == scored == 5 * 63
+    assert result.perplexity == pytest.approx(float(torch.tensor(nll / scored).exp()), rel=1e-5)
+    assert result.summary()["perplexity"]["tokens_scored"] == 315
+
+
+def test_quick_probe_takes_the_first_windows_and_short_texts_are_refused():
+    assert make_windows(10_000, 512, 20) == [(i * 512, (i + 1) * 512) for i in range(19)]
+    assert len(make_windows(100_000, 512, 20)) == 20
+    with pytest.raises(PtqlabError, match="fewer than one window"):
+        make_windows(100, 512)
+
+
+def test_kl_is_zero_for_the_baseline_against_itself(model, token_ids):
+    windows = make_windows(len(token_ids), 64)
+    base = evaluate(model, token_ids, windows, quiet=True)
+    again = evaluate(model, token_ids, windows, baseline=base.topk, quiet=True)
+    assert torch.equal(again.kl, torch.zeros_like(again.kl))
+    assert again.top1_agreement == 1.0
+    assert again.summary()["kl"]["positions"] == 315
+
+
+def test_kl_is_positive_for_a_perturbed_copy(model, token_ids):
+    windows = make_windows(len(token_ids), 64)
+    base = evaluate(model, token_ids, windows, quiet=True)
+    noisy = tiny_model("llama", torch.float32)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    result = evaluate(noisy, token_ids, windows, baseline=base.topk, quiet=True)
+    assert (result.kl >= 0).all() and result.kl.mean() > 1e-4
+    assert result.top1_agreement < 1.0
+
+
+def test_coarse_kl_is_a_lower_bound_that_becomes_exact_with_the_whole_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(50, 384, generator=g) * 3, -1)
+    q = torch.log_softmax(torch.randn(50, 384, generator=g) * 3, -1)
+    exact = (p.double().exp() * (p.double() - q.double())).sum(-1)
+    for k in (1, 8, 64):
+        values, ids = p.topk(k, -1)
+        assert (coarse_kl(ids, values, q) <= exact + 1e-9).all()
+    values, ids = p.topk(384, -1)
+    assert torch.allclose(coarse_kl(ids, values, q), exact, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_against_other_tokens_is_refused(model, token_ids):
+    base = evaluate(model, token_ids, make_windows(len(token_ids), 64), quiet=True)
+    with pytest.raises(PtqlabError, match="computed on other tokens"):
+        evaluate(model, token_ids, make_windows(len(token_ids), 32), baseline=base.topk, quiet=True)
+
+
+def test_topk_file_round_trips(model, token_ids, tmp_path):
+    base = evaluate(model, token_ids, make_windows(len(token_ids), 64), topk=8, quiet=True)
+    base.topk.save(tmp_path / "topk.safetensors")
+    loaded = TopK.load(tmp_path / "topk.safetensors")
+    assert torch.equal(loaded.ids, base.topk.ids) and torch.equal(loaded.logprobs, base.topk.logprobs)
+    assert loaded.digest == base.topk.digest and loaded.ids.shape == (315, 8)
+
+
+def test_timed_repeats_exclude_the_warmup():
+    calls = []
+
+    def run():
+        start = time.perf_counter()
+        time.sleep(0.3 if not calls else 0.01)  # the first call pays a one-off cost (lazy init, compilation)
+        calls.append(1)
+        return {"s": time.perf_counter() - start}
+
+    timings = repeat_timed(run, warmup=1, repeats=3)
+    assert len(calls) == 4 and len(timings) == 3
+    assert all(t["s"] < 0.2 for t in timings)
+
+
+class SlowFirstCall(torch.nn.Module):
+    """Wraps a model; its very first forward sleeps, like a lazily compiled kernel."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.forwards = model, 0
+
+    def forward(self, **kwargs):
+        if self.forwards == 0:
+            time.sleep(0.5)
+        self.forwards += 1
+        return self.model(**kwargs)
+
+
+def test_speed_measures_exactly_the_requested_tokens_after_warmup(model):
+    wrapped = SlowFirstCall(model)
+    speed = measure_speed(wrapped, tiny_tokenizer(), new_tokens=6, batch_size=2, repeats=3, warmup=1)
+    # warm-up (6 forwards) + 3 timed runs of 6 forwards (1 prefill + 5 decode steps), at batch 1 and at batch 2
+    assert wrapped.forwards == 2 * (6 + 3 * 6)
+    assert len(speed["repeats"]["batch1"]) == 3 and len(speed["repeats"]["batched"]) == 3
+    assert all(r["ttft_s"] < 0.5 for r in speed["repeats"]["batch1"])  # the slow first call was the warm-up
+    assert speed["new_tokens"] == 6 and speed["batch_size"] == 2 and speed["decode_tok_s"] > 0
+
+
+def test_greedy_decode_ignores_eos(model):
+    ids = torch.tensor([[5, 6, 7]])
+    timing = greedy_decode(model, ids, 10, lambda: None)
+    assert timing["ttft_s"] > 0 and timing["decode_s"] > 0
+
+
+def variant(name, mib, ppl, kl, decode, throughput):
+    return {"name": name, "size": {"weights_bytes": mib * 2**20}, "perplexity": {"value": ppl},
+            "kl": None if kl is None else {"mean": kl}, "speed": {"decode_tok_s": decode, "throughput_tok_s": throughput}}
+
+
+def test_recommendation_picks_within_the_quality_budget():
+    from ptqlab.suite import Budget
+
+    variants = [variant("baseline", 256, 10.0, None, 30, 100), variant("fp8", 160, 10.2, 0.01, 40, 150),
+                variant("w8a8", 160, 10.3, 0.02, 45, 140), variant("w4", 110, 14.0, 0.30, 60, 90)]
+    rec = recommend(variants, "baseline", Budget(max_kl=0.05, max_ppl_increase=5.0))
+    assert rec["within_budget"] == ["baseline", "fp8", "w8a8"]
+    assert rec["smallest"]["variant"] in ("fp8", "w8a8") and rec["fastest_decode"]["variant"] == "w8a8"
+    assert rec["fastest_throughput"]["variant"] == "fp8"
+    assert not rec["verdicts"]["w4"]["within_budget"] and "KL 0.3000" in rec["verdicts"]["w4"]["why"]
+    loose = recommend(variants, "baseline", Budget(max_kl=1.0, max_ppl_increase=50.0))
+    assert loose["smallest"]["variant"] == "w4" and loose["fastest_decode"]["variant"] == "w4"

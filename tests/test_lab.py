@@ -1,0 +1,108 @@
+"""The lab end to end on a tiny model: every variant measured, the report written, and resume after a crash."""
+
+import json
+
+import pytest
+
+import ptqlab.suite
+from ptqlab.bench.variant import BenchSettings
+from ptqlab.errors import PtqlabError
+from ptqlab.suite import bench, lab
+
+# Small enough for CI: 4 windows of 64 tokens, 4 generated tokens, batch 2, one repeat.
+FAST = BenchSettings(ppl_text="python-docs", ppl_context=64, ppl_windows=4, max_new_tokens=4, batch_size=2, repeats=1,
+                     sample_tokens=4, device="cpu")
+
+
+def events(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_lab(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("lab")
+    lab(str(tiny_model_dir("llama")), ["fp8-dynamic", "w4a16-rtn", "w8a8-rtn"], out, FAST, quiet=True)
+    return out
+
+
+def test_lab_measures_every_variant(finished_lab):
+    results = json.loads((finished_lab / "results.json").read_text())
+    assert results["schema"] == "ptqlab.results/1"
+    assert [v["name"] for v in results["variants"]] == ["baseline", "fp8-dynamic", "w4a16-rtn", "w8a8-rtn"]
+    assert {"device", "versions", "seed", "settings", "text", "recommendation"} <= set(results)
+    assert results["settings"]["protocol"] == "quick probe: first 4 windows"
+    assert results["text"]["name"] == "python-docs" and "PSF" in results["text"]["source"]
+    base, *quantized = results["variants"]
+    assert base["kl"] is None and base["format"] == "dense"
+    for v in quantized:
+        assert v["kl"]["mean"] > 0 and 0 <= v["kl"]["top1_agreement_pct"] <= 100 and v["kl"]["positions"] == 4 * 63
+        assert v["size"]["weights_bytes"] < base["size"]["weights_bytes"]
+        assert v["perplexity"]["tokens_scored"] == 4 * 63
+    for v in results["variants"]:
+        assert v["load_s"] > 0 and v["peak_memory_bytes"] > 0 and v["memory_kind"] == "cpu_max_rss"
+        assert v["speed"]["decode_tok_s"] > 0 and v["speed"]["throughput_tok_s"] > 0 and v["speed"]["ttft_ms"] > 0
+        assert len(v["samples"]) == 4 and v["runtime"] == "transformers"
+    assert (finished_lab / "variants" / "w8a8-rtn.json").is_file()
+    assert (finished_lab / "checkpoints" / "w4a16-rtn" / "ptqlab.json").is_file()
+
+
+def test_report_files_render_offline(finished_lab):
+    summary = (finished_lab / "summary.md").read_text()
+    assert "| variant | format | weights MiB |" in summary and "## Recommendation" in summary
+    assert "Smallest within the quality budget" in summary
+    page = (finished_lab / "report.html").read_text()
+    assert page.count("<svg") == 4 and "<script" not in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
+
+
+def test_rerun_reuses_everything(finished_lab, tiny_model_dir):
+    before = len(events(finished_lab))
+    lab(str(tiny_model_dir("llama")), ["fp8-dynamic", "w4a16-rtn", "w8a8-rtn"], finished_lab, FAST, quiet=True)
+    new = [e["event"] for e in events(finished_lab)[before:]]
+    assert new.count("quantize.reused") == 3 and new.count("bench.reused") == 4
+    assert "bench.start" not in new and "quantize.start" not in new
+
+
+def test_crash_in_the_third_recipe_does_not_redo_the_first_two(tmp_path, tiny_model_dir, monkeypatch):
+    real = ptqlab.suite.run_isolated
+
+    def crash_on_w8a8(name, *args, **kwargs):
+        if name == "w8a8-rtn":
+            raise PtqlabError("simulated crash")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(ptqlab.suite, "run_isolated", crash_on_w8a8)
+    with pytest.raises(PtqlabError, match="simulated crash"):
+        lab(str(tiny_model_dir("llama")), ["fp8-dynamic", "w4a16-rtn", "w8a8-rtn"], tmp_path, FAST, quiet=True)
+    assert not (tmp_path / "results.json").exists()
+    monkeypatch.setattr(ptqlab.suite, "run_isolated", real)
+    before = len(events(tmp_path))
+    lab(str(tiny_model_dir("llama")), ["fp8-dynamic", "w4a16-rtn", "w8a8-rtn"], tmp_path, FAST, quiet=True)
+    new = events(tmp_path)[before:]
+    assert [e["variant"] for e in new if e["event"] == "bench.start"] == ["w8a8-rtn"]
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_changed_settings_are_measured_again(finished_lab, tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "lab"
+    shutil.copytree(finished_lab, copy)
+    lab(str(tiny_model_dir("llama")), ["fp8-dynamic"], copy, BenchSettings(**{**FAST.__dict__, "ppl_windows": 3}), quiet=True)
+    started = [e["variant"] for e in events(copy) if e["event"] == "bench.start"]
+    assert started[-2:] == ["baseline", "fp8-dynamic"]
+
+
+def test_lab_of_another_model_in_the_same_folder_is_refused(finished_lab, tiny_model_dir):
+    with pytest.raises(PtqlabError, match="holds a lab of"):
+        lab(str(tiny_model_dir("qwen2")), ["fp8-dynamic"], finished_lab, FAST, quiet=True)
+
+
+def test_bench_infers_the_baseline_from_the_checkpoint_record(finished_lab, tmp_path):
+    out = bench([str(finished_lab / "checkpoints" / "w8a8-rtn")], tmp_path / "b", settings=FAST, quiet=True)
+    results = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in results["variants"]] == ["baseline", "w8a8-rtn"]
+    lab_result = json.loads((finished_lab / "variants" / "w8a8-rtn.json").read_text())
+    # Same checkpoint, same settings, same tokens: the same quality numbers.
+    assert results["variants"][1]["perplexity"] == lab_result["perplexity"]
+    assert results["variants"][1]["kl"] == lab_result["kl"]

@@ -7,14 +7,16 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from ptqlab.data import CalibrationConfig, load_calibration
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import write_checkpoint
-from ptqlab.models import load_model, model_dtype
+from ptqlab.models import load_model, model_dtype, resolve_device
 from ptqlab.output import atomic_dir, check_writable
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.recipes import Recipe, get_recipe
@@ -76,9 +78,14 @@ def quantize(
     dtype: str = "auto",
     seed: int = 0,
     quiet: bool = False,
+    calibration: CalibrationConfig | None = None,
+    calib_batch_size: int = 16,
+    device: str = "auto",
 ) -> Path:
     """Quantize `model` (hub id, local folder, or None for the embedded default) with `recipe` into `out`.
 
+    Calibrated recipes (GPTQ) draw `calibration` samples (default: ultrachat_200k, offline text without a hub)
+    with `seed` and run the layer-sequential engine on `device` (auto: the GPU if there is one).
     Returns the checkpoint folder. The folder appears only when complete (see ptqlab.output).
     """
     if isinstance(recipe, str):
@@ -89,10 +96,22 @@ def quantize(
     torch.manual_seed(seed)
     start = time.perf_counter()
     loaded = load_model(model, dtype=dtype)
-    result = quantize_model(loaded.model, recipe, quiet=quiet)
+    calibration_set = None
+    if recipe.method != "rtn":
+        calibration = replace(calibration or CalibrationConfig(), seed=seed)
+        calibration_set = load_calibration(loaded.tokenizer, calibration)
+    tokenizer = loaded.tokenizer
+    pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+    result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=resolve_device(device),
+                            batch_size=calib_batch_size, pad_id=pad_id)
+    if calibration_set is not None:
+        result.notes.insert(0, f"calibration: {len(calibration_set.samples)} samples, {calibration_set.tokens:,} tokens from "
+                               f"{calibration_set.source}")
     if loaded.tokenizer is None:
         result.notes.append("the model folder has no tokenizer; the checkpoint has none either")
-    settings = {"recipe": recipe.name, "dtype": str(model_dtype(loaded.model)).removeprefix("torch."), "seed": seed, "out": str(out)}
+    settings = {"recipe": recipe.name, "dtype": str(model_dtype(loaded.model)).removeprefix("torch."), "seed": seed, "out": str(out),
+                "calibration": None if calibration is None or recipe.method == "rtn" else dataclasses.asdict(calibration),
+                "calib_batch_size": calib_batch_size, "device": device}
     with atomic_dir(out, overwrite) as tmp:
         write_checkpoint(tmp, loaded.model, loaded.tokenizer, result.recipe)
         record = _record(loaded, result, settings, time.perf_counter() - start)

@@ -62,7 +62,8 @@ def recipes() -> None:
 
 def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens,
               device, seed, quiet):
-    from ptqlab.bench.variant import QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings, resolve_device
+    from ptqlab.bench.variant import QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings
+    from ptqlab.models import resolve_device
 
     if ppl_quick and ppl_full:
         raise PtqlabError("--ppl-quick and --ppl-full exclude each other")

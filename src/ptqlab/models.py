@@ -51,6 +51,19 @@ def resolve_dtype(name: str) -> torch.dtype | str:
     return DTYPES[name]
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the GPU if torch sees one, else the CPU; or an explicit torch device name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise PtqlabError(f"--device {name!r}: not a device name; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PtqlabError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+    return device
+
+
 def _load_config(path: str, source: str):
     from transformers import AutoConfig
 

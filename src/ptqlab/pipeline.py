@@ -12,11 +12,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ptqlab.data import CalibrationSet
 from ptqlab.errors import PtqlabError
 from ptqlab.models import decoder_layers
 from ptqlab.progress import track
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.recipes import Recipe
+from ptqlab.sequential import gptq_quantizer, quantize_sequential
 
 
 @dataclass
@@ -83,16 +85,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _quantize_linear(name: str, linear: nn.Linear, recipe: Recipe) -> QuantizedLinear:
-    weight = linear.weight.detach()
-    if not torch.isfinite(weight).all():
+def _check_finite(name: str, linear: nn.Linear) -> None:
+    if not torch.isfinite(linear.weight).all():
         raise PtqlabError(f"{name}: the weight holds NaN or Inf; the checkpoint is damaged or was loaded in a dtype that overflows (try --dtype bfloat16)")
-    return QuantizedLinear.from_weight(weight, linear.bias, recipe.scheme)
+
+
+def _quantize_linear(name: str, linear: nn.Linear, recipe: Recipe) -> QuantizedLinear:
+    _check_finite(name, linear)
+    return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, recipe.scheme)
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, recipe: Recipe, quiet: bool = False) -> QuantizationResult:
-    """Quantize `model` in place according to `recipe`."""
+def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None = None, quiet: bool = False,
+                   device: torch.device | None = None, batch_size: int = 16, pad_id: int = 0) -> QuantizationResult:
+    """Quantize `model` in place according to `recipe`; calibrated methods need `calibration`."""
     targets, ignored, unused = target_linears(model, recipe.ignore)
     if not targets:
         raise PtqlabError(f"the ignore list {list(recipe.ignore)} leaves no linear layer to quantize")
@@ -102,6 +108,17 @@ def quantize_model(model: nn.Module, recipe: Recipe, quiet: bool = False) -> Qua
         result.notes.append(note)
     for pattern in unused:
         result.notes.append(f"ignore pattern {pattern!r} matched no linear layer")
+
+    if recipe.method == "gptq":
+        if calibration is None:
+            raise PtqlabError(f"recipe {recipe.name} (GPTQ) needs calibration data")
+        for name, linear in targets.items():
+            _check_finite(name, linear)
+        reports = quantize_sequential(model, targets, gptq_quantizer(recipe.scheme, recipe.gptq), calibration, pad_id,
+                                      batch_size, device, quiet=quiet, label=f"{recipe.name} (gptq)")
+        result.quantized = list(targets)
+        result.notes += [note for report in reports for note in report.notes]
+        return result
 
     layers = decoder_layers(model)
     layer_names = {id(m): name for name, m in model.named_modules()}

@@ -6,7 +6,8 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from ptqlab.errors import PtqlabError
-from ptqlab.schemes import FP8_DYNAMIC, W4A16, W8A8, Scheme
+from ptqlab.quant.gptq import GPTQConfig
+from ptqlab.schemes import FP8_DYNAMIC, W4A16, W8A8, QuantArgs, Scheme
 
 
 @dataclass(frozen=True)
@@ -15,8 +16,11 @@ class Recipe:
 
     name: str
     scheme: Scheme
-    method: Literal["rtn"] = "rtn"
-    """How weights reach the grid: `rtn` rounds each weight to its nearest grid point (data-free)."""
+    method: Literal["rtn", "gptq"] = "rtn"
+    """How weights reach the grid: `rtn` rounds each weight to its nearest grid point (data-free); `gptq`
+    minimizes each layer's output error on calibration data (inverse-Hessian error feedback)."""
+    gptq: GPTQConfig = GPTQConfig()
+    """GPTQ's block size, dampening and act-order (method `gptq` only)."""
     ignore: tuple[str, ...] = ("lm_head",)
     """Layers kept 16-bit: exact module names or `re:` regular expressions (matched from the start), as in
     llm-compressor. The output head stays 16-bit by default: it is small next to the body and sensitive."""
@@ -49,6 +53,30 @@ PRESETS: dict[str, Recipe] = {
             "w4a16-rtn",
             W4A16,
             description="int4 symmetric weights, group 128, round-to-nearest; 16-bit activations (data-free baseline for GPTQ)",
+        ),
+        Recipe(
+            "w4a16",
+            W4A16,
+            method="gptq",
+            description="GPTQ int4 symmetric weights, group 128, calibrated; 16-bit activations",
+        ),
+        Recipe(
+            "w4a16-asym",
+            Scheme(weights=QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=128)),
+            method="gptq",
+            description="GPTQ int4 asymmetric weights (zero points), group 128; 16-bit activations",
+        ),
+        Recipe(
+            "w3a16",
+            Scheme(weights=QuantArgs(num_bits=3, strategy="group", group_size=128)),
+            method="gptq",
+            description="GPTQ int3 symmetric weights, group 128; 16-bit activations",
+        ),
+        Recipe(
+            "w8a16",
+            Scheme(weights=QuantArgs(num_bits=8, strategy="channel")),
+            method="gptq",
+            description="GPTQ int8 per-channel symmetric weights; 16-bit activations",
         ),
         Recipe(
             "w8a8-rtn",

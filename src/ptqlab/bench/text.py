@@ -8,11 +8,10 @@ The report names the text used; the protocol (windows, scoring) stays the same.
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from ptqlab.data import hub_reachable
 from ptqlab.errors import PtqlabError
 
 WIKITEXT = ("wikitext", "wikitext-2-raw-v1", "test")
@@ -29,16 +28,6 @@ class EvalText:
     """True when the requested text could not be had and another was used (the report says so)."""
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _wikitext2() -> str | None:
     try:
         import datasets
@@ -47,7 +36,7 @@ def _wikitext2() -> str | None:
         return None
     # datasets reads its offline switch at import time: flip the module constants, not the environment.
     saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
-    attempts = [True] + ([False] if _hub_reachable() else [])  # the local cache first, then the hub
+    attempts = [True] + ([False] if hub_reachable() else [])  # the local cache first, then the hub
     try:
         for offline in attempts:
             datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = offline

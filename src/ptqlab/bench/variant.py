@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ptqlab.errors import PtqlabError
+from ptqlab.models import resolve_device
 
 QUICK_CONTEXT, QUICK_WINDOWS = 512, 20
 
@@ -55,15 +56,6 @@ class BenchSettings:
         """Results computed under the same settings can be reused (lab resume)."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PtqlabError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
-    return device
 
 
 def device_name(device: torch.device) -> str:

@@ -1,0 +1,141 @@
+"""GPTQ: quantize a weight matrix column by column, folding each column's rounding error into the columns not
+yet quantized through the inverse Hessian of the layer's inputs (Frantar et al., 2022). Pure tensor math.
+
+The objective is the layer's output error ||XW^T - XŴ^T||² over the calibration inputs X, whose Hessian is
+H = 2/n XᵀX. Columns are processed in blocks (lazy batch updates: the error of a whole block reaches the rest
+of the matrix in one matmul). With act-order, columns are visited by decreasing H_ii; with static groups the
+group scales are fixed from the original weight before any update, so the saved checkpoint keeps the natural
+column order (no permutation index) and loads anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ptqlab.quant.primitives import FP8_DTYPE, _blocks, grid_range, quant_params, quantize
+from ptqlab.schemes import QuantArgs
+
+
+class HessianError(ValueError):
+    """The Hessian cannot be used (NaN/Inf, or not positive definite even after raising the damping)."""
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ's own knobs (the number format is the scheme's)."""
+
+    block_size: int = 128
+    """Columns per lazy-batch block."""
+    dampening_frac: float = 0.01
+    """Added to the diagonal: dampening_frac x mean(diag H). Raised x10 (up to 5 times) if H is not positive definite."""
+    act_order: bool = False
+    """Visit columns by decreasing H_ii (the most salient inputs first); uses static groups."""
+
+
+@dataclass
+class GPTQResult:
+    q: torch.Tensor  # [out, in] grid values (int8 or float8_e4m3fn), natural column order
+    scale: torch.Tensor  # checkpoint layout, scale dtype
+    zero_point: torch.Tensor | None
+    dampening_frac: float  # the damping actually used
+    dead_columns: int  # inputs that were always zero in calibration
+
+
+def _inverse_hessian_cholesky(hessian: torch.Tensor, damp_frac: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H^-1, raising the damping until H + damp*I is positive definite.
+
+    GPTQ's updates use the rows of this factor: row i holds the inverse-Hessian coefficients of the columns after
+    i conditioned on the ones before, exactly what the sequential error feedback needs.
+    """
+    mean_diag = float(torch.diag(hessian).mean())
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for attempt in range(6):
+        frac = damp_frac * 10**attempt
+        factor, info = torch.linalg.cholesky_ex(hessian + frac * mean_diag * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper, frac
+    raise HessianError(f"the Hessian is not positive definite even with dampening_frac {frac:g}")
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig(),
+         scale_dtype: torch.dtype | None = None) -> GPTQResult:
+    """Quantize weight [out, in] given the input Hessian [in, in] (fp32). Scales are stored in `scale_dtype`."""
+    if not torch.isfinite(hessian).all():
+        raise HessianError("the Hessian holds NaN or Inf: the layer saw non-finite activations")
+    scale_dtype = scale_dtype or weight.dtype
+    W = weight.detach().float().clone()
+    H = hessian.detach().float().clone()
+    rows, columns = W.shape
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0  # an input that never fired: any weight is free; quantize it as zero
+    W[:, dead] = 0.0
+
+    # Scales fixed up front from the weight (per channel, or per group = static groups), as in GPTQ's reference.
+    scale, zero_point = quant_params(W, args, scale_dtype)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if config.act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp_used = _inverse_hessian_cholesky(H, config.dampening_frac)
+
+    # Per column: the scale/zero point that apply to it (its group's, in the visiting order).
+    col_scale, col_zero = _per_column(scale, zero_point, args, rows, columns)
+    if perm is not None:
+        col_scale, col_zero = col_scale[:, perm], None if col_zero is None else col_zero[:, perm]
+
+    Q = torch.empty_like(W)
+    for i1 in range(0, columns, config.block_size):
+        i2 = min(i1 + config.block_size, columns)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = _round_column(w, col_scale[:, i1 + i], None if col_zero is None else col_zero[:, i1 + i], args)
+            Q[:, i1 + i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    q = quantize(Q, scale, zero_point, args)  # Q is on the grid already: this recovers the grid values exactly
+    return GPTQResult(q, scale, zero_point, damp_used, int(dead.sum()))
+
+
+def _per_column(scale, zero_point, args: QuantArgs, rows: int, columns: int):
+    """Expand checkpoint-layout scales to one fp32 scale (and zero point) per weight element: [rows, columns]."""
+    ones = torch.ones(rows, columns, device=scale.device)
+    s = _blocks(ones, args) * (scale.float().unsqueeze(-1) if args.strategy == "group" else scale.float())
+    z = None
+    if zero_point is not None:
+        z = _blocks(ones, args) * (zero_point.float().unsqueeze(-1) if args.strategy == "group" else zero_point.float())
+        z = z.reshape(rows, columns)
+    return s.reshape(rows, columns), z
+
+
+def _round_column(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:
+    """Nearest grid point of one column (each row with its own scale), dequantized, fp32. [rows]
+
+    The same arithmetic as primitives.quantize/dequantize, inlined: it runs once per column of every layer.
+    """
+    qmin, qmax = grid_range(args)
+    scaled = w / scale
+    if args.type == "float":
+        return scaled.clamp(qmin, qmax).to(FP8_DTYPE).float() * scale
+    if zero_point is None:
+        return scaled.round().clamp(qmin, qmax) * scale
+    return ((scaled + zero_point).round().clamp(qmin, qmax) - zero_point) * scale
+
+
+def output_error(x: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """||X Wᵀ - X Ŵᵀ||² / ||X Wᵀ||²: the relative layer output error GPTQ minimizes."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    ref = x @ weight.float().T
+    return float((ref - x @ approx.float().T).pow(2).sum() / ref.pow(2).sum())

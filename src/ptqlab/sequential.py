@@ -1,0 +1,253 @@
+"""The layer-sequential calibration engine: capture, Hessians, quantize, propagate — one decoder layer at a time.
+
+1. Capture: every decoder layer is swapped for a catcher that records its keyword arguments (attention masks of
+   its own kind, position embeddings, ...) and passes the hidden states through; one forward of the base model
+   per calibration batch then yields layer 0's inputs and every layer's arguments, with no wasted layer compute.
+2. For each layer: forward the calibration batches while hooks accumulate H = 2/n Σ XᵀX for every distinct input
+   (q/k/v share one, gate/up share one), over real tokens only (padding masked out); quantize the layer's linears
+   with GPTQ; forward again with the quantized weights to produce the next layer's inputs, so that every layer is
+   calibrated on what the quantized model really feeds it.
+3. Only the current layer needs to be on the accelerator: with `offload`, the others stay on the CPU.
+
+Hessians are accumulated with fp32 matmuls; where activations are bf16/fp16, TF32 tensor cores are exact for them
+(a bf16 value has 8 significant bits, TF32 keeps 11), so the fast path loses nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ptqlab.data import CalibrationSet
+from ptqlab.errors import PtqlabError
+from ptqlab.models import decoder_layers
+from ptqlab.progress import track
+from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq
+from ptqlab.quant.linear import QuantizedLinear
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T] 1 for real tokens
+    layer_kwargs: list[dict] = field(default_factory=list)  # per decoder layer
+    hidden: torch.Tensor | None = None  # the current layer's input [B, T, H]
+
+
+def make_batches(calibration: CalibrationSet, batch_size: int, pad_id: int) -> list[Batch]:
+    """Length-bucketed batches (sorted by length, so padding is minimal), right-padded with a mask."""
+    samples = sorted(calibration.samples, key=len, reverse=True)
+    batches = []
+    for i in range(0, len(samples), batch_size):
+        group = samples[i:i + batch_size]
+        length = len(group[0])
+        ids = torch.full((len(group), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), length), dtype=torch.long)
+        for row, sample in enumerate(group):
+            ids[row, :len(sample)] = sample
+            mask[row, :len(sample)] = 1
+        batches.append(Batch(ids, mask))
+    return batches
+
+
+class _LayerCatcher(nn.Module):
+    """Stands in for a decoder layer during capture: records its kwargs, passes hidden states through."""
+
+    def __init__(self, index: int, layer: nn.Module, sink: list):
+        super().__init__()
+        self.index, self.sink = index, sink
+        self.attention_type = getattr(layer, "attention_type", None)  # models that pick masks per layer read this
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise PtqlabError("this architecture passes positional arguments to its decoder layers, which the calibration "
+                              "engine does not support yet")
+        self.sink.append((self.index, hidden_states, kwargs))
+        return hidden_states
+
+
+def _move(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def capture(model: nn.Module, batches: list[Batch], device: torch.device) -> None:
+    """Fill each batch's layer-0 input and every layer's keyword arguments."""
+    layers = decoder_layers(model)
+    base = model.get_decoder()
+    originals = list(layers)
+    sink: list = []
+    for i, layer in enumerate(originals):
+        layers[i] = _LayerCatcher(i, layer, sink)
+    try:
+        base.to(device)  # with the catchers in place: embeddings, rotary, final norm only
+        for batch in batches:
+            sink.clear()
+            base(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+            batch.hidden = sink[0][1]
+            batch.layer_kwargs = [kwargs for _, _, kwargs in sorted(sink, key=lambda item: item[0])]
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+class HessianAccumulator:
+    """Σ XᵀX over real tokens for every distinct input tensor the hooked linears see."""
+
+    def __init__(self, linears: dict[str, nn.Linear], device: torch.device):
+        self.linears, self.device = linears, device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.shared: dict[str, str] = {}  # linear -> the linear whose accumulator it shares
+        self.mask: torch.Tensor | None = None
+        self.batches = 0
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.linears.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+    def start_batch(self, mask: torch.Tensor) -> None:
+        self.mask = mask.bool()
+        self.batches += 1
+        self._seen = {}  # only filled during the first batch, see _hook
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module, args):
+            x = args[0]
+            if self.batches == 1:
+                # Which linears read the very same tensor (q/k/v, gate/up) is decided once, on the first batch,
+                # holding each input alive so that no later tensor can reuse its address within the forward.
+                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+                owner = self._seen.get(key)
+                if owner is not None:
+                    self.shared[name] = owner[0]
+                    return
+                self._seen[key] = (name, x)
+            elif name in self.shared:
+                return
+            rows = x[self.mask] if self.mask is not None and x.shape[:2] == self.mask.shape else x.reshape(-1, x.shape[-1])
+            rows = rows.float()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+                self.counts[name] = 0
+            tf32 = x.dtype in (torch.bfloat16, torch.float16)  # exact for these inputs, see the module docstring
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                self.sums[name].addmm_(rows.T, rows)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+            self.counts[name] += rows.shape[0]
+        return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        owner = self.shared.get(name, name)
+        if owner not in self.sums or self.counts[owner] == 0:
+            raise PtqlabError(f"{name}: no calibration token reached this layer; check the calibration data")
+        return self.sums[owner] * (2.0 / self.counts[owner])
+
+
+def _output(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+@dataclass
+class LayerReport:
+    index: int
+    seconds: float
+    notes: list[str]
+
+
+@torch.no_grad()
+def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_quantized: Callable[[str, nn.Linear, torch.Tensor], tuple[QuantizedLinear, list[str]]],
+                        calibration: CalibrationSet, pad_id: int, batch_size: int = 16, device: torch.device | None = None,
+                        offload: bool | None = None, quiet: bool = False, label: str = "gptq") -> list[LayerReport]:
+    """Calibrate and quantize `targets` layer by layer. `make_quantized(name, linear, hessian)` does the math and
+    returns the quantized module with notes for the log."""
+    device = device or next(model.parameters()).device
+    layers = decoder_layers(model)
+    if offload is None:
+        offload = device.type == "cuda" and _bytes(model) > 0.6 * torch.cuda.mem_get_info(device)[0]
+    if not offload:
+        model.to(device)
+    batches = make_batches(calibration, batch_size, pad_id)
+    capture(model, batches, device)  # with offload, the layers stay on the CPU; only the current one moves
+
+    names_by_layer = {}
+    layer_names = {id(m): n for n, m in model.named_modules()}
+    for layer in layers:
+        prefix = layer_names[id(layer)] + "."
+        names_by_layer[id(layer)] = [n for n in targets if n.startswith(prefix)]
+
+    reports = []
+    state = {"last": ""}
+    for index in track(range(len(layers)), label, total=len(layers), quiet=quiet, status=lambda i: state["last"]):
+        start = time.perf_counter()
+        layer = layers[index].to(device)
+        names = names_by_layer[id(layers[index])]
+        prefix = layer_names[id(layers[index])] + "."
+        linears = {n: layer.get_submodule(n[len(prefix):]) for n in names}
+        with HessianAccumulator(linears, device) as acc:
+            for batch in batches:
+                acc.start_batch(batch.attention_mask.to(device))
+                layer(batch.hidden, **batch.layer_kwargs[index])
+        notes = []
+        for name, linear in linears.items():
+            try:
+                quantized, layer_notes = make_quantized(name, linear, acc.hessian(name))
+            except HessianError as e:
+                raise PtqlabError(f"{name}: {e}; check the calibration data and the model dtype (fp16 overflow? try --dtype bfloat16)") from e
+            notes += layer_notes
+            parent, _, child = name[len(prefix):].rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, child, quantized)
+        del acc
+        for batch in batches:  # propagate through the quantized layer
+            batch.hidden = _output(layer(batch.hidden, **batch.layer_kwargs[index]))
+        if offload:
+            layers[index].to("cpu")
+        seconds = time.perf_counter() - start
+        state["last"] = f"layer {index}: {seconds:.1f}s"
+        reports.append(LayerReport(index, seconds, notes))
+    return reports
+
+
+def _bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def gptq_quantizer(scheme, config: GPTQConfig) -> Callable[[str, nn.Linear, torch.Tensor], tuple[QuantizedLinear, list[str]]]:
+    """The per-linear step for GPTQ: weight + Hessian -> QuantizedLinear, with notes on damping and dead inputs."""
+
+    def make(name: str, linear: nn.Linear, hessian: torch.Tensor) -> tuple[QuantizedLinear, list[str]]:
+        result = gptq(linear.weight, hessian, scheme.weights, config, scale_dtype=linear.weight.dtype)
+        module = QuantizedLinear.from_weight(linear.weight, linear.bias, scheme, result.q, result.scale, result.zero_point)
+        notes = []
+        if result.dampening_frac != config.dampening_frac:
+            notes.append(f"{name}: Hessian not positive definite; dampening raised to {result.dampening_frac:g}")
+        if result.dead_columns:
+            notes.append(f"{name}: {result.dead_columns} input channels never active in calibration (quantized as 0)")
+        return module, notes
+
+    return make

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ptqlab.quant import gptq_triton
 from ptqlab.quant.primitives import FP8_DTYPE, _blocks, grid_range, quant_params, quantize
 from ptqlab.schemes import QuantArgs
 
@@ -90,9 +91,16 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
         col_scale, col_zero = col_scale[:, perm], None if col_zero is None else col_zero[:, perm]
 
     Q = torch.empty_like(W)
+    fused = gptq_triton.available(W)
+    qmin, qmax = grid_range(args)
     for i1 in range(0, columns, config.block_size):
         i2 = min(i1 + config.block_size, columns)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        if fused:  # the same loop as below, one kernel per block (gptq_triton.py)
+            zero_block = None if col_zero is None else col_zero[:, i1:i2]
+            Q[:, i1:i2], Err1 = gptq_triton.gptq_block(W1, Hinv1, col_scale[:, i1:i2], zero_block, qmin, qmax, args.type == "float")
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            continue
         Err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             w = W1[:, i]

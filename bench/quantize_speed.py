@@ -36,6 +36,7 @@ SHAPES = {
                            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048)),
 }
 SCHEMES = {"w4a16": ("w4a16", "W4A16")}
+PHASES: dict[str, float] = {}  # ptqlab's time per engine phase, summed over layers
 
 
 def build_model(shape: str, device: torch.device, seed: int):
@@ -84,8 +85,12 @@ def run_ptqlab(model, tokens, recipe_name: str, device, batch_size: int) -> dict
     from ptqlab.quant.linear import QuantizedLinear
     from ptqlab.recipes import get_recipe
 
-    quantize_model(model, get_recipe(recipe_name), CalibrationSet(list(tokens), "random tokens"), quiet=True,
-                   device=device, batch_size=batch_size)
+    result = quantize_model(model, get_recipe(recipe_name), CalibrationSet(list(tokens), "random tokens"), quiet=True,
+                            device=device, batch_size=batch_size)
+    reports = result.layer_reports
+    phases = {k: sum(r.seconds[k] for r in reports) for k in reports[0].seconds}
+    print("ptqlab phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+    PHASES.update(phases)
     return {n: m.dequantized_weight(torch.bfloat16) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
@@ -165,6 +170,7 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         errors = layer_errors(float_weights, approx, inputs)
         results[tool] = {"seconds": seconds, "peak_gpu_bytes": peak, "layer_errors": errors,
+                         **({"phases_s": dict(PHASES)} if tool == "ptqlab" else {}),
                          "mean_error": statistics.mean(errors.values()), "median_error": statistics.median(errors.values())}
         del approx
         model = None

@@ -30,6 +30,8 @@ class QuantizationResult:
     quantized: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    layer_reports: list = field(default_factory=list)
+    """Per decoder layer, for calibrated methods: seconds per engine phase and notes."""
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -117,6 +119,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         reports = quantize_sequential(model, targets, gptq_quantizer(recipe.scheme, recipe.gptq), calibration, pad_id,
                                       batch_size, device, quiet=quiet, label=f"{recipe.name} (gptq)")
         result.quantized = list(targets)
+        result.layer_reports = reports
         result.notes += [note for report in reports for note in report.notes]
         return result
 

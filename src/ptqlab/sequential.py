@@ -128,8 +128,9 @@ class HessianAccumulator:
         for handle in self._handles:
             handle.remove()
 
-    def start_batch(self, mask: torch.Tensor) -> None:
-        self.mask = mask.bool()
+    def start_batch(self, mask: torch.Tensor | None) -> None:
+        """`mask` [B, T] marks real tokens; None when the batch has no padding (no gather needed)."""
+        self.mask = None if mask is None else mask.bool()
         self.batches += 1
         self._seen = {}  # only filled during the first batch, see _hook
 
@@ -176,7 +177,7 @@ def _output(result) -> torch.Tensor:
 @dataclass
 class LayerReport:
     index: int
-    seconds: float
+    seconds: dict[str, float]  # hessians (forward + accumulation), gptq, propagate
     notes: list[str]
 
 
@@ -201,18 +202,27 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
         prefix = layer_names[id(layer)] + "."
         names_by_layer[id(layer)] = [n for n in targets if n.startswith(prefix)]
 
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    masks = [None if bool(b.attention_mask.all()) else b.attention_mask.to(device) for b in batches]
     reports = []
     state = {"last": ""}
     for index in track(range(len(layers)), label, total=len(layers), quiet=quiet, status=lambda i: state["last"]):
-        start = time.perf_counter()
+        clock = [time.perf_counter()]
+
+        def lap() -> float:
+            sync()
+            clock.append(time.perf_counter())
+            return clock[-1] - clock[-2]
+
         layer = layers[index].to(device)
         names = names_by_layer[id(layers[index])]
         prefix = layer_names[id(layers[index])] + "."
         linears = {n: layer.get_submodule(n[len(prefix):]) for n in names}
         with HessianAccumulator(linears, device) as acc:
-            for batch in batches:
-                acc.start_batch(batch.attention_mask.to(device))
+            for batch, mask in zip(batches, masks):
+                acc.start_batch(mask)
                 layer(batch.hidden, **batch.layer_kwargs[index])
+        seconds = {"hessians": lap()}
         notes = []
         for name, linear in linears.items():
             try:
@@ -223,12 +233,13 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
             parent, _, child = name[len(prefix):].rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, child, quantized)
         del acc
+        seconds["gptq"] = lap()
         for batch in batches:  # propagate through the quantized layer
             batch.hidden = _output(layer(batch.hidden, **batch.layer_kwargs[index]))
         if offload:
             layers[index].to("cpu")
-        seconds = time.perf_counter() - start
-        state["last"] = f"layer {index}: {seconds:.1f}s"
+        seconds["propagate"] = lap()
+        state["last"] = f"layer {index}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
         reports.append(LayerReport(index, seconds, notes))
     return reports
 

@@ -5,7 +5,8 @@ The objective is the layer's output error ||XW^T - XŴ^T||² over the calibratio
 H = 2/n XᵀX. Columns are processed in blocks (lazy batch updates: the error of a whole block reaches the rest
 of the matrix in one matmul). With act-order, columns are visited by decreasing H_ii; with static groups the
 group scales are fixed from the original weight before any update, so the saved checkpoint keeps the natural
-column order (no permutation index) and loads anywhere.
+column order (no permutation index) and loads anywhere; without act-order each group's scales are computed when
+the sweep reaches it, from the error-updated weights, as in GPTQ's reference.
 """
 
 from __future__ import annotations
@@ -77,8 +78,13 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
     H[dead, dead] = 1.0  # an input that never fired: any weight is free; quantize it as zero
     W[:, dead] = 0.0
 
-    # Scales fixed up front from the weight (per channel, or per group = static groups), as in GPTQ's reference.
+    # Without act-order, each group's scale is computed when GPTQ reaches the group, from the weights as the
+    # errors of the columns before it have updated them (GPTQ's reference behaviour, and llm-compressor's):
+    # blocks are then exactly the groups. With act-order, groups are static: scales from the original weight,
+    # so that the checkpoint keeps the natural column order. Per-channel and per-tensor scales are always static.
+    dynamic_groups = args.strategy == "group" and not config.act_order
     scale, zero_point = quant_params(W, args, scale_dtype)
+    block_size = args.group_size if dynamic_groups else config.block_size
 
     perm = torch.argsort(torch.diag(H), descending=True) if config.act_order else None
     if perm is not None:
@@ -93,9 +99,17 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
     Q = torch.empty_like(W)
     fused = gptq_triton.available(W)
     qmin, qmax = grid_range(args)
-    for i1 in range(0, columns, config.block_size):
-        i2 = min(i1 + config.block_size, columns)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        if dynamic_groups:
+            group = i1 // args.group_size
+            group_scale, group_zero = quant_params(W1, args, scale_dtype)  # [rows, 1]
+            scale[:, group:group + 1] = group_scale
+            col_scale[:, i1:i2] = group_scale.float()
+            if zero_point is not None:
+                zero_point[:, group:group + 1] = group_zero
+                col_zero[:, i1:i2] = group_zero.float()
         if fused:  # the same loop as below, one kernel per block (gptq_triton.py)
             zero_block = None if col_zero is None else col_zero[:, i1:i2]
             Q[:, i1:i2], Err1 = gptq_triton.gptq_block(W1, Hinv1, col_scale[:, i1:i2], zero_block, qmin, qmax, args.type == "float")

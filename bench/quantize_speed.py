@@ -79,13 +79,17 @@ def layer_errors(weights: dict[str, torch.Tensor], approx: dict[str, torch.Tenso
     return out
 
 
-def run_ptqlab(model, tokens, recipe_name: str, device, batch_size: int) -> dict[str, torch.Tensor]:
+def run_ptqlab(model, tokens, recipe_name: str, device, batch_size: int, static_groups: bool = False) -> dict[str, torch.Tensor]:
+    from dataclasses import replace
+
     from ptqlab.data import CalibrationSet
     from ptqlab.pipeline import quantize_model
     from ptqlab.quant.linear import QuantizedLinear
     from ptqlab.recipes import get_recipe
 
-    result = quantize_model(model, get_recipe(recipe_name), CalibrationSet(list(tokens), "random tokens"), quiet=True,
+    recipe = get_recipe(recipe_name)
+    recipe = replace(recipe, gptq=replace(recipe.gptq, static_groups=static_groups))
+    result = quantize_model(model, recipe, CalibrationSet(list(tokens), "random tokens"), quiet=True,
                             device=device, batch_size=batch_size)
     reports = result.layer_reports
     phases = {k: sum(r.seconds[k] for r in reports) for k in reports[0].seconds}
@@ -134,6 +138,7 @@ def main() -> None:
     parser.add_argument("--tools", default="ptqlab,llmcompressor")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--static-groups", action="store_true", help="ptqlab: group scales from the original weight")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -161,7 +166,7 @@ def main() -> None:
         sync(device)
         start = time.perf_counter()
         if tool == "ptqlab":
-            approx = run_ptqlab(model, tokens, recipe_name, device, args.batch_size)
+            approx = run_ptqlab(model, tokens, recipe_name, device, args.batch_size, args.static_groups)
         else:
             with tempfile.TemporaryDirectory() as config_dir:
                 approx = run_llmcompressor(model, tokens, lc_scheme, Path(config_dir))

@@ -116,7 +116,7 @@ def bench(
 @app.command()
 def lab(
     model: Annotated[Optional[str], typer.Argument(help="Hub id or local folder; omitted: the embedded SmolLM2-135M-Instruct.")] = None,
-    recipes: Annotated[Optional[str], typer.Option(help="Comma-separated recipes; default: every preset.")] = None,
+    recipes: Annotated[Optional[str], typer.Option(help="Comma-separated recipes; default: fp8-dynamic,w4a16-rtn,w8a8-rtn.")] = None,
     out: Annotated[Path, typer.Option(help="Lab folder: checkpoints, results, report (resumable).")] = Path("ptqlab-lab"),
     dtype: Annotated[str, typer.Option(help="Load dtype for quantization.")] = "auto",
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",

@@ -149,17 +149,10 @@ class HessianAccumulator:
             elif name in self.shared:
                 return
             rows = x[self.mask] if self.mask is not None and x.shape[:2] == self.mask.shape else x.reshape(-1, x.shape[-1])
-            rows = rows.float()
             if name not in self.sums:
                 self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
                 self.counts[name] = 0
-            tf32 = x.dtype in (torch.bfloat16, torch.float16)  # exact for these inputs, see the module docstring
-            previous = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            try:
-                self.sums[name].addmm_(rows.T, rows)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = previous
+            self.sums[name] += _gram(rows)
             self.counts[name] += rows.shape[0]
         return hook
 
@@ -168,6 +161,24 @@ class HessianAccumulator:
         if owner not in self.sums or self.counts[owner] == 0:
             raise PtqlabError(f"{name}: no calibration token reached this layer; check the calibration data")
         return self.sums[owner] * (2.0 / self.counts[owner])
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    """rowsᵀ rows in fp32. bf16/fp16 inputs on a GPU: tensor-core matmul with fp32 accumulation and output, which is
+    exact for the products; elsewhere an fp32 matmul (TF32 allowed only for bf16/fp16 values, where it is exact)."""
+    if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(rows.T, rows, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=...)
+            pass
+    half = rows.dtype in (torch.bfloat16, torch.float16)
+    rows = rows.float()
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = half
+    try:
+        return rows.T @ rows
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _output(result) -> torch.Tensor:

@@ -18,6 +18,10 @@ from ptqlab.errors import PtqlabError
 from ptqlab.progress import console, log_event
 
 
+# The data-free presets: they run anywhere, a 2-core CPU included. Calibrated recipes are named explicitly.
+DEFAULT_LAB_RECIPES = ("fp8-dynamic", "w4a16-rtn", "w8a8-rtn")
+
+
 @dataclass(frozen=True)
 class Budget:
     """The quality budget a variant must meet to be recommended."""
@@ -116,10 +120,10 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
     from ptqlab.api import quantize
     from ptqlab.models import _load_config
     from ptqlab.embedded import DEFAULT_MODEL_NAME, default_model_path
-    from ptqlab.recipes import PRESETS, get_recipe
+    from ptqlab.recipes import get_recipe
     from ptqlab.report import write_report
 
-    recipes = recipes or list(PRESETS)
+    recipes = recipes or list(DEFAULT_LAB_RECIPES)
     for name in recipes:
         get_recipe(name)  # fail on a typo before any work
     out = Path(out)

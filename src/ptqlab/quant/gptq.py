@@ -33,7 +33,10 @@ class GPTQConfig:
     dampening_frac: float = 0.01
     """Added to the diagonal: dampening_frac x mean(diag H). Raised x10 (up to 5 times) if H is not positive definite."""
     act_order: bool = False
-    """Visit columns by decreasing H_ii (the most salient inputs first); uses static groups."""
+    """Visit columns by decreasing H_ii (the most salient inputs first); implies static groups."""
+    static_groups: bool = False
+    """Group scales from the original weight, fixed before the sweep (as llm-compressor does), instead of from the
+    error-updated weights when the sweep reaches each group (GPTQ's reference)."""
 
 
 @dataclass
@@ -82,7 +85,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
     # errors of the columns before it have updated them (GPTQ's reference behaviour, and llm-compressor's):
     # blocks are then exactly the groups. With act-order, groups are static: scales from the original weight,
     # so that the checkpoint keeps the natural column order. Per-channel and per-tensor scales are always static.
-    dynamic_groups = args.strategy == "group" and not config.act_order
+    dynamic_groups = args.strategy == "group" and not (config.act_order or config.static_groups)
     scale, zero_point = quant_params(W, args, scale_dtype)
     block_size = args.group_size if dynamic_groups else config.block_size
 

@@ -79,7 +79,7 @@ def layer_errors(weights: dict[str, torch.Tensor], approx: dict[str, torch.Tenso
     return out
 
 
-def run_ptqlab(model, tokens, recipe_name: str, device, batch_size: int, static_groups: bool = False) -> dict[str, torch.Tensor]:
+def run_ptqlab(model, tokens, recipe_name: str, device, batch_size: int, static_groups: bool = True) -> dict[str, torch.Tensor]:
     from dataclasses import replace
 
     from ptqlab.data import CalibrationSet
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--tools", default="ptqlab,llmcompressor")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--static-groups", action="store_true", help="ptqlab: group scales from the original weight")
+    parser.add_argument("--dynamic-groups", action="store_true", help="ptqlab: group scales from the error-updated weights")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -166,7 +166,7 @@ def main() -> None:
         sync(device)
         start = time.perf_counter()
         if tool == "ptqlab":
-            approx = run_ptqlab(model, tokens, recipe_name, device, args.batch_size, args.static_groups)
+            approx = run_ptqlab(model, tokens, recipe_name, device, args.batch_size, not args.dynamic_groups)
         else:
             with tempfile.TemporaryDirectory() as config_dir:
                 approx = run_llmcompressor(model, tokens, lc_scheme, Path(config_dir))

@@ -53,7 +53,7 @@ def reference_gptq(weight, hessian, args, damp=0.01):
 def test_blocked_gptq_equals_column_by_column_reference():
     x = correlated_inputs()
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)) * 0.05
-    result = gptq(weight, hessian_of(x), INT4_G32, GPTQConfig(block_size=32))
+    result = gptq(weight, hessian_of(x), INT4_G32, GPTQConfig(block_size=32, static_groups=False))
     ref = reference_gptq(weight, hessian_of(x), INT4_G32)
     ref_q = (ref / result.scale.double().repeat_interleave(32, dim=1)).round()  # the scales agree to fp32 rounding
     # fp32 error feedback against fp64 can flip a near-tie: allow a handful, never more than one step.
@@ -68,6 +68,7 @@ def test_block_size_does_not_change_the_result():
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(2)) * 0.05
     a = gptq(weight, hessian_of(x), INT4_G32, GPTQConfig(block_size=128))
     b = gptq(weight, hessian_of(x), INT4_G32, GPTQConfig(block_size=16))
+    assert torch.equal(a.scale, b.scale)
     assert (a.q != b.q).float().mean() < 1e-3
 
 
@@ -76,16 +77,16 @@ def test_block_size_does_not_change_the_result():
     QuantArgs(num_bits=3, strategy="group", group_size=64), QuantArgs(num_bits=8, strategy="channel"),
     QuantArgs(num_bits=8, type="float", strategy="channel"),
 ], ids=["int4-g32", "int4-asym", "int3-g64", "int8-channel", "fp8-channel"])
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_output_error_below_rtn(args, act_order):
+@pytest.mark.parametrize("act_order,static_groups", [(False, True), (False, False), (True, True)])
+def test_gptq_output_error_below_rtn(args, act_order, static_groups):
     x = correlated_inputs()
     weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(3)) * 0.05
-    result = gptq(weight, hessian_of(x), args, GPTQConfig(act_order=act_order))
+    result = gptq(weight, hessian_of(x), args, GPTQConfig(act_order=act_order, static_groups=static_groups))
     q_rtn, s_rtn, z_rtn = rtn(weight, args)
     gptq_error = output_error(x, weight, dequantize(result.q, result.scale, result.zero_point, args))
     rtn_error = output_error(x, weight, dequantize(q_rtn, s_rtn, z_rtn, args))
     assert gptq_error < 0.8 * rtn_error
-    if act_order or args.strategy != "group":
+    if static_groups or args.strategy != "group":
         # Static scales: RTN's, computed from the original weight; the columns keep their order.
         assert torch.equal(result.scale, s_rtn)
 

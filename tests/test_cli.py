@@ -129,3 +129,20 @@ def test_interrupted_run_leaves_no_folder_that_looks_complete(tiny_model_dir, tm
         assert leftovers == []
     else:  # a hard kill can only leave the hidden temporary folder, never --out
         assert all(name.startswith(".q.partial-") for name in leftovers)
+
+
+def test_gptq_recipe_from_the_command_line(tiny_model_dir, tmp_path):
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Tell me about number {i}."},
+                                                       {"role": "assistant", "content": f"{i} is a number. " * 4}]})
+                              for i in range(20)))
+    code, output = run("quantize", tiny_model_dir("qwen2"), "--recipe", "w4a16", "--out", tmp_path / "q", "--dataset", data,
+                       "--num-samples", "8", "--max-seq-len", "32", "--device", "cpu", "--dampening-frac", "0.02", "--quiet")
+    assert code == 0, output
+    record = json.loads((tmp_path / "q" / "ptqlab.json").read_text())
+    assert record["recipe"]["gptq"]["dampening_frac"] == 0.02 and record["settings"]["calibration"]["num_samples"] == 8
+    assert "calibration: 8 samples" in output
+
+    code, output = run("quantize", tiny_model_dir("qwen2"), "--recipe", "w4a16", "--out", tmp_path / "q2",
+                       "--dataset", tmp_path / "missing.jsonl", "--device", "cpu")
+    assert code == 2 and "does not exist" in output.replace("\n", " ") and not (tmp_path / "q2").exists()

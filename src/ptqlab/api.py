@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ptqlab.data import CalibrationConfig, load_calibration
+from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import write_checkpoint
 from ptqlab.models import load_model, model_dtype, resolve_device
@@ -93,6 +93,8 @@ def quantize(
     recipe = recipe.with_overrides(ignore=ignore, group_size=group_size)
     out = Path(out) if out is not None else default_out(model, recipe.name)
     check_writable(out, overwrite)  # before the slow part: fail in a second, not after loading
+    if recipe.method != "rtn":
+        check_calibration(calibration or CalibrationConfig())
     torch.manual_seed(seed)
     start = time.perf_counter()
     loaded = load_model(model, dtype=dtype)

@@ -20,6 +20,16 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(2)
 
 
+Dataset = Annotated[str, typer.Option(help="Calibration data: hub dataset id, .jsonl/.txt/.parquet, offline, or auto (ultrachat_200k; offline text without a hub).")]
+DatasetConfig = Annotated[Optional[str], typer.Option(help="Hub dataset config name.")]
+Split = Annotated[str, typer.Option(help="Hub dataset split.")]
+NumSamples = Annotated[int, typer.Option(help="Calibration samples.")]
+MaxSeqLen = Annotated[int, typer.Option(help="Calibration samples are truncated to this many tokens.")]
+CalibBatchSize = Annotated[int, typer.Option(help="Sequences per calibration forward.")]
+AllowPlainText = Annotated[bool, typer.Option(help="Calibrate on plain message text when the tokenizer has no chat template.")]
+QuantDevice = Annotated[str, typer.Option(help="Where calibration runs: auto (the GPU if any), cpu, cuda, cuda:N.")]
+
+
 @app.command()
 def quantize(
     model: Annotated[Optional[str], typer.Argument(help="Hub id or local folder; omitted: the embedded SmolLM2-135M-Instruct.")] = None,
@@ -31,12 +41,33 @@ def quantize(
     dtype: Annotated[str, typer.Option(help="Load dtype: auto, bfloat16, float16, float32.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for every random choice; recorded in ptqlab.json.")] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    dataset: Dataset = "auto", dataset_config: DatasetConfig = None, split: Split = "train_sft",
+    num_samples: NumSamples = 256, max_seq_len: MaxSeqLen = 1024, calib_batch_size: CalibBatchSize = 16,
+    allow_plain_text: AllowPlainText = False, device: QuantDevice = "auto",
+    dampening_frac: Annotated[Optional[float], typer.Option(help="GPTQ: diagonal dampening, fraction of mean(diag H) (recipe default 0.01).")] = None,
+    act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by decreasing H_ii.")] = None,
 ) -> None:
-    """Quantize MODEL with a recipe and write a compressed-tensors checkpoint (+ tokenizer, ptqlab.json)."""
+    """Quantize MODEL with a recipe and write a compressed-tensors checkpoint (+ tokenizer, ptqlab.json).
+
+    Calibrated recipes (w4a16, w4a16-asym, w3a16, w8a16: GPTQ) draw --num-samples chat-formatted samples of at
+    most --max-seq-len tokens from --dataset with --seed."""
+    from dataclasses import replace
+
     from ptqlab.api import RECORD_NAME, quantize as run
+    from ptqlab.data import CalibrationConfig
+    from ptqlab.recipes import get_recipe
 
     try:
-        path = run(model, recipe, out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype, seed=seed, quiet=quiet)
+        chosen = get_recipe(recipe)
+        gptq = chosen.gptq
+        if dampening_frac is not None:
+            gptq = replace(gptq, dampening_frac=dampening_frac)
+        if act_order is not None:
+            gptq = replace(gptq, act_order=act_order)
+        calibration = CalibrationConfig(dataset=dataset, dataset_config=dataset_config, split=split, num_samples=num_samples,
+                                        max_seq_len=max_seq_len, seed=seed, allow_plain_text=allow_plain_text)
+        path = run(model, replace(chosen, gptq=gptq), out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,
+                   seed=seed, quiet=quiet, calibration=calibration, calib_batch_size=calib_batch_size, device=device)
     except PtqlabError as e:
         _fail(e)
     record = json.loads((path / RECORD_NAME).read_text())
@@ -122,14 +153,17 @@ def lab(
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
     max_new_tokens: MaxNewTokens = 128, batch_size: BatchSize = 8, repeats: Repeats = 3, sample_tokens: SampleTokens = 64,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
+    dataset: Dataset = "auto", num_samples: NumSamples = 256, max_seq_len: MaxSeqLen = 1024, calib_batch_size: CalibBatchSize = 16,
 ) -> None:
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
+    from ptqlab.data import CalibrationConfig
     from ptqlab.suite import Budget, lab as run
 
     try:
         settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet)
         names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
-        folder = run(model, names, out, settings, Budget(max_kl, max_ppl_increase), dtype, quiet)
+        calibration = CalibrationConfig(dataset=dataset, num_samples=num_samples, max_seq_len=max_seq_len, seed=seed)
+        folder = run(model, names, out, settings, Budget(max_kl, max_ppl_increase), dtype, quiet, calibration, calib_batch_size)
     except PtqlabError as e:
         _fail(e)
     _print_summary(folder)

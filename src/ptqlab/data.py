@@ -143,6 +143,14 @@ def _render(record: dict, tokenizer, config: CalibrationConfig) -> tuple[str | N
     return text, False
 
 
+def check_calibration(config: CalibrationConfig) -> None:
+    """Fail fast on settings that cannot work, before any model is loaded."""
+    if config.num_samples < 1 or config.max_seq_len < 2:
+        raise PtqlabError("--num-samples must be at least 1 and --max-seq-len at least 2")
+    if Path(config.dataset).suffix in (".jsonl", ".txt", ".parquet") and not Path(config.dataset).is_file():
+        raise PtqlabError(f"calibration file {config.dataset} does not exist")
+
+
 def load_calibration(tokenizer, config: CalibrationConfig = CalibrationConfig()) -> CalibrationSet:
     """Render, tokenize, truncate and draw `num_samples` samples with `seed`."""
     if tokenizer is None:

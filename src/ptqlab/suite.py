@@ -115,7 +115,7 @@ def _infer_baseline(folders: list[Path]) -> Path | None:
 
 def lab(model: str | None = None, recipes: list[str] | None = None, out: str | Path = "ptqlab-lab",
         settings: BenchSettings = BenchSettings(), budget: Budget = Budget(), dtype: str = "auto",
-        quiet: bool = False) -> Path:
+        quiet: bool = False, calibration=None, calib_batch_size: int = 16) -> Path:
     """Quantize `model` with each recipe and benchmark every checkpoint next to the 16-bit baseline."""
     from ptqlab.api import quantize
     from ptqlab.models import _load_config
@@ -154,7 +154,8 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
         else:
             log_event(log, "quantize.start", recipe=name)
             start = time.perf_counter()
-            quantize(str(base_path), name, out=folder, overwrite=True, dtype=dtype, seed=settings.seed, quiet=quiet)
+            quantize(str(base_path), name, out=folder, overwrite=True, dtype=dtype, seed=settings.seed, quiet=quiet,
+                     calibration=calibration, calib_batch_size=calib_batch_size, device=settings.device)
             log_event(log, "quantize.done", recipe=name, seconds=round(time.perf_counter() - start, 3))
         checkpoints.append((name, folder))
     results = run_benchmarks(base_path, checkpoints, out, settings, quiet)

@@ -32,8 +32,10 @@ class GPTQConfig:
     """Columns per lazy-batch block."""
     dampening_frac: float = 0.01
     """Added to the diagonal: dampening_frac x mean(diag H). Raised x10 (up to 5 times) if H is not positive definite."""
-    act_order: bool = False
-    """Visit columns by decreasing H_ii (the most salient inputs first); implies static groups."""
+    act_order: bool = True
+    """Visit columns by decreasing H_ii (the most salient inputs first); implies static groups. On by default, as in
+    llm-compressor (`actorder="static"`): on real weights it roughly halves the layer output error (measured on
+    SmolLM2-135M, bench/results/gptq_quality_smollm2)."""
     static_groups: bool = True
     """Group scales from the original weight, fixed before the sweep (as llm-compressor does); False: from the
     error-updated weights when the sweep reaches each group (GPTQ's reference). Static gave the lower layer output

@@ -45,3 +45,19 @@ def test_quantized_default_model_still_answers(default_model, tmp_path, recipe):
         tokens = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(tokens[0, prompt["input_ids"].shape[1]:])
     assert "Paris" in answer, answer
+
+
+@pytest.mark.slow
+def test_gptq_beats_rtn_on_the_embedded_model(default_model, tmp_path):
+    """Real weights, same bits and group size: GPTQ's perplexity is lower than round-to-nearest's (minutes on CPU)."""
+    from ptqlab.bench.variant import BenchSettings, bench_variant
+    from ptqlab.data import CalibrationConfig
+
+    calibration = CalibrationConfig(dataset="offline", num_samples=64, max_seq_len=256)
+    gptq = quantize(None, "w4a16", out=tmp_path / "gptq", calibration=calibration, device="cpu", quiet=True)
+    rtn = quantize(None, "w4a16-rtn", out=tmp_path / "rtn", quiet=True)
+    settings = BenchSettings(ppl_text="python-docs", ppl_context=512, ppl_windows=8, max_new_tokens=2, batch_size=1,
+                             repeats=1, sample_tokens=1, device="cpu")
+    ppl = {name: bench_variant(name, path, settings, quiet=True)["perplexity"]["value"] for name, path in
+           (("gptq", gptq), ("rtn", rtn))}
+    assert ppl["gptq"] < ppl["rtn"]

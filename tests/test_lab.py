@@ -83,14 +83,23 @@ def test_crash_in_the_third_recipe_does_not_redo_the_first_two(tmp_path, tiny_mo
     assert (tmp_path / "results.json").is_file()
 
 
-def test_changed_settings_are_measured_again(finished_lab, tiny_model_dir, tmp_path):
-    import shutil
+def test_changed_settings_are_measured_again(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir("llama"))
+    lab(model, ["fp8-dynamic"], tmp_path, FAST, quiet=True)
+    before = len(events(tmp_path))
+    lab(model, ["fp8-dynamic"], tmp_path, BenchSettings(**{**FAST.__dict__, "ppl_windows": 3}), quiet=True)
+    assert [e["variant"] for e in events(tmp_path)[before:] if e["event"] == "bench.start"] == ["baseline", "fp8-dynamic"]
 
-    copy = tmp_path / "lab"
-    shutil.copytree(finished_lab, copy)
-    lab(str(tiny_model_dir("llama")), ["fp8-dynamic"], copy, BenchSettings(**{**FAST.__dict__, "ppl_windows": 3}), quiet=True)
-    started = [e["variant"] for e in events(copy) if e["event"] == "bench.start"]
-    assert started[-2:] == ["baseline", "fp8-dynamic"]
+
+def test_a_rewritten_checkpoint_is_measured_again(tiny_model_dir, tmp_path):
+    from ptqlab import quantize
+
+    model = str(tiny_model_dir("llama"))
+    lab(model, ["w8a8-rtn"], tmp_path, FAST, quiet=True)
+    quantize(model, "w8a8-rtn", out=tmp_path / "checkpoints" / "w8a8-rtn", overwrite=True, quiet=True)
+    before = len(events(tmp_path))
+    lab(model, ["w8a8-rtn"], tmp_path, FAST, quiet=True)
+    assert [e["variant"] for e in events(tmp_path)[before:] if e["event"] == "bench.start"] == ["w8a8-rtn"]
 
 
 def test_lab_of_another_model_in_the_same_folder_is_refused(finished_lab, tiny_model_dir):

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptqlab.bench.variant import BenchSettings, run_isolated
+from ptqlab.bench.variant import BenchSettings, fingerprint, run_isolated
 from ptqlab.errors import PtqlabError
 from ptqlab.progress import console, log_event
 
@@ -41,7 +41,8 @@ def _reusable(result_json: Path, path: Path, settings: BenchSettings, needs: Pat
     if not result_json.is_file() or (needs is not None and not needs.is_file()):
         return None
     result = json.loads(result_json.read_text())
-    if result.get("settings_digest") != settings.digest() or result.get("path") != str(path.resolve()):
+    if (result.get("settings_digest") != settings.digest() or result.get("path") != str(path.resolve())
+            or result.get("fingerprint") != fingerprint(path)):
         return None
     return result
 

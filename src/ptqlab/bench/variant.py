@@ -72,6 +72,17 @@ def folder_sizes(path: Path) -> dict:
     return {"weights_bytes": weights, "folder_bytes": sum(p.stat().st_size for p in files)}
 
 
+def fingerprint(path: Path) -> str:
+    """Changes whenever the folder's weights or config are rewritten: a benchmark result is reused only for the
+    very checkpoint it measured."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".safetensors", ".json") and f.is_file():
+            stat = f.stat()
+            h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
 def describe_checkpoint(path: Path) -> dict:
     """Recipe, format and scheme from ptqlab.json or config.json; 16-bit when not quantized."""
     record = path / "ptqlab.json"
@@ -144,6 +155,7 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
         "speed": speed,
         "samples": samples,
         "settings_digest": settings.digest(),
+        "fingerprint": fingerprint(path),
     }
 
 

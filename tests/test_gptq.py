@@ -187,6 +187,12 @@ def test_text_and_offline_sources(tmp_path):
     txt = tmp_path / "notes.txt"
     txt.write_text("First paragraph of text.\n\nSecond paragraph.\n\n\n\nThird one here.")
     assert len(load_calibration(tiny_tokenizer(), CalibrationConfig(dataset=str(txt), num_samples=3)).samples) == 3
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    pq.write_table(pyarrow.Table.from_pylist(CHATS[:6]), tmp_path / "chats.parquet")
+    from_parquet = load_calibration(tiny_tokenizer(), CalibrationConfig(dataset=str(tmp_path / "chats.parquet"), num_samples=6))
+    assert len(from_parquet.samples) == 6 and from_parquet.source.startswith("file")
     offline = load_calibration(tiny_tokenizer(), CalibrationConfig(dataset="offline", num_samples=16, max_seq_len=64))
     assert "standard library docstrings" in offline.source and len(offline.samples) == 16
 

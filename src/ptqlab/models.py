@@ -64,7 +64,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _load_config(path: str, source: str):
+def load_config(path: str, source: str):
     from transformers import AutoConfig
 
     is_local = os.path.isdir(path)
@@ -111,7 +111,7 @@ def load_model(source: str | None = None, dtype: str = "auto") -> LoadedModel:
         path, source, note = str(default_model_path()), DEFAULT_MODEL_NAME, EMBEDDED_NOTE
     else:
         path = os.path.expanduser(source)
-    config = _load_config(path, source)
+    config = load_config(path, source)
     _check_causal_lm(config, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))

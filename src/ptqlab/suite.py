@@ -119,7 +119,7 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
         quiet: bool = False, calibration=None, calib_batch_size: int = 16) -> Path:
     """Quantize `model` with each recipe and benchmark every checkpoint next to the 16-bit baseline."""
     from ptqlab.api import quantize
-    from ptqlab.models import _load_config
+    from ptqlab.models import load_config
     from ptqlab.embedded import DEFAULT_MODEL_NAME, default_model_path
     from ptqlab.recipes import get_recipe
     from ptqlab.report import write_report
@@ -135,7 +135,7 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
         base_path = default_model_path()
     elif base_path is None:
         # A hub id: the baseline is benchmarked from a local 16-bit copy, saved once into the lab folder.
-        _load_config(model, model)
+        load_config(model, model)
         base_path = _local_copy(model, out / "checkpoints" / "baseline", dtype)
 
     manifest = out / "lab.json"

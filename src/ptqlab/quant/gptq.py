@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ptqlab.quant import gptq_triton
-from ptqlab.quant.primitives import FP8_DTYPE, _blocks, grid_range, quant_params, quantize
+from ptqlab.quant.primitives import FP8_DTYPE, block_view, grid_range, quant_params, quantize
 from ptqlab.schemes import QuantArgs
 
 
@@ -140,10 +140,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
 def _per_column(scale, zero_point, args: QuantArgs, rows: int, columns: int):
     """Expand checkpoint-layout scales to one fp32 scale (and zero point) per weight element: [rows, columns]."""
     ones = torch.ones(rows, columns, device=scale.device)
-    s = _blocks(ones, args) * (scale.float().unsqueeze(-1) if args.strategy == "group" else scale.float())
+    s = block_view(ones, args) * (scale.float().unsqueeze(-1) if args.strategy == "group" else scale.float())
     z = None
     if zero_point is not None:
-        z = _blocks(ones, args) * (zero_point.float().unsqueeze(-1) if args.strategy == "group" else zero_point.float())
+        z = block_view(ones, args) * (zero_point.float().unsqueeze(-1) if args.strategy == "group" else zero_point.float())
         z = z.reshape(rows, columns)
     return s.reshape(rows, columns), z
 

@@ -27,7 +27,7 @@ def grid_range(args: QuantArgs) -> tuple[float, float]:
     return float(-(2 ** (args.num_bits - 1))), float(2 ** (args.num_bits - 1) - 1)
 
 
-def _blocks(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+def block_view(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """View x so that each scale covers exactly the last dimension: [..., n_scales, block]."""
     if args.strategy == "tensor":
         return x.reshape(1, -1)
@@ -49,7 +49,7 @@ def _stored_layout(per_block: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 
 
 def _broadcastable(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """From the checkpoint's scale layout to one that broadcasts against `_blocks(x)`."""
+    """From the checkpoint's scale layout to one that broadcasts against `block_view(x)`."""
     if args.strategy == "group":
         return scale.unsqueeze(-1)
     return scale
@@ -66,7 +66,7 @@ def quant_params(
     """
     scale_dtype = scale_dtype or x.dtype
     qmin, qmax = grid_range(args)
-    blocks = _blocks(x.float(), args)
+    blocks = block_view(x.float(), args)
     if args.symmetric:
         absmax = blocks.abs().amax(dim=-1)
         half_range = FP8_MAX if args.type == "float" else (qmax - qmin) / 2
@@ -91,7 +91,7 @@ def quantize(
 ) -> torch.Tensor:
     """x on the grid: int8 values in [qmin, qmax] for int formats, float8_e4m3fn for FP8. Same shape as x."""
     qmin, qmax = grid_range(args)
-    blocks = _blocks(x.float(), args)
+    blocks = block_view(x.float(), args)
     scaled = blocks / _broadcastable(scale, args).float()
     if zero_point is not None:
         scaled = scaled + _broadcastable(zero_point, args).float()
@@ -111,7 +111,7 @@ def dequantize(
 ) -> torch.Tensor:
     """(q - zero_point) * scale in `dtype` (default: the scale's dtype)."""
     dtype = dtype or scale.dtype
-    blocks = _blocks(q.float(), args)
+    blocks = block_view(q.float(), args)
     if zero_point is not None:
         blocks = blocks - _broadcastable(zero_point, args).float()
     return (blocks * _broadcastable(scale, args).float()).to(dtype).reshape(q.shape)

@@ -74,16 +74,6 @@ class _LayerCatcher(nn.Module):
         return hidden_states
 
 
-def _move(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_move(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
-    return value
-
-
 @torch.no_grad()
 def capture(model: nn.Module, batches: list[Batch], device: torch.device) -> None:
     """Fill each batch's layer-0 input and every layer's keyword arguments."""

@@ -255,3 +255,11 @@ def test_fused_gpu_block_matches_the_plain_loop(args, monkeypatch):
     differs = fused.q.float() != plain.q.float()
     assert differs.float().mean() < 2e-3  # fp32 reassociation can flip a near-tie
     assert torch.equal(fused.scale, plain.scale)
+
+
+def test_gptq_refuses_linears_outside_the_decoder_layers(tiny_model_dir, calibration_file):
+    """lm_head is not calibrated by the layer loop: asking GPTQ to quantize it is an error, not a silent no-op."""
+    loaded = load_model(str(tiny_model_dir("llama")))
+    calibration = load_calibration(loaded.tokenizer, CalibrationConfig(dataset=str(calibration_file), num_samples=4, max_seq_len=16))
+    with pytest.raises(PtqlabError, match="lm_head lies outside.*--ignore lm_head"):
+        quantize_model(loaded.model, get_recipe("w4a16").with_overrides(ignore=[]), calibration, quiet=True)

@@ -94,13 +94,13 @@ def quantize(
     out = Path(out) if out is not None else default_out(model, recipe.name)
     check_writable(out, overwrite)  # before the slow part: fail in a second, not after loading
     if recipe.method != "rtn":
-        check_calibration(calibration or CalibrationConfig())
+        calibration = replace(calibration or CalibrationConfig(), seed=seed)
+        check_calibration(calibration)
     torch.manual_seed(seed)
     start = time.perf_counter()
     loaded = load_model(model, dtype=dtype)
     calibration_set = None
     if recipe.method != "rtn":
-        calibration = replace(calibration or CalibrationConfig(), seed=seed)
         calibration_set = load_calibration(loaded.tokenizer, calibration)
     tokenizer = loaded.tokenizer
     pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)

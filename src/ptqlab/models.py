@@ -153,6 +153,20 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def names_by_layer(model: nn.Module, names) -> tuple[list[list[str]], list[str]]:
+    """Module names grouped by the decoder layer that holds them (in layer order), and the names outside every layer."""
+    layer_prefix = {id(m): name + "." for name, m in model.named_modules()}
+    grouped = [[n for n in names if n.startswith(layer_prefix[id(layer)])] for layer in decoder_layers(model)]
+    inside = {n for group in grouped for n in group}
+    return grouped, sorted(n for n in names if n not in inside)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype of the model's weights."""
     return next(p.dtype for p in model.parameters() if p.is_floating_point())

@@ -14,7 +14,7 @@ from torch import nn
 
 from ptqlab.data import CalibrationSet
 from ptqlab.errors import PtqlabError
-from ptqlab.models import decoder_layers
+from ptqlab.models import names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.recipes import Recipe
@@ -82,11 +82,6 @@ def resolve_group_size(recipe: Recipe, targets: dict[str, nn.Linear]) -> tuple[R
     return replace(recipe, scheme=scheme), note
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _check_finite(name: str, linear: nn.Linear) -> None:
     if not torch.isfinite(linear.weight).all():
         raise PtqlabError(f"{name}: the weight holds NaN or Inf; the checkpoint is damaged or was loaded in a dtype that overflows (try --dtype bfloat16)")
@@ -111,9 +106,14 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
     for pattern in unused:
         result.notes.append(f"ignore pattern {pattern!r} matched no linear layer")
 
+    by_layer, outside = names_by_layer(model, targets)
     if recipe.method == "gptq":
         if calibration is None:
             raise PtqlabError(f"recipe {recipe.name} (GPTQ) needs calibration data")
+        if outside:
+            # The engine calibrates decoder layers; a linear outside them (lm_head) would silently stay 16-bit.
+            raise PtqlabError(f"GPTQ calibrates linears inside decoder layers only, and {', '.join(outside)} lies outside "
+                              f"them: keep it 16-bit with --ignore (e.g. --ignore {outside[0]})")
         for name, linear in targets.items():
             _check_finite(name, linear)
         reports = quantize_sequential(model, targets, gptq_quantizer(recipe.scheme, recipe.gptq), calibration, pad_id,
@@ -123,19 +123,12 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         result.notes += [note for report in reports for note in report.notes]
         return result
 
-    layers = decoder_layers(model)
-    layer_names = {id(m): name for name, m in model.named_modules()}
-    by_layer = []
-    for layer in layers:
-        prefix = layer_names[id(layer)] + "."
-        by_layer.append([n for n in targets if n.startswith(prefix)])
-    outside = sorted(set(targets) - {n for names in by_layer for n in names})
     if outside:
         by_layer.append(outside)
 
     label = f"{recipe.name} ({recipe.method})"
-    for i, names in enumerate(track(by_layer, label, total=len(by_layer), quiet=quiet, status=lambda ns: f"{len(ns)} linears")):
+    for names in track(by_layer, label, total=len(by_layer), quiet=quiet, status=lambda ns: f"{len(ns)} linears"):
         for name in names:
-            _set_submodule(model, name, _quantize_linear(name, targets[name], recipe))
+            set_submodule(model, name, _quantize_linear(name, targets[name], recipe))
             result.quantized.append(name)
     return result

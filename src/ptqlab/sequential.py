@@ -24,7 +24,7 @@ from torch import nn
 
 from ptqlab.data import CalibrationSet
 from ptqlab.errors import PtqlabError
-from ptqlab.models import decoder_layers
+from ptqlab.models import decoder_layers, names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq
 from ptqlab.quant.linear import QuantizedLinear
@@ -196,12 +196,7 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
     batches = make_batches(calibration, batch_size, pad_id)
     capture(model, batches, device)  # with offload, the layers stay on the CPU; only the current one moves
 
-    names_by_layer = {}
-    layer_names = {id(m): n for n, m in model.named_modules()}
-    for layer in layers:
-        prefix = layer_names[id(layer)] + "."
-        names_by_layer[id(layer)] = [n for n in targets if n.startswith(prefix)]
-
+    grouped, _ = names_by_layer(model, targets)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     masks = [None if bool(b.attention_mask.all()) else b.attention_mask.to(device) for b in batches]
     reports = []
@@ -215,9 +210,7 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
             return clock[-1] - clock[-2]
 
         layer = layers[index].to(device)
-        names = names_by_layer[id(layers[index])]
-        prefix = layer_names[id(layers[index])] + "."
-        linears = {n: layer.get_submodule(n[len(prefix):]) for n in names}
+        linears = {n: targets[n] for n in grouped[index]}
         with HessianAccumulator(linears, device) as acc:
             for batch, mask in zip(batches, masks):
                 acc.start_batch(mask)
@@ -230,8 +223,7 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
             except HessianError as e:
                 raise PtqlabError(f"{name}: {e}; check the calibration data and the model dtype (fp16 overflow? try --dtype bfloat16)") from e
             notes += layer_notes
-            parent, _, child = name[len(prefix):].rpartition(".")
-            setattr(layer.get_submodule(parent) if parent else layer, child, quantized)
+            set_submodule(model, name, quantized)
         del acc
         seconds["gptq"] = lap()
         for batch in batches:  # propagate through the quantized layer

@@ -64,6 +64,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def synchronizer(device: torch.device):
+    """A function that waits for the device's queued work (timestamps must not race ahead of the GPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def load_config(path: str, source: str):
     from transformers import AutoConfig
 

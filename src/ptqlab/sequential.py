@@ -24,7 +24,7 @@ from torch import nn
 
 from ptqlab.data import CalibrationSet
 from ptqlab.errors import PtqlabError
-from ptqlab.models import decoder_layers, names_by_layer, set_submodule
+from ptqlab.models import decoder_layers, names_by_layer, set_submodule, synchronizer
 from ptqlab.progress import track
 from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq
 from ptqlab.quant.linear import QuantizedLinear
@@ -197,7 +197,7 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
     capture(model, batches, device)  # with offload, the layers stay on the CPU; only the current one moves
 
     grouped, _ = names_by_layer(model, targets)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     masks = [None if bool(b.attention_mask.all()) else b.attention_mask.to(device) for b in batches]
     reports = []
     state = {"last": ""}

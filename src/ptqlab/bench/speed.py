@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from ptqlab.models import synchronizer
+
 WARMUP_TOKENS = 16
 SPEED_PROMPT = "Explain in a few sentences what quantization does to a neural network and why it makes inference faster."
 SAMPLE_PROMPTS = [
@@ -21,12 +23,6 @@ SAMPLE_PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number.",
     "Give three short tips for staying focused while studying.",
 ]
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
 
 
 def repeat_timed(run: Callable[[], dict], warmup: int, repeats: int, warmup_run: Callable[[], dict] | None = None) -> list[dict]:

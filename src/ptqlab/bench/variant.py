@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ptqlab.errors import PtqlabError
-from ptqlab.models import resolve_device
+from ptqlab.models import resolve_device, synchronizer
 
 QUICK_CONTEXT, QUICK_WINDOWS = 512, 20
 
@@ -112,7 +112,7 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
     device = resolve_device(settings.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
 
     sync()
     start = time.perf_counter()

@@ -174,3 +174,78 @@ def test_int_quantize_of_dequantized_values_is_identity():
 def test_invalid_quant_args_are_refused(kwargs):
     with pytest.raises(ValueError):
         QuantArgs(**kwargs)
+
+
+# ---- clipping search of the scales -------------------------------------------------------------------------------
+
+SEARCH_ARGS = [
+    QuantArgs(num_bits=4, strategy="group", group_size=32),
+    QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32),
+    QuantArgs(num_bits=3, strategy="group", group_size=64),
+    QuantArgs(num_bits=8, strategy="channel"),
+]
+SEARCH_IDS = ["int4-g32", "int4-asym-g32", "int3-g64", "int8-channel"]
+
+
+def reference_search(x: torch.Tensor, args: QuantArgs, importance: torch.Tensor, scale_dtype, steps=40, max_shrink=0.4):
+    """Brute force in float64: every candidate range (min-max's range times p), each block's weighted squared error,
+    the first best candidate per block. -> the best error per block [rows, n_blocks]."""
+    qmin, qmax = -(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1
+    gs = args.group_size if args.strategy == "group" else x.shape[1]
+    blocks = x.double().unflatten(-1, (x.shape[1] // gs, gs))
+    imp = importance.double().unflatten(-1, (x.shape[1] // gs, gs))
+    best = None
+    for step in range(steps + 1):
+        p = float(torch.tensor(1.0 - max_shrink * step / steps, dtype=torch.float32))
+        if args.symmetric:
+            lo, scale = None, (blocks.abs().amax(-1) * p / ((qmax - qmin) / 2)).to(scale_dtype).double()
+            zero = torch.zeros_like(scale)
+        else:
+            lo, hi = blocks.amin(-1).clamp(max=0) * p, blocks.amax(-1).clamp(min=0) * p
+            scale = ((hi - lo) / (qmax - qmin)).to(scale_dtype).double()
+            zero = (qmin - lo / scale).round().clamp(qmin, qmax)
+        approx = ((blocks / scale[..., None] + zero[..., None]).round().clamp(qmin, qmax) - zero[..., None]) * scale[..., None]
+        err = ((approx - blocks) ** 2 * imp).sum(-1)
+        best = err if best is None else torch.minimum(best, err)
+    return best
+
+
+def block_errors(x, scale, zero_point, args, importance):
+    approx = dequantize(quantize(x, scale, zero_point, args), scale, zero_point, args, torch.float64)
+    gs = args.group_size if args.strategy == "group" else x.shape[1]
+    sq = ((approx - x.double()) ** 2 * importance.double()).unflatten(-1, (x.shape[1] // gs, gs))
+    return sq.sum(-1)
+
+
+@pytest.mark.parametrize("args", SEARCH_ARGS, ids=SEARCH_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_search_finds_the_best_candidate_and_never_loses_to_minmax(args, dtype):
+    from ptqlab.quant.primitives import search_quant_params
+
+    torch.manual_seed(5)
+    x = (torch.distributions.StudentT(3).sample((48, 128)) * 0.02).to(dtype)
+    importance = torch.rand(128) + 0.1
+    scale, zero_point = search_quant_params(x, args, importance=importance)
+    assert scale.dtype == dtype and scale.shape == quant_params(x, args)[0].shape
+    ours = block_errors(x, scale, zero_point, args, importance)
+    best = reference_search(x, args, importance, dtype)
+    minmax = block_errors(x, *quant_params(x, args), args, importance)
+    assert torch.allclose(ours, best, rtol=1e-5, atol=0)  # the optimum over the candidates, to fp32 error sums
+    assert (ours <= minmax * (1 + 1e-6)).all()
+    if args.num_bits <= 4:
+        assert ours.sum() < 0.97 * minmax.sum()  # heavy tails on a coarse grid: clipping pays
+
+
+def test_scale_search_clips_an_outlier_on_an_unimportant_input():
+    from ptqlab.quant.primitives import search_quant_params
+
+    args = QuantArgs(num_bits=4, strategy="channel")
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(6)) * 0.1
+    x[:, 0] = 1.0  # an outlier column
+    unimportant = torch.ones(64)
+    unimportant[0] = 0.0
+    clipped, _ = search_quant_params(x, args, importance=unimportant)
+    kept, _ = search_quant_params(x, args, importance=torch.ones(64))
+    minmax, _ = quant_params(x, args)
+    assert (clipped < 0.7 * minmax).all()  # the search stops at its widest clipping (40 %)...
+    assert (kept > clipped).all()  # ... but not when the outlier's input matters

@@ -46,6 +46,7 @@ def quantize(
     allow_plain_text: AllowPlainText = False, device: QuantDevice = "auto",
     dampening_frac: Annotated[Optional[float], typer.Option(help="GPTQ: diagonal dampening, fraction of mean(diag H) (recipe default 0.01).")] = None,
     act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by decreasing H_ii.")] = None,
+    scale_search: Annotated[Optional[bool], typer.Option("--scale-search/--no-scale-search", help="GPTQ, int formats: clipping-searched scales instead of min-max (recipe default: on for w4a16, w3a16).")] = None,
 ) -> None:
     """Quantize MODEL with a recipe and write a compressed-tensors checkpoint (+ tokenizer, ptqlab.json).
 
@@ -64,6 +65,8 @@ def quantize(
             gptq = replace(gptq, dampening_frac=dampening_frac)
         if act_order is not None:
             gptq = replace(gptq, act_order=act_order)
+        if scale_search is not None:
+            gptq = replace(gptq, scale_search=scale_search)
         calibration = CalibrationConfig(dataset=dataset, dataset_config=dataset_config, split=split, num_samples=num_samples,
                                         max_seq_len=max_seq_len, seed=seed, allow_plain_text=allow_plain_text)
         path = run(model, replace(chosen, gptq=gptq), out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,

@@ -58,7 +58,8 @@ PRESETS: dict[str, Recipe] = {
             "w4a16",
             W4A16,
             method="gptq",
-            description="GPTQ int4 symmetric weights, group 128, calibrated; 16-bit activations",
+            gptq=GPTQConfig(scale_search=True),
+            description="GPTQ int4 symmetric weights, group 128, clipping-searched scales, calibrated; 16-bit activations",
         ),
         Recipe(
             "w4a16-asym",
@@ -70,7 +71,8 @@ PRESETS: dict[str, Recipe] = {
             "w3a16",
             Scheme(weights=QuantArgs(num_bits=3, strategy="group", group_size=128)),
             method="gptq",
-            description="GPTQ int3 symmetric weights, group 128; 16-bit activations",
+            gptq=GPTQConfig(scale_search=True),
+            description="GPTQ int3 symmetric weights, group 128, clipping-searched scales; 16-bit activations",
         ),
         Recipe(
             "w8a16",

@@ -1,6 +1,7 @@
-"""GPTQ quality against the incumbent on real weights: ptqlab's w4a16 and llm-compressor's GPTQ W4A16 on the embedded
-SmolLM2-135M-Instruct, calibrated on the same samples, scored side by side (perplexity, KL from the 16-bit baseline,
-top-1 agreement), over several calibration seeds so that a difference can be told from run-to-run noise.
+"""Calibrated recipes against the incumbent on real weights: ptqlab's w4a16 (GPTQ), w4a16-awq and w8a8 and
+llm-compressor's GPTQ W4A16 and SmoothQuant + GPTQ W8A8 on the embedded SmolLM2-135M-Instruct, calibrated on the same
+samples, scored side by side (perplexity, KL from the 16-bit baseline, top-1 agreement, quantization time), over
+several calibration seeds so that a difference can be told from run-to-run noise.
 
     python bench/gptq_quality.py --out bench/results/gptq_quality_smollm2 --seeds 0,1,2,3
 
@@ -10,6 +11,10 @@ Each seed draws another calibration subset; both tools get exactly the same toke
   ptqlab-minmax     the same with plain min-max scales, as llm-compressor computes them
   llmcompressor     oneshot(GPTQModifier(W4A16 at the same group size, ignore lm_head, dampening 0.01))
   rtn               ptqlab w4a16-rtn (data-free, seed-independent: measured once)
+  awq               ptqlab w4a16-awq (AWQ scales, then int4 asymmetric round-to-nearest)
+  w8a8              ptqlab w8a8 (SmoothQuant 0.8, then GPTQ int8 weights; dynamic int8 activations)
+  w8a8-rtn          ptqlab w8a8-rtn (data-free: measured once)
+  llmcompressor-w8a8  oneshot([SmoothQuantModifier(0.8), GPTQModifier(W8A8, ignore lm_head, dampening 0.01)])
 Writes quality.json (settings, versions, per-run and per-variant mean / std, paired differences against
 llm-compressor) into --out and prints a table. Runs on a GPU in minutes; on a CPU, expect ~5 minutes per run.
 """
@@ -22,7 +27,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,24 +34,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-VARIANTS = ("ptqlab", "ptqlab-b1", "ptqlab-minmax", "llmcompressor", "rtn")
+VARIANTS = ("ptqlab", "ptqlab-b1", "ptqlab-minmax", "llmcompressor", "rtn", "awq", "w8a8", "w8a8-rtn", "llmcompressor-w8a8")
+DATA_FREE = ("rtn", "w8a8-rtn")
 
 
-def llmcompressor_gptq(model_path: Path, samples: list[torch.Tensor], group_size: int, out: Path, device: str) -> None:
+def llmcompressor_gptq(model_path: Path, samples: list[torch.Tensor], group_size: int, out: Path, device: str,
+                       w8a8: bool = False) -> None:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data = Dataset.from_dict({"input_ids": [s.tolist() for s in samples], "attention_mask": [[1] * len(s) for s in samples]})
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, type="int", symmetric=True,
-                                                                             strategy="group", group_size=group_size))
+    if w8a8:
+        recipe = [SmoothQuantModifier(smoothing_strength=0.8),
+                  GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"], dampening_frac=0.01)]
+    else:
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, type="int", symmetric=True,
+                                                                                 strategy="group", group_size=group_size))
+        recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=0.01)
     oneshot(model=model, dataset=data, processor=tokenizer, num_calibration_samples=len(samples),
-            max_seq_length=max(len(s) for s in samples), shuffle_calibration_samples=False,
-            recipe=GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=0.01))
+            max_seq_length=max(len(s) for s in samples), shuffle_calibration_samples=False, recipe=recipe)
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
 
@@ -57,12 +68,13 @@ def make_variant(variant: str, base: Path, out: Path, calibration, samples, grou
     from ptqlab.recipes import get_recipe
 
     w4a16 = get_recipe("w4a16")
-    if variant == "llmcompressor":
-        llmcompressor_gptq(base, samples, group_size, out, device)
-    elif variant == "rtn":
-        quantize(str(base), "w4a16-rtn", out=out, overwrite=True, quiet=True)
+    if variant in ("llmcompressor", "llmcompressor-w8a8"):
+        llmcompressor_gptq(base, samples, group_size, out, device, w8a8=variant == "llmcompressor-w8a8")
+    elif variant in DATA_FREE:
+        quantize(str(base), "w4a16-rtn" if variant == "rtn" else variant, out=out, overwrite=True, quiet=True)
     else:
-        recipe = replace(w4a16, gptq=replace(w4a16.gptq, scale_search=False)) if variant == "ptqlab-minmax" else w4a16
+        recipe = {"ptqlab-minmax": w4a16.with_gptq(scale_search=False), "awq": get_recipe("w4a16-awq"),
+                  "w8a8": get_recipe("w8a8")}.get(variant, w4a16)
         quantize(str(base), recipe, out=out, overwrite=True, calibration=calibration, seed=calibration.seed,
                  calib_batch_size=1 if variant == "ptqlab-b1" else 16, device=device, quiet=True)
 
@@ -123,13 +135,13 @@ def main() -> None:
         calibration = CalibrationConfig(dataset=args.dataset, num_samples=args.num_samples, max_seq_len=args.max_seq_len, seed=seed)
         samples = load_calibration(tokenizer, calibration)
         for variant in variants:
-            if variant == "rtn" and seed != seeds[0]:
+            if variant in DATA_FREE and seed != seeds[0]:
                 continue
             out = args.work / f"seed{seed}" / variant
             start = time.perf_counter()
             make_variant(variant, base, out, calibration, samples.samples, group_size or 64, device)
             seconds = time.perf_counter() - start
-            if group_size is None and variant != "llmcompressor":
+            if group_size is None and variant in ("ptqlab", "ptqlab-b1", "ptqlab-minmax"):
                 config = json.loads((out / "config.json").read_text())
                 group_size = config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"]
             result = score(out, token_ids, windows, baseline.topk, device)
@@ -145,17 +157,19 @@ def main() -> None:
         mine = [r for r in runs if r["variant"] == variant]
         aggregate[variant] = {key: {"mean": statistics.fmean(r[key] for r in mine),
                                     "std": statistics.stdev(r[key] for r in mine) if len(mine) > 1 else 0.0}
-                              for key in ("perplexity", "kl_mean", "top1_pct")}
+                              for key in ("perplexity", "kl_mean", "top1_pct", "quantize_s")}
         aggregate[variant]["runs"] = len(mine)
     paired = {}
-    if "llmcompressor" in variants:
-        theirs = {r["seed"]: r for r in runs if r["variant"] == "llmcompressor"}
+    for peer, mine in (("llmcompressor", ("ptqlab", "ptqlab-b1", "ptqlab-minmax", "awq")), ("llmcompressor-w8a8", ("w8a8",))):
+        if peer not in variants:
+            continue
+        theirs = {r["seed"]: r for r in runs if r["variant"] == peer}
         for variant in variants:
-            if variant in ("llmcompressor", "rtn"):
+            if variant not in mine:
                 continue
             diffs = [(r["kl_mean"] / theirs[r["seed"]]["kl_mean"] - 1) * 100 for r in runs if r["variant"] == variant]
             ppl = [(r["perplexity"] / theirs[r["seed"]]["perplexity"] - 1) * 100 for r in runs if r["variant"] == variant]
-            paired[variant] = {"kl_vs_llmcompressor_pct": diffs, "ppl_vs_llmcompressor_pct": ppl,
+            paired[variant] = {"against": peer, "kl_vs_llmcompressor_pct": diffs, "ppl_vs_llmcompressor_pct": ppl,
                                "seeds_kl_lower_or_equal": sum(d <= 0 for d in diffs)}
 
     record = {
@@ -170,12 +184,12 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\n{'variant':<15}{'runs':>5}{'perplexity':>18}{'KL mean':>20}{'top-1 %':>18}")
+    print(f"\n{'variant':<20}{'runs':>5}{'perplexity':>18}{'KL mean':>20}{'top-1 %':>18}{'time s':>9}")
     for variant, agg in aggregate.items():
         cells = [f"{agg[k]['mean']:.4f} ± {agg[k]['std']:.4f}" for k in ("perplexity", "kl_mean", "top1_pct")]
-        print(f"{variant:<15}{agg['runs']:>5}{cells[0]:>18}{cells[1]:>20}{cells[2]:>18}")
+        print(f"{variant:<20}{agg['runs']:>5}{cells[0]:>18}{cells[1]:>20}{cells[2]:>18}{agg['quantize_s']['mean']:>9.1f}")
     for variant, p in paired.items():
-        print(f"{variant} vs llm-compressor, per seed: KL " + ", ".join(f"{d:+.1f} %" for d in p["kl_vs_llmcompressor_pct"])
+        print(f"{variant} vs {p['against']}, per seed: KL " + ", ".join(f"{d:+.1f} %" for d in p["kl_vs_llmcompressor_pct"])
               + " ; perplexity " + ", ".join(f"{d:+.2f} %" for d in p["ppl_vs_llmcompressor_pct"]))
 
 

@@ -3,10 +3,16 @@ random-weight model of a real shape and the same calibration tokens.
 
     python bench/quantize_speed.py --shape qwen2.5-0.5b --scheme w4a16 --out bench/results/quantize_speed_qwen.json
 
-Prints a table of wall time, peak GPU memory and per-layer output error, and writes JSON with the device,
-versions, settings and every per-layer number. Per-layer output error is ||X Wᵀ - X Ŵᵀ||² / ||X Wᵀ||² for each
-linear, with X that linear's inputs in the float model on held-out tokens (the same X for both tools).
-Speed does not depend on weight values, so random weights of the real shapes measure it faithfully.
+Prints a table of wall time, peak GPU memory and output errors, and writes JSON with the device, versions,
+settings and every per-layer number. Per-layer output error (weight-only schemes) is ||X Wᵀ - X Ŵᵀ||² / ||X Wᵀ||²
+for each linear, with X that linear's inputs in the float model on held-out tokens (the same X for both tools).
+Model output error (every scheme) is ||h - ĥ||² / ||h||² of the last hidden states on the held-out tokens, the
+quantized model computed by ptqlab's QuantizedLinear for both tools (llm-compressor's weights, scales and smoothed
+norms are taken over as they are), so activation quantization and smoothing count. Speed does not depend on
+weight values, so random weights of the real shapes measure it faithfully.
+
+Schemes: w4a16 (ptqlab `w4a16` vs GPTQModifier W4A16) and w8a8 (ptqlab `w8a8` vs
+[SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(W8A8)]).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ SHAPES = {
     "tiny": ("llama", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048)),
 }
-SCHEMES = {"w4a16": ("w4a16", "W4A16")}
+SCHEMES = {"w4a16": ("w4a16", "W4A16"), "w8a8": ("w8a8", "W8A8")}
 PHASES: dict[str, float] = {}  # ptqlab's time per engine phase, summed over layers
 
 
@@ -70,6 +76,17 @@ def capture_inputs(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in inputs.items()}
 
 
+def final_hidden(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states on `tokens` [samples, T], fp32 on the CPU."""
+    with torch.no_grad():
+        return torch.cat([model.model(input_ids=row[None].to(next(model.parameters()).device)).last_hidden_state.float().cpu()
+                          for row in tokens])
+
+
+def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    return float((ref - approx).pow(2).sum() / ref.pow(2).sum())
+
+
 def layer_errors(weights: dict[str, torch.Tensor], approx: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> dict[str, float]:
     out = {}
     for name, x in inputs.items():
@@ -80,15 +97,13 @@ def layer_errors(weights: dict[str, torch.Tensor], approx: dict[str, torch.Tenso
 
 
 def run_ptqlab(model, tokens, recipe_name: str, device, batch_size: int, static_groups: bool = True) -> dict[str, torch.Tensor]:
-    from dataclasses import replace
-
     from ptqlab.data import CalibrationSet
     from ptqlab.pipeline import quantize_model
     from ptqlab.quant.linear import QuantizedLinear
     from ptqlab.recipes import get_recipe
 
     recipe = get_recipe(recipe_name)
-    recipe = replace(recipe, gptq=replace(recipe.gptq, static_groups=static_groups))
+    recipe = recipe.with_gptq(static_groups=static_groups)
     result = quantize_model(model, recipe, CalibrationSet(list(tokens), "random tokens"), quiet=True,
                             device=device, batch_size=batch_size)
     reports = result.layer_reports
@@ -112,11 +127,15 @@ def run_llmcompressor(model, tokens, scheme: str, config_dir: Path) -> dict[str,
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
     model.config.save_pretrained(config_dir)  # oneshot re-reads the config from the model's path
     model.config._name_or_path = str(config_dir)
     data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
-    oneshot(model=model, dataset=data, processor=placeholder_tokenizer(), recipe=GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], dampening_frac=0.01),
+    recipe = [GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], dampening_frac=0.01)]
+    if scheme == "W8A8":
+        recipe.insert(0, SmoothQuantModifier(smoothing_strength=0.8))
+    oneshot(model=model, dataset=data, processor=placeholder_tokenizer(), recipe=recipe,
             num_calibration_samples=len(tokens), max_seq_length=tokens.shape[1], shuffle_calibration_samples=False)
     out = {}
     for name, module in model.named_modules():
@@ -125,6 +144,24 @@ def run_llmcompressor(model, tokens, scheme: str, config_dir: Path) -> dict[str,
             zp = getattr(module, "weight_zero_point", None)
             out[name] = fake_quantize(module.weight.data, module.weight_scale, zp, scheme_.weights)
     return out
+
+
+def as_ptqlab_modules(model, scheme_name: str) -> None:
+    """Swap llm-compressor's quantized linears for ptqlab's QuantizedLinear holding the same grid values and scales,
+    so that both tools' models compute activations the same way in the model output error."""
+    from ptqlab.models import set_submodule
+    from ptqlab.quant.linear import QuantizedLinear
+    from ptqlab.quant.primitives import quantize
+    from ptqlab.recipes import SCHEMES as PTQLAB_SCHEMES
+
+    scheme = PTQLAB_SCHEMES[scheme_name]
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and getattr(module, "quantization_scheme", None) is not None:
+            zp = getattr(module, "weight_zero_point", None)
+            zp = None if scheme.weights.symmetric else zp
+            q = quantize(module.weight.data, module.weight_scale.data, zp, scheme.weights)
+            set_submodule(model, name, QuantizedLinear.from_weight(module.weight.data, module.bias, scheme, q,
+                                                                   module.weight_scale.data, zp))
 
 
 def main() -> None:
@@ -152,7 +189,8 @@ def main() -> None:
     float_weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in model.named_modules()
                      if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     state = {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
-    inputs = capture_inputs(model, held_out)
+    inputs = capture_inputs(model, held_out) if args.scheme == "w4a16" else None
+    reference_hidden = final_hidden(model, held_out)
 
     results = {}
     for tool in args.tools.split(","):
@@ -173,10 +211,14 @@ def main() -> None:
         sync(device)
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        errors = layer_errors(float_weights, approx, inputs)
-        results[tool] = {"seconds": seconds, "peak_gpu_bytes": peak, "layer_errors": errors,
-                         **({"phases_s": dict(PHASES)} if tool == "ptqlab" else {}),
-                         "mean_error": statistics.mean(errors.values()), "median_error": statistics.median(errors.values())}
+        if tool == "llmcompressor":
+            as_ptqlab_modules(model, lc_scheme)
+        results[tool] = {"seconds": seconds, "peak_gpu_bytes": peak, **({"phases_s": dict(PHASES)} if tool == "ptqlab" else {}),
+                         "model_output_error": relative_error(reference_hidden, final_hidden(model, held_out))}
+        if inputs is not None:  # weight-only: the per-layer error on the float model's inputs is meaningful
+            errors = layer_errors(float_weights, approx, inputs)
+            results[tool] |= {"layer_errors": errors, "mean_error": statistics.mean(errors.values()),
+                              "median_error": statistics.median(errors.values())}
         del approx
         model = None
         gc.collect()
@@ -198,16 +240,21 @@ def main() -> None:
         "results": results,
     }
     print(f"\n{args.shape}, {args.scheme}, {args.samples} x {args.seq_len} calibration tokens, {report['device']}")
-    print(f"{'tool':<15}{'wall s':>10}{'peak GiB':>10}{'mean err':>12}{'median err':>12}")
+    print(f"{'tool':<15}{'wall s':>10}{'peak GiB':>10}{'layer err mean':>16}{'median':>12}{'model err':>12}")
     for tool, r in results.items():
         peak = f"{r['peak_gpu_bytes'] / 2**30:.1f}" if r["peak_gpu_bytes"] else "-"
-        print(f"{tool:<15}{r['seconds']:>10.1f}{peak:>10}{r['mean_error']:>12.3e}{r['median_error']:>12.3e}")
+        layer = f"{r['mean_error']:>16.3e}{r['median_error']:>12.3e}" if "mean_error" in r else f"{'-':>16}{'-':>12}"
+        print(f"{tool:<15}{r['seconds']:>10.1f}{peak:>10}{layer}{r['model_output_error']:>12.3e}")
     if {"ptqlab", "llmcompressor"} <= set(results):
-        a, b = results["ptqlab"]["layer_errors"], results["llmcompressor"]["layer_errors"]
-        better = sum(a[k] <= b[k] for k in a)
         speedup = results["llmcompressor"]["seconds"] / results["ptqlab"]["seconds"]
-        report["comparison"] = {"speedup": speedup, "layers_ptqlab_error_le": better, "layers": len(a)}
-        print(f"speed-up {speedup:.1f}x; ptqlab's error <= llm-compressor's on {better}/{len(a)} layers")
+        report["comparison"] = {"speedup": speedup}
+        line = f"speed-up {speedup:.1f}x"
+        if inputs is not None:
+            a, b = results["ptqlab"]["layer_errors"], results["llmcompressor"]["layer_errors"]
+            better = sum(a[k] <= b[k] for k in a)
+            report["comparison"] |= {"layers_ptqlab_error_le": better, "layers": len(a)}
+            line += f"; ptqlab's error <= llm-compressor's on {better}/{len(a)} layers"
+        print(line)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

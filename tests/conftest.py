@@ -9,7 +9,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tiny import save_tiny_model  # noqa: E402
+from tiny import CHATS, save_tiny_model, write_jsonl  # noqa: E402
+
+
+@pytest.fixture
+def calibration_file(tmp_path):
+    """A .jsonl of 40 short chats."""
+    return write_jsonl(tmp_path / "chats.jsonl", CHATS)
 
 
 @pytest.fixture(scope="session")

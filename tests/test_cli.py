@@ -32,8 +32,32 @@ def test_quantize_writes_a_complete_checkpoint(tiny_model_dir, tmp_path):
 def test_recipes_lists_the_presets():
     code, output = run("recipes")
     assert code == 0
-    for name in ("fp8-dynamic", "w4a16-rtn", "w8a8-rtn"):
+    for name in ("fp8-dynamic", "w4a16", "w4a16-awq", "w8a8", "w8a8-fp8", "w4a16-rtn", "w8a8-rtn"):
         assert name in output
+    assert "smoothquant" in output and "awq" in output
+
+
+def test_a_recipe_printed_as_yaml_runs_from_a_file(tiny_model_dir, tmp_path, calibration_file):
+    import yaml
+
+    code, output = run("recipes", "w8a8")
+    assert code == 0 and "smoothing_strength: 0.8" in output
+    doc = yaml.safe_load(output)
+    doc["name"], doc["steps"][0]["smoothquant"]["smoothing_strength"] = "mine", 0.5
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(doc))
+    code, output = run("quantize", tiny_model_dir("llama"), "--recipe", tmp_path / "mine.yaml", "--out", tmp_path / "q",
+                       "--dataset", calibration_file, "--num-samples", "8", "--max-seq-len", "32", "--device", "cpu", "--quiet")
+    assert code == 0, output
+    record = json.loads((tmp_path / "q" / "ptqlab.json").read_text())
+    assert record["recipe"]["name"] == "mine" and record["recipe"]["steps"][0] == {"smoothquant": {"smoothing_strength": 0.5, "mappings": "norms"}}
+    (tmp_path / "bad.yaml").write_text("name: bad\nscheme: W8A8\nsteps: [{smoothquant: {alpha: 1}}, gptq]\n")
+    code, output = run("quantize", tiny_model_dir("llama"), "--recipe", tmp_path / "bad.yaml", "--out", tmp_path / "q2")
+    assert code == 2 and "unknown key 'alpha'; allowed: smoothing_strength" in " ".join(output.split())
+
+
+def test_gptq_options_on_a_recipe_without_gptq_are_refused(tiny_model_dir, tmp_path):
+    code, output = run("quantize", tiny_model_dir("llama"), "--recipe", "w4a16-awq", "--act-order", "--out", tmp_path / "q")
+    assert code == 2 and "--act-order applies to GPTQ recipes" in " ".join(output.split())
 
 
 @pytest.mark.parametrize("args,message", [
@@ -140,7 +164,7 @@ def test_gptq_recipe_from_the_command_line(tiny_model_dir, tmp_path):
                        "--num-samples", "8", "--max-seq-len", "32", "--device", "cpu", "--dampening-frac", "0.02", "--quiet")
     assert code == 0, output
     record = json.loads((tmp_path / "q" / "ptqlab.json").read_text())
-    assert record["recipe"]["gptq"]["dampening_frac"] == 0.02 and record["settings"]["calibration"]["num_samples"] == 8
+    assert record["recipe"]["steps"][-1]["gptq"]["dampening_frac"] == 0.02 and record["settings"]["calibration"]["num_samples"] == 8
     assert "calibration: 8 samples" in output
 
     code, output = run("quantize", tiny_model_dir("qwen2"), "--recipe", "w4a16", "--out", tmp_path / "q2",

@@ -36,6 +36,18 @@ def tiny_config(arch: str, **overrides):
     raise ValueError(arch)
 
 
+CHATS = [{"messages": [{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
+                       {"role": "assistant", "content": f"The answer is {2 * i}. " * (1 + i % 5)}]} for i in range(40)]
+"""Calibration conversations for tests (the `calibration_file` fixture writes them as .jsonl)."""
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    import json
+
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
 
 CHAT_TEMPLATE = (

@@ -47,13 +47,15 @@ def _record(loaded, result: QuantizationResult, settings: dict, seconds: float) 
         "model": loaded.source,
         "model_path": loaded.path,
         "model_note": loaded.note,
-        "recipe": dataclasses.asdict(result.recipe),
+        "recipe": result.recipe.to_dict(),
         "format": result.recipe.scheme.format,
         "scheme": result.recipe.scheme.describe(),
         "settings": settings,
         "quantized_layers": len(result.quantized),
         "ignored_layers": result.ignored,
         "notes": result.notes,
+        "layers": [{"index": r.index, "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "transforms": r.details}
+                   for r in result.layer_reports],
         "seconds": round(seconds, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
@@ -93,14 +95,14 @@ def quantize(
     recipe = recipe.with_overrides(ignore=ignore, group_size=group_size)
     out = Path(out) if out is not None else default_out(model, recipe.name)
     check_writable(out, overwrite)  # before the slow part: fail in a second, not after loading
-    if recipe.method != "rtn":
+    if recipe.calibrated:
         calibration = replace(calibration or CalibrationConfig(), seed=seed)
         check_calibration(calibration)
     torch.manual_seed(seed)
     start = time.perf_counter()
     loaded = load_model(model, dtype=dtype)
     calibration_set = None
-    if recipe.method != "rtn":
+    if recipe.calibrated:
         calibration_set = load_calibration(loaded.tokenizer, calibration)
     tokenizer = loaded.tokenizer
     pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
@@ -112,7 +114,7 @@ def quantize(
     if loaded.tokenizer is None:
         result.notes.append("the model folder has no tokenizer; the checkpoint has none either")
     settings = {"recipe": recipe.name, "dtype": str(model_dtype(loaded.model)).removeprefix("torch."), "seed": seed, "out": str(out),
-                "calibration": None if calibration is None or recipe.method == "rtn" else dataclasses.asdict(calibration),
+                "calibration": None if calibration is None or not recipe.calibrated else dataclasses.asdict(calibration),
                 "calib_batch_size": calib_batch_size, "device": device}
     with atomic_dir(out, overwrite) as tmp:
         write_checkpoint(tmp, loaded.model, loaded.tokenizer, result.recipe)

@@ -33,7 +33,7 @@ QuantDevice = Annotated[str, typer.Option(help="Where calibration runs: auto (th
 @app.command()
 def quantize(
     model: Annotated[Optional[str], typer.Argument(help="Hub id or local folder; omitted: the embedded SmolLM2-135M-Instruct.")] = None,
-    recipe: Annotated[str, typer.Option(help="Preset name (see `ptqlab recipes`).")] = "fp8-dynamic",
+    recipe: Annotated[str, typer.Option(help="Preset name (see `ptqlab recipes`) or a recipe .yaml file.")] = "fp8-dynamic",
     out: Annotated[Optional[Path], typer.Option(help="Checkpoint folder to write; default ./MODEL-RECIPE.")] = None,
     ignore: Annotated[Optional[list[str]], typer.Option(help="Layer to keep 16-bit: a name or re:REGEX; repeatable; replaces the default (lm_head).")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="Group size for group-wise recipes (default: the recipe's, 128).")] = None,
@@ -50,26 +50,21 @@ def quantize(
 ) -> None:
     """Quantize MODEL with a recipe and write a compressed-tensors checkpoint (+ tokenizer, ptqlab.json).
 
-    Calibrated recipes (w4a16, w4a16-asym, w3a16, w8a16: GPTQ) draw --num-samples chat-formatted samples of at
-    most --max-seq-len tokens from --dataset with --seed."""
-    from dataclasses import replace
-
+    Calibrated recipes (GPTQ, SmoothQuant, AWQ: all but fp8-dynamic, w4a16-rtn, w8a8-rtn) draw --num-samples
+    chat-formatted samples of at most --max-seq-len tokens from --dataset with --seed."""
     from ptqlab.api import RECORD_NAME, quantize as run
     from ptqlab.data import CalibrationConfig
     from ptqlab.recipes import get_recipe
 
     try:
         chosen = get_recipe(recipe)
-        gptq = chosen.gptq
-        if dampening_frac is not None:
-            gptq = replace(gptq, dampening_frac=dampening_frac)
-        if act_order is not None:
-            gptq = replace(gptq, act_order=act_order)
-        if scale_search is not None:
-            gptq = replace(gptq, scale_search=scale_search)
+        gptq_changes = {k: v for k, v in [("dampening_frac", dampening_frac), ("act_order", act_order),
+                                           ("scale_search", scale_search)] if v is not None}
+        if gptq_changes:
+            chosen = chosen.with_gptq(**gptq_changes)
         calibration = CalibrationConfig(dataset=dataset, dataset_config=dataset_config, split=split, num_samples=num_samples,
                                         max_seq_len=max_seq_len, seed=seed, allow_plain_text=allow_plain_text)
-        path = run(model, replace(chosen, gptq=gptq), out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,
+        path = run(model, chosen, out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,
                    seed=seed, quiet=quiet, calibration=calibration, calib_batch_size=calib_batch_size, device=device)
     except PtqlabError as e:
         _fail(e)
@@ -84,13 +79,25 @@ def quantize(
 
 
 @app.command()
-def recipes() -> None:
-    """List the preset recipes."""
-    from ptqlab.recipes import PRESETS
+def recipes(
+    name: Annotated[Optional[str], typer.Argument(help="A preset or a recipe .yaml file: print it as YAML (a starting point for your own).")] = None,
+) -> None:
+    """List the preset recipes, or print one as YAML. `ptqlab quantize --recipe FILE.yaml` takes your own."""
+    import yaml
 
-    table = Table("recipe", "format", "keeps 16-bit", "what it does")
+    from ptqlab.recipes import PRESETS, STEP_NAMES, get_recipe
+
+    if name is not None:
+        try:
+            recipe = get_recipe(name)
+        except PtqlabError as e:
+            _fail(e)
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return
+    table = Table("recipe", "steps", "format", "keeps 16-bit", "what it does")
     for r in PRESETS.values():
-        table.add_row(r.name, r.scheme.format, ", ".join(r.ignore), r.description)
+        steps = " → ".join(next(k for k, cls in STEP_NAMES.items() if isinstance(s, cls)) for s in r.steps)
+        table.add_row(r.name, steps, r.scheme.format, ", ".join(r.ignore), r.description)
     console.print(table)
 
 

@@ -18,7 +18,7 @@ from ptqlab.models import names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.recipes import Recipe
-from ptqlab.sequential import gptq_quantizer, quantize_sequential
+from ptqlab.sequential import gptq_quantizer, quantize_sequential, rtn_quantizer
 
 
 @dataclass
@@ -107,17 +107,23 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         result.notes.append(f"ignore pattern {pattern!r} matched no linear layer")
 
     by_layer, outside = names_by_layer(model, targets)
-    if recipe.method == "gptq":
+    if recipe.calibrated:
+        steps = " + ".join(type(step).__name__.removesuffix("Step").removesuffix("Config").lower() for step in recipe.steps)
         if calibration is None:
-            raise PtqlabError(f"recipe {recipe.name} (GPTQ) needs calibration data")
+            raise PtqlabError(f"recipe {recipe.name} ({steps}) needs calibration data")
         if outside:
             # The engine calibrates decoder layers; a linear outside them (lm_head) would silently stay 16-bit.
-            raise PtqlabError(f"GPTQ calibrates linears inside decoder layers only, and {', '.join(outside)} lies outside "
-                              f"them: keep it 16-bit with --ignore (e.g. --ignore {outside[0]})")
+            raise PtqlabError(f"calibrated recipes quantize linears inside decoder layers only, and {', '.join(outside)} "
+                              f"lies outside them: keep it 16-bit with --ignore (e.g. --ignore {outside[0]})")
         for name, linear in targets.items():
             _check_finite(name, linear)
-        reports = quantize_sequential(model, targets, gptq_quantizer(recipe.scheme, recipe.gptq), calibration, pad_id,
-                                      batch_size, device, quiet=quiet, label=f"{recipe.name} (gptq)")
+        if recipe.gptq is not None:
+            quantizer = gptq_quantizer(recipe.scheme, recipe.gptq)
+        else:
+            quantizer = rtn_quantizer(recipe.scheme)
+        reports = quantize_sequential(model, targets, quantizer, calibration, pad_id, batch_size, device, quiet=quiet,
+                                      label=f"{recipe.name} ({steps})", transforms=recipe.transforms,
+                                      needs_hessian=recipe.gptq is not None, weight_args=recipe.scheme.weights)
         result.quantized = list(targets)
         result.layer_reports = reports
         result.notes += [note for report in reports for note in report.notes]

@@ -27,7 +27,9 @@ from ptqlab.errors import PtqlabError
 from ptqlab.models import decoder_layers, names_by_layer, set_submodule, synchronizer
 from ptqlab.progress import track
 from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq
-from ptqlab.quant.linear import QuantizedLinear
+from ptqlab.quant.linear import QuantizedLinear, rtn
+from ptqlab.quant.primitives import dequantize
+from ptqlab.schemes import QuantArgs
 
 
 class _Captured(Exception):
@@ -95,14 +97,19 @@ def capture(model: nn.Module, batches: list[Batch], device: torch.device) -> Non
             layers[i] = layer
 
 
-class HessianAccumulator:
-    """Σ XᵀX over real tokens for every distinct input tensor the hooked linears see."""
+class InputStats:
+    """Per distinct input tensor the hooked linears read (q/k/v share one, gate/up share one), over real tokens:
+    Σ XᵀX (GPTQ, AWQ), the per-channel max |x| (SmoothQuant) and Σ |x| (AWQ)."""
 
-    def __init__(self, linears: dict[str, nn.Linear], device: torch.device):
+    def __init__(self, linears: dict[str, nn.Linear], device: torch.device, hessian: bool = True, absmax: bool = False,
+                 abssum: bool = False):
         self.linears, self.device = linears, device
+        self.want = {"hessian": hessian, "absmax": absmax, "abssum": abssum}
         self.sums: dict[str, torch.Tensor] = {}
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.abssum: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self.shared: dict[str, str] = {}  # linear -> the linear whose accumulator it shares
+        self.shared: dict[str, str] = {}  # linear -> the linear whose statistics it shares
         self.mask: torch.Tensor | None = None
         self.batches = 0
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
@@ -138,18 +145,56 @@ class HessianAccumulator:
             elif name in self.shared:
                 return
             rows = x[self.mask] if self.mask is not None and x.shape[:2] == self.mask.shape else x.reshape(-1, x.shape[-1])
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+            if name not in self.counts:
                 self.counts[name] = 0
-            self.sums[name] += _gram(rows)
+                if self.want["hessian"]:
+                    self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+                if self.want["absmax"]:
+                    self.absmax[name] = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
+                if self.want["abssum"]:
+                    self.abssum[name] = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
+            if self.want["hessian"]:
+                self.sums[name] += _gram(rows)
+            if self.want["absmax"] or self.want["abssum"]:
+                magnitude = rows.abs().float()
+                if self.want["absmax"]:
+                    torch.maximum(self.absmax[name], magnitude.amax(dim=0), out=self.absmax[name])
+                if self.want["abssum"]:
+                    self.abssum[name] += magnitude.sum(dim=0)
             self.counts[name] += rows.shape[0]
         return hook
 
-    def hessian(self, name: str) -> torch.Tensor:
+    def owner(self, name: str) -> str:
         owner = self.shared.get(name, name)
-        if owner not in self.sums or self.counts[owner] == 0:
+        if self.counts.get(owner, 0) == 0:
             raise PtqlabError(f"{name}: no calibration token reached this layer; check the calibration data")
+        return owner
+
+    def hessian(self, name: str) -> torch.Tensor:
+        owner = self.owner(name)
         return self.sums[owner] * (2.0 / self.counts[owner])
+
+    def channel_max(self, name: str) -> torch.Tensor:
+        return self.absmax[self.owner(name)]
+
+    def channel_mean(self, name: str) -> torch.Tensor:
+        owner = self.owner(name)
+        return self.abssum[owner] / self.counts[owner]
+
+    def rescale(self, name: str, scales: torch.Tensor) -> None:
+        """The input of `name` (and of every linear sharing it) is now x / scales per channel: update the statistics
+        exactly (H -> H / (s sᵀ)) instead of forwarding the calibration set again."""
+        owner = self.owner(name)
+        s = scales.float().to(self._tensors(owner)[0].device)
+        if owner in self.sums:
+            self.sums[owner] /= torch.outer(s, s)
+        if owner in self.absmax:
+            self.absmax[owner] /= s
+        if owner in self.abssum:
+            self.abssum[owner] /= s
+
+    def _tensors(self, owner: str):
+        return [t[owner] for t in (self.sums, self.absmax, self.abssum) if owner in t]
 
 
 def _gram(rows: torch.Tensor) -> torch.Tensor:
@@ -177,16 +222,25 @@ def _output(result) -> torch.Tensor:
 @dataclass
 class LayerReport:
     index: int
-    seconds: dict[str, float]  # hessians (forward + accumulation), gptq, propagate
+    seconds: dict[str, float]  # hessians (forward + statistics), transforms, quantize, propagate
     notes: list[str]
+    details: list[str] = field(default_factory=list)  # per-mapping choices of the transforms (AWQ ratios, ...)
+
+
+Quantizer = Callable[[str, nn.Linear, "torch.Tensor | None"], tuple[QuantizedLinear, list[str]]]
 
 
 @torch.no_grad()
-def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_quantized: Callable[[str, nn.Linear, torch.Tensor], tuple[QuantizedLinear, list[str]]],
+def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_quantized: Quantizer,
                         calibration: CalibrationSet, pad_id: int, batch_size: int = 16, device: torch.device | None = None,
-                        offload: bool | None = None, quiet: bool = False, label: str = "gptq") -> list[LayerReport]:
-    """Calibrate and quantize `targets` layer by layer. `make_quantized(name, linear, hessian)` does the math and
-    returns the quantized module with notes for the log."""
+                        offload: bool | None = None, quiet: bool = False, label: str = "gptq", transforms: tuple = (),
+                        needs_hessian: bool = True, weight_args: QuantArgs | None = None) -> list[LayerReport]:
+    """Calibrate and quantize `targets` layer by layer: statistics of every linear's input, then the `transforms`
+    (recipes.SmoothQuantStep / AWQStep, through smoothing.py's mappings; AWQ searches against round-to-nearest in
+    `weight_args`), then `make_quantized(name, linear, hessian)` on each target (the hessian None unless
+    `needs_hessian`), then the next layer's inputs."""
+    from ptqlab import recipes, smoothing
+
     device = device or next(model.parameters()).device
     layers = decoder_layers(model)
     if offload is None:
@@ -197,6 +251,10 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
     capture(model, batches, device)  # with offload, the layers stay on the CPU; only the current one moves
 
     grouped, _ = names_by_layer(model, targets)
+    prefixes = {id(module): name for name, module in model.named_modules()}
+    want_absmax = any(isinstance(t, recipes.SmoothQuantStep) for t in transforms)
+    want_abssum = any(isinstance(t, recipes.AWQStep) for t in transforms)
+    needs_hessian = needs_hessian or want_abssum
     sync = synchronizer(device)
     masks = [None if bool(b.attention_mask.all()) else b.attention_mask.to(device) for b in batches]
     reports = []
@@ -210,40 +268,76 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
             return clock[-1] - clock[-2]
 
         layer = layers[index].to(device)
-        linears = {n: targets[n] for n in grouped[index]}
-        with HessianAccumulator(linears, device) as acc:
+        prefix = prefixes[id(layers[index])]
+        # Statistics of every linear of the layer (a transform may rescale an ignored one), targets quantized.
+        linears = {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        with InputStats(linears, device, hessian=needs_hessian, absmax=want_absmax, abssum=want_abssum) as stats:
             for batch, mask in zip(batches, masks):
-                acc.start_batch(mask)
+                stats.start_batch(mask)
                 layer(batch.hidden, **batch.layer_kwargs[index])
         seconds = {"hessians": lap()}
-        notes = []
-        for name, linear in linears.items():
+        notes, details = [], []
+        if transforms:
+            mappings, skipped = smoothing.resolve_mappings(layer, model.config)
+            if index == 0 and any(isinstance(t, recipes.AWQStep) or t.mappings == "all" for t in transforms):
+                notes += [f"smoothing: {reason}" for reason in skipped]
+            for step in transforms:
+                for m in mappings:
+                    if isinstance(step, recipes.SmoothQuantStep) and step.mappings == "norms" and isinstance(m.smooth, nn.Linear):
+                        continue
+                    details.append(_transform(step, m, stats, f"{prefix}.{m.mapping.balance[0]}", weight_args))
+            seconds["transforms"] = lap()
+        for name in grouped[index]:
+            hessian = stats.hessian(name) if needs_hessian else None
             try:
-                quantized, layer_notes = make_quantized(name, linear, acc.hessian(name))
+                quantized, layer_notes = make_quantized(name, targets[name], hessian)
             except HessianError as e:
                 raise PtqlabError(f"{name}: {e}; check the calibration data and the model dtype (fp16 overflow? try --dtype bfloat16)") from e
             notes += layer_notes
             set_submodule(model, name, quantized)
-        del acc
-        seconds["gptq"] = lap()
+        del stats
+        seconds["quantize"] = lap()
         for batch in batches:  # propagate through the quantized layer
             batch.hidden = _output(layer(batch.hidden, **batch.layer_kwargs[index]))
         if offload:
             layers[index].to("cpu")
         seconds["propagate"] = lap()
         state["last"] = f"layer {index}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
-        reports.append(LayerReport(index, seconds, notes))
+        reports.append(LayerReport(index, seconds, notes, details))
     return reports
+
+
+def _transform(step, m, stats: InputStats, balance_name: str, weight_args: QuantArgs) -> str:
+    """Apply one smoothing step to one mapping of the layer; -> a line for the layer report."""
+    from ptqlab import recipes, smoothing
+
+    weights = [linear.weight for linear in m.balance.values()]
+    where = f"{m.mapping.smooth} -> {', '.join(m.balance)}"
+    if isinstance(step, recipes.SmoothQuantStep):
+        scales = smoothing.smoothquant_scales(stats.channel_max(balance_name), weights, step.smoothing_strength)
+        detail = f"smoothquant {where}: s in [{float(scales.min()):.3g}, {float(scales.max()):.3g}]"
+    else:
+        def fake_quantize(w: torch.Tensor) -> torch.Tensor:
+            q, scale, zero_point = rtn(w, weight_args)
+            return dequantize(q, scale, zero_point, weight_args, torch.float32)
+
+        scales, ratio, relative = smoothing.awq_scales(
+            stats.channel_mean(balance_name), weights, stats.hessian(balance_name), fake_quantize,
+            weight_args.group_size, step.n_grid, step.duo_scaling)
+        detail = f"awq {where}: " + ("no scaling" if ratio is None else f"r = {ratio:.2f}, output error x{relative:.3f}")
+    smoothing.apply_scales(m, scales)
+    stats.rescale(balance_name, scales)
+    return detail
 
 
 def _bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def gptq_quantizer(scheme, config: GPTQConfig) -> Callable[[str, nn.Linear, torch.Tensor], tuple[QuantizedLinear, list[str]]]:
+def gptq_quantizer(scheme, config: GPTQConfig) -> Quantizer:
     """The per-linear step for GPTQ: weight + Hessian -> QuantizedLinear, with notes on damping and dead inputs."""
 
-    def make(name: str, linear: nn.Linear, hessian: torch.Tensor) -> tuple[QuantizedLinear, list[str]]:
+    def make(name: str, linear: nn.Linear, hessian: torch.Tensor | None) -> tuple[QuantizedLinear, list[str]]:
         result = gptq(linear.weight, hessian, scheme.weights, config, scale_dtype=linear.weight.dtype)
         module = QuantizedLinear.from_weight(linear.weight, linear.bias, scheme, result.q, result.scale, result.zero_point)
         notes = []
@@ -254,3 +348,13 @@ def gptq_quantizer(scheme, config: GPTQConfig) -> Callable[[str, nn.Linear, torc
         return module, notes
 
     return make
+
+
+def rtn_quantizer(scheme) -> Quantizer:
+    """The per-linear step for round-to-nearest (after a calibrated transform such as AWQ): the Hessian is unused."""
+
+    def make(name: str, linear: nn.Linear, hessian: torch.Tensor | None) -> tuple[QuantizedLinear, list[str]]:
+        return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, scheme), []
+
+    return make
+

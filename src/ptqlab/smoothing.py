@@ -1,0 +1,195 @@
+"""Smoothing transforms (SmoothQuant, AWQ): move a per-input-channel factor s from a linear's input into its weights.
+
+A linear that reads y = f(x) / s through weights W·diag(s) computes exactly what it computed before, so the float
+model is unchanged; only what quantization sees changes. SmoothQuant picks s to shrink activation outliers (W8A8:
+activations are quantized too); AWQ picks s to enlarge the weight columns of salient inputs (W4A16: their rounding
+error shrinks relative to them).
+
+`MAPPINGS` says, per architecture and inside one decoder layer, which module's output is divided by s (`smooth`: a
+norm, or some output rows of a linear) and which linears read it (`balance`: their columns multiplied by s):
+
+| model_type                 | smooth                          | balance                          |
+|----------------------------|---------------------------------|----------------------------------|
+| llama, mistral, qwen2/3    | input_layernorm                 | q_proj, k_proj, v_proj           |
+|                            | self_attn.v_proj                | o_proj  (only without GQA)       |
+|                            | post_attention_layernorm        | gate_proj, up_proj               |
+|                            | mlp.up_proj                     | down_proj                        |
+| gemma2, gemma3_text        | input_layernorm (1 + w)         | q_proj, k_proj, v_proj           |
+|                            | self_attn.v_proj                | o_proj  (only without GQA)       |
+|                            | pre_feedforward_layernorm (1+w) | gate_proj, up_proj               |
+|                            | mlp.up_proj                     | down_proj                        |
+| phi3                       | input_layernorm                 | qkv_proj                         |
+|                            | self_attn.qkv_proj (v rows)     | o_proj  (only without GQA)       |
+|                            | post_attention_layernorm        | gate_up_proj                     |
+|                            | mlp.gate_up_proj (up rows)      | down_proj                        |
+
+v -> o is exact only when every o_proj input channel comes from its own v channel, i.e. without grouped-query
+attention (one v head per query head); otherwise it is skipped. up -> down is exact because the MLP multiplies
+act(gate) by up elementwise. Gemma's norms compute x̂·(1 + w), so w' = (1 + w)/s - 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ptqlab.errors import PtqlabError
+
+
+@dataclass(frozen=True)
+class Mapping:
+    smooth: str
+    """Module inside the decoder layer whose output is divided by s: a norm, or a linear (see `rows`)."""
+    balance: tuple[str, ...]
+    """Linears inside the decoder layer that read `smooth`'s output; their weight columns are multiplied by s."""
+    rows: Literal["all", "v", "up"] = "all"
+    """Which output rows of a linear `smooth` feed `balance`: all, the v part of a fused qkv, the up half of a fused
+    gate_up."""
+
+
+_LLAMA = (
+    Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
+    Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    Mapping("mlp.up_proj", ("mlp.down_proj",)),
+)
+_GEMMA = (
+    Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
+    Mapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    Mapping("mlp.up_proj", ("mlp.down_proj",)),
+)
+_PHI3 = (
+    Mapping("input_layernorm", ("self_attn.qkv_proj",)),
+    Mapping("self_attn.qkv_proj", ("self_attn.o_proj",), rows="v"),
+    Mapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    Mapping("mlp.gate_up_proj", ("mlp.down_proj",), rows="up"),
+)
+MAPPINGS: dict[str, tuple[Mapping, ...]] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
+    "gemma2": _GEMMA, "gemma3_text": _GEMMA,
+    "phi3": _PHI3,
+}
+NORM_OFFSET = {"gemma2": 1.0, "gemma3_text": 1.0}
+"""Norms that scale by (offset + weight) rather than weight."""
+
+
+@dataclass
+class ResolvedMapping:
+    """A mapping bound to the modules of one decoder layer."""
+
+    mapping: Mapping
+    smooth: nn.Module
+    rows: slice
+    balance: dict[str, nn.Linear]  # relative name -> module
+    norm_offset: float
+
+
+def resolve_mappings(layer: nn.Module, config) -> tuple[list[ResolvedMapping], list[str]]:
+    """The mappings of `config.model_type` that apply exactly to this layer, and why any others were skipped."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MAPPINGS:
+        raise PtqlabError(f"smoothing (SmoothQuant/AWQ) has no mappings for model_type {model_type!r}; supported: "
+                          f"{', '.join(MAPPINGS)} (add a row to ptqlab.smoothing.MAPPINGS)")
+    resolved, skipped = [], []
+    for mapping in MAPPINGS[model_type]:
+        smooth = layer.get_submodule(mapping.smooth)
+        balance = {name: layer.get_submodule(name) for name in mapping.balance}
+        rows = _rows(mapping, smooth, config)
+        width = _width(smooth, rows)
+        bad = [name for name, linear in balance.items() if linear.in_features != width]
+        if bad:
+            skipped.append(f"{mapping.smooth} -> {', '.join(mapping.balance)}: {width} smoothed channels but "
+                           f"{bad[0]} reads {balance[bad[0]].in_features} (grouped-query attention): not exact, skipped")
+            continue
+        resolved.append(ResolvedMapping(mapping, smooth, rows, balance, NORM_OFFSET.get(model_type, 0.0)))
+    return resolved, skipped
+
+
+def _rows(mapping: Mapping, smooth: nn.Module, config) -> slice:
+    if mapping.rows == "all":
+        return slice(None)
+    out = smooth.out_features
+    if mapping.rows == "up":
+        return slice(out // 2, out)
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return slice(q + kv, q + 2 * kv)
+
+
+def _width(smooth: nn.Module, rows: slice) -> int:
+    if isinstance(smooth, nn.Linear):
+        return len(range(smooth.out_features)[rows])
+    return smooth.weight.shape[0]
+
+
+@torch.no_grad()
+def apply_scales(m: ResolvedMapping, scales: torch.Tensor) -> None:
+    """Divide smooth's output channels by `scales` and multiply the balance linears' columns by them: the layer
+    computes the same function (exactly in exact arithmetic; to the weights' dtype rounding otherwise)."""
+    s = scales.float()
+    if isinstance(m.smooth, nn.Linear):
+        w = m.smooth.weight
+        w[m.rows] = (w[m.rows].float() / s.to(w.device).unsqueeze(1)).to(w.dtype)
+        if m.smooth.bias is not None:
+            b = m.smooth.bias
+            b[m.rows] = (b[m.rows].float() / s.to(b.device)).to(b.dtype)
+    else:
+        w = m.smooth.weight
+        w.copy_(((w.float() + m.norm_offset) / s.to(w.device) - m.norm_offset).to(w.dtype))
+        if getattr(m.smooth, "bias", None) is not None:
+            m.smooth.bias.copy_((m.smooth.bias.float() / s.to(w.device)).to(m.smooth.bias.dtype))
+    for linear in m.balance.values():
+        linear.weight.copy_((linear.weight.float() * s.to(linear.weight.device)).to(linear.weight.dtype))
+
+
+def smoothquant_scales(act_max: torch.Tensor, weights: list[torch.Tensor], strength: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|X_j|^α / max|W_j|^(1-α) (max over every balance weight's column j), 1 where an input
+    never fired or a column is all zero (nothing to balance)."""
+    w_max = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
+    s = act_max.float().to(w_max.device).pow(strength) / w_max.pow(1 - strength)
+    return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s)).clamp(min=1e-5)
+
+
+def awq_scales(x_mean: torch.Tensor, weights: list[torch.Tensor], hessian: torch.Tensor,
+               fake_quantize: Callable[[torch.Tensor], torch.Tensor], group_size: int | None, n_grid: int = 20,
+               duo_scaling: bool = True) -> tuple[torch.Tensor, float | None, float]:
+    """AWQ's grid search: s = x_mean^r / w_mean^(1-r) (duo scaling; x_mean^r otherwise) for r = 0, 1/n, ..., and
+    no scaling at all; keep the s whose quantized balance linears have the least output error on the calibration
+    inputs. The error Σ_b ||X Wbᵀ - X Ŵbᵀ||² is computed exactly from the inputs' Hessian, tr(ΔW H ΔWᵀ), so no
+    activations are kept. -> (scales, the chosen r or None for no scaling, error relative to no scaling)."""
+    device = hessian.device
+    W = [w.detach().float().to(device) for w in weights]
+    x_mean = x_mean.float().to(device)
+    w_mean = None
+    if duo_scaling:
+        stacked = torch.cat(W).abs()
+        blocks = stacked.unflatten(-1, (-1, group_size)) if group_size else stacked.unsqueeze(-2)
+        w_mean = (blocks / (blocks.amax(dim=-1, keepdim=True) + 1e-6)).flatten(-2).mean(dim=0)
+
+    def loss(s: torch.Tensor) -> float:
+        total = 0.0
+        for w in W:
+            delta = w - fake_quantize(w * s) / s
+            total += float(((delta @ hessian) * delta).sum())
+        return total
+
+    ones = torch.ones_like(x_mean)
+    base = loss(ones)
+    best = (base, ones, None)
+    for i in range(n_grid):
+        r = i / n_grid
+        s = x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4) if duo_scaling else x_mean.pow(r)
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        if not torch.isfinite(s).all():
+            continue
+        value = loss(s)
+        if value < best[0]:
+            best = (value, s, r)
+    return best[1], best[2], best[0] / base if base > 0 else 1.0

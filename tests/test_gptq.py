@@ -295,3 +295,33 @@ def test_gptq_refuses_linears_outside_the_decoder_layers(tiny_model_dir, calibra
     calibration = load_calibration(loaded.tokenizer, CalibrationConfig(dataset=str(calibration_file), num_samples=4, max_seq_len=16))
     with pytest.raises(PtqlabError, match="lm_head lies outside.*--ignore lm_head"):
         quantize_model(loaded.model, get_recipe("w4a16").with_overrides(ignore=[]), calibration, quiet=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fused Triton per-token quantizer)")
+@pytest.mark.parametrize("args", [QuantArgs(num_bits=8, strategy="token", dynamic=True),
+                                  QuantArgs(num_bits=8, type="float", strategy="token", dynamic=True)], ids=["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_gpu_token_quantization_is_bitwise_the_torch_path(args, dtype, monkeypatch):
+    from ptqlab.quant import token_triton
+    from ptqlab.quant.primitives import fake_quantize
+
+    torch.manual_seed(8)
+    x = (torch.randn(3, 37, 896) * torch.rand(3, 37, 1) * 10).to(dtype).cuda()
+    x[0, 0] = 0  # an all-zero token
+    x[1, :, 5] *= 50  # an outlier channel
+    fused = fake_quantize(x, args)
+    monkeypatch.setattr(token_triton, "available", lambda tensor: False)
+    plain = fake_quantize(x, args)
+    assert fused.dtype == dtype and torch.equal(fused, plain)
+
+
+def test_reused_dequantized_weights_give_the_same_output_and_are_dropped():
+    from ptqlab.quant.linear import QuantizedLinear, reuse_dequantized_weights
+    from ptqlab.schemes import W8A8
+
+    layer = nn.Sequential(QuantizedLinear.from_weight(torch.randn(32, 64), None, W8A8))
+    x = torch.randn(5, 64)
+    expected = layer(x)
+    with reuse_dequantized_weights(layer, x.dtype):
+        assert layer[0]._weight_cache is not None and torch.equal(layer(x), expected)
+    assert layer[0]._weight_cache is None

@@ -27,7 +27,7 @@ from ptqlab.errors import PtqlabError
 from ptqlab.models import decoder_layers, names_by_layer, set_submodule, synchronizer
 from ptqlab.progress import track
 from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq
-from ptqlab.quant.linear import QuantizedLinear, rtn
+from ptqlab.quant.linear import QuantizedLinear, reuse_dequantized_weights, rtn
 from ptqlab.quant.primitives import dequantize
 from ptqlab.schemes import QuantArgs
 
@@ -297,8 +297,9 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
             set_submodule(model, name, quantized)
         del stats
         seconds["quantize"] = lap()
-        for batch in batches:  # propagate through the quantized layer
-            batch.hidden = _output(layer(batch.hidden, **batch.layer_kwargs[index]))
+        with reuse_dequantized_weights(layer, batches[0].hidden.dtype):  # propagate through the quantized layer
+            for batch in batches:
+                batch.hidden = _output(layer(batch.hidden, **batch.layer_kwargs[index]))
         if offload:
             layers[index].to("cpu")
         seconds["propagate"] = lap()

@@ -7,6 +7,8 @@ quantized dynamically (fp32 scale = absmax / grid half-range, as vLLM's kernels 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,7 +69,26 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme.input_activations is not None:
             x = fake_quantize(x, self.scheme.input_activations)
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        weight = self._weight_cache
+        if weight is None or weight.dtype != x.dtype:
+            weight = self.dequantized_weight(x.dtype)
+        return F.linear(x, weight, self.bias)
+
+    _weight_cache: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}"
+
+
+@contextmanager
+def reuse_dequantized_weights(module: nn.Module, dtype: torch.dtype):
+    """While many batches pass through the same quantized layer (calibration), dequantize its weights once, not once
+    per batch; the copies are dropped on exit."""
+    quantized = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
+    for m in quantized:
+        m._weight_cache = m.dequantized_weight(dtype)
+    try:
+        yield
+    finally:
+        for m in quantized:
+            m._weight_cache = None

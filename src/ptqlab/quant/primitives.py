@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ptqlab.quant import search_triton
+from ptqlab.quant import search_triton, token_triton
 from ptqlab.schemes import QuantArgs
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -170,6 +170,12 @@ def dequantize(
 
 
 def fake_quantize(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Quantize and dequantize x with scales computed from x itself (dynamic activation quantization)."""
+    """Quantize and dequantize x with scales computed from x itself (dynamic activation quantization).
+
+    Per-token symmetric formats on a GPU run as one Triton kernel with bitwise the same result (token_triton.py)."""
+    if args.strategy == "token" and args.symmetric and token_triton.available(x):
+        qmin, qmax = grid_range(args)
+        half_range = FP8_MAX if args.type == "float" else (qmax - qmin) / 2
+        return token_triton.fake_quantize_tokens(x, qmin, qmax, half_range, args.type == "float")
     scale, zero_point = quant_params(x, args, scale_dtype=torch.float32)
     return dequantize(quantize(x, scale, zero_point, args), scale, zero_point, args, dtype=x.dtype)

@@ -1,0 +1,56 @@
+"""Dynamic per-token activation quantization (W8A8, FP8) on the GPU as one Triton kernel.
+
+primitives.fake_quantize in torch is ~10 passes over the activation (fp32 copy, absmax, divide, round, clamp,
+casts, multiply); here one program takes one token's row, computes its scale and writes the dequantized row: one
+read, one write. Same arithmetic as the torch path on a GPU (fp32; the scale as absmax times the fp32 reciprocal
+of the grid's half range, which is how torch divides a CUDA tensor by a Python number; IEEE division of x by the
+scale; round half to even; the same clamps), so the results are bitwise equal (tested on the GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import libdevice
+except ImportError:  # pragma: no cover - CPU machines
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _token_kernel(X, Y, columns, stride_x, stride_y, qmin, qmax, inv_half_range, tiny, huge, IS_FP8: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK)
+        mask = c < columns
+        x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.max(tl.abs(x), axis=0) * inv_half_range
+        scale = tl.minimum(tl.maximum(scale, tiny), huge)
+        scaled = tl.minimum(tl.maximum(libdevice.div_rn(x, scale), qmin), qmax)
+        if IS_FP8:
+            q = scaled.to(tl.float8e4nv).to(tl.float32)
+        else:
+            q = libdevice.rint(scaled)
+        tl.store(Y + row * stride_y + c, (q * scale).to(Y.dtype.element_ty), mask=mask)
+
+
+def available(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda and x.shape[-1] <= 16384
+
+
+def fake_quantize_tokens(x: torch.Tensor, qmin: float, qmax: float, half_range: float, is_fp8: bool) -> torch.Tensor:
+    """Quantize-dequantize each row of x (any leading shape) with its own symmetric fp32 scale absmax / half_range."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    info = torch.finfo(torch.float32)
+    inv_half_range = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(half_range, dtype=torch.float32))
+    block = triton.next_power_of_2(rows.shape[1])
+    _token_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), qmin, qmax, inv_half_range,
+                                    info.tiny, info.max, IS_FP8=is_fp8, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return out.reshape(x.shape)

@@ -1,12 +1,15 @@
-"""The layer-sequential calibration engine: capture, Hessians, quantize, propagate — one decoder layer at a time.
+"""The layer-sequential calibration engine: capture, statistics, transforms, quantize, propagate — one decoder layer
+at a time.
 
 1. Capture: every decoder layer is swapped for a catcher that records its keyword arguments (attention masks of
    its own kind, position embeddings, ...) and passes the hidden states through; one forward of the base model
    per calibration batch then yields layer 0's inputs and every layer's arguments, with no wasted layer compute.
-2. For each layer: forward the calibration batches while hooks accumulate H = 2/n Σ XᵀX for every distinct input
-   (q/k/v share one, gate/up share one), over real tokens only (padding masked out); quantize the layer's linears
-   with GPTQ; forward again with the quantized weights to produce the next layer's inputs, so that every layer is
-   calibrated on what the quantized model really feeds it.
+2. For each layer: forward the calibration batches while hooks accumulate, for every distinct input (q/k/v share
+   one, gate/up share one) and over real tokens only (padding masked out), H = 2/n Σ XᵀX and, as the recipe's
+   transforms need them, per-channel max |x| (SmoothQuant) and mean |x| (AWQ); apply the transforms
+   (smoothing.py), updating those statistics exactly instead of forwarding again (x -> x/s: H -> H / (s sᵀ));
+   quantize the layer's linears (GPTQ from H, or round-to-nearest); forward again with the quantized weights to
+   produce the next layer's inputs, so that every layer is calibrated on what the quantized model really feeds it.
 3. Only the current layer needs to be on the accelerator: with `offload`, the others stay on the CPU.
 
 Hessians are accumulated with fp32 matmuls; where activations are bf16/fp16, TF32 tensor cores are exact for them

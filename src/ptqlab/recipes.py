@@ -122,8 +122,8 @@ class Recipe:
     def with_gptq(self, **changes) -> Recipe:
         """The recipe with its GPTQ step's settings changed (an error if it has none)."""
         if self.gptq is None:
-            raise PtqlabError(f"{', '.join(f'--{k.replace(chr(95), chr(45))}' for k in changes)} applies to GPTQ recipes; "
-                              f"{self.name} quantizes by {self.method}")
+            options = ", ".join("--" + key.replace("_", "-") for key in changes)
+            raise PtqlabError(f"{options} applies to GPTQ recipes; {self.name} quantizes by {self.method}")
         return replace(self, steps=self.steps[:-1] + (replace(self.gptq, **changes),))
 
     def with_overrides(self, ignore: list[str] | None = None, group_size: int | None = None) -> Recipe:

@@ -85,7 +85,7 @@ def recipes(
     """List the preset recipes, or print one as YAML. `ptqlab quantize --recipe FILE.yaml` takes your own."""
     import yaml
 
-    from ptqlab.recipes import PRESETS, STEP_NAMES, get_recipe
+    from ptqlab.recipes import PRESETS, get_recipe, step_name
 
     if name is not None:
         try:
@@ -96,7 +96,7 @@ def recipes(
         return
     table = Table("recipe", "steps", "format", "keeps 16-bit", "what it does")
     for r in PRESETS.values():
-        steps = " → ".join(next(k for k, cls in STEP_NAMES.items() if isinstance(s, cls)) for s in r.steps)
+        steps = " → ".join(step_name(s) for s in r.steps)
         table.add_row(r.name, steps, r.scheme.format, ", ".join(r.ignore), r.description)
     console.print(table)
 

@@ -17,7 +17,7 @@ from ptqlab.errors import PtqlabError
 from ptqlab.models import names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.quant.linear import QuantizedLinear
-from ptqlab.recipes import Recipe
+from ptqlab.recipes import Recipe, step_name
 from ptqlab.sequential import gptq_quantizer, quantize_sequential, rtn_quantizer
 
 
@@ -108,7 +108,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
 
     by_layer, outside = names_by_layer(model, targets)
     if recipe.calibrated:
-        steps = " + ".join(type(step).__name__.removesuffix("Step").removesuffix("Config").lower() for step in recipe.steps)
+        steps = " + ".join(step_name(step) for step in recipe.steps)
         if calibration is None:
             raise PtqlabError(f"recipe {recipe.name} ({steps}) needs calibration data")
         if outside:

@@ -70,6 +70,12 @@ SCHEMES: dict[str, Scheme] = {
     "W8A8": W8A8,
 }
 SMOOTHQUANT_MAPPINGS = ("norms", "all")
+
+
+def step_name(step: Step) -> str:
+    """The YAML name of a step: smoothquant, awq, gptq or rtn."""
+    return next(name for name, cls in STEP_NAMES.items() if isinstance(step, cls))
+
 ACTORDER = {"static": True, "weight": True, True: True, None: False, False: False, "none": False}
 
 
@@ -144,7 +150,7 @@ class Recipe:
             scheme["input_activations"] = _args_dict(self.scheme.input_activations)
         steps = []
         for step in self.steps:
-            name = next(k for k, cls in STEP_NAMES.items() if isinstance(step, cls))
+            name = step_name(step)
             params = {f.name: getattr(step, f.name) for f in fields(step)}
             if isinstance(step, GPTQConfig):
                 params["actorder"] = "static" if params.pop("act_order") else None

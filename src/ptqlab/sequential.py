@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ptqlab import recipes, smoothing
 from ptqlab.data import CalibrationSet
 from ptqlab.errors import PtqlabError
 from ptqlab.models import decoder_layers, names_by_layer, set_submodule, synchronizer
@@ -188,16 +189,13 @@ class InputStats:
         """The input of `name` (and of every linear sharing it) is now x / scales per channel: update the statistics
         exactly (H -> H / (s sᵀ)) instead of forwarding the calibration set again."""
         owner = self.owner(name)
-        s = scales.float().to(self._tensors(owner)[0].device)
+        s = scales.float().to(self.device)
         if owner in self.sums:
             self.sums[owner] /= torch.outer(s, s)
         if owner in self.absmax:
             self.absmax[owner] /= s
         if owner in self.abssum:
             self.abssum[owner] /= s
-
-    def _tensors(self, owner: str):
-        return [t[owner] for t in (self.sums, self.absmax, self.abssum) if owner in t]
 
 
 def _gram(rows: torch.Tensor) -> torch.Tensor:
@@ -242,8 +240,6 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
     (recipes.SmoothQuantStep / AWQStep, through smoothing.py's mappings; AWQ searches against round-to-nearest in
     `weight_args`), then `make_quantized(name, linear, hessian)` on each target (the hessian None unless
     `needs_hessian`), then the next layer's inputs."""
-    from ptqlab import recipes, smoothing
-
     device = device or next(model.parameters()).device
     layers = decoder_layers(model)
     if offload is None:
@@ -313,8 +309,6 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
 
 def _transform(step, m, stats: InputStats, balance_name: str, weight_args: QuantArgs) -> str:
     """Apply one smoothing step to one mapping of the layer; -> a line for the layer report."""
-    from ptqlab import recipes, smoothing
-
     weights = [linear.weight for linear in m.balance.values()]
     where = f"{m.mapping.smooth} -> {', '.join(m.balance)}"
     if isinstance(step, recipes.SmoothQuantStep):

@@ -94,15 +94,17 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
     # blocks are then exactly the groups. With act-order, groups are static: scales from the original weight,
     # so that the checkpoint keeps the natural column order. Per-channel and per-tensor scales are always static.
     dynamic_groups = args.strategy == "group" and not (config.act_order or config.static_groups)
+    h_diag = torch.diag(H)  # in the natural column order (dynamic groups never permute)
+
     def params(w: torch.Tensor, importance: torch.Tensor):
         if config.scale_search and args.type == "int":
             return search_quant_params(w, args, scale_dtype, importance=importance)
         return quant_params(w, args, scale_dtype)
 
-    scale, zero_point = params(W, torch.diag(H))
+    scale, zero_point = params(W, h_diag)
     block_size = args.group_size if dynamic_groups else config.block_size
 
-    perm = torch.argsort(torch.diag(H), descending=True) if config.act_order else None
+    perm = torch.argsort(h_diag, descending=True) if config.act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv, damp_used = _inverse_hessian_cholesky(H, config.dampening_frac)
@@ -120,7 +122,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         if dynamic_groups:
             group = i1 // args.group_size
-            group_scale, group_zero = params(W1, torch.diag(H)[i1:i2])  # [rows, 1]
+            group_scale, group_zero = params(W1, h_diag[i1:i2])  # [rows, 1]
             scale[:, group:group + 1] = group_scale
             col_scale[:, i1:i2] = group_scale.float()
             if zero_point is not None:

@@ -2,9 +2,11 @@
 
 In torch every candidate range is ~8 passes over the weight (41 candidates: ~330 passes, seconds on an 8B model);
 here one program holds a tile of blocks in registers, tries every candidate there and writes one scale (and zero
-point) per block: one read of the weight. Same arithmetic as the torch path (IEEE division, round half to even,
-the scale rounded to its storage dtype before use); only the order of the error sum differs, which can flip a
-choice between two candidates whose errors tie to fp32 rounding.
+point) per block: one read of the weight. Same formulas as the torch path (round half to even, the scale rounded
+to its storage dtype before use), two differences: the error sum runs in another order, which can flip a choice
+between two candidates whose errors tie to fp32 rounding; and the range is divided by the grid's half range in
+IEEE division, where torch on a GPU multiplies by the fp32 reciprocal, so fp32 scales may differ in the last bit
+(scales stored in bf16/fp16 round that away).
 """
 
 from __future__ import annotations

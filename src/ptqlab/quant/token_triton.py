@@ -9,6 +9,8 @@ scale; round half to even; the same clamps), so the results are bitwise equal (t
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 try:
@@ -49,8 +51,14 @@ def fake_quantize_tokens(x: torch.Tensor, qmin: float, qmax: float, half_range: 
         rows = rows.contiguous()
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     info = torch.finfo(torch.float32)
-    inv_half_range = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(half_range, dtype=torch.float32))
     block = triton.next_power_of_2(rows.shape[1])
-    _token_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), qmin, qmax, inv_half_range,
+    _token_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), qmin, qmax, _reciprocal(half_range),
                                     info.tiny, info.max, IS_FP8=is_fp8, BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return out.reshape(x.shape)
+
+
+@lru_cache
+def _reciprocal(value: float) -> float:
+    """fp32(1 / fp32(value)): what torch multiplies by when it divides a CUDA tensor by a Python number. Computed once
+    per value, not on every forward."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(value, dtype=torch.float32))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ptqlab.bench.quality import TopK, coarse_kl, evaluate, make_windows
-from ptqlab.bench.speed import greedy_decode, measure_speed, repeat_timed
+from ptqlab.bench.speed import SPEED_PROMPT, TransformersEngine, chat_prompt_ids, greedy_decode, measure_speed, repeat_timed
 from ptqlab.errors import PtqlabError
 from ptqlab.report import recommend
 from tiny import tiny_model, tiny_tokenizer
@@ -124,7 +124,8 @@ class SlowFirstCall(torch.nn.Module):
 
 def test_speed_measures_exactly_the_requested_tokens_after_warmup(model):
     wrapped = SlowFirstCall(model)
-    speed = measure_speed(wrapped, tiny_tokenizer(), new_tokens=6, batch_size=2, repeats=3, warmup=1)
+    speed = measure_speed(TransformersEngine(wrapped), chat_prompt_ids(tiny_tokenizer(), SPEED_PROMPT), new_tokens=6,
+                          batch_size=2, repeats=3, warmup=1)
     # warm-up (6 forwards) + 3 timed runs of 6 forwards (1 prefill + 5 decode steps), at batch 1 and at batch 2
     assert wrapped.forwards == 2 * (6 + 3 * 6)
     assert len(speed["repeats"]["batch1"]) == 3 and len(speed["repeats"]["batched"]) == 3

@@ -1,5 +1,6 @@
 """The lab end to end on a tiny model: every variant measured, the report written, and resume after a crash."""
 
+import dataclasses
 import json
 
 import pytest
@@ -115,3 +116,27 @@ def test_bench_infers_the_baseline_from_the_checkpoint_record(finished_lab, tmp_
     # Same checkpoint, same settings, same tokens: the same quality numbers.
     assert results["variants"][1]["perplexity"] == lab_result["perplexity"]
     assert results["variants"][1]["kl"] == lab_result["kl"]
+
+
+def test_fast_runtime_scores_the_same_and_the_report_says_which_runtime(finished_lab, tmp_path, tiny_model_dir):
+    """On a CPU the fast runtime computes exactly what transformers computes (fp32, dequantized weights): the same
+    perplexity and KL; every speed figure is labelled with its runtime."""
+    fast = dataclasses.replace(FAST, runtime="fast")
+    paths = [str(tiny_model_dir("llama"))] + [str(finished_lab / "checkpoints" / r) for r in ("w4a16-rtn", "w8a8-rtn")]
+    out = bench(paths, tmp_path / "fast", settings=fast, quiet=True)
+    ours = {v["name"]: v for v in json.loads((out / "results.json").read_text())["variants"]}
+    ordinary = {v["name"]: v for v in json.loads((finished_lab / "results.json").read_text())["variants"]}
+    for name in ("baseline", "w4a16-rtn", "w8a8-rtn"):
+        assert ours[name]["runtime"] == ours[name]["speed"]["runtime"] == "fast"
+        assert ours[name]["perplexity"]["value"] == pytest.approx(ordinary[name]["perplexity"]["value"], rel=1e-6)
+        assert ordinary[name]["speed"]["runtime"] == "transformers"
+    assert ours["w8a8-rtn"]["kl"]["mean"] == pytest.approx(ordinary["w8a8-rtn"]["kl"]["mean"], rel=1e-4, abs=1e-9)
+    summary = (out / "summary.md").read_text()
+    assert "| runtime |" in summary and "runtime `fast`" in summary
+
+
+def test_unknown_runtime_is_refused():
+    from ptqlab.bench.variant import resolve_runtime
+
+    with pytest.raises(PtqlabError, match="unknown --runtime 'vllm'"):
+        resolve_runtime("vllm", None, None)

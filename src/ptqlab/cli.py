@@ -102,10 +102,12 @@ def recipes(
 
 
 def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens,
-              device, seed, quiet):
-    from ptqlab.bench.variant import QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings
+              device, seed, quiet, runtime):
+    from ptqlab.bench.variant import QUICK_CONTEXT, QUICK_WINDOWS, RUNTIMES, BenchSettings
     from ptqlab.models import resolve_device
 
+    if runtime not in RUNTIMES:
+        raise PtqlabError(f"unknown --runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     if ppl_quick and ppl_full:
         raise PtqlabError("--ppl-quick and --ppl-full exclude each other")
     if not ppl_quick and not ppl_full:
@@ -117,7 +119,8 @@ def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_to
     windows = QUICK_WINDOWS if ppl_quick else None
     context = ppl_context or (QUICK_CONTEXT if ppl_quick else None)
     return BenchSettings(ppl_text=ppl_text, ppl_context=context, ppl_windows=windows, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, repeats=repeats, sample_tokens=sample_tokens, device=device, seed=seed)
+                         batch_size=batch_size, repeats=repeats, sample_tokens=sample_tokens, device=device, seed=seed,
+                         runtime=runtime)
 
 
 PplQuick = Annotated[bool, typer.Option("--ppl-quick", help="Quick probe: the first 20 windows of 512 tokens (default on CPU).")]
@@ -132,6 +135,7 @@ Device = Annotated[str, typer.Option(help="auto (a GPU if present), cpu, cuda, c
 MaxKl = Annotated[float, typer.Option(help="Quality budget: mean KL from the baseline, nats per token.")]
 MaxPplIncrease = Annotated[float, typer.Option(help="Quality budget: perplexity increase over the baseline, percent.")]
 Quiet = Annotated[bool, typer.Option(help="No progress bars (log.jsonl still records every step).")]
+Runtime = Annotated[str, typer.Option(help="fast: ptqlab's runtime (quantized kernels, static cache, CUDA graphs); transformers: the ordinary path; auto: fast on a GPU, transformers on a CPU.")]
 
 
 @app.command()
@@ -142,12 +146,14 @@ def bench(
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
     max_new_tokens: MaxNewTokens = 128, batch_size: BatchSize = 8, repeats: Repeats = 3, sample_tokens: SampleTokens = 64,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
+    runtime: Runtime = "auto",
 ) -> None:
     """Benchmark model folders side by side: size, load time, memory, perplexity, KL, speed, samples; write a report."""
     from ptqlab.suite import Budget, bench as run
 
     try:
-        settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet)
+        settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
+                             runtime)
         folder = run([str(p) for p in paths], out, str(baseline) if baseline else None, settings, Budget(max_kl, max_ppl_increase), quiet)
     except PtqlabError as e:
         _fail(e)
@@ -164,13 +170,15 @@ def lab(
     max_new_tokens: MaxNewTokens = 128, batch_size: BatchSize = 8, repeats: Repeats = 3, sample_tokens: SampleTokens = 64,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
     dataset: Dataset = "auto", num_samples: NumSamples = 256, max_seq_len: MaxSeqLen = 1024, calib_batch_size: CalibBatchSize = 16,
+    runtime: Runtime = "auto",
 ) -> None:
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
     from ptqlab.data import CalibrationConfig
     from ptqlab.suite import Budget, lab as run
 
     try:
-        settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet)
+        settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
+                             runtime)
         names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
         calibration = CalibrationConfig(dataset=dataset, num_samples=num_samples, max_seq_len=max_seq_len, seed=seed)
         folder = run(model, names, out, settings, Budget(max_kl, max_ppl_increase), dtype, quiet, calibration, calib_batch_size)

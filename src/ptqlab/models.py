@@ -7,6 +7,7 @@ decoder-layer list. A new architecture is a new row; an unlisted one works if it
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,11 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PtqlabError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
     return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's weights live (its first parameter or, for modules that hold only buffers, its first buffer)."""
+    return next(itertools.chain(model.parameters(), model.buffers())).device
 
 
 def synchronizer(device: torch.device):

@@ -58,7 +58,8 @@ def _rows(variants: list[dict], baseline: str | None) -> list[dict]:
             "folder MiB": v["size"]["folder_bytes"] / MiB, "load s": v["load_s"], "peak mem MiB": v["peak_memory_bytes"] / MiB,
             "perplexity": ppl, "ppl Δ%": 100 * (ppl / base["perplexity"]["value"] - 1) if base else None,
             "KL mean": kl.get("mean"), "KL median": kl.get("median"), "KL p99": kl.get("p99"),
-            "top-1 %": kl.get("top1_agreement_pct"), "TTFT ms": v["speed"]["ttft_ms"],
+            "top-1 %": kl.get("top1_agreement_pct"), "runtime": v["speed"].get("runtime", "transformers"),
+            "TTFT ms": v["speed"]["ttft_ms"],
             "decode tok/s": v["speed"]["decode_tok_s"], f"batch-{v['speed']['batch_size']} tok/s": v["speed"]["throughput_tok_s"],
         })
     return rows
@@ -93,6 +94,16 @@ def _recommendation_lines(rec: dict) -> list[str]:
     return lines
 
 
+RUNTIME_NOTES = {
+    "fast": "ptqlab's runtime (quantized kernels computing with the stored weights, a static KV cache, CUDA-graph "
+            "decode on GPUs; on CPUs it computes with dequantized weights). Perplexity, KL and samples come from the same "
+            "runtime.",
+    "transformers": "the ordinary path (eager forward with a dynamic KV cache; quantized checkpoints loaded the "
+                    "ordinary way). These figures show that runtime's overhead, not what quantized kernels can do.",
+}
+"""What each runtime's speed figures mean, for the report's notes."""
+
+
 def _notes(results: dict) -> list[str]:
     notes = []
     text = results["text"]
@@ -101,8 +112,12 @@ def _notes(results: dict) -> list[str]:
     else:
         notes.append(f"Perplexity/KL text: {text['source']}.")
     notes.append(f"Protocol: {text['protocol']}, {results['tokens_scored']:,} tokens scored in windows of {results['context']} tokens.")
-    notes.append("Speed: runtime `transformers` (eager forward with a dynamic KV cache; quantized checkpoints loaded the "
-                 "ordinary way). These figures show that runtime's overhead, not what quantized kernels can do.")
+    runtimes = {v["name"]: v["speed"].get("runtime", "transformers") for v in results["variants"]}
+    for runtime, text in RUNTIME_NOTES.items():
+        names = [name for name, r in runtimes.items() if r == runtime]
+        if names:
+            notes.append(f"Speed of {', '.join(names)}: runtime `{runtime}`, {text}")
+    notes += [f"{v['name']}: {v['runtime_note']}." for v in results["variants"] if v.get("runtime_note")]
     if results.get("model_note"):
         notes.append(f"Model: {results['model_note']}.")
     return notes

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ptqlab.errors import PtqlabError
+from ptqlab.models import model_device
 from ptqlab.progress import track
 
 
@@ -129,7 +130,7 @@ def evaluate(
     quiet: bool = False,
 ) -> QualityResult:
     """Score every window once: NLL for perplexity, KL and top-1 agreement against `baseline` if given."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     digest = tokens_digest(token_ids, windows)
     if baseline is not None and baseline.digest != digest:
         raise PtqlabError("the baseline's stored distributions were computed on other tokens (another tokenizer, text or "

@@ -1,5 +1,8 @@
 """Generation speed: time to first token, batch-1 decode tokens/s, batched throughput; and sample answers.
 
+Both runtimes are measured by the same code through an engine with `timed(ids, n)` and `complete(...)`: the
+ordinary transformers path, and ptqlab's fast runtime.
+
 Every measurement runs greedy decoding for a fixed number of new tokens with EOS ignored, so every variant
 does the same work. Each is warmed up first (kernels, allocator, lazy init stay out of the numbers), then
 repeated; we report the median and keep the raw repeats. The device is synchronised at each timestamp.
@@ -13,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from ptqlab.models import synchronizer
+from ptqlab.models import model_device, synchronizer
 
 WARMUP_TOKENS = 16
 SPEED_PROMPT = "Explain in a few sentences what quantization does to a neural network and why it makes inference faster."
@@ -60,21 +63,64 @@ def greedy_decode(model, input_ids: torch.Tensor, new_tokens: int, sync: Callabl
     return {"ttft_s": first - start, "decode_s": end - first, "total_s": end - start}
 
 
-def measure_speed(model, tokenizer, new_tokens: int = 128, batch_size: int = 8, repeats: int = 3, warmup: int = 1) -> dict:
-    """TTFT and decode tok/s at batch 1, and generated tok/s at `batch_size` (the same prompt in every row)."""
-    device = next(model.parameters()).device
-    sync = synchronizer(device)
-    ids = chat_prompt_ids(tokenizer, SPEED_PROMPT).to(device)
+class TransformersEngine:
+    """The ordinary path: a transformers model, eager forward, dynamic KV cache (`--runtime transformers`)."""
+
+    name = "transformers"
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.device = model_device(model)
+        self.sync = synchronizer(self.device)
+
+    def timed(self, input_ids: torch.Tensor, new_tokens: int) -> dict:
+        return greedy_decode(self.model, input_ids, new_tokens, self.sync)
+
+    @torch.no_grad()
+    def complete(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int | None) -> torch.Tensor:
+        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id)
+        return out[0, input_ids.shape[1]:]
+
+
+class FastEngine:
+    """ptqlab's runtime (`--runtime fast`): quantized kernels, static KV cache, CUDA-graph decode on GPUs. One
+    Generator (cache and captured graph) per batch size, each made once."""
+
+    name = "fast"
+
+    def __init__(self, model, max_length: int) -> None:
+        self.model, self.max_length = model, max_length
+        self.device = model.device
+        self.generators = {}
+
+    def _generator(self, batch_size: int):
+        from ptqlab.runtime import Generator
+
+        if batch_size not in self.generators:
+            self.generators[batch_size] = Generator(self.model, batch_size, self.max_length)
+        return self.generators[batch_size]
+
+    def timed(self, input_ids: torch.Tensor, new_tokens: int) -> dict:
+        return self._generator(input_ids.shape[0]).timed(input_ids, new_tokens)
+
+    def complete(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int | None) -> torch.Tensor:
+        return self._generator(1).generate(input_ids, max_new_tokens, eos_token_id)[0]
+
+
+def measure_speed(engine, prompt_ids: torch.Tensor, new_tokens: int = 128, batch_size: int = 8, repeats: int = 3,
+                  warmup: int = 1) -> dict:
+    """TTFT and decode tok/s at batch 1, and generated tok/s at `batch_size` (the prompt [1, P] in every row)."""
+    ids = prompt_ids.to(engine.device)
     # A short warm-up reaches every code path (prefill, cache growth, decode) at a fraction of the cost.
     warm = min(new_tokens, WARMUP_TOKENS)
-    single = repeat_timed(lambda: greedy_decode(model, ids, new_tokens, sync), warmup, repeats,
-                          lambda: greedy_decode(model, ids, warm, sync))
+    single = repeat_timed(lambda: engine.timed(ids, new_tokens), warmup, repeats, lambda: engine.timed(ids, warm))
     batch = ids.expand(batch_size, -1).contiguous()
-    batched = repeat_timed(lambda: greedy_decode(model, batch, new_tokens, sync), warmup, repeats,
-                           lambda: greedy_decode(model, batch, warm, sync))
+    batched = repeat_timed(lambda: engine.timed(batch, new_tokens), warmup, repeats, lambda: engine.timed(batch, warm))
     decode_rates = [(new_tokens - 1) / r["decode_s"] for r in single]
     throughputs = [batch_size * new_tokens / r["total_s"] for r in batched]
     return {
+        "runtime": engine.name,
         "ttft_ms": 1000 * statistics.median(r["ttft_s"] for r in single),
         "decode_tok_s": statistics.median(decode_rates),
         "throughput_tok_s": statistics.median(throughputs),
@@ -86,14 +132,11 @@ def measure_speed(model, tokenizer, new_tokens: int = 128, batch_size: int = 8, 
     }
 
 
-@torch.no_grad()
-def sample_completions(model, tokenizer, max_new_tokens: int = 64, prompts: list[str] = SAMPLE_PROMPTS) -> list[dict]:
+def sample_completions(engine, tokenizer, max_new_tokens: int = 64, prompts: list[str] = SAMPLE_PROMPTS) -> list[dict]:
     """Greedy answers to fixed chat prompts, stopping at EOS (this is about what the model says)."""
-    device = next(model.parameters()).device
     samples = []
     for prompt in prompts:
-        ids = chat_prompt_ids(tokenizer, prompt).to(device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        samples.append({"prompt": prompt, "completion": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+        ids = chat_prompt_ids(tokenizer, prompt).to(engine.device)
+        tokens = engine.complete(ids, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True)})
     return samples

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import resource
@@ -45,6 +46,8 @@ class BenchSettings:
     sample_tokens: int = 64
     device: str = "auto"
     seed: int = 0
+    runtime: str = "auto"
+    """fast (ptqlab's runtime), transformers (the ordinary path), or auto: fast on a GPU, transformers on a CPU."""
 
     @property
     def protocol(self) -> str:
@@ -96,13 +99,35 @@ def describe_checkpoint(path: Path) -> dict:
     return {"recipe": None, "format": "dense", "scheme": f"{config.get('dtype') or config.get('torch_dtype') or '16-bit'} (not quantized)"}
 
 
+RUNTIMES = ("auto", "fast", "transformers")
+
+
+def resolve_runtime(name: str, device: torch.device, path: Path) -> tuple[str, str | None]:
+    """(runtime to use, a note when auto fell back). auto: the fast runtime on a GPU when it runs this checkpoint;
+    transformers on a CPU (where the fast runtime computes with dequantized weights, so it shows no speed-up)."""
+    if name not in RUNTIMES:
+        raise PtqlabError(f"unknown --runtime {name!r}: use one of {', '.join(RUNTIMES)}")
+    if name == "transformers" or (name == "auto" and device.type != "cuda"):
+        return "transformers", None
+    from ptqlab.runtime.load import check_supported
+
+    try:
+        check_supported(path)
+    except PtqlabError as e:
+        if name == "fast":
+            raise
+        return "transformers", f"fast runtime not used: {e}"
+    return "fast", None
+
+
 def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out: Path | None = None,
                   topk_in: Path | None = None, quiet: bool = False) -> dict:
     """Measure everything for one variant. The baseline passes `topk_out`; the others pass `topk_in` for KL."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ptqlab.bench.quality import TopK, evaluate, make_windows
-    from ptqlab.bench.speed import measure_speed, sample_completions
+    from ptqlab.bench.speed import (SPEED_PROMPT, FastEngine, TransformersEngine, chat_prompt_ids, measure_speed,
+                                    sample_completions)
     from ptqlab.bench.text import load_eval_text
 
     path = Path(path)
@@ -114,25 +139,36 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
         torch.cuda.reset_peak_memory_stats(device)
     sync = synchronizer(device)
 
-    sync()
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
-    sync()
-    load_s = time.perf_counter() - start
+    runtime, runtime_note = resolve_runtime(settings.runtime, device, path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-
+    prompt_ids = chat_prompt_ids(tokenizer, SPEED_PROMPT)
     text = load_eval_text(settings.ppl_text)
     token_ids = tokenizer(text.text, return_tensors="pt", verbose=False)["input_ids"][0]
-    model_context = getattr(model.config, "max_position_embeddings", 2048) or 2048
-    context = settings.ppl_context or min(2048, model_context)
+    config = json.loads((path / "config.json").read_text())
+    context = settings.ppl_context or min(2048, config.get("max_position_embeddings") or 2048)
     windows = make_windows(len(token_ids), context, settings.ppl_windows)
+
+    sync()
+    start = time.perf_counter()
+    if runtime == "fast":
+        from ptqlab.runtime import load_runtime
+
+        longest = max(context, prompt_ids.shape[1] + max(settings.max_new_tokens, settings.sample_tokens))
+        model = load_runtime(path, device, max_positions=longest)
+        engine = FastEngine(model, prompt_ids.shape[1] + max(settings.max_new_tokens, settings.sample_tokens))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+        engine = TransformersEngine(model)
+    sync()
+    load_s = time.perf_counter() - start
+
     baseline = TopK.load(topk_in) if topk_in else None
     quality = evaluate(model, token_ids, windows, baseline, settings.topk, quiet=quiet)
     if topk_out:
         quality.topk.save(Path(topk_out))
 
-    speed = measure_speed(model, tokenizer, settings.max_new_tokens, settings.batch_size, settings.repeats, settings.warmup)
-    samples = sample_completions(model, tokenizer, settings.sample_tokens)
+    speed = measure_speed(engine, prompt_ids, settings.max_new_tokens, settings.batch_size, settings.repeats, settings.warmup)
+    samples = sample_completions(engine, tokenizer, settings.sample_tokens)
 
     if device.type == "cuda":
         peak, memory_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
@@ -142,9 +178,11 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
         "name": name,
         "path": str(path.resolve()),
         **describe_checkpoint(path),
-        "runtime": "transformers",
+        "runtime": runtime,
+        "runtime_note": runtime_note,
+        "kernels": getattr(model, "kernels", None),
         "device": device_name(device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(next(itertools.chain(model.parameters(), model.buffers())).dtype).removeprefix("torch."),
         "size": folder_sizes(path),
         "load_s": load_s,
         "peak_memory_bytes": peak,

@@ -24,9 +24,9 @@ except ImportError:  # pragma: no cover - CPU machines
 if triton is not None:
 
     @triton.jit
-    def _token_kernel(X, Y, columns, stride_x, stride_y, qmin, qmax, inv_half_range, tiny, huge, IS_FP8: tl.constexpr,
-                      BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def _token_grid(X, row, columns, stride_x, qmin, qmax, inv_half_range, tiny, huge, IS_FP8: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        """One token's row on its grid: (q as fp32 or float8, the row's fp32 scale, column offsets, mask)."""
         c = tl.arange(0, BLOCK)
         mask = c < columns
         x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
@@ -34,10 +34,25 @@ if triton is not None:
         scale = tl.minimum(tl.maximum(scale, tiny), huge)
         scaled = tl.minimum(tl.maximum(libdevice.div_rn(x, scale), qmin), qmax)
         if IS_FP8:
-            q = scaled.to(tl.float8e4nv).to(tl.float32)
+            q = scaled.to(tl.float8e4nv)
         else:
             q = libdevice.rint(scaled)
-        tl.store(Y + row * stride_y + c, (q * scale).to(Y.dtype.element_ty), mask=mask)
+        return q, scale, c, mask
+
+    @triton.jit
+    def _token_kernel(X, Y, columns, stride_x, stride_y, qmin, qmax, inv_half_range, tiny, huge, IS_FP8: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        q, scale, c, mask = _token_grid(X, row, columns, stride_x, qmin, qmax, inv_half_range, tiny, huge, IS_FP8, BLOCK)
+        tl.store(Y + row * stride_y + c, (q.to(tl.float32) * scale).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _token_quant_kernel(X, Q, S, columns, stride_x, stride_q, qmin, qmax, inv_half_range, tiny, huge,
+                            IS_FP8: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        q, scale, c, mask = _token_grid(X, row, columns, stride_x, qmin, qmax, inv_half_range, tiny, huge, IS_FP8, BLOCK)
+        tl.store(Q + row * stride_q + c, q.to(Q.dtype.element_ty), mask=mask)
+        tl.store(S + row, scale)
 
 
 def available(x: torch.Tensor) -> bool:
@@ -55,6 +70,23 @@ def fake_quantize_tokens(x: torch.Tensor, qmin: float, qmax: float, half_range: 
     _token_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), qmin, qmax, _reciprocal(half_range),
                                     info.tiny, info.max, IS_FP8=is_fp8, BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return out.reshape(x.shape)
+
+
+def quantize_tokens(x: torch.Tensor, qmin: float, qmax: float, half_range: float, is_fp8: bool,
+                    rows_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x [M, K] on its grid: (q [rows_out, K] int8 or float8_e4m3fn, fp32 scale [rows_out, 1]), the same
+    values fake_quantize_tokens dequantizes. Rows past M (when rows_out > M: padding some matmuls need) are zero."""
+    rows = x if x.stride(-1) == 1 else x.contiguous()
+    m, k = rows.shape
+    rows_out = rows_out or m
+    make = torch.zeros if rows_out > m else torch.empty
+    q = make((rows_out, k), dtype=torch.float8_e4m3fn if is_fp8 else torch.int8, device=x.device)
+    scale = make((rows_out, 1), dtype=torch.float32, device=x.device)
+    info = torch.finfo(torch.float32)
+    block = triton.next_power_of_2(k)
+    _token_quant_kernel[(m,)](rows, q, scale, k, rows.stride(0), q.stride(0), qmin, qmax, _reciprocal(half_range),
+                              info.tiny, info.max, IS_FP8=is_fp8, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return q, scale
 
 
 @lru_cache

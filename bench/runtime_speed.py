@@ -1,0 +1,290 @@
+"""Fast-runtime speed: batch-1 decode tokens/s and 4,096-token prefill tokens/s per scheme, each against its floor.
+
+    python bench/runtime_speed.py --shape llama-3-8b --out bench/results/runtime_speed_llama-3-8b.json
+
+For each scheme (bf16, fp8-dynamic, w8a8, w4a16) a random-weight model of the real shape is quantized in memory
+with the recipe's data-free twin (speed does not depend on weight values: fp8-dynamic, w8a8-rtn, w4a16-rtn write
+the same formats as the calibrated w8a8 / w4a16) and loaded into the runtime from its compressed-tensors tensors.
+
+Floors, measured on the same GPU at the start: decode is memory-bound, so its floor is bytes read per token
+(every weight, scale and bias the step touches, the 16-bit head, the whole static KV cache) over the measured
+copy bandwidth; prefill is compute-bound, so its floor is the matmul FLOPs over the measured dense rate of the
+scheme's matmul (bf16 for bf16 and w4a16, whose prefill dequantizes into bf16 cuBLAS; fp8 `_scaled_mm`; int8
+`_int_mm`), plus attention FLOPs at the bf16 rate. `--kernels` first times the int4 kernel against bf16
+`F.linear` and PyTorch's `_weight_int4pack_mm` on the shape's layers at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quantize_speed import SHAPES
+
+SCHEMES = {"bf16": None, "fp8-dynamic": "fp8-dynamic", "w8a8": "w8a8-rtn", "w4a16": "w4a16-rtn"}
+
+
+def median_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def device_ceilings() -> dict:
+    """Copy bandwidth (bytes read + written) and dense matmul rates, measured here."""
+    src = torch.randn(2**28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src), repeats=10)
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    bf16_ms = median_ms(lambda: a @ b, repeats=10)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    fp8_ms = median_ms(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16), repeats=10)
+    ai, bi = torch.randint(-128, 127, (n, n), device="cuda", dtype=torch.int8), torch.randint(-128, 127, (n, n), device="cuda", dtype=torch.int8)
+    int8_ms = median_ms(lambda: torch._int_mm(ai, bi.t()), repeats=10)
+    flops = 2 * n**3
+    return {"copy_bytes_per_s": 2 * src.numel() * 4 / (copy_ms / 1e3), "bf16_flops": flops / (bf16_ms / 1e3),
+            "fp8_flops": flops / (fp8_ms / 1e3), "int8_ops": flops / (int8_ms / 1e3)}
+
+
+def kernel_table(shape: str) -> list[dict]:
+    """Batch-1 time of one layer's matmul: bf16, ptqlab int4 (several tile shapes), PyTorch tinygemm int4."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from ptqlab.quant.linear import rtn
+    from ptqlab.recipes import get_recipe
+    from ptqlab.runtime import kernels
+
+    _, p = SHAPES[shape]
+    h, i = p["hidden_size"], p["intermediate_size"]
+    kv = p["num_key_value_heads"] * h // p["num_attention_heads"]
+    args = get_recipe("w4a16").scheme.weights
+    rows = []
+    for n, k in [(h + 2 * kv, h), (h, h), (2 * i, h), (h, i)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q, scale, _ = rtn(w, args, torch.bfloat16)
+        packed = pack_to_int32(q, 4)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ (q.double().unflatten(1, (-1, 128)) * scale.double().unsqueeze(-1)).flatten(1).T
+        row = {"n": n, "k": k, "bf16_us": 1e3 * median_ms(partial(F.linear, x, w), 50)}
+        for bn, bk, warps, stages in [(64, 128, 4, 3), (32, 256, 4, 3), (64, 256, 4, 2), (128, 128, 8, 3), (32, 128, 4, 4), (16, 512, 4, 2)]:
+            y = kernels.int4_matmul_small_m(x, packed, scale, None, bn, bk, warps, stages)
+            err = float((y.double() - ref).norm() / ref.norm())
+            row[f"int4_{bn}x{bk}_w{warps}_s{stages}_us"] = 1e3 * median_ms(
+                partial(kernels.int4_matmul_small_m, x, packed, scale, None, bn, bk, warps, stages), 50)
+            row[f"int4_{bn}x{bk}_w{warps}_s{stages}_err"] = err
+        try:
+            u = (q.to(torch.int32) + 8)
+            tiny = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8)
+            sz = torch.stack([scale.T, torch.zeros_like(scale.T)], -1).contiguous()  # w = (u - 8) * s + 0
+            row["tinygemm_us"] = 1e3 * median_ms(partial(torch.ops.aten._weight_int4pack_mm, x, tiny, 128, sz), 50)
+        except RuntimeError as e:  # not every build has it
+            row["tinygemm_error"] = str(e).splitlines()[0]
+        rows.append(row)
+        print({k: (round(v, 2) if isinstance(v, float) and not k.endswith("err") else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def build_runtime(shape: str, recipe: str | None, seed: int, max_positions: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ptqlab.api import quantize_model
+    from ptqlab.formats.compressed_tensors import (
+        checkpoint_tensors,
+        quantization_config,
+    )
+    from ptqlab.recipes import get_recipe
+    from ptqlab.runtime.load import SchemeResolver, build_model
+    from ptqlab.runtime.model import Architecture
+
+    model_type, params = SHAPES[shape]
+    config = AutoConfig.for_model(model_type, **params)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    qc = None
+    if recipe is not None:
+        chosen = get_recipe(recipe)
+        quantize_model(model, chosen, quiet=True)
+        qc = quantization_config(chosen)
+    tensors = checkpoint_tensors(model)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    del model
+    runtime = build_model(config, Architecture.from_config(config), tensors, SchemeResolver(qc), torch.device("cuda"),
+                          max_positions=max_positions)
+    del tensors
+    gc.collect()
+    torch.cuda.empty_cache()
+    return runtime
+
+
+def decode_bytes(model, cache_positions: int) -> int:
+    """Bytes one decode step must read: every distinct weight buffer (an untied embedding only as the one row it
+    reads, so not at all), plus the whole static KV cache, which attention reads at every step."""
+    head = getattr(model.head, "weight", None)
+    tied = head is not None and head.data_ptr() == model.embed.data_ptr()
+    seen, total = set(), 0
+    for name, buffer in model.named_buffers():
+        if buffer is None or buffer.data_ptr() in seen or (name == "embed" and not tied):
+            continue
+        seen.add(buffer.data_ptr())
+        total += buffer.numel() * buffer.element_size()
+    a = model.arch
+    return total + 2 * a.num_layers * a.num_kv_heads * a.head_dim * cache_positions * model.dtype.itemsize
+
+
+def _weights_in(module) -> int:
+    """Weights of one runtime linear (or of each part of a Concat)."""
+    if hasattr(module, "parts"):
+        return sum(_weights_in(p) for p in module.parts)
+    if hasattr(module, "packed"):
+        return module.packed.shape[0] * module.in_features
+    return module.weight.numel()
+
+
+def prefill_flops(model, tokens: int) -> tuple[float, float]:
+    """(FLOPs of the linears, attention FLOPs) of a causal prefill that computes the last position's logits."""
+    a = model.arch
+    block = model.blocks[0]
+    per_layer = sum(_weights_in(m) for m in (block.qkv, block.o, block.gate_up, block.down))
+    linear = 2.0 * tokens * per_layer * a.num_layers + 2.0 * a.hidden_size * a.vocab_size
+    attention = 2.0 * a.num_layers * tokens * tokens * a.num_heads * a.head_dim  # causal: half of 4 L² H D
+    return linear, attention
+
+
+def measure(runtime, prompt_tokens: int, new_tokens: int, prefill_tokens: int, repeats: int) -> dict:
+    from ptqlab.runtime import Generator
+
+    vocab = runtime.arch.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt_tokens), device="cuda")
+    generator = Generator(runtime, 1, prompt_tokens + new_tokens)
+    generator.timed(ids, 8)  # capture + warm-up
+    runs = [generator.timed(ids, new_tokens) for _ in range(repeats)]
+    decode_tok_s = statistics.median((new_tokens - 1) / r["decode_s"] for r in runs)
+    ttft_ms = 1e3 * statistics.median(r["ttft_s"] for r in runs)
+    cache = generator.max_length
+    runtime.drop_cache()
+    long_ids = torch.randint(0, vocab, (1, prefill_tokens), device="cuda")
+    with torch.no_grad():
+        prefill_ms = median_ms(lambda: runtime(long_ids, last_only=True), repeats=repeats + 2, warmup=2)
+    return {"decode_tok_s": decode_tok_s, "ttft_ms": ttft_ms, "cache_positions": cache,
+            "prefill_ms": prefill_ms, "prefill_tok_s": prefill_tokens / (prefill_ms / 1e3), "runs": runs}
+
+
+def transformers_decode(shape: str, seed: int, prompt_tokens: int, new_tokens: int) -> float:
+    """The ordinary path for comparison: HF bf16 model, greedy loop with its dynamic cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ptqlab.bench.speed import greedy_decode
+
+    model_type, params = SHAPES[shape]
+    config = AutoConfig.for_model(model_type, **params)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, config.vocab_size, (1, prompt_tokens), device="cuda")
+    greedy_decode(model, ids, 8, torch.cuda.synchronize)
+    runs = [greedy_decode(model, ids, new_tokens, torch.cuda.synchronize) for _ in range(2)]
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return statistics.median((new_tokens - 1) / r["decode_s"] for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernels", action="store_true", help="time the int4 kernel on the shape's layers first")
+    parser.add_argument("--transformers", action="store_true", help="also time plain transformers bf16 decode")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    import transformers
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ceilings = device_ceilings()
+    print(f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 {ceilings['bf16_flops'] / 1e12:.0f} TFLOP/s, "
+          f"fp8 {ceilings['fp8_flops'] / 1e12:.0f} TFLOP/s, int8 {ceilings['int8_ops'] / 1e12:.0f} TOP/s", flush=True)
+    kernel_rows = kernel_table(args.shape) if args.kernels else None
+    rate = {"bf16": "bf16_flops", "w4a16": "bf16_flops", "fp8-dynamic": "fp8_flops", "w8a8": "int8_ops"}
+    results = {}
+    for scheme in args.schemes.split(","):
+        start = time.perf_counter()
+        runtime = build_runtime(args.shape, SCHEMES[scheme], args.seed, args.prompt_tokens + args.new_tokens + args.prefill_tokens)
+        build_s = time.perf_counter() - start
+        measured = measure(runtime, args.prompt_tokens, args.new_tokens, args.prefill_tokens, args.repeats)
+        nbytes = decode_bytes(runtime, measured["cache_positions"])
+        floor_tok_s = ceilings["copy_bytes_per_s"] / nbytes
+        linear, attention = prefill_flops(runtime, args.prefill_tokens)
+        floor_prefill_s = linear / ceilings[rate[scheme]] + attention / ceilings["bf16_flops"]
+        results[scheme] = {**measured, "kernels": runtime.kernels, "decode_bytes": nbytes, "decode_floor_tok_s": floor_tok_s,
+                           "decode_fraction_of_floor": measured["decode_tok_s"] / floor_tok_s,
+                           "prefill_flops": linear + attention,
+                           "prefill_floor_tok_s": args.prefill_tokens / floor_prefill_s,
+                           "prefill_fraction_of_floor": floor_prefill_s / (measured["prefill_ms"] / 1e3),
+                           "peak_memory_bytes": torch.cuda.max_memory_allocated(), "build_s": build_s}
+        del runtime
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        r = results[scheme]
+        print(f"{scheme:12s} decode {r['decode_tok_s']:8.1f} tok/s ({100 * r['decode_fraction_of_floor']:4.1f} % of "
+              f"{r['decode_floor_tok_s']:.0f})  prefill {r['prefill_tok_s']:9.0f} tok/s ({100 * r['prefill_fraction_of_floor']:4.1f} %"
+              f" of {r['prefill_floor_tok_s']:.0f})  ttft {r['ttft_ms']:.2f} ms", flush=True)
+    hf = transformers_decode(args.shape, args.seed, args.prompt_tokens, args.new_tokens) if args.transformers else None
+    base = results.get("bf16")
+    print(f"\n{'scheme':12s} {'decode tok/s':>12s} {'% floor':>8s} {'x bf16':>7s} {'prefill tok/s':>14s} {'% floor':>8s} {'x bf16':>7s}")
+    for scheme, r in results.items():
+        dx = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+        px = r["prefill_tok_s"] / base["prefill_tok_s"] if base else float("nan")
+        print(f"{scheme:12s} {r['decode_tok_s']:12.1f} {100 * r['decode_fraction_of_floor']:7.1f}% {dx:6.2f}x "
+              f"{r['prefill_tok_s']:14.0f} {100 * r['prefill_fraction_of_floor']:7.1f}% {px:6.2f}x")
+    if hf is not None:
+        print(f"transformers bf16 decode (plain generate loop): {hf:.1f} tok/s")
+    if args.out:
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+        try:
+            import triton
+
+            versions["triton"] = triton.__version__
+        except ImportError:
+            pass
+        record = {"shape": args.shape, "device": torch.cuda.get_device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "versions": versions, "settings": vars(args) | {"out": str(args.out)}, "ceilings": ceilings,
+                  "kernel_table": kernel_rows, "results": results, "transformers_bf16_decode_tok_s": hf}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The runtime's linear layers: one per way of computing with a stored weight.
+
+`StoredLinear` is a layer as the checkpoint holds it (grid values unpacked to int8 or float8, scales, zero points).
+`build_linear` picks how to compute with it:
+- `Int4Linear`: int4 weight-only (W4A16) on the GPU: the packed weight read by a Triton kernel at decode,
+  dequantized into cuBLAS for prefill;
+- `Fp8Linear`: FP8 weights and dynamic per-token FP8 activations (one Triton pass quantizes the activation, then
+  `torch._scaled_mm` with row-wise scales);
+- `Int8Linear`: INT8 weights and dynamic per-token INT8 activations (`torch._int_mm`, then one pass applies the
+  scales);
+- `DequantizedLinear`: everything else, and every scheme on CPUs: the weight dequantized once at load and
+  activations fake-quantized per token. This is the reference semantics (ptqlab's QuantizedLinear, the
+  checkpoint's meaning), so the CPU path is correct by construction, and a 16-bit layer is the same with nothing
+  to dequantize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptqlab.quant import token_triton
+from ptqlab.quant.primitives import FP8_MAX, dequantize, fake_quantize
+from ptqlab.runtime import kernels
+from ptqlab.schemes import Scheme
+
+
+@dataclass
+class StoredLinear:
+    """One linear layer as stored: `weight` [out, in] is the float weight when `scheme` is None (16-bit), else the
+    grid values (int8 holding intN values, or float8_e4m3fn) with `scale` and `zero_point` in the checkpoint's
+    layouts."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scheme: Scheme | None = None
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+def _per_channel(layer: StoredLinear) -> StoredLinear:
+    """A per-tensor scale written out as the same scale for every row (exactly the same weights)."""
+    if layer.scheme is None or layer.scheme.weights.strategy != "tensor":
+        return layer
+    scale = layer.scale.reshape(1, 1).expand(layer.out_features, 1).contiguous()
+    zero = None if layer.zero_point is None else layer.zero_point.reshape(1, 1).expand(layer.out_features, 1).contiguous()
+    weights = replace(layer.scheme.weights, strategy="channel")
+    return replace(layer, scheme=replace(layer.scheme, weights=weights), scale=scale, zero_point=zero)
+
+
+def concat_linears(parts: list[StoredLinear]) -> StoredLinear | None:
+    """Layers that read the same input (q, k, v; gate, up) stacked into one along the output, so that one matmul
+    serves them all. None when their formats differ (a layer kept 16-bit among quantized ones)."""
+    if len(parts) == 1:
+        return parts[0]
+    parts = [_per_channel(p) for p in parts]
+    first = parts[0]
+    if any(p.scheme != first.scheme or p.weight.dtype != first.weight.dtype for p in parts):
+        return None
+
+    def cat(tensors):
+        return None if tensors[0] is None else torch.cat(tensors)
+
+    biases = [p.bias for p in parts]
+    if any(b is not None for b in biases):
+        biases = [b if b is not None else torch.zeros(p.out_features, dtype=next(x for x in biases if x is not None).dtype,
+                                                      device=p.weight.device) for b, p in zip(biases, parts)]
+    return StoredLinear(cat([p.weight for p in parts]), cat(biases), first.scheme, cat([p.scale for p in parts]),
+                        cat([p.zero_point for p in parts]))
+
+
+class DequantizedLinear(nn.Module):
+    """y = fake_quant(x) @ Wᵀ + b with W dequantized once (or 16-bit as stored)."""
+
+    kernel = "dequantized"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, input_args=None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.input_args = input_args
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_args is not None:
+            x = fake_quantize(x, self.input_args)
+        return F.linear(x, self.weight, self.bias)
+
+
+class Int4Linear(nn.Module):
+    """W4A16: the weight stays packed (0.5 byte per value) and is dequantized inside the kernel."""
+
+    kernel = "int4 triton (decode), dequantize + cuBLAS (prefill)"
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 bias: torch.Tensor | None, in_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= kernels.SMALL_M:
+            y = kernels.int4_matmul_small_m(rows, self.packed, self.scale, self.zero_point)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            weight = kernels.int4_dequantize(self.packed, self.scale, self.zero_point, self.in_features, x.dtype)
+            y = F.linear(rows, weight, self.bias)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+class Fp8Linear(nn.Module):
+    """FP8 W8A8: x quantized per token to FP8, multiplied by the FP8 weight with fp32 row and column scales."""
+
+    kernel = "fp8 _scaled_mm"
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features = weight.shape[1]
+        self.register_buffer("weight", weight)  # [out, in] float8_e4m3fn, row-major: its .t() is column-major
+        self.register_buffer("scale", scale.float().reshape(1, -1).contiguous())
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        q, x_scale = token_triton.quantize_tokens(rows, -FP8_MAX, FP8_MAX, FP8_MAX, is_fp8=True)
+        y = torch._scaled_mm(q, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+
+INT_MM_MIN_ROWS = 32
+"""torch._int_mm wants more than 16 rows: decode pads its few rows with zeros up to this."""
+
+
+class Int8Linear(nn.Module):
+    """INT8 W8A8: x quantized per token to int8, an exact int32 matmul, then both scales (and bias) in one pass."""
+
+    kernel = "int8 _int_mm"
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features = weight.shape[1]
+        self.register_buffer("weight", weight)  # [out, in] int8
+        self.register_buffer("scale", scale.float().reshape(-1).contiguous())
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        m = rows.shape[0]
+        qmin, qmax = -128.0, 127.0
+        q, x_scale = token_triton.quantize_tokens(rows, qmin, qmax, (qmax - qmin) / 2, is_fp8=False,
+                                                  rows_out=max(m, INT_MM_MIN_ROWS))
+        acc = torch._int_mm(q, self.weight.t())
+        y = kernels.int8_epilogue(acc, x_scale, self.scale, self.bias, m, x.dtype)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def _kernel_for(layer: StoredLinear) -> str | None:
+    """Which fast kernel computes with this layer on a GPU (None: dequantized)."""
+    scheme = layer.scheme
+    if scheme is None or not kernels.available() or not layer.weight.is_cuda:
+        return None
+    w, a = scheme.weights, scheme.input_activations
+    out_features, in_features = layer.weight.shape
+    if a is None and w.type == "int" and w.num_bits == 4 and w.strategy in ("group", "channel") and in_features % 8 == 0:
+        return "int4"
+    per_token = a is not None and a.strategy == "token" and a.symmetric and a.dynamic
+    symmetric_rows = w.strategy in ("channel", "tensor") and w.symmetric
+    if per_token and symmetric_rows and w.type == a.type == "float" and in_features % 16 == 0 and out_features % 16 == 0:
+        return "fp8"
+    if per_token and symmetric_rows and w.type == a.type == "int" and w.num_bits == a.num_bits == 8 \
+            and in_features % 8 == 0 and out_features % 8 == 0:
+        return "int8"
+    return None
+
+
+def build_linear(layer: StoredLinear, dtype: torch.dtype) -> nn.Module:
+    """The module that computes with `layer` in activation dtype `dtype`, on the layer's device."""
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    if layer.scheme is None:
+        return DequantizedLinear(layer.weight.to(dtype), bias)
+    kernel = _kernel_for(layer)
+    if kernel == "int4":
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        layer = _per_channel(layer)
+        return Int4Linear(pack_to_int32(layer.weight, 4), layer.scale, layer.zero_point, bias, layer.weight.shape[1])
+    if kernel == "fp8":
+        layer = _per_channel(layer)
+        return Fp8Linear(layer.weight, layer.scale, bias)
+    if kernel == "int8":
+        layer = _per_channel(layer)
+        return Int8Linear(layer.weight, layer.scale, bias)
+    weight = dequantize(layer.weight, layer.scale, layer.zero_point, layer.scheme.weights, dtype)
+    return DequantizedLinear(weight, bias, layer.scheme.input_activations)
+

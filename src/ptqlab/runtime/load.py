@@ -1,0 +1,201 @@
+"""Reading a checkpoint folder into a RuntimeModel: 16-bit models and compressed-tensors checkpoints (ptqlab's and
+llm-compressor's: float-quantized, int-quantized, pack-quantized).
+
+Each linear's tensors say how it is stored (`weight_packed`: pack-quantized; `weight` int8 or float8 with
+`weight_scale`: int- or float-quantized; a float `weight`: 16-bit); its number formats come from the
+`quantization_config` group whose targets match it, as compressed-tensors resolves them (ignore list first).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ptqlab.errors import PtqlabError
+from ptqlab.runtime.linear import StoredLinear, build_linear, concat_linears
+from ptqlab.runtime.model import Architecture, Block, Concat, RuntimeModel
+from ptqlab.schemes import QuantArgs, Scheme
+
+STRATEGIES = ("tensor", "channel", "group", "token")
+PROJECTIONS = {"qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.qkv_proj",)),
+               "o": (("self_attn.o_proj",),),
+               "gate_up": (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",)),
+               "down": (("mlp.down_proj",),)}
+"""Per decoder layer: the runtime's four matmuls and the checkpoint layers each is made of (separate or fused)."""
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+         "self_attn.q_norm", "self_attn.k_norm")
+
+
+def read_tensors(folder: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise PtqlabError(f"{folder}: no .safetensors weights (the runtime reads safetensors checkpoints)")
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def _quant_args(raw: dict | None, where: str) -> QuantArgs | None:
+    if raw is None:
+        return None
+    strategy = raw.get("strategy")
+    if strategy not in STRATEGIES:
+        raise PtqlabError(f"{where}: quantization strategy {strategy!r} is not supported by the fast runtime "
+                          f"(it runs {', '.join(STRATEGIES)}); benchmark with --runtime transformers")
+    try:
+        return QuantArgs(num_bits=raw["num_bits"], type=raw.get("type", "int"), symmetric=raw.get("symmetric", True),
+                         strategy=strategy, group_size=raw.get("group_size") if strategy == "group" else None,
+                         dynamic=bool(raw.get("dynamic", False)))
+    except ValueError as e:
+        raise PtqlabError(f"{where}: {e}") from e
+
+
+def _matches(name: str, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target in ("Linear", name) or name.endswith("." + target)
+
+
+class SchemeResolver:
+    """The scheme of each linear layer by name, from a config.json `quantization_config` (None: 16-bit)."""
+
+    def __init__(self, quantization_config: dict | None) -> None:
+        qc = quantization_config or {}
+        if qc and qc.get("quant_method") != "compressed-tensors":
+            raise PtqlabError(f"quantization method {qc.get('quant_method')!r} is not supported by the fast runtime "
+                              "(it reads compressed-tensors checkpoints); benchmark with --runtime transformers")
+        if qc.get("sparsity_config") or qc.get("transform_config"):
+            raise PtqlabError("sparse or transformed compressed-tensors checkpoints are not supported by the fast runtime; "
+                              "benchmark with --runtime transformers")
+        self.ignore = list(qc.get("ignore") or [])
+        self.groups = []
+        for key, group in (qc.get("config_groups") or {}).items():
+            where = f"quantization_config.config_groups.{key}"
+            weights = _quant_args(group.get("weights"), where)
+            if weights is not None:
+                scheme = Scheme(weights, _quant_args(group.get("input_activations"), where))
+                self.groups.append((list(group.get("targets") or []), scheme))
+
+    def __call__(self, name: str) -> Scheme | None:
+        if any(_matches(name, t) for t in self.ignore):
+            return None
+        return next((scheme for targets, scheme in self.groups if any(_matches(name, t) for t in targets)), None)
+
+
+def stored_linear(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme | None) -> StoredLinear:
+    """Take one linear's tensors out of `tensors` (consumed) as a StoredLinear."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    def take(suffix):
+        return tensors.pop(f"{name}.{suffix}", None)
+
+    bias = take("bias")
+    packed = take("weight_packed")
+    weight = tensors.get(f"{name}.weight")
+    if packed is None and weight is None:
+        raise PtqlabError(f"the checkpoint has no weights for {name}")
+    if packed is None and weight.dtype not in (torch.int8, torch.float8_e4m3fn):
+        return StoredLinear(take("weight"), bias)
+    if scheme is None:
+        raise PtqlabError(f"{name} is stored quantized but no quantization_config group targets it")
+    args = scheme.weights
+    scale, zero_point = take("weight_scale"), take("weight_zero_point")
+    if take("weight_g_idx") is not None:
+        raise PtqlabError(f"{name}: activation-ordered groups (weight_g_idx) are not supported by the fast runtime; "
+                          "benchmark with --runtime transformers")
+    if packed is not None:
+        shape = torch.Size(take("weight_shape").tolist())
+        weight = unpack_from_int32(packed, args.num_bits, shape)
+        if zero_point is not None:
+            zero_point = unpack_from_int32(zero_point, args.num_bits, torch.Size([shape[0], scale.shape[-1]]), packed_dim=0)
+    else:
+        take("weight")
+    if zero_point is not None:
+        zero_point = zero_point.to(torch.int8).reshape(scale.shape)
+    return StoredLinear(weight, bias, scheme, scale, zero_point)
+
+
+def _projection(tensors, prefix: str, choices, resolve: SchemeResolver, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+    names = next((c for c in choices if f"{prefix}{c[0]}.weight" in tensors or f"{prefix}{c[0]}.weight_packed" in tensors), None)
+    if names is None:
+        raise PtqlabError(f"the checkpoint has none of {', '.join(prefix + c[0] for c in choices)}")
+    parts = [stored_linear(tensors, prefix + n, resolve(prefix + n)) for n in names]
+    fused = concat_linears(parts)
+    if fused is not None:
+        module = build_linear(fused, dtype)
+    else:
+        module = Concat([build_linear(p, dtype) for p in parts])
+    return module, getattr(module, "kernel", "mixed")
+
+
+def check_supported(path: str | Path) -> None:
+    """Raise PtqlabError, saying why, if the fast runtime cannot run this folder (reads config and tensor names only)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise PtqlabError(f"{folder}: not a model folder (no config.json)")
+    Architecture.from_config(AutoConfig.from_pretrained(folder))
+    SchemeResolver(json.loads((folder / "config.json").read_text()).get("quantization_config"))
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            if any(key.endswith(".weight_g_idx") for key in f.keys()):  # noqa: SIM118 (a safetensors handle)
+                raise PtqlabError(f"{folder}: activation-ordered groups (weight_g_idx) are not supported by the fast "
+                                  "runtime; benchmark with --runtime transformers")
+
+
+def load_runtime(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 max_positions: int | None = None) -> RuntimeModel:
+    """Load a model folder (16-bit or compressed-tensors) for the fast runtime.
+
+    dtype: activation and 16-bit weight dtype (default: the checkpoint's). max_positions: the longest sequence it
+    will see (default: min(config's context, 8192)); rotary tables are built for that many positions."""
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise PtqlabError(f"{folder}: not a model folder (no config.json)")
+    config = AutoConfig.from_pretrained(folder)
+    arch = Architecture.from_config(config)
+    raw_config = json.loads((folder / "config.json").read_text())
+    resolve = SchemeResolver(raw_config.get("quantization_config"))
+    device = torch.device(device)
+    tensors = read_tensors(folder, device)
+    return build_model(config, arch, tensors, resolve, device, dtype, max_positions)
+
+
+def build_model(config, arch: Architecture, tensors: dict[str, torch.Tensor], resolve: SchemeResolver,
+                device: torch.device, dtype: torch.dtype | None = None, max_positions: int | None = None) -> RuntimeModel:
+    """A RuntimeModel from checkpoint tensors by name (consumed), e.g. what `checkpoint_tensors` gives in memory."""
+    embed = tensors.pop("model.embed_tokens.weight", None)
+    if embed is None:
+        raise PtqlabError("the checkpoint has no model.embed_tokens.weight")
+    dtype = dtype or embed.dtype
+    blocks, kernels = [], {}
+    for i in range(arch.num_layers):
+        prefix = f"model.layers.{i}."
+        modules = {}
+        for role, choices in PROJECTIONS.items():
+            modules[role], kernels[role] = _projection(tensors, prefix, choices, resolve, dtype)
+        norms = {n.rpartition(".")[2]: tensors.pop(prefix + n + ".weight").to(dtype)
+                 for n in NORMS if prefix + n + ".weight" in tensors}
+        blocks.append(Block(arch, i, modules["qkv"], modules["o"], modules["gate_up"], modules["down"], norms))
+    norm = tensors.pop("model.norm.weight").to(dtype)
+    if "lm_head.weight" in tensors or "lm_head.weight_packed" in tensors:
+        head, kernels["lm_head"] = _projection(tensors, "", (("lm_head",),), resolve, dtype)
+    else:  # tied to the embedding
+        head = build_linear(StoredLinear(embed), dtype)
+        kernels["lm_head"] = head.kernel
+    positions = max_positions or min(getattr(config, "max_position_embeddings", 8192) or 8192, 8192)
+    model = RuntimeModel(config, arch, embed.to(dtype), blocks, norm, head, positions, kernels)
+    return model.eval()
+

@@ -1,0 +1,303 @@
+"""The runtime's decoder: the supported Hugging Face architectures (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3)
+written out plainly, with fused projections and a static KV cache.
+
+What differs between the families is data (`Architecture`, read from the config; sandwich and q/k norms from the
+tensors present): Gemma's 1 + w norms, embedding scale, softcaps and query scaling; sliding-window layers; Qwen2's
+projection biases; Phi-3's already fused qkv / gate_up. Rotary tables come from the architecture's own Hugging Face
+rotary module, so every rope variant (Llama 3 scaling, Gemma 3's local base, Phi-3's partial rotary) is computed by
+the code that defines it. The arithmetic follows the Hugging Face modules op for op (norms in fp32, softmax in fp32),
+so that in fp32 the logits agree to rounding with `AutoModelForCausalLM` on the same checkpoint.
+
+q, k, v (and gate, up) are one matmul when their formats agree, which halves the number of launches at decode.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptqlab.errors import PtqlabError
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+GEMMA = ("gemma2", "gemma3_text")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The numbers and switches that define a decoder of one of the supported families."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eps: float
+    activation: str
+    norm_offset: float
+    """Gemma stores norm weights w and scales by 1 + w."""
+    embed_scale: float | None
+    attn_scale: float
+    attn_softcap: float | None
+    final_softcap: float | None
+    layer_types: tuple[str, ...]
+    """'full_attention' or 'sliding_attention' per layer (also the key of its rotary table)."""
+    sliding_window: int | None
+
+    @classmethod
+    def from_config(cls, config) -> Architecture:
+        model_type = config.model_type
+        if model_type not in SUPPORTED:
+            raise PtqlabError(f"the fast runtime does not run {model_type!r} models (it runs {', '.join(SUPPORTED)}); "
+                              "benchmark this one with --runtime transformers")
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        gemma = model_type in GEMMA
+        window = getattr(config, "sliding_window", None)
+        types = getattr(config, "layer_types", None)
+        if types is None:
+            types = ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers
+        if "sliding_attention" not in types:
+            window = None
+        scalar = getattr(config, "query_pre_attn_scalar", None) if gemma else None
+        return cls(
+            model_type=model_type, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+            num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+            vocab_size=config.vocab_size, eps=config.rms_norm_eps,
+            activation=getattr(config, "hidden_activation", None) or config.hidden_act,
+            norm_offset=1.0 if gemma else 0.0, embed_scale=config.hidden_size ** 0.5 if gemma else None,
+            attn_scale=(scalar or head_dim) ** -0.5,
+            attn_softcap=getattr(config, "attn_logit_softcapping", None) if gemma else None,
+            final_softcap=getattr(config, "final_logit_softcapping", None) if gemma else None,
+            layer_types=tuple(types), sliding_window=window,
+        )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """RMSNorm in fp32; Llama scales after casting back (w * x̂), Gemma before ((1 + w) x̂), as their HF modules do."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (h * (offset + weight.float())).to(x.dtype)
+    return weight * h.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention) of x [B, L, heads, D] on its first cos.shape[-1] dims; cos, sin [L, R]."""
+    rot = cos.shape[-1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x_rot, x_pass = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
+    half = rot // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    out = x_rot * cos + rotated * sin
+    return out if x_pass is None else torch.cat((out, x_pass), dim=-1)
+
+
+def rotary_tables(config, positions: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """cos, sin [positions, rotary dims] (fp32) per layer type, from the architecture's own HF rotary module."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    module = sys.modules[MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__module__]
+    rotary_cls = next(v for k, v in vars(module).items() if k.endswith("RotaryEmbedding") and isinstance(v, type))
+    rotary = rotary_cls(config=config)
+    probe = torch.zeros(1, dtype=torch.float32)
+    position_ids = torch.arange(positions).unsqueeze(0)
+    tables = {}
+    for layer_type in sorted(set(Architecture.from_config(config).layer_types)):
+        if "layer_type" in inspect.signature(rotary.forward).parameters:
+            cos, sin = rotary(probe, position_ids, layer_type=layer_type)
+        else:
+            cos, sin = rotary(probe, position_ids)
+        tables[layer_type] = (cos[0], sin[0])
+    return tables
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+                      softcap: float | None) -> torch.Tensor:
+    """Attention of q [B, H, L, D] over k, v [B, Hkv, T, D] where allowed [L, T]; each kv head serves its H / Hkv
+    query heads without copying k or v. Scores in the model dtype, softmax in fp32 (as HF's eager attention)."""
+    b, h, length, d = q.shape
+    groups = h // k.shape[1]
+    q = q.reshape(b, k.shape[1], groups * length, d)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed.repeat(groups, 1), float("-inf"))
+    probs = scores.float().softmax(-1).to(q.dtype)
+    return torch.matmul(probs, v).reshape(b, h, length, d)
+
+
+class Concat(nn.Module):
+    """Layers that read the same input but could not be fused (different formats): outputs side by side."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class Block(nn.Module):
+    """One decoder layer: attention with a static KV cache, then the gated MLP, each with its residual."""
+
+    def __init__(self, arch: Architecture, index: int, qkv: nn.Module, o: nn.Module, gate_up: nn.Module,
+                 down: nn.Module, norms: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.arch, self.layer_type = arch, arch.layer_types[index]
+        self.window = arch.sliding_window if self.layer_type == "sliding_attention" else None
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        for name, weight in norms.items():
+            self.register_buffer(name, weight)
+        self.norm_names = set(norms)
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[arch.activation]
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, getattr(self, name), self.arch.eps, self.arch.norm_offset)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                allowed: torch.Tensor | None, fresh: bool) -> torch.Tensor:
+        h = self.attention(self._norm("input_layernorm", x), pos, rotary, allowed, fresh)
+        if "pre_feedforward_layernorm" in self.norm_names:  # Gemma's sandwich norms
+            x = x + self._norm("post_attention_layernorm", h)
+            h = self.mlp(self._norm("pre_feedforward_layernorm", x))
+            return x + self._norm("post_feedforward_layernorm", h)
+        x = x + h
+        return x + self.mlp(self._norm("post_attention_layernorm", x))
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up)
+
+    def attention(self, x: torch.Tensor, pos: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                  allowed: torch.Tensor | None, fresh: bool) -> torch.Tensor:
+        a = self.arch
+        b, length, _ = x.shape
+        q, k, v = self.qkv(x).split([a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim], -1)
+        q = q.view(b, length, a.num_heads, a.head_dim)
+        k = k.view(b, length, a.num_kv_heads, a.head_dim)
+        if "q_norm" in self.norm_names:
+            q, k = self._norm("q_norm", q), self._norm("k_norm", k)
+        cos, sin = rotary
+        q, k = rope(q, cos, sin).transpose(1, 2), rope(k, cos, sin).transpose(1, 2)
+        v = v.view(b, length, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        if self.k_cache is not None:
+            self.k_cache.index_copy_(2, pos, k)
+            self.v_cache.index_copy_(2, pos, v)
+        if allowed is None:  # fresh causal prefill without window or softcap: the fused kernel
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.attn_scale, enable_gqa=True)
+        elif self.k_cache is not None and not fresh:
+            out = grouped_attention(q, self.k_cache, self.v_cache, allowed, a.attn_scale, a.attn_softcap)
+        else:  # a fresh sequence with a mask or softcap: k, v per query head, the matmul shapes HF's eager attention has
+            groups = a.num_heads // a.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            out = grouped_attention(q, k, v, allowed, a.attn_scale, a.attn_softcap)
+        return self.o(out.transpose(1, 2).reshape(b, length, a.num_heads * a.head_dim))
+
+
+@dataclass
+class Output:
+    """What `model(ids)` returns, shaped like a transformers output where callers read `.logits`."""
+
+    logits: torch.Tensor
+
+
+class RuntimeModel(nn.Module):
+    """A causal LM for inference: `model(ids)` scores a sequence from position 0; `setup_cache` + `step` decode."""
+
+    def __init__(self, config, arch: Architecture, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor,
+                 head: nn.Module, max_positions: int, kernels: dict[str, str]) -> None:
+        super().__init__()
+        self.config, self.arch = config, arch
+        self.register_buffer("embed", embed)
+        self.blocks = nn.ModuleList(blocks)
+        self.register_buffer("norm", norm)
+        self.head = head
+        self.kernels = kernels
+        """Which kernel computes each kind of layer (for reports)."""
+        device = embed.device
+        self.rotary = {t: (cos.to(device, embed.dtype), sin.to(device, embed.dtype))
+                       for t, (cos, sin) in rotary_tables(config, max_positions).items()}
+        self.max_positions = max_positions
+        self.cache_shape: tuple[int, int] | None = None
+        self.cache_owner: object = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def setup_cache(self, batch_size: int, max_length: int, owner: object = None) -> None:
+        """Allocate the static KV cache: every layer's keys and values for `max_length` positions. `owner` (a
+        Generator) marks whose cache it is: one that finds another's must set up its own again."""
+        if max_length > self.max_positions:
+            raise PtqlabError(f"a cache of {max_length} positions exceeds the {self.max_positions} this model was loaded for")
+        a = self.arch
+        shape = (batch_size, a.num_kv_heads, max_length, a.head_dim)
+        for block in self.blocks:
+            block.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            block.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cache_shape = (batch_size, max_length)
+        self.cache_owner = owner
+
+    def drop_cache(self) -> None:
+        for block in self.blocks:
+            block.k_cache = block.v_cache = None
+        self.cache_shape = self.cache_owner = None
+
+    def _allowed(self, pos: torch.Tensor, keys: int, window: int | None) -> torch.Tensor:
+        kv = torch.arange(keys, device=pos.device)
+        allowed = kv[None, :] <= pos[:, None]
+        if window is not None:
+            allowed = allowed & (kv[None, :] > pos[:, None] - window)
+        return allowed
+
+    def forward(self, input_ids: torch.Tensor, pos: torch.Tensor | None = None, last_only: bool = False):
+        """Logits [B, L, vocab] for input_ids [B, L] at positions `pos` [L] (default 0..L-1: a fresh sequence).
+
+        With a cache set up, keys and values are written at `pos` and attention reads the whole cache; a fresh
+        sequence attends only to itself (so `model(ids)` needs no cache)."""
+        a = self.arch
+        length = input_ids.shape[1]
+        fresh = pos is None
+        if fresh:
+            if length > self.max_positions:
+                raise PtqlabError(f"{length} tokens exceed the {self.max_positions} positions this model was loaded for")
+            pos = torch.arange(length, device=input_ids.device)
+        x = F.embedding(input_ids, self.embed)
+        if a.embed_scale is not None:  # HF multiplies by the scale rounded to the model dtype
+            x = x * float(torch.tensor(a.embed_scale, dtype=x.dtype))
+        keys = length if fresh else self.cache_shape[1]
+        masks: dict[str, torch.Tensor | None] = {}
+        rotary = {t: (cos[pos], sin[pos]) for t, (cos, sin) in self.rotary.items()}
+        for block in self.blocks:
+            key = block.layer_type
+            if key not in masks:
+                simple = fresh and a.attn_softcap is None and (block.window is None or block.window >= length)
+                masks[key] = None if simple else self._allowed(pos, keys, block.window)
+            x = block(x, pos, rotary[key], masks[key], fresh)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.head(rms_norm(x, self.norm, a.eps, a.norm_offset))
+        if a.final_softcap is not None:
+            logits = torch.tanh(logits / a.final_softcap) * a.final_softcap
+        return Output(logits)
+
+
+def cache_length(tokens: int, multiple: int = 64) -> int:
+    """Cache positions for a sequence of `tokens`, rounded up (fewer distinct graphs, less re-capture)."""
+    return multiple * math.ceil(tokens / multiple)

@@ -1,0 +1,238 @@
+"""The fast runtime computes what the checkpoint means.
+
+CPU (every scheme computes with its dequantized weight; fp32) against transformers loading the same checkpoint in
+fp32 (compressed-tensors' own decompression): logits equal to 1e-5 relative for every architecture and scheme
+(measured: bitwise equal; the bound leaves room for fp32 rounding where a matmul is blocked differently, e.g. the
+fused q/k/v).
+Greedy generation over 32 tokens: every token the runtime picks is the reference's argmax for the same prefix
+(teacher-forced, so the whole sequence is what greedy decoding of the reference gives). Decoding reads the KV cache
+through a differently shaped attention matmul than a full forward, so fp32 rounding differs slightly; with 8-bit
+activations that can move a value across a rounding boundary of its grid, so for fp8-dynamic and w8a8 a pick may
+differ only at a near tie of the reference (top-2 gap < 0.01). Weight-only and 16-bit must match exactly.
+
+GPU tests (skipped on CPUs) check the kernels against float64 and the reference modules, and that CUDA-graph
+decoding gives the same tokens as eager decoding.
+"""
+
+import json
+
+import pytest
+import torch
+
+from ptqlab import quantize
+from ptqlab.errors import PtqlabError
+from ptqlab.runtime import Generator, load_runtime
+from tiny import ARCHS, save_tiny_model
+
+ACTIVATION_QUANTIZED = ("fp8-dynamic", "w8a8-rtn")
+RECIPES = [None, "fp8-dynamic", "w4a16-rtn", "w8a8-rtn"]
+NEAR_TIE = 0.01
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def reference(path, dtype=torch.float32, device="cpu"):
+    from transformers import AutoModelForCausalLM
+
+    # Gemma 2 in eager attention: the softcap as written (HF's default sdpa path leaves it out).
+    attention = "eager" if json.loads((path / "config.json").read_text())["model_type"] == "gemma2" else "sdpa"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention).to(device).eval()
+
+
+def token_ids(batch=2, length=24, seed=0):
+    return torch.randint(3, 384, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def relative(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model_dir, tmp_path_factory):
+    """Factory: (arch, recipe or None) -> a checkpoint folder (the 16-bit model itself for None)."""
+    made = {}
+
+    def make(arch, recipe, **config):
+        key = (arch, recipe, tuple(sorted(config.items())))
+        if key not in made:
+            src = tiny_model_dir(arch, **config)
+            made[key] = src if recipe is None else quantize(str(src), recipe, out=tmp_path_factory.mktemp(f"{arch}-{recipe}"),
+                                                           quiet=True)
+        return made[key]
+
+    return make
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(checkpoint, arch, recipe):
+    path = checkpoint(arch, recipe)
+    ids = token_ids()
+    with torch.no_grad():
+        ours = load_runtime(path, dtype=torch.float32)(ids).logits
+        theirs = reference(path)(ids).logits
+    assert relative(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_matches_reference(checkpoint, arch, recipe):
+    path = checkpoint(arch, recipe)
+    prompt = token_ids(1, 8, seed=1)
+    model = load_runtime(path, dtype=torch.float32)
+    generated = Generator(model, 1, 8 + 32).generate(prompt, 32)[0]
+    assert generated.shape == (32,)
+    with torch.no_grad():
+        logits = reference(path)(torch.cat([prompt[0], generated])[None]).logits[0, 7:-1]
+    top = logits.max(-1).values
+    picked = logits.gather(-1, generated[:, None])[:, 0]
+    if recipe in ACTIVATION_QUANTIZED:
+        assert bool((top - picked < NEAR_TIE).all()), (top - picked).max()
+    else:
+        assert torch.equal(generated, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("arch,config", [("gemma2", {"sliding_window": 8}), ("gemma3_text", {"sliding_window": 8}),
+                                         ("qwen3", {})])
+def test_cached_decode_equals_full_forward(checkpoint, arch, config):
+    """Step-by-step decoding through the static cache (sliding windows shorter than the sequence included) gives the
+    logits of one forward pass over the whole sequence, and both match transformers."""
+    path = checkpoint(arch, None, **config)
+    model = load_runtime(path, dtype=torch.float32)
+    ids = token_ids(2, 30, seed=2)
+    with torch.no_grad():
+        full = model(ids).logits
+        model.setup_cache(2, 64)
+        steps = [model(ids[:, :6]).logits]
+        for t in range(6, 30):
+            steps.append(model(ids[:, t:t + 1], torch.tensor([t])).logits)
+        theirs = reference(path)(ids).logits
+    assert relative(torch.cat(steps, 1), full) <= 1e-5
+    assert relative(full, theirs) <= 1e-5
+
+
+def test_layers_in_different_formats_are_not_fused(tiny_model_dir, tmp_path):
+    """k_proj kept 16-bit: q, k, v run as three matmuls side by side, with the same logits."""
+    src = tiny_model_dir("qwen2")
+    path = quantize(str(src), "w4a16-rtn", out=tmp_path / "q", ignore=["lm_head", "re:.*k_proj"], quiet=True)
+    model = load_runtime(path, dtype=torch.float32)
+    assert model.kernels["qkv"] == "mixed" and model.kernels["o"] == "dequantized"
+    with torch.no_grad():
+        assert relative(model(token_ids()).logits, reference(path)(token_ids()).logits) <= 1e-5
+
+
+def test_bf16_checkpoint_runs_in_its_own_dtype(tiny_model_dir, tmp_path):
+    path = quantize(str(tiny_model_dir("llama", torch.bfloat16)), "w4a16-rtn", out=tmp_path / "q", quiet=True)
+    model = load_runtime(path)
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        ours = model(token_ids()).logits
+        theirs = reference(path, torch.bfloat16)(token_ids()).logits
+    assert ours.dtype == torch.bfloat16
+    assert relative(ours, theirs) < 1e-2  # bf16 rounding
+
+
+def test_unsupported_architecture_says_what_to_do(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
+    with pytest.raises(PtqlabError, match="--runtime transformers"):
+        load_runtime(tmp_path)
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(PtqlabError, match="no config.json"):
+        load_runtime(tmp_path)
+
+
+def test_reads_llmcompressor_checkpoints(tiny_model_dir, tmp_path):
+    pytest.importorskip("llmcompressor")
+    from test_interop_llmcompressor import llmcompressor_checkpoint
+
+    src = tiny_model_dir("llama")
+    for scheme in ("W4A16", "W8A8", "FP8_DYNAMIC"):
+        path = llmcompressor_checkpoint(src, scheme, tmp_path / scheme)
+        with torch.no_grad():
+            ours = load_runtime(path, dtype=torch.float32)(token_ids()).logits
+            theirs = reference(path)(token_ids()).logits
+        assert relative(ours, theirs) <= (1e-2 if scheme != "W4A16" else 1e-5), scheme
+
+
+# ---- GPU: kernels and CUDA graphs -------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("n,k,group,symmetric", [(96, 256, 128, True), (200, 512, 64, False), (64, 4096, 128, True),
+                                                   (1152, 896, 128, True), (256, 384, None, True)])
+def test_int4_kernels_against_float64(rows, n, k, group, symmetric):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from ptqlab.quant.linear import rtn
+    from ptqlab.quant.primitives import dequantize
+    from ptqlab.runtime import kernels
+    from ptqlab.schemes import QuantArgs
+
+    torch.manual_seed(n + k + rows)
+    args = QuantArgs(num_bits=4, strategy="group" if group else "channel", group_size=group, symmetric=symmetric)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    q, scale, zero = rtn(w, args, torch.bfloat16)
+    packed = pack_to_int32(q, 4)
+    reference_w = dequantize(q, scale, zero, args, torch.bfloat16)
+    assert torch.equal(kernels.int4_dequantize(packed, scale, zero, k, torch.bfloat16), reference_w)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    exact = x.double() @ reference_w.double().T
+    y = kernels.int4_matmul_small_m(x, packed, scale, zero)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    assert relative(y, exact) < 4e-3  # fp32 accumulation, one bf16 rounding of the output
+
+
+@gpu
+@pytest.mark.parametrize("is_fp8", [True, False])
+def test_token_quantizer_gives_the_fake_quantized_values(is_fp8):
+    from ptqlab.quant import token_triton
+
+    qmin, qmax, half = (-448.0, 448.0, 448.0) if is_fp8 else (-128.0, 127.0, 127.5)
+    x = torch.randn(5, 896, device="cuda", dtype=torch.bfloat16) * 3
+    q, scale = token_triton.quantize_tokens(x, qmin, qmax, half, is_fp8, rows_out=32)
+    assert q.shape == (32, 896) and scale.shape == (32, 1)
+    assert torch.equal((q[:5].float() * scale[:5]).to(torch.bfloat16), token_triton.fake_quantize_tokens(x, qmin, qmax, half, is_fp8))
+    assert not q[5:].float().any()
+
+
+@gpu
+@pytest.mark.parametrize("recipe,kernel", [("fp8-dynamic", "fp8 _scaled_mm"), ("w8a8-rtn", "int8 _int_mm"),
+                                           ("w4a16-rtn", "int4 triton (decode), dequantize + cuBLAS (prefill)")])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_fast_linears_match_the_dequantized_reference(recipe, kernel, rows):
+    from ptqlab.recipes import get_recipe
+    from ptqlab.quant.linear import rtn
+    from ptqlab.runtime.linear import StoredLinear, build_linear
+
+    scheme = get_recipe(recipe).scheme
+    torch.manual_seed(rows)
+    w = torch.randn(384, 512, device="cuda", dtype=torch.bfloat16) * 0.05
+    bias = torch.randn(384, device="cuda", dtype=torch.bfloat16)
+    q, scale, zero = rtn(w, scheme.weights, torch.bfloat16)
+    stored = StoredLinear(q, bias, scheme, scale, zero)
+    fast = build_linear(stored, torch.bfloat16)
+    assert fast.kernel == kernel
+    slow = build_linear(StoredLinear(q.cpu(), bias.cpu(), scheme, scale.cpu(), None if zero is None else zero.cpu()),
+                        torch.float32)
+    x = torch.randn(2, rows, 512, device="cuda", dtype=torch.bfloat16)
+    exact = slow(x.float().cpu())
+    assert relative(fast(x).cpu(), exact) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gpu_runtime_matches_reference_and_graphs_match_eager(checkpoint, recipe):
+    path = checkpoint("qwen2", recipe)
+    model = load_runtime(path, device="cuda", dtype=torch.bfloat16)
+    ids = token_ids().cuda()
+    with torch.no_grad():
+        ours = model(ids).logits
+        theirs = reference(path, torch.float32, "cuda")(ids).logits
+    assert relative(ours, theirs) < (5e-2 if recipe in ACTIVATION_QUANTIZED else 2e-2)
+    prompt = ids[:1, :8]
+    graphed = Generator(model, 1, 40, graph=True).generate(prompt, 32)
+    eager = Generator(model, 1, 40, graph=False).generate(prompt, 32)
+    assert torch.equal(graphed, eager)

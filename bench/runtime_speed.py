@@ -71,8 +71,25 @@ def device_ceilings() -> dict:
             "fp8_flops": flops / (fp8_ms / 1e3), "int8_ops": flops / (int8_ms / 1e3)}
 
 
-def kernel_table(shape: str) -> list[dict]:
-    """Batch-1 time of one layer's matmul: bf16, ptqlab int4 (several tile shapes), PyTorch tinygemm int4."""
+def graph_us(fn, calls: int = 20) -> float:
+    """GPU time of one call in microseconds, from a CUDA graph of `calls` calls (no Python launch overhead, which
+    for a single small kernel is larger than the kernel)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return 1e3 * median_ms(graph.replay, repeats=10) / calls
+
+
+KERNEL_CONFIGS = [(64, 16, 4), (128, 16, 4), (256, 16, 8), (32, 16, 2), (128, 16, 8), (64, 16, 2)]
+"""(block_n, packed words per tile, warps) tried for the int4 kernel at batch 1."""
+
+
+def kernel_table(shape: str, rows: int = 1) -> list[dict]:
+    """One layer's matmul at `rows` rows, in a CUDA graph: bf16, ptqlab int4 (each config), PyTorch tinygemm int4,
+    and ptqlab's int4 dequantization (the prefill path's extra pass)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     from ptqlab.quant.linear import rtn
@@ -83,30 +100,32 @@ def kernel_table(shape: str) -> list[dict]:
     h, i = p["hidden_size"], p["intermediate_size"]
     kv = p["num_key_value_heads"] * h // p["num_attention_heads"]
     args = get_recipe("w4a16").scheme.weights
-    rows = []
+    table = []
     for n, k in [(h + 2 * kv, h), (h, h), (2 * i, h), (h, i)]:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q, scale, _ = rtn(w, args, torch.bfloat16)
         packed = pack_to_int32(q, 4)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ (q.double().unflatten(1, (-1, 128)) * scale.double().unsqueeze(-1)).flatten(1).T
-        row = {"n": n, "k": k, "bf16_us": 1e3 * median_ms(partial(F.linear, x, w), 50)}
-        for bn, bk, warps, stages in [(64, 128, 4, 3), (32, 256, 4, 3), (64, 256, 4, 2), (128, 128, 8, 3), (32, 128, 4, 4), (16, 512, 4, 2)]:
-            y = kernels.int4_matmul_small_m(x, packed, scale, None, bn, bk, warps, stages)
-            err = float((y.double() - ref).norm() / ref.norm())
-            row[f"int4_{bn}x{bk}_w{warps}_s{stages}_us"] = 1e3 * median_ms(
-                partial(kernels.int4_matmul_small_m, x, packed, scale, None, bn, bk, warps, stages), 50)
-            row[f"int4_{bn}x{bk}_w{warps}_s{stages}_err"] = err
+        row = {"n": n, "k": k, "rows": rows, "int4_mb": packed.numel() * 4 / 1e6, "bf16_us": graph_us(partial(F.linear, x, w))}
+        for bn, bkp, warps in KERNEL_CONFIGS:
+            y = kernels.int4_matmul_small_m(x, packed, scale, None, bn, bkp, warps)
+            row[f"int4_{bn}x{bkp}w{warps}_err"] = float((y.double() - ref).norm() / ref.norm())
+            row[f"int4_{bn}x{bkp}w{warps}_us"] = graph_us(partial(kernels.int4_matmul_small_m, x, packed, scale, None, bn, bkp, warps))
+        row["dequant_us"] = graph_us(partial(kernels.int4_dequantize, packed, scale, None, k, torch.bfloat16))
         try:
-            u = (q.to(torch.int32) + 8)
+            u = q.to(torch.int32) + 8
             tiny = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8)
             sz = torch.stack([scale.T, torch.zeros_like(scale.T)], -1).contiguous()  # w = (u - 8) * s + 0
-            row["tinygemm_us"] = 1e3 * median_ms(partial(torch.ops.aten._weight_int4pack_mm, x, tiny, 128, sz), 50)
+            row["tinygemm_us"] = graph_us(partial(torch.ops.aten._weight_int4pack_mm, x, tiny, 128, sz))
         except RuntimeError as e:  # not every build has it
             row["tinygemm_error"] = str(e).splitlines()[0]
-        rows.append(row)
-        print({k: (round(v, 2) if isinstance(v, float) and not k.endswith("err") else v) for k, v in row.items()}, flush=True)
-    return rows
+        table.append(row)
+        best = min((v, key) for key, v in row.items() if key.startswith("int4_") and key.endswith("_us"))
+        print(f"[{rows} x {k}] @ [{k} x {n}]ᵀ: bf16 {row['bf16_us']:.1f} us, int4 best {best[0]:.1f} us ({best[1]}), "
+              f"tinygemm {row.get('tinygemm_us', float('nan')):.1f} us, dequant {row['dequant_us']:.1f} us; "
+              f"int4 at {row['int4_mb'] / best[0]:.2f} TB/s", flush=True)
+    return table
 
 
 def build_runtime(shape: str, recipe: str | None, seed: int, max_positions: int):
@@ -235,7 +254,7 @@ def main() -> None:
     ceilings = device_ceilings()
     print(f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 {ceilings['bf16_flops'] / 1e12:.0f} TFLOP/s, "
           f"fp8 {ceilings['fp8_flops'] / 1e12:.0f} TFLOP/s, int8 {ceilings['int8_ops'] / 1e12:.0f} TOP/s", flush=True)
-    kernel_rows = kernel_table(args.shape) if args.kernels else None
+    kernel_rows = kernel_table(args.shape) + kernel_table(args.shape, rows=8) if args.kernels else None
     rate = {"bf16": "bf16_flops", "w4a16": "bf16_flops", "fp8-dynamic": "fp8_flops", "w8a8": "int8_ops"}
     results = {}
     for scheme in args.schemes.split(","):

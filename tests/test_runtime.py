@@ -18,11 +18,13 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from tiny import ARCHS
 
 from ptqlab import quantize
 from ptqlab.errors import PtqlabError
 from ptqlab.runtime import Generator, load_runtime
-from tiny import ARCHS, save_tiny_model
+from ptqlab.runtime.model import grouped_attention
 
 ACTIVATION_QUANTIZED = ("fp8-dynamic", "w8a8-rtn")
 RECIPES = [None, "fp8-dynamic", "w4a16-rtn", "w8a8-rtn"]
@@ -180,6 +182,10 @@ def test_int4_kernels_against_float64(rows, n, k, group, symmetric):
     assert torch.equal(kernels.int4_dequantize(packed, scale, zero, k, torch.bfloat16), reference_w)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     exact = x.double() @ reference_w.double().T
+    if rows > 1 and (group or k) < 128:  # tensor-core tiles need 128 values of one group; Int4Linear dequantizes
+        with pytest.raises(ValueError, match="16 packed words"):
+            kernels.int4_matmul_small_m(x, packed, scale, zero)
+        return
     y = kernels.int4_matmul_small_m(x, packed, scale, zero)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
     assert relative(y, exact) < 4e-3  # fp32 accumulation, one bf16 rounding of the output
@@ -203,8 +209,8 @@ def test_token_quantizer_gives_the_fake_quantized_values(is_fp8):
                                            ("w4a16-rtn", "int4 triton (decode), dequantize + cuBLAS (prefill)")])
 @pytest.mark.parametrize("rows", [1, 40])
 def test_fast_linears_match_the_dequantized_reference(recipe, kernel, rows):
-    from ptqlab.recipes import get_recipe
     from ptqlab.quant.linear import rtn
+    from ptqlab.recipes import get_recipe
     from ptqlab.runtime.linear import StoredLinear, build_linear
 
     scheme = get_recipe(recipe).scheme
@@ -223,9 +229,46 @@ def test_fast_linears_match_the_dequantized_reference(recipe, kernel, rows):
 
 
 @gpu
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_gpu_runtime_matches_reference_and_graphs_match_eager(checkpoint, recipe):
-    path = checkpoint("qwen2", recipe)
+def test_fused_kernels_match_the_torch_path():
+    """Norm (with residual), rotary + cache write, gated activation and decode attention (softcap, window), bf16."""
+    from ptqlab.runtime import fused
+    from ptqlab.runtime.model import rms_norm, rope
+
+    torch.manual_seed(0)
+    x, r, w = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for shape in ((6, 896), (6, 896), 896))
+    for offset in (0.0, 1.0):
+        y, res = fused.rms_norm(x, w, 1e-6, offset, residual=r)
+        assert torch.equal(res, x + r)
+        assert relative(y, rms_norm(x + r, w, 1e-6, offset)) < 1e-2
+    gu = torch.randn(3, 2 * 4864, device="cuda", dtype=torch.bfloat16)
+    gate, up = gu.float().chunk(2, -1)
+    assert relative(fused.gated_activation(gu, False), F.silu(gate) * up) < 1e-2
+    assert relative(fused.gated_activation(gu, True), F.gelu(gate, approximate="tanh") * up) < 1e-2
+    b, h, hkv, d, positions = 2, 14, 2, 64, 200
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(b, hkv, positions, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    angles = torch.rand(positions, d // 2, device="cuda") * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1).bfloat16(), torch.cat([angles.sin()] * 2, -1).bfloat16()
+    pos = torch.tensor([150], device="cuda")
+    q, k, v = qkv.clone().split([h * d, hkv * d, hkv * d], -1)
+    q_ref = rope(q.view(b, 1, h, d), cos[pos], sin[pos])
+    k_ref = rope(k.view(b, 1, hkv, d), cos[pos], sin[pos])
+    fused.rope_and_cache(qkv, cos[:, :d // 2].contiguous(), sin[:, :d // 2].contiguous(), pos, h, hkv, d, k_cache, v_cache)
+    assert relative(qkv[..., :h * d].view(b, 1, h, d), q_ref) < 1e-2
+    assert relative(k_cache[:, :, 150], k_ref[:, 0]) < 1e-2 and torch.equal(v_cache[:, :, 150], v.view(b, hkv, d))
+    for softcap, window in [(None, None), (50.0, None), (None, 32)]:
+        out = fused.decode_attention(qkv[..., :h * d], k_cache, v_cache, pos, 0.125, softcap, window)
+        keys = torch.arange(positions, device="cuda")
+        allowed = (keys <= 150) & ((keys > 150 - window) if window else True)
+        ref = grouped_attention(qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2).float(), k_cache.float(), v_cache.float(),
+                                allowed[None, :], 0.125, softcap)
+        assert relative(out.view(b, 1, h, d).transpose(1, 2), ref) < 1e-2, (softcap, window)
+
+
+@gpu
+@pytest.mark.parametrize("arch,recipe,config", [("qwen2", r, {}) for r in RECIPES] + [("gemma2", "w4a16-rtn", {"sliding_window": 8})])
+def test_gpu_runtime_matches_reference_and_graphs_match_eager(checkpoint, arch, recipe, config):
+    path = checkpoint(arch, recipe, **config)
     model = load_runtime(path, device="cuda", dtype=torch.bfloat16)
     ids = token_ids().cuda()
     with torch.no_grad():

@@ -126,8 +126,14 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ptqlab.bench.quality import TopK, evaluate, make_windows
-    from ptqlab.bench.speed import (SPEED_PROMPT, FastEngine, TransformersEngine, chat_prompt_ids, measure_speed,
-                                    sample_completions)
+    from ptqlab.bench.speed import (
+        SPEED_PROMPT,
+        FastEngine,
+        TransformersEngine,
+        chat_prompt_ids,
+        measure_speed,
+        sample_completions,
+    )
     from ptqlab.bench.text import load_eval_text
 
     path = Path(path)

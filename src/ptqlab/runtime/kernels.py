@@ -34,35 +34,53 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _int4_tile(P, S, Z, rn, k, N, K, stride_pn, stride_sn, stride_zn, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
-        """Dequantized weights W[rn, k] in fp32: [BLOCK_N, BLOCK_K]."""
-        mask = (rn[:, None] < N) & (k[None, :] < K)
-        packed = tl.load(P + rn[:, None] * stride_pn + (k[None, :] // 8), mask=mask, other=0)
-        q = ((packed >> ((k[None, :] % 8) * 4)) & 0xF) - 8
-        group = k[None, :] // GROUP
-        if HAS_ZERO:
-            q = q - tl.load(Z + rn[:, None] * stride_zn + group, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(S + rn[:, None] * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
-        return q.to(tl.float32) * scale
-
-    @triton.jit
-    def _int4_small_m_kernel(X, P, S, Z, Y, M, N, K, k_per_split, stride_xm, stride_pn, stride_sn, stride_zn,
-                             stride_ys, stride_ym, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _int4_small_m_kernel(X, P, S, Z, Y, M, N, K, tiles_per_split, stride_xm, stride_pn, stride_sn, stride_zn,
+                             stride_ys, stride_ym, GROUP_WORDS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                             ONE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+        """A tile is BLOCK_N rows x BLOCK_KP packed words (8 values each) inside one scale group. Nibble j of every
+        word is unpacked in turn (shift, mask) and multiplied with the activations at k = 8 word + j.
+        One row (decode): in fp32, the scale and the -8 / zero point applied once per tile to the row sums.
+        Up to 16 rows: each nibble's weights dequantized to the activation dtype and multiplied on tensor cores."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
-        rm = tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        k_start = split * k_per_split
-        for k_offset in range(0, k_per_split, BLOCK_K):
-            k = k_start + k_offset + rk
-            x = tl.load(X + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
-            w = _int4_tile(P, S, Z, rn, k, N, K, stride_pn, stride_sn, stride_zn, GROUP, HAS_ZERO).to(x.dtype)
-            acc += tl.dot(x, tl.trans(w))
-        y = Y + split * stride_ys + rm[:, None] * stride_ym + rn[None, :]
-        tl.store(y, acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        n_mask = rn < N
+        rp = tl.arange(0, BLOCK_KP)
+        row_words = K // 8
+        if ONE_ROW:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        else:
+            rm = tl.arange(0, 16)
+            acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        for i in range(tiles_per_split):
+            w0 = (split * tiles_per_split + i) * BLOCK_KP
+            words = w0 + rp
+            w_mask = words < row_words
+            packed = tl.load(P + rn[:, None] * stride_pn + words[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
+            group = w0 // GROUP_WORDS
+            scale = tl.load(S + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+            offset = tl.full([BLOCK_N], 8.0, tl.float32)
+            if HAS_ZERO:
+                offset += tl.load(Z + rn * stride_zn + group, mask=n_mask, other=0).to(tl.float32)
+            if ONE_ROW:
+                sums = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
+                x_total = tl.zeros([BLOCK_KP], dtype=tl.float32)
+                for j in tl.static_range(8):
+                    x = tl.load(X + words * 8 + j, mask=w_mask, other=0.0).to(tl.float32)
+                    sums += ((packed >> (4 * j)) & 0xF).to(tl.float32) * x[None, :]
+                    x_total += x
+                acc += (tl.sum(sums, axis=1) - offset * tl.sum(x_total, axis=0)) * scale
+            else:
+                for j in tl.static_range(8):
+                    x = tl.load(X + rm[:, None] * stride_xm + words[None, :] * 8 + j,
+                                mask=(rm[:, None] < M) & w_mask[None, :], other=0.0)
+                    w = ((((packed >> (4 * j)) & 0xF).to(tl.float32) - offset[:, None]) * scale[:, None]).to(x.dtype)
+                    acc += tl.dot(x, tl.trans(w))
+        if ONE_ROW:
+            tl.store(Y + split * stride_ys + rn, acc.to(Y.dtype.element_ty), mask=n_mask)
+        else:
+            y = Y + split * stride_ys + rm[:, None] * stride_ym + rn[None, :]
+            tl.store(y, acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & n_mask[None, :])
 
     @triton.jit
     def _sum_splits_kernel(Part, Y, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
@@ -74,12 +92,33 @@ if triton is not None:
         tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _int4_dequant_kernel(P, S, Z, W, N, K, stride_pn, stride_sn, stride_zn, stride_wn, GROUP: tl.constexpr,
-                             HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _int4_dequant_kernel(P, S, Z, W, N, K, stride_pn, stride_sn, stride_zn, stride_wn, GROUP_WORDS: tl.constexpr,
+                             HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+        """Each packed word read once; its 8 values put back in order (nested joins: value j of a word lands at
+        offset j) and written as contiguous rows."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        w = _int4_tile(P, S, Z, rn, k, N, K, stride_pn, stride_sn, stride_zn, GROUP, HAS_ZERO)
-        tl.store(W + rn[:, None] * stride_wn + k[None, :], w.to(W.dtype.element_ty), mask=(rn[:, None] < N) & (k[None, :] < K))
+        words = tl.program_id(1) * BLOCK_KP + tl.arange(0, BLOCK_KP)
+        mask = (rn[:, None] < N) & (words[None, :] < K // 8)
+        packed = tl.load(P + rn[:, None] * stride_pn + words[None, :], mask=mask, other=0)
+        group = words[None, :] // GROUP_WORDS
+        scale = tl.load(S + rn[:, None] * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
+        offset = 8.0
+        if HAS_ZERO:
+            offset = offset + tl.load(Z + rn[:, None] * stride_zn + group, mask=mask, other=0).to(tl.float32)
+        v0 = (((packed >> 0) & 0xF).to(tl.float32) - offset) * scale
+        v1 = (((packed >> 4) & 0xF).to(tl.float32) - offset) * scale
+        v2 = (((packed >> 8) & 0xF).to(tl.float32) - offset) * scale
+        v3 = (((packed >> 12) & 0xF).to(tl.float32) - offset) * scale
+        v4 = (((packed >> 16) & 0xF).to(tl.float32) - offset) * scale
+        v5 = (((packed >> 20) & 0xF).to(tl.float32) - offset) * scale
+        v6 = (((packed >> 24) & 0xF).to(tl.float32) - offset) * scale
+        v7 = (((packed >> 28) & 0xF).to(tl.float32) - offset) * scale
+        even = tl.join(tl.join(v0, v4), tl.join(v2, v6))
+        odd = tl.join(tl.join(v1, v5), tl.join(v3, v7))
+        values = tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_KP * 8])
+        k = tl.program_id(1) * BLOCK_KP * 8 + tl.arange(0, BLOCK_KP * 8)
+        tl.store(W + rn[:, None] * stride_wn + k[None, :], values.to(W.dtype.element_ty),
+                 mask=(rn[:, None] < N) & (k[None, :] < K))
 
     @triton.jit
     def _int8_epilogue_kernel(Acc, SX, SW, Bias, Y, M, N, stride_am, stride_ym, HAS_BIAS: tl.constexpr,
@@ -112,22 +151,29 @@ def _sm_count(device: torch.device) -> int:
 
 
 def int4_matmul_small_m(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                        block_n: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """x [M <= 16, K] @ dequant(packed)ᵀ -> [M, N] in x.dtype."""
+                        block_n: int = 64, block_kp: int = 16, num_warps: int = 4) -> torch.Tensor:
+    """x [M <= 16, K] @ dequant(packed)ᵀ -> [M, N] in x.dtype. A tile never spans two scale groups (block_kp is
+    capped at the group's words)."""
     m, k = x.shape
     n = packed.shape[0]
+    group_words = _group(scale, k) // 8
+    block_kp = min(block_kp, group_words) if group_words < k // 8 else block_kp
+    if group_words % block_kp:
+        raise ValueError(f"{block_kp} packed words per tile do not divide a scale group of {group_words}")
+    if m > 1 and block_kp < 16:
+        raise ValueError(f"several rows need tiles of 16 packed words; scale groups here have {group_words}")
     tiles_n = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    # Enough programs to give every multiprocessor two, but each keeps at least 4 K tiles of work.
-    splits = max(1, min(triton.cdiv(2 * _sm_count(x.device), tiles_n), k_tiles // 4))
-    k_per_split = triton.cdiv(k_tiles, splits) * block_k
-    splits = triton.cdiv(k, k_per_split)
+    k_tiles = triton.cdiv(k // 8, block_kp)
+    # Enough programs to give every multiprocessor four, each keeping at least 4 tiles of work.
+    splits = max(1, min(triton.cdiv(4 * _sm_count(x.device), tiles_n), k_tiles // 4))
+    tiles_per_split = triton.cdiv(k_tiles, splits)
+    splits = triton.cdiv(k_tiles, tiles_per_split)
     out = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
     zero = zero_point if zero_point is not None else scale
     _int4_small_m_kernel[(tiles_n, splits)](
-        x, packed, scale, zero, out, m, n, k, k_per_split, x.stride(0), packed.stride(0), scale.stride(0), zero.stride(0),
-        out.stride(0), out.stride(1), GROUP=_group(scale, k), HAS_ZERO=zero_point is not None,
-        BLOCK_M=SMALL_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        x, packed, scale, zero, out, m, n, k, tiles_per_split, x.stride(0), packed.stride(0), scale.stride(0),
+        zero.stride(0), out.stride(0), out.stride(1), GROUP_WORDS=group_words, HAS_ZERO=zero_point is not None,
+        ONE_ROW=m == 1, BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=num_warps)
     if splits == 1:
         return out[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -137,15 +183,15 @@ def int4_matmul_small_m(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
 
 
 def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, k: int,
-                    dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The [N, K] weight in `dtype` (into `out` when given: a reusable scratch buffer)."""
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The [N, K] weight in `dtype`."""
     n = packed.shape[0]
-    w = out if out is not None else torch.empty((n, k), dtype=dtype, device=packed.device)
+    w = torch.empty((n, k), dtype=dtype, device=packed.device)
     zero = zero_point if zero_point is not None else scale
-    block_n, block_k = 32, 256
-    _int4_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+    block_n, block_kp = 32, 32
+    _int4_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k // 8, block_kp))](
         packed, scale, zero, w, n, k, packed.stride(0), scale.stride(0), zero.stride(0), w.stride(0),
-        GROUP=_group(scale, k), HAS_ZERO=zero_point is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        GROUP_WORDS=_group(scale, k) // 8, HAS_ZERO=zero_point is not None, BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=4)
     return w
 
 

@@ -102,6 +102,7 @@ class Int4Linear(nn.Module):
                  bias: torch.Tensor | None, in_features: int) -> None:
         super().__init__()
         self.in_features = in_features
+        self.group_words = in_features // scale.shape[1] // 8
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
@@ -109,7 +110,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= kernels.SMALL_M:
+        # Several rows go through tensor cores, whose tiles need 16 words (128 values) of one scale group.
+        if rows.shape[0] == 1 or (rows.shape[0] <= kernels.SMALL_M and self.group_words >= 16):
             y = kernels.int4_matmul_small_m(rows, self.packed, self.scale, self.zero_point)
             if self.bias is not None:
                 y = y + self.bias

@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqlab.errors import PtqlabError
+from ptqlab.runtime import fused
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 GEMMA = ("gemma2", "gemma3_text")
+FUSED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 
 @dataclass(frozen=True)
@@ -162,42 +164,67 @@ class Block(nn.Module):
         self.act = ACT2FN[arch.activation]
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.fused = False
+        """Set by RuntimeModel on GPUs: norms, activation and decode attention as single Triton kernels."""
+        self.fused_rope = False
+        """Rotary embedding and cache write as one kernel (full-width rotary, no q/k norm in between)."""
 
-    def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, getattr(self, name), self.arch.eps, self.arch.norm_offset)
+    def _norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """(norm(residual + x), residual + x); the sum is the new residual stream (None without a residual)."""
+        weight, a = getattr(self, name), self.arch
+        if self.fused:
+            return fused.rms_norm(x, weight, a.eps, a.norm_offset, residual)
+        if residual is not None:
+            x = residual + x
+        return rms_norm(x, weight, a.eps, a.norm_offset), x
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                allowed: torch.Tensor | None, fresh: bool) -> torch.Tensor:
-        h = self.attention(self._norm("input_layernorm", x), pos, rotary, allowed, fresh)
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rotary, allowed: torch.Tensor | None, fresh: bool) -> torch.Tensor:
+        h = self.attention(self._norm("input_layernorm", x)[0], pos, rotary, allowed, fresh)
         if "pre_feedforward_layernorm" in self.norm_names:  # Gemma's sandwich norms
-            x = x + self._norm("post_attention_layernorm", h)
-            h = self.mlp(self._norm("pre_feedforward_layernorm", x))
-            return x + self._norm("post_feedforward_layernorm", h)
-        x = x + h
-        return x + self.mlp(self._norm("post_attention_layernorm", x))
+            h = self._norm("post_attention_layernorm", h)[0]
+            m, x = self._norm("pre_feedforward_layernorm", h, residual=x)
+            return x + self._norm("post_feedforward_layernorm", self.mlp(m))[0]
+        m, x = self._norm("post_attention_layernorm", h, residual=x)
+        return x + self.mlp(m)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)
+        if self.fused and self.arch.activation in FUSED_ACTIVATIONS:
+            return self.down(fused.gated_activation(gate_up, gelu=self.arch.activation != "silu"))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 
-    def attention(self, x: torch.Tensor, pos: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                  allowed: torch.Tensor | None, fresh: bool) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, pos: torch.Tensor, rotary, allowed: torch.Tensor | None, fresh: bool) -> torch.Tensor:
+        """rotary: the full (cos, sin) tables [positions, R], and their first halves for the fused kernel."""
         a = self.arch
         b, length, _ = x.shape
-        q, k, v = self.qkv(x).split([a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim], -1)
+        qkv = self.qkv(x)
+        widths = [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
+        cached = self.k_cache is not None
+        (cos, sin), (cos_half, sin_half) = rotary
+        if self.fused_rope:
+            fused.rope_and_cache(qkv, cos_half, sin_half, pos, a.num_heads, a.num_kv_heads, a.head_dim,
+                                 self.k_cache, self.v_cache)
+            if cached and not fresh and length == 1:
+                out = fused.decode_attention(qkv[..., :widths[0]], self.k_cache, self.v_cache, pos, a.attn_scale,
+                                             a.attn_softcap, self.window)
+                return self.o(out)
+        q, k, v = qkv.split(widths, -1)
         q = q.view(b, length, a.num_heads, a.head_dim)
         k = k.view(b, length, a.num_kv_heads, a.head_dim)
-        if "q_norm" in self.norm_names:
-            q, k = self._norm("q_norm", q), self._norm("k_norm", k)
-        cos, sin = rotary
-        q, k = rope(q, cos, sin).transpose(1, 2), rope(k, cos, sin).transpose(1, 2)
         v = v.view(b, length, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        if self.k_cache is not None:
-            self.k_cache.index_copy_(2, pos, k)
-            self.v_cache.index_copy_(2, pos, v)
+        if self.fused_rope:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        else:
+            if "q_norm" in self.norm_names:
+                q, k = self._norm("q_norm", q)[0], self._norm("k_norm", k)[0]
+            q, k = rope(q, cos[pos], sin[pos]).transpose(1, 2), rope(k, cos[pos], sin[pos]).transpose(1, 2)
+            if cached:
+                self.k_cache.index_copy_(2, pos, k)
+                self.v_cache.index_copy_(2, pos, v)
         if allowed is None:  # fresh causal prefill without window or softcap: the fused kernel
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.attn_scale, enable_gqa=True)
-        elif self.k_cache is not None and not fresh:
+        elif cached and not fresh:
             out = grouped_attention(q, self.k_cache, self.v_cache, allowed, a.attn_scale, a.attn_softcap)
         else:  # a fresh sequence with a mask or softcap: k, v per query head, the matmul shapes HF's eager attention has
             groups = a.num_heads // a.num_kv_heads
@@ -226,9 +253,19 @@ class RuntimeModel(nn.Module):
         self.head = head
         self.kernels = kernels
         """Which kernel computes each kind of layer (for reports)."""
-        device = embed.device
-        self.rotary = {t: (cos.to(device, embed.dtype), sin.to(device, embed.dtype))
-                       for t, (cos, sin) in rotary_tables(config, max_positions).items()}
+        device, dtype = embed.device, embed.dtype
+        self.rotary = {}
+        """Per layer type: the full (cos, sin) tables [positions, R] and, for the fused kernel, their first halves."""
+        for layer_type, (cos, sin) in rotary_tables(config, max_positions).items():
+            cos, sin = cos.to(device, dtype), sin.to(device, dtype)
+            half = cos.shape[-1] // 2
+            self.rotary[layer_type] = ((cos, sin), (cos[:, :half].contiguous(), sin[:, :half].contiguous()))
+        self.fused = fused.available(embed)
+        rotary_dims = cos.shape[-1]
+        for block in self.blocks:
+            block.fused = self.fused
+            block.fused_rope = (self.fused and rotary_dims == arch.head_dim and arch.head_dim & (arch.head_dim - 1) == 0
+                                and "q_norm" not in block.norm_names)
         self.max_positions = max_positions
         self.cache_shape: tuple[int, int] | None = None
         self.cache_owner: object = None
@@ -283,16 +320,20 @@ class RuntimeModel(nn.Module):
             x = x * float(torch.tensor(a.embed_scale, dtype=x.dtype))
         keys = length if fresh else self.cache_shape[1]
         masks: dict[str, torch.Tensor | None] = {}
-        rotary = {t: (cos[pos], sin[pos]) for t, (cos, sin) in self.rotary.items()}
         for block in self.blocks:
             key = block.layer_type
             if key not in masks:
                 simple = fresh and a.attn_softcap is None and (block.window is None or block.window >= length)
-                masks[key] = None if simple else self._allowed(pos, keys, block.window)
-            x = block(x, pos, rotary[key], masks[key], fresh)
+                fused_decode = block.fused_rope and not fresh and length == 1  # masks itself
+                masks[key] = None if simple or fused_decode else self._allowed(pos, keys, block.window)
+            x = block(x, pos, self.rotary[key], masks[key], fresh)
         if last_only:
             x = x[:, -1:]
-        logits = self.head(rms_norm(x, self.norm, a.eps, a.norm_offset))
+        if self.fused:
+            x = fused.rms_norm(x.contiguous(), self.norm, a.eps, a.norm_offset)[0]
+        else:
+            x = rms_norm(x, self.norm, a.eps, a.norm_offset)
+        logits = self.head(x)
         if a.final_softcap is not None:
             logits = torch.tanh(logits / a.final_softcap) * a.final_softcap
         return Output(logits)

@@ -35,7 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_speed import SHAPES
 
-SCHEMES = {"bf16": None, "fp8-dynamic": "fp8-dynamic", "w8a8": "w8a8-rtn", "w4a16": "w4a16-rtn"}
+SCHEMES = {"bf16": None, "fp8-dynamic": "fp8-dynamic", "w8a8": "w8a8-rtn", "w4a16": "w4a16-rtn",
+           "w4a16-tinygemm": "w4a16-rtn", "fp8-dynamic-fastaccum": "fp8-dynamic"}
+"""Variant -> the recipe whose format it runs. The -tinygemm and -fastaccum variants run the same checkpoint with a
+kernel option (kernels.INT4_DECODE, kernels.FP8_FAST_ACCUM) switched."""
+OPTIONS = {"w4a16-tinygemm": ("INT4_DECODE", "tinygemm"), "fp8-dynamic-fastaccum": ("FP8_FAST_ACCUM", True)}
+RATE = {"bf16": "bf16_flops", "w4a16": "bf16_flops", "w4a16-tinygemm": "bf16_flops", "fp8-dynamic": "fp8_flops",
+        "fp8-dynamic-fastaccum": "fp8_flops", "w8a8": "int8_ops"}
+"""The dense matmul rate each variant's prefill floor is computed at."""
 
 
 def median_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
@@ -118,6 +125,8 @@ def kernel_table(shape: str, rows: int = 1) -> list[dict]:
             tiny = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8)
             sz = torch.stack([scale.T, torch.zeros_like(scale.T)], -1).contiguous()  # w = (u - 8) * s + 0
             row["tinygemm_us"] = graph_us(partial(torch.ops.aten._weight_int4pack_mm, x, tiny, 128, sz))
+            y = torch.ops.aten._weight_int4pack_mm(x, tiny, 128, sz)
+            row["tinygemm_err"] = float((y.double() - ref).norm() / ref.norm())
         except RuntimeError as e:  # not every build has it
             row["tinygemm_error"] = str(e).splitlines()[0]
         table.append(row)
@@ -167,7 +176,9 @@ def decode_bytes(model, cache_positions: int) -> int:
     reads, so not at all), plus the whole static KV cache, which attention reads at every step."""
     head = getattr(model.head, "weight", None)
     tied = head is not None and head.data_ptr() == model.embed.data_ptr()
-    seen, total = set(), 0
+    # With tinygemm, decode reads the re-tiled copy, not the checkpoint's packing (kept for prefill).
+    unread = {m.packed.data_ptr() for m in model.modules() if getattr(m, "tinygemm_weight", None) is not None}
+    seen, total = set(unread), 0
     for name, buffer in model.named_buffers():
         if buffer is None or buffer.data_ptr() in seen or (name == "embed" and not tied):
             continue
@@ -255,9 +266,14 @@ def main() -> None:
     print(f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 {ceilings['bf16_flops'] / 1e12:.0f} TFLOP/s, "
           f"fp8 {ceilings['fp8_flops'] / 1e12:.0f} TFLOP/s, int8 {ceilings['int8_ops'] / 1e12:.0f} TOP/s", flush=True)
     kernel_rows = kernel_table(args.shape) + kernel_table(args.shape, rows=8) if args.kernels else None
-    rate = {"bf16": "bf16_flops", "w4a16": "bf16_flops", "fp8-dynamic": "fp8_flops", "w8a8": "int8_ops"}
+    from ptqlab.runtime import kernels
+
     results = {}
     for scheme in args.schemes.split(","):
+        option = OPTIONS.get(scheme)
+        if option:
+            default = getattr(kernels, option[0])
+            setattr(kernels, option[0], option[1])
         start = time.perf_counter()
         runtime = build_runtime(args.shape, SCHEMES[scheme], args.seed, args.prompt_tokens + args.new_tokens + args.prefill_tokens)
         build_s = time.perf_counter() - start
@@ -265,7 +281,7 @@ def main() -> None:
         nbytes = decode_bytes(runtime, measured["cache_positions"])
         floor_tok_s = ceilings["copy_bytes_per_s"] / nbytes
         linear, attention = prefill_flops(runtime, args.prefill_tokens)
-        floor_prefill_s = linear / ceilings[rate[scheme]] + attention / ceilings["bf16_flops"]
+        floor_prefill_s = linear / ceilings[RATE[scheme]] + attention / ceilings["bf16_flops"]
         results[scheme] = {**measured, "kernels": runtime.kernels, "decode_bytes": nbytes, "decode_floor_tok_s": floor_tok_s,
                            "decode_fraction_of_floor": measured["decode_tok_s"] / floor_tok_s,
                            "prefill_flops": linear + attention,
@@ -273,20 +289,22 @@ def main() -> None:
                            "prefill_fraction_of_floor": floor_prefill_s / (measured["prefill_ms"] / 1e3),
                            "peak_memory_bytes": torch.cuda.max_memory_allocated(), "build_s": build_s}
         del runtime
+        if option:
+            setattr(kernels, option[0], default)
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         r = results[scheme]
-        print(f"{scheme:12s} decode {r['decode_tok_s']:8.1f} tok/s ({100 * r['decode_fraction_of_floor']:4.1f} % of "
+        print(f"{scheme:22s} decode {r['decode_tok_s']:8.1f} tok/s ({100 * r['decode_fraction_of_floor']:4.1f} % of "
               f"{r['decode_floor_tok_s']:.0f})  prefill {r['prefill_tok_s']:9.0f} tok/s ({100 * r['prefill_fraction_of_floor']:4.1f} %"
               f" of {r['prefill_floor_tok_s']:.0f})  ttft {r['ttft_ms']:.2f} ms", flush=True)
     hf = transformers_decode(args.shape, args.seed, args.prompt_tokens, args.new_tokens) if args.transformers else None
     base = results.get("bf16")
-    print(f"\n{'scheme':12s} {'decode tok/s':>12s} {'% floor':>8s} {'x bf16':>7s} {'prefill tok/s':>14s} {'% floor':>8s} {'x bf16':>7s}")
+    print(f"\n{'scheme':22s} {'decode tok/s':>12s} {'% floor':>8s} {'x bf16':>7s} {'prefill tok/s':>14s} {'% floor':>8s} {'x bf16':>7s}")
     for scheme, r in results.items():
         dx = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
         px = r["prefill_tok_s"] / base["prefill_tok_s"] if base else float("nan")
-        print(f"{scheme:12s} {r['decode_tok_s']:12.1f} {100 * r['decode_fraction_of_floor']:7.1f}% {dx:6.2f}x "
+        print(f"{scheme:22s} {r['decode_tok_s']:12.1f} {100 * r['decode_fraction_of_floor']:7.1f}% {dx:6.2f}x "
               f"{r['prefill_tok_s']:14.0f} {100 * r['prefill_fraction_of_floor']:7.1f}% {px:6.2f}x")
     if hf is not None:
         print(f"transformers bf16 decode (plain generate loop): {hf:.1f} tok/s")

@@ -229,6 +229,26 @@ def test_fast_linears_match_the_dequantized_reference(recipe, kernel, rows):
 
 
 @gpu
+@pytest.mark.parametrize("zero", [False, True])
+def test_tinygemm_decode_option_matches_the_triton_kernel(monkeypatch, zero):
+    from ptqlab.quant.linear import rtn
+    from ptqlab.recipes import get_recipe
+    from ptqlab.runtime import kernels
+    from ptqlab.runtime.linear import StoredLinear, build_linear
+
+    scheme = get_recipe("w4a16-asym" if zero else "w4a16-rtn").scheme
+    w = torch.randn(384, 512, device="cuda", dtype=torch.bfloat16) * 0.05
+    q, scale, zero_point = rtn(w, scheme.weights, torch.bfloat16)
+    layer = StoredLinear(q, None, scheme, scale, zero_point)
+    triton_kernel = build_linear(layer, torch.bfloat16)
+    monkeypatch.setattr(kernels, "INT4_DECODE", "tinygemm")
+    tinygemm = build_linear(layer, torch.bfloat16)
+    assert tinygemm.kernel.startswith("int4 tinygemm")
+    x = torch.randn(1, 1, 512, device="cuda", dtype=torch.bfloat16)
+    assert relative(tinygemm(x), triton_kernel(x)) < 1e-2
+
+
+@gpu
 def test_fused_kernels_match_the_torch_path():
     """Norm (with residual), rotary + cache write, gated activation and decode attention (softcap, window), bf16."""
     from ptqlab.runtime import fused

@@ -25,6 +25,12 @@ except ImportError:  # pragma: no cover - CPU machines
 
 SMALL_M = 16
 """Rows up to which the fused int4 kernel runs (decode, small batches); above it, dequantize + cuBLAS."""
+INT4_DECODE = "triton"
+"""Single-row int4 matmul: "triton" (the kernel below, on the checkpoint's packing) or "tinygemm" (PyTorch's
+_weight_int4pack_mm on a second, re-tiled copy of the weight). Benchmarks compare both."""
+FP8_FAST_ACCUM = False
+"""torch._scaled_mm(use_fast_accum=...): faster FP8 matmuls that accumulate in lower precision inside the tensor
+core. Off: accumulation as exact as bf16 cuBLAS. Benchmarks compare both."""
 
 
 def available() -> bool:
@@ -32,6 +38,13 @@ def available() -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _nibble(packed, j: tl.constexpr):
+        """Value j (0..15) of each packed word as fp32, without an int-to-float conversion (a slow instruction, 8
+        per word): the nibble is or-ed into the mantissa of 2^23, whose float value minus 2^23 is exactly it."""
+        bits = ((packed >> (4 * j)) & 0xF) | 0x4B000000
+        return bits.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
     def _int4_small_m_kernel(X, P, S, Z, Y, M, N, K, tiles_per_split, stride_xm, stride_pn, stride_sn, stride_zn,
@@ -58,23 +71,24 @@ if triton is not None:
             w_mask = words < row_words
             packed = tl.load(P + rn[:, None] * stride_pn + words[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
             group = w0 // GROUP_WORDS
-            scale = tl.load(S + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+            tile_mask = n_mask & (w0 < row_words)  # the last split may run past the row
+            scale = tl.load(S + rn * stride_sn + group, mask=tile_mask, other=0.0).to(tl.float32)
             offset = tl.full([BLOCK_N], 8.0, tl.float32)
             if HAS_ZERO:
-                offset += tl.load(Z + rn * stride_zn + group, mask=n_mask, other=0).to(tl.float32)
+                offset += tl.load(Z + rn * stride_zn + group, mask=tile_mask, other=0).to(tl.float32)
             if ONE_ROW:
                 sums = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
                 x_total = tl.zeros([BLOCK_KP], dtype=tl.float32)
                 for j in tl.static_range(8):
                     x = tl.load(X + words * 8 + j, mask=w_mask, other=0.0).to(tl.float32)
-                    sums += ((packed >> (4 * j)) & 0xF).to(tl.float32) * x[None, :]
+                    sums += _nibble(packed, j) * x[None, :]
                     x_total += x
                 acc += (tl.sum(sums, axis=1) - offset * tl.sum(x_total, axis=0)) * scale
             else:
                 for j in tl.static_range(8):
                     x = tl.load(X + rm[:, None] * stride_xm + words[None, :] * 8 + j,
                                 mask=(rm[:, None] < M) & w_mask[None, :], other=0.0)
-                    w = ((((packed >> (4 * j)) & 0xF).to(tl.float32) - offset[:, None]) * scale[:, None]).to(x.dtype)
+                    w = ((_nibble(packed, j) - offset[:, None]) * scale[:, None]).to(x.dtype)
                     acc += tl.dot(x, tl.trans(w))
         if ONE_ROW:
             tl.store(Y + split * stride_ys + rn, acc.to(Y.dtype.element_ty), mask=n_mask)
@@ -105,14 +119,14 @@ if triton is not None:
         offset = 8.0
         if HAS_ZERO:
             offset = offset + tl.load(Z + rn[:, None] * stride_zn + group, mask=mask, other=0).to(tl.float32)
-        v0 = (((packed >> 0) & 0xF).to(tl.float32) - offset) * scale
-        v1 = (((packed >> 4) & 0xF).to(tl.float32) - offset) * scale
-        v2 = (((packed >> 8) & 0xF).to(tl.float32) - offset) * scale
-        v3 = (((packed >> 12) & 0xF).to(tl.float32) - offset) * scale
-        v4 = (((packed >> 16) & 0xF).to(tl.float32) - offset) * scale
-        v5 = (((packed >> 20) & 0xF).to(tl.float32) - offset) * scale
-        v6 = (((packed >> 24) & 0xF).to(tl.float32) - offset) * scale
-        v7 = (((packed >> 28) & 0xF).to(tl.float32) - offset) * scale
+        v0 = (_nibble(packed, 0) - offset) * scale
+        v1 = (_nibble(packed, 1) - offset) * scale
+        v2 = (_nibble(packed, 2) - offset) * scale
+        v3 = (_nibble(packed, 3) - offset) * scale
+        v4 = (_nibble(packed, 4) - offset) * scale
+        v5 = (_nibble(packed, 5) - offset) * scale
+        v6 = (_nibble(packed, 6) - offset) * scale
+        v7 = (_nibble(packed, 7) - offset) * scale
         even = tl.join(tl.join(v0, v4), tl.join(v2, v6))
         odd = tl.join(tl.join(v1, v5), tl.join(v3, v7))
         values = tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_KP * 8])
@@ -193,6 +207,22 @@ def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch
         packed, scale, zero, w, n, k, packed.stride(0), scale.stride(0), zero.stride(0), w.stride(0),
         GROUP_WORDS=_group(scale, k) // 8, HAS_ZERO=zero_point is not None, BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=4)
     return w
+
+
+def tinygemm_pack(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, k: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """The weight re-tiled for PyTorch's tinygemm int4 kernel (weight, scales_and_zeros, group size), or None where
+    it does not apply. tinygemm computes (u - 8) * s + z for u = q + 8: z = 0, or -zero_point * s if asymmetric."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    group = _group(scale, k)
+    if dtype != torch.bfloat16 or group not in (32, 64, 128, 256) or k % 128 or packed.shape[0] % 8:
+        return None
+    u = unpack_from_int32(packed, 4, torch.Size([packed.shape[0], k])).to(torch.int32) + 8
+    weight = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8)
+    scales = scale.to(dtype)
+    zeros = torch.zeros_like(scales) if zero_point is None else -(zero_point.float() * scale.float()).to(dtype)
+    return weight, torch.stack([scales.T, zeros.T], dim=-1).contiguous(), group
 
 
 def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

@@ -99,7 +99,7 @@ class Int4Linear(nn.Module):
     kernel = "int4 triton (decode), dequantize + cuBLAS (prefill)"
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                 bias: torch.Tensor | None, in_features: int) -> None:
+                 bias: torch.Tensor | None, in_features: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features = in_features
         self.group_words = in_features // scale.shape[1] // 8
@@ -107,11 +107,21 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", bias)
+        tiny = kernels.tinygemm_pack(packed, scale, zero_point, in_features, dtype) if kernels.INT4_DECODE == "tinygemm" else None
+        self.tinygemm_group = None if tiny is None else tiny[2]
+        self.register_buffer("tinygemm_weight", None if tiny is None else tiny[0])
+        self.register_buffer("tinygemm_scales", None if tiny is None else tiny[1])
+        if tiny is not None:
+            self.kernel = "int4 tinygemm (decode), dequantize + cuBLAS (prefill)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         # Several rows go through tensor cores, whose tiles need 16 words (128 values) of one scale group.
-        if rows.shape[0] == 1 or (rows.shape[0] <= kernels.SMALL_M and self.group_words >= 16):
+        if rows.shape[0] == 1 and self.tinygemm_group is not None:
+            y = torch.ops.aten._weight_int4pack_mm(rows, self.tinygemm_weight, self.tinygemm_group, self.tinygemm_scales)
+            if self.bias is not None:
+                y = y + self.bias
+        elif rows.shape[0] == 1 or (rows.shape[0] <= kernels.SMALL_M and self.group_words >= 16):
             y = kernels.int4_matmul_small_m(rows, self.packed, self.scale, self.zero_point)
             if self.bias is not None:
                 y = y + self.bias
@@ -136,7 +146,8 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         q, x_scale = token_triton.quantize_tokens(rows, -FP8_MAX, FP8_MAX, FP8_MAX, is_fp8=True)
-        y = torch._scaled_mm(q, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=x.dtype)
+        y = torch._scaled_mm(q, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=x.dtype,
+                             use_fast_accum=kernels.FP8_FAST_ACCUM)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], -1)
@@ -198,7 +209,7 @@ def build_linear(layer: StoredLinear, dtype: torch.dtype) -> nn.Module:
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
         layer = _per_channel(layer)
-        return Int4Linear(pack_to_int32(layer.weight, 4), layer.scale, layer.zero_point, bias, layer.weight.shape[1])
+        return Int4Linear(pack_to_int32(layer.weight, 4), layer.scale, layer.zero_point, bias, layer.weight.shape[1], dtype)
     if kernel == "fp8":
         layer = _per_channel(layer)
         return Fp8Linear(layer.weight, layer.scale, bias)

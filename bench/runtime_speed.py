@@ -36,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantize_speed import SHAPES
 
 SCHEMES = {"bf16": None, "fp8-dynamic": "fp8-dynamic", "w8a8": "w8a8-rtn", "w4a16": "w4a16-rtn",
-           "w4a16-tinygemm": "w4a16-rtn", "fp8-dynamic-fastaccum": "fp8-dynamic"}
-"""Variant -> the recipe whose format it runs. The -tinygemm and -fastaccum variants run the same checkpoint with a
-kernel option (kernels.INT4_DECODE, kernels.FP8_FAST_ACCUM) switched."""
-OPTIONS = {"w4a16-tinygemm": ("INT4_DECODE", "tinygemm"), "fp8-dynamic-fastaccum": ("FP8_FAST_ACCUM", True)}
-RATE = {"bf16": "bf16_flops", "w4a16": "bf16_flops", "w4a16-tinygemm": "bf16_flops", "fp8-dynamic": "fp8_flops",
-        "fp8-dynamic-fastaccum": "fp8_flops", "w8a8": "int8_ops"}
+           "w4a16-triton": "w4a16-rtn", "fp8-dynamic-precise": "fp8-dynamic"}
+"""Variant -> the recipe whose format it runs. The -triton and -precise variants run the same checkpoint with a
+kernel option switched from its default (kernels.INT4_DECODE, kernels.FP8_FAST_ACCUM)."""
+OPTIONS = {"w4a16-triton": ("INT4_DECODE", "triton"), "fp8-dynamic-precise": ("FP8_FAST_ACCUM", False)}
+RATE = {"bf16": "bf16_flops", "w4a16": "bf16_flops", "w4a16-triton": "bf16_flops", "fp8-dynamic": "fp8_flops",
+        "fp8-dynamic-precise": "fp8_flops", "w8a8": "int8_ops"}
 """The dense matmul rate each variant's prefill floor is computed at."""
 
 
@@ -90,8 +90,9 @@ def graph_us(fn, calls: int = 20) -> float:
     return 1e3 * median_ms(graph.replay, repeats=10) / calls
 
 
-KERNEL_CONFIGS = [(64, 16, 4), (128, 16, 4), (256, 16, 8), (32, 16, 2), (128, 16, 8), (64, 16, 2)]
-"""(block_n, packed words per tile, warps) tried for the int4 kernel at batch 1."""
+KERNEL_CONFIGS = [(128, 16, 4), (16, 64, 2), (16, 128, 4), (16, 128, 2), (8, 128, 2), (16, 256, 4), (8, 256, 2), (32, 256, 8),
+                  (8, 512, 4)]
+"""(block_n, packed words per tile, warps) tried for the int4 kernel at batch 1 (several rows: those of 16 words)."""
 
 
 def kernel_table(shape: str, rows: int = 1) -> list[dict]:
@@ -115,7 +116,7 @@ def kernel_table(shape: str, rows: int = 1) -> list[dict]:
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ (q.double().unflatten(1, (-1, 128)) * scale.double().unsqueeze(-1)).flatten(1).T
         row = {"n": n, "k": k, "rows": rows, "int4_mb": packed.numel() * 4 / 1e6, "bf16_us": graph_us(partial(F.linear, x, w))}
-        for bn, bkp, warps in KERNEL_CONFIGS:
+        for bn, bkp, warps in [c for c in KERNEL_CONFIGS if rows == 1 or c[1] == 16]:
             y = kernels.int4_matmul_small_m(x, packed, scale, None, bn, bkp, warps)
             row[f"int4_{bn}x{bkp}w{warps}_err"] = float((y.double() - ref).norm() / ref.norm())
             row[f"int4_{bn}x{bkp}w{warps}_us"] = graph_us(partial(kernels.int4_matmul_small_m, x, packed, scale, None, bn, bkp, warps))

@@ -25,12 +25,15 @@ except ImportError:  # pragma: no cover - CPU machines
 
 SMALL_M = 16
 """Rows up to which the fused int4 kernel runs (decode, small batches); above it, dequantize + cuBLAS."""
-INT4_DECODE = "triton"
-"""Single-row int4 matmul: "triton" (the kernel below, on the checkpoint's packing) or "tinygemm" (PyTorch's
-_weight_int4pack_mm on a second, re-tiled copy of the weight). Benchmarks compare both."""
-FP8_FAST_ACCUM = False
-"""torch._scaled_mm(use_fast_accum=...): faster FP8 matmuls that accumulate in lower precision inside the tensor
-core. Off: accumulation as exact as bf16 cuBLAS. Benchmarks compare both."""
+INT4_DECODE = "tinygemm"
+"""Single-row int4 matmul: "tinygemm" (PyTorch's _weight_int4pack_mm on a second, re-tiled copy of the weight:
+the fastest measured on an H100, 1.2-1.4x this file's kernel, see bench/results) or "triton" (the kernel below,
+on the checkpoint's packing, no second copy). Several rows always use the kernel below (faster than tinygemm
+there), prefill the dequantization."""
+FP8_FAST_ACCUM = True
+"""torch._scaled_mm(use_fast_accum=...): the tensor cores' fast FP8 accumulation, as vLLM's FP8 kernels on Hopper
+use it (their FP8FastAccum schedules). False: accumulation as precise as bf16 cuBLAS, ~7 % slower prefill on
+an 8B shape. Benchmarks compare both."""
 
 
 def available() -> bool:
@@ -48,12 +51,14 @@ if triton is not None:
 
     @triton.jit
     def _int4_small_m_kernel(X, P, S, Z, Y, M, N, K, tiles_per_split, stride_xm, stride_pn, stride_sn, stride_zn,
-                             stride_ys, stride_ym, GROUP_WORDS: tl.constexpr, HAS_ZERO: tl.constexpr,
-                             ONE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
-        """A tile is BLOCK_N rows x BLOCK_KP packed words (8 values each) inside one scale group. Nibble j of every
-        word is unpacked in turn (shift, mask) and multiplied with the activations at k = 8 word + j.
-        One row (decode): in fp32, the scale and the -8 / zero point applied once per tile to the row sums.
-        Up to 16 rows: each nibble's weights dequantized to the activation dtype and multiplied on tensor cores."""
+                             stride_ys, stride_ym, GROUP_WORDS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
+                             HAS_ZERO: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_KP: tl.constexpr):
+        """A tile is BLOCK_N rows x BLOCK_KP packed words (8 values each). Nibble j of every word is unpacked in turn
+        (shift, mask) and multiplied with the activations at k = 8 word + j.
+        One row (decode): in fp32; the tile may hold several whole scale groups, and each group's scale and -8 / zero
+        point are applied once to its row sums. Up to 16 rows: the tile lies inside one group; each nibble's weights
+        are dequantized to the activation dtype and multiplied on tensor cores."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,13 +74,8 @@ if triton is not None:
             w0 = (split * tiles_per_split + i) * BLOCK_KP
             words = w0 + rp
             w_mask = words < row_words
-            packed = tl.load(P + rn[:, None] * stride_pn + words[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
-            group = w0 // GROUP_WORDS
-            tile_mask = n_mask & (w0 < row_words)  # the last split may run past the row
-            scale = tl.load(S + rn * stride_sn + group, mask=tile_mask, other=0.0).to(tl.float32)
-            offset = tl.full([BLOCK_N], 8.0, tl.float32)
-            if HAS_ZERO:
-                offset += tl.load(Z + rn * stride_zn + group, mask=tile_mask, other=0).to(tl.float32)
+            packed = tl.load(P + rn[:, None] * stride_pn + words[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0,
+                             eviction_policy="evict_first")
             if ONE_ROW:
                 sums = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
                 x_total = tl.zeros([BLOCK_KP], dtype=tl.float32)
@@ -83,8 +83,27 @@ if triton is not None:
                     x = tl.load(X + words * 8 + j, mask=w_mask, other=0.0).to(tl.float32)
                     sums += _nibble(packed, j) * x[None, :]
                     x_total += x
-                acc += (tl.sum(sums, axis=1) - offset * tl.sum(x_total, axis=0)) * scale
+                # Per scale group in the tile: (Σ u x - (8 + zero) Σ x) * scale.
+                groups = w0 // GROUP_WORDS + tl.arange(0, GROUPS_PER_TILE)
+                g_mask = n_mask[:, None] & (groups[None, :] * GROUP_WORDS < row_words)
+                scale = tl.load(S + rn[:, None] * stride_sn + groups[None, :], mask=g_mask, other=0.0).to(tl.float32)
+                offset = tl.full([BLOCK_N, GROUPS_PER_TILE], 8.0, tl.float32)
+                if HAS_ZERO:
+                    offset += tl.load(Z + rn[:, None] * stride_zn + groups[None, :], mask=g_mask, other=0).to(tl.float32)
+                if GROUPS_PER_TILE == 1:
+                    group_sums = tl.sum(sums, axis=1)[:, None]
+                    group_x = tl.sum(x_total, axis=0)
+                else:
+                    group_sums = tl.sum(tl.reshape(sums, [BLOCK_N, GROUPS_PER_TILE, BLOCK_KP // GROUPS_PER_TILE]), axis=2)
+                    group_x = tl.sum(tl.reshape(x_total, [GROUPS_PER_TILE, BLOCK_KP // GROUPS_PER_TILE]), axis=1)[None, :]
+                acc += tl.sum((group_sums - offset * group_x) * scale, axis=1)
             else:
+                group = w0 // GROUP_WORDS
+                tile_mask = n_mask & (w0 < row_words)  # the last split may run past the row
+                scale = tl.load(S + rn * stride_sn + group, mask=tile_mask, other=0.0).to(tl.float32)
+                offset = tl.full([BLOCK_N], 8.0, tl.float32)
+                if HAS_ZERO:
+                    offset += tl.load(Z + rn * stride_zn + group, mask=tile_mask, other=0).to(tl.float32)
                 for j in tl.static_range(8):
                     x = tl.load(X + rm[:, None] * stride_xm + words[None, :] * 8 + j,
                                 mask=(rm[:, None] < M) & w_mask[None, :], other=0.0)
@@ -166,27 +185,35 @@ def _sm_count(device: torch.device) -> int:
 
 def int4_matmul_small_m(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                         block_n: int = 64, block_kp: int = 16, num_warps: int = 4) -> torch.Tensor:
-    """x [M <= 16, K] @ dequant(packed)ᵀ -> [M, N] in x.dtype. A tile never spans two scale groups (block_kp is
-    capped at the group's words)."""
+    """x [M <= 16, K] @ dequant(packed)ᵀ -> [M, N] in x.dtype. block_kp: packed words per tile (one row: raised to
+    whole scale groups; several rows: capped at one group)."""
     m, k = x.shape
     n = packed.shape[0]
     group_words = _group(scale, k) // 8
-    block_kp = min(block_kp, group_words) if group_words < k // 8 else block_kp
-    if group_words % block_kp:
-        raise ValueError(f"{block_kp} packed words per tile do not divide a scale group of {group_words}")
+    if m > 1 or group_words >= k // 8:  # several rows, or one scale per row: tiles inside one group
+        block_kp = min(block_kp, group_words) if group_words < k // 8 else block_kp
+        groups_per_tile = 1
+        if group_words % block_kp:
+            raise ValueError(f"{block_kp} packed words per tile do not divide a scale group of {group_words}")
+    else:  # one row: a tile holds whole groups
+        block_kp = max(block_kp, group_words)
+        groups_per_tile = block_kp // group_words
+        if block_kp % group_words or groups_per_tile & (groups_per_tile - 1):
+            raise ValueError(f"a tile of {block_kp} packed words must hold a power-of-two number of {group_words}-word groups")
     if m > 1 and block_kp < 16:
         raise ValueError(f"several rows need tiles of 16 packed words; scale groups here have {group_words}")
     tiles_n = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k // 8, block_kp)
-    # Enough programs to give every multiprocessor four, each keeping at least 4 tiles of work.
-    splits = max(1, min(triton.cdiv(4 * _sm_count(x.device), tiles_n), k_tiles // 4))
+    # Enough programs to give every multiprocessor four, each keeping at least 2 tiles of work.
+    splits = max(1, min(triton.cdiv(4 * _sm_count(x.device), tiles_n), k_tiles // 2))
     tiles_per_split = triton.cdiv(k_tiles, splits)
     splits = triton.cdiv(k_tiles, tiles_per_split)
     out = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
     zero = zero_point if zero_point is not None else scale
     _int4_small_m_kernel[(tiles_n, splits)](
         x, packed, scale, zero, out, m, n, k, tiles_per_split, x.stride(0), packed.stride(0), scale.stride(0),
-        zero.stride(0), out.stride(0), out.stride(1), GROUP_WORDS=group_words, HAS_ZERO=zero_point is not None,
+        zero.stride(0), out.stride(0), out.stride(1), GROUP_WORDS=group_words, GROUPS_PER_TILE=groups_per_tile,
+        HAS_ZERO=zero_point is not None,
         ONE_ROW=m == 1, BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=num_warps)
     if splits == 1:
         return out[0]

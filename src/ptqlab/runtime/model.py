@@ -91,6 +91,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -
     return weight * h.to(x.dtype)
 
 
+def norm_with_residual(x: torch.Tensor, weight: torch.Tensor, arch: Architecture, use_fused: bool,
+                       residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + x), residual + x): the sum is the new residual stream (x itself without a residual)."""
+    if use_fused:
+        y, stream = fused.rms_norm(x, weight, arch.eps, arch.norm_offset, residual)
+        return y, x if stream is None else stream
+    if residual is not None:
+        x = residual + x
+    return rms_norm(x, weight, arch.eps, arch.norm_offset), x
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding (rotate-half convention) of x [B, L, heads, D] on its first cos.shape[-1] dims; cos, sin [L, R]."""
     rot = cos.shape[-1]
@@ -170,22 +181,20 @@ class Block(nn.Module):
         """Rotary embedding and cache write as one kernel (full-width rotary, no q/k norm in between)."""
 
     def _norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """(norm(residual + x), residual + x); the sum is the new residual stream (None without a residual)."""
-        weight, a = getattr(self, name), self.arch
-        if self.fused:
-            return fused.rms_norm(x, weight, a.eps, a.norm_offset, residual)
-        if residual is not None:
-            x = residual + x
-        return rms_norm(x, weight, a.eps, a.norm_offset), x
+        return norm_with_residual(x, getattr(self, name), self.arch, self.fused, residual)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rotary, allowed: torch.Tensor | None, fresh: bool) -> torch.Tensor:
-        h = self.attention(self._norm("input_layernorm", x)[0], pos, rotary, allowed, fresh)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, pos: torch.Tensor, rotary,
+                allowed: torch.Tensor | None, fresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output h', the residual stream x') with x' + h' the layer's result: the last add is left to
+        the next norm, which does it in the same kernel."""
+        n, x = self._norm("input_layernorm", h, residual)
+        h = self.attention(n, pos, rotary, allowed, fresh)
         if "pre_feedforward_layernorm" in self.norm_names:  # Gemma's sandwich norms
             h = self._norm("post_attention_layernorm", h)[0]
             m, x = self._norm("pre_feedforward_layernorm", h, residual=x)
-            return x + self._norm("post_feedforward_layernorm", self.mlp(m))[0]
+            return self._norm("post_feedforward_layernorm", self.mlp(m))[0], x
         m, x = self._norm("post_attention_layernorm", h, residual=x)
-        return x + self.mlp(m)
+        return self.mlp(m), x
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
@@ -320,20 +329,17 @@ class RuntimeModel(nn.Module):
             x = x * float(torch.tensor(a.embed_scale, dtype=x.dtype))
         keys = length if fresh else self.cache_shape[1]
         masks: dict[str, torch.Tensor | None] = {}
+        residual = None
         for block in self.blocks:
             key = block.layer_type
             if key not in masks:
                 simple = fresh and a.attn_softcap is None and (block.window is None or block.window >= length)
                 fused_decode = block.fused_rope and not fresh and length == 1  # masks itself
                 masks[key] = None if simple or fused_decode else self._allowed(pos, keys, block.window)
-            x = block(x, pos, self.rotary[key], masks[key], fresh)
+            x, residual = block(x, residual, pos, self.rotary[key], masks[key], fresh)
         if last_only:
-            x = x[:, -1:]
-        if self.fused:
-            x = fused.rms_norm(x.contiguous(), self.norm, a.eps, a.norm_offset)[0]
-        else:
-            x = rms_norm(x, self.norm, a.eps, a.norm_offset)
-        logits = self.head(x)
+            x, residual = x[:, -1:].contiguous(), residual[:, -1:].contiguous()
+        logits = self.head(norm_with_residual(x, self.norm, a, self.fused, residual)[0])
         if a.final_softcap is not None:
             logits = torch.tanh(logits / a.final_softcap) * a.final_softcap
         return Output(logits)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import resource
@@ -188,7 +187,7 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
         "runtime_note": runtime_note,
         "kernels": getattr(model, "kernels", None),
         "device": device_name(device),
-        "dtype": str(next(itertools.chain(model.parameters(), model.buffers())).dtype).removeprefix("torch."),
+        "dtype": str(model.dtype).removeprefix("torch."),
         "size": folder_sizes(path),
         "load_s": load_s,
         "peak_memory_bytes": peak,

@@ -16,14 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ptqlab.quant import gptq_triton
-from ptqlab.quant.primitives import (
-    FP8_DTYPE,
-    block_view,
-    grid_range,
-    quant_params,
-    quantize,
-    search_quant_params,
-)
+from ptqlab.quant.primitives import FP8_DTYPE, block_view, grid_range, quant_params, quantize, search_quant_params
 from ptqlab.schemes import QuantArgs
 
 

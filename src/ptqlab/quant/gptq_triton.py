@@ -35,7 +35,7 @@ if triton is not None:
             z = tl.load(Z + r[:, None] * stride_z + c[None, :], mask=mask, other=0.0)
         q_out = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         e_out = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        for i in range(columns):
+        for i in range(0, columns):
             pick = (c == i)[None, :]
             wi = tl.sum(tl.where(pick, w, 0.0), axis=1)
             si = tl.sum(tl.where(pick, s, 0.0), axis=1)

@@ -44,7 +44,7 @@ if triton is not None:
         best_err = tl.full((BLOCK_N,), float("inf"), tl.float32)
         best_s = tl.zeros((BLOCK_N,), tl.float32)
         best_z = tl.zeros((BLOCK_N,), tl.float32)
-        for k in range(n_shrink):
+        for k in range(0, n_shrink):
             p = tl.load(SHRINK + k)
             if SYMMETRIC:
                 s = libdevice.div_rn(hi * p, half_range)

@@ -1,4 +1,6 @@
-"""Dynamic per-token activation quantization (W8A8, FP8) on the GPU as one Triton kernel.
+"""Dynamic per-token activation quantization (W8A8, FP8) on the GPU as one Triton kernel: `fake_quantize_tokens`
+(quantize-dequantize, the reference semantics used in calibration) and `quantize_tokens` (the grid values and
+scales themselves, which the runtime's int8 / FP8 matmuls take), sharing one row computation.
 
 primitives.fake_quantize in torch is ~10 passes over the activation (fp32 copy, absmax, divide, round, clamp,
 casts, multiply); here one program takes one token's row, computes its scale and writes the dequantized row: one

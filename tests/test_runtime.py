@@ -192,16 +192,41 @@ def test_int4_kernels_against_float64(rows, n, k, group, symmetric):
 
 
 @gpu
-@pytest.mark.parametrize("is_fp8", [True, False])
-def test_token_quantizer_gives_the_fake_quantized_values(is_fp8):
+@pytest.mark.parametrize("grid", ["fp8", "int8"])
+def test_token_quantizer_gives_the_fake_quantized_values(grid):
     from ptqlab.quant import token_triton
 
-    qmin, qmax, half = (-448.0, 448.0, 448.0) if is_fp8 else (-128.0, 127.0, 127.5)
+    grid = token_triton.FP8_TOKENS if grid == "fp8" else token_triton.INT8_TOKENS
     x = torch.randn(5, 896, device="cuda", dtype=torch.bfloat16) * 3
-    q, scale = token_triton.quantize_tokens(x, qmin, qmax, half, is_fp8, rows_out=32)
-    assert q.shape == (32, 896) and scale.shape == (32, 1)
-    assert torch.equal((q[:5].float() * scale[:5]).to(torch.bfloat16), token_triton.fake_quantize_tokens(x, qmin, qmax, half, is_fp8))
-    assert not q[5:].float().any()
+    rows = token_triton.quantize_tokens(x, grid, rows_out=32)
+    assert rows.q.shape == (32, 896) and rows.scale.shape == (32, 1) and rows.shape == x.shape
+    fake = token_triton.fake_quantize_tokens(x, grid.qmin, grid.qmax, grid.half_range, grid.is_fp8)
+    assert torch.equal((rows.q[:5].float() * rows.scale[:5]).to(torch.bfloat16), fake)
+    assert not rows.q[5:].float().any()
+
+
+@gpu
+@pytest.mark.parametrize("grid", ["fp8", "int8"])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_fused_norm_and_activation_quantize_like_the_separate_kernel(grid, gelu):
+    """The norm / activation that hands an int8 or FP8 matmul its input already quantized gives bitwise the values
+    the separate quantizer would give for its 16-bit output."""
+    from ptqlab.quant import token_triton
+    from ptqlab.runtime import fused
+
+    grid = token_triton.FP8_TOKENS if grid == "fp8" else token_triton.INT8_TOKENS
+    x, r = (torch.randn(7, 896, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(896, device="cuda", dtype=torch.bfloat16)
+    offset = 1.0 if gelu else 0.0
+    rows, stream = fused.rms_norm(x, w, 1e-6, offset, residual=r, grid=grid, rows_out=32)
+    y, _ = fused.rms_norm(x, w, 1e-6, offset, residual=r)
+    expected = token_triton.quantize_tokens(y, grid, rows_out=32)
+    assert torch.equal(stream, x + r) and rows.shape == x.shape
+    assert torch.equal(rows.q.float(), expected.q.float()) and torch.equal(rows.scale, expected.scale)
+    gate_up = torch.randn(7, 2 * 4864, device="cuda", dtype=torch.bfloat16)
+    rows = fused.gated_activation(gate_up, gelu, grid)
+    expected = token_triton.quantize_tokens(fused.gated_activation(gate_up, gelu), grid)
+    assert torch.equal(rows.q.float(), expected.q.float()) and torch.equal(rows.scale, expected.scale)
 
 
 @gpu

@@ -11,6 +11,7 @@ scale; round half to even; the same clamps), so the results are bitwise equal (t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -26,12 +27,8 @@ except ImportError:  # pragma: no cover - CPU machines
 if triton is not None:
 
     @triton.jit
-    def _token_grid(X, row, columns, stride_x, qmin, qmax, inv_half_range, tiny, huge, IS_FP8: tl.constexpr,
-                    BLOCK: tl.constexpr):
-        """One token's row on its grid: (q as fp32 or float8, the row's fp32 scale, column offsets, mask)."""
-        c = tl.arange(0, BLOCK)
-        mask = c < columns
-        x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
+    def grid_row(x, qmin, qmax, inv_half_range, tiny, huge, IS_FP8: tl.constexpr):
+        """A token's row x (fp32, padding zero) on its grid: (q as fp32 or float8, the row's fp32 scale)."""
         scale = tl.max(tl.abs(x), axis=0) * inv_half_range
         scale = tl.minimum(tl.maximum(scale, tiny), huge)
         scaled = tl.minimum(tl.maximum(libdevice.div_rn(x, scale), qmin), qmax)
@@ -39,6 +36,16 @@ if triton is not None:
             q = scaled.to(tl.float8e4nv)
         else:
             q = libdevice.rint(scaled)
+        return q, scale
+
+    @triton.jit
+    def _token_grid(X, row, columns, stride_x, qmin, qmax, inv_half_range, tiny, huge, IS_FP8: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        """One token's row loaded and put on its grid: (q, scale, column offsets, mask)."""
+        c = tl.arange(0, BLOCK)
+        mask = c < columns
+        x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
+        q, scale = grid_row(x, qmin, qmax, inv_half_range, tiny, huge, IS_FP8)
         return q, scale, c, mask
 
     @triton.jit
@@ -74,21 +81,59 @@ def fake_quantize_tokens(x: torch.Tensor, qmin: float, qmax: float, half_range: 
     return out.reshape(x.shape)
 
 
-def quantize_tokens(x: torch.Tensor, qmin: float, qmax: float, half_range: float, is_fp8: bool,
-                    rows_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of x [M, K] on its grid: (q [rows_out, K] int8 or float8_e4m3fn, fp32 scale [rows_out, 1]), the same
-    values fake_quantize_tokens dequantizes. Rows past M (when rows_out > M: padding some matmuls need) are zero."""
-    rows = x if x.stride(-1) == 1 else x.contiguous()
+@dataclass(frozen=True)
+class TokenGrid:
+    """A symmetric per-token grid: values in [qmin, qmax] (int8, or FP8 E4M3), fp32 scale = absmax / half_range."""
+
+    qmin: float
+    qmax: float
+    half_range: float
+    is_fp8: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.is_fp8 else torch.int8
+
+    def kernel_args(self) -> tuple[float, float, float, float, float]:
+        """(qmin, qmax, fp32 reciprocal of half_range, smallest and largest scale) as the kernels take them."""
+        info = torch.finfo(torch.float32)
+        return self.qmin, self.qmax, _reciprocal(self.half_range), info.tiny, info.max
+
+
+FP8_TOKENS = TokenGrid(-448.0, 448.0, 448.0, True)
+INT8_TOKENS = TokenGrid(-128.0, 127.0, 127.5, False)
+
+
+@dataclass
+class QuantizedRows:
+    """An activation already on its per-token grid, as int8 / FP8 matmuls take it: q [rows, K] and fp32 scale
+    [rows, 1], where rows may exceed the activation's own (zero padding some matmuls need); `shape` is the
+    activation's."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+
+
+def empty_rows(rows: int, columns: int, grid: TokenGrid, device: torch.device, rows_out: int | None = None):
+    """Buffers for `rows` quantized rows, zero-padded to `rows_out`: (q, scale)."""
+    rows_out = max(rows, rows_out or rows)
+    make = torch.zeros if rows_out > rows else torch.empty
+    return (make((rows_out, columns), dtype=grid.dtype, device=device),
+            make((rows_out, 1), dtype=torch.float32, device=device))
+
+
+def quantize_tokens(x: torch.Tensor, grid: TokenGrid, rows_out: int | None = None) -> QuantizedRows:
+    """Each row of x [..., K] on its grid: the same values fake_quantize_tokens dequantizes."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
     m, k = rows.shape
-    rows_out = rows_out or m
-    make = torch.zeros if rows_out > m else torch.empty
-    q = make((rows_out, k), dtype=torch.float8_e4m3fn if is_fp8 else torch.int8, device=x.device)
-    scale = make((rows_out, 1), dtype=torch.float32, device=x.device)
-    info = torch.finfo(torch.float32)
+    q, scale = empty_rows(m, k, grid, x.device, rows_out)
     block = triton.next_power_of_2(k)
-    _token_quant_kernel[(m,)](rows, q, scale, k, rows.stride(0), q.stride(0), qmin, qmax, _reciprocal(half_range),
-                              info.tiny, info.max, IS_FP8=is_fp8, BLOCK=block, num_warps=8 if block >= 4096 else 4)
-    return q, scale
+    _token_quant_kernel[(m,)](rows, q, scale, k, rows.stride(0), q.stride(0), *grid.kernel_args(), IS_FP8=grid.is_fp8,
+                              BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return QuantizedRows(q, scale, x.shape)
 
 
 @lru_cache

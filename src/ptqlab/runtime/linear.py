@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqlab.quant import token_triton
-from ptqlab.quant.primitives import FP8_MAX, dequantize, fake_quantize
+from ptqlab.quant.primitives import dequantize, fake_quantize
 from ptqlab.runtime import kernels
 from ptqlab.schemes import Scheme
 
@@ -135,48 +135,48 @@ class Fp8Linear(nn.Module):
     """FP8 W8A8: x quantized per token to FP8, multiplied by the FP8 weight with fp32 row and column scales."""
 
     kernel = "fp8 _scaled_mm"
+    input_grid = token_triton.FP8_TOKENS
+    """The grid this layer's input goes on; a fused norm or activation kernel may deliver it already there."""
+    min_rows = 1
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
-        self.in_features = weight.shape[1]
+        self.in_features, self.out_dtype = weight.shape[1], dtype
         self.register_buffer("weight", weight)  # [out, in] float8_e4m3fn, row-major: its .t() is column-major
         self.register_buffer("scale", scale.float().reshape(1, -1).contiguous())
         self.register_buffer("bias", bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        q, x_scale = token_triton.quantize_tokens(rows, -FP8_MAX, FP8_MAX, FP8_MAX, is_fp8=True)
-        y = torch._scaled_mm(q, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=x.dtype,
+    def forward(self, x: torch.Tensor | token_triton.QuantizedRows) -> torch.Tensor:
+        if not isinstance(x, token_triton.QuantizedRows):
+            x = token_triton.quantize_tokens(x, self.input_grid)
+        y = torch._scaled_mm(x.q, self.weight.t(), scale_a=x.scale, scale_b=self.scale, out_dtype=self.out_dtype,
                              use_fast_accum=kernels.FP8_FAST_ACCUM)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], -1)
 
 
-INT_MM_MIN_ROWS = 32
-"""torch._int_mm wants more than 16 rows: decode pads its few rows with zeros up to this."""
-
-
 class Int8Linear(nn.Module):
     """INT8 W8A8: x quantized per token to int8, an exact int32 matmul, then both scales (and bias) in one pass."""
 
     kernel = "int8 _int_mm"
+    input_grid = token_triton.INT8_TOKENS
+    min_rows = 32
+    """torch._int_mm wants more than 16 rows: decode pads its few rows with zeros up to this."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
-        self.in_features = weight.shape[1]
+        self.in_features, self.out_dtype = weight.shape[1], dtype
         self.register_buffer("weight", weight)  # [out, in] int8
         self.register_buffer("scale", scale.float().reshape(-1).contiguous())
         self.register_buffer("bias", bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        m = rows.shape[0]
-        qmin, qmax = -128.0, 127.0
-        q, x_scale = token_triton.quantize_tokens(rows, qmin, qmax, (qmax - qmin) / 2, is_fp8=False,
-                                                  rows_out=max(m, INT_MM_MIN_ROWS))
-        acc = torch._int_mm(q, self.weight.t())
-        y = kernels.int8_epilogue(acc, x_scale, self.scale, self.bias, m, x.dtype)
+    def forward(self, x: torch.Tensor | token_triton.QuantizedRows) -> torch.Tensor:
+        if not isinstance(x, token_triton.QuantizedRows):
+            x = token_triton.quantize_tokens(x, self.input_grid, rows_out=self.min_rows)
+        rows = x.shape.numel() // x.shape[-1]
+        acc = torch._int_mm(x.q, self.weight.t())
+        y = kernels.int8_epilogue(acc, x.scale, self.scale, self.bias, rows, self.out_dtype)
         return y.reshape(*x.shape[:-1], -1)
 
 
@@ -212,10 +212,10 @@ def build_linear(layer: StoredLinear, dtype: torch.dtype) -> nn.Module:
         return Int4Linear(pack_to_int32(layer.weight, 4), layer.scale, layer.zero_point, bias, layer.weight.shape[1], dtype)
     if kernel == "fp8":
         layer = _per_channel(layer)
-        return Fp8Linear(layer.weight, layer.scale, bias)
+        return Fp8Linear(layer.weight, layer.scale, bias, dtype)
     if kernel == "int8":
         layer = _per_channel(layer)
-        return Int8Linear(layer.weight, layer.scale, bias)
+        return Int8Linear(layer.weight, layer.scale, bias, dtype)
     weight = dequantize(layer.weight, layer.scale, layer.zero_point, layer.scheme.weights, dtype)
     return DequantizedLinear(weight, bias, layer.scheme.input_activations)
 

@@ -92,10 +92,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -
 
 
 def norm_with_residual(x: torch.Tensor, weight: torch.Tensor, arch: Architecture, use_fused: bool,
-                       residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(residual + x), residual + x): the sum is the new residual stream (x itself without a residual)."""
+                       residual: torch.Tensor | None = None, consumer: nn.Module | None = None):
+    """(norm(residual + x), residual + x): the sum is the new residual stream (x itself without a residual). Fused,
+    the norm comes out already quantized when `consumer` (the matmul it feeds) takes int8 / FP8 input."""
     if use_fused:
-        y, stream = fused.rms_norm(x, weight, arch.eps, arch.norm_offset, residual)
+        grid = getattr(consumer, "input_grid", None)
+        y, stream = fused.rms_norm(x, weight, arch.eps, arch.norm_offset, residual, grid, getattr(consumer, "min_rows", 1))
         return y, x if stream is None else stream
     if residual is not None:
         x = residual + x
@@ -180,26 +182,27 @@ class Block(nn.Module):
         self.fused_rope = False
         """Rotary embedding and cache write as one kernel (full-width rotary, no q/k norm in between)."""
 
-    def _norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return norm_with_residual(x, getattr(self, name), self.arch, self.fused, residual)
+    def _norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None, consumer: nn.Module | None = None):
+        return norm_with_residual(x, getattr(self, name), self.arch, self.fused, residual, consumer)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, pos: torch.Tensor, rotary,
                 allowed: torch.Tensor | None, fresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output h', the residual stream x') with x' + h' the layer's result: the last add is left to
         the next norm, which does it in the same kernel."""
-        n, x = self._norm("input_layernorm", h, residual)
+        n, x = self._norm("input_layernorm", h, residual, consumer=self.qkv)
         h = self.attention(n, pos, rotary, allowed, fresh)
         if "pre_feedforward_layernorm" in self.norm_names:  # Gemma's sandwich norms
             h = self._norm("post_attention_layernorm", h)[0]
-            m, x = self._norm("pre_feedforward_layernorm", h, residual=x)
+            m, x = self._norm("pre_feedforward_layernorm", h, residual=x, consumer=self.gate_up)
             return self._norm("post_feedforward_layernorm", self.mlp(m))[0], x
-        m, x = self._norm("post_attention_layernorm", h, residual=x)
+        m, x = self._norm("post_attention_layernorm", h, residual=x, consumer=self.gate_up)
         return self.mlp(m), x
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
         if self.fused and self.arch.activation in FUSED_ACTIVATIONS:
-            return self.down(fused.gated_activation(gate_up, gelu=self.arch.activation != "silu"))
+            grid, rows = getattr(self.down, "input_grid", None), getattr(self.down, "min_rows", 1)
+            return self.down(fused.gated_activation(gate_up, self.arch.activation != "silu", grid, rows))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 

@@ -73,6 +73,12 @@ def test_bad_options_get_one_clear_line(tiny_model_dir, tmp_path, args, message)
     assert not (tmp_path / "q").exists()
 
 
+def test_unknown_runtime_gets_one_clear_line(tiny_model_dir, tmp_path):
+    code, output = run("bench", tiny_model_dir("llama"), "--runtime", "vllm", "--out", tmp_path / "b")
+    assert code == 2 and "unknown --runtime 'vllm': use one of auto, fast, transformers" in output
+    assert "Traceback" not in output and not (tmp_path / "b").exists()
+
+
 def test_unknown_model_gets_one_clear_line(tmp_path):
     code, output = run("quantize", "nobody/no-such-model-xyz", "--out", tmp_path / "q")
     assert code == 2 and "unknown model" in output and "Traceback" not in output

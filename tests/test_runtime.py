@@ -332,3 +332,25 @@ def test_gpu_runtime_matches_reference_and_graphs_match_eager(checkpoint, arch, 
     graphed = Generator(model, 1, 40, graph=True).generate(prompt, 32)
     eager = Generator(model, 1, 40, graph=False).generate(prompt, 32)
     assert torch.equal(graphed, eager)
+
+
+def test_auto_runtime_falls_back_with_a_note_and_fast_refuses(tmp_path):
+    """--runtime auto on a GPU takes transformers for what the fast runtime cannot run, and says why; --runtime
+    fast refuses it with the same reason (decided from the folder alone: no GPU needed to test it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ptqlab.bench.variant import resolve_runtime
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    runtime, note = resolve_runtime("auto", gpu, tmp_path)
+    assert runtime == "transformers" and "does not run 'gpt2'" in note
+    with pytest.raises(PtqlabError, match="does not run 'gpt2'"):
+        resolve_runtime("fast", cpu, tmp_path)
+    assert resolve_runtime("auto", cpu, tmp_path) == ("transformers", None)
+
+
+def test_auto_runtime_takes_the_fast_one_on_a_gpu(checkpoint):
+    from ptqlab.bench.variant import resolve_runtime
+
+    assert resolve_runtime("auto", torch.device("cuda"), checkpoint("llama", "w4a16-rtn")) == ("fast", None)

@@ -169,8 +169,13 @@ def load_runtime(path: str | Path, device: str | torch.device = "cpu", dtype: to
     raw_config = json.loads((folder / "config.json").read_text())
     resolve = SchemeResolver(raw_config.get("quantization_config"))
     device = torch.device(device)
-    tensors = read_tensors(folder, device)
-    return build_model(config, arch, tensors, resolve, device, dtype, max_positions)
+    try:
+        tensors = read_tensors(folder, device)
+        return build_model(config, arch, tensors, resolve, device, dtype, max_positions)
+    except torch.OutOfMemoryError as e:
+        free, total = torch.cuda.mem_get_info(device)
+        raise PtqlabError(f"not enough GPU memory to load {folder} on {device} ({free / 2**30:.1f} of {total / 2**30:.1f} GiB "
+                          "free): free the GPU, pick another with --device cuda:N, or benchmark on --device cpu") from e
 
 
 def build_model(config, arch: Architecture, tensors: dict[str, torch.Tensor], resolve: SchemeResolver,

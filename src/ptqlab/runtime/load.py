@@ -124,13 +124,15 @@ def stored_linear(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme | 
 
 
 def _projection(tensors, prefix: str, choices, resolve: SchemeResolver, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+    """One of the runtime's matmuls from whichever of `choices` (separate or already fused layers) the checkpoint
+    has: (module, the kernel it runs)."""
     names = next((c for c in choices if f"{prefix}{c[0]}.weight" in tensors or f"{prefix}{c[0]}.weight_packed" in tensors), None)
     if names is None:
         raise PtqlabError(f"the checkpoint has none of {', '.join(prefix + c[0] for c in choices)}")
     parts = [stored_linear(tensors, prefix + n, resolve(prefix + n)) for n in names]
-    fused = concat_linears(parts)
-    if fused is not None:
-        module = build_linear(fused, dtype)
+    stacked = concat_linears(parts)
+    if stacked is not None:
+        module = build_linear(stacked, dtype)
     else:
         module = Concat([build_linear(p, dtype) for p in parts])
     return module, getattr(module, "kernel", "mixed")

@@ -43,6 +43,17 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _nibble_plus_one(packed, j: tl.constexpr):
+        """1 + u/16 for value j (u = 0..15) of each packed word, in two integer ops and no conversion: u is moved into
+        the top 4 mantissa bits of 1.0. The decode kernel multiplies these directly (one op per value fewer than
+        _nibble) and removes the 1 with the activation sum once per tile."""
+        if j * 4 <= 19:
+            moved = packed << (19 - 4 * j)
+        else:
+            moved = packed >> (4 * j - 19)
+        return ((moved & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _nibble(packed, j: tl.constexpr):
         """Value j (0..15) of each packed word as fp32, without an int-to-float conversion (a slow instruction, 8
         per word): the nibble is or-ed into the mantissa of 2^23, whose float value minus 2^23 is exactly it."""
@@ -81,9 +92,10 @@ if triton is not None:
                 x_total = tl.zeros([BLOCK_KP], dtype=tl.float32)
                 for j in tl.static_range(8):
                     x = tl.load(X + words * 8 + j, mask=w_mask, other=0.0).to(tl.float32)
-                    sums += _nibble(packed, j) * x[None, :]
+                    sums += _nibble_plus_one(packed, j) * x[None, :]
                     x_total += x
-                # Per scale group in the tile: (Σ u x - (8 + zero) Σ x) * scale.
+                # sums holds Σ (1 + u/16) x: per scale group, Σ u x = 16 (sums - Σ x), and the weight sum is
+                # (Σ u x - (8 + zero) Σ x) * scale.
                 groups = w0 // GROUP_WORDS + tl.arange(0, GROUPS_PER_TILE)
                 g_mask = n_mask[:, None] & (groups[None, :] * GROUP_WORDS < row_words)
                 scale = tl.load(S + rn[:, None] * stride_sn + groups[None, :], mask=g_mask, other=0.0).to(tl.float32)
@@ -96,7 +108,7 @@ if triton is not None:
                 else:
                     group_sums = tl.sum(tl.reshape(sums, [BLOCK_N, GROUPS_PER_TILE, BLOCK_KP // GROUPS_PER_TILE]), axis=2)
                     group_x = tl.sum(tl.reshape(x_total, [GROUPS_PER_TILE, BLOCK_KP // GROUPS_PER_TILE]), axis=1)[None, :]
-                acc += tl.sum((group_sums - offset * group_x) * scale, axis=1)
+                acc += tl.sum((16.0 * (group_sums - group_x) - offset * group_x) * scale, axis=1)
             else:
                 group = w0 // GROUP_WORDS
                 tile_mask = n_mask & (w0 < row_words)  # the last split may run past the row

@@ -187,7 +187,10 @@ def _kernel_for(layer: StoredLinear) -> str | None:
         return None
     w, a = scheme.weights, scheme.input_activations
     out_features, in_features = layer.weight.shape
-    if a is None and w.type == "int" and w.num_bits == 4 and w.strategy in ("group", "channel") and in_features % 8 == 0:
+    group_words = (w.group_size or 0) // 8
+    power_of_two_groups = w.strategy == "group" and w.group_size % 8 == 0 and group_words & (group_words - 1) == 0
+    if a is None and w.type == "int" and w.num_bits == 4 and (w.strategy == "channel" or power_of_two_groups) \
+            and in_features % 8 == 0:
         return "int4"
     per_token = a is not None and a.strategy == "token" and a.symmetric and a.dynamic
     symmetric_rows = w.strategy in ("channel", "tensor") and w.symmetric

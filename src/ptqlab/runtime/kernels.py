@@ -27,9 +27,9 @@ SMALL_M = 16
 """Rows up to which the fused int4 kernel runs (decode, small batches); above it, dequantize + cuBLAS."""
 INT4_DECODE = "tinygemm"
 """Single-row int4 matmul: "tinygemm" (PyTorch's _weight_int4pack_mm on a second, re-tiled copy of the weight:
-the fastest measured on an H100, 1.2-1.4x this file's kernel, see bench/results) or "triton" (the kernel below,
-on the checkpoint's packing, no second copy). Several rows always use the kernel below (faster than tinygemm
-there), prefill the dequantization."""
+the fastest measured on an H100, 337 vs 315 tok/s for an 8B model, see bench/results) or "triton" (the kernel
+below, on the checkpoint's packing, no second copy). Several rows always use the kernel below (faster than
+tinygemm there), prefill the dequantization."""
 FP8_FAST_ACCUM = True
 """torch._scaled_mm(use_fast_accum=...): the tensor cores' fast FP8 accumulation, as vLLM's FP8 kernels on Hopper
 use it (their FP8FastAccum schedules). False: accumulation as precise as bf16 cuBLAS, ~7 % slower prefill on
@@ -210,8 +210,10 @@ def int4_matmul_small_m(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
     else:
         block_n, block_kp, num_warps = block_n or 128, block_kp or 16, num_warps or 4
     group_words = _group(scale, k) // 8
-    if m > 1 or group_words >= k // 8:  # several rows, or one scale per row: tiles inside one group
-        block_kp = min(block_kp, group_words) if group_words < k // 8 else block_kp
+    if group_words >= k // 8:  # one scale per row: every tile lies in it
+        groups_per_tile = 1
+    elif m > 1:  # several rows: tiles inside one group
+        block_kp = min(block_kp, group_words)
         groups_per_tile = 1
         if group_words % block_kp:
             raise ValueError(f"{block_kp} packed words per tile do not divide a scale group of {group_words}")

@@ -200,7 +200,7 @@ def test_token_quantizer_gives_the_fake_quantized_values(grid):
     x = torch.randn(5, 896, device="cuda", dtype=torch.bfloat16) * 3
     rows = token_triton.quantize_tokens(x, grid, rows_out=32)
     assert rows.q.shape == (32, 896) and rows.scale.shape == (32, 1) and rows.shape == x.shape
-    fake = token_triton.fake_quantize_tokens(x, grid.qmin, grid.qmax, grid.half_range, grid.is_fp8)
+    fake = token_triton.fake_quantize_tokens(x, grid)
     assert torch.equal((rows.q[:5].float() * rows.scale[:5]).to(torch.bfloat16), fake)
     assert not rows.q[5:].float().any()
 

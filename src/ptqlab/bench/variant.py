@@ -158,9 +158,9 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
     if runtime == "fast":
         from ptqlab.runtime import load_runtime
 
-        longest = max(context, prompt_ids.shape[1] + max(settings.max_new_tokens, settings.sample_tokens))
-        model = load_runtime(path, device, max_positions=longest)
-        engine = FastEngine(model, prompt_ids.shape[1] + max(settings.max_new_tokens, settings.sample_tokens))
+        generation = prompt_ids.shape[1] + max(settings.max_new_tokens, settings.sample_tokens)
+        model = load_runtime(path, device, max_positions=max(context, generation))
+        engine = FastEngine(model, generation)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
         engine = TransformersEngine(model)

@@ -176,6 +176,6 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     if args.strategy == "token" and args.symmetric and token_triton.available(x):
         qmin, qmax = grid_range(args)
         half_range = FP8_MAX if args.type == "float" else (qmax - qmin) / 2
-        return token_triton.fake_quantize_tokens(x, qmin, qmax, half_range, args.type == "float")
+        return token_triton.fake_quantize_tokens(x, token_triton.TokenGrid(qmin, qmax, half_range, args.type == "float"))
     scale, zero_point = quant_params(x, args, scale_dtype=torch.float32)
     return dequantize(quantize(x, scale, zero_point, args), scale, zero_point, args, dtype=x.dtype)

@@ -68,19 +68,6 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and x.shape[-1] <= 16384
 
 
-def fake_quantize_tokens(x: torch.Tensor, qmin: float, qmax: float, half_range: float, is_fp8: bool) -> torch.Tensor:
-    """Quantize-dequantize each row of x (any leading shape) with its own symmetric fp32 scale absmax / half_range."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    info = torch.finfo(torch.float32)
-    block = triton.next_power_of_2(rows.shape[1])
-    _token_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), qmin, qmax, _reciprocal(half_range),
-                                    info.tiny, info.max, IS_FP8=is_fp8, BLOCK=block, num_warps=8 if block >= 4096 else 4)
-    return out.reshape(x.shape)
-
-
 @dataclass(frozen=True)
 class TokenGrid:
     """A symmetric per-token grid: values in [qmin, qmax] (int8, or FP8 E4M3), fp32 scale = absmax / half_range."""
@@ -123,16 +110,34 @@ def empty_rows(rows: int, columns: int, grid: TokenGrid, device: torch.device, r
             make((rows_out, 1), dtype=torch.float32, device=device))
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as contiguous rows [M, K] (a view when it already is)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _row_launch(columns: int) -> dict:
+    """One program holds a whole row: its block and warps."""
+    block = triton.next_power_of_2(columns)
+    return {"BLOCK": block, "num_warps": 8 if block >= 4096 else 4}
+
+
+def fake_quantize_tokens(x: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+    """Quantize-dequantize each row of x (any leading shape) with its own symmetric fp32 scale absmax / half_range."""
+    rows = _rows(x)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    _token_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), *grid.kernel_args(),
+                                    IS_FP8=grid.is_fp8, **_row_launch(rows.shape[1]))
+    return out.reshape(x.shape)
+
+
 def quantize_tokens(x: torch.Tensor, grid: TokenGrid, rows_out: int | None = None) -> QuantizedRows:
     """Each row of x [..., K] on its grid: the same values fake_quantize_tokens dequantizes."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x)
     m, k = rows.shape
     q, scale = empty_rows(m, k, grid, x.device, rows_out)
-    block = triton.next_power_of_2(k)
     _token_quant_kernel[(m,)](rows, q, scale, k, rows.stride(0), q.stride(0), *grid.kernel_args(), IS_FP8=grid.is_fp8,
-                              BLOCK=block, num_warps=8 if block >= 4096 else 4)
+                              **_row_launch(k))
     return QuantizedRows(q, scale, x.shape)
 
 

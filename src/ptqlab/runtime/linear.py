@@ -131,24 +131,35 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], -1)
 
 
-class Fp8Linear(nn.Module):
-    """FP8 W8A8: x quantized per token to FP8, multiplied by the FP8 weight with fp32 row and column scales."""
+class TokenQuantizedLinear(nn.Module):
+    """What FP8 and INT8 W8A8 share: an 8-bit weight [out, in] with one fp32 scale per output row, and an input put
+    on `input_grid` per token, by this layer or already by the fused norm or activation before it."""
 
-    kernel = "fp8 _scaled_mm"
-    input_grid = token_triton.FP8_TOKENS
-    """The grid this layer's input goes on; a fused norm or activation kernel may deliver it already there."""
+    input_grid: token_triton.TokenGrid
     min_rows = 1
+    """Rows the matmul needs at least; fewer are zero-padded up to it."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_dtype = weight.shape[1], dtype
-        self.register_buffer("weight", weight)  # [out, in] float8_e4m3fn, row-major: its .t() is column-major
+        self.register_buffer("weight", weight)  # row-major: its .t() is the column-major operand the matmuls take
         self.register_buffer("scale", scale.float().reshape(1, -1).contiguous())
         self.register_buffer("bias", bias)
 
+    def quantized_input(self, x: torch.Tensor | token_triton.QuantizedRows) -> token_triton.QuantizedRows:
+        if isinstance(x, token_triton.QuantizedRows):
+            return x
+        return token_triton.quantize_tokens(x, self.input_grid, rows_out=self.min_rows)
+
+
+class Fp8Linear(TokenQuantizedLinear):
+    """FP8 W8A8: x quantized per token to FP8, multiplied by the FP8 weight with fp32 row and column scales."""
+
+    kernel = "fp8 _scaled_mm"
+    input_grid = token_triton.FP8_TOKENS
+
     def forward(self, x: torch.Tensor | token_triton.QuantizedRows) -> torch.Tensor:
-        if not isinstance(x, token_triton.QuantizedRows):
-            x = token_triton.quantize_tokens(x, self.input_grid)
+        x = self.quantized_input(x)
         y = torch._scaled_mm(x.q, self.weight.t(), scale_a=x.scale, scale_b=self.scale, out_dtype=self.out_dtype,
                              use_fast_accum=kernels.FP8_FAST_ACCUM)
         if self.bias is not None:
@@ -156,7 +167,7 @@ class Fp8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], -1)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(TokenQuantizedLinear):
     """INT8 W8A8: x quantized per token to int8, an exact int32 matmul, then both scales (and bias) in one pass."""
 
     kernel = "int8 _int_mm"
@@ -164,16 +175,8 @@ class Int8Linear(nn.Module):
     min_rows = 32
     """torch._int_mm wants more than 16 rows: decode pads its few rows with zeros up to this."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.in_features, self.out_dtype = weight.shape[1], dtype
-        self.register_buffer("weight", weight)  # [out, in] int8
-        self.register_buffer("scale", scale.float().reshape(-1).contiguous())
-        self.register_buffer("bias", bias)
-
     def forward(self, x: torch.Tensor | token_triton.QuantizedRows) -> torch.Tensor:
-        if not isinstance(x, token_triton.QuantizedRows):
-            x = token_triton.quantize_tokens(x, self.input_grid, rows_out=self.min_rows)
+        x = self.quantized_input(x)
         rows = x.shape.numel() // x.shape[-1]
         acc = torch._int_mm(x.q, self.weight.t())
         y = kernels.int8_epilogue(acc, x.scale, self.scale, self.bias, rows, self.out_dtype)
@@ -208,16 +211,14 @@ def build_linear(layer: StoredLinear, dtype: torch.dtype) -> nn.Module:
     if layer.scheme is None:
         return DequantizedLinear(layer.weight.to(dtype), bias)
     kernel = _kernel_for(layer)
+    layer = _per_channel(layer)  # the kernels take row scales; a per-tensor scale is the same scale on every row
     if kernel == "int4":
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-        layer = _per_channel(layer)
         return Int4Linear(pack_to_int32(layer.weight, 4), layer.scale, layer.zero_point, bias, layer.weight.shape[1], dtype)
     if kernel == "fp8":
-        layer = _per_channel(layer)
         return Fp8Linear(layer.weight, layer.scale, bias, dtype)
     if kernel == "int8":
-        layer = _per_channel(layer)
         return Int8Linear(layer.weight, layer.scale, bias, dtype)
     weight = dequantize(layer.weight, layer.scale, layer.zero_point, layer.scheme.weights, dtype)
     return DequantizedLinear(weight, bias, layer.scheme.input_activations)

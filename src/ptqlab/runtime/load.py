@@ -138,16 +138,24 @@ def _projection(tensors, prefix: str, choices, resolve: SchemeResolver, dtype: t
     return module, getattr(module, "kernel", "mixed")
 
 
+def read_config(folder: Path) -> tuple[object, Architecture, SchemeResolver]:
+    """A model folder's HF config, its Architecture and its layers' schemes; PtqlabError for what the runtime
+    cannot run."""
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise PtqlabError(f"{folder}: not a model folder (no config.json)")
+    config = AutoConfig.from_pretrained(folder)
+    resolve = SchemeResolver(json.loads((folder / "config.json").read_text()).get("quantization_config"))
+    return config, Architecture.from_config(config), resolve
+
+
 def check_supported(path: str | Path) -> None:
     """Raise PtqlabError, saying why, if the fast runtime cannot run this folder (reads config and tensor names only)."""
     from safetensors import safe_open
-    from transformers import AutoConfig
 
     folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise PtqlabError(f"{folder}: not a model folder (no config.json)")
-    Architecture.from_config(AutoConfig.from_pretrained(folder))
-    SchemeResolver(json.loads((folder / "config.json").read_text()).get("quantization_config"))
+    read_config(folder)
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             if any(key.endswith(".weight_g_idx") for key in f.keys()):  # noqa: SIM118 (a safetensors handle)
@@ -161,15 +169,8 @@ def load_runtime(path: str | Path, device: str | torch.device = "cpu", dtype: to
 
     dtype: activation and 16-bit weight dtype (default: the checkpoint's). max_positions: the longest sequence it
     will see (default: min(config's context, 8192)); rotary tables are built for that many positions."""
-    from transformers import AutoConfig
-
     folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise PtqlabError(f"{folder}: not a model folder (no config.json)")
-    config = AutoConfig.from_pretrained(folder)
-    arch = Architecture.from_config(config)
-    raw_config = json.loads((folder / "config.json").read_text())
-    resolve = SchemeResolver(raw_config.get("quantization_config"))
+    config, arch, resolve = read_config(folder)
     device = torch.device(device)
     try:
         tensors = read_tensors(folder, device)

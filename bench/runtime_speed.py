@@ -10,8 +10,9 @@ Floors, measured on the same GPU at the start: decode is memory-bound, so its fl
 (every weight, scale and bias the step touches, the 16-bit head, the whole static KV cache) over the measured
 copy bandwidth; prefill is compute-bound, so its floor is the matmul FLOPs over the measured dense rate of the
 scheme's matmul (bf16 for bf16 and w4a16, whose prefill dequantizes into bf16 cuBLAS; fp8 `_scaled_mm`; int8
-`_int_mm`), plus attention FLOPs at the bf16 rate. `--kernels` first times the int4 kernel against bf16
-`F.linear` and PyTorch's `_weight_int4pack_mm` on the shape's layers at batch 1.
+`_int_mm`), plus attention FLOPs at the bf16 rate. `--kernels` first times ptqlab's int4 kernels (several tiles)
+against bf16 `F.linear`, PyTorch's `_weight_int4pack_mm` (tinygemm) and a kernel that only loads the packed weight,
+on the shape's layers at 1 and 8 rows, each over weight copies larger than L2 as in a model.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantize_speed import SHAPES
 
 SCHEMES = {"bf16": None, "fp8-dynamic": "fp8-dynamic", "w8a8": "w8a8-rtn", "w4a16": "w4a16-rtn",
-           "w4a16-triton": "w4a16-rtn", "fp8-dynamic-precise": "fp8-dynamic"}
-"""Variant -> the recipe whose format it runs. The -triton and -precise variants run the same checkpoint with a
-kernel option switched from its default (kernels.INT4_DECODE, kernels.FP8_FAST_ACCUM)."""
-OPTIONS = {"w4a16-triton": ("INT4_DECODE", "triton"), "fp8-dynamic-precise": ("FP8_FAST_ACCUM", False)}
-RATE = {"bf16": "bf16_flops", "w4a16": "bf16_flops", "w4a16-triton": "bf16_flops", "fp8-dynamic": "fp8_flops",
-        "fp8-dynamic-precise": "fp8_flops", "w8a8": "int8_ops"}
+           "fp8-dynamic-precise": "fp8-dynamic", "w4a16-no-pdl": "w4a16-rtn"}
+"""Variant -> the recipe whose format it runs. The -precise and -no-pdl variants run the same checkpoint with a
+kernel option switched from its default (kernels.FP8_FAST_ACCUM, kernels.PDL)."""
+OPTIONS = {"fp8-dynamic-precise": ("FP8_FAST_ACCUM", False), "w4a16-no-pdl": ("PDL", False)}
+RATE = {"bf16": "bf16_flops", "w4a16": "bf16_flops", "fp8-dynamic": "fp8_flops", "fp8-dynamic-precise": "fp8_flops",
+        "w8a8": "int8_ops", "w4a16-no-pdl": "bf16_flops"}
 """The dense matmul rate each variant's prefill floor is computed at."""
 
 
@@ -78,28 +79,63 @@ def device_ceilings() -> dict:
             "fp8_flops": flops / (fp8_ms / 1e3), "int8_ops": flops / (int8_ms / 1e3)}
 
 
-def graph_us(fn, calls: int = 20) -> float:
-    """GPU time of one call in microseconds, from a CUDA graph of `calls` calls (no Python launch overhead, which
-    for a single small kernel is larger than the kernel)."""
-    fn()
+def graph_us(fns, calls: int = 64) -> float:
+    """GPU time of one call in microseconds, from a CUDA graph that calls `fns` in turn `calls` times in all (no
+    Python launch overhead, which for a single small kernel is larger than the kernel). Each of `fns` should read
+    its own copy of the weights, so that together they miss L2 as the layers of a model do."""
+    for fn in fns:
+        fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+        for i in range(calls):
+            fns[i % len(fns)]()
     return 1e3 * median_ms(graph.replay, repeats=10) / calls
 
 
-KERNEL_CONFIGS = [(128, 16, 4), (16, 64, 2), (16, 128, 4), (16, 128, 2), (8, 128, 2), (16, 256, 4), (8, 256, 2), (32, 256, 8),
-                  (8, 512, 4)]
-"""(block_n, packed words per tile, warps) tried for the int4 kernel at batch 1 (several rows: those of 16 words)."""
+def _copies(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of `tensor` adding up to >= 4x the L2 cache (at least 2)."""
+    l2 = torch.cuda.get_device_properties(tensor.device).L2_cache_size
+    count = max(2, -(-4 * l2 // (tensor.numel() * tensor.element_size())))
+    return [tensor.clone() for _ in range(count)]
+
+
+GEMV_CONFIGS = [(8, 256, 2), (8, 512, 4), (16, 256, 4), (4, 128, 1), (8, 128, 1)]
+"""(outputs, words per tile, warps) tried for the one-row int4 kernel; the first is its default."""
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU machines: the benchmark needs a GPU anyway
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _load_only_kernel(P, Y, N, row_words, stride_pn, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+        """Reads the packed weight as the one-row kernel does, with next to no arithmetic: its bandwidth ceiling."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rp = tl.arange(0, BLOCK_KP)
+        acc = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for w0 in range(0, row_words, BLOCK_KP):
+            mask = (rn[:, None] < N) & (w0 + rp < row_words)[None, :]
+            acc += tl.sum(tl.load(P + rn[:, None] * stride_pn + (w0 + rp)[None, :], mask=mask, other=0,
+                                  eviction_policy="evict_first"), axis=1)
+        tl.store(Y + rn, acc, mask=rn < N)
+
+
+def load_only(planes: torch.Tensor) -> torch.Tensor:
+    n, row_words = planes.shape
+    y = torch.empty(n, dtype=torch.int32, device=planes.device)
+    _load_only_kernel[(triton.cdiv(n, 8),)](planes, y, n, row_words, planes.stride(0), BLOCK_N=8, BLOCK_KP=256,
+                                            num_warps=2)
+    return y
 
 
 def kernel_table(shape: str, rows: int = 1) -> list[dict]:
-    """One layer's matmul at `rows` rows, in a CUDA graph: bf16, ptqlab int4 (each config), PyTorch tinygemm int4,
-    and ptqlab's int4 dequantization (the prefill path's extra pass)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
+    """One layer's matmul at `rows` rows: bf16, ptqlab int4 (each tile config at one row; the tensor-core kernel at
+    several), PyTorch tinygemm int4, a load-only pass over the packed weight, and ptqlab's int4 dequantization (the
+    prefill path's extra pass)."""
     from ptqlab.quant.linear import rtn
     from ptqlab.recipes import get_recipe
     from ptqlab.runtime import kernels
@@ -112,20 +148,30 @@ def kernel_table(shape: str, rows: int = 1) -> list[dict]:
     for n, k in [(h + 2 * kv, h), (h, h), (2 * i, h), (h, i)]:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q, scale, _ = rtn(w, args, torch.bfloat16)
-        packed = pack_to_int32(q, 4)
+        planes = kernels.int4_planes(q, kernels.plane_words(k, 128))
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ (q.double().unflatten(1, (-1, 128)) * scale.double().unsqueeze(-1)).flatten(1).T
-        row = {"n": n, "k": k, "rows": rows, "int4_mb": packed.numel() * 4 / 1e6, "bf16_us": graph_us(partial(F.linear, x, w))}
-        for bn, bkp, warps in [c for c in KERNEL_CONFIGS if rows == 1 or c[1] == 16]:
-            y = kernels.int4_matmul_small_m(x, packed, scale, None, bn, bkp, warps)
-            row[f"int4_{bn}x{bkp}w{warps}_err"] = float((y.double() - ref).norm() / ref.norm())
-            row[f"int4_{bn}x{bkp}w{warps}_us"] = graph_us(partial(kernels.int4_matmul_small_m, x, packed, scale, None, bn, bkp, warps))
-        row["dequant_us"] = graph_us(partial(kernels.int4_dequantize, packed, scale, None, k, torch.bfloat16))
+        copies = _copies(planes)
+        row = {"n": n, "k": k, "rows": rows, "int4_mb": planes.numel() * 4 / 1e6,
+               "bf16_us": graph_us([partial(F.linear, x, c) for c in _copies(w)])}
+
+        def timed(name, fn):
+            y = fn(x, planes)
+            row[f"{name}_err"] = float((y.double() - ref).norm() / ref.norm())
+            row[f"{name}_us"] = graph_us([partial(fn, x, c) for c in copies])
+
+        if rows == 1:
+            for bn, bkp, warps in GEMV_CONFIGS:
+                timed(f"int4_{bn}x{bkp}w{warps}", lambda x, p, c=(bn, bkp, warps): kernels.int4_gemv(x, p, scale, None, *c))
+        else:
+            timed("int4_tensor_cores", lambda x, p: kernels.int4_matmul_small_m(x, p, scale, None))
+        row["load_only_us"] = graph_us([partial(load_only, c) for c in copies])
+        row["dequant_us"] = graph_us([partial(kernels.int4_dequantize, c, scale, None, k, torch.bfloat16) for c in copies])
         try:
             u = q.to(torch.int32) + 8
             tiny = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8)
             sz = torch.stack([scale.T, torch.zeros_like(scale.T)], -1).contiguous()  # w = (u - 8) * s + 0
-            row["tinygemm_us"] = graph_us(partial(torch.ops.aten._weight_int4pack_mm, x, tiny, 128, sz))
+            row["tinygemm_us"] = graph_us([partial(torch.ops.aten._weight_int4pack_mm, x, c, 128, sz) for c in _copies(tiny)])
             y = torch.ops.aten._weight_int4pack_mm(x, tiny, 128, sz)
             row["tinygemm_err"] = float((y.double() - ref).norm() / ref.norm())
         except RuntimeError as e:  # not every build has it
@@ -133,8 +179,8 @@ def kernel_table(shape: str, rows: int = 1) -> list[dict]:
         table.append(row)
         best = min((v, key) for key, v in row.items() if key.startswith("int4_") and key.endswith("_us"))
         print(f"[{rows} x {k}] @ [{k} x {n}]ᵀ: bf16 {row['bf16_us']:.1f} us, int4 best {best[0]:.1f} us ({best[1]}), "
-              f"tinygemm {row.get('tinygemm_us', float('nan')):.1f} us, dequant {row['dequant_us']:.1f} us; "
-              f"int4 at {row['int4_mb'] / best[0]:.2f} TB/s", flush=True)
+              f"tinygemm {row.get('tinygemm_us', float('nan')):.1f} us, load only {row['load_only_us']:.1f} us, "
+              f"dequant {row['dequant_us']:.1f} us; int4 at {row['int4_mb'] / best[0]:.2f} TB/s", flush=True)
     return table
 
 
@@ -177,9 +223,7 @@ def decode_bytes(model, cache_positions: int) -> int:
     reads, so not at all), plus the whole static KV cache, which attention reads at every step."""
     head = getattr(model.head, "weight", None)
     tied = head is not None and head.data_ptr() == model.embed.data_ptr()
-    # With tinygemm, decode reads the re-tiled copy, not the checkpoint's packing (kept for prefill).
-    unread = {m.packed.data_ptr() for m in model.modules() if getattr(m, "tinygemm_weight", None) is not None}
-    seen, total = set(unread), 0
+    seen, total = set(), 0
     for name, buffer in model.named_buffers():
         if buffer is None or buffer.data_ptr() in seen or (name == "embed" and not tied):
             continue
@@ -193,8 +237,8 @@ def _weights_in(module) -> int:
     """Weights of one runtime linear (or of each part of a Concat)."""
     if hasattr(module, "parts"):
         return sum(_weights_in(p) for p in module.parts)
-    if hasattr(module, "packed"):
-        return module.packed.shape[0] * module.in_features
+    if hasattr(module, "planes"):
+        return module.planes.shape[0] * module.in_features
     return module.weight.numel()
 
 

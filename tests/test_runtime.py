@@ -159,15 +159,39 @@ def test_reads_llmcompressor_checkpoints(tiny_model_dir, tmp_path):
         assert relative(ours, theirs) <= (1e-2 if scheme != "W4A16" else 1e-5), scheme
 
 
+@pytest.mark.parametrize("k,group,plane", [(512, 128, 16), (896, 128, 16), (512, 64, 8), (256, 32, 4), (384, 384, 16),
+                                           (200, 200, None), (96, 48, 6), (100, 50, None)])
+def test_int4_planes_put_each_value_where_the_kernels_read_it(k, group, plane):
+    """Value v of a row: nibble (v mod 8P) // P of word (v // 8P) P + v mod P (P = plane width); the packing is
+    lossless and a word's 8 values share one scale group."""
+    from ptqlab.runtime import kernels
+
+    assert kernels.plane_words(k, group) == plane
+    if plane is None:
+        return
+    q = torch.randint(-8, 8, (5, k), dtype=torch.int8)
+    planes = kernels.int4_planes(q, plane)
+    assert planes.dtype == torch.int32 and planes.shape == (5, k // 8)
+    v = torch.arange(k)
+    word = (v // (8 * plane)) * plane + v % plane
+    nibble = (v % (8 * plane)) // plane
+    unpacked = ((planes[:, word] >> (4 * nibble).to(torch.int32)) & 0xF) - 8
+    assert torch.equal(unpacked.to(torch.int8), q)
+    group_of = torch.empty(k // 8, 8, dtype=torch.long)
+    group_of[word, nibble] = v // group
+    assert (group_of == group_of[:, :1]).all()
+
+
 # ---- GPU: kernels and CUDA graphs -------------------------------------------------------------------------------
 
 @gpu
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("n,k,group,symmetric", [(96, 256, 128, True), (200, 512, 64, False), (64, 4096, 128, True),
-                                                   (1152, 896, 128, True), (256, 384, None, True)])
+                                                   (1152, 896, 128, True), (100, 4864, 128, False), (256, 384, None, True),
+                                                   (64, 8192, 4096, True), (48, 512, 32, True)])
 def test_int4_kernels_against_float64(rows, n, k, group, symmetric):
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
+    """Row tails (100), K tails (896, 4864: 112 and 608 words), split K (64 x 4096), small groups (32, 64: narrower
+    planes), tiles inside a group (4096), one scale per row, zero points."""
     from ptqlab.quant.linear import rtn
     from ptqlab.quant.primitives import dequantize
     from ptqlab.runtime import kernels
@@ -177,18 +201,22 @@ def test_int4_kernels_against_float64(rows, n, k, group, symmetric):
     args = QuantArgs(num_bits=4, strategy="group" if group else "channel", group_size=group, symmetric=symmetric)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     q, scale, zero = rtn(w, args, torch.bfloat16)
-    packed = pack_to_int32(q, 4)
+    planes = kernels.int4_planes(q, kernels.plane_words(k, group or k))
     reference_w = dequantize(q, scale, zero, args, torch.bfloat16)
-    assert torch.equal(kernels.int4_dequantize(packed, scale, zero, k, torch.bfloat16), reference_w)
+    assert torch.equal(kernels.int4_dequantize(planes, scale, zero, k, torch.bfloat16), reference_w)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     exact = x.double() @ reference_w.double().T
-    if rows > 1 and (group or k) < 128:  # tensor-core tiles need 128 values of one group; Int4Linear dequantizes
+    if rows == 1:
+        outputs = [kernels.int4_gemv(x, planes, scale, zero, *config) for config in [(8, 256, 2), (16, 64, 4), (4, 512, 2)]]
+    elif (group or k) < 128:  # tensor-core tiles need 128 values of one group; Int4Linear dequantizes
         with pytest.raises(ValueError, match="16 packed words"):
-            kernels.int4_matmul_small_m(x, packed, scale, zero)
+            kernels.int4_matmul_small_m(x, planes, scale, zero)
         return
-    y = kernels.int4_matmul_small_m(x, packed, scale, zero)
-    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
-    assert relative(y, exact) < 4e-3  # fp32 accumulation, one bf16 rounding of the output
+    else:
+        outputs = [kernels.int4_matmul_small_m(x, planes, scale, zero)]
+    for y in outputs:
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+        assert relative(y, exact) < 4e-3  # fp32 accumulation, one bf16 rounding of the output
 
 
 @gpu
@@ -242,7 +270,6 @@ def test_fast_linears_match_the_dequantized_reference(monkeypatch, recipe, kerne
     from ptqlab.runtime.linear import StoredLinear, build_linear
 
     if option == "other":
-        monkeypatch.setattr(kernels, "INT4_DECODE", "triton")
         monkeypatch.setattr(kernels, "FP8_FAST_ACCUM", False)
 
     scheme = get_recipe(recipe).scheme
@@ -258,27 +285,6 @@ def test_fast_linears_match_the_dequantized_reference(monkeypatch, recipe, kerne
     x = torch.randn(1, rows, 512, device="cuda", dtype=torch.bfloat16)
     exact = slow(x.float().cpu())
     assert relative(fast(x).cpu(), exact) < 1e-2
-
-
-@gpu
-@pytest.mark.parametrize("zero", [False, True])
-def test_tinygemm_decode_matches_the_triton_kernel(monkeypatch, zero):
-    from ptqlab.quant.linear import rtn
-    from ptqlab.recipes import get_recipe
-    from ptqlab.runtime import kernels
-    from ptqlab.runtime.linear import StoredLinear, build_linear
-
-    scheme = get_recipe("w4a16-asym" if zero else "w4a16-rtn").scheme
-    w = torch.randn(384, 512, device="cuda", dtype=torch.bfloat16) * 0.05
-    q, scale, zero_point = rtn(w, scheme.weights, torch.bfloat16)
-    layer = StoredLinear(q, None, scheme, scale, zero_point)
-    monkeypatch.setattr(kernels, "INT4_DECODE", "triton")
-    triton_kernel = build_linear(layer, torch.bfloat16)
-    monkeypatch.setattr(kernels, "INT4_DECODE", "tinygemm")
-    tinygemm = build_linear(layer, torch.bfloat16)
-    assert tinygemm.kernel.startswith("int4 tinygemm")
-    x = torch.randn(1, 1, 512, device="cuda", dtype=torch.bfloat16)
-    assert relative(tinygemm(x), triton_kernel(x)) < 1e-2
 
 
 @gpu

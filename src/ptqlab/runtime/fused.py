@@ -16,12 +16,14 @@ from __future__ import annotations
 import torch
 
 from ptqlab.quant.token_triton import QuantizedRows, TokenGrid, empty_rows
+from ptqlab.runtime.kernels import pdl
 
 try:
     import triton
     import triton.language as tl
 
     from ptqlab.quant.token_triton import grid_row
+    from ptqlab.runtime.kernels import await_inputs
 except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
@@ -31,17 +33,18 @@ if triton is not None:
     @triton.jit
     def _rms_norm_kernel(X, R, W, Y, RES, Q, SC, columns, stride_x, stride_r, stride_y, stride_res, stride_q, eps, offset,
                          qmin, qmax, inv_half_range, tiny, huge, HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr,
-                         QUANT: tl.constexpr, IS_FP8: tl.constexpr, BLOCK: tl.constexpr):
+                         QUANT: tl.constexpr, IS_FP8: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         mask = c < columns
+        w = tl.load(W + c, mask=mask, other=0.0)
+        await_inputs(PDL)
         x = tl.load(X + row * stride_x + c, mask=mask, other=0.0)
         if HAS_RESIDUAL:  # the residual stream is rounded to the model dtype, as torch's add would
             x = (x.to(tl.float32) + tl.load(R + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
             tl.store(RES + row * stride_res + c, x, mask=mask)
         h = x.to(tl.float32)
         h = h * (1.0 / tl.sqrt(tl.sum(h * h, axis=0) / columns + eps))
-        w = tl.load(W + c, mask=mask, other=0.0)
         if GEMMA:  # (1 + w) x̂, rounded once
             y = h * (offset + w.to(tl.float32))
         else:  # w * round(x̂)
@@ -56,8 +59,9 @@ if triton is not None:
 
     @triton.jit
     def _rope_cache_kernel(QKV, COS, SIN, POS, KC, VC, stride_t, tokens_per_row, heads, kv_heads, cache_len,
-                           HEAD_DIM: tl.constexpr, HALF: tl.constexpr, WRITE_CACHE: tl.constexpr):
+                           HEAD_DIM: tl.constexpr, HALF: tl.constexpr, WRITE_CACHE: tl.constexpr, PDL: tl.constexpr):
         """One program per (token, head of q or k): rotate in place; k heads also write k and v into the cache."""
+        await_inputs(PDL)
         t = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         pos = tl.load(POS + t % tokens_per_row)
@@ -95,7 +99,8 @@ if triton is not None:
         return act * up
 
     @triton.jit
-    def _gated_act_kernel(GU, Y, inner, stride_gu, stride_y, GELU: tl.constexpr, BLOCK: tl.constexpr):
+    def _gated_act_kernel(GU, Y, inner, stride_gu, stride_y, GELU: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        await_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = c < inner
@@ -104,8 +109,9 @@ if triton is not None:
 
     @triton.jit
     def _gated_act_quant_kernel(GU, Q, SC, inner, stride_gu, stride_q, qmin, qmax, inv_half_range, tiny, huge,
-                                GELU: tl.constexpr, IS_FP8: tl.constexpr, BLOCK: tl.constexpr):
+                                GELU: tl.constexpr, IS_FP8: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """The whole row at once (its scale needs its absolute maximum), rounded to the model dtype, then on its grid."""
+        await_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         mask = c < inner
@@ -117,8 +123,10 @@ if triton is not None:
     @triton.jit
     def _decode_attention_kernel(Q, KC, VC, POS, O, stride_qb, stride_ob, heads, kv_heads, cache_len, scale, softcap,
                                  window, GROUPS: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_T: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                                 BLOCK_T: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                                 PDL: tl.constexpr):
         """One program per (row, kv head): its GROUPS query heads attend to cache positions 0..pos (online softmax)."""
+        await_inputs(PDL)
         b = tl.program_id(0).to(tl.int64)
         kv = tl.program_id(1)
         pos = tl.load(POS)
@@ -159,6 +167,12 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
+def _pdl(x: torch.Tensor) -> dict:
+    """Launch arguments for programmatic dependent launch (kernels.pdl)."""
+    use = pdl(x.device)
+    return {"PDL": use, "launch_pdl": use}
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, residual: torch.Tensor | None = None,
              grid: TokenGrid | None = None, rows_out: int = 1):
     """(RMSNorm of x (+ residual), x + residual or None), over the last dim. With `grid`, the normalized rows come
@@ -179,7 +193,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, r
     _rms_norm_kernel[(m,)](rows, r, weight, y, res, q, scale, k, rows.stride(0), r.stride(0), y.stride(0), res.stride(0),
                            q.stride(0), eps, offset, *args, HAS_RESIDUAL=residual is not None, GEMMA=offset != 0,
                            QUANT=grid is not None, IS_FP8=grid is not None and grid.is_fp8, BLOCK=block,
-                           num_warps=4 if block <= 2048 else 8)
+                           num_warps=4 if block <= 2048 else 8, **_pdl(x))
     out = y.reshape(x.shape) if grid is None else QuantizedRows(q, scale, x.shape)
     return out, (res.reshape(x.shape) if residual is not None else None)
 
@@ -194,7 +208,7 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
     _rope_cache_kernel[(b * length, heads + kv_heads)](
         rows, cos, sin, pos, k_cache if write else rows, v_cache if write else rows, rows.stride(0), length, heads,
         kv_heads, k_cache.shape[2] if write else 0, HEAD_DIM=head_dim, HALF=head_dim // 2, WRITE_CACHE=write,
-        num_warps=1 if head_dim <= 128 else 2)
+        num_warps=1 if head_dim <= 128 else 2, **_pdl(qkv))
 
 
 def gated_activation(gate_up: torch.Tensor, gelu: bool, grid: TokenGrid | None = None, rows_out: int = 1):
@@ -206,12 +220,12 @@ def gated_activation(gate_up: torch.Tensor, gelu: bool, grid: TokenGrid | None =
         q, scale = empty_rows(m, inner, grid, gate_up.device, rows_out)
         block = triton.next_power_of_2(inner)
         _gated_act_quant_kernel[(m,)](rows, q, scale, inner, rows.stride(0), q.stride(0), *grid.kernel_args(), GELU=gelu,
-                                      IS_FP8=grid.is_fp8, BLOCK=block, num_warps=16 if block >= 8192 else 8)
+                                      IS_FP8=grid.is_fp8, BLOCK=block, num_warps=16 if block >= 8192 else 8, **_pdl(gate_up))
         return QuantizedRows(q, scale, torch.Size(shape))
     y = torch.empty((m, inner), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _gated_act_kernel[(m, triton.cdiv(inner, block))](rows, y, inner, rows.stride(0), y.stride(0), GELU=gelu, BLOCK=block,
-                                                     num_warps=4)
+                                                     num_warps=4, **_pdl(gate_up))
     return y.reshape(shape)
 
 
@@ -226,5 +240,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_attention_kernel[(b, kv_heads)](
         q, k_cache, v_cache, pos, out, q.stride(0), out.stride(0), heads, kv_heads, cache_len, scale,
         softcap or 1.0, window or 0, GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
-        BLOCK_T=64, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, num_warps=4)
+        BLOCK_T=64, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, num_warps=4, **_pdl(q))
     return out

@@ -1,19 +1,25 @@
-"""GPU kernels of the fast runtime: int4 weight-only matmul (Triton), int4 dequantization for prefill (Triton),
+"""GPU kernels of the fast runtime: int4 weight-only matmuls (Triton), int4 dequantization for prefill (Triton),
 and the int32 -> 16-bit epilogue of INT8 matmuls (Triton). Pure functions over tensors; CUDA only.
 
-Int4 weights stay in the checkpoint's own packing (compressed-tensors `pack-quantized`): int32 [N, K / 8], value k of
-a row in bits 4 (k % 8) .. 4 (k % 8) + 3 of word k // 8, stored as q + 8. The weight is (q - zero_point) * scale
-computed in fp32 and rounded to the activation dtype, exactly as `primitives.dequantize` does, so the runtime's
-weights are bit for bit the reference model's; products accumulate in fp32.
+Int4 weights hold q + 8 (u = 0..15) in int32 words of 8 values. The checkpoint (compressed-tensors
+`pack-quantized`) stores value k of a row in nibble k % 8 of word k // 8; at load the runtime re-packs each row into
+*planes* (`int4_planes`): every run of 8 P values (P = `plane_words`, 16 for groups of 128 or more) becomes P words
+whose nibble j holds values j P .. j P + P - 1. A word's 8 values then lie in one scale group, as before, and the
+activations that nibble j of neighbouring words multiplies are contiguous, so the one-row kernel loads them as
+vectors instead of one by one. The weight is (q - zero_point) * scale computed in fp32, exactly as
+`primitives.dequantize` does; products accumulate in fp32.
 
-Decode (few rows) reads the packed weight once: each program dequantizes a [BLOCK_N, BLOCK_K] tile in registers
-and multiplies it with up to 16 activation rows on the tensor cores; the K range is split across programs when the
-layer has too few output tiles to fill the GPU, with one small reduction after. Prefill (many rows) is compute-bound:
-the weight is dequantized once into a scratch buffer and multiplied by cuBLAS, which costs little next to the
-matmul itself.
+Decode at one row (`int4_gemv`) is bound by memory and by the integer work of unpacking 8 values per word on CUDA
+cores; it spends 1.5 instructions per value on that (one funnel shift per two nibbles, one LOP3 per nibble that
+masks it into the mantissa of an fp32 1.0) plus one FMA, and requests the next tile before the current one's
+arithmetic. 2-16 rows (`int4_matmul_small_m`) dequantize each nibble's tile and use the tensor cores. Prefill
+(many rows) is compute-bound: the weight is dequantized once into a scratch buffer and multiplied by cuBLAS,
+which costs little next to the matmul itself.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -24,12 +30,7 @@ except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
 SMALL_M = 16
-"""Rows up to which the fused int4 kernel runs (decode, small batches); above it, dequantize + cuBLAS."""
-INT4_DECODE = "tinygemm"
-"""Single-row int4 matmul: "tinygemm" (PyTorch's _weight_int4pack_mm on a second, re-tiled copy of the weight:
-the fastest measured on an H100, 337 vs 315 tok/s for an 8B model, see bench/results) or "triton" (the kernel
-below, on the checkpoint's packing, no second copy). Several rows always use the kernel below (faster than
-tinygemm there), prefill the dequantization."""
+"""Rows up to which the fused int4 kernels run (decode, small batches); above it, dequantize + cuBLAS."""
 FP8_FAST_ACCUM = True
 """torch._scaled_mm(use_fast_accum=...): the tensor cores' fast FP8 accumulation, as vLLM's FP8 kernels on Hopper
 use it (their FP8FastAccum schedules). False: accumulation as precise as bf16 cuBLAS, ~7 % slower prefill on
@@ -40,18 +41,65 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
+PDL = True
+"""Programmatic dependent launch (Hopper and newer) for the kernels of a decode step: each may start while the one
+before it finishes, request its weights, and wait (griddepcontrol.wait) only before it reads activations, which
+hides most of the launch and memory latency between the ~10 small kernels of a layer. False: plain launches."""
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch (`PDL` and the GPU supports it)."""
+    if not PDL or _interpreted() or gdc_wait is None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_DEVICES:
+        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _PDL_DEVICES[index]
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+gdc_wait = gdc_launch_dependents = None
 if triton is not None:
+    _INTERPRETED = tl.constexpr(_interpreted())
+    """Triton's CPU interpreter (kernel development without a GPU) runs no inline PTX."""
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # pragma: no cover - Triton without grid dependency control
+        pass
 
     @triton.jit
-    def _nibble_plus_one(packed, j: tl.constexpr):
-        """1 + u/16 for value j (u = 0..15) of each packed word, in two integer ops and no conversion: u is moved into
-        the top 4 mantissa bits of 1.0. The decode kernel multiplies these directly (one op per value fewer than
-        _nibble) and removes the 1 with the activation sum once per tile."""
-        if j * 4 <= 19:
-            moved = packed << (19 - 4 * j)
+    def await_inputs(PDL: tl.constexpr):
+        """With programmatic dependent launch: let the next kernel start launching, then wait until the previous
+        kernel has finished and its writes are visible. Everything a kernel reads that an earlier kernel of the
+        step writes (activations, positions, the cache), and everything it writes, comes after this."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+
+    @triton.jit
+    def _nibble_pair(words, j: tl.constexpr):
+        """Nibbles j (odd) and j - 1 of uint32 words as fp32 1 + u/16 and 1 + u/256, with no int-to-float conversion:
+        one funnel shift puts them at bits 19..22 and 15..18, the top of an fp32 mantissa, and one LOP3 each masks
+        the nibble and ors in the bits of 1.0 (Triton's own and/or compiles to two instructions here)."""
+        shift: tl.constexpr = (19 - 4 * j) % 32
+        moved = (words << shift) | (words >> (32 - shift))
+        if _INTERPRETED:
+            hi = (moved & 0x00780000) | 0x3F800000
+            lo = (moved & 0x00078000) | 0x3F800000
         else:
-            moved = packed >> (4 * j - 19)
-        return ((moved & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            hi, lo = tl.inline_asm_elementwise(
+                "lop3.b32 $0, $2, 0x00780000, 0x3F800000, 0xEA; lop3.b32 $1, $2, 0x00078000, 0x3F800000, 0xEA;",
+                "=r,=r,r", [moved], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+        return hi.to(tl.float32, bitcast=True), lo.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _plane_offsets(words, PLANE: tl.constexpr):
+        """Input index of nibble 0 of each word in the plane layout (nibble j: + j PLANE)."""
+        return (words // PLANE) * (8 * PLANE) + words % PLANE
 
     @triton.jit
     def _nibble(packed, j: tl.constexpr):
@@ -61,74 +109,117 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _int4_small_m_kernel(X, P, S, Z, Y, M, N, K, tiles_per_split, stride_xm, stride_pn, stride_sn, stride_zn,
-                             stride_ys, stride_ym, GROUP_WORDS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
-                             HAS_ZERO: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_KP: tl.constexpr):
-        """A tile is BLOCK_N rows x BLOCK_KP packed words (8 values each). Nibble j of every word is unpacked in turn
-        (shift, mask) and multiplied with the activations at k = 8 word + j.
-        One row (decode): in fp32; the tile may hold several whole scale groups, and each group's scale and -8 / zero
-        point are applied once to its row sums. Up to 16 rows: the tile lies inside one group; each nibble's weights
-        are dequantized to the activation dtype and multiplied on tensor cores."""
+    def _int4_gemv_kernel(X, P, S, Z, Y, N, row_words, tiles_per_split, stride_pn, stride_sn, stride_zn, stride_ys,
+                          PLANE: tl.constexpr, GROUP_WORDS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
+                          HAS_ZERO: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+                          PDL: tl.constexpr):
+        """One activation row: y[n] = Σ_k x[k] w[n, k] over BLOCK_N outputs and this split's tiles of BLOCK_KP
+        words. Per word, nibbles j and j - 1 come out as 1 + u/16 and 1 + u/256 (`_nibble_pair`); the second
+        multiplies 16 x so that both accumulate at one scale, 16 Σ (1 + u/16) x. Per scale group,
+        Σ (u - 8 - zero) x = 16 Σ sums - Σ (24 x_odd + 264 x_even) - zero Σ x, scaled once. EVEN: the tiles cover N
+        and K exactly (no masks, 16-byte loads)."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < N
         rp = tl.arange(0, BLOCK_KP)
-        row_words = K // 8
-        if ONE_ROW:
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        rows = P + rn[:, None] * stride_pn
+        w0 = split * tiles_per_split * BLOCK_KP
+        if EVEN:
+            tile = tl.load(rows + (w0 + rp)[None, :], eviction_policy="evict_first")
         else:
-            rm = tl.arange(0, 16)
-            acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+            tile = tl.load(rows + (w0 + rp)[None, :], mask=n_mask[:, None] & (w0 + rp < row_words)[None, :], other=0,
+                           eviction_policy="evict_first")
+        await_inputs(PDL)  # the first weight tile is on its way while the kernel before finishes
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for i in range(tiles_per_split):
+            words = w0 + rp
+            # The next tile is requested before this one's arithmetic, so that its loads overlap it.
+            more = i + 1 < tiles_per_split
+            if EVEN:
+                next_tile = tl.load(rows + (words + BLOCK_KP)[None, :], mask=more, other=0, eviction_policy="evict_first")
+                w_mask = None
+                x_other = None
+            else:
+                next_tile = tl.load(rows + (words + BLOCK_KP)[None, :],
+                                    mask=more & n_mask[:, None] & (words + BLOCK_KP < row_words)[None, :], other=0,
+                                    eviction_policy="evict_first")
+                w_mask = words < row_words
+                x_other = 0.0
+            u = tile.to(tl.uint32, bitcast=True)
+            x_at = X + _plane_offsets(words, PLANE)
+            sums = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
+            c = tl.zeros([BLOCK_KP], dtype=tl.float32)
+            x_sum = tl.zeros([BLOCK_KP], dtype=tl.float32)
+            for j in tl.static_range(1, 8, 2):
+                hi, lo = _nibble_pair(u, j)
+                x_hi = tl.load(x_at + j * PLANE, mask=w_mask, other=x_other).to(tl.float32)
+                x_lo = tl.load(x_at + (j - 1) * PLANE, mask=w_mask, other=x_other).to(tl.float32)
+                sums += hi * x_hi[None, :]
+                sums += lo * (16.0 * x_lo)[None, :]
+                c += 24.0 * x_hi + 264.0 * x_lo
+                if HAS_ZERO:
+                    x_sum += x_hi + x_lo
+            groups = w0 // GROUP_WORDS + tl.arange(0, GROUPS_PER_TILE)
+            if EVEN:
+                g_mask = None
+            else:
+                g_mask = n_mask[:, None] & (groups * GROUP_WORDS < row_words)[None, :]
+            scale = tl.load(S + rn[:, None] * stride_sn + groups[None, :], mask=g_mask, other=x_other).to(tl.float32)
+            if GROUPS_PER_TILE == 1:
+                group_sums = tl.sum(sums, axis=1)[:, None]
+                group_c = tl.sum(c, axis=0)
+                group_x = tl.sum(x_sum, axis=0)
+            else:
+                group_sums = tl.sum(tl.reshape(sums, [BLOCK_N, GROUPS_PER_TILE, BLOCK_KP // GROUPS_PER_TILE]), axis=2)
+                group_c = tl.sum(tl.reshape(c, [GROUPS_PER_TILE, BLOCK_KP // GROUPS_PER_TILE]), axis=1)[None, :]
+                group_x = tl.sum(tl.reshape(x_sum, [GROUPS_PER_TILE, BLOCK_KP // GROUPS_PER_TILE]), axis=1)[None, :]
+            value = 16.0 * group_sums - group_c
+            if HAS_ZERO:
+                zero = tl.load(Z + rn[:, None] * stride_zn + groups[None, :], mask=g_mask, other=x_other).to(tl.float32)
+                value -= zero * group_x
+            acc += tl.sum(value * scale, axis=1)
+            w0 += BLOCK_KP
+            tile = next_tile
+        tl.store(Y + split * stride_ys + rn, acc.to(Y.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _int4_small_m_kernel(X, P, S, Z, Y, M, N, K, tiles_per_split, stride_xm, stride_pn, stride_sn, stride_zn,
+                             stride_ys, stride_ym, PLANE: tl.constexpr, GROUP_WORDS: tl.constexpr,
+                             HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+        """2-16 rows. A tile is BLOCK_N outputs x BLOCK_KP words inside one scale group; each nibble's weights are
+        dequantized to the activation dtype and multiplied on the tensor cores with the 16 (masked) rows."""
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
+        rp = tl.arange(0, BLOCK_KP)
+        rm = tl.arange(0, 16)
+        row_words = K // 8
+        acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
         for i in range(tiles_per_split):
             w0 = (split * tiles_per_split + i) * BLOCK_KP
             words = w0 + rp
             w_mask = words < row_words
             packed = tl.load(P + rn[:, None] * stride_pn + words[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0,
                              eviction_policy="evict_first")
-            if ONE_ROW:
-                sums = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
-                x_total = tl.zeros([BLOCK_KP], dtype=tl.float32)
-                for j in tl.static_range(8):
-                    x = tl.load(X + words * 8 + j, mask=w_mask, other=0.0).to(tl.float32)
-                    sums += _nibble_plus_one(packed, j) * x[None, :]
-                    x_total += x
-                # sums holds Σ (1 + u/16) x: per scale group, Σ u x = 16 (sums - Σ x), and the weight sum is
-                # (Σ u x - (8 + zero) Σ x) * scale.
-                groups = w0 // GROUP_WORDS + tl.arange(0, GROUPS_PER_TILE)
-                g_mask = n_mask[:, None] & (groups[None, :] * GROUP_WORDS < row_words)
-                scale = tl.load(S + rn[:, None] * stride_sn + groups[None, :], mask=g_mask, other=0.0).to(tl.float32)
-                offset = tl.full([BLOCK_N, GROUPS_PER_TILE], 8.0, tl.float32)
-                if HAS_ZERO:
-                    offset += tl.load(Z + rn[:, None] * stride_zn + groups[None, :], mask=g_mask, other=0).to(tl.float32)
-                if GROUPS_PER_TILE == 1:
-                    group_sums = tl.sum(sums, axis=1)[:, None]
-                    group_x = tl.sum(x_total, axis=0)
-                else:
-                    group_sums = tl.sum(tl.reshape(sums, [BLOCK_N, GROUPS_PER_TILE, BLOCK_KP // GROUPS_PER_TILE]), axis=2)
-                    group_x = tl.sum(tl.reshape(x_total, [GROUPS_PER_TILE, BLOCK_KP // GROUPS_PER_TILE]), axis=1)[None, :]
-                acc += tl.sum((16.0 * (group_sums - group_x) - offset * group_x) * scale, axis=1)
-            else:
-                group = w0 // GROUP_WORDS
-                tile_mask = n_mask & (w0 < row_words)  # the last split may run past the row
-                scale = tl.load(S + rn * stride_sn + group, mask=tile_mask, other=0.0).to(tl.float32)
-                offset = tl.full([BLOCK_N], 8.0, tl.float32)
-                if HAS_ZERO:
-                    offset += tl.load(Z + rn * stride_zn + group, mask=tile_mask, other=0).to(tl.float32)
-                for j in tl.static_range(8):
-                    x = tl.load(X + rm[:, None] * stride_xm + words[None, :] * 8 + j,
-                                mask=(rm[:, None] < M) & w_mask[None, :], other=0.0)
-                    w = ((_nibble(packed, j) - offset[:, None]) * scale[:, None]).to(x.dtype)
-                    acc += tl.dot(x, tl.trans(w))
-        if ONE_ROW:
-            tl.store(Y + split * stride_ys + rn, acc.to(Y.dtype.element_ty), mask=n_mask)
-        else:
-            y = Y + split * stride_ys + rm[:, None] * stride_ym + rn[None, :]
-            tl.store(y, acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & n_mask[None, :])
+            group = w0 // GROUP_WORDS
+            tile_mask = n_mask & (w0 < row_words)  # the last split may run past the row
+            scale = tl.load(S + rn * stride_sn + group, mask=tile_mask, other=0.0).to(tl.float32)
+            offset = tl.full([BLOCK_N], 8.0, tl.float32)
+            if HAS_ZERO:
+                offset += tl.load(Z + rn * stride_zn + group, mask=tile_mask, other=0).to(tl.float32)
+            x_at = X + rm[:, None] * stride_xm + _plane_offsets(words, PLANE)[None, :]
+            for j in tl.static_range(8):
+                x = tl.load(x_at + j * PLANE, mask=(rm[:, None] < M) & w_mask[None, :], other=0.0)
+                w = ((_nibble(packed, j) - offset[:, None]) * scale[:, None]).to(x.dtype)
+                acc += tl.dot(x, tl.trans(w))
+        y = Y + split * stride_ys + rm[:, None] * stride_ym + rn[None, :]
+        tl.store(y, acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & n_mask[None, :])
 
     @triton.jit
-    def _sum_splits_kernel(Part, Y, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    def _sum_splits_kernel(Part, Y, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        await_inputs(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -137,33 +228,25 @@ if triton is not None:
         tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _int4_dequant_kernel(P, S, Z, W, N, K, stride_pn, stride_sn, stride_zn, stride_wn, GROUP_WORDS: tl.constexpr,
-                             HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
-        """Each packed word read once; its 8 values put back in order (nested joins: value j of a word lands at
-        offset j) and written as contiguous rows."""
+    def _int4_dequant_kernel(P, S, Z, W, N, K, stride_pn, stride_sn, stride_zn, stride_wn, PLANE: tl.constexpr,
+                             GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Writes the weight in input order, contiguous rows: value k comes from nibble (k mod 8 PLANE) // PLANE of
+        word (k // 8 PLANE) PLANE + k mod PLANE. A run of PLANE inputs reads PLANE consecutive words, so the loads
+        stay coalesced; each word is read by 8 such runs, from cache after the first."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        words = tl.program_id(1) * BLOCK_KP + tl.arange(0, BLOCK_KP)
-        mask = (rn[:, None] < N) & (words[None, :] < K // 8)
-        packed = tl.load(P + rn[:, None] * stride_pn + words[None, :], mask=mask, other=0)
-        group = words[None, :] // GROUP_WORDS
+        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rn[:, None] < N) & (k[None, :] < K)
+        word = (k // (8 * PLANE)) * PLANE + k % PLANE
+        shift = 4 * ((k % (8 * PLANE)) // PLANE)
+        packed = tl.load(P + rn[:, None] * stride_pn + word[None, :], mask=mask, other=0)
+        group = k[None, :] // GROUP
         scale = tl.load(S + rn[:, None] * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
         offset = 8.0
         if HAS_ZERO:
             offset = offset + tl.load(Z + rn[:, None] * stride_zn + group, mask=mask, other=0).to(tl.float32)
-        v0 = (_nibble(packed, 0) - offset) * scale
-        v1 = (_nibble(packed, 1) - offset) * scale
-        v2 = (_nibble(packed, 2) - offset) * scale
-        v3 = (_nibble(packed, 3) - offset) * scale
-        v4 = (_nibble(packed, 4) - offset) * scale
-        v5 = (_nibble(packed, 5) - offset) * scale
-        v6 = (_nibble(packed, 6) - offset) * scale
-        v7 = (_nibble(packed, 7) - offset) * scale
-        even = tl.join(tl.join(v0, v4), tl.join(v2, v6))
-        odd = tl.join(tl.join(v1, v5), tl.join(v3, v7))
-        values = tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_KP * 8])
-        k = tl.program_id(1) * BLOCK_KP * 8 + tl.arange(0, BLOCK_KP * 8)
-        tl.store(W + rn[:, None] * stride_wn + k[None, :], values.to(W.dtype.element_ty),
-                 mask=(rn[:, None] < N) & (k[None, :] < K))
+        bits = ((packed >> shift[None, :]) & 0xF) | 0x4B000000
+        value = (bits.to(tl.float32, bitcast=True) - 8388608.0 - offset) * scale
+        tl.store(W + rn[:, None] * stride_wn + k[None, :], value.to(W.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _int8_epilogue_kernel(Acc, SX, SW, Bias, Y, M, N, stride_am, stride_ym, HAS_BIAS: tl.constexpr,
@@ -188,6 +271,27 @@ def _group(scale: torch.Tensor, k: int) -> int:
 _SM_COUNT: dict[int, int] = {}
 
 
+def plane_words(k: int, group: int) -> int | None:
+    """Words per plane of the runtime's int4 layout for K inputs in scale groups of `group` (K for one scale per row):
+    16, or fewer so that a word's 8 values stay in one group; None when K or the group is not a multiple of 8
+    planes' worth (then the layer is dequantized at load instead)."""
+    plane = min(16, group // 8)
+    if plane < 1 or group % (8 * plane) or k % (8 * plane):
+        return None
+    return plane
+
+
+def int4_planes(q: torch.Tensor, plane: int) -> torch.Tensor:
+    """Int4 grid values q [N, K] (int8, -8..7) packed into planes: int32 [N, K / 8] where, in each run of 8 `plane`
+    values of a row, nibble j of word w holds u = q + 8 of value j plane + w."""
+    n, k = q.shape
+    u = (q.to(torch.int64) + 8).reshape(n, k // (8 * plane), 8, plane)
+    words = torch.zeros((n, k // (8 * plane), plane), dtype=torch.int64, device=q.device)
+    for j in range(8):
+        words |= u[:, :, j] << (4 * j)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(n, k // 8)
+
+
 def _sm_count(device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
@@ -195,83 +299,93 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def int4_matmul_small_m(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                        block_n: int | None = None, block_kp: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """x [M <= 16, K] @ dequant(packed)ᵀ -> [M, N] in x.dtype. block_kp: packed words per tile (one row: raised to
-    whole scale groups; several rows: capped at one group). Default tiles, the fastest measured on an H100 over the
-    Llama-3-8B layers (bench/results): one row, 8 output rows x up to 512 words (as many as a row has); several
-    rows, 128 x 16."""
-    m, k = x.shape
-    n = packed.shape[0]
-    if m == 1:
-        block_n = block_n or 8
-        block_kp = block_kp or min(512, triton.next_power_of_2(k // 8))
-        num_warps = num_warps or (4 if block_kp >= 512 else 2)
-    else:
-        block_n, block_kp, num_warps = block_n or 128, block_kp or 16, num_warps or 4
-    group_words = _group(scale, k) // 8
-    if group_words >= k // 8:  # one scale per row: every tile lies in it
-        groups_per_tile = 1
-    elif m > 1:  # several rows: tiles inside one group
-        block_kp = min(block_kp, group_words)
-        groups_per_tile = 1
-        if group_words % block_kp:
-            raise ValueError(f"{block_kp} packed words per tile do not divide a scale group of {group_words}")
-    else:  # one row: a tile holds whole groups
-        block_kp = max(block_kp, group_words)
-        groups_per_tile = block_kp // group_words
-        if block_kp % group_words or groups_per_tile & (groups_per_tile - 1):
-            raise ValueError(f"a tile of {block_kp} packed words must hold a power-of-two number of {group_words}-word groups")
-    if m > 1 and block_kp < 16:
-        raise ValueError(f"several rows need tiles of 16 packed words; scale groups here have {group_words}")
-    tiles_n = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k // 8, block_kp)
-    # Enough programs to give every multiprocessor four, each keeping at least 2 tiles of work.
-    splits = max(1, min(triton.cdiv(4 * _sm_count(x.device), tiles_n), k_tiles // 2))
+def _split_k(tiles_n: int, k_tiles: int, device: torch.device, programs_per_sm: int, min_tiles: int) -> tuple[int, int]:
+    """(splits, tiles per split): K is split across programs only when the output tiles alone would leave the GPU
+    with fewer than `programs_per_sm` programs per multiprocessor, and each split keeps `min_tiles` tiles."""
+    splits = max(1, min(triton.cdiv(programs_per_sm * _sm_count(device), tiles_n), k_tiles // min_tiles))
     tiles_per_split = triton.cdiv(k_tiles, splits)
-    splits = triton.cdiv(k_tiles, tiles_per_split)
-    out = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
-    zero = zero_point if zero_point is not None else scale
-    _int4_small_m_kernel[(tiles_n, splits)](
-        x, packed, scale, zero, out, m, n, k, tiles_per_split, x.stride(0), packed.stride(0), scale.stride(0),
-        zero.stride(0), out.stride(0), out.stride(1), GROUP_WORDS=group_words, GROUPS_PER_TILE=groups_per_tile,
-        HAS_ZERO=zero_point is not None,
-        ONE_ROW=m == 1, BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=num_warps)
-    if splits == 1:
-        return out[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    return triton.cdiv(k_tiles, tiles_per_split), tiles_per_split
+
+
+def _sum_splits(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if partial.shape[0] == 1:
+        return partial[0]
+    y = torch.empty(partial.shape[1:], dtype=dtype, device=partial.device)
     block = 1024
-    _sum_splits_kernel[(triton.cdiv(m * n, block),)](out, y, m * n, SPLITS=splits, BLOCK=block)
+    use_pdl = pdl(y.device)
+    _sum_splits_kernel[(triton.cdiv(y.numel(), block),)](partial, y, y.numel(), SPLITS=partial.shape[0], BLOCK=block,
+                                                         PDL=use_pdl, launch_pdl=use_pdl)
     return y
 
 
-def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, k: int,
+def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+              block_n: int = 8, block_kp: int = 256, num_warps: int = 2) -> torch.Tensor:
+    """x [1, K] @ dequant(planes)ᵀ -> [1, N] in x.dtype, with the plane width `plane_words` gives (as
+    `int4_planes` packs). Default tile: 8
+    outputs x 256 words on 2 warps (8 rows per thread, so each activation load serves 8 rows), the fastest on
+    every Llama-3-8B layer in an H100 sweep (bench/results)."""
+    k = x.shape[1]
+    n, row_words = planes.shape
+    group_words = _group(scale, k) // 8
+    plane = plane_words(k, group_words * 8)
+    block_kp = min(block_kp, triton.next_power_of_2(row_words))
+    if group_words >= row_words:  # one scale per row
+        groups_per_tile = 1
+    elif group_words <= block_kp and block_kp % group_words == 0:  # whole groups
+        groups_per_tile = block_kp // group_words
+    elif group_words > block_kp and group_words % block_kp == 0:  # inside one group
+        groups_per_tile = 1
+    else:
+        raise ValueError(f"tiles of {block_kp} words do not line up with {group_words}-word scale groups")
+    tiles_n = triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(row_words, block_kp)
+    splits, tiles_per_split = _split_k(tiles_n, k_tiles, x.device, programs_per_sm=2, min_tiles=1)
+    even = n % block_n == 0 and row_words % block_kp == 0 and k_tiles % splits == 0
+    out = torch.empty((splits, 1, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
+    zero = zero_point if zero_point is not None else scale
+    use_pdl = pdl(x.device)
+    _int4_gemv_kernel[(tiles_n, splits)](
+        x, planes, scale, zero, out, n, row_words, tiles_per_split, planes.stride(0), scale.stride(0), zero.stride(0),
+        out.stride(0), PLANE=plane, GROUP_WORDS=group_words, GROUPS_PER_TILE=groups_per_tile,
+        HAS_ZERO=zero_point is not None, EVEN=even, BLOCK_N=block_n, BLOCK_KP=block_kp, PDL=use_pdl,
+        num_warps=num_warps, launch_pdl=use_pdl)
+    return _sum_splits(out, x.dtype)
+
+
+def int4_matmul_small_m(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                        block_n: int = 128, block_kp: int = 16, num_warps: int = 4) -> torch.Tensor:
+    """x [2 <= M <= 16, K] @ dequant(planes)ᵀ -> [M, N] in x.dtype. Tiles lie inside one scale group and need 16
+    words of it (tensor-core tiles of 128 values)."""
+    m, k = x.shape
+    n = planes.shape[0]
+    group_words = _group(scale, k) // 8
+    block_kp = min(block_kp, group_words)
+    if block_kp < 16 or group_words % block_kp:
+        raise ValueError(f"several rows need tiles of 16 packed words inside a scale group; groups here have {group_words}")
+    tiles_n = triton.cdiv(n, block_n)
+    splits, tiles_per_split = _split_k(tiles_n, triton.cdiv(k // 8, block_kp), x.device, programs_per_sm=4, min_tiles=2)
+    out = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
+    zero = zero_point if zero_point is not None else scale
+    _int4_small_m_kernel[(tiles_n, splits)](
+        x, planes, scale, zero, out, m, n, k, tiles_per_split, x.stride(0), planes.stride(0), scale.stride(0),
+        zero.stride(0), out.stride(0), out.stride(1), PLANE=plane_words(k, group_words * 8), GROUP_WORDS=group_words,
+        HAS_ZERO=zero_point is not None, BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=num_warps)
+    return _sum_splits(out, x.dtype)
+
+
+def int4_dequantize(planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, k: int,
                     dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight in `dtype`."""
-    n = packed.shape[0]
-    w = torch.empty((n, k), dtype=dtype, device=packed.device)
+    n = planes.shape[0]
+    w = torch.empty((n, k), dtype=dtype, device=planes.device)
     zero = zero_point if zero_point is not None else scale
-    block_n, block_kp = 32, 32
-    _int4_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k // 8, block_kp))](
-        packed, scale, zero, w, n, k, packed.stride(0), scale.stride(0), zero.stride(0), w.stride(0),
-        GROUP_WORDS=_group(scale, k) // 8, HAS_ZERO=zero_point is not None, BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=4)
-    return w
-
-
-def tinygemm_pack(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, k: int,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """The weight re-tiled for PyTorch's tinygemm int4 kernel (weight, scales_and_zeros, group size), or None where
-    it does not apply. tinygemm computes (u - 8) * s + z for u = q + 8: z = 0, or -zero_point * s if asymmetric."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
     group = _group(scale, k)
-    if dtype != torch.bfloat16 or group not in (32, 64, 128, 256) or k % 128 or packed.shape[0] % 8:
-        return None
-    u = unpack_from_int32(packed, 4, torch.Size([packed.shape[0], k])).to(torch.int32) + 8
-    weight = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8)
-    scales = scale.to(dtype)
-    zeros = torch.zeros_like(scales) if zero_point is None else -(zero_point.float() * scale.float()).to(dtype)
-    return weight, torch.stack([scales.T, zeros.T], dim=-1).contiguous(), group
+    block_n, block_k = 16, 256
+    _int4_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        planes, scale, zero, w, n, k, planes.stride(0), scale.stride(0), zero.stride(0), w.stride(0),
+        PLANE=plane_words(k, group), GROUP=group, HAS_ZERO=zero_point is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4)
+    return w
 
 
 def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

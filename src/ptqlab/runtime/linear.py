@@ -2,7 +2,7 @@
 
 `StoredLinear` is a layer as the checkpoint holds it (grid values unpacked to int8 or float8, scales, zero points).
 `build_linear` picks how to compute with it:
-- `Int4Linear`: int4 weight-only (W4A16) on the GPU: the packed weight read by a Triton kernel at decode,
+- `Int4Linear`: int4 weight-only (W4A16) on the GPU: the packed weight read by Triton kernels at decode,
   dequantized into cuBLAS for prefill;
 - `Fp8Linear`: FP8 weights and dynamic per-token FP8 activations (one Triton pass quantizes the activation, then
   `torch._scaled_mm` with row-wise scales);
@@ -94,40 +94,33 @@ class DequantizedLinear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """W4A16: the weight stays packed (0.5 byte per value) and is dequantized inside the kernel."""
+    """W4A16: the weight stays packed (0.5 byte per value, in the planes of `kernels.int4_planes`) and is dequantized
+    inside the kernel."""
 
     kernel = "int4 triton (decode), dequantize + cuBLAS (prefill)"
 
-    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                 bias: torch.Tensor | None, in_features: int, dtype: torch.dtype) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
         super().__init__()
-        self.in_features = in_features
-        self.group_words = in_features // scale.shape[1] // 8
-        self.register_buffer("packed", packed)
+        self.in_features = q.shape[1]
+        self.group_words = self.in_features // scale.shape[1] // 8
+        plane = kernels.plane_words(self.in_features, self.group_words * 8)
+        self.register_buffer("planes", kernels.int4_planes(q, plane))
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", bias)
-        tiny = kernels.tinygemm_pack(packed, scale, zero_point, in_features, dtype) if kernels.INT4_DECODE == "tinygemm" else None
-        self.tinygemm_group = None if tiny is None else tiny[2]
-        self.register_buffer("tinygemm_weight", None if tiny is None else tiny[0])
-        self.register_buffer("tinygemm_scales", None if tiny is None else tiny[1])
-        if tiny is not None:
-            self.kernel = "int4 tinygemm (decode), dequantize + cuBLAS (prefill)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        # Several rows go through tensor cores, whose tiles need 16 words (128 values) of one scale group.
-        if rows.shape[0] == 1 and self.tinygemm_group is not None:
-            y = torch.ops.aten._weight_int4pack_mm(rows, self.tinygemm_weight, self.tinygemm_group, self.tinygemm_scales)
-            if self.bias is not None:
-                y = y + self.bias
-        elif rows.shape[0] == 1 or (rows.shape[0] <= kernels.SMALL_M and self.group_words >= 16):
-            y = kernels.int4_matmul_small_m(rows, self.packed, self.scale, self.zero_point)
-            if self.bias is not None:
-                y = y + self.bias
+        if rows.shape[0] == 1:
+            y = kernels.int4_gemv(rows, self.planes, self.scale, self.zero_point)
+        elif rows.shape[0] <= kernels.SMALL_M and self.group_words >= 16:  # tensor-core tiles: 16 words of a group
+            y = kernels.int4_matmul_small_m(rows, self.planes, self.scale, self.zero_point)
         else:
-            weight = kernels.int4_dequantize(self.packed, self.scale, self.zero_point, self.in_features, x.dtype)
-            y = F.linear(rows, weight, self.bias)
+            weight = kernels.int4_dequantize(self.planes, self.scale, self.zero_point, self.in_features, x.dtype)
+            return F.linear(rows, weight, self.bias).reshape(*x.shape[:-1], -1)
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*x.shape[:-1], -1)
 
 
@@ -190,10 +183,10 @@ def _kernel_for(layer: StoredLinear) -> str | None:
         return None
     w, a = scheme.weights, scheme.input_activations
     out_features, in_features = layer.weight.shape
-    group_words = (w.group_size or 0) // 8
-    power_of_two_groups = w.strategy == "group" and w.group_size % 8 == 0 and group_words & (group_words - 1) == 0
-    if a is None and w.type == "int" and w.num_bits == 4 and (w.strategy == "channel" or power_of_two_groups) \
-            and in_features % 8 == 0:
+    group = w.group_size if w.strategy == "group" else in_features
+    power_of_two_groups = w.strategy in ("channel", "tensor") or group & (group - 1) == 0
+    if a is None and w.type == "int" and w.num_bits == 4 and power_of_two_groups \
+            and kernels.plane_words(in_features, group) is not None:
         return "int4"
     per_token = a is not None and a.strategy == "token" and a.symmetric and a.dynamic
     symmetric_rows = w.strategy in ("channel", "tensor") and w.symmetric
@@ -213,9 +206,7 @@ def build_linear(layer: StoredLinear, dtype: torch.dtype) -> nn.Module:
     kernel = _kernel_for(layer)
     layer = _per_channel(layer)  # the kernels take row scales; a per-tensor scale is the same scale on every row
     if kernel == "int4":
-        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
-        return Int4Linear(pack_to_int32(layer.weight, 4), layer.scale, layer.zero_point, bias, layer.weight.shape[1], dtype)
+        return Int4Linear(layer.weight, layer.scale, layer.zero_point, bias, dtype)
     if kernel == "fp8":
         return Fp8Linear(layer.weight, layer.scale, bias, dtype)
     if kernel == "int8":

@@ -37,12 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantize_speed import SHAPES
 
 SCHEMES = {"bf16": None, "fp8-dynamic": "fp8-dynamic", "w8a8": "w8a8-rtn", "w4a16": "w4a16-rtn",
-           "fp8-dynamic-precise": "fp8-dynamic", "w4a16-no-pdl": "w4a16-rtn"}
-"""Variant -> the recipe whose format it runs. The -precise and -no-pdl variants run the same checkpoint with a
-kernel option switched from its default (kernels.FP8_FAST_ACCUM, kernels.PDL)."""
-OPTIONS = {"fp8-dynamic-precise": ("FP8_FAST_ACCUM", False), "w4a16-no-pdl": ("PDL", False)}
+           "fp8-dynamic-precise": "fp8-dynamic", "w4a16-no-pdl": "w4a16-rtn", "w4a16-tile256": "w4a16-rtn"}
+"""Variant -> the recipe whose format it runs. The -precise, -no-pdl and -tile256 variants run the same checkpoint
+with a kernel option switched from its default (kernels.FP8_FAST_ACCUM, kernels.PDL, kernels.GEMV_TILE)."""
+OPTIONS = {"fp8-dynamic-precise": ("FP8_FAST_ACCUM", False), "w4a16-no-pdl": ("PDL", False),
+           "w4a16-tile256": ("GEMV_TILE", (8, 256, 2))}
 RATE = {"bf16": "bf16_flops", "w4a16": "bf16_flops", "fp8-dynamic": "fp8_flops", "fp8-dynamic-precise": "fp8_flops",
-        "w8a8": "int8_ops", "w4a16-no-pdl": "bf16_flops"}
+        "w8a8": "int8_ops", "w4a16-no-pdl": "bf16_flops", "w4a16-tile256": "bf16_flops"}
 """The dense matmul rate each variant's prefill floor is computed at."""
 
 
@@ -100,8 +101,8 @@ def _copies(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [tensor.clone() for _ in range(count)]
 
 
-GEMV_CONFIGS = [(8, 256, 2), (8, 512, 4), (16, 256, 4), (4, 128, 1), (8, 128, 1)]
-"""(outputs, words per tile, warps) tried for the one-row int4 kernel; the first is its default."""
+GEMV_CONFIGS = [(8, 512, 4), (8, 256, 2), (16, 256, 4), (4, 128, 1), (8, 128, 1)]
+"""(outputs, words per tile, warps) tried for the one-row int4 kernel; the first is its default (kernels.GEMV_TILE)."""
 
 try:
     import triton

@@ -288,6 +288,24 @@ def test_fast_linears_match_the_dequantized_reference(monkeypatch, recipe, kerne
 
 
 @gpu
+def test_greedy_next_picks_the_first_maximum_like_torch():
+    from ptqlab.runtime import fused
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 128256, device="cuda", dtype=torch.bfloat16)
+    logits[1, 7000] = logits[1, 90000] = 100.0  # a tie across chunks: the first wins
+    logits[2, 128255] = 100.0  # the last, partial chunk
+    token = torch.zeros(3, 1, dtype=torch.long, device="cuda")
+    sequence = torch.zeros(3, 10, dtype=torch.long, device="cuda")
+    pos = torch.tensor([4], device="cuda")
+    fused.greedy_next(logits, token, sequence, pos)
+    expected = logits.argmax(-1)
+    assert expected[1] == 7000 and expected[2] == 128255
+    assert torch.equal(token[:, 0], expected) and torch.equal(sequence[:, 5], expected)
+    assert not sequence[:, :5].any() and not sequence[:, 6:].any()
+
+
+@gpu
 def test_fused_kernels_match_the_torch_path():
     """Norm (with residual), rotary + cache write, gated activation and decode attention (softcap, window), bf16."""
     from ptqlab.runtime import fused

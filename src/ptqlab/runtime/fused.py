@@ -163,6 +163,34 @@ if triton is not None:
                  mask=g[:, None] < GROUPS)
 
 
+    @triton.jit
+    def _argmax_partial_kernel(L, VALUE, INDEX, vocab, stride_l, chunks, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """Maximum of one chunk of a row of logits and its first index."""
+        await_inputs(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(L + row * stride_l + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+        best = tl.max(x, axis=0)
+        first = tl.min(tl.where(x == best, offs, vocab), axis=0)
+        tl.store(VALUE + row * chunks + chunk, best)
+        tl.store(INDEX + row * chunks + chunk, first)
+
+    @triton.jit
+    def _argmax_final_kernel(VALUE, INDEX, TOKEN, SEQ, POS, chunks, vocab, stride_seq, CHUNKS: tl.constexpr,
+                             PDL: tl.constexpr):
+        """The row's first maximum over the chunks' maxima, written as the next token and into the sequence at
+        position pos + 1."""
+        await_inputs(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, CHUNKS)
+        value = tl.load(VALUE + row * chunks + c, mask=c < chunks, other=float("-inf"))
+        index = tl.load(INDEX + row * chunks + c, mask=c < chunks, other=vocab)
+        token = tl.min(tl.where(value == tl.max(value, axis=0), index, vocab), axis=0).to(tl.int64)
+        tl.store(TOKEN + row, token)
+        tl.store(SEQ + row * stride_seq + tl.load(POS) + 1, token)
+
+
 def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
@@ -242,3 +270,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         softcap or 1.0, window or 0, GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
         BLOCK_T=64, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, num_warps=4, **_pdl(q))
     return out
+
+
+def greedy_next(logits: torch.Tensor, token: torch.Tensor, sequence: torch.Tensor, pos: torch.Tensor) -> None:
+    """token[b] = argmax(logits[b]) (the first maximum, as torch.argmax) and sequence[b, pos + 1] = token[b], in two
+    kernels instead of torch's single-block argmax (37 us for a 128k vocabulary) and two copies."""
+    rows, vocab = logits.shape
+    block = 2048
+    chunks = triton.cdiv(vocab, block)
+    value = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
+    index = torch.empty((rows, chunks), dtype=torch.int32, device=logits.device)
+    _argmax_partial_kernel[(rows, chunks)](logits, value, index, vocab, logits.stride(0), chunks, BLOCK=block, num_warps=4,
+                                           **_pdl(logits))
+    _argmax_final_kernel[(rows,)](value, index, token, sequence, pos, chunks, vocab, sequence.stride(0),
+                                  CHUNKS=triton.next_power_of_2(chunks), num_warps=4, **_pdl(logits))

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from ptqlab.runtime import fused
 from ptqlab.runtime.model import RuntimeModel, cache_length
 
 
@@ -40,9 +41,12 @@ class Generator:
     @torch.no_grad()
     def _step(self) -> None:
         logits = self.model(self.token, self.pos, last_only=True).logits[:, -1]
-        token = logits.argmax(-1, keepdim=True)
-        self.token.copy_(token)
-        self.sequence.index_copy_(1, self.pos + 1, token)
+        if fused.available(logits):
+            fused.greedy_next(logits, self.token, self.sequence, self.pos)
+        else:
+            token = logits.argmax(-1, keepdim=True)
+            self.token.copy_(token)
+            self.sequence.index_copy_(1, self.pos + 1, token)
         self.pos += 1
 
     def _capture(self) -> None:

@@ -318,12 +318,16 @@ def _sum_splits(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
+GEMV_TILE = (8, 512, 4)
+"""The one-row int4 kernel's default tile: (outputs, words, warps). Each thread holds 8 outputs' words, so each
+activation load serves 8 rows; bench/runtime_speed.py --kernels sweeps others."""
+
+
 def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-              block_n: int = 8, block_kp: int = 256, num_warps: int = 2) -> torch.Tensor:
+              block_n: int | None = None, block_kp: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """x [1, K] @ dequant(planes)ᵀ -> [1, N] in x.dtype, with the plane width `plane_words` gives (as
-    `int4_planes` packs). Default tile: 8
-    outputs x 256 words on 2 warps (8 rows per thread, so each activation load serves 8 rows), the fastest on
-    every Llama-3-8B layer in an H100 sweep (bench/results)."""
+    `int4_planes` packs); tile from GEMV_TILE unless given."""
+    block_n, block_kp, num_warps = block_n or GEMV_TILE[0], block_kp or GEMV_TILE[1], num_warps or GEMV_TILE[2]
     k = x.shape[1]
     n, row_words = planes.shape
     group_words = _group(scale, k) // 8

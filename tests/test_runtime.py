@@ -220,6 +220,33 @@ def test_int4_kernels_against_float64(rows, n, k, group, symmetric):
 
 
 @gpu
+@pytest.mark.parametrize("inner,k,recipe", [(4864, 896, "w4a16-rtn"), (96, 14336, "w4a16-asym")])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_int4_gate_up_applies_the_activation_like_the_separate_kernel(inner, k, recipe, gelu):
+    """Paired rows (one program holds a gate and its up): one row's act(gate) * up straight from the int4 kernel
+    equals the gate_up output put through the activation kernel, bitwise; several rows and prefill go through the
+    activation kernel in paired order. (96 x 14336 splits K, so the activation runs in the split-sum kernel.)"""
+    from ptqlab.quant.linear import rtn
+    from ptqlab.recipes import get_recipe
+    from ptqlab.runtime import fused
+    from ptqlab.runtime.linear import StoredLinear, build_linear
+
+    scheme = get_recipe(recipe).scheme
+    torch.manual_seed(inner)
+    w = torch.randn(2 * inner, k, device="cuda", dtype=torch.bfloat16) * 0.05
+    q, scale, zero = rtn(w, scheme.weights, torch.bfloat16)
+    plain = build_linear(StoredLinear(q, None, scheme, scale, zero), torch.bfloat16)
+    paired = build_linear(StoredLinear(q, None, scheme, scale, zero), torch.bfloat16)
+    assert paired.pair_gate_up() and paired.paired
+    for rows in (1, 5, 40):
+        x = torch.randn(1, rows, k, device="cuda", dtype=torch.bfloat16)
+        expected = fused.gated_activation(plain(x), gelu)
+        assert torch.equal(fused.gated_activation(paired(x), gelu, paired=True), expected)
+        if rows == 1:
+            assert torch.equal(paired.gated(x, gelu), expected)
+
+
+@gpu
 @pytest.mark.parametrize("grid", ["fp8", "int8"])
 def test_token_quantizer_gives_the_fake_quantized_values(grid):
     from ptqlab.quant import token_triton
@@ -340,6 +367,17 @@ def test_fused_kernels_match_the_torch_path():
         ref = grouped_attention(qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2).float(), k_cache.float(), v_cache.float(),
                                 allowed[None, :], 0.125, softcap)
         assert relative(out.view(b, 1, h, d).transpose(1, 2), ref) < 1e-2, (softcap, window)
+    # Decode's single kernel (rotary, cache write, attention) = the two kernels above, on fresh copies.
+    raw = torch.randn_like(qkv)
+    half = (cos[:, :d // 2].contiguous(), sin[:, :d // 2].contiguous())
+    for softcap, window in [(None, None), (50.0, 32)]:
+        caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+        one = fused.decode_attention(raw.clone(), *caches[0], pos, 0.125, softcap, window, rotary=half)
+        rotated = raw.clone()
+        fused.rope_and_cache(rotated, *half, pos, h, hkv, d, *caches[1])
+        two = fused.decode_attention(rotated[..., :h * d], *caches[1], pos, 0.125, softcap, window)
+        assert torch.equal(caches[0][1], caches[1][1])
+        assert relative(caches[0][0], caches[1][0]) < 1e-3 and relative(one, two) < 1e-2
 
 
 @gpu

@@ -16,14 +16,14 @@ from __future__ import annotations
 import torch
 
 from ptqlab.quant.token_triton import QuantizedRows, TokenGrid, empty_rows
-from ptqlab.runtime.kernels import pdl
+from ptqlab.runtime.kernels import PAIR_ROWS, pdl
 
 try:
     import triton
     import triton.language as tl
 
     from ptqlab.quant.token_triton import grid_row
-    from ptqlab.runtime.kernels import await_inputs
+    from ptqlab.runtime.kernels import await_inputs, gated_value
 except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
@@ -87,45 +87,51 @@ if triton is not None:
                 tl.store(VC + slot + full, v)
 
     @triton.jit
-    def _gated(GU, row, c, mask, inner, stride_gu, GELU: tl.constexpr):
-        """act(gate) * up at columns c of one row, fp32."""
-        gate = tl.load(GU + row * stride_gu + c, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(GU + row * stride_gu + inner + c, mask=mask, other=0.0).to(tl.float32)
-        if GELU:  # tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
-            u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-            act = 0.5 * gate * (2.0 * tl.sigmoid(2.0 * u))
+    def _gated(GU, row, c, mask, inner, stride_gu, GELU: tl.constexpr, PAIRED: tl.constexpr):
+        """act(gate) * up at columns c of one row, fp32. PAIRED > 0: gate_up's columns come in blocks of PAIRED gate
+        then PAIRED up columns (kernels.pair_gate_up); else all gate columns, then all up columns."""
+        if PAIRED:
+            gate_at = (c // PAIRED) * (2 * PAIRED) + c % PAIRED
+            up_at = gate_at + PAIRED
         else:
-            act = gate * tl.sigmoid(gate)
-        return act * up
+            gate_at = c
+            up_at = inner + c
+        gate = tl.load(GU + row * stride_gu + gate_at, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(GU + row * stride_gu + up_at, mask=mask, other=0.0).to(tl.float32)
+        return gated_value(gate, up, GELU)
 
     @triton.jit
-    def _gated_act_kernel(GU, Y, inner, stride_gu, stride_y, GELU: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _gated_act_kernel(GU, Y, inner, stride_gu, stride_y, GELU: tl.constexpr, PAIRED: tl.constexpr,
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
         await_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = c < inner
-        y = _gated(GU, row, c, mask, inner, stride_gu, GELU)
+        y = _gated(GU, row, c, mask, inner, stride_gu, GELU, PAIRED)
         tl.store(Y + row * stride_y + c, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _gated_act_quant_kernel(GU, Q, SC, inner, stride_gu, stride_q, qmin, qmax, inv_half_range, tiny, huge,
-                                GELU: tl.constexpr, IS_FP8: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                                GELU: tl.constexpr, PAIRED: tl.constexpr, IS_FP8: tl.constexpr, BLOCK: tl.constexpr,
+                                PDL: tl.constexpr):
         """The whole row at once (its scale needs its absolute maximum), rounded to the model dtype, then on its grid."""
         await_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         mask = c < inner
-        y = _gated(GU, row, c, mask, inner, stride_gu, GELU).to(GU.dtype.element_ty).to(tl.float32)
+        y = _gated(GU, row, c, mask, inner, stride_gu, GELU, PAIRED).to(GU.dtype.element_ty).to(tl.float32)
         q, scale = grid_row(y, qmin, qmax, inv_half_range, tiny, huge, IS_FP8)
         tl.store(Q + row * stride_q + c, q.to(Q.dtype.element_ty), mask=mask)
         tl.store(SC + row, scale)
 
     @triton.jit
-    def _decode_attention_kernel(Q, KC, VC, POS, O, stride_qb, stride_ob, heads, kv_heads, cache_len, scale, softcap,
-                                 window, GROUPS: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    def _decode_attention_kernel(Q, KC, VC, POS, O, COS, SIN, stride_qb, stride_ob, heads, kv_heads, cache_len, scale,
+                                 softcap, window, GROUPS: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  BLOCK_T: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                                 PDL: tl.constexpr):
-        """One program per (row, kv head): its GROUPS query heads attend to cache positions 0..pos (online softmax)."""
+                                 ROPE: tl.constexpr, PDL: tl.constexpr):
+        """One program per (row, kv head): its GROUPS query heads attend to cache positions 0..pos (online softmax).
+        ROPE: Q is the row's whole qkv before the rotary embedding; the program rotates its query heads and its new
+        key (as _rope_cache_kernel does), writes the key and value into the cache at pos, then attends."""
         await_inputs(PDL)
         b = tl.program_id(0).to(tl.int64)
         kv = tl.program_id(1)
@@ -133,8 +139,26 @@ if triton is not None:
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, HEAD_DIM)
         q_heads = kv * GROUPS + g
-        q = tl.load(Q + b * stride_qb + q_heads[:, None] * HEAD_DIM + d[None, :], mask=g[:, None] < GROUPS, other=0.0)
         cache = (b * kv_heads + kv) * cache_len * HEAD_DIM
+        if ROPE:
+            half = tl.arange(0, HEAD_DIM // 2)
+            cos = tl.load(COS + pos * (HEAD_DIM // 2) + half).to(tl.float32)
+            sin = tl.load(SIN + pos * (HEAD_DIM // 2) + half).to(tl.float32)
+            at = Q + b * stride_qb + q_heads[:, None] * HEAD_DIM + half[None, :]
+            q1 = tl.load(at, mask=g[:, None] < GROUPS, other=0.0).to(tl.float32)
+            q2 = tl.load(at + HEAD_DIM // 2, mask=g[:, None] < GROUPS, other=0.0).to(tl.float32)
+            q1, q2 = (q1 * cos - q2 * sin).to(Q.dtype.element_ty), (q2 * cos + q1 * sin).to(Q.dtype.element_ty)
+            q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (G_PAD, HEAD_DIM))
+            k_at = Q + b * stride_qb + (heads + kv) * HEAD_DIM + half
+            k1 = tl.load(k_at).to(tl.float32)
+            k2 = tl.load(k_at + HEAD_DIM // 2).to(tl.float32)
+            slot = cache + pos * HEAD_DIM
+            tl.store(KC + slot + half, (k1 * cos - k2 * sin).to(KC.dtype.element_ty))
+            tl.store(KC + slot + HEAD_DIM // 2 + half, (k2 * cos + k1 * sin).to(KC.dtype.element_ty))
+            tl.store(VC + slot + d, tl.load(Q + b * stride_qb + (heads + kv_heads + kv) * HEAD_DIM + d))
+            tl.debug_barrier()  # the new key and value, written by some threads, are read by all below
+        else:
+            q = tl.load(Q + b * stride_qb + q_heads[:, None] * HEAD_DIM + d[None, :], mask=g[:, None] < GROUPS, other=0.0)
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         total = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
@@ -161,7 +185,6 @@ if triton is not None:
         out = acc / total[:, None]
         tl.store(O + b * stride_ob + q_heads[:, None] * HEAD_DIM + d[None, :], out.to(O.dtype.element_ty),
                  mask=g[:, None] < GROUPS)
-
 
     @triton.jit
     def _argmax_partial_kernel(L, VALUE, INDEX, vocab, stride_l, chunks, BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -239,8 +262,10 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
         num_warps=1 if head_dim <= 128 else 2, **_pdl(qkv))
 
 
-def gated_activation(gate_up: torch.Tensor, gelu: bool, grid: TokenGrid | None = None, rows_out: int = 1):
-    """act(gate) * up for gate_up [..., 2 I] -> [..., I]; with `grid`, already quantized for the next matmul."""
+def gated_activation(gate_up: torch.Tensor, gelu: bool, grid: TokenGrid | None = None, rows_out: int = 1,
+                     paired: bool = False):
+    """act(gate) * up for gate_up [..., 2 I] -> [..., I]; with `grid`, already quantized for the next matmul.
+    paired: gate_up's columns are in kernels.pair_gate_up's order."""
     rows = gate_up.reshape(-1, gate_up.shape[-1])
     m, inner = rows.shape[0], rows.shape[1] // 2
     shape = (*gate_up.shape[:-1], inner)
@@ -248,27 +273,34 @@ def gated_activation(gate_up: torch.Tensor, gelu: bool, grid: TokenGrid | None =
         q, scale = empty_rows(m, inner, grid, gate_up.device, rows_out)
         block = triton.next_power_of_2(inner)
         _gated_act_quant_kernel[(m,)](rows, q, scale, inner, rows.stride(0), q.stride(0), *grid.kernel_args(), GELU=gelu,
-                                      IS_FP8=grid.is_fp8, BLOCK=block, num_warps=16 if block >= 8192 else 8, **_pdl(gate_up))
+                                      PAIRED=PAIR_ROWS if paired else 0, IS_FP8=grid.is_fp8, BLOCK=block,
+                                      num_warps=16 if block >= 8192 else 8, **_pdl(gate_up))
         return QuantizedRows(q, scale, torch.Size(shape))
     y = torch.empty((m, inner), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _gated_act_kernel[(m, triton.cdiv(inner, block))](rows, y, inner, rows.stride(0), y.stride(0), GELU=gelu, BLOCK=block,
-                                                     num_warps=4, **_pdl(gate_up))
+    _gated_act_kernel[(m, triton.cdiv(inner, block))](rows, y, inner, rows.stride(0), y.stride(0), GELU=gelu,
+                                                     PAIRED=PAIR_ROWS if paired else 0, BLOCK=block, num_warps=4,
+                                                     **_pdl(gate_up))
     return y.reshape(shape)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, scale: float,
-                     softcap: float | None, window: int | None) -> torch.Tensor:
-    """One new token per row: q [B, 1, H * D] (may be a strided view) over the cache [B, Hkv, T, D] up to pos[0]."""
+                     softcap: float | None, window: int | None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+    """One new token per row: q [B, 1, H * D] (may be a strided view) over the cache [B, Hkv, T, D] up to pos[0].
+    With `rotary` (cos, sin [P, D/2]), q is the whole qkv [B, 1, (H + 2 Hkv) D] before the rotary embedding: the
+    kernel also rotates q and the new k and writes k and v into the cache (what rope_and_cache does), in one launch."""
     b, _, width = q.shape
     kv_heads, cache_len, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    heads = width // head_dim
+    heads = width // head_dim - (2 * kv_heads if rotary is not None else 0)
     groups = heads // kv_heads
-    out = torch.empty((b, 1, width), dtype=q.dtype, device=q.device)
+    out = torch.empty((b, 1, heads * head_dim), dtype=q.dtype, device=q.device)
+    cos, sin = rotary if rotary is not None else (q, q)
     _decode_attention_kernel[(b, kv_heads)](
-        q, k_cache, v_cache, pos, out, q.stride(0), out.stride(0), heads, kv_heads, cache_len, scale,
+        q, k_cache, v_cache, pos, out, cos, sin, q.stride(0), out.stride(0), heads, kv_heads, cache_len, scale,
         softcap or 1.0, window or 0, GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
-        BLOCK_T=64, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, num_warps=4, **_pdl(q))
+        BLOCK_T=64, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, ROPE=rotary is not None,
+        num_warps=4, **_pdl(q))
     return out
 
 

@@ -1,5 +1,6 @@
 """GPU kernels of the fast runtime: int4 weight-only matmuls (Triton), int4 dequantization for prefill (Triton),
-and the int32 -> 16-bit epilogue of INT8 matmuls (Triton). Pure functions over tensors; CUDA only.
+and the int32 -> 16-bit epilogue of INT8 matmuls (Triton). Pure functions over tensors; CUDA only. Also the
+programmatic-dependent-launch switch (`PDL`, `await_inputs`) that every decode-step kernel here and in fused.py uses.
 
 Int4 weights hold q + 8 (u = 0..15) in int32 words of 8 values. The checkpoint (compressed-tensors
 `pack-quantized`) stores value k of a row in nibble k % 8 of word k // 8; at load the runtime re-packs each row into
@@ -12,7 +13,8 @@ vectors instead of one by one. The weight is (q - zero_point) * scale computed i
 Decode at one row (`int4_gemv`) is bound by memory and by the integer work of unpacking 8 values per word on CUDA
 cores; it spends 1.5 instructions per value on that (one funnel shift per two nibbles, one LOP3 per nibble that
 masks it into the mantissa of an fp32 1.0) plus one FMA, and requests the next tile before the current one's
-arithmetic. 2-16 rows (`int4_matmul_small_m`) dequantize each nibble's tile and use the tensor cores. Prefill
+arithmetic. For a gate_up layer whose rows are paired (`pair_gate_up`) it applies the gated activation itself, so
+a decode step skips the activation kernel. 2-16 rows (`int4_matmul_small_m`) dequantize each nibble's tile and use the tensor cores. Prefill
 (many rows) is compute-bound: the weight is dequantized once into a scratch buffer and multiplied by cuBLAS,
 which costs little next to the matmul itself.
 """
@@ -62,9 +64,14 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+PAIR_ROWS = 4
+"""A gate_up layer whose one-row kernel applies the gated activation stores its rows in blocks of PAIR_ROWS gate
+rows followed by the matching up rows (`pair_gate_up`), so that each program holds both halves of its outputs."""
+
 gdc_wait = gdc_launch_dependents = None
 if triton is not None:
     _INTERPRETED = tl.constexpr(_interpreted())
+    _PAIR_ROWS = tl.constexpr(PAIR_ROWS)
     """Triton's CPU interpreter (kernel development without a GPU) runs no inline PTX."""
     try:
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -79,6 +86,25 @@ if triton is not None:
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
+
+    @triton.jit
+    def gated_value(gate, up, GELU: tl.constexpr):
+        """act(gate) * up in fp32: SiLU, or GELU's tanh approximation (tanh(u) = 2 sigmoid(2u) - 1)."""
+        if GELU:
+            u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+            act = 0.5 * gate * (2.0 * tl.sigmoid(2.0 * u))
+        else:
+            act = gate * tl.sigmoid(gate)
+        return act * up
+
+    @triton.jit
+    def _activate_pairs(values, dtype, BLOCK: tl.constexpr, GELU: tl.constexpr):
+        """values [BLOCK] of a gate_up output whose rows come in blocks of PAIR_ROWS gate rows then the matching
+        PAIR_ROWS up rows -> act(gate) * up [BLOCK // 2], each input rounded to `dtype` first (as the matmul's output
+        would be)."""
+        v = tl.reshape(values.to(dtype).to(tl.float32), [BLOCK // (2 * _PAIR_ROWS), 2, _PAIR_ROWS])
+        gate, up = tl.split(tl.permute(v, (0, 2, 1)))
+        return tl.reshape(gated_value(gate, up, GELU), [BLOCK // 2])
 
     @triton.jit
     def _nibble_pair(words, j: tl.constexpr):
@@ -112,7 +138,7 @@ if triton is not None:
     def _int4_gemv_kernel(X, P, S, Z, Y, N, row_words, tiles_per_split, stride_pn, stride_sn, stride_zn, stride_ys,
                           PLANE: tl.constexpr, GROUP_WORDS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
                           HAS_ZERO: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-                          PDL: tl.constexpr):
+                          GATED: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr):
         """One activation row: y[n] = Σ_k x[k] w[n, k] over BLOCK_N outputs and this split's tiles of BLOCK_KP
         words. Per word, nibbles j and j - 1 come out as 1 + u/16 and 1 + u/256 (`_nibble_pair`); the second
         multiplies 16 x so that both accumulate at one scale, 16 Σ (1 + u/16) x. Per scale group,
@@ -181,7 +207,12 @@ if triton is not None:
             acc += tl.sum(value * scale, axis=1)
             w0 += BLOCK_KP
             tile = next_tile
-        tl.store(Y + split * stride_ys + rn, acc.to(Y.dtype.element_ty), mask=n_mask)
+        if GATED:  # rows paired (pair_gate_up): write act(gate) * up, half as many outputs
+            half = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            y = _activate_pairs(acc, Y.dtype.element_ty, BLOCK_N, GELU)
+            tl.store(Y + split * stride_ys + half, y.to(Y.dtype.element_ty), mask=half < N // 2)
+        else:
+            tl.store(Y + split * stride_ys + rn, acc.to(Y.dtype.element_ty), mask=n_mask)
 
     @triton.jit
     def _int4_small_m_kernel(X, P, S, Z, Y, M, N, K, tiles_per_split, stride_xm, stride_pn, stride_sn, stride_zn,
@@ -218,14 +249,20 @@ if triton is not None:
         tl.store(y, acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & n_mask[None, :])
 
     @triton.jit
-    def _sum_splits_kernel(Part, Y, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _sum_splits_kernel(Part, Y, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr,
+                           GELU: tl.constexpr, PDL: tl.constexpr):
         await_inputs(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for s in range(SPLITS):
             acc += tl.load(Part + s * numel + offs, mask=mask, other=0.0)
-        tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
+        if GATED:
+            half = tl.program_id(0) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+            tl.store(Y + half, _activate_pairs(acc, Y.dtype.element_ty, BLOCK, GELU).to(Y.dtype.element_ty),
+                     mask=half < numel // 2)
+        else:
+            tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _int4_dequant_kernel(P, S, Z, W, N, K, stride_pn, stride_sn, stride_zn, stride_wn, PLANE: tl.constexpr,
@@ -307,15 +344,26 @@ def _split_k(tiles_n: int, k_tiles: int, device: torch.device, programs_per_sm: 
     return triton.cdiv(k_tiles, tiles_per_split), tiles_per_split
 
 
-def _sum_splits(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _sum_splits(partial: torch.Tensor, dtype: torch.dtype, gated: str | None = None) -> torch.Tensor:
+    """The splits' fp32 partial sums added (and, when `gated`, act(gate) * up of the paired rows)."""
     if partial.shape[0] == 1:
         return partial[0]
-    y = torch.empty(partial.shape[1:], dtype=dtype, device=partial.device)
+    rows, n = partial.shape[1:]
+    y = torch.empty((rows, n // 2 if gated else n), dtype=dtype, device=partial.device)
     block = 1024
     use_pdl = pdl(y.device)
-    _sum_splits_kernel[(triton.cdiv(y.numel(), block),)](partial, y, y.numel(), SPLITS=partial.shape[0], BLOCK=block,
-                                                         PDL=use_pdl, launch_pdl=use_pdl)
+    _sum_splits_kernel[(triton.cdiv(rows * n, block),)](partial, y, rows * n, SPLITS=partial.shape[0], BLOCK=block,
+                                                        GATED=gated is not None, GELU=gated == "gelu", PDL=use_pdl,
+                                                        launch_pdl=use_pdl)
     return y
+
+
+def pair_gate_up(rows: torch.Tensor) -> torch.Tensor:
+    """A gate_up layer's per-row tensor (weights, scales, bias: [2 I, ...], gate rows then up rows) reordered into
+    blocks of PAIR_ROWS gate rows followed by the matching up rows."""
+    inner = rows.shape[0] // 2
+    blocks = rows.reshape(2, inner // PAIR_ROWS, PAIR_ROWS, *rows.shape[1:])
+    return blocks.transpose(0, 1).reshape(rows.shape).contiguous()
 
 
 GEMV_TILE = (8, 512, 4)
@@ -324,10 +372,14 @@ activation load serves 8 rows; bench/runtime_speed.py --kernels sweeps others.""
 
 
 def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-              block_n: int | None = None, block_kp: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+              block_n: int | None = None, block_kp: int | None = None, num_warps: int | None = None,
+              gated: str | None = None) -> torch.Tensor:
     """x [1, K] @ dequant(planes)ᵀ -> [1, N] in x.dtype, with the plane width `plane_words` gives (as
-    `int4_planes` packs); tile from GEMV_TILE unless given."""
+    `int4_planes` packs); tile from GEMV_TILE unless given. gated ("silu" or "gelu"): the rows are a paired
+    gate_up (`pair_gate_up`) and the result is act(gate) * up [1, N / 2], each rounded to x.dtype first."""
     block_n, block_kp, num_warps = block_n or GEMV_TILE[0], block_kp or GEMV_TILE[1], num_warps or GEMV_TILE[2]
+    if gated is not None and block_n % (2 * PAIR_ROWS):
+        raise ValueError(f"a gated tile needs whole blocks of {2 * PAIR_ROWS} paired rows, not {block_n} rows")
     k = x.shape[1]
     n, row_words = planes.shape
     group_words = _group(scale, k) // 8
@@ -351,9 +403,12 @@ def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_p
     _int4_gemv_kernel[(tiles_n, splits)](
         x, planes, scale, zero, out, n, row_words, tiles_per_split, planes.stride(0), scale.stride(0), zero.stride(0),
         out.stride(0), PLANE=plane, GROUP_WORDS=group_words, GROUPS_PER_TILE=groups_per_tile,
-        HAS_ZERO=zero_point is not None, EVEN=even, BLOCK_N=block_n, BLOCK_KP=block_kp, PDL=use_pdl,
-        num_warps=num_warps, launch_pdl=use_pdl)
-    return _sum_splits(out, x.dtype)
+        HAS_ZERO=zero_point is not None, EVEN=even, BLOCK_N=block_n, BLOCK_KP=block_kp,
+        GATED=gated is not None and splits == 1, GELU=gated == "gelu", PDL=use_pdl, num_warps=num_warps,
+        launch_pdl=use_pdl)
+    if gated is not None and splits == 1:
+        return out[0, :, :n // 2]
+    return _sum_splits(out, x.dtype, gated)
 
 
 def int4_matmul_small_m(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

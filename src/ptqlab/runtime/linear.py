@@ -109,6 +109,25 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", bias)
+        self.paired = False
+        """Rows in kernels.pair_gate_up's order (a gate_up layer whose kernel applies the activation)."""
+
+    def pair_gate_up(self) -> bool:
+        """Reorder this gate_up layer's rows so that one-row decode can apply the gated activation inside the matmul
+        (`gated`); outputs then come in that order. False (unchanged) when it cannot: odd halves, a bias."""
+        if self.paired or self.bias is not None or self.planes.shape[0] % (2 * kernels.PAIR_ROWS):
+            return self.paired
+        for name in ("planes", "scale", "zero_point"):
+            if getattr(self, name) is not None:
+                setattr(self, name, kernels.pair_gate_up(getattr(self, name)))
+        self.paired = True
+        return True
+
+    def gated(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+        """act(gate) * up of this paired gate_up layer for one row x [..., K] -> [..., N / 2]."""
+        y = kernels.int4_gemv(x.reshape(1, self.in_features), self.planes, self.scale, self.zero_point,
+                              gated="gelu" if gelu else "silu")
+        return y.reshape(*x.shape[:-1], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

@@ -199,11 +199,14 @@ class Block(nn.Module):
         return self.mlp(m), x
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up(x)
         if self.fused and self.arch.activation in FUSED_ACTIVATIONS:
+            gelu = self.arch.activation != "silu"
             grid, rows = getattr(self.down, "input_grid", None), getattr(self.down, "min_rows", 1)
-            return self.down(fused.gated_activation(gate_up, self.arch.activation != "silu", grid, rows))
-        gate, up = gate_up.chunk(2, dim=-1)
+            paired = getattr(self.gate_up, "paired", False)
+            if paired and grid is None and x.numel() == x.shape[-1]:  # one row: the int4 kernel applies the activation
+                return self.down(self.gate_up.gated(x, gelu))
+            return self.down(fused.gated_activation(self.gate_up(x), gelu, grid, rows, paired))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 
     def attention(self, x: torch.Tensor, pos: torch.Tensor, rotary, allowed: torch.Tensor | None, fresh: bool) -> torch.Tensor:
@@ -215,12 +218,12 @@ class Block(nn.Module):
         cached = self.k_cache is not None
         (cos, sin), (cos_half, sin_half) = rotary
         if self.fused_rope:
+            if cached and not fresh and length == 1:  # decode: rotary, cache write and attention in one kernel
+                out = fused.decode_attention(qkv, self.k_cache, self.v_cache, pos, a.attn_scale, a.attn_softcap,
+                                             self.window, rotary=(cos_half, sin_half))
+                return self.o(out)
             fused.rope_and_cache(qkv, cos_half, sin_half, pos, a.num_heads, a.num_kv_heads, a.head_dim,
                                  self.k_cache, self.v_cache)
-            if cached and not fresh and length == 1:
-                out = fused.decode_attention(qkv[..., :widths[0]], self.k_cache, self.v_cache, pos, a.attn_scale,
-                                             a.attn_softcap, self.window)
-                return self.o(out)
         q, k, v = qkv.split(widths, -1)
         q = q.view(b, length, a.num_heads, a.head_dim)
         k = k.view(b, length, a.num_kv_heads, a.head_dim)
@@ -278,6 +281,8 @@ class RuntimeModel(nn.Module):
             block.fused = self.fused
             block.fused_rope = (self.fused and rotary_dims == arch.head_dim and arch.head_dim & (arch.head_dim - 1) == 0
                                 and "q_norm" not in block.norm_names)
+            if block.fused and arch.activation in FUSED_ACTIVATIONS and hasattr(block.gate_up, "pair_gate_up"):
+                block.gate_up.pair_gate_up()
         self.max_positions = max_positions
         self.cache_shape: tuple[int, int] | None = None
         self.cache_owner: object = None

@@ -13,10 +13,10 @@ vectors instead of one by one. The weight is (q - zero_point) * scale computed i
 Decode at one row (`int4_gemv`) is bound by memory and by the integer work of unpacking 8 values per word on CUDA
 cores; it spends 1.5 instructions per value on that (one funnel shift per two nibbles, one LOP3 per nibble that
 masks it into the mantissa of an fp32 1.0) plus one FMA, and requests the next tile before the current one's
-arithmetic. For a gate_up layer whose rows are paired (`pair_gate_up`) it applies the gated activation itself, so
-a decode step skips the activation kernel. 2-16 rows (`int4_matmul_small_m`) dequantize each nibble's tile and use the tensor cores. Prefill
-(many rows) is compute-bound: the weight is dequantized once into a scratch buffer and multiplied by cuBLAS,
-which costs little next to the matmul itself.
+arithmetic. For a gate_up layer whose rows are paired (`pair_gate_up`) it applies the gated activation itself, so a
+decode step skips the activation kernel. 2-16 rows (`int4_matmul_small_m`) dequantize each nibble's tile and use
+the tensor cores. Prefill (many rows) is compute-bound: the weight is dequantized once into a scratch buffer and
+multiplied by cuBLAS, which costs little next to the matmul itself.
 """
 
 from __future__ import annotations
@@ -165,13 +165,13 @@ if triton is not None:
             if EVEN:
                 next_tile = tl.load(rows + (words + BLOCK_KP)[None, :], mask=more, other=0, eviction_policy="evict_first")
                 w_mask = None
-                x_other = None
+                fill = None  # what masked loads read; no masks here
             else:
                 next_tile = tl.load(rows + (words + BLOCK_KP)[None, :],
                                     mask=more & n_mask[:, None] & (words + BLOCK_KP < row_words)[None, :], other=0,
                                     eviction_policy="evict_first")
                 w_mask = words < row_words
-                x_other = 0.0
+                fill = 0.0
             u = tile.to(tl.uint32, bitcast=True)
             x_at = X + _plane_offsets(words, PLANE)
             sums = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
@@ -179,8 +179,8 @@ if triton is not None:
             x_sum = tl.zeros([BLOCK_KP], dtype=tl.float32)
             for j in tl.static_range(1, 8, 2):
                 hi, lo = _nibble_pair(u, j)
-                x_hi = tl.load(x_at + j * PLANE, mask=w_mask, other=x_other).to(tl.float32)
-                x_lo = tl.load(x_at + (j - 1) * PLANE, mask=w_mask, other=x_other).to(tl.float32)
+                x_hi = tl.load(x_at + j * PLANE, mask=w_mask, other=fill).to(tl.float32)
+                x_lo = tl.load(x_at + (j - 1) * PLANE, mask=w_mask, other=fill).to(tl.float32)
                 sums += hi * x_hi[None, :]
                 sums += lo * (16.0 * x_lo)[None, :]
                 c += 24.0 * x_hi + 264.0 * x_lo
@@ -191,7 +191,7 @@ if triton is not None:
                 g_mask = None
             else:
                 g_mask = n_mask[:, None] & (groups * GROUP_WORDS < row_words)[None, :]
-            scale = tl.load(S + rn[:, None] * stride_sn + groups[None, :], mask=g_mask, other=x_other).to(tl.float32)
+            scale = tl.load(S + rn[:, None] * stride_sn + groups[None, :], mask=g_mask, other=fill).to(tl.float32)
             if GROUPS_PER_TILE == 1:
                 group_sums = tl.sum(sums, axis=1)[:, None]
                 group_c = tl.sum(c, axis=0)
@@ -202,7 +202,7 @@ if triton is not None:
                 group_x = tl.sum(tl.reshape(x_sum, [GROUPS_PER_TILE, BLOCK_KP // GROUPS_PER_TILE]), axis=1)[None, :]
             value = 16.0 * group_sums - group_c
             if HAS_ZERO:
-                zero = tl.load(Z + rn[:, None] * stride_zn + groups[None, :], mask=g_mask, other=x_other).to(tl.float32)
+                zero = tl.load(Z + rn[:, None] * stride_zn + groups[None, :], mask=g_mask, other=fill).to(tl.float32)
                 value -= zero * group_x
             acc += tl.sum(value * scale, axis=1)
             w0 += BLOCK_KP
@@ -281,8 +281,7 @@ if triton is not None:
         offset = 8.0
         if HAS_ZERO:
             offset = offset + tl.load(Z + rn[:, None] * stride_zn + group, mask=mask, other=0).to(tl.float32)
-        bits = ((packed >> shift[None, :]) & 0xF) | 0x4B000000
-        value = (bits.to(tl.float32, bitcast=True) - 8388608.0 - offset) * scale
+        value = (_nibble(packed >> shift[None, :], 0) - offset) * scale
         tl.store(W + rn[:, None] * stride_wn + k[None, :], value.to(W.dtype.element_ty), mask=mask)
 
     @triton.jit

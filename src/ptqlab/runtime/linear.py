@@ -99,8 +99,8 @@ class Int4Linear(nn.Module):
 
     kernel = "int4 triton (decode), dequantize + cuBLAS (prefill)"
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bias: torch.Tensor | None,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features = q.shape[1]
         self.group_words = self.in_features // scale.shape[1] // 8
@@ -225,7 +225,7 @@ def build_linear(layer: StoredLinear, dtype: torch.dtype) -> nn.Module:
     kernel = _kernel_for(layer)
     layer = _per_channel(layer)  # the kernels take row scales; a per-tensor scale is the same scale on every row
     if kernel == "int4":
-        return Int4Linear(layer.weight, layer.scale, layer.zero_point, bias, dtype)
+        return Int4Linear(layer.weight, layer.scale, layer.zero_point, bias)
     if kernel == "fp8":
         return Fp8Linear(layer.weight, layer.scale, bias, dtype)
     if kernel == "int8":

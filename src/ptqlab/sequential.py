@@ -28,7 +28,7 @@ from torch import nn
 from ptqlab import recipes, smoothing
 from ptqlab.data import CalibrationSet
 from ptqlab.errors import PtqlabError
-from ptqlab.models import decoder_layers, names_by_layer, set_submodule, synchronizer
+from ptqlab.models import decoder_layers, model_device, names_by_layer, set_submodule, synchronizer
 from ptqlab.progress import track
 from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq
 from ptqlab.quant.linear import QuantizedLinear, reuse_dequantized_weights, rtn
@@ -240,7 +240,7 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
     (recipes.SmoothQuantStep / AWQStep, through smoothing.py's mappings; AWQ searches against round-to-nearest in
     `weight_args`), then `make_quantized(name, linear, hessian)` on each target (the hessian None unless
     `needs_hessian`), then the next layer's inputs."""
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     layers = decoder_layers(model)
     if offload is None:
         offload = device.type == "cuda" and _bytes(model) > 0.6 * torch.cuda.mem_get_info(device)[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ptqlab.quant.token_triton import QuantizedRows, TokenGrid, empty_rows
-from ptqlab.runtime.kernels import PAIR_ROWS, pdl
+from ptqlab.runtime.kernels import PAIR_ROWS, pdl_launch
 
 try:
     import triton
@@ -218,12 +218,6 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
-def _pdl(x: torch.Tensor) -> dict:
-    """Launch arguments for programmatic dependent launch (kernels.pdl)."""
-    use = pdl(x.device)
-    return {"PDL": use, "launch_pdl": use}
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, residual: torch.Tensor | None = None,
              grid: TokenGrid | None = None, rows_out: int = 1):
     """(RMSNorm of x (+ residual), x + residual or None), over the last dim. With `grid`, the normalized rows come
@@ -244,7 +238,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, r
     _rms_norm_kernel[(m,)](rows, r, weight, y, res, q, scale, k, rows.stride(0), r.stride(0), y.stride(0), res.stride(0),
                            q.stride(0), eps, offset, *args, HAS_RESIDUAL=residual is not None, GEMMA=offset != 0,
                            QUANT=grid is not None, IS_FP8=grid is not None and grid.is_fp8, BLOCK=block,
-                           num_warps=4 if block <= 2048 else 8, **_pdl(x))
+                           num_warps=4 if block <= 2048 else 8, **pdl_launch(x.device))
     out = y.reshape(x.shape) if grid is None else QuantizedRows(q, scale, x.shape)
     return out, (res.reshape(x.shape) if residual is not None else None)
 
@@ -259,7 +253,7 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
     _rope_cache_kernel[(b * length, heads + kv_heads)](
         rows, cos, sin, pos, k_cache if write else rows, v_cache if write else rows, rows.stride(0), length, heads,
         kv_heads, k_cache.shape[2] if write else 0, HEAD_DIM=head_dim, HALF=head_dim // 2, WRITE_CACHE=write,
-        num_warps=1 if head_dim <= 128 else 2, **_pdl(qkv))
+        num_warps=1 if head_dim <= 128 else 2, **pdl_launch(qkv.device))
 
 
 def gated_activation(gate_up: torch.Tensor, gelu: bool, grid: TokenGrid | None = None, rows_out: int = 1,
@@ -274,13 +268,13 @@ def gated_activation(gate_up: torch.Tensor, gelu: bool, grid: TokenGrid | None =
         block = triton.next_power_of_2(inner)
         _gated_act_quant_kernel[(m,)](rows, q, scale, inner, rows.stride(0), q.stride(0), *grid.kernel_args(), GELU=gelu,
                                       PAIRED=PAIR_ROWS if paired else 0, IS_FP8=grid.is_fp8, BLOCK=block,
-                                      num_warps=16 if block >= 8192 else 8, **_pdl(gate_up))
+                                      num_warps=16 if block >= 8192 else 8, **pdl_launch(gate_up.device))
         return QuantizedRows(q, scale, torch.Size(shape))
     y = torch.empty((m, inner), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _gated_act_kernel[(m, triton.cdiv(inner, block))](rows, y, inner, rows.stride(0), y.stride(0), GELU=gelu,
                                                      PAIRED=PAIR_ROWS if paired else 0, BLOCK=block, num_warps=4,
-                                                     **_pdl(gate_up))
+                                                     **pdl_launch(gate_up.device))
     return y.reshape(shape)
 
 
@@ -300,7 +294,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, pos, out, cos, sin, q.stride(0), out.stride(0), heads, kv_heads, cache_len, scale,
         softcap or 1.0, window or 0, GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
         BLOCK_T=64, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, ROPE=rotary is not None,
-        num_warps=4, **_pdl(q))
+        num_warps=4, **pdl_launch(q.device))
     return out
 
 
@@ -313,6 +307,6 @@ def greedy_next(logits: torch.Tensor, token: torch.Tensor, sequence: torch.Tenso
     value = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
     index = torch.empty((rows, chunks), dtype=torch.int32, device=logits.device)
     _argmax_partial_kernel[(rows, chunks)](logits, value, index, vocab, logits.stride(0), chunks, BLOCK=block, num_warps=4,
-                                           **_pdl(logits))
+                                           **pdl_launch(logits.device))
     _argmax_final_kernel[(rows,)](value, index, token, sequence, pos, chunks, vocab, sequence.stride(0),
-                                  CHUNKS=triton.next_power_of_2(chunks), num_warps=4, **_pdl(logits))
+                                  CHUNKS=triton.next_power_of_2(chunks), num_warps=4, **pdl_launch(logits.device))

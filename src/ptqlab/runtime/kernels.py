@@ -21,6 +21,7 @@ multiplied by cuBLAS, which costs little next to the matmul itself.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -47,17 +48,27 @@ PDL = True
 """Programmatic dependent launch (Hopper and newer) for the kernels of a decode step: each may start while the one
 before it finishes, request its weights, and wait (griddepcontrol.wait) only before it reads activations, which
 hides most of the launch and memory latency between the ~10 small kernels of a layer. False: plain launches."""
-_PDL_DEVICES: dict[int, bool] = {}
 
 
 def pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with programmatic dependent launch (`PDL` and the GPU supports it)."""
-    if not PDL or _interpreted() or gdc_wait is None:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _PDL_DEVICES:
-        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _PDL_DEVICES[index]
+    return PDL and not _interpreted() and gdc_wait is not None and _properties(device).major >= 9
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """The launch arguments of a decode-step kernel: its PDL constexpr (for `await_inputs`) and Triton's launch_pdl."""
+    use = pdl(device)
+    return {"PDL": use, "launch_pdl": use}
+
+
+def _properties(device: torch.device):
+    """The CUDA device's properties, read once per device."""
+    return _properties_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _properties_of(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
 def _interpreted() -> bool:
@@ -304,9 +315,6 @@ def _group(scale: torch.Tensor, k: int) -> int:
     return k // scale.shape[1]
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
 def plane_words(k: int, group: int) -> int | None:
     """Words per plane of the runtime's int4 layout for K inputs in scale groups of `group` (K for one scale per row):
     16, or fewer so that a word's 8 values stay in one group; None when K or the group is not a multiple of 8
@@ -328,17 +336,10 @@ def int4_planes(q: torch.Tensor, plane: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(n, k // 8)
 
 
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def _split_k(tiles_n: int, k_tiles: int, device: torch.device, programs_per_sm: int, min_tiles: int) -> tuple[int, int]:
     """(splits, tiles per split): K is split across programs only when the output tiles alone would leave the GPU
     with fewer than `programs_per_sm` programs per multiprocessor, and each split keeps `min_tiles` tiles."""
-    splits = max(1, min(triton.cdiv(programs_per_sm * _sm_count(device), tiles_n), k_tiles // min_tiles))
+    splits = max(1, min(triton.cdiv(programs_per_sm * _properties(device).multi_processor_count, tiles_n), k_tiles // min_tiles))
     tiles_per_split = triton.cdiv(k_tiles, splits)
     return triton.cdiv(k_tiles, tiles_per_split), tiles_per_split
 
@@ -350,10 +351,9 @@ def _sum_splits(partial: torch.Tensor, dtype: torch.dtype, gated: str | None = N
     rows, n = partial.shape[1:]
     y = torch.empty((rows, n // 2 if gated else n), dtype=dtype, device=partial.device)
     block = 1024
-    use_pdl = pdl(y.device)
     _sum_splits_kernel[(triton.cdiv(rows * n, block),)](partial, y, rows * n, SPLITS=partial.shape[0], BLOCK=block,
-                                                        GATED=gated is not None, GELU=gated == "gelu", PDL=use_pdl,
-                                                        launch_pdl=use_pdl)
+                                                        GATED=gated is not None, GELU=gated == "gelu",
+                                                        **pdl_launch(y.device))
     return y
 
 
@@ -398,13 +398,11 @@ def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_p
     even = n % block_n == 0 and row_words % block_kp == 0 and k_tiles % splits == 0
     out = torch.empty((splits, 1, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
     zero = zero_point if zero_point is not None else scale
-    use_pdl = pdl(x.device)
     _int4_gemv_kernel[(tiles_n, splits)](
         x, planes, scale, zero, out, n, row_words, tiles_per_split, planes.stride(0), scale.stride(0), zero.stride(0),
         out.stride(0), PLANE=plane, GROUP_WORDS=group_words, GROUPS_PER_TILE=groups_per_tile,
         HAS_ZERO=zero_point is not None, EVEN=even, BLOCK_N=block_n, BLOCK_KP=block_kp,
-        GATED=gated is not None and splits == 1, GELU=gated == "gelu", PDL=use_pdl, num_warps=num_warps,
-        launch_pdl=use_pdl)
+        GATED=gated is not None and splits == 1, GELU=gated == "gelu", num_warps=num_warps, **pdl_launch(x.device))
     if gated is not None and splits == 1:
         return out[0, :, :n // 2]
     return _sum_splits(out, x.dtype, gated)

@@ -16,7 +16,7 @@ import torch
 from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import write_checkpoint
-from ptqlab.models import load_model, model_dtype, resolve_device
+from ptqlab.models import compute_dtype, load_model, model_dtype, resolve_device
 from ptqlab.output import atomic_dir, check_writable
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.recipes import Recipe, get_recipe
@@ -63,6 +63,10 @@ def _record(loaded, result: QuantizationResult, settings: dict, seconds: float) 
     }
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def default_out(source: str | None, recipe: str) -> Path:
     from ptqlab.embedded import DEFAULT_MODEL_NAME
 
@@ -106,14 +110,20 @@ def quantize(
         calibration_set = load_calibration(loaded.tokenizer, calibration)
     tokenizer = loaded.tokenizer
     pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
-    result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=resolve_device(device),
-                            batch_size=calib_batch_size, pad_id=pad_id)
+    engine_device = resolve_device(device)
+    stored = model_dtype(loaded.model)
+    compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
+    result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
+                            batch_size=calib_batch_size, pad_id=pad_id, compute_dtype=compute)
+    if compute != stored:
+        result.notes.append(f"calibration computed in {_dtype_name(compute)}: this CPU has no native {_dtype_name(stored)} "
+                            f"arithmetic; the checkpoint keeps {_dtype_name(stored)}")
     if calibration_set is not None:
         result.notes.insert(0, f"calibration: {len(calibration_set.samples)} samples, {calibration_set.tokens:,} tokens from "
                                f"{calibration_set.source}")
     if loaded.tokenizer is None:
         result.notes.append("the model folder has no tokenizer; the checkpoint has none either")
-    settings = {"recipe": recipe.name, "dtype": str(model_dtype(loaded.model)).removeprefix("torch."), "seed": seed, "out": str(out),
+    settings = {"recipe": recipe.name, "dtype": _dtype_name(stored), "compute_dtype": _dtype_name(compute), "seed": seed, "out": str(out),
                 "calibration": None if calibration is None or not recipe.calibrated else dataclasses.asdict(calibration),
                 "calib_batch_size": calib_batch_size, "device": device}
     with atomic_dir(out, overwrite) as tmp:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ptqlab.errors import PtqlabError
-from ptqlab.progress import console
+from ptqlab.progress import console, quiet_libraries
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Quantize Hugging Face causal LMs and prove what it cost.")
 
@@ -28,6 +28,7 @@ MaxSeqLen = Annotated[int, typer.Option(help="Calibration samples are truncated 
 CalibBatchSize = Annotated[int, typer.Option(help="Sequences per calibration forward.")]
 AllowPlainText = Annotated[bool, typer.Option(help="Calibrate on plain message text when the tokenizer has no chat template.")]
 QuantDevice = Annotated[str, typer.Option(help="Where calibration runs: auto (the GPU if any), cpu, cuda, cuda:N.")]
+Verbose = Annotated[bool, typer.Option(help="Also show other libraries' progress bars, warnings and log lines.")]
 
 
 @app.command()
@@ -47,11 +48,13 @@ def quantize(
     dampening_frac: Annotated[Optional[float], typer.Option(help="GPTQ: diagonal dampening, fraction of mean(diag H) (recipe default 0.01).")] = None,
     act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by decreasing H_ii.")] = None,
     scale_search: Annotated[Optional[bool], typer.Option("--scale-search/--no-scale-search", help="GPTQ, int formats: clipping-searched scales instead of min-max (recipe default: on for w4a16, w3a16).")] = None,
+    verbose: Verbose = False,
 ) -> None:
     """Quantize MODEL with a recipe and write a compressed-tensors checkpoint (+ tokenizer, ptqlab.json).
 
     Calibrated recipes (GPTQ, SmoothQuant, AWQ: all but fp8-dynamic, w4a16-rtn, w8a8-rtn) draw --num-samples
     chat-formatted samples of at most --max-seq-len tokens from --dataset with --seed."""
+    quiet_libraries(verbose)
     from ptqlab.api import RECORD_NAME, quantize as run
     from ptqlab.data import CalibrationConfig
     from ptqlab.recipes import get_recipe
@@ -103,34 +106,42 @@ def recipes(
 
 def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens,
               device, seed, quiet, runtime):
-    from ptqlab.bench.variant import QUICK_CONTEXT, QUICK_WINDOWS, RUNTIMES, BenchSettings
+    from ptqlab.bench.variant import CPU_SPEED, QUICK_CONTEXT, QUICK_WINDOWS, RUNTIMES, BenchSettings
     from ptqlab.models import resolve_device
 
     if runtime not in RUNTIMES:
         raise PtqlabError(f"unknown --runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     if ppl_quick and ppl_full:
         raise PtqlabError("--ppl-quick and --ppl-full exclude each other")
+    on_cpu = resolve_device(device).type == "cpu"
     if not ppl_quick and not ppl_full:
         # Neither given: the full protocol on a GPU, the quick probe on a CPU, said out loud.
-        ppl_quick = resolve_device(device).type == "cpu"
+        ppl_quick = on_cpu
         if ppl_quick and not quiet:
             console.print(f"[yellow]note:[/] no GPU: perplexity and KL use the quick probe ({QUICK_WINDOWS} windows of "
-                          f"{QUICK_CONTEXT} tokens); pass --ppl-full for the whole text", highlight=False)
+                          f"{QUICK_CONTEXT} tokens; the report gives each perplexity's standard error); pass --ppl-full "
+                          "for the whole text", highlight=False)
+    speed = {"max_new_tokens": max_new_tokens, "repeats": repeats, "sample_tokens": sample_tokens}
+    defaults = CPU_SPEED if on_cpu else {k: getattr(BenchSettings, k) for k in speed}
+    if on_cpu and not quiet and any(v is None for v in speed.values()):
+        console.print(f"[yellow]note:[/] no GPU: speed runs decode {CPU_SPEED['max_new_tokens']} tokens, "
+                      f"{CPU_SPEED['repeats']} repeats, samples of {CPU_SPEED['sample_tokens']} tokens; "
+                      "--max-new-tokens, --repeats and --sample-tokens change them", highlight=False)
+    speed = {k: defaults[k] if v is None else v for k, v in speed.items()}
     windows = QUICK_WINDOWS if ppl_quick else None
     context = ppl_context or (QUICK_CONTEXT if ppl_quick else None)
-    return BenchSettings(ppl_text=ppl_text, ppl_context=context, ppl_windows=windows, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, repeats=repeats, sample_tokens=sample_tokens, device=device, seed=seed,
-                         runtime=runtime)
+    return BenchSettings(ppl_text=ppl_text, ppl_context=context, ppl_windows=windows, batch_size=batch_size, device=device,
+                         seed=seed, runtime=runtime, **speed)
 
 
-PplQuick = Annotated[bool, typer.Option("--ppl-quick", help="Quick probe: the first 20 windows of 512 tokens (default on CPU).")]
+PplQuick = Annotated[bool, typer.Option("--ppl-quick", help="Quick probe: the first 10 windows of 512 tokens (default on CPU).")]
 PplFull = Annotated[bool, typer.Option("--ppl-full", help="Full protocol: every window of the text (default on GPU).")]
 PplContext = Annotated[Optional[int], typer.Option(help="Window length; default min(2048, model context), 512 for the quick probe.")]
 PplText = Annotated[str, typer.Option(help="wikitext-2 (offline fallback: python-docs), python-docs, or a .txt path.")]
-MaxNewTokens = Annotated[int, typer.Option(help="Tokens generated per speed run (EOS ignored).")]
+MaxNewTokens = Annotated[Optional[int], typer.Option(help="Tokens generated per speed run (EOS ignored); default 128, 32 on a CPU.")]
 BatchSize = Annotated[int, typer.Option(help="Batch size of the throughput run.")]
-Repeats = Annotated[int, typer.Option(help="Timed repeats after one warm-up; the median is reported.")]
-SampleTokens = Annotated[int, typer.Option(help="Max tokens of each sample completion.")]
+Repeats = Annotated[Optional[int], typer.Option(help="Timed repeats after one warm-up; the median is reported; default 3, 1 on a CPU.")]
+SampleTokens = Annotated[Optional[int], typer.Option(help="Max tokens of each sample completion; default 64, 32 on a CPU.")]
 Device = Annotated[str, typer.Option(help="auto (a GPU if present), cpu, cuda, cuda:1, ...")]
 MaxKl = Annotated[float, typer.Option(help="Quality budget: mean KL from the baseline, nats per token.")]
 MaxPplIncrease = Annotated[float, typer.Option(help="Quality budget: perplexity increase over the baseline, percent.")]
@@ -144,11 +155,12 @@ def bench(
     out: Annotated[Path, typer.Option(help="Results folder (resumable).")] = Path("ptqlab-bench"),
     baseline: Annotated[Optional[Path], typer.Option(help="16-bit model for KL; default: the first unquantized PATH, else the model the first checkpoint was made from.")] = None,
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
-    max_new_tokens: MaxNewTokens = 128, batch_size: BatchSize = 8, repeats: Repeats = 3, sample_tokens: SampleTokens = 64,
+    max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = 8, repeats: Repeats = None, sample_tokens: SampleTokens = None,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
-    runtime: Runtime = "auto",
+    runtime: Runtime = "auto", verbose: Verbose = False,
 ) -> None:
     """Benchmark model folders side by side: size, load time, memory, perplexity, KL, speed, samples; write a report."""
+    quiet_libraries(verbose)
     from ptqlab.suite import Budget, bench as run
 
     try:
@@ -163,24 +175,27 @@ def bench(
 @app.command()
 def lab(
     model: Annotated[Optional[str], typer.Argument(help="Hub id or local folder; omitted: the embedded SmolLM2-135M-Instruct.")] = None,
-    recipes: Annotated[Optional[str], typer.Option(help="Comma-separated recipes; default: fp8-dynamic,w4a16-rtn,w8a8-rtn.")] = None,
+    recipes: Annotated[Optional[str], typer.Option(help="Comma-separated presets or recipe files; default: fp8-dynamic,w4a16,w8a8 (FP8 dynamic, GPTQ W4A16, SmoothQuant + GPTQ W8A8).")] = None,
     out: Annotated[Path, typer.Option(help="Lab folder: checkpoints, results, report (resumable).")] = Path("ptqlab-lab"),
     dtype: Annotated[str, typer.Option(help="Load dtype for quantization.")] = "auto",
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
-    max_new_tokens: MaxNewTokens = 128, batch_size: BatchSize = 8, repeats: Repeats = 3, sample_tokens: SampleTokens = 64,
+    max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = 8, repeats: Repeats = None, sample_tokens: SampleTokens = None,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
-    dataset: Dataset = "auto", num_samples: NumSamples = 256, max_seq_len: MaxSeqLen = 1024, calib_batch_size: CalibBatchSize = 16,
-    runtime: Runtime = "auto",
+    dataset: Dataset = "auto", num_samples: Annotated[Optional[int], typer.Option(help="Calibration samples; default 256, 32 on a CPU.")] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option(help="Calibration samples are truncated to this many tokens; default 1024, 512 on a CPU.")] = None,
+    calib_batch_size: CalibBatchSize = 16,
+    runtime: Runtime = "auto", verbose: Verbose = False,
 ) -> None:
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
+    quiet_libraries(verbose)
     from ptqlab.data import CalibrationConfig
-    from ptqlab.suite import Budget, lab as run
+    from ptqlab.suite import Budget, lab as run, lab_calibration_size
 
     try:
         settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
                              runtime)
         names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
-        calibration = CalibrationConfig(dataset=dataset, num_samples=num_samples, max_seq_len=max_seq_len, seed=seed)
+        calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
         folder = run(model, names, out, settings, Budget(max_kl, max_ppl_increase), dtype, quiet, calibration, calib_batch_size)
     except PtqlabError as e:
         _fail(e)

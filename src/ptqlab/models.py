@@ -7,8 +7,10 @@ decoder-layer list. A new architecture is a new row; an unlisted one works if it
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,57 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PtqlabError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
     return device
+
+
+# CPU features that give native arithmetic in a 16-bit float (flags as Linux's /proc/cpuinfo and torch name them).
+# Without them, torch emulates the format (convert, compute in fp32, round), several times slower than fp32.
+NATIVE_CPU_FEATURES = {
+    torch.bfloat16: {"x86_64": ("avx512_bf16", "amx_bf16"), "arm64": ("bf16",)},
+    torch.float16: {"x86_64": ("avx512_fp16", "amx_fp16"), "arm64": ("fphp", "asimdhp")},
+}
+_MAC_FEATURES = {torch.bfloat16: "hw.optional.arm.FEAT_BF16", torch.float16: "hw.optional.arm.FEAT_FP16"}
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags: torch's own detection where it has it, else /proc/cpuinfo (Linux)."""
+    flags = set()
+    capabilities = getattr(getattr(torch, "cpu", None), "get_capabilities", None)
+    if capabilities is not None:
+        try:
+            flags |= {name for name, present in capabilities().items() if present is True}
+        except RuntimeError:  # pragma: no cover
+            pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() in ("flags", "features"):
+                flags |= set(value.split())
+    except OSError:
+        pass
+    return frozenset(flags)
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes in `dtype` natively (float32 always; bf16/fp16 only with the features above)."""
+    if dtype not in NATIVE_CPU_FEATURES:
+        return True
+    machine = platform.machine().lower()
+    if platform.system() == "Darwin" and machine == "arm64":
+        import subprocess
+
+        answer = subprocess.run(["sysctl", "-n", _MAC_FEATURES[dtype]], capture_output=True, text=True).stdout.strip()
+        return answer == "1"
+    arch = "arm64" if machine in ("arm64", "aarch64") else "x86_64"
+    return any(flag in _cpu_flags() for flag in NATIVE_CPU_FEATURES[dtype][arch])
+
+
+def compute_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype to compute in: the stored one, except a 16-bit float on a CPU that would only emulate it, where
+    float32 is exact for its values and faster. Weights keep their stored format on disk either way."""
+    if device.type == "cpu" and stored.is_floating_point and not cpu_has_native(stored):
+        return torch.float32
+    return stored
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ptqlab.data import CalibrationSet
 from ptqlab.errors import PtqlabError
-from ptqlab.models import names_by_layer, set_submodule
+from ptqlab.models import model_dtype, names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.recipes import Recipe, step_name
@@ -94,8 +94,10 @@ def _quantize_linear(name: str, linear: nn.Linear, recipe: Recipe) -> QuantizedL
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None = None, quiet: bool = False,
-                   device: torch.device | None = None, batch_size: int = 16, pad_id: int = 0) -> QuantizationResult:
-    """Quantize `model` in place according to `recipe`; calibrated methods need `calibration`."""
+                   device: torch.device | None = None, batch_size: int = 16, pad_id: int = 0,
+                   compute_dtype: torch.dtype | None = None) -> QuantizationResult:
+    """Quantize `model` in place according to `recipe`; calibrated methods need `calibration`, whose forwards compute
+    in `compute_dtype` (default: the model's)."""
     targets, ignored, unused = target_linears(model, recipe.ignore)
     if not targets:
         raise PtqlabError(f"the ignore list {list(recipe.ignore)} leaves no linear layer to quantize")
@@ -117,13 +119,15 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
                               f"lies outside them: keep it 16-bit with --ignore (e.g. --ignore {outside[0]})")
         for name, linear in targets.items():
             _check_finite(name, linear)
+        stored = model_dtype(model)  # scales are written in it, whatever the engine computes in
         if recipe.gptq is not None:
-            quantizer = gptq_quantizer(recipe.scheme, recipe.gptq)
+            quantizer = gptq_quantizer(recipe.scheme, recipe.gptq, stored)
         else:
-            quantizer = rtn_quantizer(recipe.scheme)
+            quantizer = rtn_quantizer(recipe.scheme, stored)
         reports = quantize_sequential(model, targets, quantizer, calibration, pad_id, batch_size, device, quiet=quiet,
                                       label=f"{recipe.name} ({steps})", transforms=recipe.transforms,
-                                      needs_hessian=recipe.gptq is not None, weight_args=recipe.scheme.weights)
+                                      needs_hessian=recipe.gptq is not None, weight_args=recipe.scheme.weights,
+                                      compute_dtype=compute_dtype)
         result.quantized = list(targets)
         result.layer_reports = reports
         result.notes += [note for report in reports for note in report.notes]

@@ -11,6 +11,8 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ptqlab.bench.quality import perplexity_change
+
 SCHEMA = "ptqlab.results/1"
 MiB = 2**20
 
@@ -47,16 +49,28 @@ def recommend(variants: list[dict], baseline: str | None, budget) -> dict:
     return out
 
 
+def _ppl_change(v: dict, base: dict | None) -> tuple[float | None, float | None]:
+    """Perplexity change against the baseline in percent, and its paired standard error where both results carry
+    per-window losses on the same windows."""
+    if base is None:
+        return None, None
+    windows, base_windows = v["perplexity"].get("window_nll"), base["perplexity"].get("window_nll")
+    if windows and base_windows and len(windows) == len(base_windows):
+        return perplexity_change(windows, base_windows)
+    return 100 * (v["perplexity"]["value"] / base["perplexity"]["value"] - 1), None
+
+
 def _rows(variants: list[dict], baseline: str | None) -> list[dict]:
     base = next((v for v in variants if v["name"] == baseline), None)
     rows = []
     for v in variants:
         kl = v.get("kl") or {}
         ppl = v["perplexity"]["value"]
+        change, change_se = _ppl_change(v, base)
         rows.append({
             "variant": v["name"], "format": v["format"], "weights MiB": v["size"]["weights_bytes"] / MiB,
             "folder MiB": v["size"]["folder_bytes"] / MiB, "load s": v["load_s"], "peak mem MiB": v["peak_memory_bytes"] / MiB,
-            "perplexity": ppl, "ppl Δ%": 100 * (ppl / base["perplexity"]["value"] - 1) if base else None,
+            "perplexity": ppl, "ppl s.e.": v["perplexity"].get("stderr"), "ppl Δ%": change, "Δ% s.e.": change_se,
             "KL mean": kl.get("mean"), "KL median": kl.get("median"), "KL p99": kl.get("p99"),
             "top-1 %": kl.get("top1_agreement_pct"), "runtime": v["speed"].get("runtime", "transformers"),
             "TTFT ms": v["speed"]["ttft_ms"],
@@ -111,7 +125,15 @@ def _notes(results: dict) -> list[str]:
         notes.append(f"Perplexity/KL text: {text['source']}. These perplexities are not comparable with published WikiText-2 numbers.")
     else:
         notes.append(f"Perplexity/KL text: {text['source']}.")
-    notes.append(f"Protocol: {text['protocol']}, {results['tokens_scored']:,} tokens scored in windows of {results['context']} tokens.")
+    notes.append(f"Protocol: {text['protocol']}, {results['tokens_scored']:,} tokens scored in windows of {results['context']} tokens. "
+                 "s.e.: standard error over windows; the change against the baseline is paired (per-window differences "
+                 "on the same text), so it is much tighter than either perplexity's own.")
+    computed = {v["name"]: (v.get("dtype"), v.get("stored_dtype")) for v in results["variants"]}
+    upcast = [name for name, (dtype, stored) in computed.items() if stored and dtype != stored]
+    if upcast:
+        dtype, stored = computed[upcast[0]]
+        notes.append(f"Compute dtype: {dtype} for {', '.join(upcast)} (stored as {stored}): this CPU has no native {stored} "
+                     "arithmetic, which torch would emulate several times slower; quantized weights are the checkpoint's.")
     runtimes = {v["name"]: v["speed"].get("runtime", "transformers") for v in results["variants"]}
     for runtime, text in RUNTIME_NOTES.items():
         names = [name for name, r in runtimes.items() if r == runtime]

@@ -18,6 +18,7 @@ Hessians are accumulated with fp32 matmuls; where activations are bf16/fp16, TF3
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from torch import nn
 from ptqlab import recipes, smoothing
 from ptqlab.data import CalibrationSet
 from ptqlab.errors import PtqlabError
-from ptqlab.models import decoder_layers, model_device, names_by_layer, set_submodule, synchronizer
+from ptqlab.models import decoder_layers, model_device, model_dtype, names_by_layer, set_submodule, synchronizer
 from ptqlab.progress import track
 from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq
 from ptqlab.quant.linear import QuantizedLinear, reuse_dequantized_weights, rtn
@@ -48,12 +49,24 @@ class Batch:
     hidden: torch.Tensor | None = None  # the current layer's input [B, T, H]
 
 
+# A sample joins a batch only if it is at least this fraction of the batch's longest one: padding, computed and
+# thrown away, then stays under a quarter of each row, whatever the spread of lengths (chats and docstrings vary
+# from tens to thousands of tokens).
+MIN_FILL = 0.75
+
+
 def make_batches(calibration: CalibrationSet, batch_size: int, pad_id: int) -> list[Batch]:
-    """Length-bucketed batches (sorted by length, so padding is minimal), right-padded with a mask."""
+    """Length-bucketed batches of at most `batch_size` samples (sorted by length, each at least MIN_FILL of its
+    batch's longest), right-padded with a mask."""
     samples = sorted(calibration.samples, key=len, reverse=True)
+    groups: list[list[torch.Tensor]] = []
+    for sample in samples:
+        if groups and len(groups[-1]) < batch_size and len(sample) >= MIN_FILL * len(groups[-1][0]):
+            groups[-1].append(sample)
+        else:
+            groups.append([sample])
     batches = []
-    for i in range(0, len(samples), batch_size):
-        group = samples[i:i + batch_size]
+    for group in groups:
         length = len(group[0])
         ids = torch.full((len(group), length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), length), dtype=torch.long)
@@ -235,12 +248,55 @@ Quantizer = Callable[[str, nn.Linear, "torch.Tensor | None"], tuple[QuantizedLin
 def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_quantized: Quantizer,
                         calibration: CalibrationSet, pad_id: int, batch_size: int = 16, device: torch.device | None = None,
                         offload: bool | None = None, quiet: bool = False, label: str = "gptq", transforms: tuple = (),
-                        needs_hessian: bool = True, weight_args: QuantArgs | None = None) -> list[LayerReport]:
+                        needs_hessian: bool = True, weight_args: QuantArgs | None = None,
+                        compute_dtype: torch.dtype | None = None) -> list[LayerReport]:
     """Calibrate and quantize `targets` layer by layer: statistics of every linear's input, then the `transforms`
     (recipes.SmoothQuantStep / AWQStep, through smoothing.py's mappings; AWQ searches against round-to-nearest in
     `weight_args`), then `make_quantized(name, linear, hessian)` on each target (the hessian None unless
-    `needs_hessian`), then the next layer's inputs."""
+    `needs_hessian`), then the next layer's inputs.
+
+    `compute_dtype` (default: the model's) is what the forwards compute in: float32 for a bf16 model on a CPU that
+    only emulates bf16. Each finished layer is then rounded back to the stored dtype before it propagates, so that
+    the next layer is calibrated on exactly what the checkpoint will compute."""
     device = device or model_device(model)
+    scale_dtype = model_dtype(model)
+    stored = None if compute_dtype in (None, scale_dtype) else floating_dtypes(model)
+    if stored is not None:
+        model.to(compute_dtype)
+    try:
+        return _quantize_layers(model, targets, make_quantized, calibration, pad_id, batch_size, device, offload, quiet,
+                                label, transforms, needs_hessian, weight_args, stored, scale_dtype)
+    finally:
+        if stored is not None:
+            cast_back(model, stored, round_only=False)
+
+
+def floating_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """The dtype of every floating parameter and buffer, by qualified name (a model can mix them: fp32 rotary
+    tables beside bf16 weights)."""
+    tensors = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    return {name: t.dtype for name, t in tensors if t.is_floating_point()}
+
+
+def cast_back(module: nn.Module, dtypes: dict[str, torch.dtype], prefix: str = "", round_only: bool = True) -> None:
+    """Give each floating tensor of `module` named in `dtypes` its dtype back; `round_only`: keep the tensor's dtype
+    but round its values to that dtype's (what the checkpoint will hold). Tensors made since (a quantized layer's
+    scales, already in the stored dtype) are left alone."""
+    for name, child in module.named_modules(prefix=prefix):
+        for registry in (child._parameters, child._buffers):
+            for key, tensor in registry.items():
+                target = dtypes.get(f"{name}.{key}" if name else key)
+                if tensor is None or target is None or tensor.dtype == target:
+                    continue
+                if round_only:
+                    tensor.data.copy_(tensor.data.to(target))
+                else:
+                    tensor.data = tensor.data.to(target)
+
+
+def _quantize_layers(model, targets, make_quantized, calibration, pad_id, batch_size, device, offload, quiet, label,
+                     transforms, needs_hessian, weight_args, stored: dict[str, torch.dtype] | None,
+                     scale_dtype: torch.dtype) -> list[LayerReport]:
     layers = decoder_layers(model)
     if offload is None:
         offload = device.type == "cuda" and _bytes(model) > 0.6 * torch.cuda.mem_get_info(device)[0]
@@ -284,7 +340,7 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
                 for m in mappings:
                     if isinstance(step, recipes.SmoothQuantStep) and step.mappings == "norms" and isinstance(m.smooth, nn.Linear):
                         continue
-                    details.append(_transform(step, m, stats, f"{prefix}.{m.mapping.balance[0]}", weight_args))
+                    details.append(_transform(step, m, stats, f"{prefix}.{m.mapping.balance[0]}", weight_args, scale_dtype))
             seconds["transforms"] = lap()
         for name in grouped[index]:
             hessian = stats.hessian(name) if needs_hessian else None
@@ -295,6 +351,8 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
             notes += layer_notes
             set_submodule(model, name, quantized)
         del stats
+        if stored is not None:  # the values the checkpoint will hold: smoothed norms, layers kept 16-bit
+            cast_back(layer, stored, prefix)
         seconds["quantize"] = lap()
         with reuse_dequantized_weights(layer, batches[0].hidden.dtype):  # propagate through the quantized layer
             for batch in batches:
@@ -307,7 +365,7 @@ def quantize_sequential(model: nn.Module, targets: dict[str, nn.Linear], make_qu
     return reports
 
 
-def _transform(step, m, stats: InputStats, balance_name: str, weight_args: QuantArgs) -> str:
+def _transform(step, m, stats: InputStats, balance_name: str, weight_args: QuantArgs, scale_dtype: torch.dtype) -> str:
     """Apply one smoothing step to one mapping of the layer; -> a line for the layer report."""
     weights = [linear.weight for linear in m.balance.values()]
     where = f"{m.mapping.smooth} -> {', '.join(m.balance)}"
@@ -316,7 +374,7 @@ def _transform(step, m, stats: InputStats, balance_name: str, weight_args: Quant
         detail = f"smoothquant {where}: s in [{float(scales.min()):.3g}, {float(scales.max()):.3g}]"
     else:
         def fake_quantize(w: torch.Tensor) -> torch.Tensor:
-            q, scale, zero_point = rtn(w, weight_args)
+            q, scale, zero_point = rtn(w, weight_args, scale_dtype)
             return dequantize(q, scale, zero_point, weight_args, torch.float32)
 
         scales, ratio, relative = smoothing.awq_scales(
@@ -332,11 +390,12 @@ def _bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def gptq_quantizer(scheme, config: GPTQConfig) -> Quantizer:
-    """The per-linear step for GPTQ: weight + Hessian -> QuantizedLinear, with notes on damping and dead inputs."""
+def gptq_quantizer(scheme, config: GPTQConfig, scale_dtype: torch.dtype | None = None) -> Quantizer:
+    """The per-linear step for GPTQ: weight + Hessian -> QuantizedLinear, with notes on damping and dead inputs.
+    Scales in `scale_dtype` (default: the weight's; the stored dtype when the engine computes in another)."""
 
     def make(name: str, linear: nn.Linear, hessian: torch.Tensor | None) -> tuple[QuantizedLinear, list[str]]:
-        result = gptq(linear.weight, hessian, scheme.weights, config, scale_dtype=linear.weight.dtype)
+        result = gptq(linear.weight, hessian, scheme.weights, config, scale_dtype=scale_dtype or linear.weight.dtype)
         module = QuantizedLinear.from_weight(linear.weight, linear.bias, scheme, result.q, result.scale, result.zero_point)
         notes = []
         if result.dampening_frac != config.dampening_frac:
@@ -348,11 +407,11 @@ def gptq_quantizer(scheme, config: GPTQConfig) -> Quantizer:
     return make
 
 
-def rtn_quantizer(scheme) -> Quantizer:
+def rtn_quantizer(scheme, scale_dtype: torch.dtype | None = None) -> Quantizer:
     """The per-linear step for round-to-nearest (after a calibrated transform such as AWQ): the Hessian is unused."""
 
     def make(name: str, linear: nn.Linear, hessian: torch.Tensor | None) -> tuple[QuantizedLinear, list[str]]:
-        return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, scheme), []
+        return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, scheme, scale_dtype=scale_dtype), []
 
     return make
 

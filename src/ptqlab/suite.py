@@ -15,11 +15,32 @@ from pathlib import Path
 
 from ptqlab.bench.variant import BenchSettings, fingerprint, run_isolated
 from ptqlab.errors import PtqlabError
-from ptqlab.progress import console, log_event
+from ptqlab.progress import format_seconds, log_event, say
 
 
-# The data-free presets: they run anywhere, a 2-core CPU included. Calibrated recipes are named explicitly.
-DEFAULT_LAB_RECIPES = ("fp8-dynamic", "w4a16-rtn", "w8a8-rtn")
+# The mission's core three, on every device: FP8 dynamic (data-free), GPTQ W4A16, SmoothQuant + GPTQ W8A8.
+DEFAULT_LAB_RECIPES = ("fp8-dynamic", "w4a16", "w8a8")
+
+
+LAB_CPU_CALIBRATION = {"num_samples": 32, "max_seq_len": 512}
+"""The lab's calibration size on a CPU (the quantize defaults, 256 x 1024, are for GPUs): enough tokens for every
+Hessian of a small model to be full rank, and minutes, not an hour, on two cores."""
+
+
+def lab_calibration_size(settings: BenchSettings, num_samples: int | None, max_seq_len: int | None,
+                         quiet: bool = False) -> dict:
+    """num_samples and max_seq_len for the lab: as given, else the quantize defaults on a GPU, LAB_CPU_CALIBRATION on a CPU."""
+    from ptqlab.data import CalibrationConfig
+    from ptqlab.models import resolve_device
+
+    on_cpu = resolve_device(settings.device).type == "cpu"
+    defaults = LAB_CPU_CALIBRATION if on_cpu else {"num_samples": CalibrationConfig.num_samples,
+                                                   "max_seq_len": CalibrationConfig.max_seq_len}
+    if on_cpu and (num_samples is None or max_seq_len is None):
+        _say(f"[yellow]note:[/] no GPU: calibrated recipes use {defaults['num_samples']} samples of at most "
+             f"{defaults['max_seq_len']} tokens; --num-samples and --max-seq-len change them", quiet)
+    return {"num_samples": defaults["num_samples"] if num_samples is None else num_samples,
+            "max_seq_len": defaults["max_seq_len"] if max_seq_len is None else max_seq_len}
 
 
 @dataclass(frozen=True)
@@ -34,7 +55,7 @@ class Budget:
 
 def _say(message: str, quiet: bool) -> None:
     if not quiet:
-        console.print(message, highlight=False)
+        say(message)
 
 
 def _reusable(result_json: Path, path: Path, settings: BenchSettings, needs: Path | None = None) -> dict | None:
@@ -47,8 +68,20 @@ def _reusable(result_json: Path, path: Path, settings: BenchSettings, needs: Pat
     return result
 
 
+class Steps:
+    """The lab's own progress: which step of how many, and the time since the run started."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.done, self.quiet, self.start = total, 0, quiet, time.perf_counter()
+
+    def say(self, message: str) -> None:
+        self.done += 1
+        _say(f"[bold][{self.done}/{self.total}][/] {message} [dim](at {format_seconds(time.perf_counter() - self.start)})[/]",
+             self.quiet)
+
+
 def run_benchmarks(baseline: Path | None, variants: list[tuple[str, Path]], out: Path, settings: BenchSettings,
-                   quiet: bool = False) -> list[dict]:
+                   quiet: bool = False, steps: Steps | None = None) -> list[dict]:
     """Benchmark the baseline (if any) then each variant, each in its own process, reusing finished ones."""
     (out / "variants").mkdir(parents=True, exist_ok=True)
     log = out / "log.jsonl"
@@ -57,17 +90,18 @@ def run_benchmarks(baseline: Path | None, variants: list[tuple[str, Path]], out:
     names = [name for name, _ in jobs]
     if len(set(names)) != len(names):
         raise PtqlabError(f"two variants share a name ({', '.join(names)}): give distinct folder names")
+    steps = steps or Steps(len(jobs), quiet)
     results = []
     for name, path in jobs:
         result_json = out / "variants" / f"{name}.json"
         is_baseline = baseline is not None and name == "baseline"
         cached = _reusable(result_json, path, settings, needs=topk if is_baseline else None)
         if cached is not None and (is_baseline or not baseline or cached.get("kl") is not None):
-            _say(f"[dim]{name}: already measured ({result_json}), reused[/]", quiet)
+            steps.say(f"benchmark {name}: already measured ({result_json}), reused")
             log_event(log, "bench.reused", variant=name)
             results.append(cached)
             continue
-        _say(f"[bold]benchmarking {name}[/] ({path})", quiet)
+        steps.say(f"benchmark {name} ({path})")
         log_event(log, "bench.start", variant=name, path=str(path))
         start = time.perf_counter()
         result = run_isolated(name, path, settings, result_json, topk_out=topk if is_baseline else None,
@@ -146,20 +180,22 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
     manifest.write_text(json.dumps({"model": source, "model_path": str(base_path), "recipes": recipes}, indent=2) + "\n")
 
     log = out / "log.jsonl"
+    steps = Steps(2 * len(recipes) + 1, quiet)
     checkpoints = []
     for name in recipes:
         folder = out / "checkpoints" / name
         if (folder / "ptqlab.json").is_file():
-            _say(f"[dim]{name}: checkpoint already in {folder}, reused[/]", quiet)
+            steps.say(f"quantize {name}: checkpoint already in {folder}, reused")
             log_event(log, "quantize.reused", recipe=name)
         else:
+            steps.say(f"quantize {name}")
             log_event(log, "quantize.start", recipe=name)
             start = time.perf_counter()
             quantize(str(base_path), name, out=folder, overwrite=True, dtype=dtype, seed=settings.seed, quiet=quiet,
                      calibration=calibration, calib_batch_size=calib_batch_size, device=settings.device)
             log_event(log, "quantize.done", recipe=name, seconds=round(time.perf_counter() - start, 3))
         checkpoints.append((name, folder))
-    results = run_benchmarks(base_path, checkpoints, out, settings, quiet)
+    results = run_benchmarks(base_path, checkpoints, out, settings, quiet, steps)
     write_report(out, results, settings, budget, baseline_name="baseline", model=source)
     return out
 

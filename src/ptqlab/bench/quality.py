@@ -91,6 +91,24 @@ def coarse_kl(base_ids: torch.Tensor, base_logprobs: torch.Tensor, logprobs: tor
     return kl.clamp(min=0.0)  # >= 0 mathematically; clamp rounding noise
 
 
+def standard_error(values: list[float]) -> float | None:
+    """Standard error of the mean of `values` (None for fewer than two). Over windows, not tokens: neighbouring
+    tokens' losses are correlated, equal windows of a text are close to independent samples."""
+    if len(values) < 2:
+        return None
+    return float(torch.tensor(values, dtype=torch.float64).std() / len(values) ** 0.5)
+
+
+def perplexity_change(window_nll: list[float], base_window_nll: list[float]) -> tuple[float, float | None]:
+    """Perplexity change in percent against the baseline on the same windows, and its standard error (paired: the
+    per-window difference of mean NLL, so the text's own variation cancels)."""
+    diff = [a - b for a, b in zip(window_nll, base_window_nll)]
+    mean = sum(diff) / len(diff)
+    se = standard_error(diff)
+    ratio = float(torch.tensor(mean, dtype=torch.float64).exp())
+    return 100 * (ratio - 1), None if se is None else 100 * ratio * se
+
+
 @dataclass
 class QualityResult:
     nll_sum: float
@@ -100,15 +118,18 @@ class QualityResult:
     kl: torch.Tensor | None  # [positions] float64
     top1_agreement: float | None
     topk: TopK
+    window_nll: list[float]  # mean NLL of each window
 
     @property
     def perplexity(self) -> float:
         return float(torch.tensor(self.nll_sum / self.tokens, dtype=torch.float64).exp())
 
     def summary(self) -> dict:
+        se = standard_error(self.window_nll)
         out = {
             "perplexity": {"value": self.perplexity, "nll_mean": self.nll_sum / self.tokens, "tokens_scored": self.tokens,
-                           "windows": self.windows, "context": self.context},
+                           "windows": self.windows, "context": self.context, "window_nll": self.window_nll,
+                           "stderr": None if se is None else self.perplexity * se},
             "kl": None,
         }
         if self.kl is not None:
@@ -136,13 +157,15 @@ def evaluate(
         raise PtqlabError("the baseline's stored distributions were computed on other tokens (another tokenizer, text or "
                           "window setting): benchmark the baseline again with the same settings")
     nll_sum, count, agree, offset = 0.0, 0, 0, 0
-    kls, top_ids, top_logprobs = [], [], []
+    kls, top_ids, top_logprobs, window_nll = [], [], [], []
     state = {"ppl": float("nan")}
     for start, end in track(windows, "perplexity", total=len(windows), quiet=quiet, status=lambda _: f"ppl {state['ppl']:.3f}"):
         ids = token_ids[start:end].to(device).unsqueeze(0)
         logprobs = model(ids).logits[0, :-1].float().log_softmax(-1)  # [C-1, vocab]: predictions of tokens 2..C
         targets = ids[0, 1:]
-        nll_sum += float(-logprobs.gather(-1, targets.unsqueeze(-1)).double().sum())
+        window = float(-logprobs.gather(-1, targets.unsqueeze(-1)).double().sum())
+        window_nll.append(window / targets.numel())
+        nll_sum += window
         count += targets.numel()
         state["ppl"] = float(torch.tensor(nll_sum / count).exp())
         values, indices = logprobs.topk(topk, dim=-1)
@@ -157,4 +180,4 @@ def evaluate(
     context = windows[0][1] - windows[0][0]
     own = TopK(torch.cat(top_ids), torch.cat(top_logprobs), digest)
     kl = torch.cat(kls) if baseline is not None else None
-    return QualityResult(nll_sum, count, len(windows), context, kl, None if kl is None else agree / count, own)
+    return QualityResult(nll_sum, count, len(windows), context, kl, None if kl is None else agree / count, own, window_nll)

@@ -21,9 +21,15 @@ from pathlib import Path
 import torch
 
 from ptqlab.errors import PtqlabError
-from ptqlab.models import resolve_device, synchronizer
+from ptqlab.models import compute_dtype, resolve_device, synchronizer
+from ptqlab.progress import say
 
-QUICK_CONTEXT, QUICK_WINDOWS = 512, 20
+# The quick probe (the default on CPUs): 10 windows of 512 tokens. On the embedded model a window's mean NLL varies
+# with s.d. ~0.25 nats, so a perplexity carries ~8 % standard error and a change against the baseline, paired on the
+# same windows, far less; the report prints both.
+QUICK_CONTEXT, QUICK_WINDOWS = 512, 10
+CPU_SPEED = {"max_new_tokens": 32, "repeats": 1, "sample_tokens": 32}
+"""Speed-run defaults on a CPU, where decoding is ~100x slower than on a GPU: short runs, still warmed up."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,13 @@ class BenchSettings:
         """Results computed under the same settings can be reused (lab resume)."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def stored_dtype(config: dict) -> torch.dtype:
+    """The 16-bit dtype a folder's config declares for its unquantized tensors (float32 when it names none)."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def device_name(device: torch.device) -> str:
@@ -126,6 +139,7 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
 
     from ptqlab.bench.quality import TopK, evaluate, make_windows
     from ptqlab.bench.speed import (
+        SAMPLE_PROMPTS,
         SPEED_PROMPT,
         FastEngine,
         TransformersEngine,
@@ -153,26 +167,37 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
     context = settings.ppl_context or min(2048, config.get("max_position_embeddings") or 2048)
     windows = make_windows(len(token_ids), context, settings.ppl_windows)
 
+    stored = stored_dtype(config)
+    compute = compute_dtype(device, stored)
     sync()
     start = time.perf_counter()
     if runtime == "fast":
         from ptqlab.runtime import load_runtime
 
         generation = prompt_ids.shape[1] + max(settings.max_new_tokens, settings.sample_tokens)
-        model = load_runtime(path, device, max_positions=max(context, generation))
+        model = load_runtime(path, device, dtype=compute, max_positions=max(context, generation))
         engine = FastEngine(model, generation)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute).to(device).eval()
         engine = TransformersEngine(model)
     sync()
     load_s = time.perf_counter() - start
 
+    def phase(message: str) -> None:
+        if not quiet:
+            say(f"{name}: {message}")
+
+    phase(f"loaded in {load_s:.1f} s ({runtime}, computing in {str(compute).removeprefix('torch.')}); "
+          f"perplexity{' and KL' if topk_in else ''} over {len(windows)} windows of {context} tokens")
     baseline = TopK.load(topk_in) if topk_in else None
     quality = evaluate(model, token_ids, windows, baseline, settings.topk, quiet=quiet)
     if topk_out:
         quality.topk.save(Path(topk_out))
 
+    phase(f"speed: {settings.max_new_tokens} tokens at batch 1 and {settings.batch_size}, {settings.repeats} repeats after "
+          f"{settings.warmup} warm-up")
     speed = measure_speed(engine, prompt_ids, settings.max_new_tokens, settings.batch_size, settings.repeats, settings.warmup)
+    phase(f"decode {speed['decode_tok_s']:.1f} tok/s; sample answers to {len(SAMPLE_PROMPTS)} prompts")
     samples = sample_completions(engine, tokenizer, settings.sample_tokens)
 
     if device.type == "cuda":
@@ -188,6 +213,7 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
         "kernels": getattr(model, "kernels", None),
         "device": device_name(device),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "stored_dtype": str(stored).removeprefix("torch."),
         "size": folder_sizes(path),
         "load_s": load_s,
         "peak_memory_bytes": peak,
@@ -210,8 +236,7 @@ def run_isolated(name: str, path: Path, settings: BenchSettings, result_json: Pa
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
-        env = {**os.environ, "TQDM_DISABLE": "1"} if quiet else None  # also silences transformers' own bars
-        proc = subprocess.run([sys.executable, "-m", "ptqlab.bench.worker", f.name], env=env)
+        proc = subprocess.run([sys.executable, "-m", "ptqlab.bench.worker", f.name])
     finally:
         os.unlink(f.name)
     if proc.returncode != 0 or not result_json.is_file():

@@ -6,15 +6,18 @@ Kept apart from variant.py so that the package never imports the module it runs 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from ptqlab.bench.variant import BenchSettings, bench_variant
 from ptqlab.errors import PtqlabError
+from ptqlab.progress import VERBOSE_ENV, quiet_libraries
 
 
 def _main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
+    quiet_libraries(verbose=os.environ.get(VERBOSE_ENV) == "1")
     settings = BenchSettings(**spec["settings"])
     try:
         result = bench_variant(spec["name"], spec["path"], settings, spec["topk_out"] and Path(spec["topk_out"]),

@@ -133,15 +133,19 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
             Q[:, i1:i2], Err1 = gptq_triton.gptq_block(W1, Hinv1, col_scale[:, i1:i2], zero_block, qmin, qmax, args.type == "float")
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
             continue
-        Err1 = torch.empty_like(W1)
+        # Transposed, so that a column is a contiguous row and its update of the later columns one rank-1 BLAS call
+        # (the loop runs once per input channel: per-operation overhead is what it costs on a CPU).
+        W1t, Err1t = W1.T.contiguous(), torch.empty_like(W1.T, memory_format=torch.contiguous_format)
+        scale_t = col_scale[:, i1:i2].T.contiguous()
+        zero_t = None if col_zero is None else col_zero[:, i1:i2].T.contiguous()
         for i in range(i2 - i1):
-            w = W1[:, i]
-            q = _round_column(w, col_scale[:, i1 + i], None if col_zero is None else col_zero[:, i1 + i], args)
-            Q[:, i1 + i] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            w = W1t[i]
+            q = _round_column(w, scale_t[i], None if zero_t is None else zero_t[i], args)
+            err = torch.sub(w, q, out=Err1t[i]).div_(Hinv1[i, i])
+            W1t[i] = q
+            W1t[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
+        Q[:, i1:i2] = W1t.T
+        W[:, i2:].addmm_(Err1t.T, Hinv[i1:i2, i2:], alpha=-1)
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]

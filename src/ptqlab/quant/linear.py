@@ -48,10 +48,12 @@ class QuantizedLinear(nn.Module):
     def from_weight(
         cls, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme,
         q: torch.Tensor | None = None, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None,
+        scale_dtype: torch.dtype | None = None,
     ) -> QuantizedLinear:
-        """Quantize `weight` by round-to-nearest, or wrap an already computed (q, scale, zero_point)."""
+        """Quantize `weight` by round-to-nearest (scales in `scale_dtype`, default the weight's), or wrap an already
+        computed (q, scale, zero_point)."""
         if q is None:
-            q, scale, zero_point = rtn(weight.detach(), scheme.weights, scale_dtype=weight.dtype)
+            q, scale, zero_point = rtn(weight.detach(), scheme.weights, scale_dtype=scale_dtype or weight.dtype)
         return cls(q, scale, zero_point, None if bias is None else bias.detach(), scheme)
 
     def _apply(self, fn, recurse=True):

@@ -125,7 +125,8 @@ def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_to
     defaults = CPU_SPEED if on_cpu else {k: getattr(BenchSettings, k) for k in speed}
     if on_cpu and not quiet and any(v is None for v in speed.values()):
         console.print(f"[yellow]note:[/] no GPU: speed runs decode {CPU_SPEED['max_new_tokens']} tokens, "
-                      f"{CPU_SPEED['repeats']} repeats, samples of {CPU_SPEED['sample_tokens']} tokens; "
+                      f"{CPU_SPEED['repeats']} timed run{'s' if CPU_SPEED['repeats'] != 1 else ''} after a warm-up, samples of "
+                      f"{CPU_SPEED['sample_tokens']} tokens; "
                       "--max-new-tokens, --repeats and --sample-tokens change them", highlight=False)
     speed = {k: defaults[k] if v is None else v for k, v in speed.items()}
     windows = QUICK_WINDOWS if ppl_quick else None

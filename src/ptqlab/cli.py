@@ -97,10 +97,17 @@ def recipes(
             _fail(e)
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return
-    table = Table("recipe", "steps", "format", "keeps 16-bit", "what it does")
-    for r in PRESETS.values():
-        steps = " → ".join(step_name(s) for s in r.steps)
-        table.add_row(r.name, steps, r.scheme.format, ", ".join(r.ignore), r.description)
+    columns = ("recipe", "steps", "format", "keeps 16-bit", "what it does")
+    rows = [(r.name, " → ".join(step_name(s) for s in r.steps), r.scheme.format, ", ".join(r.ignore), r.description)
+            for r in PRESETS.values()]
+    if not console.is_terminal:  # a script reads it: one tab-separated line per recipe, whatever the width
+        print("\t".join(columns))
+        for row in rows:
+            print("\t".join(row))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 

@@ -77,10 +77,24 @@ class TransformersEngine:
         return greedy_decode(self.model, input_ids, new_tokens, self.sync)
 
     @torch.no_grad()
-    def complete(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int | None) -> torch.Tensor:
-        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id)
-        return out[0, input_ids.shape[1]:]
+    def complete(self, prompts: list[torch.Tensor], max_new_tokens: int, eos_token_id: int | None,
+                 pad_token_id: int | None) -> list[torch.Tensor]:
+        """Greedy answers to all prompts in one batch (left-padded, masked): one decode pass serves them all, which
+        is what makes samples affordable on a CPU."""
+        pad = pad_token_id if pad_token_id is not None else eos_token_id
+        length = max(p.shape[1] for p in prompts)
+        ids = torch.full((len(prompts), length), pad if pad is not None else 0, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, length - prompt.shape[1]:] = prompt[0]
+            mask[row, length - prompt.shape[1]:] = 1
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=pad)
+        answers = []
+        for row in out[:, length:]:  # a row that ended early is padded after its end-of-sequence token
+            ends = (row == eos_token_id).nonzero() if eos_token_id is not None else []
+            answers.append(row[:int(ends[0]) + 1] if len(ends) else row)
+        return answers
 
 
 class FastEngine:
@@ -104,8 +118,9 @@ class FastEngine:
     def timed(self, input_ids: torch.Tensor, new_tokens: int) -> dict:
         return self._generator(input_ids.shape[0]).timed(input_ids, new_tokens)
 
-    def complete(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int | None) -> torch.Tensor:
-        return self._generator(1).generate(input_ids, max_new_tokens, eos_token_id)[0]
+    def complete(self, prompts: list[torch.Tensor], max_new_tokens: int, eos_token_id: int | None,
+                 pad_token_id: int | None) -> list[torch.Tensor]:
+        return [self._generator(1).generate(ids, max_new_tokens, eos_token_id)[0] for ids in prompts]
 
 
 def measure_speed(engine, prompt_ids: torch.Tensor, new_tokens: int = 128, batch_size: int = 8, repeats: int = 3,
@@ -134,9 +149,7 @@ def measure_speed(engine, prompt_ids: torch.Tensor, new_tokens: int = 128, batch
 
 def sample_completions(engine, tokenizer, max_new_tokens: int = 64, prompts: list[str] = SAMPLE_PROMPTS) -> list[dict]:
     """Greedy answers to fixed chat prompts, stopping at EOS (this is about what the model says)."""
-    samples = []
-    for prompt in prompts:
-        ids = chat_prompt_ids(tokenizer, prompt).to(engine.device)
-        tokens = engine.complete(ids, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        samples.append({"prompt": prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True)})
-    return samples
+    ids = [chat_prompt_ids(tokenizer, prompt).to(engine.device) for prompt in prompts]
+    answers = engine.complete(ids, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return [{"prompt": prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True)}
+            for prompt, tokens in zip(prompts, answers)]

@@ -59,10 +59,13 @@ def default_model_path() -> Path:
         raise PtqlabError("unpacking the embedded GGUF model needs the package gguf: pip install gguf") from e
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16)
+    # Each call without a config parses the GGUF file's metadata again (seconds each): read the config once.
+    config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, config=config)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, config=config,
+                                                      dtype=torch.bfloat16)
     # A GGUF-loaded model refuses save_pretrained (it is marked quantized): copy it into a plain one.
     config = gguf_model.config
     for attr in ("quantization_config", "_name_or_path"):

@@ -90,6 +90,9 @@ def main() -> None:
     import transformers
 
     from ptqlab.models import cpu_has_native
+    from ptqlab.progress import quiet_libraries
+
+    quiet_libraries()
 
     hw = hardware()
     paths = model_paths()

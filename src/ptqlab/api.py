@@ -17,11 +17,10 @@ from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import write_checkpoint
 from ptqlab.models import compute_dtype, load_model, model_dtype, resolve_device
-from ptqlab.output import atomic_dir, check_writable
+from ptqlab.output import RECORD_NAME, atomic_dir, check_writable
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.recipes import Recipe, get_recipe
 
-RECORD_NAME = "ptqlab.json"
 
 
 def versions() -> dict[str, str]:
@@ -40,6 +39,26 @@ def versions() -> dict[str, str]:
         "compressed_tensors": compressed_tensors.__version__,
         "safetensors": safetensors.__version__,
     }
+
+
+def request_of(model: str | None, recipe: Recipe, dtype: str, seed: int, calibration: CalibrationConfig | None,
+               device: str) -> dict:
+    """Everything a user asks for that determines a checkpoint's tensors: recorded in it, and compared before a
+    checkpoint is reused (`lab`), so that a changed setting never passes for the old result."""
+    import ptqlab
+
+    if recipe.calibrated:
+        calibration = dataclasses.asdict(replace(calibration or CalibrationConfig(), seed=seed))
+    else:
+        calibration = None
+    return {"model": model, "recipe": recipe.to_dict(), "dtype": dtype, "seed": seed, "calibration": calibration,
+            "device": resolve_device(device).type, "ptqlab": ptqlab.__version__}
+
+
+def request_differences(record: dict, request: dict) -> list[str]:
+    """The settings in which a checkpoint's record differs from `request` (all of them for a record without one)."""
+    recorded = record.get("request") or {}
+    return [key for key in request if recorded.get(key) != request[key]]
 
 
 def _record(loaded, result: QuantizationResult, settings: dict, seconds: float) -> dict:
@@ -61,6 +80,21 @@ def _record(loaded, result: QuantizationResult, settings: dict, seconds: float) 
         "versions": versions(),
         "command": sys.argv,
     }
+
+
+def _source_folders(model: str | None) -> tuple[Path, ...]:
+    """The local folder a run reads its model from (the embedded model's cache folder when none is named): what an
+    --out must never be or contain."""
+    if model is None:
+        from ptqlab.embedded import cache_root
+
+        return (cache_root(),)
+    path = Path(model).expanduser()
+    return (path,) if path.is_dir() else ()
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -97,8 +131,13 @@ def quantize(
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
     recipe = recipe.with_overrides(ignore=ignore, group_size=group_size)
+    request = request_of(model, recipe, dtype, seed, calibration, device)
     out = Path(out) if out is not None else default_out(model, recipe.name)
-    check_writable(out, overwrite)  # before the slow part: fail in a second, not after loading
+    protect = _source_folders(model)
+    # Before the slow part: fail in a second, not after loading. The checkpoint needs at least the source's bytes
+    # scaled to the weights' bits.
+    needs = sum(_weight_bytes(folder) for folder in protect) * recipe.scheme.weights.num_bits // 16
+    check_writable(out, overwrite, protect, needs)
     if recipe.calibrated:
         calibration = replace(calibration or CalibrationConfig(), seed=seed)
         check_calibration(calibration)
@@ -126,9 +165,9 @@ def quantize(
     settings = {"recipe": recipe.name, "dtype": _dtype_name(stored), "compute_dtype": _dtype_name(compute), "seed": seed, "out": str(out),
                 "calibration": None if calibration is None or not recipe.calibrated else dataclasses.asdict(calibration),
                 "calib_batch_size": calib_batch_size, "device": device}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, protect) as tmp:
         write_checkpoint(tmp, loaded.model, loaded.tokenizer, result.recipe)
-        record = _record(loaded, result, settings, time.perf_counter() - start)
+        record = {**_record(loaded, result, settings, time.perf_counter() - start), "request": request}
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return out
 

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ptqlab.errors import PtqlabError
+from ptqlab.output import end_on_sigterm
 from ptqlab.progress import console, quiet_libraries
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Quantize Hugging Face causal LMs and prove what it cost.")
@@ -55,6 +56,7 @@ def quantize(
     Calibrated recipes (GPTQ, SmoothQuant, AWQ: all but fp8-dynamic, w4a16-rtn, w8a8-rtn) draw --num-samples
     chat-formatted samples of at most --max-seq-len tokens from --dataset with --seed."""
     quiet_libraries(verbose)
+    end_on_sigterm()
     from ptqlab.api import RECORD_NAME, quantize as run
     from ptqlab.data import CalibrationConfig
     from ptqlab.recipes import get_recipe
@@ -169,6 +171,7 @@ def bench(
 ) -> None:
     """Benchmark model folders side by side: size, load time, memory, perplexity, KL, speed, samples; write a report."""
     quiet_libraries(verbose)
+    end_on_sigterm()
     from ptqlab.suite import Budget, bench as run
 
     try:
@@ -196,6 +199,7 @@ def lab(
 ) -> None:
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
     quiet_libraries(verbose)
+    end_on_sigterm()
     from ptqlab.data import CalibrationConfig
     from ptqlab.suite import Budget, lab as run, lab_calibration_size
 

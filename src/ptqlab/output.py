@@ -14,19 +14,52 @@ from pathlib import Path
 from ptqlab.errors import PtqlabError
 
 
-def check_writable(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output folder unless overwrite was asked for."""
+RECORD_NAME = "ptqlab.json"
+"""The run record every ptqlab checkpoint holds: the mark of a folder that ptqlab wrote, and may replace."""
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(out: Path, overwrite: bool, protect: tuple[Path, ...] = (), needs_bytes: int = 0) -> None:
+    """Refuse, in one line and before any work, an --out that cannot or must not be written: a file; a folder that
+    is (or holds) a protected one, such as the source model; a non-empty folder without --overwrite, or with it but
+    not a ptqlab output (no run record: --overwrite replaces only what ptqlab wrote); a place without write
+    permission or with less free space than `needs_bytes`."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise PtqlabError(f"--out {out} exists and is a file: choose a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise PtqlabError(f"--out {out} exists and is not empty: choose another folder or pass --overwrite")
+    resolved = out.resolve()
+    for path in protect:
+        source = Path(path).resolve()
+        if source == resolved or resolved in source.parents:
+            what = "is" if source == resolved else "contains"
+            raise PtqlabError(f"--out {out} {what} the source model {path}: ptqlab never writes over its input; "
+                              "choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise PtqlabError(f"--out {out} exists and is not empty: choose another folder or pass --overwrite")
+        if not (out / RECORD_NAME).is_file():
+            raise PtqlabError(f"--out {out} holds files that ptqlab did not write (no {RECORD_NAME}): --overwrite replaces "
+                              "only a ptqlab checkpoint; choose another folder")
+    ancestor = _existing_ancestor(out.parent if not out.exists() else out)
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PtqlabError(f"--out {out}: {ancestor} is not writable (permission denied): choose another folder")
+    free = shutil.disk_usage(ancestor).free
+    if needs_bytes and free < needs_bytes:
+        raise PtqlabError(f"--out {out}: {free / 2**30:.2f} GiB free on that disk, the checkpoint needs at least "
+                          f"{needs_bytes / 2**30:.2f} GiB: free space or choose another disk")
 
 
 @contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `out`, on failure it is removed."""
     out = Path(out).absolute()
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -43,3 +76,46 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+LOCK_NAME = ".ptqlab.lock"
+
+
+@contextmanager
+def locked(folder: Path, what: str) -> Iterator[None]:
+    """Hold `folder` for this run: a second run on it refuses in one line instead of mixing its files and timings
+    in. The lock is the kernel's (flock), so it goes with the process, however that ends."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise PtqlabError(f"--out {folder} is in use by another ptqlab run ({holder}): wait for it to finish or "
+                              "choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{what}, pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def end_on_sigterm() -> None:
+    """Make SIGTERM (what `timeout`, Slurm and `docker stop` send) end this process as Ctrl-C does: through every
+    `finally`, so child processes are stopped and temporary folders removed, not left behind."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)

@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptqlab.bench.variant import BenchSettings, fingerprint, run_isolated
+from ptqlab.bench.variant import BenchSettings, device_name, fingerprint, run_isolated
+from ptqlab.models import resolve_device
 from ptqlab.errors import PtqlabError
+from ptqlab.output import RECORD_NAME, locked
 from ptqlab.progress import format_seconds, log_event, say
 
 
@@ -58,14 +60,46 @@ def _say(message: str, quiet: bool) -> None:
         say(message)
 
 
-def _reusable(result_json: Path, path: Path, settings: BenchSettings, needs: Path | None = None) -> dict | None:
+def _reusable(result_json: Path, path: Path, settings: BenchSettings, context: dict, needs: Path | None = None) -> dict | None:
+    """A finished result, if everything that determined it is unchanged: settings (text, protocol, runtime, speed),
+    the measured folder's identity, and `context` (the baseline its KL was computed against, ptqlab's version, the
+    device)."""
     if not result_json.is_file() or (needs is not None and not needs.is_file()):
         return None
     result = json.loads(result_json.read_text())
     if (result.get("settings_digest") != settings.digest() or result.get("path") != str(path.resolve())
-            or result.get("fingerprint") != fingerprint(path)):
+            or result.get("fingerprint") != fingerprint(path) or result.get("context") != context):
         return None
     return result
+
+
+def _vocabulary(folder: Path) -> tuple[int | None, str | None]:
+    """(vocab_size from config.json, a digest of tokenizer.json if the folder has one)."""
+    import hashlib
+
+    config = json.loads((folder / "config.json").read_text())
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    tokenizer = folder / "tokenizer.json"
+    digest = hashlib.sha256(json.dumps(json.loads(tokenizer.read_text())["model"], sort_keys=True).encode()).hexdigest() \
+        if tokenizer.is_file() else None
+    return size, digest
+
+
+def _check_same_vocabulary(baseline: Path, name: str, path: Path) -> None:
+    """KL compares next-token distributions position by position: the variant must share the baseline's tokenizer.
+    Checked before anything is measured, not after the baseline has run."""
+    (base_size, base_digest), (size, digest) = _vocabulary(baseline), _vocabulary(path)
+    if base_size != size or (base_digest and digest and base_digest != digest):
+        what = f"a vocabulary of {size} tokens, the baseline {base_size}" if base_size != size else "another tokenizer than the baseline"
+        raise PtqlabError(f"{name} ({path}) has {what} ({baseline}): KL needs the same tokenizer; give the 16-bit model "
+                          "it was made from as --baseline")
+
+
+def _context(baseline: Path | None, is_baseline: bool, settings: BenchSettings) -> dict:
+    import ptqlab
+
+    against = None if baseline is None or is_baseline else {"path": str(baseline.resolve()), "fingerprint": fingerprint(baseline)}
+    return {"kl_against": against, "ptqlab": ptqlab.__version__, "device": device_name(resolve_device(settings.device))}
 
 
 class Steps:
@@ -90,12 +124,16 @@ def run_benchmarks(baseline: Path | None, variants: list[tuple[str, Path]], out:
     names = [name for name, _ in jobs]
     if len(set(names)) != len(names):
         raise PtqlabError(f"two variants share a name ({', '.join(names)}): give distinct folder names")
+    if baseline is not None:
+        for name, path in variants:
+            _check_same_vocabulary(baseline, name, path)
     steps = steps or Steps(len(jobs), quiet)
     results = []
     for name, path in jobs:
         result_json = out / "variants" / f"{name}.json"
         is_baseline = baseline is not None and name == "baseline"
-        cached = _reusable(result_json, path, settings, needs=topk if is_baseline else None)
+        context = _context(baseline, is_baseline, settings)
+        cached = _reusable(result_json, path, settings, context, needs=topk if is_baseline else None)
         if cached is not None and (is_baseline or not baseline or cached.get("kl") is not None):
             steps.say(f"benchmark {name}: already measured ({result_json}), reused")
             log_event(log, "bench.reused", variant=name)
@@ -104,8 +142,13 @@ def run_benchmarks(baseline: Path | None, variants: list[tuple[str, Path]], out:
         steps.say(f"benchmark {name} ({path})")
         log_event(log, "bench.start", variant=name, path=str(path))
         start = time.perf_counter()
+        result_json.unlink(missing_ok=True)  # a stale result never outlives a failed measurement
         result = run_isolated(name, path, settings, result_json, topk_out=topk if is_baseline else None,
                               topk_in=topk if baseline is not None and not is_baseline else None, quiet=quiet)
+        result["context"] = context
+        partial = result_json.with_name(result_json.name + ".partial")
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        partial.rename(result_json)
         log_event(log, "bench.done", variant=name, seconds=round(time.perf_counter() - start, 3),
                   perplexity=result["perplexity"]["value"], kl_mean=(result["kl"] or {}).get("mean"),
                   decode_tok_s=result["speed"]["decode_tok_s"])
@@ -129,8 +172,9 @@ def bench(paths: list[str], out: str | Path = "ptqlab-bench", baseline: str | No
     base = Path(baseline) if baseline else _infer_baseline(folders)
     variants = [(f.name, f) for f in folders if base is None or f.resolve() != base.resolve()]
     out = Path(out)
-    results = run_benchmarks(base, variants, out, settings, quiet)
-    write_report(out, results, settings, budget, baseline_name="baseline" if base else None)
+    with locked(out, "bench"):
+        results = run_benchmarks(base, variants, out, settings, quiet)
+        write_report(out, results, settings, budget, baseline_name="baseline" if base else None)
     return out
 
 
@@ -152,17 +196,25 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
         settings: BenchSettings = BenchSettings(), budget: Budget = Budget(), dtype: str = "auto",
         quiet: bool = False, calibration=None, calib_batch_size: int = 16) -> Path:
     """Quantize `model` with each recipe and benchmark every checkpoint next to the 16-bit baseline."""
-    from ptqlab.api import quantize
-    from ptqlab.models import load_config
-    from ptqlab.embedded import DEFAULT_MODEL_NAME, default_model_path
     from ptqlab.recipes import get_recipe
+
+    # Presets or recipe files, read (and so checked) before any work; each is known by its recipe name from here on,
+    # which is also its checkpoint's folder name.
+    chosen = [get_recipe(name) for name in recipes or DEFAULT_LAB_RECIPES]
+    names = [recipe.name for recipe in chosen]
+    if len(set(names)) != len(names):
+        raise PtqlabError(f"--recipes names two recipes of the same name ({', '.join(names)}): give each recipe file its own name")
+    out = Path(out)
+    with locked(out, "lab"):
+        return _lab(model, chosen, out, settings, budget, dtype, quiet, calibration, calib_batch_size)
+
+
+def _lab(model, recipes, out: Path, settings, budget, dtype, quiet, calibration, calib_batch_size) -> Path:
+    from ptqlab.api import quantize, request_differences, request_of
+    from ptqlab.embedded import DEFAULT_MODEL_NAME, default_model_path
+    from ptqlab.models import load_config
     from ptqlab.report import write_report
 
-    recipes = recipes or list(DEFAULT_LAB_RECIPES)
-    for name in recipes:
-        get_recipe(name)  # fail on a typo before any work
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     source = model or DEFAULT_MODEL_NAME
     base_path = Path(model).expanduser() if model and Path(model).expanduser().is_dir() else None
     if model is None:
@@ -177,21 +229,27 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
         previous = json.loads(manifest.read_text())
         if previous.get("model") != source:
             raise PtqlabError(f"{out} holds a lab of {previous.get('model')!r}, not {source!r}: choose another --out")
-    manifest.write_text(json.dumps({"model": source, "model_path": str(base_path), "recipes": recipes}, indent=2) + "\n")
+    manifest.write_text(json.dumps({"model": source, "model_path": str(base_path), "recipes": [r.name for r in recipes]},
+                                   indent=2) + "\n")
 
     log = out / "log.jsonl"
     steps = Steps(2 * len(recipes) + 1, quiet)
     checkpoints = []
-    for name in recipes:
+    for recipe in recipes:
+        name = recipe.name
         folder = out / "checkpoints" / name
-        if (folder / "ptqlab.json").is_file():
-            steps.say(f"quantize {name}: checkpoint already in {folder}, reused")
+        record = folder / RECORD_NAME
+        request = request_of(str(base_path), recipe, dtype, settings.seed, calibration, settings.device)
+        differs = request_differences(json.loads(record.read_text()), request) if record.is_file() else None
+        if differs == []:
+            steps.say(f"quantize {name}: checkpoint already in {folder}, made with the same settings, reused")
             log_event(log, "quantize.reused", recipe=name)
         else:
-            steps.say(f"quantize {name}")
+            steps.say(f"quantize {name}" + (f" (the checkpoint in {folder} was made with other settings: "
+                                            f"{', '.join(differs)}; made again)" if differs else ""))
             log_event(log, "quantize.start", recipe=name)
             start = time.perf_counter()
-            quantize(str(base_path), name, out=folder, overwrite=True, dtype=dtype, seed=settings.seed, quiet=quiet,
+            quantize(str(base_path), recipe, out=folder, overwrite=True, dtype=dtype, seed=settings.seed, quiet=quiet,
                      calibration=calibration, calib_batch_size=calib_batch_size, device=settings.device)
             log_event(log, "quantize.done", recipe=name, seconds=round(time.perf_counter() - start, 3))
         checkpoints.append((name, folder))

@@ -97,9 +97,16 @@ def test_existing_output_is_refused_without_overwrite(tiny_model_dir, tmp_path):
     assert code == 2 and "is not empty" in output and "--overwrite" in output
     assert (out / "precious.txt").read_text() == "keep me"
 
+    # --overwrite replaces only what ptqlab wrote: this folder has no ptqlab.json.
+    code, output = run("quantize", tiny_model_dir("llama"), "--out", out, "--overwrite", "--quiet")
+    assert code == 2 and on_one_line(output, "did not write") and (out / "precious.txt").read_text() == "keep me"
+
+    (out / "precious.txt").unlink()
+    assert run("quantize", tiny_model_dir("llama"), "--out", out, "--quiet")[0] == 0
+    (out / "extra.txt").write_text("written into a ptqlab checkpoint")
     code, output = run("quantize", tiny_model_dir("llama"), "--out", out, "--overwrite", "--quiet")
     assert code == 0, output
-    assert not (out / "precious.txt").exists() and (out / "ptqlab.json").is_file()
+    assert not (out / "extra.txt").exists() and (out / "ptqlab.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -140,7 +140,7 @@ def quantize(
     check_writable(out, overwrite, protect, needs)
     if recipe.calibrated:
         calibration = replace(calibration or CalibrationConfig(), seed=seed)
-        check_calibration(calibration)
+        check_calibration(calibration, batch_size=calib_batch_size)
     torch.manual_seed(seed)
     start = time.perf_counter()
     loaded = load_model(model, dtype=dtype)

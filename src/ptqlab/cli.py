@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ptqlab.errors import PtqlabError
@@ -17,7 +18,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Quantize Hug
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)  # [a-z] in a message is text
     raise typer.Exit(2)
 
 

@@ -10,6 +10,7 @@ library, PSF licence; deliberately not the Python Language Reference that the of
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
@@ -66,23 +67,129 @@ class CalibrationSet:
         return sum(len(s) for s in self.samples)
 
 
-def _records_from_file(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise PtqlabError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be an object with 'messages' or 'text'") from e
-        return records
-    if path.suffix == ".txt":
-        return [{"text": block} for block in path.read_text(encoding="utf-8").split("\n\n")]
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+FILE_SUFFIXES = (".jsonl", ".txt", ".parquet")
+EXPECTED = {
+    ".jsonl": "one JSON object per line, with 'messages' (a list of {role, content} objects) or 'text' (a string)",
+    ".txt": "plain-text samples separated by blank lines",
+    ".parquet": "a Parquet table with a 'messages' or 'text' column",
+}
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".csv", ".tsv", ".arrow")
+"""Files a local dataset folder must hold for `datasets.load_dataset` to find data in it."""
 
-        return pq.read_table(path).to_pylist()
-    raise PtqlabError(f"{path}: calibration files are .jsonl, .txt or .parquet")
+
+def _kind(value) -> str:
+    """A JSON value's kind, as people name it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _check_messages(messages, where: str) -> None:
+    expected = "'messages' must be a list of {role, content} objects with string values"
+    if not isinstance(messages, (list, tuple)):
+        raise PtqlabError(f"{where}: {expected}, got {_kind(messages)}")
+    if not messages:
+        raise PtqlabError(f"{where}: {expected}, got an empty list")
+    for number, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            raise PtqlabError(f"{where}: {expected}; message {number} is {_kind(message)}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise PtqlabError(f"{where}: {expected}; message {number} has no {key!r} (keys: {', '.join(message)})")
+            if not isinstance(message[key], str):
+                raise PtqlabError(f"{where}: {expected}; message {number}'s {key!r} is {_kind(message[key])}")
+
+
+def check_record(record, where: str) -> None:
+    """One calibration record: an object with `messages` (a list of {role, content} with string values) or `text`
+    (a string). `where` names it in the message (`chats.jsonl:3`)."""
+    if not isinstance(record, dict):
+        raise PtqlabError(f"{where}: expected an object with 'messages' or 'text', got {_kind(record)}")
+    if "messages" in record and (record["messages"] is not None or "text" not in record):  # a null beside a text: the text
+        _check_messages(record["messages"], where)
+    elif "text" in record:
+        if not isinstance(record["text"], str):
+            raise PtqlabError(f"{where}: 'text' must be a string, got {_kind(record['text'])}")
+    else:
+        keys = f"one with keys: {', '.join(map(str, record))}" if record else "an empty object"
+        raise PtqlabError(f"{where}: expected an object with 'messages' or 'text', got {keys}")
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark is skipped); bytes that are not UTF-8 are named by line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PtqlabError(f"cannot read calibration file {path}: {e.strerror}") from e
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PtqlabError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode reading has
+
+
+def _records_from_jsonl(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PtqlabError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be an object with 'messages' or 'text'") from e
+        check_record(record, f"{path}:{number}")
+        records.append(record)
+    return records
+
+
+def _records_from_parquet(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise PtqlabError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}); give {EXPECTED['.parquet']}, "
+                          "or a .jsonl or .txt file") from e
+    if not {"messages", "text"} & set(table.column_names):
+        raise PtqlabError(f"{path}: no 'messages' or 'text' column (columns: {', '.join(table.column_names) or 'none'})")
+    records = table.to_pylist()
+    for number, record in enumerate(records, 1):
+        check_record(record, f"{path}: row {number}")
+    return records
+
+
+def _records_from_file(path: Path) -> list[dict]:
+    """The records of a local calibration file, each checked; an empty file or one without records is refused."""
+    if path.suffix not in FILE_SUFFIXES:
+        raise PtqlabError(f"{path}: calibration files are .jsonl, .txt or .parquet")
+    if path.is_dir():
+        raise PtqlabError(f"calibration file {path} is a folder: give a {path.suffix} file")
+    if not path.is_file():
+        raise PtqlabError(f"calibration file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise PtqlabError(f"{path}: the file is empty; expected {EXPECTED[path.suffix]}")
+    if path.suffix == ".jsonl":
+        records = _records_from_jsonl(path)
+    elif path.suffix == ".txt":
+        records = [{"text": block} for block in _read_text(path).split("\n\n")]
+    else:
+        records = _records_from_parquet(path)
+    if not any(r.get("messages") is not None or r["text"].strip() for r in records):
+        raise PtqlabError(f"{path}: no calibration samples in it (every one is blank); expected {EXPECTED[path.suffix]}")
+    return records
 
 
 def _records_from_hub(config: CalibrationConfig) -> list[dict]:
@@ -99,7 +206,10 @@ def _records_from_hub(config: CalibrationConfig) -> list[dict]:
         ) from e
     # Shuffle before taking: a few thousand records is plenty to draw num_samples from.
     data = data.shuffle(seed=config.seed).select(range(min(len(data), max(4 * config.num_samples, 1000))))
-    return list(data)
+    records = list(data)
+    for number, record in enumerate(records, 1):
+        check_record(record, f"calibration dataset {config.dataset} ({config.split}), record {number} of those drawn")
+    return records
 
 
 def offline_records() -> list[dict]:
@@ -127,42 +237,69 @@ def offline_records() -> list[dict]:
     return records
 
 
-def _render(record: dict, tokenizer, config: CalibrationConfig) -> tuple[str | None, bool]:
-    """-> (text, whether the chat template already added the special tokens)."""
+def _render(record: dict, tokenizer, config: CalibrationConfig) -> tuple[str, bool]:
+    """A checked record (see check_record) -> (text, whether the chat template already added the special tokens)."""
     messages = record.get("messages")
-    if messages:
+    if messages is not None:
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template(messages, tokenize=False), True
         if not config.allow_plain_text:
             raise PtqlabError("the tokenizer has no chat template, so conversations cannot be rendered in the model's chat "
                               "format; pass --allow-plain-text to calibrate on the plain message texts")
-        return "\n\n".join(m.get("content", "") for m in messages), False
-    text = record.get("text")
-    if text is None:
-        raise PtqlabError(f"a calibration record has neither 'messages' nor 'text' (keys: {', '.join(record)})")
-    return text, False
+        return "\n\n".join(m["content"] for m in messages), False
+    return record["text"], False
 
 
-def check_calibration(config: CalibrationConfig) -> None:
-    """Fail fast on settings that cannot work, before any model is loaded."""
-    if config.num_samples < 1 or config.max_seq_len < 2:
-        raise PtqlabError("--num-samples must be at least 1 and --max-seq-len at least 2")
-    if Path(config.dataset).suffix in (".jsonl", ".txt", ".parquet") and not Path(config.dataset).is_file():
-        raise PtqlabError(f"calibration file {config.dataset} does not exist")
+def _is_file_source(dataset: str) -> bool:
+    return Path(dataset).suffix in FILE_SUFFIXES
+
+
+def _check_dataset_folder(folder: Path) -> None:
+    """A folder given as --dataset goes to `datasets.load_dataset`, which needs data files in it."""
+    if not any(p.suffix in DATA_SUFFIXES for p in folder.rglob("*") if p.is_file()):
+        raise PtqlabError(f"--dataset {folder} is a folder with no data files in it: give a .jsonl, .txt or .parquet file, "
+                          "a hub dataset id, or offline")
+
+
+def check_calibration(config: CalibrationConfig, batch_size: int | None = None) -> None:
+    """Fail fast on settings and data that cannot work, before any model is loaded: the sizes, and a local file's
+    every record (its format; the chat template is checked once the tokenizer is loaded). `batch_size`: the
+    sequences per calibration forward (--calib-batch-size), when known."""
+    if config.num_samples < 1:
+        raise PtqlabError(f"--num-samples {config.num_samples}: must be at least 1")
+    if config.max_seq_len < 2:
+        raise PtqlabError(f"--max-seq-len {config.max_seq_len}: must be at least 2 (tokens per calibration sample)")
+    if batch_size is not None:
+        check_batch_size(batch_size)
+    if _is_file_source(config.dataset):
+        path = Path(config.dataset)
+        _check_enough(len(_records_from_file(path)), config.num_samples, f"file {path}", "calibration records")
+    elif config.dataset not in (AUTO, OFFLINE) and Path(config.dataset).is_dir():
+        _check_dataset_folder(Path(config.dataset))
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise PtqlabError(f"--calib-batch-size {batch_size}: must be at least 1 (sequences per calibration forward)")
+
+
+def _check_enough(found: int, asked: int, source: str, what: str = "usable calibration samples") -> None:
+    if found < asked:
+        raise PtqlabError(f"only {found} {what} in {source}, {asked} asked for (--num-samples): lower --num-samples or "
+                          "give more data")
 
 
 def load_calibration(tokenizer, config: CalibrationConfig = CalibrationConfig()) -> CalibrationSet:
     """Render, tokenize, truncate and draw `num_samples` samples with `seed`."""
     if tokenizer is None:
-        raise PtqlabError("calibration needs a tokenizer, and the model folder has none: add tokenizer files to it")
+        raise PtqlabError("calibration needs a tokenizer, and none could be loaded from the model folder: add (or repair) "
+                          "its tokenizer files")
     if config.dataset == AUTO:
         config = replace(config, dataset=HUB_DATASET if hub_reachable() else OFFLINE)
     if config.dataset == OFFLINE:
         records, source = offline_records(), "offline: Python standard library docstrings (PSF licence)"
-    elif Path(config.dataset).suffix in (".jsonl", ".txt", ".parquet"):
+    elif _is_file_source(config.dataset):
         path = Path(config.dataset)
-        if not path.is_file():
-            raise PtqlabError(f"calibration file {path} does not exist")
         records, source = _records_from_file(path), f"file {path}"
     else:
         records, source = _records_from_hub(config), f"hub {config.dataset} ({config.split})"
@@ -172,7 +309,7 @@ def load_calibration(tokenizer, config: CalibrationConfig = CalibrationConfig())
     samples = []
     for index in order:
         text, templated = _render(records[index], tokenizer, config)
-        if not text or not text.strip():
+        if not text.strip():
             continue
         ids = tokenizer(text, add_special_tokens=not templated, return_tensors="pt",
                         truncation=True, max_length=config.max_seq_len)["input_ids"][0]
@@ -180,7 +317,5 @@ def load_calibration(tokenizer, config: CalibrationConfig = CalibrationConfig())
             samples.append(ids)
         if len(samples) == config.num_samples:
             break
-    if len(samples) < config.num_samples:
-        raise PtqlabError(f"only {len(samples)} usable calibration samples in {source}, {config.num_samples} asked for: "
-                          "lower --num-samples or give more data")
+    _check_enough(len(samples), config.num_samples, source)
     return CalibrationSet(samples, source)

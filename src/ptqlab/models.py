@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import platform
 from dataclasses import dataclass
@@ -130,7 +131,28 @@ def synchronizer(device: torch.device):
     return lambda: None
 
 
+def _read_config_json(folder: Path, source: str) -> dict:
+    """A local folder's config.json as a dict, refused in one line when it is not a JSON object of a known model type."""
+    from transformers import CONFIG_MAPPING, __version__
+
+    file = folder / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise PtqlabError(f"{file}: not UTF-8 text; restore the model's own config.json") from e
+    except json.JSONDecodeError as e:
+        raise PtqlabError(f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); restore the model's own config.json") from e
+    if not isinstance(config, dict):
+        raise PtqlabError(f"{file}: expected a JSON object of model settings, got a {type(config).__name__}; restore the model's own config.json")
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+        raise PtqlabError(f"{source!r} has model type {model_type!r}, which transformers {__version__} does not know: upgrade "
+                          "transformers (pip install -U transformers), or give a model of a supported architecture")
+    return config
+
+
 def load_config(path: str, source: str):
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     is_local = os.path.isdir(path)
@@ -138,16 +160,107 @@ def load_config(path: str, source: str):
         raise PtqlabError(f"{source!r} is a file, not a model folder: give the folder holding config.json")
     if is_local and not (Path(path) / "config.json").is_file():
         raise PtqlabError(f"{source!r} has no config.json: give a Hugging Face model folder (config.json + weights)")
+    if is_local:
+        _read_config_json(Path(path), source)
     try:
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as e:
         if is_local:
-            raise PtqlabError(f"cannot read the config in {source!r}: {str(e).splitlines()[0]}") from e
+            raise PtqlabError(f"cannot read the config in {source!r}: {_first_line(e)}") from e
         raise PtqlabError(
             f"unknown model {source!r}: not a local folder, and the Hugging Face Hub has no such model or is "
             "unreachable; give a local folder or a hub id such as Qwen/Qwen2.5-0.5B-Instruct "
             "(or no MODEL for the embedded default)"
         ) from e
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__
+
+
+def check_not_quantized(config, source: str, path: str) -> None:
+    """ptqlab quantizes 16-bit models: a checkpoint whose config carries a quantization_config is refused."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    method = f" ({getattr(method, 'value', method)})" if method else ""
+    origin = ""
+    record = Path(path) / "ptqlab.json"
+    if os.path.isdir(path) and record.is_file():
+        try:
+            origin = f" (ptqlab made this one from {json.loads(record.read_text())['model']!r})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    raise PtqlabError(f"{source!r} is already quantized{method}: its config.json has a quantization_config; give the "
+                      f"16-bit original instead{origin}")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+"""What transformers loads from a local folder: the first of these that exists."""
+
+
+def _weight_shards(index: Path, source: str) -> list[Path]:
+    """The shard files a weight index lists, each present."""
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+        if not isinstance(content["metadata"], dict):
+            raise TypeError("metadata")
+        shards = sorted({str(name) for name in content["weight_map"].values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PtqlabError(f"{index}: not a weight index (a JSON object with 'metadata' and 'weight_map'); copy or "
+                          "download the model again") from e
+    missing = [shard for shard in shards if not (index.parent / shard).is_file()]
+    if missing:
+        raise PtqlabError(f"{source!r} lacks {len(missing)} of the {len(shards)} weight files that {index.name} lists "
+                          f"(e.g. {missing[0]}); copy or download the model again")
+    return [index.parent / shard for shard in shards]
+
+
+def check_weight_files(folder: Path, source: str) -> None:
+    """Before loading a local folder: the weight files transformers will read are there, every shard its index names,
+    and their safetensors headers are whole (a truncated or garbled file fails here, in a second)."""
+    from safetensors import SafetensorError, safe_open
+
+    found = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if found is None:
+        raise PtqlabError(f"{source!r} has a config.json but no weights (no model.safetensors or pytorch_model.bin, "
+                          "whole or sharded): give the folder that holds the model's weight files too")
+    files = _weight_shards(found, source) if found.name.endswith(".index.json") else [found]
+    for file in files:
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise PtqlabError(f"{file}: not a complete safetensors file ({_first_line(e)}): it is truncated or damaged; "
+                              "copy or download the model again") from e
+
+
+def _load_weights(path: str, source: str, dtype: str):
+    """AutoModelForCausalLM.from_pretrained, refusing weights that do not match the config instead of initializing
+    the difference at random."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
+    except (OSError, SafetensorError) as e:
+        raise PtqlabError(f"cannot load the weights of {source!r}: {_first_line(e)}") from e
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        key, stored, expected = (list(mismatched[0]) + [None, None])[:3]
+        shapes = f": {tuple(stored)} stored, {tuple(expected)} in the config" if stored is not None and expected is not None else ""
+        raise PtqlabError(f"the weights of {source!r} do not match its config.json: {len(mismatched)} tensors have another "
+                          f"shape (e.g. {key}{shapes}); the config.json belongs to another model: restore the model's own")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise PtqlabError(f"the weights of {source!r} lack {len(missing)} tensors its config.json describes (e.g. {missing[0]}); "
+                          "the config.json belongs to another model or the weights are incomplete: restore the model's own files")
+    return model
 
 
 CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")
@@ -170,7 +283,7 @@ def _check_causal_lm(config, source: str) -> None:
 
 def load_model(source: str | None = None, dtype: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id or local folder; None loads the embedded default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     note = None
     if source is None:
@@ -179,10 +292,11 @@ def load_model(source: str | None = None, dtype: str = "auto") -> LoadedModel:
         path = os.path.expanduser(source)
     config = load_config(path, source)
     _check_causal_lm(config, source)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
-    except OSError as e:
-        raise PtqlabError(f"cannot load the weights of {source!r}: {str(e).splitlines()[0]}") from e
+    check_not_quantized(config, source, path)
+    resolve_dtype(dtype)
+    if os.path.isdir(path):
+        check_weight_files(Path(path), source)
+    model = _load_weights(path, source, dtype)
     model.eval()
     decoder_layers(model)  # fail now, not half-way through quantization
     try:

@@ -6,13 +6,14 @@ arrive), then any targeted linear outside the decoder layers.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from ptqlab.data import CalibrationSet
+from ptqlab.data import CalibrationSet, check_batch_size
 from ptqlab.errors import PtqlabError
 from ptqlab.models import model_dtype, names_by_layer, set_submodule
 from ptqlab.progress import track
@@ -41,8 +42,21 @@ def matches(name: str, pattern: str) -> bool:
     return name == pattern
 
 
+def check_ignore(patterns) -> None:
+    """Every `re:` pattern compiles (recipes.py checks --ignore and YAML before any work; this covers a Recipe built
+    in Python)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise PtqlabError(f"ignore pattern {pattern!r} is not a valid regular expression ({e}): fix the regex after "
+                                  "'re:' (a literal special character needs a backslash before it)") from e
+
+
 def target_linears(model: nn.Module, ignore: tuple[str, ...]) -> tuple[dict[str, nn.Linear], list[str], list[str]]:
     """-> (targets by name, ignored names, ignore patterns that matched nothing)."""
+    check_ignore(ignore)
     targets, ignored, used = {}, [], set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -56,6 +70,29 @@ def target_linears(model: nn.Module, ignore: tuple[str, ...]) -> tuple[dict[str,
     return targets, ignored, [p for p in ignore if p not in used]
 
 
+MIN_AUTO_GROUP = 8
+"""The smallest group size chosen without being asked for."""
+
+
+def suggest_group_size(widths, limit: int) -> tuple[int, str]:
+    """The group size to advise when `limit` does not divide every width, and what it is: the largest power of two up
+    to `limit` that divides them all (where that is at least MIN_AUTO_GROUP), else their largest common divisor up to
+    `limit`, else the smallest one above it. 1 only where no larger size divides them all."""
+    common = math.gcd(*widths)
+    power = 1
+    while power * 2 <= limit and common % (power * 2) == 0:
+        power *= 2
+    if power >= MIN_AUTO_GROUP:
+        return power, f"the largest power of two up to {limit}"
+    divisors = [d for d in range(2, common + 1) if common % d == 0]
+    below = [d for d in divisors if d <= limit]
+    if below:
+        return max(below), f"the largest size up to {limit}"
+    if divisors:
+        return divisors[0], f"the smallest size above {limit}"
+    return 1, "only 1"
+
+
 def resolve_group_size(recipe: Recipe, targets: dict[str, nn.Linear]) -> tuple[Recipe, str | None]:
     """Make the recipe's group size divide every target's input width, or explain why it cannot."""
     weights = recipe.scheme.weights
@@ -65,21 +102,26 @@ def resolve_group_size(recipe: Recipe, targets: dict[str, nn.Linear]) -> tuple[R
     bad = {name: w for name, w in widths.items() if w % weights.group_size}
     if not bad:
         return recipe, None
-    largest = weights.group_size
-    while largest > 1 and any(w % largest for w in widths.values()):
-        largest //= 2
     examples = ", ".join(f"{n} ({w})" for n, w in list(bad.items())[:3])
-    if not recipe.auto_group_size or largest < 8:
-        raise PtqlabError(
-            f"group size {weights.group_size} does not divide the input width of {len(bad)} layers, e.g. {examples}; "
-            f"the largest power-of-two group size that divides every layer is {largest}: use --group-size {largest}"
-        )
-    note = (
-        f"group size {weights.group_size} does not divide the input width of {len(bad)} layers (e.g. {examples}); "
-        f"using group size {largest}, the largest power of two that divides every layer"
-    )
-    scheme = replace(recipe.scheme, weights=weights.with_group_size(largest))
+    problem = f"group size {weights.group_size} does not divide the input width of {len(bad)} layers"
+    size, which = suggest_group_size(widths.values(), weights.group_size)
+    if size == 1:
+        raise PtqlabError(f"{problem}, e.g. {examples}, and no group size above 1 divides every layer's input width: "
+                          "use a recipe that quantizes weights per channel (see `ptqlab recipes`)")
+    automatic = size <= weights.group_size and size & (size - 1) == 0 and size >= MIN_AUTO_GROUP
+    if not recipe.auto_group_size or not automatic:
+        raise PtqlabError(f"{problem}, e.g. {examples}; {which} that divides every layer's input width is {size}: "
+                          f"use --group-size {size}")
+    note = f"{problem} (e.g. {examples}); using group size {size}, the largest power of two that divides every layer"
+    scheme = replace(recipe.scheme, weights=weights.with_group_size(size))
     return replace(recipe, scheme=scheme), note
+
+
+def _check_weight(name: str, linear: nn.Linear) -> None:
+    if not linear.weight.is_floating_point():
+        raise PtqlabError(f"{name}: the weight is {str(linear.weight.dtype).removeprefix('torch.')}, not a float: the model is "
+                          "already quantized; give the 16-bit original")
+    _check_finite(name, linear)
 
 
 def _check_finite(name: str, linear: nn.Linear) -> None:
@@ -88,7 +130,7 @@ def _check_finite(name: str, linear: nn.Linear) -> None:
 
 
 def _quantize_linear(name: str, linear: nn.Linear, recipe: Recipe) -> QuantizedLinear:
-    _check_finite(name, linear)
+    _check_weight(name, linear)
     return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, recipe.scheme)
 
 
@@ -113,12 +155,13 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         steps = " + ".join(step_name(step) for step in recipe.steps)
         if calibration is None:
             raise PtqlabError(f"recipe {recipe.name} ({steps}) needs calibration data")
+        check_batch_size(batch_size)
         if outside:
             # The engine calibrates decoder layers; a linear outside them (lm_head) would silently stay 16-bit.
             raise PtqlabError(f"calibrated recipes quantize linears inside decoder layers only, and {', '.join(outside)} "
                               f"lies outside them: keep it 16-bit with --ignore (e.g. --ignore {outside[0]})")
         for name, linear in targets.items():
-            _check_finite(name, linear)
+            _check_weight(name, linear)
         stored = model_dtype(model)  # scales are written in it, whatever the engine computes in
         if recipe.gptq is not None:
             quantizer = gptq_quantizer(recipe.scheme, recipe.gptq, stored)

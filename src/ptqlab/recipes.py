@@ -13,11 +13,14 @@ A recipe is a YAML document (the presets live in presets.yaml, parsed by the sam
 Steps run in order: transforms first (`smoothquant`, `awq`: they rescale the float model exactly), then exactly one
 quantizer, last (`gptq` or `rtn`). Keys follow llm-compressor's names where it has one (`smoothing_strength`,
 `dampening_frac`, `actorder`, `group_size`, `ignore`). A wrong key or value is an error naming the key and what is
-allowed.
+allowed, raised while parsing: every value is checked by type (a boolean only from YAML's true/false, an integer
+never from 4.0) and range before any work, so that what the checkpoint declares is what was computed.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -27,7 +30,7 @@ import yaml
 
 from ptqlab.errors import PtqlabError
 from ptqlab.quant.gptq import GPTQConfig
-from ptqlab.schemes import FP8_DYNAMIC, W4A16, W8A8, QuantArgs, Scheme
+from ptqlab.schemes import FP8_DYNAMIC, W4A16, W8A8, FormatError, QuantArgs, Scheme, brief, check_format, check_scheme
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,6 @@ SCHEMES: dict[str, Scheme] = {
     "W8A16": Scheme(weights=QuantArgs(num_bits=8, strategy="channel")),
     "W8A8": W8A8,
 }
-SMOOTHQUANT_MAPPINGS = ("norms", "all")
 
 
 def step_name(step: Step) -> str:
@@ -96,6 +98,13 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self) -> None:
+        problem = name_problem(self.name)
+        if problem:
+            raise PtqlabError(f"recipe name {problem}")
+        try:
+            check_scheme(self.scheme)
+        except FormatError as e:
+            raise PtqlabError(f"recipe {self.name}: scheme.{e.key}: {e.problem}") from None
         if not self.steps or not isinstance(self.steps[-1], QUANTIZERS):
             raise PtqlabError(f"recipe {self.name}: the last step must be a quantizer (gptq or rtn)")
         for step in self.steps[:-1]:
@@ -126,17 +135,26 @@ class Recipe:
         return self.quantizer if isinstance(self.quantizer, GPTQConfig) else None
 
     def with_gptq(self, **changes) -> Recipe:
-        """The recipe with its GPTQ step's settings changed (an error if it has none)."""
+        """The recipe with its GPTQ step's settings changed (command-line options: an error naming the option if a
+        value is out of range, or if the recipe has no GPTQ step)."""
+        checked = {key: _option_value("gptq", key, value) for key, value in changes.items()}
         if self.gptq is None:
-            options = ", ".join("--" + key.replace("_", "-") for key in changes)
+            options = ", ".join(_option(key) for key in changes)
             raise PtqlabError(f"{options} applies to GPTQ recipes; {self.name} quantizes by {self.method}")
-        return replace(self, steps=self.steps[:-1] + (replace(self.gptq, **changes),))
+        return replace(self, steps=self.steps[:-1] + (replace(self.gptq, **checked),))
 
     def with_overrides(self, ignore: list[str] | None = None, group_size: int | None = None) -> Recipe:
+        """The recipe with the command line's --ignore and --group-size (checked: an error names the option)."""
         recipe = self
         if ignore is not None:
+            problem = ignore_problem(ignore)
+            if problem:
+                raise PtqlabError(f"--ignore: {problem}")
             recipe = replace(recipe, ignore=tuple(ignore))
         if group_size is not None:
+            if not is_positive_int(group_size):
+                raise PtqlabError(f"--group-size {brief(group_size)}: must be a positive integer, e.g. 128 (it must divide "
+                                  f"every layer's input width)")
             if recipe.scheme.weights.strategy != "group":
                 raise PtqlabError(f"--group-size applies to group-wise recipes; {self.name} quantizes weights per {recipe.scheme.weights.strategy}")
             weights = recipe.scheme.weights.with_group_size(group_size)
@@ -163,48 +181,183 @@ def _args_dict(args: QuantArgs) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(args) if getattr(args, f.name) is not None}
 
 
-# ---- parsing --------------------------------------------------------------------------------------------------------
+# ---- checking values ----------------------------------------------------------------------------------------------
 
-RECIPE_KEYS = ("name", "description", "scheme", "ignore", "group_size", "auto_group_size", "steps")
-
-
-def _check_keys(where: str, given: dict, allowed) -> None:
-    if not isinstance(given, dict):
-        raise PtqlabError(f"{where}: expected a mapping of keys ({', '.join(allowed)}), got {given!r}")
-    for key in given:
-        if key not in allowed:
-            raise PtqlabError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+"""A recipe name is a folder name (ptqlab writes ./MODEL-NAME by default): no separators, no leading dot."""
 
 
-def _typed(where: str, value, kind: type):
+def name_problem(name) -> str | None:
+    """Why `name` cannot be a recipe's name, or None. The message starts with the name."""
+    if isinstance(name, str) and NAME_PATTERN.fullmatch(name):
+        return None
+    return (f"{brief(name)} cannot name a folder (ptqlab writes ./MODEL-NAME by default); use 1 to 100 letters, digits, "
+            f"'.', '_' or '-', not starting with '.'")
+
+
+def is_positive_int(value) -> bool:
+    """An integer (not a boolean, not 4.0) of at least 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def ignore_problem(patterns) -> str | None:
+    """Why `patterns` is not a list of layer names and `re:` regular expressions, or None."""
+    if not isinstance(patterns, (list, tuple)):
+        return f"{brief(patterns)} is not a list; use module names or re: patterns, e.g. [lm_head, 're:.*down_proj']"
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            return f"{brief(pattern)} is not a module name or re: pattern, e.g. lm_head or 're:.*down_proj'"
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                return f"{brief(pattern)} is not a valid regular expression ({e})"
+    return None
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The allowed values of a numeric step setting (NaN and infinities never are)."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    words: str = ""
+    """What is allowed, for people: 'a number in (0, 1), e.g. 0.01'."""
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+
+SMOOTHQUANT_MAPPINGS = ("norms", "all")
+SETTING_RULES: dict[tuple[str, str], Interval | tuple] = {
+    ("smoothquant", "smoothing_strength"): Interval(0, 1, words="a number in [0, 1], e.g. 0.8"),
+    ("smoothquant", "mappings"): SMOOTHQUANT_MAPPINGS,
+    ("awq", "n_grid"): Interval(1, words="a positive integer, e.g. 20"),
+    ("gptq", "block_size"): Interval(1, words="a positive integer, e.g. 128"),
+    ("gptq", "dampening_frac"): Interval(0, 1, open_low=True, open_high=True, words="a number in (0, 1), e.g. 0.01"),
+}
+"""Ranges and choices of step settings, by (step, setting); the type comes from the step's dataclass."""
+KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+TYPE_WORDS = {bool: "a boolean; use true or false", str: "a string"}
+KINDS = {"float": float, "int": int, "bool": bool, "str": str}
+
+
+class SettingError(ValueError):
+    """A step setting's value is not allowed; the message says what is (a noun phrase: 'a number in (0, 1)')."""
+
+
+def _setting_kind(step: str, key: str) -> type:
+    return KINDS[next(f.type for f in fields(STEP_NAMES[step]) if f.name == key)]
+
+
+def setting_words(step: str, key: str) -> str:
+    """What the setting `key` of `step` allows, for people: 'a number in (0, 1), e.g. 0.01', 'one of norms, all'."""
+    rule = SETTING_RULES.get((step, key))
+    if isinstance(rule, tuple):
+        return f"one of {', '.join(rule)}"
+    return rule.words if rule else KIND_WORDS[_setting_kind(step, key)]
+
+
+def check_setting(step: str, key: str, value):
+    """`value` as the setting `key` of `step` (an integer given for a float becomes a float), or SettingError."""
+    kind, rule = _setting_kind(step, key), SETTING_RULES.get((step, key))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise PtqlabError(f"{where}: {value!r} is not a {kind.__name__}")
+    well_typed = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not well_typed or (rule is not None and value not in rule):
+        raise SettingError(setting_words(step, key))
     return value
 
 
-def _parse_args(where: str, spec: dict) -> QuantArgs:
-    allowed = [f.name for f in fields(QuantArgs)]
-    _check_keys(where, spec, allowed)
+def _option(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _option_value(step: str, key: str, value):
+    """A command-line option's value for a step setting, or a one-line error naming the option."""
+    if key not in {f.name for f in fields(STEP_NAMES[step])}:
+        raise PtqlabError(f"{_option(key)} is not a {step} setting; allowed: "
+                          f"{', '.join(_option(f.name) for f in fields(STEP_NAMES[step]))}")
     try:
-        return QuantArgs(**spec)
-    except (TypeError, ValueError) as e:
-        raise PtqlabError(f"{where}: {e}") from None
+        return check_setting(step, key, value)
+    except SettingError as e:
+        raise PtqlabError(f"{_option(key)} {brief(value)}: must be {e}") from None
+
+
+# ---- parsing --------------------------------------------------------------------------------------------------------
+
+RECIPE_KEYS = ("name", "description", "scheme", "ignore", "group_size", "auto_group_size", "steps")
+MAX_RECIPE_BYTES = 256 * 1024
+"""A recipe is a short YAML mapping; a larger file is refused before YAML reads it."""
+ACTORDER_WORDS = "static, weight (the same: columns by decreasing Hessian diagonal, static groups), none"
+
+
+def _kind_name(value) -> str:
+    """'a string', 'an integer', ...: what a YAML value is, for a message."""
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), f"a {type(value).__name__}")
+
+
+def _check_keys(where: str, given, allowed) -> None:
+    if not isinstance(given, dict):
+        got = "nothing" if given is None else f"{_kind_name(given)}: {brief(given)}"
+        raise PtqlabError(f"{where}: expected a mapping of keys ({', '.join(allowed)}), got {got}")
+    for key in given:
+        if key not in allowed:
+            raise PtqlabError(f"{where}: unknown key {brief(key)}; allowed: {', '.join(allowed)}")
+
+
+def _typed(where: str, value, kind: type):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PtqlabError(f"{where}: {brief(value)} is not {TYPE_WORDS[kind]}")
+    return value
+
+
+def _parse_args(where: str, spec, role: str) -> QuantArgs:
+    """One tensor's format from its mapping: every field checked by type, then the whole by what the arithmetic
+    supports in `role` (weights or input_activations)."""
+    defaults = QuantArgs().values()
+    _check_keys(where, spec, list(defaults))
+    try:
+        check_format({**defaults, **spec}, role)
+    except FormatError as e:
+        raise PtqlabError(f"{where}.{e.key}: {e.problem}") from None
+    return QuantArgs(**spec)
+
+
+def _checked_scheme(where: str, scheme: Scheme) -> Scheme:
+    try:
+        check_scheme(scheme)
+    except FormatError as e:
+        raise PtqlabError(f"{where}.{e.key}: {e.problem}") from None
+    return scheme
 
 
 def _parse_scheme(where: str, spec) -> Scheme:
     if isinstance(spec, str):
         if spec.upper() not in SCHEMES:
-            raise PtqlabError(f"{where}: unknown scheme {spec!r}; allowed: {', '.join(SCHEMES)} or a mapping with "
+            raise PtqlabError(f"{where}: unknown scheme {brief(spec)}; allowed: {', '.join(SCHEMES)} or a mapping with "
                               f"weights (and input_activations)")
         return SCHEMES[spec.upper()]
     _check_keys(where, spec, ("weights", "input_activations"))
     if "weights" not in spec:
         raise PtqlabError(f"{where}: the weights' format is missing (key 'weights')")
     acts = spec.get("input_activations")
-    return Scheme(weights=_parse_args(f"{where}.weights", spec["weights"]),
-                  input_activations=None if acts is None else _parse_args(f"{where}.input_activations", acts))
+    weights = _parse_args(f"{where}.weights", spec["weights"], "weights")
+    acts = None if acts is None else _parse_args(f"{where}.input_activations", acts, "input_activations")
+    return _checked_scheme(where, Scheme(weights=weights, input_activations=acts))
+
+
+def _parse_actorder(where: str, value) -> bool:
+    if not (value is None or isinstance(value, (bool, str))) or value not in ACTORDER:
+        raise PtqlabError(f"{where}: {brief(value)} is not allowed; allowed: {ACTORDER_WORDS}")
+    return ACTORDER[value]
 
 
 def _parse_step(where: str, spec) -> Step:
@@ -212,37 +365,26 @@ def _parse_step(where: str, spec) -> Step:
         spec = {spec: {}}
     if not isinstance(spec, dict) or len(spec) != 1:
         raise PtqlabError(f"{where}: a step is one of {', '.join(STEP_NAMES)} with its parameters, e.g. "
-                          f"'- gptq: {{dampening_frac: 0.01}}'")
+                          f"'- gptq: {{dampening_frac: 0.01}}'; got {brief(spec)}")
     (name, params), = spec.items()
     if name not in STEP_NAMES:
-        raise PtqlabError(f"{where}: unknown step {name!r}; allowed: {', '.join(STEP_NAMES)}")
-    params = dict(params or {})
+        raise PtqlabError(f"{where}: unknown step {brief(name)}; allowed: {', '.join(STEP_NAMES)}")
     cls = STEP_NAMES[name]
     allowed = [f.name for f in fields(cls)]
     if cls is GPTQConfig:
         allowed = [a for a in allowed if a != "act_order"] + ["actorder"]
+    params = {} if params is None else params
     _check_keys(f"{where}.{name}", params, allowed)
-    if cls is GPTQConfig and "actorder" in params:
-        value = params.pop("actorder")
-        if value not in ACTORDER:
-            raise PtqlabError(f"{where}.gptq.actorder: {value!r} is not allowed; allowed: static, weight (the same: "
-                              f"columns by decreasing Hessian diagonal, static groups), none")
-        params["act_order"] = ACTORDER[value]
-    types = {f.name: f.type for f in fields(cls)}
-    kinds = {"float": float, "int": int, "bool": bool, "str": str}
+    settings = {}
     for key, value in params.items():
-        params[key] = _typed(f"{where}.{name}.{key}", value, kinds[types[key]])
-    step = cls(**params)
-    if isinstance(step, SmoothQuantStep) and not 0 <= step.smoothing_strength <= 1:
-        raise PtqlabError(f"{where}.smoothquant.smoothing_strength: {step.smoothing_strength} is outside [0, 1]")
-    if isinstance(step, SmoothQuantStep) and step.mappings not in SMOOTHQUANT_MAPPINGS:
-        raise PtqlabError(f"{where}.smoothquant.mappings: {step.mappings!r} is not allowed; allowed: "
-                          f"{', '.join(SMOOTHQUANT_MAPPINGS)}")
-    if isinstance(step, AWQStep) and step.n_grid < 1:
-        raise PtqlabError(f"{where}.awq.n_grid: must be at least 1")
-    if isinstance(step, GPTQConfig) and not (0 < step.dampening_frac < 1 and step.block_size >= 1):
-        raise PtqlabError(f"{where}.gptq: dampening_frac must lie in (0, 1) and block_size be positive")
-    return step
+        if key == "actorder":
+            settings["act_order"] = _parse_actorder(f"{where}.gptq.actorder", value)
+            continue
+        try:
+            settings[key] = check_setting(name, key, value)
+        except SettingError as e:
+            raise PtqlabError(f"{where}.{name}.{key}: {brief(value)} is not allowed; must be {e}") from None
+    return cls(**settings)
 
 
 def parse_recipe(doc: dict, where: str = "recipe") -> Recipe:
@@ -251,32 +393,58 @@ def parse_recipe(doc: dict, where: str = "recipe") -> Recipe:
     for key in ("name", "scheme", "steps"):
         if key not in doc:
             raise PtqlabError(f"{where}: key {key!r} is missing")
-    name = _typed(f"{where}.name", doc["name"], str)
+    problem = name_problem(doc["name"])
+    if problem:
+        raise PtqlabError(f"{where}: name {problem}")
+    name = doc["name"]
     where = f"recipe {name}"
     scheme = _parse_scheme(f"{where}: scheme", doc["scheme"])
     if "group_size" in doc:
+        group_size = doc["group_size"]
+        if not is_positive_int(group_size):
+            raise PtqlabError(f"{where}: group_size: {brief(group_size)} is not a positive integer; use e.g. 128")
         if scheme.weights.strategy != "group":
             raise PtqlabError(f"{where}: group_size applies to group-wise weights, these are per {scheme.weights.strategy}")
-        scheme = replace(scheme, weights=scheme.weights.with_group_size(_typed(f"{where}: group_size", doc["group_size"], int)))
+        scheme = replace(scheme, weights=scheme.weights.with_group_size(group_size))
     steps = doc["steps"]
     if not isinstance(steps, list) or not steps:
-        raise PtqlabError(f"{where}: steps must be a non-empty list, e.g. [{{gptq: {{}}}}]")
+        raise PtqlabError(f"{where}: steps must be a non-empty list, e.g. [{{gptq: {{}}}}]; got {brief(steps)}")
     ignore = doc.get("ignore", ["lm_head"])
-    if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
-        raise PtqlabError(f"{where}: ignore must be a list of module names or re: patterns")
+    problem = ignore_problem(ignore)
+    if problem:
+        raise PtqlabError(f"{where}: ignore: {problem}")
     return Recipe(name=name, scheme=scheme, steps=tuple(_parse_step(f"{where}: steps[{i}]", s) for i, s in enumerate(steps)),
                   ignore=tuple(ignore), auto_group_size=_typed(f"{where}: auto_group_size", doc.get("auto_group_size", True), bool),
                   description=_typed(f"{where}: description", doc.get("description", ""), str))
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return brief(" ".join(str(e).split()), 200)
+
+
 def load_recipe_file(path: str | Path) -> Recipe:
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
         raise PtqlabError(f"cannot read recipe file {path}: {e.strerror}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise PtqlabError(f"{path}: over {MAX_RECIPE_BYTES // 1024} KiB, too large for a recipe (a short YAML mapping: "
+                          f"name, scheme, steps); check that it is the right file")
+    try:
+        doc = yaml.load(data.decode("utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except UnicodeDecodeError:
+        raise PtqlabError(f"{path} is not UTF-8 text; a recipe is a YAML file") from None
     except yaml.YAMLError as e:
-        raise PtqlabError(f"{path} is not valid YAML: {e}") from None
+        raise PtqlabError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise PtqlabError(f"{path} is not a recipe: its YAML is nested too deeply") from None
     return parse_recipe(doc, where=str(path))
 
 
@@ -294,5 +462,5 @@ def get_recipe(name: str) -> Recipe:
         return PRESETS[name]
     if name.endswith((".yaml", ".yml")) or Path(name).is_file():
         return load_recipe_file(name)
-    raise PtqlabError(f"unknown recipe {name!r}: choose one of {', '.join(PRESETS)} (see `ptqlab recipes`), or give a "
+    raise PtqlabError(f"unknown recipe {brief(name)}: choose one of {', '.join(PRESETS)} (see `ptqlab recipes`), or give a "
                       f"recipe .yaml file")

@@ -3,23 +3,140 @@
 A `QuantArgs` describes one tensor's number format (bits, int or float, symmetric, the granularity of its
 scales); a `Scheme` pairs the weight format with the optional dynamic input-activation format. These map
 one-to-one onto compressed-tensors' `QuantizationArgs` / `QuantizationScheme`, so that what we compute is
-exactly what the checkpoint declares.
+exactly what the checkpoint declares. Hence the checks (check_format, check_scheme): every field has its exact type
+(a bool is never "no", num_bits never 4.0) and only values the arithmetic computes are accepted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import reprlib
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 Strategy = Literal["tensor", "channel", "group", "token"]
 NumberType = Literal["int", "float"]
+Role = Literal["weights", "input_activations"]
 
 INT_BITS = (2, 3, 4, 8)
+FLOAT_BITS = (8,)
+BITS: dict[str, tuple[int, ...]] = {"int": INT_BITS, "float": FLOAT_BITS}
+"""Bits per element per number type: what primitives.grid_range computes with and compressed-tensors packs."""
+STRATEGIES = ("tensor", "channel", "group", "token")
+WEIGHT_STRATEGIES = ("tensor", "channel", "group")
+"""Stored weight scales: one per tensor, per output channel, or per group of input columns."""
+ACTIVATION_STRATEGIES = ("token", "tensor")
+"""Dynamic input scales: one per token or one per input tensor (a channel scale of the input is not computed)."""
+EXAMPLE_GROUP_SIZE = 128
+
+
+class FormatError(ValueError):
+    """A number format the arithmetic does not support: `key` names the QuantArgs field at fault (prefixed with
+    `weights.` or `input_activations.` for a whole scheme), `problem` says what is wrong and what is allowed; the
+    message is `key: problem`."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+
+
+def brief(value, limit: int = 60) -> str:
+    """A value as a message quotes it: YAML's words for booleans and null, and never more than `limit` characters
+    (a 10 MB string is cut, not echoed)."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _kind_problem(value, kind: type) -> str | None:
+    """Why `value` is not of `kind` (bool only for bool, int never a bool or a float such as 4.0), or None."""
+    if kind is bool:
+        return None if isinstance(value, bool) else f"{brief(value)} is not a boolean; use true or false"
+    if kind is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else f"{brief(value)} is not an integer"
+    if kind is str:
+        return None if isinstance(value, str) else f"{brief(value)} is not a string"
+    raise TypeError(kind)
+
+
+FIELD_KINDS: dict[str, type] = {"num_bits": int, "type": str, "symmetric": bool, "strategy": str, "group_size": int,
+                                "dynamic": bool}
+BITS_ALLOWED = "; ".join(f"{', '.join(map(str, bits))} for {kind}" for kind, bits in BITS.items())
+
+
+def _allowed(values) -> str:
+    return ", ".join(map(str, values))
+
+
+def _strategies(role: Role | None) -> tuple[str, ...]:
+    return {None: STRATEGIES, "weights": WEIGHT_STRATEGIES, "input_activations": ACTIVATION_STRATEGIES}[role]
+
+
+def _kind_hint(key: str, role: Role | None) -> str:
+    """What a field of the wrong type should hold ('' where the type error says it: booleans)."""
+    return {"num_bits": f"allowed: {BITS_ALLOWED}", "type": f"allowed: {_allowed(BITS)}",
+            "strategy": f"allowed: {_allowed(_strategies(role))}",
+            "group_size": f"use a positive integer such as {EXAMPLE_GROUP_SIZE}"}.get(key, "")
+
+
+def _check_types(values: dict, role: Role | None) -> None:
+    """FormatError on the first field whose value is not of its type (group_size may be None)."""
+    for key, kind in FIELD_KINDS.items():
+        value = values[key]
+        if key == "group_size" and value is None:
+            continue
+        problem = _kind_problem(value, kind)
+        if problem:
+            hint = _kind_hint(key, role)
+            raise FormatError(key, problem + (f"; {hint}" if hint else ""))
+
+
+def check_format(values: dict, role: Role | None = None) -> None:
+    """Raise FormatError unless `values` (QuantArgs fields by name) is a format the arithmetic supports, in the
+    `role` given (weights or input_activations; None: either). Checked field by field, types first."""
+    _check_types(values, role)
+    kind, bits, strategy = values["type"], values["num_bits"], values["strategy"]
+    if kind not in BITS:
+        raise FormatError("type", f"{brief(kind)} is not allowed; allowed: {_allowed(BITS)}")
+    if bits not in BITS[kind]:
+        what = "type float (FP8 E4M3)" if kind == "float" else f"type {kind}"
+        raise FormatError("num_bits", f"{bits} is not supported for {what}; allowed: {_allowed(BITS[kind])}")
+    if kind == "float" and not values["symmetric"]:
+        raise FormatError("symmetric", "false is not supported for type float (FP8 E4M3 has no zero point); use true")
+    if strategy not in _strategies(role):
+        where = "" if role is None else f" for {role}"
+        raise FormatError("strategy", f"{brief(strategy)} is not allowed{where}; allowed: {_allowed(_strategies(role))}")
+    if role == "weights" and values["dynamic"]:
+        raise FormatError("dynamic", "true is not allowed for weights: their scales are computed once and stored; "
+                                     "use false")
+    if role == "input_activations" and not values["dynamic"]:
+        raise FormatError("dynamic", "false is not supported for input_activations: ptqlab computes their scales from "
+                                     "each input at run time and stores none; use true")
+    group_size = values["group_size"]
+    if strategy == "group" and group_size is None:
+        raise FormatError("group_size", f"missing: strategy group needs a positive integer group_size, e.g. "
+                                        f"{EXAMPLE_GROUP_SIZE}")
+    if strategy == "group" and group_size < 1:
+        raise FormatError("group_size", f"{group_size} is not a positive integer; use e.g. {EXAMPLE_GROUP_SIZE} (it must "
+                                        f"divide every layer's input width)")
+    if strategy != "group" and group_size is not None:
+        raise FormatError("group_size", f"{brief(group_size)} applies only to strategy group, not {strategy!r}; remove "
+                                        f"it or use strategy: group")
 
 
 @dataclass(frozen=True)
 class QuantArgs:
-    """The number format of one tensor."""
+    """The number format of one tensor. Construction checks types and values (check_format): a FormatError
+    (a ValueError) names the field and what is allowed."""
 
     num_bits: int = 8
     """Bits per element: 2, 3, 4 or 8 for int; 8 (E4M3) for float."""
@@ -35,14 +152,11 @@ class QuantArgs:
     """Scales computed at run time from the tensor itself (activations), not stored."""
 
     def __post_init__(self) -> None:
-        if self.type == "int" and self.num_bits not in INT_BITS:
-            raise ValueError(f"int quantization supports {INT_BITS} bits, not {self.num_bits}")
-        if self.type == "float" and (self.num_bits != 8 or not self.symmetric):
-            raise ValueError("float quantization is FP8 E4M3: num_bits=8, symmetric=True")
-        if self.strategy == "group" and (self.group_size is None or self.group_size < 1):
-            raise ValueError("strategy 'group' needs a positive group_size")
-        if self.strategy != "group" and self.group_size is not None:
-            raise ValueError(f"group_size is only meaningful with strategy 'group', not {self.strategy!r}")
+        check_format(self.values())
+
+    def values(self) -> dict:
+        """The fields by name (what check_format reads and the checkpoint's QuantizationArgs declares)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def with_group_size(self, group_size: int) -> QuantArgs:
         return replace(self, group_size=group_size)
@@ -68,11 +182,34 @@ class Scheme:
 
     def describe(self) -> str:
         w, a = self.weights, self.input_activations
-        kind = "fp8" if w.type == "float" else f"int{w.num_bits}"
+        kind = _number_name(w)
         detail = f"group {w.group_size}" if w.strategy == "group" else f"per-{w.strategy}"
-        act = "16-bit activations" if a is None else f"dynamic per-{a.strategy} {'fp8' if a.type == 'float' else 'int8'} activations"
+        act = "16-bit activations" if a is None else f"dynamic per-{a.strategy} {_number_name(a)} activations"
         sym = "symmetric" if w.symmetric else "asymmetric"
         return f"{kind} {sym} weights ({detail}), {act}"
+
+
+def _number_name(args: QuantArgs) -> str:
+    return "fp8" if args.type == "float" else f"int{args.num_bits}"
+
+
+def check_scheme(scheme: Scheme) -> None:
+    """Raise FormatError (key prefixed `weights.` or `input_activations.`) unless ptqlab computes exactly what
+    `scheme` declares: weights stored (not dynamic) per tensor, channel or group; input activations dynamic, per
+    token or tensor; and no per-tensor zero point in a weight-only (pack-quantized) checkpoint, which
+    compressed-tensors cannot pack."""
+    for role, args in (("weights", scheme.weights), ("input_activations", scheme.input_activations)):
+        if args is None:
+            continue
+        try:
+            check_format(args.values(), role)
+        except FormatError as e:
+            raise FormatError(f"{role}.{e.key}", e.problem) from None
+    w = scheme.weights
+    if scheme.format == "pack-quantized" and w.strategy == "tensor" and not w.symmetric:
+        raise FormatError("weights.strategy", "'tensor' with symmetric: false is not supported for weight-only schemes "
+                                              "(a per-tensor zero point cannot be packed); use channel or group, or "
+                                              "symmetric: true")
 
 
 FP8_DYNAMIC = Scheme(

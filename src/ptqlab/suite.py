@@ -16,6 +16,7 @@ from pathlib import Path
 from ptqlab.bench.variant import BenchSettings, device_name, fingerprint, run_isolated
 from ptqlab.models import resolve_device
 from ptqlab.errors import PtqlabError
+from ptqlab.formats.validate import validate_checkpoint
 from ptqlab.output import RECORD_NAME, locked
 from ptqlab.progress import format_seconds, log_event, say
 
@@ -102,6 +103,9 @@ def _context(baseline: Path | None, is_baseline: bool, settings: BenchSettings) 
     return {"kl_against": against, "ptqlab": ptqlab.__version__, "device": device_name(resolve_device(settings.device))}
 
 
+REPORT_FILES = ("results.json", "summary.md", "report.html")
+
+
 class Steps:
     """The lab's own progress: which step of how many, and the time since the run started."""
 
@@ -124,6 +128,10 @@ def run_benchmarks(baseline: Path | None, variants: list[tuple[str, Path]], out:
     names = [name for name, _ in jobs]
     if len(set(names)) != len(names):
         raise PtqlabError(f"two variants share a name ({', '.join(names)}): give distinct folder names")
+    for report in REPORT_FILES:  # an earlier run's report must not outlive a run that fails
+        (out / report).unlink(missing_ok=True)
+    for name, path in jobs:  # a corrupt folder is reported as such before anything is measured, never ranked
+        validate_checkpoint(path)
     if baseline is not None:
         for name, path in variants:
             _check_same_vocabulary(baseline, name, path)
@@ -143,8 +151,12 @@ def run_benchmarks(baseline: Path | None, variants: list[tuple[str, Path]], out:
         log_event(log, "bench.start", variant=name, path=str(path))
         start = time.perf_counter()
         result_json.unlink(missing_ok=True)  # a stale result never outlives a failed measurement
-        result = run_isolated(name, path, settings, result_json, topk_out=topk if is_baseline else None,
-                              topk_in=topk if baseline is not None and not is_baseline else None, quiet=quiet)
+        try:
+            result = run_isolated(name, path, settings, result_json, topk_out=topk if is_baseline else None,
+                                  topk_in=topk if baseline is not None and not is_baseline else None, quiet=quiet)
+        except PtqlabError as e:
+            log_event(log, "bench.failed", variant=name, error=str(e))
+            raise
         result["context"] = context
         partial = result_json.with_name(result_json.name + ".partial")
         partial.write_text(json.dumps(result, indent=2) + "\n")

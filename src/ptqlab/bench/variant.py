@@ -148,10 +148,12 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
         sample_completions,
     )
     from ptqlab.bench.text import load_eval_text
+    from ptqlab.formats.validate import validate_checkpoint
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise PtqlabError(f"{path}: not a model folder (no config.json); bench takes local folders (checkpoints or 16-bit models)")
+    validate_checkpoint(path)  # a corrupt folder fails here, in one line, and is never measured or ranked
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
     if device.type == "cuda":
@@ -236,9 +238,12 @@ def run_isolated(name: str, path: Path, settings: BenchSettings, result_json: Pa
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
+        # On any exception here (Ctrl-C, or SIGTERM through output.end_on_sigterm) subprocess.run kills the worker
+        # and waits for it: no orphan writes a result after this process has gone.
         proc = subprocess.run([sys.executable, "-m", "ptqlab.bench.worker", f.name])
     finally:
         os.unlink(f.name)
+        result_json.with_name(result_json.name + ".partial").unlink(missing_ok=True)
     if proc.returncode != 0 or not result_json.is_file():
         raise PtqlabError(f"benchmarking {name} ({path}) failed with exit status {proc.returncode}; its error is printed above. "
                           "Finished variants are kept: run the same command again to resume")

@@ -24,9 +24,9 @@ from ptqlab.errors import PtqlabError
 from ptqlab.models import compute_dtype, resolve_device, synchronizer
 from ptqlab.progress import say
 
-# The quick probe (the default on CPUs): 10 windows of 512 tokens. On the embedded model a window's mean NLL varies
-# with s.d. ~0.25 nats, so a perplexity carries ~8 % standard error and a change against the baseline, paired on the
-# same windows, far less; the report prints both.
+# The quick probe (the default on CPUs): 10 windows of 512 tokens. A perplexity measured on so few windows carries a
+# standard error of several percent, a change against the baseline (paired on the same windows) far less; the report
+# prints both (measured on the embedded model: bench/results/README.md).
 QUICK_CONTEXT, QUICK_WINDOWS = 512, 10
 CPU_SPEED = {"max_new_tokens": 32, "repeats": 1, "sample_tokens": 32}
 """Speed-run defaults on a CPU, where decoding is ~100x slower than on a GPU: short runs, still warmed up."""

@@ -134,9 +134,20 @@ def test_speed_measures_exactly_the_requested_tokens_after_warmup(model):
 
 
 def test_greedy_decode_ignores_eos(model):
-    ids = torch.tensor([[5, 6, 7]])
-    timing = greedy_decode(model, ids, 10, lambda: None)
-    assert timing["ttft_s"] > 0 and timing["decode_s"] > 0
+    """Every variant decodes the same number of tokens: a model that predicts end-of-sequence at every step is still
+    run for the prefill and exactly N - 1 decode steps."""
+    eos = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    calls = []
+
+    def always_eos(*args, **kwargs):
+        out = model(*args, **kwargs)
+        out.logits[..., eos] = out.logits.max() + 1.0
+        calls.append(kwargs["input_ids"].shape[1])
+        return out
+
+    timing = greedy_decode(always_eos, torch.tensor([[5, 6, 7]]), 10, lambda: None)
+    assert calls == [3] + [1] * 9
+    assert timing["total_s"] >= timing["ttft_s"] and timing["total_s"] >= timing["decode_s"]
 
 
 def variant(name, mib, ppl, kl, decode, throughput):

@@ -1,7 +1,6 @@
 """ptqlab: post-training quantization of Hugging Face causal LMs into compressed-tensors checkpoints."""
 
-__version__ = "0.1.0"
-
+from ptqlab.version import __version__  # noqa: F401
 from ptqlab.api import quantize  # noqa: E402
 from ptqlab.suite import bench, lab  # noqa: E402
 from ptqlab.errors import PtqlabError  # noqa: E402

@@ -20,6 +20,7 @@ from ptqlab.models import compute_dtype, load_model, model_dtype, resolve_device
 from ptqlab.output import RECORD_NAME, atomic_dir, check_writable
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.recipes import Recipe, get_recipe
+from ptqlab.version import __version__
 
 
 
@@ -29,10 +30,8 @@ def versions() -> dict[str, str]:
     import safetensors
     import transformers
 
-    import ptqlab
-
     return {
-        "ptqlab": ptqlab.__version__,
+        "ptqlab": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -45,14 +44,12 @@ def request_of(model: str | None, recipe: Recipe, dtype: str, seed: int, calibra
                device: str) -> dict:
     """Everything a user asks for that determines a checkpoint's tensors: recorded in it, and compared before a
     checkpoint is reused (`lab`), so that a changed setting never passes for the old result."""
-    import ptqlab
-
     if recipe.calibrated:
         calibration = dataclasses.asdict(replace(calibration or CalibrationConfig(), seed=seed))
     else:
         calibration = None
     return {"model": model, "recipe": recipe.to_dict(), "dtype": dtype, "seed": seed, "calibration": calibration,
-            "device": resolve_device(device).type, "ptqlab": ptqlab.__version__}
+            "device": resolve_device(device).type, "ptqlab": __version__}
 
 
 def request_differences(record: dict, request: dict) -> list[str]:

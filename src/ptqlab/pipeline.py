@@ -1,7 +1,8 @@
 """The layer loop: choose the linears a recipe targets, check them, and replace each with a QuantizedLinear.
 
-Works decoder layer by decoder layer (the unit of progress now, and of calibration once data-driven methods
-arrive), then any targeted linear outside the decoder layers.
+Data-free recipes (round-to-nearest) run here, decoder layer by decoder layer, then any targeted linear outside the
+decoder layers; calibrated recipes (SmoothQuant, AWQ, GPTQ) hand the decoder layers to the layer-sequential engine
+(sequential.py).
 """
 
 from __future__ import annotations

@@ -37,10 +37,6 @@ from ptqlab.quant.primitives import dequantize
 from ptqlab.schemes import QuantArgs
 
 
-class _Captured(Exception):
-    pass
-
-
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, T]

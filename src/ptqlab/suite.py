@@ -19,6 +19,7 @@ from ptqlab.errors import PtqlabError
 from ptqlab.formats.validate import validate_checkpoint
 from ptqlab.output import RECORD_NAME, locked
 from ptqlab.progress import format_seconds, log_event, say
+from ptqlab.version import __version__
 
 
 # The mission's core three, on every device: FP8 dynamic (data-free), GPTQ W4A16, SmoothQuant + GPTQ W8A8.
@@ -97,10 +98,8 @@ def _check_same_vocabulary(baseline: Path, name: str, path: Path) -> None:
 
 
 def _context(baseline: Path | None, is_baseline: bool, settings: BenchSettings) -> dict:
-    import ptqlab
-
     against = None if baseline is None or is_baseline else {"path": str(baseline.resolve()), "fingerprint": fingerprint(baseline)}
-    return {"kl_against": against, "ptqlab": ptqlab.__version__, "device": device_name(resolve_device(settings.device))}
+    return {"kl_against": against, "ptqlab": __version__, "device": device_name(resolve_device(settings.device))}
 
 
 REPORT_FILES = ("results.json", "summary.md", "report.html")

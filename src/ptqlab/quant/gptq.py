@@ -34,8 +34,8 @@ class GPTQConfig:
     """Added to the diagonal: dampening_frac x mean(diag H). Raised x10 (up to 5 times) if H is not positive definite."""
     act_order: bool = True
     """Visit columns by decreasing H_ii (the most salient inputs first); implies static groups. On by default, as in
-    llm-compressor (`actorder="static"`): on real weights it roughly halves the layer output error (measured on
-    SmolLM2-135M, bench/results/gptq_quality_smollm2)."""
+    llm-compressor (`actorder="static"`): it lowers the layer output error on real weights
+    (bench/results/gptq_quality_smollm2)."""
     static_groups: bool = True
     """Group scales from the original weight, fixed before the sweep (as llm-compressor does); False: from the
     error-updated weights when the sweep reaches each group (GPTQ's reference). Static gave the lower layer output
@@ -43,8 +43,8 @@ class GPTQConfig:
     scale_search: bool = False
     """Int formats: choose each scale by a clipping search (primitives.search_quant_params) weighted by the Hessian's
     diagonal instead of plain min-max. It pays at 3-4 bits with symmetric groups (the w4a16 and w3a16 recipes turn it
-    on: SmolLM2 w4a16 KL from the baseline halved, bench/results/gptq_quality_smollm2); on int8 per-channel and on
-    asymmetric int4 it measured neutral to slightly worse on synthetic layers, so the default stays min-max."""
+    on); on int8 per-channel and on asymmetric int4 it measured neutral to slightly worse, so the default stays
+    min-max (bench/results/gptq_quality_smollm2)."""
 
 
 @dataclass

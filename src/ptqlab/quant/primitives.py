@@ -1,4 +1,5 @@
-"""Round-to-nearest quantization on a grid: scales, quantize, dequantize, int packing. Pure tensor math.
+"""Number grids: scales (min-max, or a Hessian-weighted clipping search), quantize, dequantize, fake-quantize.
+Pure tensor math.
 
 Conventions (those of GPTQ's reference code and of compressed-tensors, so that what we store is what loaders
 compute): dequantized = (q - zero_point) * scale; a symmetric int grid maps [-absmax, absmax] onto

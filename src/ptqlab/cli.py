@@ -116,11 +116,10 @@ def recipes(
 
 def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens,
               device, seed, quiet, runtime):
-    from ptqlab.bench.variant import CPU_SPEED, QUICK_CONTEXT, QUICK_WINDOWS, RUNTIMES, BenchSettings
+    from ptqlab.bench.variant import CPU_SPEED, QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings, check_runtime
     from ptqlab.models import resolve_device
 
-    if runtime not in RUNTIMES:
-        raise PtqlabError(f"unknown --runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    check_runtime(runtime)  # before the notes below: a typo fails first
     if ppl_quick and ppl_full:
         raise PtqlabError("--ppl-quick and --ppl-full exclude each other")
     on_cpu = resolve_device(device).type == "cpu"

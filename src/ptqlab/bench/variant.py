@@ -32,6 +32,15 @@ CPU_SPEED = {"max_new_tokens": 32, "repeats": 1, "sample_tokens": 32}
 """Speed-run defaults on a CPU, where decoding is ~100x slower than on a GPU: short runs, still warmed up."""
 
 
+RUNTIMES = ("auto", "fast", "transformers")
+
+
+def check_runtime(name: str) -> None:
+    """The one check of a runtime name (settings check it when made, so a typo fails before any work)."""
+    if name not in RUNTIMES:
+        raise PtqlabError(f"unknown --runtime {name!r}: use one of {', '.join(RUNTIMES)}")
+
+
 @dataclass(frozen=True)
 class BenchSettings:
     """What to measure and how. Defaults are the recommended protocol."""
@@ -53,6 +62,9 @@ class BenchSettings:
     seed: int = 0
     runtime: str = "auto"
     """fast (ptqlab's runtime), transformers (the ordinary path), or auto: fast on a GPU, transformers on a CPU."""
+
+    def __post_init__(self) -> None:
+        check_runtime(self.runtime)
 
     @property
     def protocol(self) -> str:
@@ -111,14 +123,12 @@ def describe_checkpoint(path: Path) -> dict:
     return {"recipe": None, "format": "dense", "scheme": f"{config.get('dtype') or config.get('torch_dtype') or '16-bit'} (not quantized)"}
 
 
-RUNTIMES = ("auto", "fast", "transformers")
 
 
 def resolve_runtime(name: str, device: torch.device, path: Path) -> tuple[str, str | None]:
     """(runtime to use, a note when auto fell back). auto: the fast runtime on a GPU when it runs this checkpoint;
     transformers on a CPU (where the fast runtime computes with dequantized weights, so it shows no speed-up)."""
-    if name not in RUNTIMES:
-        raise PtqlabError(f"unknown --runtime {name!r}: use one of {', '.join(RUNTIMES)}")
+    check_runtime(name)
     if name == "transformers" or (name == "auto" and device.type != "cuda"):
         return "transformers", None
     from ptqlab.runtime.load import check_supported

@@ -17,6 +17,13 @@ from ptqlab.progress import console, quiet_libraries
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Quantize Hugging Face causal LMs and prove what it cost.")
 
 
+def _start(verbose: bool) -> None:
+    """What every long command does first: keep other libraries quiet (unless --verbose) and let SIGTERM end the run
+    through its cleanup."""
+    quiet_libraries(verbose)
+    end_on_sigterm()
+
+
 def _fail(error: Exception) -> None:
     console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)  # [a-z] in a message is text
     raise typer.Exit(2)
@@ -56,8 +63,7 @@ def quantize(
 
     Calibrated recipes (GPTQ, SmoothQuant, AWQ: all but fp8-dynamic, w4a16-rtn, w8a8-rtn) draw --num-samples
     chat-formatted samples of at most --max-seq-len tokens from --dataset with --seed."""
-    quiet_libraries(verbose)
-    end_on_sigterm()
+    _start(verbose)
     from ptqlab.api import RECORD_NAME, quantize as run
     from ptqlab.data import CalibrationConfig
     from ptqlab.recipes import get_recipe
@@ -170,8 +176,7 @@ def bench(
     runtime: Runtime = "auto", verbose: Verbose = False,
 ) -> None:
     """Benchmark model folders side by side: size, load time, memory, perplexity, KL, speed, samples; write a report."""
-    quiet_libraries(verbose)
-    end_on_sigterm()
+    _start(verbose)
     from ptqlab.suite import Budget, bench as run
 
     try:
@@ -198,8 +203,7 @@ def lab(
     runtime: Runtime = "auto", verbose: Verbose = False,
 ) -> None:
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
-    quiet_libraries(verbose)
-    end_on_sigterm()
+    _start(verbose)
     from ptqlab.data import CalibrationConfig
     from ptqlab.suite import Budget, lab as run, lab_calibration_size
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ptqlab.embedded import DEFAULT_MODEL_NAME, NOTE as EMBEDDED_NOTE, default_model_path
 from ptqlab.errors import PtqlabError
+from ptqlab.output import RECORD_NAME
 
 # model_type -> where the decoder layers live. Tested with a tiny random model of each in tests/.
 DECODER_LAYERS: dict[str, str] = {
@@ -187,7 +188,7 @@ def check_not_quantized(config, source: str, path: str) -> None:
     method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
     method = f" ({getattr(method, 'value', method)})" if method else ""
     origin = ""
-    record = Path(path) / "ptqlab.json"
+    record = Path(path) / RECORD_NAME
     if os.path.isdir(path) and record.is_file():
         try:
             origin = f" (ptqlab made this one from {json.loads(record.read_text())['model']!r})"

@@ -35,7 +35,6 @@ def lab_calibration_size(settings: BenchSettings, num_samples: int | None, max_s
                          quiet: bool = False) -> dict:
     """num_samples and max_seq_len for the lab: as given, else the quantize defaults on a GPU, LAB_CPU_CALIBRATION on a CPU."""
     from ptqlab.data import CalibrationConfig
-    from ptqlab.models import resolve_device
 
     on_cpu = resolve_device(settings.device).type == "cpu"
     defaults = LAB_CPU_CALIBRATION if on_cpu else {"num_samples": CalibrationConfig.num_samples,

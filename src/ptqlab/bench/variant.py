@@ -206,8 +206,8 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
     if topk_out:
         quality.topk.save(Path(topk_out))
 
-    phase(f"speed: {settings.max_new_tokens} tokens at batch 1 and {settings.batch_size}, {settings.repeats} repeats after "
-          f"{settings.warmup} warm-up")
+    phase(f"speed: {settings.max_new_tokens} tokens at batch 1 and {settings.batch_size}, {settings.repeats} timed "
+          f"run{'s' if settings.repeats != 1 else ''} after {settings.warmup} warm-up")
     speed = measure_speed(engine, prompt_ids, settings.max_new_tokens, settings.batch_size, settings.repeats, settings.warmup)
     phase(f"decode {speed['decode_tok_s']:.1f} tok/s; sample answers to {len(SAMPLE_PROMPTS)} prompts")
     samples = sample_completions(engine, tokenizer, settings.sample_tokens)

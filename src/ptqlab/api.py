@@ -44,12 +44,18 @@ def request_of(model: str | None, recipe: Recipe, dtype: str, seed: int, calibra
                device: str) -> dict:
     """Everything a user asks for that determines a checkpoint's tensors: recorded in it, and compared before a
     checkpoint is reused (`lab`), so that a changed setting never passes for the old result."""
-    if recipe.calibrated:
-        calibration = dataclasses.asdict(replace(calibration or CalibrationConfig(), seed=seed))
-    else:
-        calibration = None
-    return {"model": model, "recipe": recipe.to_dict(), "dtype": dtype, "seed": seed, "calibration": calibration,
+    calibration = calibration_of(recipe, calibration, seed)
+    return {"model": model, "recipe": recipe.to_dict(), "dtype": dtype, "seed": seed,
+            "calibration": None if calibration is None else dataclasses.asdict(calibration),
             "device": resolve_device(device).type, "ptqlab": __version__}
+
+
+def calibration_of(recipe: Recipe, calibration: CalibrationConfig | None, seed: int) -> CalibrationConfig | None:
+    """The calibration a run uses: None for a data-free recipe, else `calibration` (default: CalibrationConfig())
+    drawn with the run's `seed`, the one seed a run has."""
+    if not recipe.calibrated:
+        return None
+    return replace(calibration or CalibrationConfig(), seed=seed)
 
 
 def request_differences(record: dict, request: dict) -> list[str]:
@@ -135,22 +141,18 @@ def quantize(
     # scaled to the weights' bits.
     needs = sum(_weight_bytes(folder) for folder in protect) * recipe.scheme.weights.num_bits // 16
     check_writable(out, overwrite, protect, needs)
-    if recipe.calibrated:
-        calibration = replace(calibration or CalibrationConfig(), seed=seed)
+    calibration = calibration_of(recipe, calibration, seed)
+    if calibration is not None:
         check_calibration(calibration, batch_size=calib_batch_size)
     torch.manual_seed(seed)
     start = time.perf_counter()
     loaded = load_model(model, dtype=dtype)
-    calibration_set = None
-    if recipe.calibrated:
-        calibration_set = load_calibration(loaded.tokenizer, calibration)
-    tokenizer = loaded.tokenizer
-    pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+    calibration_set = None if calibration is None else load_calibration(loaded.tokenizer, calibration)
     engine_device = resolve_device(device)
     stored = model_dtype(loaded.model)
     compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
     result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
-                            batch_size=calib_batch_size, pad_id=pad_id, compute_dtype=compute)
+                            batch_size=calib_batch_size, compute_dtype=compute)
     if compute != stored:
         result.notes.append(f"calibration computed in {_dtype_name(compute)}: this CPU has no native {_dtype_name(stored)} "
                             f"arithmetic; the checkpoint keeps {_dtype_name(stored)}")
@@ -160,7 +162,7 @@ def quantize(
     if loaded.tokenizer is None:
         result.notes.append("the model folder has no tokenizer; the checkpoint has none either")
     settings = {"recipe": recipe.name, "dtype": _dtype_name(stored), "compute_dtype": _dtype_name(compute), "seed": seed, "out": str(out),
-                "calibration": None if calibration is None or not recipe.calibrated else dataclasses.asdict(calibration),
+                "calibration": None if calibration is None else dataclasses.asdict(calibration),
                 "calib_batch_size": calib_batch_size, "device": device}
     with atomic_dir(out, overwrite, protect) as tmp:
         write_checkpoint(tmp, loaded.model, loaded.tokenizer, result.recipe)

@@ -75,7 +75,7 @@ def quantize(
         if gptq_changes:
             chosen = chosen.with_gptq(**gptq_changes)
         calibration = CalibrationConfig(dataset=dataset, dataset_config=dataset_config, split=split, num_samples=num_samples,
-                                        max_seq_len=max_seq_len, seed=seed, allow_plain_text=allow_plain_text)
+                                        max_seq_len=max_seq_len, allow_plain_text=allow_plain_text)
         path = run(model, chosen, out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,
                    seed=seed, quiet=quiet, calibration=calibration, calib_batch_size=calib_batch_size, device=device)
     except PtqlabError as e:

@@ -61,6 +61,9 @@ class CalibrationConfig:
 class CalibrationSet:
     samples: list[torch.Tensor]  # each [tokens] int64, 1..max_seq_len long
     source: str
+    pad_id: int = 0
+    """What fills a batch's rows past a shorter sample's end (masked out of every statistic): the tokenizer's pad
+    token where it has one."""
 
     @property
     def tokens(self) -> int:
@@ -318,4 +321,5 @@ def load_calibration(tokenizer, config: CalibrationConfig = CalibrationConfig())
         if len(samples) == config.num_samples:
             break
     _check_enough(len(samples), config.num_samples, source)
-    return CalibrationSet(samples, source)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return CalibrationSet(samples, source, pad_id)

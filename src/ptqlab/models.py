@@ -152,6 +152,17 @@ def _read_config_json(folder: Path, source: str) -> dict:
     return config
 
 
+def check_model_folder(folder: Path, purpose: str) -> None:
+    """A local folder that holds a model has its config.json; else one line naming what `purpose` takes."""
+    if not (Path(folder) / "config.json").is_file():
+        raise PtqlabError(f"{folder}: not a model folder (no config.json); {purpose}")
+
+
+def head_dim(config) -> int:
+    """The width of one attention head: the config's head_dim where it sets one (Gemma, Qwen3), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def load_config(path: str, source: str):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig

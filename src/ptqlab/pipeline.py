@@ -20,6 +20,7 @@ from ptqlab.models import model_dtype, names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.recipes import Recipe, step_name
+from ptqlab.schemes import matches
 from ptqlab.sequential import gptq_quantizer, quantize_sequential, rtn_quantizer
 
 
@@ -34,13 +35,6 @@ class QuantizationResult:
     notes: list[str] = field(default_factory=list)
     layer_reports: list = field(default_factory=list)
     """Per decoder layer, for calibrated methods: seconds per engine phase and notes."""
-
-
-def matches(name: str, pattern: str) -> bool:
-    """llm-compressor's rule: `re:PATTERN` is a regex matched from the start of the name; else an exact name."""
-    if pattern.startswith("re:"):
-        return re.match(pattern[3:], name) is not None
-    return name == pattern
 
 
 def check_ignore(patterns) -> None:
@@ -137,7 +131,7 @@ def _quantize_linear(name: str, linear: nn.Linear, recipe: Recipe) -> QuantizedL
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None = None, quiet: bool = False,
-                   device: torch.device | None = None, batch_size: int = 16, pad_id: int = 0,
+                   device: torch.device | None = None, batch_size: int = 16,
                    compute_dtype: torch.dtype | None = None) -> QuantizationResult:
     """Quantize `model` in place according to `recipe`; calibrated methods need `calibration`, whose forwards compute
     in `compute_dtype` (default: the model's)."""
@@ -168,7 +162,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
             quantizer = gptq_quantizer(recipe.scheme, recipe.gptq, stored)
         else:
             quantizer = rtn_quantizer(recipe.scheme, stored)
-        reports = quantize_sequential(model, targets, quantizer, calibration, pad_id, batch_size, device, quiet=quiet,
+        reports = quantize_sequential(model, targets, quantizer, calibration, calibration.pad_id, batch_size, device, quiet=quiet,
                                       label=f"{recipe.name} ({steps})", transforms=recipe.transforms,
                                       needs_hessian=recipe.gptq is not None, weight_args=recipe.scheme.weights,
                                       compute_dtype=compute_dtype)

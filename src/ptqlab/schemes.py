@@ -9,6 +9,7 @@ exactly what the checkpoint declares. Hence the checks (check_format, check_sche
 
 from __future__ import annotations
 
+import re
 import reprlib
 from dataclasses import dataclass, fields, replace
 from typing import Literal
@@ -27,6 +28,14 @@ WEIGHT_STRATEGIES = ("tensor", "channel", "group")
 ACTIVATION_STRATEGIES = ("token", "tensor")
 """Dynamic input scales: one per token or one per input tensor (a channel scale of the input is not computed)."""
 EXAMPLE_GROUP_SIZE = 128
+
+
+def matches(name: str, pattern: str) -> bool:
+    """compressed-tensors' rule for a linear layer named in `targets` or `ignore`: `re:REGEX` matched from the start
+    of the name, else the exact name, or the class name `Linear` (every layer ptqlab quantizes is one)."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return pattern in (name, "Linear")
 
 
 class FormatError(ValueError):

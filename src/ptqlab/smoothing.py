@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ptqlab.errors import PtqlabError
+from ptqlab.models import head_dim
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,8 @@ def _rows(mapping: Mapping, smooth: nn.Module, config) -> slice:
     if mapping.rows == "up":
         return slice(out // 2, out)
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    q, kv = heads * head_dim, kv_heads * head_dim
+    width = head_dim(config)
+    q, kv = heads * width, kv_heads * width
     return slice(q + kv, q + 2 * kv)
 
 

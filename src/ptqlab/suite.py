@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptqlab.bench.variant import BenchSettings, device_name, fingerprint, run_isolated
-from ptqlab.models import resolve_device
+from ptqlab.models import check_model_folder, resolve_device
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.validate import validate_checkpoint
 from ptqlab.output import RECORD_NAME, locked
@@ -177,8 +177,7 @@ def bench(paths: list[str], out: str | Path = "ptqlab-bench", baseline: str | No
 
     folders = [Path(p) for p in paths]
     for folder in folders:
-        if not (folder / "config.json").is_file():
-            raise PtqlabError(f"{folder}: not a model folder (no config.json); bench takes local folders")
+        check_model_folder(folder, "bench takes local folders (checkpoints or 16-bit models)")
     base = Path(baseline) if baseline else _infer_baseline(folders)
     variants = [(f.name, f) for f in folders if base is None or f.resolve() != base.resolve()]
     out = Path(out)

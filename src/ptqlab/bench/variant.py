@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ptqlab.errors import PtqlabError
-from ptqlab.models import compute_dtype, resolve_device, synchronizer
+from ptqlab.models import check_model_folder, compute_dtype, resolve_device, synchronizer
 from ptqlab.progress import say
 
 # The quick probe (the default on CPUs): 10 windows of 512 tokens. A perplexity measured on so few windows carries a
@@ -161,8 +161,7 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
     from ptqlab.formats.validate import validate_checkpoint
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise PtqlabError(f"{path}: not a model folder (no config.json); bench takes local folders (checkpoints or 16-bit models)")
+    check_model_folder(path, "bench takes local folders (checkpoints or 16-bit models)")
     validate_checkpoint(path)  # a corrupt folder fails here, in one line, and is never measured or ranked
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)

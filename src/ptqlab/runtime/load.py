@@ -9,7 +9,6 @@ Each linear's tensors say how it is stored (`weight_packed`: pack-quantized; `we
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -17,7 +16,8 @@ import torch
 from ptqlab.errors import PtqlabError
 from ptqlab.runtime.linear import StoredLinear, build_linear, concat_linears
 from ptqlab.runtime.model import Architecture, Block, Concat, RuntimeModel
-from ptqlab.schemes import QuantArgs, Scheme
+from ptqlab.models import check_model_folder
+from ptqlab.schemes import QuantArgs, Scheme, matches
 
 STRATEGIES = ("tensor", "channel", "group", "token")
 PROJECTIONS = {"qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.qkv_proj",)),
@@ -58,12 +58,6 @@ def _quant_args(raw: dict | None, where: str) -> QuantArgs | None:
         raise PtqlabError(f"{where}: {e}") from e
 
 
-def _matches(name: str, target: str) -> bool:
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target in ("Linear", name) or name.endswith("." + target)
-
-
 class SchemeResolver:
     """The scheme of each linear layer by name, from a config.json `quantization_config` (None: 16-bit)."""
 
@@ -85,9 +79,9 @@ class SchemeResolver:
                 self.groups.append((list(group.get("targets") or []), scheme))
 
     def __call__(self, name: str) -> Scheme | None:
-        if any(_matches(name, t) for t in self.ignore):
+        if any(matches(name, t) for t in self.ignore):
             return None
-        return next((scheme for targets, scheme in self.groups if any(_matches(name, t) for t in targets)), None)
+        return next((scheme for targets, scheme in self.groups if any(matches(name, t) for t in targets)), None)
 
 
 def stored_linear(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme | None) -> StoredLinear:
@@ -143,8 +137,7 @@ def read_config(folder: Path) -> tuple[object, Architecture, SchemeResolver]:
     cannot run."""
     from transformers import AutoConfig
 
-    if not (folder / "config.json").is_file():
-        raise PtqlabError(f"{folder}: not a model folder (no config.json)")
+    check_model_folder(folder, "the fast runtime runs local checkpoint folders")
     config = AutoConfig.from_pretrained(folder)
     resolve = SchemeResolver(json.loads((folder / "config.json").read_text()).get("quantization_config"))
     return config, Architecture.from_config(config), resolve

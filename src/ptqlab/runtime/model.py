@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqlab.errors import PtqlabError
+from ptqlab.models import head_dim as config_head_dim
 from ptqlab.runtime import fused
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
@@ -60,7 +61,7 @@ class Architecture:
             raise PtqlabError(f"the fast runtime does not run {model_type!r} models (it runs {', '.join(SUPPORTED)}); "
                               "benchmark this one with --runtime transformers")
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        head_dim = config_head_dim(config)
         gemma = model_type in GEMMA
         window = getattr(config, "sliding_window", None)
         types = getattr(config, "layer_types", None)

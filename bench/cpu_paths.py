@@ -50,8 +50,8 @@ def hardware() -> dict:
 def model_paths() -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ptqlab.bench.speed import SPEED_PROMPT, TransformersEngine, chat_prompt_ids
-    from ptqlab.bench.text import load_eval_text
+    from ptqlab.measure.speed import SPEED_PROMPT, TransformersEngine, chat_prompt_ids
+    from ptqlab.measure.text import load_eval_text
     from ptqlab.data import CalibrationConfig, load_calibration
     from ptqlab.embedded import default_model_path
     from ptqlab.sequential import capture, make_batches

@@ -82,7 +82,7 @@ def make_variant(variant: str, base: Path, out: Path, calibration, samples, grou
 def score(path: Path, token_ids, windows, baseline, device: str):
     from transformers import AutoModelForCausalLM
 
-    from ptqlab.bench.quality import evaluate
+    from ptqlab.measure.quality import evaluate
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
     result = evaluate(model, token_ids, windows, baseline, quiet=True)
@@ -95,9 +95,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from ptqlab.api import versions
-    from ptqlab.bench.quality import make_windows
-    from ptqlab.bench.text import load_eval_text
-    from ptqlab.bench.variant import device_name
+    from ptqlab.measure.quality import make_windows
+    from ptqlab.measure.text import load_eval_text
+    from ptqlab.measure.variant import device_name
     from ptqlab.data import CalibrationConfig, load_calibration
     from ptqlab.embedded import default_model_path
     from ptqlab.models import resolve_device

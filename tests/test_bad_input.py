@@ -96,7 +96,7 @@ def _events(folder):
 
 
 def _fast():
-    from ptqlab.bench.variant import BenchSettings
+    from ptqlab.measure.variant import BenchSettings
 
     return BenchSettings(ppl_text="python-docs", ppl_context=64, ppl_windows=2, max_new_tokens=2, batch_size=2, repeats=1,
                          sample_tokens=2, device="cpu")

@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from ptqlab.bench.quality import TopK, coarse_kl, evaluate, make_windows
-from ptqlab.bench.speed import SPEED_PROMPT, TransformersEngine, chat_prompt_ids, greedy_decode, measure_speed, repeat_timed
+from ptqlab.measure.quality import TopK, coarse_kl, evaluate, make_windows
+from ptqlab.measure.speed import SPEED_PROMPT, TransformersEngine, chat_prompt_ids, greedy_decode, measure_speed, repeat_timed
 from ptqlab.errors import PtqlabError
 from ptqlab.report import recommend
 from tiny import tiny_model, tiny_tokenizer
@@ -167,3 +167,13 @@ def test_recommendation_picks_within_the_quality_budget():
     assert not rec["verdicts"]["w4"]["within_budget"] and "KL 0.3000" in rec["verdicts"]["w4"]["why"]
     loose = recommend(variants, "baseline", Budget(max_kl=1.0, max_ppl_increase=50.0))
     assert loose["smallest"]["variant"] == "w4" and loose["fastest_decode"]["variant"] == "w4"
+
+
+def test_ptqlab_bench_is_the_verb_even_after_the_measurement_package_is_imported():
+    """One meaning per name: importing the measurement package must not replace `ptqlab.bench` with a module."""
+    import ptqlab
+    import ptqlab.measure.variant
+    import ptqlab.measure.worker  # noqa: F401
+    import ptqlab.suite
+
+    assert ptqlab.bench is ptqlab.suite.bench and callable(ptqlab.bench)

@@ -31,7 +31,7 @@ def reference(default_model):
     bf16 weights, and the same on every CPU up to summation order)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ptqlab.bench.text import load_eval_text
+    from ptqlab.measure.text import load_eval_text
 
     tokenizer = AutoTokenizer.from_pretrained(default_model)
     ids = tokenizer(load_eval_text("python-docs").text, return_tensors="pt", verbose=False)["input_ids"][:, :512]
@@ -71,7 +71,7 @@ def test_quantized_default_model_stays_close_to_the_baseline(default_model, refe
 @pytest.mark.slow
 def test_gptq_beats_rtn_on_the_embedded_model(default_model, tmp_path):
     """Real weights, same bits and group size: GPTQ's perplexity is lower than round-to-nearest's (minutes on CPU)."""
-    from ptqlab.bench.variant import BenchSettings, bench_variant
+    from ptqlab.measure.variant import BenchSettings, bench_variant
     from ptqlab.data import CalibrationConfig
 
     calibration = CalibrationConfig(dataset="offline", num_samples=64, max_seq_len=256)

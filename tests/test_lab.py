@@ -6,7 +6,7 @@ import json
 import pytest
 
 import ptqlab.suite
-from ptqlab.bench.variant import BenchSettings
+from ptqlab.measure.variant import BenchSettings
 from ptqlab.errors import PtqlabError
 from ptqlab.suite import bench, lab
 
@@ -136,7 +136,7 @@ def test_fast_runtime_scores_the_same_and_the_report_says_which_runtime(finished
 
 
 def test_unknown_runtime_is_refused():
-    from ptqlab.bench.variant import resolve_runtime
+    from ptqlab.measure.variant import resolve_runtime
 
     with pytest.raises(PtqlabError, match="unknown --runtime 'vllm'"):
         resolve_runtime("vllm", None, None)

@@ -122,7 +122,7 @@ def recipes(
 
 def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens,
               device, seed, quiet, runtime):
-    from ptqlab.bench.variant import CPU_SPEED, QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings, check_runtime
+    from ptqlab.measure.variant import CPU_SPEED, QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings, check_runtime
     from ptqlab.models import resolve_device
 
     check_runtime(runtime)  # before the notes below: a typo fails first

@@ -11,7 +11,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ptqlab.bench.quality import perplexity_change
+from ptqlab.measure.quality import perplexity_change
 
 SCHEMA = "ptqlab.results/1"
 MiB = 2**20

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptqlab.bench.variant import BenchSettings, device_name, fingerprint, run_isolated
+from ptqlab.measure.variant import BenchSettings, device_name, fingerprint, run_isolated
 from ptqlab.models import check_model_folder, resolve_device
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.validate import validate_checkpoint

@@ -147,8 +147,8 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
     """Measure everything for one variant. The baseline passes `topk_out`; the others pass `topk_in` for KL."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ptqlab.bench.quality import TopK, evaluate, make_windows
-    from ptqlab.bench.speed import (
+    from ptqlab.measure.quality import TopK, evaluate, make_windows
+    from ptqlab.measure.speed import (
         SAMPLE_PROMPTS,
         SPEED_PROMPT,
         FastEngine,
@@ -157,7 +157,7 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
         measure_speed,
         sample_completions,
     )
-    from ptqlab.bench.text import load_eval_text
+    from ptqlab.measure.text import load_eval_text
     from ptqlab.formats.validate import validate_checkpoint
 
     path = Path(path)
@@ -249,7 +249,7 @@ def run_isolated(name: str, path: Path, settings: BenchSettings, result_json: Pa
     try:
         # On any exception here (Ctrl-C, or SIGTERM through output.end_on_sigterm) subprocess.run kills the worker
         # and waits for it: no orphan writes a result after this process has gone.
-        proc = subprocess.run([sys.executable, "-m", "ptqlab.bench.worker", f.name])
+        proc = subprocess.run([sys.executable, "-m", "ptqlab.measure.worker", f.name])
     finally:
         os.unlink(f.name)
         result_json.with_name(result_json.name + ".partial").unlink(missing_ok=True)

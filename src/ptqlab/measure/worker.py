@@ -1,4 +1,4 @@
-"""Entry point of the per-variant benchmark process: `python -m ptqlab.bench.worker SPEC.json`.
+"""Entry point of the per-variant benchmark process: `python -m ptqlab.measure.worker SPEC.json`.
 
 Kept apart from variant.py so that the package never imports the module it runs as __main__.
 """
@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from ptqlab.bench.variant import BenchSettings, bench_variant
+from ptqlab.measure.variant import BenchSettings, bench_variant
 from ptqlab.errors import PtqlabError
 from ptqlab.progress import VERBOSE_ENV, quiet_libraries
 

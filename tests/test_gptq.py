@@ -13,7 +13,8 @@ from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq, output_error
 from ptqlab.quant.linear import rtn
 from ptqlab.quant.primitives import dequantize
 from ptqlab.schemes import QuantArgs
-from ptqlab.sequential import InputStats, make_batches
+from ptqlab.engine.capture import make_batches
+from ptqlab.engine.statistics import InputStats
 from tiny import CHATS, write_jsonl
 
 INT4_G32 = QuantArgs(num_bits=4, strategy="group", group_size=32)
@@ -150,7 +151,7 @@ def test_batched_hessian_equals_the_per_sample_sum():
         expected += x.T @ x
     expected *= 2 / sum(len(s) for s in samples)
 
-    batches = make_batches(CalibrationSet(samples, "test"), batch_size=2, pad_id=0)
+    batches = make_batches(CalibrationSet(samples, "test", pad_id=0), batch_size=2)
     assert [b.input_ids.shape for b in batches] == [(2, 12), (2, 9), (1, 3)]
     with torch.no_grad(), InputStats({"q": q, "k": k}, torch.device("cpu")) as acc:
         for batch in batches:

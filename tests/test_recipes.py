@@ -66,7 +66,7 @@ def test_group_size_at_the_top_level_sets_the_weights(tmp_path):
     ({"name": "x", "scheme": {"weights": {"bits": 4}}, "steps": ["rtn"]}, r"unknown key 'bits'; allowed: num_bits"),
     ({"name": "x", "scheme": "W8A8", "steps": ["rtn"], "smoothing_strength": 0.8}, r"unknown key 'smoothing_strength'; allowed: name"),
     ({"name": "x", "scheme": "W8A8"}, r"key 'steps' is missing"),
-    ({"name": "x", "scheme": "W8A8", "group_size": 64, "steps": ["rtn"]}, r"group_size applies to group-wise weights"),
+    ({"name": "x", "scheme": "W8A8", "group_size": 64, "steps": ["rtn"]}, r"group_size applies to group-wise recipes"),
 ])
 def test_mistakes_name_the_key_and_what_is_allowed(doc, message):
     with pytest.raises(PtqlabError, match=message):

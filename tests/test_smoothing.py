@@ -13,7 +13,9 @@ from ptqlab.models import decoder_layers
 from ptqlab.quant.linear import rtn
 from ptqlab.quant.primitives import dequantize, fake_quantize
 from ptqlab.schemes import W8A8, QuantArgs
-from ptqlab.smoothing import MAPPINGS, apply_scales, awq_scales, resolve_mappings, smoothquant_scales
+from ptqlab.engine.awq import awq_scales
+from ptqlab.engine.smoothing import MAPPINGS, apply_scales, resolve_mappings
+from ptqlab.engine.smoothquant import smoothquant_scales
 from tiny import ARCHS, tiny_model
 
 

@@ -2,26 +2,25 @@
 
 Data-free recipes (round-to-nearest) run here, decoder layer by decoder layer, then any targeted linear outside the
 decoder layers; calibrated recipes (SmoothQuant, AWQ, GPTQ) hand the decoder layers to the layer-sequential engine
-(sequential.py).
+(the engine package).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from ptqlab.data import CalibrationSet, check_batch_size
+from ptqlab.engine import EngineOptions, Plan, calibrate
 from ptqlab.errors import PtqlabError
 from ptqlab.models import model_dtype, names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.recipes import Recipe, step_name
 from ptqlab.schemes import matches
-from ptqlab.sequential import gptq_quantizer, quantize_sequential, rtn_quantizer
 
 
 @dataclass
@@ -37,21 +36,9 @@ class QuantizationResult:
     """Per decoder layer, for calibrated methods: seconds per engine phase and notes."""
 
 
-def check_ignore(patterns) -> None:
-    """Every `re:` pattern compiles (recipes.py checks --ignore and YAML before any work; this covers a Recipe built
-    in Python)."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as e:
-                raise PtqlabError(f"ignore pattern {pattern!r} is not a valid regular expression ({e}): fix the regex after "
-                                  "'re:' (a literal special character needs a backslash before it)") from e
-
-
 def target_linears(model: nn.Module, ignore: tuple[str, ...]) -> tuple[dict[str, nn.Linear], list[str], list[str]]:
-    """-> (targets by name, ignored names, ignore patterns that matched nothing)."""
-    check_ignore(ignore)
+    """-> (targets by name, ignored names, ignore patterns that matched nothing). The patterns are checked where a
+    Recipe is made."""
     targets, ignored, used = {}, [], set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -157,15 +144,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
                               f"lies outside them: keep it 16-bit with --ignore (e.g. --ignore {outside[0]})")
         for name, linear in targets.items():
             _check_weight(name, linear)
-        stored = model_dtype(model)  # scales are written in it, whatever the engine computes in
-        if recipe.gptq is not None:
-            quantizer = gptq_quantizer(recipe.scheme, recipe.gptq, stored)
-        else:
-            quantizer = rtn_quantizer(recipe.scheme, stored)
-        reports = quantize_sequential(model, targets, quantizer, calibration, calibration.pad_id, batch_size, device, quiet=quiet,
-                                      label=f"{recipe.name} ({steps})", transforms=recipe.transforms,
-                                      needs_hessian=recipe.gptq is not None, weight_args=recipe.scheme.weights,
-                                      compute_dtype=compute_dtype)
+        plan = Plan(recipe.transforms, recipe.quantizer, recipe.scheme, scale_dtype=model_dtype(model))
+        options = EngineOptions(device, batch_size, compute_dtype=compute_dtype, quiet=quiet,
+                                label=f"{recipe.name} ({steps})")
+        reports = calibrate(model, targets, plan, calibration, options)
         result.quantized = list(targets)
         result.layer_reports = reports
         result.notes += [note for report in reports for note in report.notes]

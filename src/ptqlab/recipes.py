@@ -19,7 +19,6 @@ never from 4.0) and range before any work, so that what the checkpoint declares 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, fields, replace
 from importlib import resources
@@ -28,43 +27,20 @@ from typing import Union
 
 import yaml
 
+from ptqlab.engine.awq import AWQStep
+from ptqlab.engine.quantize import RTNStep
+from ptqlab.engine.smoothquant import SmoothQuantStep
+from ptqlab.engine.steps import STEPS, kind_of
 from ptqlab.errors import PtqlabError
 from ptqlab.quant.gptq import GPTQConfig
+from ptqlab.settings import SettingError, check_setting
 from ptqlab.schemes import FP8_DYNAMIC, W4A16, W8A8, FormatError, QuantArgs, Scheme, brief, check_format, check_scheme
 
 
-@dataclass(frozen=True)
-class SmoothQuantStep:
-    """Migrate activation outliers into the weights: s = max|X|^α / max|W|^(1-α) per input channel."""
-
-    smoothing_strength: float = 0.8
-    """α in [0, 1]: 0 leaves activations as they are, 1 moves all of their range into the weights."""
-    mappings: str = "norms"
-    """`norms`: into the norms before q/k/v and gate/up (llm-compressor's default); `all`: also v -> o and up -> down
-    where exact (smoothing.MAPPINGS). `all` made SmolLM2 w8a8 worse (README, "Recipes are data"): the
-    down_proj weights take on the activations' outliers, which per-channel int8 weights then round badly."""
-
-
-@dataclass(frozen=True)
-class AWQStep:
-    """Activation-aware scaling: per input channel, the s (on a grid) whose quantized weights err least on the
-    calibration inputs."""
-
-    n_grid: int = 20
-    """Grid points r = 0, 1/n, ..., (n-1)/n of s = x_mean^r / w_mean^(1-r)."""
-    duo_scaling: bool = True
-    """Divide by the weights' mean magnitude too (llm-compressor's default); False: s = x_mean^r."""
-
-
-@dataclass(frozen=True)
-class RTNStep:
-    """Round every weight to its nearest grid point (data-free)."""
-
-
 Step = Union[SmoothQuantStep, AWQStep, GPTQConfig, RTNStep]
-STEP_NAMES: dict[str, type] = {"smoothquant": SmoothQuantStep, "awq": AWQStep, "gptq": GPTQConfig, "rtn": RTNStep}
-TRANSFORMS = (SmoothQuantStep, AWQStep)
-QUANTIZERS = (GPTQConfig, RTNStep)
+STEP_NAMES: dict[str, type] = {kind.name: kind.settings for kind in STEPS}
+TRANSFORMS = tuple(kind.settings for kind in STEPS if kind.role == "transform")
+QUANTIZERS = tuple(kind.settings for kind in STEPS if kind.role == "quantizer")
 SCHEMES: dict[str, Scheme] = {
     "FP8_DYNAMIC": FP8_DYNAMIC,
     "W4A16": W4A16,
@@ -76,7 +52,8 @@ SCHEMES: dict[str, Scheme] = {
 
 def step_name(step: Step) -> str:
     """The YAML name of a step: smoothquant, awq, gptq or rtn."""
-    return next(name for name, cls in STEP_NAMES.items() if isinstance(step, cls))
+    return kind_of(step).name
+
 
 ACTORDER = {"static": True, "weight": True, True: True, None: False, False: False, "none": False}
 
@@ -101,6 +78,9 @@ class Recipe:
         problem = name_problem(self.name)
         if problem:
             raise PtqlabError(f"recipe name {problem}")
+        problem = ignore_problem(self.ignore)
+        if problem:
+            raise PtqlabError(f"recipe {self.name}: ignore: {problem}")
         try:
             check_scheme(self.scheme)
         except FormatError as e:
@@ -152,13 +132,8 @@ class Recipe:
                 raise PtqlabError(f"--ignore: {problem}")
             recipe = replace(recipe, ignore=tuple(ignore))
         if group_size is not None:
-            if not is_positive_int(group_size):
-                raise PtqlabError(f"--group-size {brief(group_size)}: must be a positive integer, e.g. 128 (it must divide "
-                                  f"every layer's input width)")
-            if recipe.scheme.weights.strategy != "group":
-                raise PtqlabError(f"--group-size applies to group-wise recipes; {self.name} quantizes weights per {recipe.scheme.weights.strategy}")
-            weights = recipe.scheme.weights.with_group_size(group_size)
-            recipe = replace(recipe, scheme=replace(recipe.scheme, weights=weights), auto_group_size=False)
+            scheme = regrouped(recipe.scheme, group_size, "--group-size", self.name)
+            recipe = replace(recipe, scheme=scheme, auto_group_size=False)
         return recipe
 
     def to_dict(self) -> dict:
@@ -200,6 +175,18 @@ def is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def regrouped(scheme: Scheme, group_size, option: str, recipe: str) -> Scheme:
+    """`scheme` with its weights' group size set to `group_size`, given as `option` (--group-size, or a YAML key) of
+    the recipe named `recipe`; an error naming the option when it is no positive integer or the weights are not
+    group-wise."""
+    if not is_positive_int(group_size):
+        raise PtqlabError(f"{option} {brief(group_size)}: must be a positive integer, e.g. 128 (it must divide every "
+                          f"layer's input width)")
+    if scheme.weights.strategy != "group":
+        raise PtqlabError(f"{option} applies to group-wise recipes; {recipe} quantizes weights per {scheme.weights.strategy}")
+    return replace(scheme, weights=scheme.weights.with_group_size(group_size))
+
+
 def ignore_problem(patterns) -> str | None:
     """Why `patterns` is not a list of layer names and `re:` regular expressions, or None."""
     if not isinstance(patterns, (list, tuple)):
@@ -215,66 +202,6 @@ def ignore_problem(patterns) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Interval:
-    """The allowed values of a numeric step setting (NaN and infinities never are)."""
-
-    low: float
-    high: float = math.inf
-    open_low: bool = False
-    open_high: bool = False
-    words: str = ""
-    """What is allowed, for people: 'a number in (0, 1), e.g. 0.01'."""
-
-    def __contains__(self, value) -> bool:
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        above = value > self.low if self.open_low else value >= self.low
-        below = value < self.high if self.open_high else value <= self.high
-        return above and below
-
-
-SMOOTHQUANT_MAPPINGS = ("norms", "all")
-SETTING_RULES: dict[tuple[str, str], Interval | tuple] = {
-    ("smoothquant", "smoothing_strength"): Interval(0, 1, words="a number in [0, 1], e.g. 0.8"),
-    ("smoothquant", "mappings"): SMOOTHQUANT_MAPPINGS,
-    ("awq", "n_grid"): Interval(1, words="a positive integer, e.g. 20"),
-    ("gptq", "block_size"): Interval(1, words="a positive integer, e.g. 128"),
-    ("gptq", "dampening_frac"): Interval(0, 1, open_low=True, open_high=True, words="a number in (0, 1), e.g. 0.01"),
-}
-"""Ranges and choices of step settings, by (step, setting); the type comes from the step's dataclass."""
-KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-TYPE_WORDS = {bool: "a boolean; use true or false", str: "a string"}
-KINDS = {"float": float, "int": int, "bool": bool, "str": str}
-
-
-class SettingError(ValueError):
-    """A step setting's value is not allowed; the message says what is (a noun phrase: 'a number in (0, 1)')."""
-
-
-def _setting_kind(step: str, key: str) -> type:
-    return KINDS[next(f.type for f in fields(STEP_NAMES[step]) if f.name == key)]
-
-
-def setting_words(step: str, key: str) -> str:
-    """What the setting `key` of `step` allows, for people: 'a number in (0, 1), e.g. 0.01', 'one of norms, all'."""
-    rule = SETTING_RULES.get((step, key))
-    if isinstance(rule, tuple):
-        return f"one of {', '.join(rule)}"
-    return rule.words if rule else KIND_WORDS[_setting_kind(step, key)]
-
-
-def check_setting(step: str, key: str, value):
-    """`value` as the setting `key` of `step` (an integer given for a float becomes a float), or SettingError."""
-    kind, rule = _setting_kind(step, key), SETTING_RULES.get((step, key))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    well_typed = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if not well_typed or (rule is not None and value not in rule):
-        raise SettingError(setting_words(step, key))
-    return value
-
-
 def _option(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -285,7 +212,7 @@ def _option_value(step: str, key: str, value):
         raise PtqlabError(f"{_option(key)} is not a {step} setting; allowed: "
                           f"{', '.join(_option(f.name) for f in fields(STEP_NAMES[step]))}")
     try:
-        return check_setting(step, key, value)
+        return check_setting(STEP_NAMES[step], key, value)
     except SettingError as e:
         raise PtqlabError(f"{_option(key)} {brief(value)}: must be {e}") from None
 
@@ -295,6 +222,7 @@ def _option_value(step: str, key: str, value):
 RECIPE_KEYS = ("name", "description", "scheme", "ignore", "group_size", "auto_group_size", "steps")
 MAX_RECIPE_BYTES = 256 * 1024
 """A recipe is a short YAML mapping; a larger file is refused before YAML reads it."""
+TYPE_WORDS = {bool: "a boolean; use true or false", str: "a string"}
 ACTORDER_WORDS = "static, weight (the same: columns by decreasing Hessian diagonal, static groups), none"
 
 
@@ -381,7 +309,7 @@ def _parse_step(where: str, spec) -> Step:
             settings["act_order"] = _parse_actorder(f"{where}.gptq.actorder", value)
             continue
         try:
-            settings[key] = check_setting(name, key, value)
+            settings[key] = check_setting(cls, key, value)
         except SettingError as e:
             raise PtqlabError(f"{where}.{name}.{key}: {brief(value)} is not allowed; must be {e}") from None
     return cls(**settings)
@@ -400,12 +328,7 @@ def parse_recipe(doc: dict, where: str = "recipe") -> Recipe:
     where = f"recipe {name}"
     scheme = _parse_scheme(f"{where}: scheme", doc["scheme"])
     if "group_size" in doc:
-        group_size = doc["group_size"]
-        if not is_positive_int(group_size):
-            raise PtqlabError(f"{where}: group_size: {brief(group_size)} is not a positive integer; use e.g. 128")
-        if scheme.weights.strategy != "group":
-            raise PtqlabError(f"{where}: group_size applies to group-wise weights, these are per {scheme.weights.strategy}")
-        scheme = replace(scheme, weights=scheme.weights.with_group_size(group_size))
+        scheme = regrouped(scheme, doc["group_size"], f"{where}: group_size", name)
     steps = doc["steps"]
     if not isinstance(steps, list) or not steps:
         raise PtqlabError(f"{where}: steps must be a non-empty list, e.g. [{{gptq: {{}}}}]; got {brief(steps)}")

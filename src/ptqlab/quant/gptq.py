@@ -18,6 +18,7 @@ import torch
 from ptqlab.quant import gptq_triton
 from ptqlab.quant.primitives import FP8_DTYPE, block_view, grid_range, quant_params, quantize, search_quant_params
 from ptqlab.schemes import QuantArgs
+from ptqlab.settings import Interval, setting
 
 
 class HessianError(ValueError):
@@ -28,9 +29,9 @@ class HessianError(ValueError):
 class GPTQConfig:
     """GPTQ's own knobs (the number format is the scheme's)."""
 
-    block_size: int = 128
+    block_size: int = setting(128, Interval(1, words="a positive integer, e.g. 128"))
     """Columns per lazy-batch block."""
-    dampening_frac: float = 0.01
+    dampening_frac: float = setting(0.01, Interval(0, 1, open_low=True, open_high=True, words="a number in (0, 1), e.g. 0.01"))
     """Added to the diagonal: dampening_frac x mean(diag H). Raised x10 (up to 5 times) if H is not positive definite."""
     act_order: bool = True
     """Visit columns by decreasing H_ii (the most salient inputs first); implies static groups. On by default, as in

@@ -1,4 +1,5 @@
-"""Smoothing transforms (SmoothQuant, AWQ): move a per-input-channel factor s from a linear's input into its weights.
+"""Where the smoothing transforms (engine/smoothquant.py, engine/awq.py) put their factors: move a per-input-channel
+factor s from a linear's input into its weights.
 
 A linear that reads y = f(x) / s through weights W·diag(s) computes exactly what it computed before, so the float
 model is unchanged; only what quantization sees changes. SmoothQuant picks s to shrink activation outliers (W8A8:
@@ -30,7 +31,6 @@ act(gate) by up elementwise. Gemma's norms compute x̂·(1 + w), so w' = (1 + w)
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,7 +95,7 @@ def resolve_mappings(layer: nn.Module, config) -> tuple[list[ResolvedMapping], l
     model_type = getattr(config, "model_type", None)
     if model_type not in MAPPINGS:
         raise PtqlabError(f"smoothing (SmoothQuant/AWQ) has no mappings for model_type {model_type!r}; supported: "
-                          f"{', '.join(MAPPINGS)} (add a row to ptqlab.smoothing.MAPPINGS)")
+                          f"{', '.join(MAPPINGS)} (add a row to ptqlab.engine.smoothing.MAPPINGS)")
     resolved, skipped = [], []
     for mapping in MAPPINGS[model_type]:
         smooth = layer.get_submodule(mapping.smooth)
@@ -147,50 +147,3 @@ def apply_scales(m: ResolvedMapping, scales: torch.Tensor) -> None:
             m.smooth.bias.copy_((m.smooth.bias.float() / s.to(w.device)).to(m.smooth.bias.dtype))
     for linear in m.balance.values():
         linear.weight.copy_((linear.weight.float() * s.to(linear.weight.device)).to(linear.weight.dtype))
-
-
-def smoothquant_scales(act_max: torch.Tensor, weights: list[torch.Tensor], strength: float) -> torch.Tensor:
-    """SmoothQuant's s_j = max|X_j|^α / max|W_j|^(1-α) (max over every balance weight's column j), 1 where an input
-    never fired or a column is all zero (nothing to balance)."""
-    w_max = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
-    s = act_max.float().to(w_max.device).pow(strength) / w_max.pow(1 - strength)
-    return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s)).clamp(min=1e-5)
-
-
-def awq_scales(x_mean: torch.Tensor, weights: list[torch.Tensor], hessian: torch.Tensor,
-               fake_quantize: Callable[[torch.Tensor], torch.Tensor], group_size: int | None, n_grid: int = 20,
-               duo_scaling: bool = True) -> tuple[torch.Tensor, float | None, float]:
-    """AWQ's grid search: s = x_mean^r / w_mean^(1-r) (duo scaling; x_mean^r otherwise) for r = 0, 1/n, ..., and
-    no scaling at all; keep the s whose quantized balance linears have the least output error on the calibration
-    inputs. The error Σ_b ||X Wbᵀ - X Ŵbᵀ||² is computed exactly from the inputs' Hessian, tr(ΔW H ΔWᵀ), so no
-    activations are kept. -> (scales, the chosen r or None for no scaling, error relative to no scaling)."""
-    device = hessian.device
-    W = [w.detach().float().to(device) for w in weights]
-    x_mean = x_mean.float().to(device)
-    w_mean = None
-    if duo_scaling:
-        stacked = torch.cat(W).abs()
-        blocks = stacked.unflatten(-1, (-1, group_size)) if group_size else stacked.unsqueeze(-2)
-        w_mean = (blocks / (blocks.amax(dim=-1, keepdim=True) + 1e-6)).flatten(-2).mean(dim=0)
-
-    def loss(s: torch.Tensor) -> float:
-        total = 0.0
-        for w in W:
-            delta = w - fake_quantize(w * s) / s
-            total += float(((delta @ hessian) * delta).sum())
-        return total
-
-    ones = torch.ones_like(x_mean)
-    base = loss(ones)
-    best = (base, ones, None)
-    for i in range(n_grid):
-        r = i / n_grid
-        s = x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4) if duo_scaling else x_mean.pow(r)
-        s = s.clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        if not torch.isfinite(s).all():
-            continue
-        value = loss(s)
-        if value < best[0]:
-            best = (value, s, r)
-    return best[1], best[2], best[0] / base if base > 0 else 1.0

@@ -1,0 +1,128 @@
+"""The engine's layer loop: each decoder layer through statistics, transforms, quantize and propagate, with the
+seconds of each phase and the notes for the run record."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ptqlab.data import CalibrationSet
+from ptqlab.engine.capture import Batch, capture, make_batches
+from ptqlab.engine.propagate import cast_back, floating_dtypes, propagate
+from ptqlab.engine.quantize import quantize_layer
+from ptqlab.engine.statistics import collect
+from ptqlab.engine.steps import Plan
+from ptqlab.engine.transforms import transform_layer
+from ptqlab.models import decoder_layers, model_device, model_dtype, names_by_layer, synchronizer
+from ptqlab.progress import track
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs, as opposed to what it computes (the Plan)."""
+
+    device: torch.device | None = None
+    """Where layers compute (default: where the model is)."""
+    batch_size: int = 16
+    """Calibration samples per forward."""
+    offload: bool | None = None
+    """Keep every layer but the current one on the CPU; None: when the model would take over 60 % of the GPU's free
+    memory."""
+    compute_dtype: torch.dtype | None = None
+    """What the forwards compute in (default: the model's): float32 for a bf16 model on a CPU that only emulates
+    bf16. Each finished layer is rounded back to the stored dtype before it propagates, so that the next layer is
+    calibrated on exactly what the checkpoint will compute."""
+    quiet: bool = False
+    label: str = "calibrate"
+    """What the progress line calls the run."""
+
+
+@dataclass
+class LayerReport:
+    index: int
+    seconds: dict[str, float]  # hessians (forward + statistics), transforms, quantize, propagate
+    notes: list[str]
+    details: list[str] = field(default_factory=list)  # per-mapping choices of the transforms (AWQ ratios, ...)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, calibration: CalibrationSet,
+              options: EngineOptions = EngineOptions()) -> list[LayerReport]:
+    """Calibrate and quantize `targets` (linears inside decoder layers) layer by layer, as `plan` says."""
+    device = options.device or model_device(model)
+    stored = None if options.compute_dtype in (None, model_dtype(model)) else floating_dtypes(model)
+    if stored is not None:
+        model.to(options.compute_dtype)
+    try:
+        return _calibrate_layers(model, targets, plan, calibration, options, device, stored)
+    finally:
+        if stored is not None:
+            cast_back(model, stored, round_only=False)
+
+
+class _PhaseClock:
+    """Seconds per phase of one layer, each measured after the device has finished the phase's work."""
+
+    def __init__(self, device: torch.device):
+        self.sync, self.seconds, self.last = synchronizer(device), {}, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.seconds[phase], self.last = now - self.last, now
+
+
+def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, calibration: CalibrationSet,
+                      options: EngineOptions, device: torch.device,
+                      stored: dict[str, torch.dtype] | None) -> list[LayerReport]:
+    layers = decoder_layers(model)
+    offload = options.offload
+    if offload is None:
+        offload = device.type == "cuda" and _bytes(model) > 0.6 * torch.cuda.mem_get_info(device)[0]
+    if not offload:
+        model.to(device)
+    batches = make_batches(calibration, options.batch_size)
+    capture(model, batches, device)  # with offload, the layers stay on the CPU; only the current one moves
+    grouped, _ = names_by_layer(model, targets)
+    prefixes = {id(module): name for name, module in model.named_modules()}
+    masks = [None if bool(b.attention_mask.all()) else b.attention_mask.to(device) for b in batches]
+    reports: list[LayerReport] = []
+    status = lambda i: "" if not reports else f"layer {reports[-1].index}: " + ", ".join(  # noqa: E731
+        f"{k} {v:.1f}s" for k, v in reports[-1].seconds.items())
+    for index in track(range(len(layers)), options.label, total=len(layers), quiet=options.quiet, status=status):
+        layer = layers[index].to(device)
+        layer_targets = {name: targets[name] for name in grouped[index]}
+        reports.append(_calibrate_layer(model, layer, index, prefixes[id(layer)], layer_targets, plan, batches, masks,
+                                        device, stored))
+        if offload:
+            layers[index].to("cpu")
+    return reports
+
+
+def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str, targets: dict[str, nn.Linear],
+                     plan: Plan, batches: list[Batch], masks: list, device: torch.device,
+                     stored: dict[str, torch.dtype] | None) -> LayerReport:
+    clock = _PhaseClock(device)
+    # Statistics of every linear of the layer (a transform may rescale an ignored one); only targets are quantized.
+    linears = {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    stats = collect(layer, linears, batches, masks, index, device, plan.statistics)
+    clock.lap("hessians")
+    notes, details = [], []
+    if plan.transforms:
+        details, notes = transform_layer(layer, model.config, prefix, plan, stats, first=index == 0)
+        clock.lap("transforms")
+    notes += quantize_layer(model, targets, plan, stats)
+    del stats
+    if stored is not None:  # the values the checkpoint will hold: smoothed norms, layers kept 16-bit
+        cast_back(layer, stored, prefix)
+    clock.lap("quantize")
+    propagate(layer, batches, index)
+    clock.lap("propagate")
+    return LayerReport(index, clock.seconds, notes, details)
+
+
+def _bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -1,0 +1,73 @@
+"""The table of recipe steps: each step's YAML name, its settings (a frozen dataclass, in the module that applies
+it), its role, the input statistics it needs, and the function that runs it. Adding a transform or a quantizer is
+its own module and one row here; recipes.py parses and checks steps through this table, and the engine runs them
+through it.
+
+A transform's function: (settings, mapping, stats, input name, plan) -> (scales, report line), or None where it
+leaves that mapping alone. A quantizer's function: (settings, linear name, linear, Hessian or None, plan) ->
+(QuantizedLinear, notes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ptqlab.engine.awq import AWQStep, awq
+from ptqlab.engine.quantize import RTNStep, gptq_linear, rtn_linear
+from ptqlab.engine.smoothquant import SmoothQuantStep, smoothquant
+from ptqlab.quant.gptq import GPTQConfig
+from ptqlab.schemes import Scheme
+
+
+@dataclass(frozen=True)
+class StepKind:
+    name: str
+    """The step's name in a recipe's YAML `steps` list."""
+    settings: type
+    role: Literal["transform", "quantizer"]
+    statistics: frozenset[str]
+    """What engine/statistics.py must collect for it: hessian, absmax, abssum."""
+    run: Callable
+
+
+STEPS: tuple[StepKind, ...] = (
+    StepKind("smoothquant", SmoothQuantStep, "transform", frozenset({"absmax"}), smoothquant),
+    StepKind("awq", AWQStep, "transform", frozenset({"abssum", "hessian"}), awq),
+    StepKind("gptq", GPTQConfig, "quantizer", frozenset({"hessian"}), gptq_linear),
+    StepKind("rtn", RTNStep, "quantizer", frozenset(), rtn_linear),
+)
+STEP_KINDS: dict[str, StepKind] = {kind.name: kind for kind in STEPS}
+
+
+def kind_of(step) -> StepKind:
+    """The table row of a step's settings object."""
+    for kind in STEPS:
+        if type(step) is kind.settings:
+            return kind
+    raise TypeError(f"{type(step).__name__} is not a recipe step; known: {', '.join(k.settings.__name__ for k in STEPS)}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the engine does to every decoder layer: a recipe's steps bound to its number format."""
+
+    transforms: tuple
+    """Transform steps' settings, applied in order."""
+    quantizer: object
+    """The quantizer step's settings (GPTQConfig, RTNStep)."""
+    scheme: Scheme
+    scale_dtype: torch.dtype
+    """The dtype scales are stored in: the checkpoint's, whatever the engine computes in."""
+
+    @staticmethod
+    def kind(step) -> StepKind:
+        return kind_of(step)
+
+    @property
+    def statistics(self) -> frozenset[str]:
+        """Every input statistic some step of the plan needs."""
+        return frozenset().union(*(kind_of(step).statistics for step in (*self.transforms, self.quantizer)))

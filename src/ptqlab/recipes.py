@@ -11,7 +11,8 @@ A recipe is a YAML document (the presets live in presets.yaml, parsed by the sam
       - gptq: {dampening_frac: 0.01, actorder: static}
 
 Steps run in order: transforms first (`smoothquant`, `awq`: they rescale the float model exactly), then exactly one
-quantizer, last (`gptq` or `rtn`). Keys follow llm-compressor's names where it has one (`smoothing_strength`,
+quantizer, last (`gptq` or `rtn`); the steps, their settings and their allowed values come from the engine's table
+(engine/steps.py) and the settings' own declarations (ptqlab.settings). Keys follow llm-compressor's names where it has one (`smoothing_strength`,
 `dampening_frac`, `actorder`, `group_size`, `ignore`). A wrong key or value is an error naming the key and what is
 allowed, raised while parsing: every value is checked by type (a boolean only from YAML's true/false, an integer
 never from 4.0) and range before any work, so that what the checkpoint declares is what was computed.

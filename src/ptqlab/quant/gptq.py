@@ -103,8 +103,6 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
         return quant_params(w, args, scale_dtype)
 
     scale, zero_point = params(W, h_diag)
-    block_size = args.group_size if dynamic_groups else config.block_size
-
     perm = torch.argsort(h_diag, descending=True) if config.act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
@@ -116,42 +114,47 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
         col_scale, col_zero = col_scale[:, perm], None if col_zero is None else col_zero[:, perm]
 
     Q = torch.empty_like(W)
-    fused = gptq_triton.available(W)
-    qmin, qmax = grid_range(args)
+    block_size = args.group_size if dynamic_groups else config.block_size
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         if dynamic_groups:
             group = i1 // args.group_size
-            group_scale, group_zero = params(W1, h_diag[i1:i2])  # [rows, 1]
+            group_scale, group_zero = params(W[:, i1:i2], h_diag[i1:i2])  # [rows, 1]
             scale[:, group:group + 1] = group_scale
             col_scale[:, i1:i2] = group_scale.float()
             if zero_point is not None:
                 zero_point[:, group:group + 1] = group_zero
                 col_zero[:, i1:i2] = group_zero.float()
-        if fused:  # the same loop as below, one kernel per block (gptq_triton.py)
-            zero_block = None if col_zero is None else col_zero[:, i1:i2]
-            Q[:, i1:i2], Err1 = gptq_triton.gptq_block(W1, Hinv1, col_scale[:, i1:i2], zero_block, qmin, qmax, args.type == "float")
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-            continue
-        # Transposed, so that a column is a contiguous row and its update of the later columns one rank-1 BLAS call
-        # (the loop runs once per input channel: per-operation overhead is what it costs on a CPU).
-        W1t, Err1t = W1.T.contiguous(), torch.empty_like(W1.T, memory_format=torch.contiguous_format)
-        scale_t = col_scale[:, i1:i2].T.contiguous()
-        zero_t = None if col_zero is None else col_zero[:, i1:i2].T.contiguous()
-        for i in range(i2 - i1):
-            w = W1t[i]
-            q = _round_column(w, scale_t[i], None if zero_t is None else zero_t[i], args)
-            err = torch.sub(w, q, out=Err1t[i]).div_(Hinv1[i, i])
-            W1t[i] = q
-            W1t[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
-        Q[:, i1:i2] = W1t.T
-        W[:, i2:].addmm_(Err1t.T, Hinv[i1:i2, i2:], alpha=-1)
+        zero_block = None if col_zero is None else col_zero[:, i1:i2]
+        Q[:, i1:i2], Err1 = _quantize_block(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], col_scale[:, i1:i2], zero_block, args)
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # the block's error reaches the columns after it
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     q = quantize(Q, scale, zero_point, args)  # Q is on the grid already: this recovers the grid values exactly
     return GPTQResult(q, scale, zero_point, damp_used, int(dead.sum()))
+
+
+def _quantize_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                    args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's sweep over one block of columns [rows, b]: each column rounded, its error folded into the block's later
+    columns -> (the block on the grid, dequantized; the errors scaled by 1 / Hinv_ii, for the columns after it).
+    One Triton kernel per block on a GPU (gptq_triton.py), else the loop below."""
+    if gptq_triton.available(W1):
+        qmin, qmax = grid_range(args)
+        return gptq_triton.gptq_block(W1, Hinv1, scale, zero_point, qmin, qmax, args.type == "float")
+    # Transposed, so that a column is a contiguous row and its update of the later columns one rank-1 BLAS call
+    # (the loop runs once per input channel: per-operation overhead is what it costs on a CPU).
+    W1t, Err1t = W1.T.contiguous(), torch.empty_like(W1.T, memory_format=torch.contiguous_format)
+    scale_t = scale.T.contiguous()
+    zero_t = None if zero_point is None else zero_point.T.contiguous()
+    for i in range(W1t.shape[0]):
+        w = W1t[i]
+        q = _round_column(w, scale_t[i], None if zero_t is None else zero_t[i], args)
+        err = torch.sub(w, q, out=Err1t[i]).div_(Hinv1[i, i])
+        W1t[i] = q
+        W1t[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
+    return W1t.T, Err1t.T
 
 
 def _per_column(scale, zero_point, args: QuantArgs, rows: int, columns: int):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptqlab.errors import PtqlabError
+from ptqlab.schemes import matches
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000
@@ -143,23 +144,30 @@ def corrupt_file(file: Path, detail: str) -> PtqlabError:
     return PtqlabError(f"{file} is truncated or corrupted: {detail}; re-download or re-create it")
 
 
-def read_header(file: Path) -> dict[str, StoredTensor]:
-    """Every tensor of one safetensors file (its header only), after checking that safetensors itself opens it."""
+def header_tensors(file: Path) -> dict[str, StoredTensor]:
+    """Every tensor of one safetensors file (its header only); ValueError saying what is wrong unless the header
+    parses, its tensors tile the data exactly and safetensors itself opens the file. The one test of a whole
+    safetensors file: loading a model (models.check_weight_files) and validating a checkpoint both use it."""
     from safetensors import safe_open
 
     size = file.stat().st_size
     with file.open("rb") as f:
-        try:
-            length = header_length(f.read(8), size)
-            tensors = parse_header(f.read(length), size - 8 - length, file)
-        except ValueError as e:
-            raise corrupt_file(file, str(e)) from None
+        length = header_length(f.read(8), size)
+        tensors = parse_header(f.read(length), size - 8 - length, file)
     try:
         with safe_open(file, framework="pt"):
             pass
     except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
-        raise corrupt_file(file, f"safetensors cannot open it ({e})") from None
+        raise ValueError(f"safetensors cannot open it ({e})") from None
     return tensors
+
+
+def read_header(file: Path) -> dict[str, StoredTensor]:
+    """Every tensor of one safetensors file (its header only); PtqlabError for a truncated or corrupted file."""
+    try:
+        return header_tensors(file)
+    except ValueError as e:
+        raise corrupt_file(file, str(e)) from None
 
 
 def read_ints(tensor: StoredTensor) -> list[int] | None:
@@ -346,13 +354,6 @@ def weight_formats(quantization_config: dict) -> list[tuple[list[str], WeightFor
     return out
 
 
-def targets_module(target: str, name: str) -> bool:
-    """Whether a config target (or ignore entry) names this linear layer, as compressed-tensors matches them."""
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target in ("Linear", name) or name.endswith("." + target)
-
-
 @dataclass(frozen=True)
 class Resolution:
     """What the quantization_config says of one linear layer."""
@@ -363,10 +364,10 @@ class Resolution:
 
 
 def resolve(name: str, ignore: list[str], groups: list[tuple[list[str], WeightFormat | None]]) -> Resolution:
-    if any(targets_module(t, name) for t in ignore):
+    if any(matches(name, t) for t in ignore):
         return Resolution(ignored=True)
     for targets, fmt in groups:
-        if any(targets_module(t, name) for t in targets):
+        if any(matches(name, t) for t in targets):
             return Resolution(targeted=True, format=fmt)
     return Resolution()
 

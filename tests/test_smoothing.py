@@ -165,3 +165,48 @@ def test_smoothquant_all_mappings_reach_v_o_and_up_down_where_exact(tiny_model_d
         transforms = record["layers"][0]["transforms"]
         assert len(transforms) == expected and all(t.startswith("smoothquant") for t in transforms)
         assert any("v_proj -> self_attn.o_proj" in t for t in transforms) == (kv_heads == 4)
+
+
+def test_a_new_transform_is_its_own_code_and_one_table_row(tiny_model_dir, calibration_file, monkeypatch):
+    """engine/steps.py's promise: a transform (here: divide every smoothed channel by a constant factor) is a settings
+    dataclass, a function and one row of STEPS; recipes then parse it and the engine runs it. Symmetric
+    round-to-nearest is invariant to such a factor (every scale grows with the weights), so the model quantized
+    after it computes what the plain RTN model computes, while the layer reports show the transform ran."""
+    from dataclasses import dataclass
+
+    from ptqlab.engine import steps
+    from ptqlab.recipes import parse_recipe
+    from ptqlab.settings import Interval, setting
+
+    @dataclass(frozen=True)
+    class FactorStep:
+        factor: float = setting(2.0, Interval(0, open_low=True, words="a positive number"))
+
+        def smooths_linears(self) -> bool:
+            return False
+
+    def by_factor(step, mapping, stats, input_name, plan):
+        width = next(iter(mapping.balance.values())).in_features
+        return torch.full((width,), step.factor), f"x{step.factor:g}"
+
+    row = steps.StepKind("factor", FactorStep, "transform", frozenset({"absmax"}), by_factor)
+    monkeypatch.setattr(steps, "STEPS", steps.STEPS + (row,))
+    monkeypatch.setitem(steps.STEP_KINDS, "factor", row)
+    recipe = parse_recipe({"name": "factor-rtn", "scheme": "W8A16", "steps": [{"factor": {"factor": 4}}, "rtn"]})
+    assert recipe.calibrated and recipe.transforms == (FactorStep(4.0),)
+    with pytest.raises(PtqlabError, match=r"factor.factor: -1 is not allowed; must be a positive number"):
+        parse_recipe({"name": "x", "scheme": "W8A16", "steps": [{"factor": {"factor": -1}}, "rtn"]})
+
+    src = tiny_model_dir("llama")
+    tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name, chosen in {"factor": recipe, "plain": replace(recipe, steps=recipe.steps[1:])}.items():
+        loaded = load_model(str(src))
+        calibration = calibration_for(loaded.tokenizer, calibration_file, n=8)
+        result = quantize_model(loaded.model, chosen, calibration, quiet=True, batch_size=4, device=torch.device("cpu"))
+        if name == "factor":
+            assert all(r.details and all(d.startswith("factor ") and d.endswith(": x4") for d in r.details)
+                       for r in result.layer_reports)
+        with torch.no_grad():
+            logits[name] = loaded.model(tokens).logits
+    torch.testing.assert_close(logits["factor"], logits["plain"], rtol=1e-4, atol=1e-4)

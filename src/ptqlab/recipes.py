@@ -31,7 +31,7 @@ import yaml
 from ptqlab.engine.awq import AWQStep
 from ptqlab.engine.quantize import RTNStep
 from ptqlab.engine.smoothquant import SmoothQuantStep
-from ptqlab.engine.steps import STEPS, kind_of
+from ptqlab.engine.steps import STEP_KINDS, kind_of
 from ptqlab.errors import PtqlabError
 from ptqlab.quant.gptq import GPTQConfig
 from ptqlab.settings import SettingError, check_setting
@@ -39,9 +39,6 @@ from ptqlab.schemes import FP8_DYNAMIC, W4A16, W8A8, FormatError, QuantArgs, Sch
 
 
 Step = Union[SmoothQuantStep, AWQStep, GPTQConfig, RTNStep]
-STEP_NAMES: dict[str, type] = {kind.name: kind.settings for kind in STEPS}
-TRANSFORMS = tuple(kind.settings for kind in STEPS if kind.role == "transform")
-QUANTIZERS = tuple(kind.settings for kind in STEPS if kind.role == "quantizer")
 SCHEMES: dict[str, Scheme] = {
     "FP8_DYNAMIC": FP8_DYNAMIC,
     "W4A16": W4A16,
@@ -86,12 +83,15 @@ class Recipe:
             check_scheme(self.scheme)
         except FormatError as e:
             raise PtqlabError(f"recipe {self.name}: scheme.{e.key}: {e.problem}") from None
-        if not self.steps or not isinstance(self.steps[-1], QUANTIZERS):
+        try:
+            roles = [kind_of(step).role for step in self.steps]
+        except TypeError as e:
+            raise PtqlabError(f"recipe {self.name}: {e}") from None
+        if not roles or roles[-1] != "quantizer":
             raise PtqlabError(f"recipe {self.name}: the last step must be a quantizer (gptq or rtn)")
-        for step in self.steps[:-1]:
-            if not isinstance(step, TRANSFORMS):
-                raise PtqlabError(f"recipe {self.name}: only smoothquant and awq may come before the quantizer, "
-                                  f"and only one quantizer (gptq or rtn) is allowed, last")
+        if any(role != "transform" for role in roles[:-1]):
+            raise PtqlabError(f"recipe {self.name}: only smoothquant and awq may come before the quantizer, "
+                              f"and only one quantizer (gptq or rtn) is allowed, last")
 
     @property
     def quantizer(self) -> GPTQConfig | RTNStep:
@@ -103,13 +103,13 @@ class Recipe:
 
     @property
     def method(self) -> str:
-        """`gptq` or `rtn`: how weights reach the grid."""
-        return "gptq" if isinstance(self.quantizer, GPTQConfig) else "rtn"
+        """The quantizer's name (`gptq`, `rtn`): how weights reach the grid."""
+        return kind_of(self.quantizer).name
 
     @property
     def calibrated(self) -> bool:
-        """Whether the recipe needs calibration data (any step but plain RTN does)."""
-        return any(not isinstance(step, RTNStep) for step in self.steps)
+        """Whether the recipe needs calibration data: whether any step needs statistics of the layers' inputs."""
+        return any(kind_of(step).statistics for step in self.steps)
 
     @property
     def gptq(self) -> GPTQConfig | None:
@@ -209,11 +209,12 @@ def _option(key: str) -> str:
 
 def _option_value(step: str, key: str, value):
     """A command-line option's value for a step setting, or a one-line error naming the option."""
-    if key not in {f.name for f in fields(STEP_NAMES[step])}:
+    settings = STEP_KINDS[step].settings
+    if key not in {f.name for f in fields(settings)}:
         raise PtqlabError(f"{_option(key)} is not a {step} setting; allowed: "
-                          f"{', '.join(_option(f.name) for f in fields(STEP_NAMES[step]))}")
+                          f"{', '.join(_option(f.name) for f in fields(settings))}")
     try:
-        return check_setting(STEP_NAMES[step], key, value)
+        return check_setting(settings, key, value)
     except SettingError as e:
         raise PtqlabError(f"{_option(key)} {brief(value)}: must be {e}") from None
 
@@ -293,12 +294,12 @@ def _parse_step(where: str, spec) -> Step:
     if isinstance(spec, str):
         spec = {spec: {}}
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise PtqlabError(f"{where}: a step is one of {', '.join(STEP_NAMES)} with its parameters, e.g. "
+        raise PtqlabError(f"{where}: a step is one of {', '.join(STEP_KINDS)} with its parameters, e.g. "
                           f"'- gptq: {{dampening_frac: 0.01}}'; got {brief(spec)}")
     (name, params), = spec.items()
-    if name not in STEP_NAMES:
-        raise PtqlabError(f"{where}: unknown step {brief(name)}; allowed: {', '.join(STEP_NAMES)}")
-    cls = STEP_NAMES[name]
+    if name not in STEP_KINDS:
+        raise PtqlabError(f"{where}: unknown step {brief(name)}; allowed: {', '.join(STEP_KINDS)}")
+    cls = STEP_KINDS[name].settings
     allowed = [f.name for f in fields(cls)]
     if cls is GPTQConfig:
         allowed = [a for a in allowed if a != "act_order"] + ["actorder"]

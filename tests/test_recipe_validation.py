@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -460,3 +461,14 @@ def test_valid_overrides_still_apply():
     recipe = PRESETS["w4a16"].with_overrides(ignore=["lm_head", "re:.*down_proj"], group_size=64).with_gptq(dampening_frac=0.05, act_order=False)
     assert recipe.scheme.weights.group_size == 64 and not recipe.auto_group_size and recipe.ignore == ("lm_head", "re:.*down_proj")
     assert recipe.gptq.dampening_frac == 0.05 and not recipe.gptq.act_order
+
+
+@pytest.mark.parametrize("text, key", [
+    ("name: x\nscheme: W4A16\nsteps: [rtn]\nsteps: [gptq]\n", "steps"),
+    ("name: x\nscheme: W4A16\nsteps:\n  - gptq: {dampening_frac: 0.01, dampening_frac: 0.1}\n", "dampening_frac"),
+])
+def test_a_key_given_twice_is_refused_not_silently_overwritten(tmp_path, text, key):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(PtqlabError, match=rf"^{re.escape(str(path))} is not valid YAML: duplicate key '{key}' at line \d+"):
+        load_recipe_file(path)

@@ -343,6 +343,20 @@ def parse_recipe(doc: dict, where: str = "recipe") -> Recipe:
                   description=_typed(f"{where}: description", doc.get("description", ""), str))
 
 
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """YAML's safe loader, refusing a mapping that names a key twice: plain YAML keeps the last value silently, so a
+    recipe with two `steps:` or two `dampening_frac:` would run something other than what its author reads."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML error on one line: what is wrong and where."""
     mark = getattr(e, "problem_mark", None)
@@ -363,7 +377,7 @@ def load_recipe_file(path: str | Path) -> Recipe:
         raise PtqlabError(f"{path}: over {MAX_RECIPE_BYTES // 1024} KiB, too large for a recipe (a short YAML mapping: "
                           f"name, scheme, steps); check that it is the right file")
     try:
-        doc = yaml.load(data.decode("utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        doc = yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:
         raise PtqlabError(f"{path} is not UTF-8 text; a recipe is a YAML file") from None
     except yaml.YAMLError as e:
@@ -375,7 +389,7 @@ def load_recipe_file(path: str | Path) -> Recipe:
 
 def _load_presets() -> dict[str, Recipe]:
     text = resources.files("ptqlab").joinpath("presets.yaml").read_text(encoding="utf-8")
-    return {r.name: r for r in (parse_recipe(doc, "presets.yaml") for doc in yaml.safe_load_all(text) if doc)}
+    return {r.name: r for r in (parse_recipe(doc, "presets.yaml") for doc in yaml.load_all(text, Loader=_UniqueKeyLoader) if doc)}
 
 
 PRESETS: dict[str, Recipe] = _load_presets()

@@ -141,6 +141,17 @@ def test_lab_rebuilds_a_checkpoint_made_with_other_calibration(tiny_model_dir, t
     assert [e["event"] for e in _events(tmp_path)[before:] if e["event"].startswith("quantize")] == ["quantize.reused"]
 
 
+def test_bench_refuses_a_checkpoint_with_a_damaged_run_record(model_copy, tmp_path):
+    """The record says which 16-bit model a checkpoint came from (bench's inferred baseline): a damaged one is one
+    line naming the file, before anything is measured."""
+    checkpoint = tmp_path / "q"
+    assert run("quantize", model_copy / "tiny", "--recipe", "w8a8-rtn", "--out", checkpoint, "--quiet")[0] == 0
+    (checkpoint / "ptqlab.json").write_text('{"model": "cut off')
+    code, output = run("bench", checkpoint, "--out", tmp_path / "bench", "--quiet")
+    assert code == 2 and "ptqlab.json is damaged" in one_error_line(output)
+    assert not (tmp_path / "bench" / "variants").exists()
+
+
 # ------------------------------------------------------------------ concurrent runs and signals
 
 def test_a_second_run_on_the_same_out_is_refused(tiny_model_dir, tmp_path):

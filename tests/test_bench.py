@@ -156,7 +156,7 @@ def variant(name, mib, ppl, kl, decode, throughput):
 
 
 def test_recommendation_picks_within_the_quality_budget():
-    from ptqlab.suite import Budget
+    from ptqlab.report import Budget
 
     variants = [variant("baseline", 256, 10.0, None, 30, 100), variant("fp8", 160, 10.2, 0.01, 40, 150),
                 variant("w8a8", 160, 10.3, 0.02, 45, 140), variant("w4", 110, 14.0, 0.30, 60, 90)]
@@ -168,6 +168,16 @@ def test_recommendation_picks_within_the_quality_budget():
     loose = recommend(variants, "baseline", Budget(max_kl=1.0, max_ppl_increase=50.0))
     assert loose["smallest"]["variant"] == "w4" and loose["fastest_decode"]["variant"] == "w4"
 
+
+
+def test_budget_says_whether_a_variant_fits_and_why():
+    from ptqlab.report import Budget
+
+    budget = Budget(max_kl=0.05, max_ppl_increase=5.0)
+    assert budget.verdict(0.05, 5.0) == (True, "KL 0.0500 nats, perplexity +5.00%")  # the limits are inclusive
+    assert budget.verdict(0.051, 1.0)[0] is False and budget.verdict(0.01, 5.1)[0] is False
+    assert budget.verdict(None, 0.0) == (False, "KL not measured, perplexity +0.00%")  # unknown distance never fits
+    assert budget.describe() == "mean KL at most 0.05 nats per token, perplexity at most +5% over the baseline"
 
 def test_ptqlab_bench_is_the_verb_even_after_the_measurement_package_is_imported():
     """One meaning per name: importing the measurement package must not replace `ptqlab.bench` with a module."""

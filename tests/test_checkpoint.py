@@ -182,3 +182,51 @@ def test_run_record_says_how_the_checkpoint_was_made(tiny_model_dir, tmp_path):
     assert {"torch", "transformers", "compressed_tensors", "ptqlab"} <= set(record["versions"])
     assert record["created"] and record["model"] == str(src)
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+
+
+def test_run_record_reads_back_and_writes_the_same_file(tiny_model_dir, tmp_path):
+    """ptqlab.record owns the file: reading a record and writing it again gives the very bytes quantize wrote, so the
+    typed record and the on-disk format cannot drift apart."""
+    from ptqlab.record import RECORD_NAME, read_record
+
+    out = quantize(str(tiny_model_dir("llama")), "w4a16-rtn", out=tmp_path / "q", seed=7, quiet=True)
+    record = read_record(out)
+    assert record.recipe_name == "w4a16-rtn" and record.format == "pack-quantized"
+    assert record.ignored_layers == ("lm_head",) and record.model_path == str(tiny_model_dir("llama"))
+    assert record.request["seed"] == 7 and record.request_differences(record.request) == []
+    assert record.to_json() == (out / RECORD_NAME).read_text()
+    assert read_record(tmp_path) is None  # no record: not a ptqlab output
+
+
+def _record_fields():
+    return {"model": "m", "model_path": "/m", "model_note": None, "recipe": {"name": "fp8-dynamic"}, "format": "float-quantized",
+            "scheme": "FP8", "settings": {}, "quantized_layers": 2, "ignored_layers": ["lm_head"], "notes": [],
+            "seconds": 1.0, "created": "2026-01-01T00:00:00+00:00", "versions": {}, "command": ["ptqlab"]}
+
+
+def test_a_record_from_another_version_reads(tmp_path):
+    """Records written before `layers` and `request` existed, or by a newer ptqlab with keys this one does not know."""
+    from ptqlab.record import RECORD_NAME, read_record
+
+    (tmp_path / RECORD_NAME).write_text(json.dumps({**_record_fields(), "from_the_future": 1}))
+    record = read_record(tmp_path)
+    assert record.request is None and record.layers == () and record.recipe_name == "fp8-dynamic"
+    assert record.request_differences({"seed": 0}) == ["seed"]  # no request recorded: never reused
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("{not json", "Expecting property name"),
+    ("[1, 2]", "a JSON list, not an object"),
+    (json.dumps({k: v for k, v in _record_fields().items() if k != "model_path"}), "no model_path"),
+    (json.dumps({**_record_fields(), "recipe": {}}), "its recipe has no name"),
+    (json.dumps({**_record_fields(), "notes": "one"}), "notes is not a list"),
+], ids=["not-json", "not-an-object", "key-missing", "recipe-without-name", "wrong-type"])
+def test_a_damaged_record_is_one_line_naming_the_file(tmp_path, content, reason):
+    from ptqlab.errors import PtqlabError
+    from ptqlab.record import RECORD_NAME, read_record
+
+    (tmp_path / RECORD_NAME).write_text(content)
+    with pytest.raises(PtqlabError) as error:
+        read_record(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path / RECORD_NAME) in message and reason in message

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -17,27 +15,11 @@ from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import write_checkpoint
 from ptqlab.models import compute_dtype, load_model, model_dtype, resolve_device
-from ptqlab.output import RECORD_NAME, atomic_dir, check_writable
+from ptqlab.output import atomic_dir, check_writable
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.recipes import Recipe, get_recipe
+from ptqlab.record import RunRecord, versions
 from ptqlab.version import __version__
-
-
-
-def versions() -> dict[str, str]:
-    """Versions of everything that shapes the numbers, for run records."""
-    import compressed_tensors
-    import safetensors
-    import transformers
-
-    return {
-        "ptqlab": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "compressed_tensors": compressed_tensors.__version__,
-        "safetensors": safetensors.__version__,
-    }
 
 
 def request_of(model: str | None, recipe: Recipe, dtype: str, seed: int, calibration: CalibrationConfig | None,
@@ -58,31 +40,26 @@ def calibration_of(recipe: Recipe, calibration: CalibrationConfig | None, seed: 
     return replace(calibration or CalibrationConfig(), seed=seed)
 
 
-def request_differences(record: dict, request: dict) -> list[str]:
-    """The settings in which a checkpoint's record differs from `request` (all of them for a record without one)."""
-    recorded = record.get("request") or {}
-    return [key for key in request if recorded.get(key) != request[key]]
-
-
-def _record(loaded, result: QuantizationResult, settings: dict, seconds: float) -> dict:
-    return {
-        "model": loaded.source,
-        "model_path": loaded.path,
-        "model_note": loaded.note,
-        "recipe": result.recipe.to_dict(),
-        "format": result.recipe.scheme.format,
-        "scheme": result.recipe.scheme.describe(),
-        "settings": settings,
-        "quantized_layers": len(result.quantized),
-        "ignored_layers": result.ignored,
-        "notes": result.notes,
-        "layers": [{"index": r.index, "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "transforms": r.details}
-                   for r in result.layer_reports],
-        "seconds": round(seconds, 3),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
-        "command": sys.argv,
-    }
+def _run_record(loaded, result: QuantizationResult, settings: dict, seconds: float, request: dict) -> RunRecord:
+    return RunRecord(
+        model=loaded.source,
+        model_path=loaded.path,
+        model_note=loaded.note,
+        recipe=result.recipe.to_dict(),
+        format=result.recipe.scheme.format,
+        scheme=result.recipe.scheme.describe(),
+        settings=settings,
+        quantized_layers=len(result.quantized),
+        ignored_layers=tuple(result.ignored),
+        notes=tuple(result.notes),
+        layers=tuple({"index": r.index, "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "transforms": r.details}
+                     for r in result.layer_reports),
+        seconds=round(seconds, 3),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=versions(),
+        command=tuple(sys.argv),
+        request=request,
+    )
 
 
 def _source_folders(model: str | None) -> tuple[Path, ...]:
@@ -166,8 +143,7 @@ def quantize(
                 "calib_batch_size": calib_batch_size, "device": device}
     with atomic_dir(out, overwrite, protect) as tmp:
         write_checkpoint(tmp, loaded.model, loaded.tokenizer, result.recipe)
-        record = {**_record(loaded, result, settings, time.perf_counter() - start), "request": request}
-        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        _run_record(loaded, result, settings, time.perf_counter() - start, request).write(tmp)
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -64,9 +63,10 @@ def quantize(
     Calibrated recipes (GPTQ, SmoothQuant, AWQ: all but fp8-dynamic, w4a16-rtn, w8a8-rtn) draw --num-samples
     chat-formatted samples of at most --max-seq-len tokens from --dataset with --seed."""
     _start(verbose)
-    from ptqlab.api import RECORD_NAME, quantize as run
+    from ptqlab.api import quantize as run
     from ptqlab.data import CalibrationConfig
     from ptqlab.recipes import get_recipe
+    from ptqlab.record import read_record
 
     try:
         chosen = get_recipe(recipe)
@@ -78,14 +78,14 @@ def quantize(
                                         max_seq_len=max_seq_len, allow_plain_text=allow_plain_text)
         path = run(model, chosen, out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,
                    seed=seed, quiet=quiet, calibration=calibration, calib_batch_size=calib_batch_size, device=device)
+        record = read_record(path)
     except PtqlabError as e:
         _fail(e)
-    record = json.loads((path / RECORD_NAME).read_text())
-    for note in record["notes"]:
+    for note in record.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(
-        f"[green]wrote[/] {path} ({record['format']}: {record['quantized_layers']} layers quantized, "
-        f"{len(record['ignored_layers'])} kept 16-bit) in {record['seconds']:.1f} s",
+        f"[green]wrote[/] {path} ({record.format}: {record.quantized_layers} layers quantized, "
+        f"{len(record.ignored_layers)} kept 16-bit) in {record.seconds:.1f} s",
         highlight=False,
     )
 
@@ -177,7 +177,8 @@ def bench(
 ) -> None:
     """Benchmark model folders side by side: size, load time, memory, perplexity, KL, speed, samples; write a report."""
     _start(verbose)
-    from ptqlab.suite import Budget, bench as run
+    from ptqlab.report import Budget
+    from ptqlab.suite import bench as run
 
     try:
         settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
@@ -205,7 +206,8 @@ def lab(
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
     _start(verbose)
     from ptqlab.data import CalibrationConfig
-    from ptqlab.suite import Budget, lab as run, lab_calibration_size
+    from ptqlab.report import Budget
+    from ptqlab.suite import lab as run, lab_calibration_size
 
     try:
         settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,

@@ -20,7 +20,7 @@ from torch import nn
 
 from ptqlab.embedded import DEFAULT_MODEL_NAME, NOTE as EMBEDDED_NOTE, default_model_path
 from ptqlab.errors import PtqlabError
-from ptqlab.output import RECORD_NAME
+from ptqlab.record import read_record
 
 # model_type -> where the decoder layers live. Tested with a tiny random model of each in tests/.
 DECODER_LAYERS: dict[str, str] = {
@@ -199,12 +199,13 @@ def check_not_quantized(config, source: str, path: str) -> None:
     method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
     method = f" ({getattr(method, 'value', method)})" if method else ""
     origin = ""
-    record = Path(path) / RECORD_NAME
-    if os.path.isdir(path) and record.is_file():
+    if os.path.isdir(path):
         try:
-            origin = f" (ptqlab made this one from {json.loads(record.read_text())['model']!r})"
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+            record = read_record(Path(path))
+        except PtqlabError:  # the refusal below stands on its own; a damaged record only loses the hint
+            record = None
+        if record is not None:
+            origin = f" (ptqlab made this one from {record.model!r})"
     raise PtqlabError(f"{source!r} is already quantized{method}: its config.json has a quantization_config; give the "
                       f"16-bit original instead{origin}")
 

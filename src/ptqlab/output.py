@@ -12,10 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ptqlab.errors import PtqlabError
-
-
-RECORD_NAME = "ptqlab.json"
-"""The run record every ptqlab checkpoint holds: the mark of a folder that ptqlab wrote, and may replace."""
+from ptqlab.record import RECORD_NAME, has_record
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -43,7 +40,7 @@ def check_writable(out: Path, overwrite: bool, protect: tuple[Path, ...] = (), n
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise PtqlabError(f"--out {out} exists and is not empty: choose another folder or pass --overwrite")
-        if not (out / RECORD_NAME).is_file():
+        if not has_record(out):  # the run record marks a folder that ptqlab wrote, and may replace
             raise PtqlabError(f"--out {out} holds files that ptqlab did not write (no {RECORD_NAME}): --overwrite replaces "
                               "only a ptqlab checkpoint; choose another folder")
     ancestor = _existing_ancestor(out.parent if not out.exists() else out)

@@ -12,12 +12,34 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ptqlab.measure.quality import perplexity_change
+from ptqlab.record import versions
 
 SCHEMA = "ptqlab.results/1"
 MiB = 2**20
 
 
-def recommend(variants: list[dict], baseline: str | None, budget) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """The quality budget a variant must meet to be recommended: how far its next-token distributions and its
+    perplexity may move from the baseline's. It lives here, beside `recommend`, the one place that applies it."""
+
+    max_kl: float = 0.05
+    """Mean KL divergence from the baseline, in nats per token."""
+    max_ppl_increase: float = 5.0
+    """Perplexity increase over the baseline, in percent."""
+
+    def verdict(self, kl: float | None, ppl_increase: float) -> tuple[bool, str]:
+        """(whether a variant with this mean KL and perplexity increase is within the budget, those figures in words).
+        A variant without a KL is not: its distance from the baseline is unknown."""
+        fits = kl is not None and kl <= self.max_kl and ppl_increase <= self.max_ppl_increase
+        kl_words = "KL not measured" if kl is None else f"KL {kl:.4f} nats"
+        return fits, f"{kl_words}, perplexity {ppl_increase:+.2f}%"
+
+    def describe(self) -> str:
+        return f"mean KL at most {self.max_kl:g} nats per token, perplexity at most {self.max_ppl_increase:+g}% over the baseline"
+
+
+def recommend(variants: list[dict], baseline: str | None, budget: Budget) -> dict:
     """The smallest variant within the quality budget, the fastest decode, the fastest batched throughput."""
     base = next((v for v in variants if v["name"] == baseline), None)
 
@@ -27,9 +49,7 @@ def recommend(variants: list[dict], baseline: str | None, budget) -> dict:
         if v["name"] == baseline:
             return True, "the baseline"
         kl = (v.get("kl") or {}).get("mean")
-        increase = 100 * (v["perplexity"]["value"] / base["perplexity"]["value"] - 1)
-        ok = kl is not None and kl <= budget.max_kl and increase <= budget.max_ppl_increase
-        return ok, f"KL {kl:.4f} nats, perplexity {increase:+.2f}%"
+        return budget.verdict(kl, 100 * (v["perplexity"]["value"] / base["perplexity"]["value"] - 1))
 
     verdicts = {v["name"]: within(v) for v in variants}
     eligible = [v for v in variants if verdicts[v["name"]][0]]
@@ -97,7 +117,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def _recommendation_lines(rec: dict) -> list[str]:
-    lines = []
+    lines = [f"Quality budget: {Budget(**rec['budget']).describe()}."]
     for key, label in (("smallest", "Smallest within the quality budget"), ("fastest_decode", "Fastest decode (batch 1)"),
                        ("fastest_throughput", "Fastest batched throughput")):
         pick = rec.get(key)
@@ -145,9 +165,7 @@ def _notes(results: dict) -> list[str]:
     return notes
 
 
-def build_results(variants: list[dict], settings, budget, baseline: str | None, model: str | None = None) -> dict:
-    from ptqlab.api import versions
-
+def build_results(variants: list[dict], settings, budget: Budget, baseline: str | None, model: str | None = None) -> dict:
     first = variants[0]
     model_note = None
     if model is not None:
@@ -172,7 +190,7 @@ def build_results(variants: list[dict], settings, budget, baseline: str | None, 
     }
 
 
-def write_report(out: Path, variants: list[dict], settings, budget, baseline_name: str | None, model: str | None = None) -> dict:
+def write_report(out: Path, variants: list[dict], settings, budget: Budget, baseline_name: str | None, model: str | None = None) -> dict:
     results = build_results(variants, settings, budget, baseline_name, model)
     rows = _rows(variants, baseline_name)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from ptqlab.measure.variant import BenchSettings, device_name, fingerprint, run_isolated
 from ptqlab.models import check_model_folder, resolve_device
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.validate import validate_checkpoint
-from ptqlab.output import RECORD_NAME, locked
+from ptqlab.output import locked
 from ptqlab.progress import format_seconds, log_event, say
+from ptqlab.record import read_record
+from ptqlab.report import Budget, write_report
 from ptqlab.version import __version__
 
 
@@ -44,16 +45,6 @@ def lab_calibration_size(settings: BenchSettings, num_samples: int | None, max_s
              f"{defaults['max_seq_len']} tokens; --num-samples and --max-seq-len change them", quiet)
     return {"num_samples": defaults["num_samples"] if num_samples is None else num_samples,
             "max_seq_len": defaults["max_seq_len"] if max_seq_len is None else max_seq_len}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The quality budget a variant must meet to be recommended."""
-
-    max_kl: float = 0.05
-    """Mean KL divergence from the baseline, in nats per token."""
-    max_ppl_increase: float = 5.0
-    """Perplexity increase over the baseline, in percent."""
 
 
 def _say(message: str, quiet: bool) -> None:
@@ -173,8 +164,6 @@ def bench(paths: list[str], out: str | Path = "ptqlab-bench", baseline: str | No
     Without `baseline`, the first path that is not quantized is the baseline, else the 16-bit model a ptqlab
     checkpoint was made from (its ptqlab.json), when that folder exists here.
     """
-    from ptqlab.report import write_report
-
     folders = [Path(p) for p in paths]
     for folder in folders:
         check_model_folder(folder, "bench takes local folders (checkpoints or 16-bit models)")
@@ -188,14 +177,15 @@ def bench(paths: list[str], out: str | Path = "ptqlab-bench", baseline: str | No
 
 
 def _infer_baseline(folders: list[Path]) -> Path | None:
+    """The first unquantized folder, else the 16-bit model the first ptqlab checkpoint was made from, if it is here."""
     for folder in folders:
         config = json.loads((folder / "config.json").read_text())
         if "quantization_config" not in config:
             return folder
     for folder in folders:
-        record = folder / "ptqlab.json"
-        if record.is_file():
-            source = Path(json.loads(record.read_text())["model_path"])
+        record = read_record(folder)
+        if record is not None:
+            source = Path(record.model_path)
             if (source / "config.json").is_file():
                 return source
     return None
@@ -219,11 +209,9 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
 
 
 def _lab(model, recipes, out: Path, settings, budget, dtype, quiet, calibration, calib_batch_size) -> Path:
-    from ptqlab.api import quantize, request_differences, request_of
+    from ptqlab.api import quantize, request_of
     from ptqlab.embedded import DEFAULT_MODEL_NAME, default_model_path
     from ptqlab.models import load_config
-    from ptqlab.report import write_report
-
     source = model or DEFAULT_MODEL_NAME
     base_path = Path(model).expanduser() if model and Path(model).expanduser().is_dir() else None
     if model is None:
@@ -247,9 +235,9 @@ def _lab(model, recipes, out: Path, settings, budget, dtype, quiet, calibration,
     for recipe in recipes:
         name = recipe.name
         folder = out / "checkpoints" / name
-        record = folder / RECORD_NAME
+        record = read_record(folder)
         request = request_of(str(base_path), recipe, dtype, settings.seed, calibration, settings.device)
-        differs = request_differences(json.loads(record.read_text()), request) if record.is_file() else None
+        differs = record.request_differences(request) if record is not None else None
         if differs == []:
             steps.say(f"quantize {name}: checkpoint already in {folder}, made with the same settings, reused")
             log_event(log, "quantize.reused", recipe=name)

@@ -23,6 +23,7 @@ import torch
 from ptqlab.errors import PtqlabError
 from ptqlab.models import check_model_folder, compute_dtype, resolve_device, synchronizer
 from ptqlab.progress import say
+from ptqlab.record import read_record
 
 # The quick probe (the default on CPUs): 10 windows of 512 tokens. A perplexity measured on so few windows carries a
 # standard error of several percent, a change against the baseline (paired on the same windows) far less; the report
@@ -111,11 +112,10 @@ def fingerprint(path: Path) -> str:
 
 
 def describe_checkpoint(path: Path) -> dict:
-    """Recipe, format and scheme from ptqlab.json or config.json; 16-bit when not quantized."""
-    record = path / "ptqlab.json"
-    if record.is_file():
-        data = json.loads(record.read_text())
-        return {"recipe": data["recipe"]["name"], "format": data["format"], "scheme": data["scheme"]}
+    """Recipe, format and scheme from the run record (ptqlab.json) or config.json; 16-bit when not quantized."""
+    record = read_record(path)
+    if record is not None:
+        return {"recipe": record.recipe_name, "format": record.format, "scheme": record.scheme}
     config = json.loads((path / "config.json").read_text())
     qc = config.get("quantization_config")
     if qc:

@@ -54,7 +54,7 @@ def model_paths() -> dict:
     from ptqlab.measure.text import load_eval_text
     from ptqlab.data import CalibrationConfig, load_calibration
     from ptqlab.embedded import default_model_path
-    from ptqlab.sequential import capture, make_batches
+    from ptqlab.engine.capture import capture, make_batches
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -69,7 +69,7 @@ def model_paths() -> dict:
         engine = TransformersEngine(model)
         with torch.no_grad():
             forward = timed(lambda: model(window))
-            batches = make_batches(calibration, 16, 0)
+            batches = make_batches(calibration, 16)
             capture(model, batches, torch.device("cpu"))
             layer = model.model.layers[0]
             layer_forward = timed(lambda: [layer(b.hidden, **b.layer_kwargs[0]) for b in batches])

@@ -14,7 +14,7 @@ from ptqlab import quantize
 from ptqlab.cli import app
 from ptqlab.data import CalibrationConfig, CalibrationSet
 from ptqlab.models import compute_dtype
-from ptqlab.sequential import MIN_FILL, make_batches
+from ptqlab.engine.capture import MIN_FILL, make_batches
 
 
 def test_a_long_error_is_one_line_at_any_width(tmp_path):
@@ -103,7 +103,7 @@ def test_float32_calibration_leaves_the_model_in_its_own_dtypes(tiny_model_dir, 
     from ptqlab.data import load_calibration
     from ptqlab.pipeline import quantize_model
     from ptqlab.recipes import get_recipe
-    from ptqlab.sequential import floating_dtypes
+    from ptqlab.engine.propagate import floating_dtypes
 
     loaded = ptqlab.models.load_model(str(tiny_model_dir("llama", torch.bfloat16)))
     before = floating_dtypes(loaded.model)
@@ -120,7 +120,7 @@ def test_float32_calibration_leaves_the_model_in_its_own_dtypes(tiny_model_dir, 
 def test_batches_keep_padding_under_a_quarter_of_each_row():
     lengths = [512, 313, 188, 135, 124, 116, 87, 84, 81, 69, 49, 40, 12, 11, 3]
     samples = [torch.arange(n) for n in lengths]
-    batches = make_batches(CalibrationSet(samples, "test"), batch_size=4, pad_id=0)
+    batches = make_batches(CalibrationSet(samples, "test", pad_id=0), batch_size=4)
     assert sorted(int(n) for b in batches for n in b.attention_mask.sum(1)) == sorted(lengths)
     for batch in batches:
         assert batch.input_ids.shape[0] <= 4

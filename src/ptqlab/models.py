@@ -234,7 +234,7 @@ def _weight_shards(index: Path, source: str) -> list[Path]:
 def check_weight_files(folder: Path, source: str) -> None:
     """Before loading a local folder: the weight files transformers will read are there, every shard its index names,
     and their safetensors headers are whole (a truncated or garbled file fails here, in a second)."""
-    from safetensors import SafetensorError, safe_open
+    from ptqlab.formats.validate import header_tensors
 
     found = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if found is None:
@@ -245,9 +245,8 @@ def check_weight_files(folder: Path, source: str) -> None:
         if file.suffix != ".safetensors":
             continue
         try:
-            with safe_open(file, "pt"):
-                pass
-        except (SafetensorError, OSError) as e:
+            header_tensors(file)
+        except (ValueError, OSError) as e:
             raise PtqlabError(f"{file}: not a complete safetensors file ({_first_line(e)}): it is truncated or damaged; "
                               "copy or download the model again") from e
 

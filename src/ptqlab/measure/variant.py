@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,10 @@ from ptqlab.errors import PtqlabError
 from ptqlab.models import check_model_folder, compute_dtype, resolve_device, synchronizer
 from ptqlab.progress import say
 from ptqlab.record import read_record
+
+if TYPE_CHECKING:
+    from ptqlab.measure.quality import QualityResult
+    from ptqlab.measure.text import EvalText
 
 # The quick probe (the default on CPUs): 10 windows of 512 tokens. A perplexity measured on so few windows carries a
 # standard error of several percent, a change against the baseline (paired on the same windows) far less; the report
@@ -51,7 +56,7 @@ class BenchSettings:
     ppl_context: int | None = None
     """Window length; None: min(2048, the model's context)."""
     ppl_windows: int | None = None
-    """Score only the first N windows; None: all (the full protocol). The quick probe is 20 x 512."""
+    """Score only the first N windows; None: all (the full protocol). The quick probe: QUICK_WINDOWS of QUICK_CONTEXT."""
     topk: int = 32
     """Baseline log-probs kept per position for KL."""
     max_new_tokens: int = 128
@@ -142,95 +147,144 @@ def resolve_runtime(name: str, device: torch.device, path: Path) -> tuple[str, s
     return "fast", None
 
 
-def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out: Path | None = None,
-                  topk_in: Path | None = None, quiet: bool = False) -> dict:
-    """Measure everything for one variant. The baseline passes `topk_out`; the others pass `topk_in` for KL."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass(frozen=True)
+class EvaluationTokens:
+    """The evaluation text, tokenized once, and the windows that perplexity and KL score."""
 
-    from ptqlab.measure.quality import TopK, evaluate, make_windows
-    from ptqlab.measure.speed import (
-        SAMPLE_PROMPTS,
-        SPEED_PROMPT,
-        FastEngine,
-        TransformersEngine,
-        chat_prompt_ids,
-        measure_speed,
-        sample_completions,
-    )
+    text: EvalText
+    token_ids: torch.Tensor  # [tokens of the whole text]
+    context: int
+    windows: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class LoadedVariant:
+    """A variant on its device, ready to score and to generate."""
+
+    model: torch.nn.Module
+    engine: object
+    """What speed and samples drive (speed.TransformersEngine or speed.FastEngine)."""
+    seconds: float
+    stored: torch.dtype
+    compute: torch.dtype
+
+
+def evaluation_tokens(tokenizer, settings: BenchSettings, config: dict) -> EvaluationTokens:
+    """Tokenize the evaluation text and cut it into windows of the protocol's context."""
+    from ptqlab.measure.quality import make_windows
     from ptqlab.measure.text import load_eval_text
-    from ptqlab.formats.validate import validate_checkpoint
 
-    path = Path(path)
-    check_model_folder(path, "bench takes local folders (checkpoints or 16-bit models)")
-    validate_checkpoint(path)  # a corrupt folder fails here, in one line, and is never measured or ranked
-    torch.manual_seed(settings.seed)
-    device = resolve_device(settings.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync = synchronizer(device)
-
-    runtime, runtime_note = resolve_runtime(settings.runtime, device, path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prompt_ids = chat_prompt_ids(tokenizer, SPEED_PROMPT)
     text = load_eval_text(settings.ppl_text)
     token_ids = tokenizer(text.text, return_tensors="pt", verbose=False)["input_ids"][0]
-    config = json.loads((path / "config.json").read_text())
     context = settings.ppl_context or min(2048, config.get("max_position_embeddings") or 2048)
-    windows = make_windows(len(token_ids), context, settings.ppl_windows)
+    return EvaluationTokens(text, token_ids, context, make_windows(len(token_ids), context, settings.ppl_windows))
+
+
+def load_variant(path: Path, runtime: str, device: torch.device, config: dict, context: int,
+                 generation: int) -> LoadedVariant:
+    """Load the folder with `runtime`, timed with the device synchronised at both ends: the load time the report
+    gives. The fast runtime's static cache is sized for the longer of a scoring window (`context`) and a generation
+    (`generation`: prompt plus new tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from ptqlab.measure.speed import FastEngine, TransformersEngine
 
     stored = stored_dtype(config)
     compute = compute_dtype(device, stored)
+    sync = synchronizer(device)
     sync()
     start = time.perf_counter()
     if runtime == "fast":
         from ptqlab.runtime import load_runtime
 
-        generation = prompt_ids.shape[1] + max(settings.max_new_tokens, settings.sample_tokens)
         model = load_runtime(path, device, dtype=compute, max_positions=max(context, generation))
         engine = FastEngine(model, generation)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=compute).to(device).eval()
         engine = TransformersEngine(model)
     sync()
-    load_s = time.perf_counter() - start
+    return LoadedVariant(model, engine, time.perf_counter() - start, stored, compute)
+
+
+def measure_quality(model, tokens: EvaluationTokens, settings: BenchSettings, topk_in: Path | None,
+                    topk_out: Path | None, quiet: bool) -> QualityResult:
+    """Perplexity over the windows; KL against the baseline's stored top-k when `topk_in` is given. The baseline
+    stores its own top-k in `topk_out` for the variants after it."""
+    from ptqlab.measure.quality import TopK, evaluate
+
+    baseline = TopK.load(topk_in) if topk_in else None
+    quality = evaluate(model, tokens.token_ids, tokens.windows, baseline, settings.topk, quiet=quiet)
+    if topk_out:
+        quality.topk.save(Path(topk_out))
+    return quality
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The peak memory of this process so far: allocated GPU memory on a GPU, the process's maximum RSS on a CPU."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "memory_kind": "cuda_max_allocated"}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "memory_kind": "cpu_max_rss"}
+
+
+def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out: Path | None = None,
+                  topk_in: Path | None = None, quiet: bool = False) -> dict:
+    """Measure everything for one variant. The baseline passes `topk_out`; the others pass `topk_in` for KL.
+
+    Phases, in order: load, quality, speed, samples; peak memory is read after the last, so that it covers them all."""
+    from transformers import AutoTokenizer
+
+    from ptqlab.formats.validate import validate_checkpoint
+    from ptqlab.measure.speed import SAMPLE_PROMPTS, SPEED_PROMPT, chat_prompt_ids, measure_speed, sample_completions
+
+    path = Path(path)
+    check_model_folder(path, "bench takes local folders (checkpoints or 16-bit models)")
+    validate_checkpoint(path)  # a corrupt folder fails here, in one line, and is never measured or ranked
+    identity = describe_checkpoint(path)  # a damaged run record fails here too, not after the measurements
+    torch.manual_seed(settings.seed)
+    device = resolve_device(settings.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     def phase(message: str) -> None:
         if not quiet:
             say(f"{name}: {message}")
 
-    phase(f"loaded in {load_s:.1f} s ({runtime}, computing in {str(compute).removeprefix('torch.')}); "
-          f"perplexity{' and KL' if topk_in else ''} over {len(windows)} windows of {context} tokens")
-    baseline = TopK.load(topk_in) if topk_in else None
-    quality = evaluate(model, token_ids, windows, baseline, settings.topk, quiet=quiet)
-    if topk_out:
-        quality.topk.save(Path(topk_out))
+    runtime, runtime_note = resolve_runtime(settings.runtime, device, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt_ids = chat_prompt_ids(tokenizer, SPEED_PROMPT)
+    config = json.loads((path / "config.json").read_text())
+    tokens = evaluation_tokens(tokenizer, settings, config)
+    generation = prompt_ids.shape[1] + max(settings.max_new_tokens, settings.sample_tokens)
+    loaded = load_variant(path, runtime, device, config, tokens.context, generation)
+
+    phase(f"loaded in {loaded.seconds:.1f} s ({runtime}, computing in {str(loaded.compute).removeprefix('torch.')}); "
+          f"perplexity{' and KL' if topk_in else ''} over {len(tokens.windows)} windows of {tokens.context} tokens")
+    quality = measure_quality(loaded.model, tokens, settings, topk_in, topk_out, quiet)
 
     phase(f"speed: {settings.max_new_tokens} tokens at batch 1 and {settings.batch_size}, {settings.repeats} timed "
           f"run{'s' if settings.repeats != 1 else ''} after {settings.warmup} warm-up")
-    speed = measure_speed(engine, prompt_ids, settings.max_new_tokens, settings.batch_size, settings.repeats, settings.warmup)
-    phase(f"decode {speed['decode_tok_s']:.1f} tok/s; sample answers to {len(SAMPLE_PROMPTS)} prompts")
-    samples = sample_completions(engine, tokenizer, settings.sample_tokens)
+    speed = measure_speed(loaded.engine, prompt_ids, settings.max_new_tokens, settings.batch_size, settings.repeats,
+                          settings.warmup)
 
-    if device.type == "cuda":
-        peak, memory_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    else:
-        peak, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+    phase(f"decode {speed['decode_tok_s']:.1f} tok/s; sample answers to {len(SAMPLE_PROMPTS)} prompts")
+    samples = sample_completions(loaded.engine, tokenizer, settings.sample_tokens)
+    memory = peak_memory(device)
+
     return {
         "name": name,
         "path": str(path.resolve()),
-        **describe_checkpoint(path),
+        **identity,
         "runtime": runtime,
         "runtime_note": runtime_note,
-        "kernels": getattr(model, "kernels", None),
+        "kernels": getattr(loaded.model, "kernels", None),
         "device": device_name(device),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "stored_dtype": str(stored).removeprefix("torch."),
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "stored_dtype": str(loaded.stored).removeprefix("torch."),
         "size": folder_sizes(path),
-        "load_s": load_s,
-        "peak_memory_bytes": peak,
-        "memory_kind": memory_kind,
-        "text": {"name": text.name, "source": text.source, "fallback": text.fallback, "tokens_total": len(token_ids),
-                 "protocol": settings.protocol},
+        "load_s": loaded.seconds,
+        **memory,
+        "text": {"name": tokens.text.name, "source": tokens.text.source, "fallback": tokens.text.fallback,
+                 "tokens_total": len(tokens.token_ids), "protocol": settings.protocol},
         **quality.summary(),
         "speed": speed,
         "samples": samples,

@@ -165,8 +165,11 @@ class LoadedVariant:
     engine: object
     """What speed and samples drive (speed.TransformersEngine or speed.FastEngine)."""
     seconds: float
+    """Load time, device synchronised."""
     stored: torch.dtype
+    """The dtype the folder declares for its unquantized tensors."""
     compute: torch.dtype
+    """The dtype it computes in: float32 on a CPU without native arithmetic in the stored dtype."""
 
 
 def evaluation_tokens(tokenizer, settings: BenchSettings, config: dict) -> EvaluationTokens:

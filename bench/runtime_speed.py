@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -36,12 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_speed import SHAPES
 
+from ptqlab.runtime.kernels import RuntimeOptions
+from ptqlab.triton_support import tl, triton
+
 SCHEMES = {"bf16": None, "fp8-dynamic": "fp8-dynamic", "w8a8": "w8a8-rtn", "w4a16": "w4a16-rtn",
            "fp8-dynamic-precise": "fp8-dynamic", "w4a16-no-pdl": "w4a16-rtn", "w4a16-tile256": "w4a16-rtn"}
 """Variant -> the recipe whose format it runs. The -precise, -no-pdl and -tile256 variants run the same checkpoint
-with a kernel option switched from its default (kernels.FP8_FAST_ACCUM, kernels.PDL, kernels.GEMV_TILE)."""
-OPTIONS = {"fp8-dynamic-precise": ("FP8_FAST_ACCUM", False), "w4a16-no-pdl": ("PDL", False),
-           "w4a16-tile256": ("GEMV_TILE", (8, 256, 2))}
+with one of the runtime's options switched from its default (OPTIONS)."""
+OPTIONS = {"fp8-dynamic-precise": RuntimeOptions(fp8_fast_accum=False), "w4a16-no-pdl": RuntimeOptions(pdl=False),
+           "w4a16-tile256": RuntimeOptions(gemv_tile=(8, 256, 2))}
+"""Variant -> the runtime options it runs with; variants not listed run the defaults."""
 RATE = {"bf16": "bf16_flops", "w4a16": "bf16_flops", "fp8-dynamic": "fp8_flops", "fp8-dynamic-precise": "fp8_flops",
         "w8a8": "int8_ops", "w4a16-no-pdl": "bf16_flops", "w4a16-tile256": "bf16_flops"}
 """The dense matmul rate each variant's prefill floor is computed at."""
@@ -102,15 +107,10 @@ def _copies(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 GEMV_CONFIGS = [(8, 512, 4), (8, 256, 2), (16, 256, 4), (4, 128, 1), (8, 128, 1)]
-"""(outputs, words per tile, warps) tried for the one-row int4 kernel; the first is its default (kernels.GEMV_TILE)."""
+"""(outputs, words per tile, warps) tried for the one-row int4 kernel; the first is its default
+(RuntimeOptions.gemv_tile)."""
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU machines: the benchmark needs a GPU anyway
-    triton = None
-
-if triton is not None:
+if triton is not None:  # CPU machines: the benchmark needs a GPU anyway
 
     @triton.jit
     def _load_only_kernel(P, Y, N, row_words, stride_pn, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
@@ -163,7 +163,7 @@ def kernel_table(shape: str, rows: int = 1) -> list[dict]:
 
         if rows == 1:
             for bn, bkp, warps in GEMV_CONFIGS:
-                timed(f"int4_{bn}x{bkp}w{warps}", lambda x, p, c=(bn, bkp, warps): kernels.int4_gemv(x, p, scale, None, *c))
+                timed(f"int4_{bn}x{bkp}w{warps}", lambda x, p, c=(bn, bkp, warps): kernels.int4_gemv(x, p, scale, None, c))
         else:
             timed("int4_tensor_cores", lambda x, p: kernels.int4_matmul_small_m(x, p, scale, None))
         row["load_only_us"] = graph_us([partial(load_only, c) for c in copies])
@@ -185,7 +185,7 @@ def kernel_table(shape: str, rows: int = 1) -> list[dict]:
     return table
 
 
-def build_runtime(shape: str, recipe: str | None, seed: int, max_positions: int):
+def build_runtime(shape: str, recipe: str | None, seed: int, max_positions: int, options: RuntimeOptions):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ptqlab.api import quantize_model
@@ -212,7 +212,7 @@ def build_runtime(shape: str, recipe: str | None, seed: int, max_positions: int)
         tensors.pop("lm_head.weight", None)
     del model
     runtime = build_model(config, Architecture.from_config(config), tensors, SchemeResolver(qc), torch.device("cuda"),
-                          max_positions=max_positions)
+                          max_positions=max_positions, options=options)
     del tensors
     gc.collect()
     torch.cuda.empty_cache()
@@ -276,7 +276,7 @@ def transformers_decode(shape: str, seed: int, prompt_tokens: int, new_tokens: i
     """The ordinary path for comparison: HF bf16 model, greedy loop with its dynamic cache."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ptqlab.bench.speed import greedy_decode
+    from ptqlab.measure.speed import greedy_decode
 
     model_type, params = SHAPES[shape]
     config = AutoConfig.for_model(model_type, **params)
@@ -312,31 +312,26 @@ def main() -> None:
     print(f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 {ceilings['bf16_flops'] / 1e12:.0f} TFLOP/s, "
           f"fp8 {ceilings['fp8_flops'] / 1e12:.0f} TFLOP/s, int8 {ceilings['int8_ops'] / 1e12:.0f} TOP/s", flush=True)
     kernel_rows = kernel_table(args.shape) + kernel_table(args.shape, rows=8) if args.kernels else None
-    from ptqlab.runtime import kernels
-
     results = {}
     for scheme in args.schemes.split(","):
-        option = OPTIONS.get(scheme)
-        if option:
-            default = getattr(kernels, option[0])
-            setattr(kernels, option[0], option[1])
+        options = OPTIONS.get(scheme, RuntimeOptions())
         start = time.perf_counter()
-        runtime = build_runtime(args.shape, SCHEMES[scheme], args.seed, args.prompt_tokens + args.new_tokens + args.prefill_tokens)
+        runtime = build_runtime(args.shape, SCHEMES[scheme], args.seed, args.prompt_tokens + args.new_tokens + args.prefill_tokens,
+                                options)
         build_s = time.perf_counter() - start
         measured = measure(runtime, args.prompt_tokens, args.new_tokens, args.prefill_tokens, args.repeats)
         nbytes = decode_bytes(runtime, measured["cache_positions"])
         floor_tok_s = ceilings["copy_bytes_per_s"] / nbytes
         linear, attention = prefill_flops(runtime, args.prefill_tokens)
         floor_prefill_s = linear / ceilings[RATE[scheme]] + attention / ceilings["bf16_flops"]
-        results[scheme] = {**measured, "kernels": runtime.kernels, "decode_bytes": nbytes, "decode_floor_tok_s": floor_tok_s,
+        results[scheme] = {**measured, "kernels": runtime.kernels, "options": asdict(options), "decode_bytes": nbytes,
+                           "decode_floor_tok_s": floor_tok_s,
                            "decode_fraction_of_floor": measured["decode_tok_s"] / floor_tok_s,
                            "prefill_flops": linear + attention,
                            "prefill_floor_tok_s": args.prefill_tokens / floor_prefill_s,
                            "prefill_fraction_of_floor": floor_prefill_s / (measured["prefill_ms"] / 1e3),
                            "peak_memory_bytes": torch.cuda.max_memory_allocated(), "build_s": build_s}
         del runtime
-        if option:
-            setattr(kernels, option[0], default)
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

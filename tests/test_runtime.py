@@ -23,7 +23,7 @@ from tiny import ARCHS
 
 from ptqlab import quantize
 from ptqlab.errors import PtqlabError
-from ptqlab.runtime import Generator, load_runtime
+from ptqlab.runtime import Generator, RuntimeOptions, load_runtime
 from ptqlab.runtime.model import grouped_attention
 
 ACTIVATION_QUANTIZED = ("fp8-dynamic", "w8a8-rtn")
@@ -122,6 +122,16 @@ def test_layers_in_different_formats_are_not_fused(tiny_model_dir, tmp_path):
         assert relative(model(token_ids()).logits, reference(path)(token_ids()).logits) <= 1e-5
 
 
+def test_runtime_options_reach_the_model_and_its_layers(checkpoint):
+    """The options given to load_runtime are the model's and every decoder layer's (no process-wide switch)."""
+    options = RuntimeOptions(pdl=False, fp8_fast_accum=False, gemv_tile=(8, 256, 2))
+    model = load_runtime(checkpoint("llama", None), dtype=torch.float32, options=options)
+    assert model.options is options and all(block.pdl is False for block in model.blocks)
+    assert load_runtime(checkpoint("llama", None), dtype=torch.float32).options == RuntimeOptions()
+    with pytest.raises(ValueError, match="powers of two"):
+        RuntimeOptions(gemv_tile=(8, 300, 2))
+
+
 def test_bf16_checkpoint_runs_in_its_own_dtype(tiny_model_dir, tmp_path):
     path = quantize(str(tiny_model_dir("llama", torch.bfloat16)), "w4a16-rtn", out=tmp_path / "q", quiet=True)
     model = load_runtime(path)
@@ -207,7 +217,7 @@ def test_int4_kernels_against_float64(rows, n, k, group, symmetric):
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     exact = x.double() @ reference_w.double().T
     if rows == 1:
-        outputs = [kernels.int4_gemv(x, planes, scale, zero, *config) for config in [(8, 256, 2), (16, 64, 4), (4, 512, 2)]]
+        outputs = [kernels.int4_gemv(x, planes, scale, zero, tile) for tile in [(8, 256, 2), (16, 64, 4), (4, 512, 2)]]
     elif (group or k) < 128:  # tensor-core tiles need 128 values of one group; Int4Linear dequantizes
         with pytest.raises(ValueError, match="16 packed words"):
             kernels.int4_matmul_small_m(x, planes, scale, zero)
@@ -288,16 +298,13 @@ def test_fused_norm_and_activation_quantize_like_the_separate_kernel(grid, gelu)
 @pytest.mark.parametrize("recipe,kernel", [("fp8-dynamic", "fp8 _scaled_mm"), ("w8a8-rtn", "int8 _int_mm"),
                                            ("w4a16-rtn", "int4 ")])
 @pytest.mark.parametrize("rows", [1, 8, 40])
-@pytest.mark.parametrize("option", ["default", "other"])
-def test_fast_linears_match_the_dequantized_reference(monkeypatch, recipe, kernel, rows, option):
+@pytest.mark.parametrize("options", [RuntimeOptions(), RuntimeOptions(pdl=False, fp8_fast_accum=False, gemv_tile=(8, 256, 2))],
+                         ids=["default", "other"])
+def test_fast_linears_match_the_dequantized_reference(recipe, kernel, rows, options):
     """Every kernel path: one row (decode), a few (batched decode), many (prefill); each kernel option."""
     from ptqlab.quant.linear import rtn
     from ptqlab.recipes import get_recipe
-    from ptqlab.runtime import kernels
     from ptqlab.runtime.linear import StoredLinear, build_linear
-
-    if option == "other":
-        monkeypatch.setattr(kernels, "FP8_FAST_ACCUM", False)
 
     scheme = get_recipe(recipe).scheme
     torch.manual_seed(rows)
@@ -305,8 +312,10 @@ def test_fast_linears_match_the_dequantized_reference(monkeypatch, recipe, kerne
     bias = torch.randn(384, device="cuda", dtype=torch.bfloat16)
     q, scale, zero = rtn(w, scheme.weights, torch.bfloat16)
     stored = StoredLinear(q, bias, scheme, scale, zero)
-    fast = build_linear(stored, torch.bfloat16)
+    fast = build_linear(stored, torch.bfloat16, options)
     assert fast.kernel.startswith(kernel)
+    assert getattr(fast, "fast_accum", options.fp8_fast_accum) == options.fp8_fast_accum
+    assert getattr(fast, "tile", options.gemv_tile) == options.gemv_tile
     slow = build_linear(StoredLinear(q.cpu(), bias.cpu(), scheme, scale.cpu(), None if zero is None else zero.cpu()),
                         torch.float32)
     x = torch.randn(1, rows, 512, device="cuda", dtype=torch.bfloat16)
@@ -401,7 +410,7 @@ def test_auto_runtime_falls_back_with_a_note_and_fast_refuses(tmp_path):
     fast refuses it with the same reason (decided from the folder alone: no GPU needed to test it)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ptqlab.bench.variant import resolve_runtime
+    from ptqlab.measure.variant import resolve_runtime
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
@@ -413,6 +422,6 @@ def test_auto_runtime_falls_back_with_a_note_and_fast_refuses(tmp_path):
 
 
 def test_auto_runtime_takes_the_fast_one_on_a_gpu(checkpoint):
-    from ptqlab.bench.variant import resolve_runtime
+    from ptqlab.measure.variant import resolve_runtime
 
     assert resolve_runtime("auto", torch.device("cuda"), checkpoint("llama", "w4a16-rtn")) == ("fast", None)

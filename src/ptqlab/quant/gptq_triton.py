@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    from triton.language.extra.cuda import libdevice
-except ImportError:  # pragma: no cover - CPU machines
-    triton = None
+from ptqlab import triton_support
+from ptqlab.triton_support import libdevice, tl, triton
 
 
 if triton is not None:
@@ -58,7 +54,8 @@ if triton is not None:
 
 
 def available(tensor: torch.Tensor) -> bool:
-    return triton is not None and tensor.is_cuda
+    """Whether gptq() runs its blocks through the kernel: Triton and a CUDA tensor."""
+    return triton_support.available(tensor)
 
 
 def gptq_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmin: float,

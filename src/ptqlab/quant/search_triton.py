@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    from triton.language.extra.cuda import libdevice
-except ImportError:  # pragma: no cover - CPU machines
-    triton = None
+from ptqlab import triton_support
+from ptqlab.triton_support import libdevice, tl, triton
 
 _STORAGE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
@@ -75,7 +71,7 @@ if triton is not None:
 
 def available(x: torch.Tensor, block: int, scale_dtype: torch.dtype) -> bool:
     """The kernel takes CUDA tensors whose blocks are a power of two of at most 1024 elements."""
-    return triton is not None and x.is_cuda and block & (block - 1) == 0 and block <= 1024 and scale_dtype in _STORAGE
+    return triton_support.available(x) and block & (block - 1) == 0 and block <= 1024 and scale_dtype in _STORAGE
 
 
 def search_blocks(blocks: torch.Tensor, importance: torch.Tensor | None, shrinks: torch.Tensor, symmetric: bool,

@@ -16,12 +16,8 @@ from functools import lru_cache
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    from triton.language.extra.cuda import libdevice
-except ImportError:  # pragma: no cover - CPU machines
-    triton = None
+from ptqlab import triton_support
+from ptqlab.triton_support import libdevice, tl, triton
 
 
 if triton is not None:
@@ -65,7 +61,8 @@ if triton is not None:
 
 
 def available(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda and x.shape[-1] <= 16384
+    """Whether fake_quantize runs through the kernel: Triton, a CUDA tensor, and rows one program can hold."""
+    return triton_support.available(x) and x.shape[-1] <= 16384
 
 
 @dataclass(frozen=True)

@@ -16,19 +16,13 @@ from __future__ import annotations
 import torch
 
 from ptqlab.quant.token_triton import QuantizedRows, TokenGrid, empty_rows
-from ptqlab.runtime.kernels import PAIR_ROWS, pdl_launch
-
-try:
-    import triton
-    import triton.language as tl
-
-    from ptqlab.quant.token_triton import grid_row
-    from ptqlab.runtime.kernels import await_inputs, gated_value
-except ImportError:  # pragma: no cover - CPU machines
-    triton = None
-
+from ptqlab.runtime.kernels import PAIR_ROWS, RuntimeOptions, pdl_launch
+from ptqlab.triton_support import tl, triton
 
 if triton is not None:
+    from ptqlab.quant.token_triton import grid_row
+    from ptqlab.runtime.kernels import await_inputs, gated_value
+
 
     @triton.jit
     def _rms_norm_kernel(X, R, W, Y, RES, Q, SC, columns, stride_x, stride_r, stride_y, stride_res, stride_q, eps, offset,
@@ -214,14 +208,11 @@ if triton is not None:
         tl.store(SEQ + row * stride_seq + tl.load(POS) + 1, token)
 
 
-def available(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, residual: torch.Tensor | None = None,
-             grid: TokenGrid | None = None, rows_out: int = 1):
+             grid: TokenGrid | None = None, rows_out: int = 1, pdl: bool = RuntimeOptions.pdl):
     """(RMSNorm of x (+ residual), x + residual or None), over the last dim. With `grid`, the normalized rows come
-    out already quantized for the next int8 / FP8 matmul (QuantizedRows, zero-padded to `rows_out` rows)."""
+    out already quantized for the next int8 / FP8 matmul (QuantizedRows, zero-padded to `rows_out` rows). pdl, here
+    and below: launch with programmatic dependent launch where the GPU has it (RuntimeOptions.pdl)."""
     rows = x.reshape(-1, x.shape[-1])
     m, k = rows.shape
     res = torch.empty_like(rows) if residual is not None else rows
@@ -238,13 +229,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, r
     _rms_norm_kernel[(m,)](rows, r, weight, y, res, q, scale, k, rows.stride(0), r.stride(0), y.stride(0), res.stride(0),
                            q.stride(0), eps, offset, *args, HAS_RESIDUAL=residual is not None, GEMMA=offset != 0,
                            QUANT=grid is not None, IS_FP8=grid is not None and grid.is_fp8, BLOCK=block,
-                           num_warps=4 if block <= 2048 else 8, **pdl_launch(x.device))
+                           num_warps=4 if block <= 2048 else 8, **pdl_launch(x.device, pdl))
     out = y.reshape(x.shape) if grid is None else QuantizedRows(q, scale, x.shape)
     return out, (res.reshape(x.shape) if residual is not None else None)
 
 
 def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, heads: int, kv_heads: int,
-                   head_dim: int, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> None:
+                   head_dim: int, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                   pdl: bool = RuntimeOptions.pdl) -> None:
     """Rotate the q and k heads of qkv [B, L, (H + 2 Hkv) D] in place (full-width rotary; cos, sin [P, D/2] per
     position), and when a cache is given write k and v at positions pos [L]."""
     b, length, width = qkv.shape
@@ -253,11 +245,11 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
     _rope_cache_kernel[(b * length, heads + kv_heads)](
         rows, cos, sin, pos, k_cache if write else rows, v_cache if write else rows, rows.stride(0), length, heads,
         kv_heads, k_cache.shape[2] if write else 0, HEAD_DIM=head_dim, HALF=head_dim // 2, WRITE_CACHE=write,
-        num_warps=1 if head_dim <= 128 else 2, **pdl_launch(qkv.device))
+        num_warps=1 if head_dim <= 128 else 2, **pdl_launch(qkv.device, pdl))
 
 
 def gated_activation(gate_up: torch.Tensor, gelu: bool, grid: TokenGrid | None = None, rows_out: int = 1,
-                     paired: bool = False):
+                     paired: bool = False, pdl: bool = RuntimeOptions.pdl):
     """act(gate) * up for gate_up [..., 2 I] -> [..., I]; with `grid`, already quantized for the next matmul.
     paired: gate_up's columns are in kernels.pair_gate_up's order."""
     rows = gate_up.reshape(-1, gate_up.shape[-1])
@@ -268,19 +260,19 @@ def gated_activation(gate_up: torch.Tensor, gelu: bool, grid: TokenGrid | None =
         block = triton.next_power_of_2(inner)
         _gated_act_quant_kernel[(m,)](rows, q, scale, inner, rows.stride(0), q.stride(0), *grid.kernel_args(), GELU=gelu,
                                       PAIRED=PAIR_ROWS if paired else 0, IS_FP8=grid.is_fp8, BLOCK=block,
-                                      num_warps=16 if block >= 8192 else 8, **pdl_launch(gate_up.device))
+                                      num_warps=16 if block >= 8192 else 8, **pdl_launch(gate_up.device, pdl))
         return QuantizedRows(q, scale, torch.Size(shape))
     y = torch.empty((m, inner), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _gated_act_kernel[(m, triton.cdiv(inner, block))](rows, y, inner, rows.stride(0), y.stride(0), GELU=gelu,
                                                      PAIRED=PAIR_ROWS if paired else 0, BLOCK=block, num_warps=4,
-                                                     **pdl_launch(gate_up.device))
+                                                     **pdl_launch(gate_up.device, pdl))
     return y.reshape(shape)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, scale: float,
-                     softcap: float | None, window: int | None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
+                     softcap: float | None, window: int | None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     pdl: bool = RuntimeOptions.pdl) -> torch.Tensor:
     """One new token per row: q [B, 1, H * D] (may be a strided view) over the cache [B, Hkv, T, D] up to pos[0].
     With `rotary` (cos, sin [P, D/2]), q is the whole qkv [B, 1, (H + 2 Hkv) D] before the rotary embedding: the
     kernel also rotates q and the new k and writes k and v into the cache (what rope_and_cache does), in one launch."""
@@ -294,11 +286,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, pos, out, cos, sin, q.stride(0), out.stride(0), heads, kv_heads, cache_len, scale,
         softcap or 1.0, window or 0, GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
         BLOCK_T=64, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, ROPE=rotary is not None,
-        num_warps=4, **pdl_launch(q.device))
+        num_warps=4, **pdl_launch(q.device, pdl))
     return out
 
 
-def greedy_next(logits: torch.Tensor, token: torch.Tensor, sequence: torch.Tensor, pos: torch.Tensor) -> None:
+def greedy_next(logits: torch.Tensor, token: torch.Tensor, sequence: torch.Tensor, pos: torch.Tensor,
+                pdl: bool = RuntimeOptions.pdl) -> None:
     """token[b] = argmax(logits[b]) (the first maximum, as torch.argmax) and sequence[b, pos + 1] = token[b], in two
     kernels instead of torch's single-block argmax (37 us for a 128k vocabulary) and two copies."""
     rows, vocab = logits.shape
@@ -307,6 +300,6 @@ def greedy_next(logits: torch.Tensor, token: torch.Tensor, sequence: torch.Tenso
     value = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
     index = torch.empty((rows, chunks), dtype=torch.int32, device=logits.device)
     _argmax_partial_kernel[(rows, chunks)](logits, value, index, vocab, logits.stride(0), chunks, BLOCK=block, num_warps=4,
-                                           **pdl_launch(logits.device))
+                                           **pdl_launch(logits.device, pdl))
     _argmax_final_kernel[(rows,)](value, index, token, sequence, pos, chunks, vocab, sequence.stride(0),
-                                  CHUNKS=triton.next_power_of_2(chunks), num_warps=4, **pdl_launch(logits.device))
+                                  CHUNKS=triton.next_power_of_2(chunks), num_warps=4, **pdl_launch(logits.device, pdl))

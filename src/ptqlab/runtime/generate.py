@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from ptqlab import triton_support
 from ptqlab.runtime import fused
 from ptqlab.runtime.model import RuntimeModel, cache_length
 
@@ -41,8 +42,8 @@ class Generator:
     @torch.no_grad()
     def _step(self) -> None:
         logits = self.model(self.token, self.pos, last_only=True).logits[:, -1]
-        if fused.available(logits):
-            fused.greedy_next(logits, self.token, self.sequence, self.pos)
+        if triton_support.available(logits):
+            fused.greedy_next(logits, self.token, self.sequence, self.pos, pdl=self.model.options.pdl)
         else:
             token = logits.argmax(-1, keepdim=True)
             self.token.copy_(token)

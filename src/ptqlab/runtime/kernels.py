@@ -1,6 +1,6 @@
 """GPU kernels of the fast runtime: int4 weight-only matmuls (Triton), int4 dequantization for prefill (Triton),
-and the int32 -> 16-bit epilogue of INT8 matmuls (Triton). Pure functions over tensors; CUDA only. Also the
-programmatic-dependent-launch switch (`PDL`, `await_inputs`) that every decode-step kernel here and in fused.py uses.
+and the int32 -> 16-bit epilogue of INT8 matmuls (Triton). Pure functions over tensors; CUDA only. Also `RuntimeOptions`, the kernels' switches that `load_runtime` takes, and the
+programmatic dependent launch (`pdl_launch`, `await_inputs`) that every decode-step kernel here and in fused.py uses.
 
 Int4 weights hold q + 8 (u = 0..15) in int32 words of 8 values. The checkpoint (compressed-tensors
 `pack-quantized`) stores value k of a row in nibble k % 8 of word k // 8; at load the runtime re-packs each row into
@@ -22,42 +22,48 @@ multiplied by cuBLAS, which costs little next to the matmul itself.
 from __future__ import annotations
 
 import functools
-import os
+from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU machines
-    triton = None
+from ptqlab.triton_support import gdc_launch_dependents, gdc_wait, interpreted, tl, triton
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the runtime's GPU kernels run: switches that benchmarks compare, given to `load_runtime` and carried to
+    the layers and decode-step kernels that use them. The defaults are the fast settings; none changes what a layer
+    computes beyond fp32 rounding."""
+
+    pdl: bool = True
+    """Programmatic dependent launch (Hopper and newer) for the kernels of a decode step: each may start while the
+    one before it finishes, request its weights, and wait (griddepcontrol.wait) only before it reads activations,
+    which hides most of the launch and memory latency between the ~10 small kernels of a layer. False: plain
+    launches."""
+    fp8_fast_accum: bool = True
+    """torch._scaled_mm(use_fast_accum=...): the tensor cores' fast FP8 accumulation, as vLLM's FP8 kernels on
+    Hopper use it (their FP8FastAccum schedules). False: accumulation as precise as bf16 cuBLAS, at a slower
+    prefill. Benchmarks compare both."""
+    gemv_tile: tuple[int, int, int] = (8, 512, 4)
+    """The one-row int4 kernel's tile: (outputs, words, warps). Each thread holds 8 outputs' words, so each
+    activation load serves 8 rows; bench/runtime_speed.py --kernels sweeps others."""
+
+    def __post_init__(self) -> None:
+        # Triton's block shapes are powers of two: a wrong tile would otherwise fail inside the kernel's compiler.
+        powers_of_two = all(isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in self.gemv_tile)
+        if len(self.gemv_tile) != 3 or not powers_of_two:
+            raise ValueError(f"gemv_tile {self.gemv_tile!r}: three powers of two are needed (outputs, words, warps)")
+
 
 SMALL_M = 16
 """Rows up to which the fused int4 kernels run (decode, small batches); above it, dequantize + cuBLAS."""
-FP8_FAST_ACCUM = True
-"""torch._scaled_mm(use_fast_accum=...): the tensor cores' fast FP8 accumulation, as vLLM's FP8 kernels on Hopper
-use it (their FP8FastAccum schedules). False: accumulation as precise as bf16 cuBLAS, ~7 % slower prefill on
-an 8B shape. Benchmarks compare both."""
 
 
-def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
-
-
-PDL = True
-"""Programmatic dependent launch (Hopper and newer) for the kernels of a decode step: each may start while the one
-before it finishes, request its weights, and wait (griddepcontrol.wait) only before it reads activations, which
-hides most of the launch and memory latency between the ~10 small kernels of a layer. False: plain launches."""
-
-
-def pdl(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with programmatic dependent launch (`PDL` and the GPU supports it)."""
-    return PDL and not _interpreted() and gdc_wait is not None and _properties(device).major >= 9
-
-
-def pdl_launch(device: torch.device) -> dict:
-    """The launch arguments of a decode-step kernel: its PDL constexpr (for `await_inputs`) and Triton's launch_pdl."""
-    use = pdl(device)
+def pdl_launch(device: torch.device, enabled: bool) -> dict:
+    """The launch arguments of a decode-step kernel: its PDL constexpr (for `await_inputs`) and Triton's launch_pdl,
+    both on when `enabled` (RuntimeOptions.pdl) and the GPU supports programmatic dependent launch."""
+    use = (enabled and device.type == "cuda" and not interpreted() and gdc_wait is not None
+           and _properties(device).major >= 9)
     return {"PDL": use, "launch_pdl": use}
 
 
@@ -71,23 +77,14 @@ def _properties_of(index: int):
     return torch.cuda.get_device_properties(index)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 PAIR_ROWS = 4
 """A gate_up layer whose one-row kernel applies the gated activation stores its rows in blocks of PAIR_ROWS gate
 rows followed by the matching up rows (`pair_gate_up`), so that each program holds both halves of its outputs."""
 
-gdc_wait = gdc_launch_dependents = None
 if triton is not None:
-    _INTERPRETED = tl.constexpr(_interpreted())
-    _PAIR_ROWS = tl.constexpr(PAIR_ROWS)
+    _INTERPRETED = tl.constexpr(interpreted())
     """Triton's CPU interpreter (kernel development without a GPU) runs no inline PTX."""
-    try:
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:  # pragma: no cover - Triton without grid dependency control
-        pass
+    _PAIR_ROWS = tl.constexpr(PAIR_ROWS)
 
     @triton.jit
     def await_inputs(PDL: tl.constexpr):
@@ -344,7 +341,7 @@ def _split_k(tiles_n: int, k_tiles: int, device: torch.device, programs_per_sm: 
     return triton.cdiv(k_tiles, tiles_per_split), tiles_per_split
 
 
-def _sum_splits(partial: torch.Tensor, dtype: torch.dtype, gated: str | None = None) -> torch.Tensor:
+def _sum_splits(partial: torch.Tensor, dtype: torch.dtype, gated: str | None, pdl: bool) -> torch.Tensor:
     """The splits' fp32 partial sums added (and, when `gated`, act(gate) * up of the paired rows)."""
     if partial.shape[0] == 1:
         return partial[0]
@@ -353,7 +350,7 @@ def _sum_splits(partial: torch.Tensor, dtype: torch.dtype, gated: str | None = N
     block = 1024
     _sum_splits_kernel[(triton.cdiv(rows * n, block),)](partial, y, rows * n, SPLITS=partial.shape[0], BLOCK=block,
                                                         GATED=gated is not None, GELU=gated == "gelu",
-                                                        **pdl_launch(y.device))
+                                                        **pdl_launch(y.device, pdl))
     return y
 
 
@@ -365,18 +362,14 @@ def pair_gate_up(rows: torch.Tensor) -> torch.Tensor:
     return blocks.transpose(0, 1).reshape(rows.shape).contiguous()
 
 
-GEMV_TILE = (8, 512, 4)
-"""The one-row int4 kernel's default tile: (outputs, words, warps). Each thread holds 8 outputs' words, so each
-activation load serves 8 rows; bench/runtime_speed.py --kernels sweeps others."""
-
-
 def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-              block_n: int | None = None, block_kp: int | None = None, num_warps: int | None = None,
-              gated: str | None = None) -> torch.Tensor:
+              tile: tuple[int, int, int] = RuntimeOptions.gemv_tile, gated: str | None = None,
+              pdl: bool = RuntimeOptions.pdl) -> torch.Tensor:
     """x [1, K] @ dequant(planes)ᵀ -> [1, N] in x.dtype, with the plane width `plane_words` gives (as
-    `int4_planes` packs); tile from GEMV_TILE unless given. gated ("silu" or "gelu"): the rows are a paired
-    gate_up (`pair_gate_up`) and the result is act(gate) * up [1, N / 2], each rounded to x.dtype first."""
-    block_n, block_kp, num_warps = block_n or GEMV_TILE[0], block_kp or GEMV_TILE[1], num_warps or GEMV_TILE[2]
+    `int4_planes` packs), in tiles of (outputs, words, warps) (RuntimeOptions.gemv_tile). gated ("silu" or "gelu"):
+    the rows are a paired gate_up (`pair_gate_up`) and the result is act(gate) * up [1, N / 2], each rounded to
+    x.dtype first. pdl: programmatic dependent launch where the GPU has it (RuntimeOptions.pdl)."""
+    block_n, block_kp, num_warps = tile
     if gated is not None and block_n % (2 * PAIR_ROWS):
         raise ValueError(f"a gated tile needs whole blocks of {2 * PAIR_ROWS} paired rows, not {block_n} rows")
     k = x.shape[1]
@@ -402,16 +395,18 @@ def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_p
         x, planes, scale, zero, out, n, row_words, tiles_per_split, planes.stride(0), scale.stride(0), zero.stride(0),
         out.stride(0), PLANE=plane, GROUP_WORDS=group_words, GROUPS_PER_TILE=groups_per_tile,
         HAS_ZERO=zero_point is not None, EVEN=even, BLOCK_N=block_n, BLOCK_KP=block_kp,
-        GATED=gated is not None and splits == 1, GELU=gated == "gelu", num_warps=num_warps, **pdl_launch(x.device))
+        GATED=gated is not None and splits == 1, GELU=gated == "gelu", num_warps=num_warps, **pdl_launch(x.device, pdl))
     if gated is not None and splits == 1:
         return out[0, :, :n // 2]
-    return _sum_splits(out, x.dtype, gated)
+    return _sum_splits(out, x.dtype, gated, pdl)
 
 
 def int4_matmul_small_m(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                        block_n: int = 128, block_kp: int = 16, num_warps: int = 4) -> torch.Tensor:
+                        block_n: int = 128, block_kp: int = 16, num_warps: int = 4,
+                        pdl: bool = RuntimeOptions.pdl) -> torch.Tensor:
     """x [2 <= M <= 16, K] @ dequant(planes)ᵀ -> [M, N] in x.dtype. Tiles lie inside one scale group and need 16
-    words of it (tensor-core tiles of 128 values)."""
+    words of it (tensor-core tiles of 128 values). pdl: the split-K sum launches with programmatic dependent launch
+    where the GPU has it (RuntimeOptions.pdl)."""
     m, k = x.shape
     n = planes.shape[0]
     group_words = _group(scale, k) // 8
@@ -426,7 +421,7 @@ def int4_matmul_small_m(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tens
         x, planes, scale, zero, out, m, n, k, tiles_per_split, x.stride(0), planes.stride(0), scale.stride(0),
         zero.stride(0), out.stride(0), out.stride(1), PLANE=plane_words(k, group_words * 8), GROUP_WORDS=group_words,
         HAS_ZERO=zero_point is not None, BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=num_warps)
-    return _sum_splits(out, x.dtype)
+    return _sum_splits(out, x.dtype, None, pdl)
 
 
 def int4_dequantize(planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, k: int,

@@ -1,7 +1,7 @@
 """The runtime's linear layers: one per way of computing with a stored weight.
 
 `StoredLinear` is a layer as the checkpoint holds it (grid values unpacked to int8 or float8, scales, zero points).
-`build_linear` picks how to compute with it:
+`build_linear` picks how to compute with it (and hands the layer the `RuntimeOptions` its kernels take):
 - `Int4Linear`: int4 weight-only (W4A16) on the GPU: the packed weight read by Triton kernels at decode,
   dequantized into cuBLAS for prefill;
 - `Fp8Linear`: FP8 weights and dynamic per-token FP8 activations (one Triton pass quantizes the activation, then
@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptqlab import triton_support
 from ptqlab.quant import token_triton
 from ptqlab.quant.primitives import dequantize, fake_quantize
 from ptqlab.runtime import kernels
+from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.schemes import Scheme
 
 
@@ -95,13 +97,14 @@ class DequantizedLinear(nn.Module):
 
 class Int4Linear(nn.Module):
     """W4A16: the weight stays packed (0.5 byte per value, in the planes of `kernels.int4_planes`) and is dequantized
-    inside the kernel."""
+    inside the kernel. `tile` and `pdl`: RuntimeOptions.gemv_tile and .pdl."""
 
     kernel = "int4 triton (decode), dequantize + cuBLAS (prefill)"
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                 bias: torch.Tensor | None) -> None:
+                 bias: torch.Tensor | None, tile: tuple[int, int, int], pdl: bool) -> None:
         super().__init__()
+        self.tile, self.pdl = tile, pdl
         self.in_features = q.shape[1]
         self.group_words = self.in_features // scale.shape[1] // 8
         plane = kernels.plane_words(self.in_features, self.group_words * 8)
@@ -125,16 +128,16 @@ class Int4Linear(nn.Module):
 
     def gated(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         """act(gate) * up of this paired gate_up layer for one row x [..., K] -> [..., N / 2]."""
-        y = kernels.int4_gemv(x.reshape(1, self.in_features), self.planes, self.scale, self.zero_point,
-                              gated="gelu" if gelu else "silu")
+        y = kernels.int4_gemv(x.reshape(1, self.in_features), self.planes, self.scale, self.zero_point, self.tile,
+                              gated="gelu" if gelu else "silu", pdl=self.pdl)
         return y.reshape(*x.shape[:-1], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 1:
-            y = kernels.int4_gemv(rows, self.planes, self.scale, self.zero_point)
+            y = kernels.int4_gemv(rows, self.planes, self.scale, self.zero_point, self.tile, pdl=self.pdl)
         elif rows.shape[0] <= kernels.SMALL_M and self.group_words >= 16:  # tensor-core tiles: 16 words of a group
-            y = kernels.int4_matmul_small_m(rows, self.planes, self.scale, self.zero_point)
+            y = kernels.int4_matmul_small_m(rows, self.planes, self.scale, self.zero_point, pdl=self.pdl)
         else:
             weight = kernels.int4_dequantize(self.planes, self.scale, self.zero_point, self.in_features, x.dtype)
             return F.linear(rows, weight, self.bias).reshape(*x.shape[:-1], -1)
@@ -165,15 +168,21 @@ class TokenQuantizedLinear(nn.Module):
 
 
 class Fp8Linear(TokenQuantizedLinear):
-    """FP8 W8A8: x quantized per token to FP8, multiplied by the FP8 weight with fp32 row and column scales."""
+    """FP8 W8A8: x quantized per token to FP8, multiplied by the FP8 weight with fp32 row and column scales.
+    `fast_accum`: RuntimeOptions.fp8_fast_accum."""
 
     kernel = "fp8 _scaled_mm"
     input_grid = token_triton.FP8_TOKENS
 
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 fast_accum: bool) -> None:
+        super().__init__(weight, scale, bias, dtype)
+        self.fast_accum = fast_accum
+
     def forward(self, x: torch.Tensor | token_triton.QuantizedRows) -> torch.Tensor:
         x = self.quantized_input(x)
         y = torch._scaled_mm(x.q, self.weight.t(), scale_a=x.scale, scale_b=self.scale, out_dtype=self.out_dtype,
-                             use_fast_accum=kernels.FP8_FAST_ACCUM)
+                             use_fast_accum=self.fast_accum)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], -1)
@@ -198,7 +207,7 @@ class Int8Linear(TokenQuantizedLinear):
 def _kernel_for(layer: StoredLinear) -> str | None:
     """Which fast kernel computes with this layer on a GPU (None: dequantized)."""
     scheme = layer.scheme
-    if scheme is None or not kernels.available() or not layer.weight.is_cuda:
+    if scheme is None or not triton_support.available(layer.weight):
         return None
     w, a = scheme.weights, scheme.input_activations
     out_features, in_features = layer.weight.shape
@@ -217,17 +226,18 @@ def _kernel_for(layer: StoredLinear) -> str | None:
     return None
 
 
-def build_linear(layer: StoredLinear, dtype: torch.dtype) -> nn.Module:
-    """The module that computes with `layer` in activation dtype `dtype`, on the layer's device."""
+def build_linear(layer: StoredLinear, dtype: torch.dtype, options: RuntimeOptions = RuntimeOptions()) -> nn.Module:
+    """The module that computes with `layer` in activation dtype `dtype`, on the layer's device, its kernels run as
+    `options` say."""
     bias = None if layer.bias is None else layer.bias.to(dtype)
     if layer.scheme is None:
         return DequantizedLinear(layer.weight.to(dtype), bias)
     kernel = _kernel_for(layer)
     layer = _per_channel(layer)  # the kernels take row scales; a per-tensor scale is the same scale on every row
     if kernel == "int4":
-        return Int4Linear(layer.weight, layer.scale, layer.zero_point, bias)
+        return Int4Linear(layer.weight, layer.scale, layer.zero_point, bias, options.gemv_tile, options.pdl)
     if kernel == "fp8":
-        return Fp8Linear(layer.weight, layer.scale, bias, dtype)
+        return Fp8Linear(layer.weight, layer.scale, bias, dtype, options.fp8_fast_accum)
     if kernel == "int8":
         return Int8Linear(layer.weight, layer.scale, bias, dtype)
     weight = dequantize(layer.weight, layer.scale, layer.zero_point, layer.scheme.weights, dtype)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ptqlab.errors import PtqlabError
+from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.runtime.linear import StoredLinear, build_linear, concat_linears
 from ptqlab.runtime.model import Architecture, Block, Concat, RuntimeModel
 from ptqlab.models import check_model_folder
@@ -117,7 +118,8 @@ def stored_linear(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme | 
     return StoredLinear(weight, bias, scheme, scale, zero_point)
 
 
-def _projection(tensors, prefix: str, choices, resolve: SchemeResolver, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+def _projection(tensors, prefix: str, choices, resolve: SchemeResolver, dtype: torch.dtype,
+                options: RuntimeOptions) -> tuple[torch.nn.Module, str]:
     """One of the runtime's matmuls from whichever of `choices` (separate or already fused layers) the checkpoint
     has: (module, the kernel it runs)."""
     names = next((c for c in choices if f"{prefix}{c[0]}.weight" in tensors or f"{prefix}{c[0]}.weight_packed" in tensors), None)
@@ -126,9 +128,9 @@ def _projection(tensors, prefix: str, choices, resolve: SchemeResolver, dtype: t
     parts = [stored_linear(tensors, prefix + n, resolve(prefix + n)) for n in names]
     stacked = concat_linears(parts)
     if stacked is not None:
-        module = build_linear(stacked, dtype)
+        module = build_linear(stacked, dtype, options)
     else:
-        module = Concat([build_linear(p, dtype) for p in parts])
+        module = Concat([build_linear(p, dtype, options) for p in parts])
     return module, getattr(module, "kernel", "mixed")
 
 
@@ -157,17 +159,18 @@ def check_supported(path: str | Path) -> None:
 
 
 def load_runtime(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 max_positions: int | None = None) -> RuntimeModel:
+                 max_positions: int | None = None, options: RuntimeOptions = RuntimeOptions()) -> RuntimeModel:
     """Load a model folder (16-bit or compressed-tensors) for the fast runtime.
 
     dtype: activation and 16-bit weight dtype (default: the checkpoint's). max_positions: the longest sequence it
-    will see (default: min(config's context, 8192)); rotary tables are built for that many positions."""
+    will see (default: min(config's context, 8192)); rotary tables are built for that many positions. options: how
+    the GPU kernels run (programmatic dependent launch, FP8 accumulation, the one-row int4 tile)."""
     folder = Path(path)
     config, arch, resolve = read_config(folder)
     device = torch.device(device)
     try:
         tensors = read_tensors(folder, device)
-        return build_model(config, arch, tensors, resolve, device, dtype, max_positions)
+        return build_model(config, arch, tensors, resolve, device, dtype, max_positions, options)
     except torch.OutOfMemoryError as e:
         free, total = torch.cuda.mem_get_info(device)
         raise PtqlabError(f"not enough GPU memory to load {folder} on {device} ({free / 2**30:.1f} of {total / 2**30:.1f} GiB "
@@ -175,7 +178,8 @@ def load_runtime(path: str | Path, device: str | torch.device = "cpu", dtype: to
 
 
 def build_model(config, arch: Architecture, tensors: dict[str, torch.Tensor], resolve: SchemeResolver,
-                device: torch.device, dtype: torch.dtype | None = None, max_positions: int | None = None) -> RuntimeModel:
+                device: torch.device, dtype: torch.dtype | None = None, max_positions: int | None = None,
+                options: RuntimeOptions = RuntimeOptions()) -> RuntimeModel:
     """A RuntimeModel from checkpoint tensors by name (consumed), e.g. what `checkpoint_tensors` gives in memory."""
     embed = tensors.pop("model.embed_tokens.weight", None)
     if embed is None:
@@ -186,17 +190,17 @@ def build_model(config, arch: Architecture, tensors: dict[str, torch.Tensor], re
         prefix = f"model.layers.{i}."
         modules = {}
         for role, choices in PROJECTIONS.items():
-            modules[role], kernels[role] = _projection(tensors, prefix, choices, resolve, dtype)
+            modules[role], kernels[role] = _projection(tensors, prefix, choices, resolve, dtype, options)
         norms = {n.rpartition(".")[2]: tensors.pop(prefix + n + ".weight").to(dtype)
                  for n in NORMS if prefix + n + ".weight" in tensors}
         blocks.append(Block(arch, i, modules["qkv"], modules["o"], modules["gate_up"], modules["down"], norms))
     norm = tensors.pop("model.norm.weight").to(dtype)
     if "lm_head.weight" in tensors or "lm_head.weight_packed" in tensors:
-        head, kernels["lm_head"] = _projection(tensors, "", (("lm_head",),), resolve, dtype)
+        head, kernels["lm_head"] = _projection(tensors, "", (("lm_head",),), resolve, dtype, options)
     else:  # tied to the embedding
-        head = build_linear(StoredLinear(embed), dtype)
+        head = build_linear(StoredLinear(embed), dtype, options)
         kernels["lm_head"] = head.kernel
     positions = max_positions or min(getattr(config, "max_position_embeddings", 8192) or 8192, 8192)
-    model = RuntimeModel(config, arch, embed.to(dtype), blocks, norm, head, positions, kernels)
+    model = RuntimeModel(config, arch, embed.to(dtype), blocks, norm, head, positions, kernels, options)
     return model.eval()
 

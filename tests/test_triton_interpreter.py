@@ -1,0 +1,402 @@
+"""The Triton kernels' logic on CPU, through Triton's interpreter (TRITON_INTERPRET=1), against the pure-torch
+references they stand in for (primitives, the runtime's torch path, GPTQ's plain loop). Small shapes, fp16 and
+fp32 (see below for bf16), fixed seeds.
+
+How it runs: Triton reads TRITON_INTERPRET when it decorates a kernel, i.e. when ptqlab's kernel modules are first
+imported, so the suite's process (which has imported them already) cannot switch. `test_kernels_under_the_interpreter`
+runs this file again in a fresh `python -m pytest` with TRITON_INTERPRET=1: there the kernel tests below run, and
+here they are skipped. To run them directly: TRITON_INTERPRET=1 python -m pytest tests/test_triton_interpreter.py
+
+Every ptqlab kernel runs under the interpreter of Triton 3.9, FP8 grids aside (below); older interpreters stop
+earlier (Triton 3.6 on any loop whose bound is a kernel argument), so the test skips itself below 3.9:
+- runtime/kernels.py: the one-row int4 matmul (plain and gated, split K, tiles across and inside scale groups), the
+  split-K sum (plain and gated), the 2-16-row int4 matmul (tl.dot), int4 dequantization, the INT8 epilogue;
+- runtime/fused.py: RMSNorm (residual add, Gemma's offset, INT8 output), rotary + cache write, the gated activation
+  (plain, paired, INT8 output), decode attention (softcap, window, fused rotary), greedy argmax;
+- quant/token_triton.py (the INT8 grid), quant/search_triton.py, quant/gptq_triton.py (int grids).
+
+What the interpreter cannot run, and what the kernels do about it:
+- inline PTX (`tl.inline_asm_elementwise`, the LOP3 of the one-row int4 kernel's `_nibble_pair`): NotImplementedError.
+  The kernel's interpreted branch computes the same bits with Triton's and / or.
+- grid dependency control (`gdc_wait`, `gdc_launch_dependents` in `await_inputs`: programmatic dependent launch):
+  extern calls the interpreter has no implementation for. `pdl_launch` turns PDL on only for CUDA devices, so the
+  interpreter never reaches them; PDL itself is tested on the GPU only.
+- CUDA libdevice (`rint`, `div_rn` in the GPTQ, scale-search and per-token kernels): "extern_elementwise not supported".
+  Under the interpreter `triton_support.libdevice` provides both from Triton's own operations, with the same values.
+- a scalar comparison broadcast over a block as a load mask (the one-row kernel's next-tile mask, the small-M
+  kernel's last-split mask): the interpreter turns it into int32, which tl.load rejects. Both kernels build the same
+  mask as a block when interpreted.
+- bf16 rounding: the interpreter truncates fp32 -> bf16 instead of rounding to nearest even, so these tests use fp16
+  and fp32 (the scale search's bf16 scale storage is left to the GPU tests).
+- FP8 rounding: the interpreter's fp32 -> float8e4nv conversion drops the carry into the exponent when the mantissa
+  rounds up (31.6 gives 16 instead of 32), so the FP8 variants (the per-token quantizer's FP8 grid, the norm's and
+  activation's FP8 output, GPTQ's FP8 block) are skipped here, with that reason, and tested on the GPU.
+Cache and eviction hints are accepted and ignored, and tl.dot is a numpy matmul: these tests check the kernels'
+indexing, masks and arithmetic, not their speed or the tensor cores' rounding. CUDA graphs, `torch._scaled_mm` and
+`torch._int_mm` are not Triton: GPU tests only (tests/test_runtime.py, tests/test_gptq.py).
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptqlab import triton_support
+from ptqlab.quant.linear import rtn
+from ptqlab.quant.primitives import dequantize
+from ptqlab.schemes import QuantArgs
+
+INTERPRETED = triton_support.interpreted()
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1, in the subprocess of "
+                                                          "test_kernels_under_the_interpreter")
+FP8_ROUNDING = ("Triton 3.9's interpreter rounds fp32 -> float8e4nv without carrying into the exponent (31.6 becomes "
+                "16, not 32): FP8 grids are tested on the GPU")
+
+
+def relative(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def triton_version() -> tuple[int, int] | None:
+    if triton_support.triton is None:
+        return None
+    major, minor = triton_support.triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+@pytest.mark.skipif(triton_version() is None, reason="needs Triton (pip install triton; `make test` installs it)")
+@pytest.mark.skipif((triton_version() or (3, 9)) < (3, 9),
+                    reason="needs Triton 3.9 or newer (a CUDA torch may pin an older one): Triton 3.6's interpreter "
+                           "fails on every loop whose bound is a kernel argument ('only 0-dimensional arrays can be "
+                           "converted to Python scalars')")
+@pytest.mark.skipif(INTERPRETED, reason="this process is the interpreter's run")
+def test_kernels_under_the_interpreter(tmp_path):
+    """This file's kernel tests, in a fresh process whose Triton interprets the kernels on CPU."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
+               f"--basetemp={tmp_path / 'interpreted'}"]
+    result = subprocess.run(command, cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
+                            text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-12000:]
+    passed = re.search(r"(\d+) passed", output)
+    assert passed and int(passed.group(1)) > 1, output[-4000:]  # the kernel tests ran, not only skips
+
+
+# ---- runtime/kernels.py: int4 weights -----------------------------------------------------------------------------
+
+def int4_layer(n, k, group, symmetric, dtype, seed=0):
+    """An RTN-quantized int4 layer, its runtime planes, and its dequantized weight in fp32 (exact: small integers
+    times fp16 scales)."""
+    from ptqlab.runtime import kernels
+
+    torch.manual_seed(seed)
+    args = QuantArgs(num_bits=4, strategy="group" if group else "channel", group_size=group, symmetric=symmetric)
+    q, scale, zero = rtn(torch.randn(n, k), args, dtype)
+    planes = kernels.int4_planes(q, kernels.plane_words(k, group or k))
+    return q, scale, zero, planes, dequantize(q, scale, zero, args, torch.float32), args
+
+
+INT4_LAYERS = [(24, 256, 128, True), (20, 256, 64, False), (16, 384, 32, True), (8, 1024, None, True),
+               (20, 96, 48, False)]
+"""(N, K, group or None for one scale per row, symmetric): row tails against the tiles, planes of 16, 8, 4 and 6
+words, zero points."""
+
+
+@interpreted
+@pytest.mark.parametrize("n,k,group,symmetric", INT4_LAYERS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_int4_dequantize_is_primitives_dequantize(n, k, group, symmetric, dtype):
+    from ptqlab.runtime import kernels
+
+    q, scale, zero, planes, _, args = int4_layer(n, k, group, symmetric, dtype)
+    assert torch.equal(kernels.int4_dequantize(planes, scale, zero, k, dtype), dequantize(q, scale, zero, args, dtype))
+
+
+@interpreted
+@pytest.mark.parametrize("n,k,group,symmetric", INT4_LAYERS)
+@pytest.mark.parametrize("tile", [(8, 512, 4), (8, 8, 1), (16, 32, 2)])  # the default, and tiles inside / across groups
+def test_int4_gemv_against_float64(n, k, group, symmetric, tile):
+    """One row. The tiles cover whole groups, lie inside one (8 words of a 16-word group), or cover K at once; with
+    one multiprocessor (CPU) the narrow layers also split K across programs and sum the splits."""
+    from ptqlab.runtime import kernels
+
+    _, scale, zero, planes, weight, _ = int4_layer(n, k, group, symmetric, torch.float16)
+    words = min(tile[1], 1 << (k // 8 - 1).bit_length())  # a tile's words, as int4_gemv narrows them to the row
+    group_words = (group or k) // 8
+    if group_words < k // 8 and words % group_words and group_words % words:
+        with pytest.raises(ValueError, match="do not line up"):
+            kernels.int4_gemv(torch.randn(1, k), planes, scale, zero, tile)
+        return
+    # fp32: the kernel sums 1 + u/16 and 1 + u/256 (no int-to-float conversion) and subtracts the offsets per
+    # group, which costs a few bits of fp32; fp16: the output's rounding.
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.float16, 1e-3)):
+        x = torch.randn(1, k, dtype=dtype)
+        y = kernels.int4_gemv(x, planes, scale, zero, tile)
+        assert y.dtype == dtype and y.shape == (1, n)
+        assert relative(y, x.double() @ weight.double().T) < tolerance
+
+
+@interpreted
+# numpy's exp overflows in GELU's sigmoid for large negative inputs; the sigmoid is then 0, which is right
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("inner,k,tile", [(16, 256, (16, 32, 2)), (8, 512, (16, 16, 1)), (32, 128, (8, 512, 4))])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_int4_gemv_applies_the_gated_activation(inner, k, tile, gelu):
+    """Paired gate_up rows: act(gate) * up of the matmul's output, each half rounded to the activation dtype first,
+    in the one-row kernel or (when K is split: 8 x 512 here) in the split-sum kernel."""
+    from ptqlab.runtime import kernels
+
+    _, scale, zero, planes, weight, _ = int4_layer(2 * inner, k, 128, False, torch.float16, seed=inner)
+    x = torch.randn(1, k, dtype=torch.float16)
+    gate, up = (x.double() @ weight.double().T).to(torch.float16).float().chunk(2, -1)
+    expected = (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
+    paired = [kernels.pair_gate_up(t) for t in (planes, scale, zero)]
+    y = kernels.int4_gemv(x, *paired, tile, gated="gelu" if gelu else "silu")
+    assert y.shape == (1, inner) and relative(y, expected) < 2e-3  # fp16 rounding of gate, up and the result
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [2, 16])
+@pytest.mark.parametrize("n,k,group,symmetric", [(24, 512, 128, True), (40, 256, 128, False), (8, 1024, None, True)])
+def test_int4_matmul_small_m_against_float64(rows, n, k, group, symmetric):
+    """2-16 rows on tl.dot tiles of 16 words of a group; K split in two or more (one multiprocessor)."""
+    from ptqlab.runtime import kernels
+
+    _, scale, zero, planes, weight, _ = int4_layer(n, k, group, symmetric, torch.float16)
+    x = torch.randn(rows, k, dtype=torch.float16)
+    y = kernels.int4_matmul_small_m(x, planes, scale, zero)
+    assert y.dtype == torch.float16 and y.shape == (rows, n)
+    assert relative(y, x.double() @ weight.double().T) < 1e-3  # x rounded to fp16 on entry; fp16 output
+
+
+@interpreted
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_int8_epilogue_scales_the_int32_product(has_bias):
+    """acc * x_scale[m] * w_scale[n] (+ bias) in fp32, rounded once: bitwise torch's fp32 arithmetic, padding rows
+    dropped."""
+    from ptqlab.runtime import kernels
+
+    torch.manual_seed(1)
+    acc = torch.randint(-2**20, 2**20, (32, 136), dtype=torch.int32)
+    x_scale, w_scale = torch.rand(32, 1) * 1e-3, torch.rand(1, 136) * 1e-2
+    bias = torch.randn(136, dtype=torch.float16) if has_bias else None
+    y = kernels.int8_epilogue(acc, x_scale, w_scale, bias, 5, torch.float16)
+    expected = acc[:5].float() * x_scale[:5] * w_scale + (bias.float() if has_bias else 0)
+    assert y.shape == (5, 136) and torch.equal(y, expected.to(torch.float16))
+
+
+# ---- quant/: per-token quantization, scale search, GPTQ's block ---------------------------------------------------
+
+def token_grid(name):
+    """The runtime's per-token grid and the QuantArgs that primitives.fake_quantize takes for it."""
+    from ptqlab.quant import token_triton
+
+    if name == "fp8":
+        return token_triton.FP8_TOKENS, QuantArgs(num_bits=8, type="float", strategy="token", dynamic=True)
+    return token_triton.INT8_TOKENS, QuantArgs(num_bits=8, strategy="token", dynamic=True)
+
+
+def tokens(dtype, rows=5, columns=96, seed=8):
+    """Activations with an all-zero token and an outlier channel."""
+    torch.manual_seed(seed)
+    x = (torch.randn(rows, columns) * torch.rand(rows, 1) * 10).to(dtype)
+    x[0] = 0
+    x[1:, 5] *= 50
+    return x
+
+
+def reference_tokens(x, grid):
+    """The per-token grid as the kernels define it (and as torch computes it on a GPU, where it divides by a Python
+    number through its fp32 reciprocal): scale = absmax * fp32(1 / half_range), clamped; x / scale rounded half to
+    even (int8) or cast (FP8) -> (q, scale, dequantized in x.dtype)."""
+    info = torch.finfo(torch.float32)
+    reciprocal = torch.tensor(1.0) / torch.tensor(grid.half_range)
+    scale = (x.float().abs().amax(-1, keepdim=True) * reciprocal).clamp(info.tiny, info.max)
+    scaled = (x.float() / scale).clamp(grid.qmin, grid.qmax)
+    q = scaled.to(torch.float8_e4m3fn).float() if grid.is_fp8 else scaled.round()
+    return q, scale, (q * scale).to(x.dtype)
+
+
+GRIDS = ["int8", pytest.param("fp8", marks=pytest.mark.skip(reason=FP8_ROUNDING))]
+
+
+@interpreted
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_token_quantizer_puts_each_token_on_its_grid(grid, dtype):
+    """quantize_tokens gives the grid values and scales bitwise, zero-padded to rows_out; fake_quantize_tokens their
+    product. primitives.fake_quantize on a CPU divides by the half range where the kernels (and torch on a GPU)
+    multiply by its fp32 reciprocal, so its scales may differ in the last bit and a value at a rounding boundary
+    land on the neighbouring grid point: at most one step (and the output's rounding) apart."""
+    from ptqlab.quant import token_triton
+    from ptqlab.quant.primitives import fake_quantize
+
+    grid, args = token_grid(grid)
+    x = tokens(dtype)
+    q, scale, fake = reference_tokens(x, grid)
+    rows = token_triton.quantize_tokens(x, grid, rows_out=8)
+    assert rows.q.dtype == grid.dtype and rows.q.shape == (8, 96) and rows.scale.shape == (8, 1)
+    assert torch.equal(rows.q[:5].float(), q) and torch.equal(rows.scale[:5], scale)
+    assert not rows.q[5:].float().any() and not rows.scale[5:].any()
+    assert torch.equal(token_triton.fake_quantize_tokens(x, grid), fake)
+    assert ((fake.float() - fake_quantize(x, args).float()).abs() <= 1.1 * scale).all()
+
+
+@interpreted
+@pytest.mark.parametrize("args", [
+    QuantArgs(num_bits=4, strategy="group", group_size=32), QuantArgs(num_bits=4, symmetric=False, strategy="group",
+                                                                     group_size=128),
+    QuantArgs(num_bits=3, strategy="group", group_size=64), QuantArgs(num_bits=8, strategy="channel"),
+], ids=["int4-g32", "int4-asym-g128", "int3-g64", "int8-channel"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_scale_search_matches_the_torch_loop(args, dtype, monkeypatch):
+    """search_quant_params through the kernel against its torch loop (as the GPU test does). On a CPU torch divides
+    the range by the half range in IEEE division, as the kernel does, so the scales agree bitwise, except where the
+    error sums (run in another order) flip a choice between candidates that tie to fp32 rounding: one block at most."""
+    from ptqlab.quant import search_triton
+    from ptqlab.quant.primitives import search_quant_params
+
+    torch.manual_seed(7)
+    weight = (torch.distributions.StudentT(3).sample((16, 256)) * 0.02).to(dtype)
+    importance = torch.rand(256) + 0.1
+    plain = search_quant_params(weight, args, importance=importance)
+    monkeypatch.setattr(search_triton, "available", lambda x, block, scale_dtype: True)  # CPU tensors, interpreted
+    fused = search_quant_params(weight, args, importance=importance)
+    assert fused[0].dtype == plain[0].dtype and fused[0].shape == plain[0].shape
+    assert (fused[0] != plain[0]).sum() <= 1
+    if args.symmetric:
+        assert fused[1] is None and plain[1] is None
+    else:
+        assert (fused[1] != plain[1]).sum() <= 1
+
+
+@interpreted
+@pytest.mark.parametrize("args", [
+    QuantArgs(num_bits=4, strategy="group", group_size=32), QuantArgs(num_bits=4, symmetric=False, strategy="group",
+                                                                     group_size=32),
+    QuantArgs(num_bits=8, strategy="channel"),
+    pytest.param(QuantArgs(num_bits=8, type="float", strategy="channel"), marks=pytest.mark.skip(reason=FP8_ROUNDING)),
+], ids=["int4-g32", "int4-asym", "int8-channel", "fp8-channel"])
+def test_gptq_block_kernel_matches_the_plain_loop(args, monkeypatch):
+    """gptq() with its blocks through the kernel against its plain loop (as the GPU test does): the same scales, and
+    the same grid values except where fp32 reassociation flips a near-tie (two of 1024 at most)."""
+    from ptqlab.quant import gptq_triton
+    from ptqlab.quant.gptq import GPTQConfig, gptq
+
+    generator = torch.Generator().manual_seed(4)
+    mixing = torch.randn(64, 64, generator=generator) / 8
+    x = torch.randn(512, 64, generator=generator) @ (torch.eye(64) + 2 * mixing)
+    hessian = 2 * x.T @ x / x.shape[0]
+    weight = torch.randn(16, 64, generator=generator) * 0.05
+    config = GPTQConfig(block_size=32, act_order=True)
+    plain = gptq(weight, hessian, args, config)
+    monkeypatch.setattr(gptq_triton, "available", lambda tensor: True)  # CPU tensors, interpreted
+    fused = gptq(weight, hessian, args, config)
+    assert (fused.q != plain.q).sum() <= 2
+    assert torch.equal(fused.scale, plain.scale)
+
+
+# ---- runtime/fused.py: the work between the matmuls ---------------------------------------------------------------
+
+@interpreted
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_fused_norm_matches_the_torch_path(offset):
+    """RMSNorm with the residual add (Llama's w * round(x̂), Gemma's (1 + w) x̂); with a grid, bitwise the per-token
+    quantizer applied to its 16-bit output."""
+    from ptqlab.quant import token_triton
+    from ptqlab.runtime import fused
+    from ptqlab.runtime.model import rms_norm
+
+    torch.manual_seed(0)
+    x, r = torch.randn(6, 96, dtype=torch.float16), torch.randn(6, 96, dtype=torch.float16)
+    w = torch.randn(96, dtype=torch.float16)
+    y, stream = fused.rms_norm(x, w, 1e-6, offset, residual=r)
+    assert torch.equal(stream, x + r)
+    assert relative(y, rms_norm(x + r, w, 1e-6, offset)) < 1e-3  # fp32 inside, one rounding (torch rounds more often)
+    grid = token_triton.INT8_TOKENS  # FP8: see FP8_ROUNDING
+    rows, _ = fused.rms_norm(x, w, 1e-6, offset, residual=r, grid=grid, rows_out=8)
+    expected = token_triton.quantize_tokens(y, grid, rows_out=8)
+    assert torch.equal(rows.q, expected.q) and torch.equal(rows.scale, expected.scale)
+
+
+@interpreted
+@pytest.mark.parametrize("gelu", [False, True])
+def test_fused_activation_matches_the_torch_path(gelu):
+    """act(gate) * up; gate_up in pair_gate_up's column order gives bitwise the same; with a grid, bitwise the
+    per-token quantizer applied to its 16-bit output."""
+    from ptqlab.quant import token_triton
+    from ptqlab.runtime import fused, kernels
+
+    torch.manual_seed(1)
+    gate_up = torch.randn(3, 2 * 80, dtype=torch.float16)
+    gate, up = gate_up.float().chunk(2, -1)
+    y = fused.gated_activation(gate_up, gelu)
+    assert relative(y, (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up) < 1e-3
+    paired = kernels.pair_gate_up(gate_up.T).T.contiguous()
+    assert torch.equal(fused.gated_activation(paired, gelu, paired=True), y)
+    grid = token_triton.INT8_TOKENS  # FP8: see FP8_ROUNDING
+    rows = fused.gated_activation(gate_up, gelu, grid)
+    expected = token_triton.quantize_tokens(y, grid)
+    assert torch.equal(rows.q, expected.q) and torch.equal(rows.scale, expected.scale)
+
+
+@interpreted
+def test_rotary_cache_write_and_decode_attention_match_the_torch_path():
+    """Rotary + cache write against model.rope; decode attention (plain, softcap, a window that skips a block of the
+    cache) against grouped_attention; the single decode kernel (rotary, cache write, attention) against the two."""
+    from ptqlab.runtime import fused
+    from ptqlab.runtime.model import grouped_attention, rope
+
+    torch.manual_seed(0)
+    b, h, hkv, d, positions, at = 2, 4, 2, 16, 160, 150
+    dtype = torch.float16
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, dtype=dtype)
+    k_cache, v_cache = (torch.randn(b, hkv, positions, d, dtype=dtype) for _ in range(2))
+    angles = torch.rand(positions, d // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    half = (cos[:, :d // 2].contiguous(), sin[:, :d // 2].contiguous())
+    pos = torch.tensor([at])
+    q, k, v = qkv.clone().split([h * d, hkv * d, hkv * d], -1)
+    fused.rope_and_cache(qkv, *half, pos, h, hkv, d, k_cache, v_cache)
+    assert relative(qkv[..., :h * d].view(b, 1, h, d), rope(q.view(b, 1, h, d), cos[pos], sin[pos])) < 1e-3
+    assert relative(k_cache[:, :, at], rope(k.view(b, 1, hkv, d), cos[pos], sin[pos])[:, 0]) < 1e-3
+    assert torch.equal(v_cache[:, :, at], v.view(b, hkv, d))
+    keys = torch.arange(positions)
+    for softcap, window in [(None, None), (50.0, None), (None, 32)]:
+        out = fused.decode_attention(qkv[..., :h * d], k_cache, v_cache, pos, 0.25, softcap, window)
+        allowed = (keys <= at) & ((keys > at - window) if window else True)
+        expected = grouped_attention(qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2).float(), k_cache.float(),
+                                     v_cache.float(), allowed[None, :], 0.25, softcap)
+        assert relative(out.view(b, 1, h, d).transpose(1, 2), expected) < 2e-3, (softcap, window)
+    raw = torch.randn_like(qkv)
+    for softcap, window in [(None, None), (50.0, 32)]:
+        caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+        one = fused.decode_attention(raw.clone(), *caches[0], pos, 0.25, softcap, window, rotary=half)
+        rotated = raw.clone()
+        fused.rope_and_cache(rotated, *half, pos, h, hkv, d, *caches[1])
+        two = fused.decode_attention(rotated[..., :h * d], *caches[1], pos, 0.25, softcap, window)
+        assert torch.equal(caches[0][1], caches[1][1]) and relative(caches[0][0], caches[1][0]) < 1e-3
+        assert relative(one, two) < 2e-3
+
+
+@interpreted
+def test_greedy_next_picks_the_first_maximum_like_torch():
+    from ptqlab.runtime import fused
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5000, dtype=torch.float16)
+    logits[1, 700] = logits[1, 4500] = 100.0  # a tie across chunks: the first wins
+    logits[2, 4999] = 100.0  # the last, partial chunk
+    token = torch.zeros(3, 1, dtype=torch.long)
+    sequence = torch.zeros(3, 10, dtype=torch.long)
+    fused.greedy_next(logits, token, sequence, torch.tensor([4]))
+    expected = logits.argmax(-1)
+    assert expected[1] == 700 and expected[2] == 4999
+    assert torch.equal(token[:, 0], expected) and torch.equal(sequence[:, 5], expected)
+    assert not sequence[:, :5].any() and not sequence[:, 6:].any()

@@ -94,7 +94,7 @@ def score(path: Path, token_ids, windows, baseline, device: str):
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from ptqlab.api import versions
+    from ptqlab.record import versions
     from ptqlab.measure.quality import make_windows
     from ptqlab.measure.text import load_eval_text
     from ptqlab.measure.variant import device_name

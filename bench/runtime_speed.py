@@ -188,7 +188,7 @@ def kernel_table(shape: str, rows: int = 1) -> list[dict]:
 def build_runtime(shape: str, recipe: str | None, seed: int, max_positions: int, options: RuntimeOptions):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ptqlab.api import quantize_model
+    from ptqlab.pipeline import quantize_model
     from ptqlab.formats.compressed_tensors import (
         checkpoint_tensors,
         quantization_config,

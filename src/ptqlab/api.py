@@ -13,8 +13,10 @@ import torch
 
 from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.errors import PtqlabError
-from ptqlab.formats.compressed_tensors import write_checkpoint
-from ptqlab.models import compute_dtype, load_model, model_dtype, resolve_device
+from ptqlab.engine.stream import StreamedModel
+from ptqlab.formats.compressed_tensors import ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint, write_config
+from ptqlab.models import (LoadedModel, check_source, compute_dtype, load_model, load_tokenizer, model_dtype,
+                           resolve_device, stored_dtype)
 from ptqlab.output import atomic_dir, check_writable
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.recipes import Recipe, get_recipe
@@ -101,11 +103,14 @@ def quantize(
     calibration: CalibrationConfig | None = None,
     calib_batch_size: int = 16,
     device: str = "auto",
+    stream: bool = False,
 ) -> Path:
     """Quantize `model` (hub id, local folder, or None for the embedded default) with `recipe` into `out`.
 
     Calibrated recipes (GPTQ) draw `calibration` samples (default: ultrachat_200k, offline text without a hub)
     with `seed` and run the layer-sequential engine on `device` (auto: the GPU if there is one).
+    With `stream`, the model is read from its safetensors files one decoder layer at a time and the checkpoint is
+    written as layers finish (engine/stream.py): neither is ever whole in memory; the tensors are the same.
     Returns the checkpoint folder. The folder appears only when complete (see ptqlab.output).
     """
     if isinstance(recipe, str):
@@ -123,28 +128,61 @@ def quantize(
         check_calibration(calibration, batch_size=calib_batch_size)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    loaded = load_model(model, dtype=dtype)
-    calibration_set = None if calibration is None else load_calibration(loaded.tokenizer, calibration)
-    engine_device = resolve_device(device)
-    stored = model_dtype(loaded.model)
-    compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
-    result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
-                            batch_size=calib_batch_size, compute_dtype=compute)
-    if compute != stored:
-        result.notes.append(f"calibration computed in {_dtype_name(compute)}: this CPU has no native {_dtype_name(stored)} "
-                            f"arithmetic; the checkpoint keeps {_dtype_name(stored)}")
-    if calibration_set is not None:
-        result.notes.insert(0, f"calibration: {len(calibration_set.samples)} samples, {calibration_set.tokens:,} tokens from "
-                               f"{calibration_set.source}")
-    if loaded.tokenizer is None:
-        result.notes.append("the model folder has no tokenizer; the checkpoint has none either")
-    settings = {"recipe": recipe.name, "dtype": _dtype_name(stored), "compute_dtype": _dtype_name(compute), "seed": seed, "out": str(out),
-                "calibration": None if calibration is None else dataclasses.asdict(calibration),
-                "calib_batch_size": calib_batch_size, "device": device}
     with atomic_dir(out, overwrite, protect) as tmp:
-        write_checkpoint(tmp, loaded.model, loaded.tokenizer, result.recipe)
+        loaded, streamed = _load(model, dtype, stream)
+        calibration_set = None if calibration is None else load_calibration(loaded.tokenizer, calibration)
+        engine_device = resolve_device(device)
+        stored = model_dtype(loaded.model)
+        compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
+        writer = ShardWriter(tmp) if streamed is not None else None
+        result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
+                                batch_size=calib_batch_size, compute_dtype=compute, streamed=streamed,
+                                write_layer=None if writer is None else lambda layer, name: writer.add(module_tensors(layer, name)))
+        if writer is None:
+            write_checkpoint(tmp, loaded.model, loaded.tokenizer, result.recipe)
+        else:
+            writer.add(checkpoint_tensors(loaded.model, skip=tuple(streamed.layer_names)))
+            writer.close()
+            write_config(tmp, loaded.model, loaded.tokenizer, result.recipe)
+        if compute != stored:
+            result.notes.append(f"calibration computed in {_dtype_name(compute)}: this CPU has no native "
+                                f"{_dtype_name(stored)} arithmetic; the checkpoint keeps {_dtype_name(stored)}")
+        if calibration_set is not None:
+            result.notes.insert(0, f"calibration: {len(calibration_set.samples)} samples, {calibration_set.tokens:,} "
+                                   f"tokens from {calibration_set.source}")
+        if loaded.tokenizer is None:
+            result.notes.append("the model folder has no tokenizer; the checkpoint has none either")
+        settings = {"recipe": recipe.name, "dtype": _dtype_name(stored), "compute_dtype": _dtype_name(compute),
+                    "seed": seed, "out": str(out),
+                    "calibration": None if calibration is None else dataclasses.asdict(calibration),
+                    "calib_batch_size": calib_batch_size, "device": device, "stream": stream}
         _run_record(loaded, result, settings, time.perf_counter() - start, request).write(tmp)
     return out
+
+
+def _load(model: str | None, dtype: str, stream: bool) -> tuple[LoadedModel, StreamedModel | None]:
+    """The model to quantize: loaded whole, or (`stream`) with its decoder layers left on disk until needed."""
+    if not stream:
+        return load_model(model, dtype=dtype), None
+    checked = check_source(model, dtype)
+    folder = Path(checked.path)
+    if not folder.is_dir():
+        folder = _download(checked.path)
+    streamed = StreamedModel(folder, checked.config, stored_dtype(checked.config, dtype), checked.source)
+    loaded = LoadedModel(model=streamed.model, tokenizer=load_tokenizer(str(folder)), source=checked.source,
+                         path=str(folder), note=checked.note)
+    return loaded, streamed
+
+
+def _download(repo: str) -> Path:
+    """A hub model's files in the local cache (what streaming reads); one line when the hub cannot be reached."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 (the hub client raises many kinds)
+        raise PtqlabError(f"cannot download {repo!r} to stream it ({' '.join(str(e).split())[:200]}); download it "
+                          "first (huggingface-cli download) and give the folder") from None
 
 
 __all__ = ["quantize", "PtqlabError"]

@@ -56,6 +56,7 @@ def quantize(
     dampening_frac: Annotated[Optional[float], typer.Option(help="GPTQ: diagonal dampening, fraction of mean(diag H) (recipe default 0.01).")] = None,
     act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by decreasing H_ii.")] = None,
     scale_search: Annotated[Optional[bool], typer.Option("--scale-search/--no-scale-search", help="GPTQ, int formats: clipping-searched scales instead of min-max (recipe default: on for w4a16, w3a16).")] = None,
+    stream: Annotated[bool, typer.Option(help="Read the model one decoder layer at a time from its safetensors files and write the checkpoint as layers finish: for models larger than memory (same tensors).")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Quantize MODEL with a recipe and write a compressed-tensors checkpoint (+ tokenizer, ptqlab.json).
@@ -77,7 +78,8 @@ def quantize(
         calibration = CalibrationConfig(dataset=dataset, dataset_config=dataset_config, split=split, num_samples=num_samples,
                                         max_seq_len=max_seq_len, allow_plain_text=allow_plain_text)
         path = run(model, chosen, out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,
-                   seed=seed, quiet=quiet, calibration=calibration, calib_batch_size=calib_batch_size, device=device)
+                   seed=seed, quiet=quiet, calibration=calibration, calib_batch_size=calib_batch_size, device=device,
+                   stream=stream)
         record = read_record(path)
     except PtqlabError as e:
         _fail(e)

@@ -293,10 +293,19 @@ def _check_causal_lm(config, source: str) -> None:
         )
 
 
-def load_model(source: str | None = None, dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer from a hub id or local folder; None loads the embedded default."""
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class ModelSource:
+    """A model to load, checked: where it is, what the user called it, and its config."""
 
+    path: str
+    source: str
+    note: str | None
+    config: object
+
+
+def check_source(source: str | None, dtype: str = "auto") -> ModelSource:
+    """Everything about a model that can be checked before its weights are read: a known causal LM, not quantized
+    already, a valid --dtype, its weight files whole. None is the embedded default."""
     note = None
     if source is None:
         path, source, note = str(default_model_path()), DEFAULT_MODEL_NAME, EMBEDDED_NOTE
@@ -308,14 +317,37 @@ def load_model(source: str | None = None, dtype: str = "auto") -> LoadedModel:
     resolve_dtype(dtype)
     if os.path.isdir(path):
         check_weight_files(Path(path), source)
-    model = _load_weights(path, source, dtype)
+    return ModelSource(path, source, note, config)
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer, or None when the folder has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def stored_dtype(config, dtype: str) -> torch.dtype:
+    """The dtype a model loads in: --dtype, or with `auto` the config's own (float32 where it names none, as
+    transformers does)."""
+    chosen = resolve_dtype(dtype)
+    if chosen != "auto":
+        return chosen
+    named = getattr(config, "dtype", None)
+    return getattr(torch, named) if isinstance(named, str) else (named or torch.float32)
+
+
+def load_model(source: str | None = None, dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id or local folder; None loads the embedded default."""
+    checked = check_source(source, dtype)
+    model = _load_weights(checked.path, checked.source, dtype)
     model.eval()
     decoder_layers(model)  # fail now, not half-way through quantization
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=path, note=note)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(checked.path), source=checked.source, path=checked.path,
+                       note=checked.note)
 
 
 def _get_submodule(model: nn.Module, dotted: str) -> nn.Module | None:

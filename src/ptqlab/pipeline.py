@@ -8,6 +8,7 @@ decoder layers; calibrated recipes (SmoothQuant, AWQ, GPTQ) hand the decoder lay
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -15,8 +16,9 @@ from torch import nn
 
 from ptqlab.data import CalibrationSet, check_batch_size
 from ptqlab.engine import EngineOptions, Plan, calibrate
+from ptqlab.engine.stream import StreamedModel
 from ptqlab.errors import PtqlabError
-from ptqlab.models import model_dtype, names_by_layer, set_submodule
+from ptqlab.models import decoder_layers, model_dtype, names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.recipes import Recipe, step_name
@@ -107,7 +109,7 @@ def _check_weight(name: str, linear: nn.Linear) -> None:
 
 
 def _check_finite(name: str, linear: nn.Linear) -> None:
-    if not torch.isfinite(linear.weight).all():
+    if linear.weight.device.type != "meta" and not torch.isfinite(linear.weight).all():  # streamed: checked when read
         raise PtqlabError(f"{name}: the weight holds NaN or Inf; the checkpoint is damaged or was loaded in a dtype that overflows (try --dtype bfloat16)")
 
 
@@ -116,12 +118,35 @@ def _quantize_linear(name: str, linear: nn.Linear, recipe: Recipe) -> QuantizedL
     return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, recipe.scheme)
 
 
+LayerWriter = Callable[[nn.Module, str], None]
+"""(a finished decoder layer, its module name) -> None: writes its checkpoint tensors (streaming)."""
+
+
+def _layer_hooks(streamed: StreamedModel | None, write_layer: LayerWriter | None, targets: dict[str, nn.Linear],
+                 by_layer: list[list[str]]):
+    """The engine's load_layer / finish_layer for a streamed model: read a layer when it is reached; write it and let
+    it go (the float linears it replaced too) when it is done."""
+    if streamed is None:
+        return None, None
+    if write_layer is None:
+        raise ValueError("a streamed model needs write_layer: its finished layers are not kept")
+
+    def finish(index: int, layer: nn.Module, prefix: str) -> None:
+        write_layer(layer, prefix)
+        streamed.release_layer(index)
+        for name in by_layer[index]:
+            targets[name].to("meta")
+
+    return streamed.load_layer, finish
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None = None, quiet: bool = False,
-                   device: torch.device | None = None, batch_size: int = 16,
-                   compute_dtype: torch.dtype | None = None) -> QuantizationResult:
+                   device: torch.device | None = None, batch_size: int = 16, compute_dtype: torch.dtype | None = None,
+                   streamed: StreamedModel | None = None, write_layer: LayerWriter | None = None) -> QuantizationResult:
     """Quantize `model` in place according to `recipe`; calibrated methods need `calibration`, whose forwards compute
-    in `compute_dtype` (default: the model's)."""
+    in `compute_dtype` (default: the model's). With `streamed` (its .model is `model`), decoder layers are read from
+    disk one at a time and handed to `write_layer` when done, then dropped: the model is never whole in memory."""
     targets, ignored, unused = target_linears(model, recipe.ignore)
     if not targets:
         raise PtqlabError(f"the ignore list {list(recipe.ignore)} leaves no linear layer to quantize")
@@ -133,6 +158,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         result.notes.append(f"ignore pattern {pattern!r} matched no linear layer")
 
     by_layer, outside = names_by_layer(model, targets)
+    load_layer, finish_layer = _layer_hooks(streamed, write_layer, targets, by_layer)
     if recipe.calibrated:
         steps = " + ".join(step_name(step) for step in recipe.steps)
         if calibration is None:
@@ -146,19 +172,23 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
             _check_weight(name, linear)
         plan = Plan(recipe.transforms, recipe.quantizer, recipe.scheme, scale_dtype=model_dtype(model))
         options = EngineOptions(device, batch_size, compute_dtype=compute_dtype, quiet=quiet,
-                                label=f"{recipe.name} ({steps})")
+                                label=f"{recipe.name} ({steps})", load_layer=load_layer, finish_layer=finish_layer)
         reports = calibrate(model, targets, plan, calibration, options)
         result.quantized = list(targets)
         result.layer_reports = reports
         result.notes += [note for report in reports for note in report.notes]
         return result
 
-    if outside:
-        by_layer.append(outside)
-
+    layers = decoder_layers(model)
+    prefixes = {id(module): name for name, module in model.named_modules()}
+    groups = [(i, names) for i, names in enumerate(by_layer)] + ([(None, outside)] if outside else [])
     label = f"{recipe.name} ({recipe.method})"
-    for names in track(by_layer, label, total=len(by_layer), quiet=quiet, status=lambda ns: f"{len(ns)} linears"):
+    for index, names in track(groups, label, total=len(groups), quiet=quiet, status=lambda g: f"{len(g[1])} linears"):
+        if index is not None and load_layer is not None:
+            load_layer(index)
         for name in names:
             set_submodule(model, name, _quantize_linear(name, targets[name], recipe))
             result.quantized.append(name)
+        if index is not None and finish_layer is not None:
+            finish_layer(index, layers[index], prefixes[id(layers[index])])
     return result

@@ -4,6 +4,7 @@ seconds of each phase and the notes for the run record."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,12 @@ class EngineOptions:
     quiet: bool = False
     label: str = "calibrate"
     """What the progress line calls the run."""
+    load_layer: Callable[[int], nn.Module] | None = None
+    """Streaming (engine/stream.py): gives decoder layer i with its weights, which are elsewhere until then (the
+    model's layers are on the meta device). None: every layer is in memory."""
+    finish_layer: Callable[[int, nn.Module, str], None] | None = None
+    """Called with (index, layer, module name) once a layer is quantized, has produced the next layer's inputs and
+    holds the stored dtype again: a streaming run writes it and lets it go."""
 
 
 @dataclass
@@ -80,7 +87,9 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
                       stored: dict[str, torch.dtype] | None) -> list[LayerReport]:
     layers = decoder_layers(model)
     offload = options.offload
-    if offload is None:
+    if options.load_layer is not None:
+        offload = True  # the layers are not in memory at all
+    elif offload is None:
         offload = device.type == "cuda" and _bytes(model) > 0.6 * torch.cuda.mem_get_info(device)[0]
     if not offload:
         model.to(device)
@@ -93,12 +102,16 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
     status = lambda i: "" if not reports else f"layer {reports[-1].index}: " + ", ".join(  # noqa: E731
         f"{k} {v:.1f}s" for k, v in reports[-1].seconds.items())
     for index in track(range(len(layers)), options.label, total=len(layers), quiet=options.quiet, status=status):
-        layer = layers[index].to(device)
-        layer_targets = {name: targets[name] for name in grouped[index]}
-        reports.append(_calibrate_layer(model, layer, index, prefixes[id(layer)], layer_targets, plan, batches, masks,
-                                        device, stored))
-        if offload:
-            layers[index].to("cpu")
+        layer = (layers[index] if options.load_layer is None else options.load_layer(index)).to(device)
+        prefix = prefixes[id(layer)]
+        layer_targets = {name: targets[name] for name in grouped[index]}  # meta when streaming: names only
+        reports.append(_calibrate_layer(model, layer, index, prefix, layer_targets, plan, batches, masks, device, stored))
+        if stored is not None:
+            cast_back(layer, stored, prefix, round_only=False)  # done computing: the checkpoint's dtypes
+        if options.finish_layer is not None:
+            options.finish_layer(index, layer, prefix)
+        elif offload:
+            layer.to("cpu")
     return reports
 
 

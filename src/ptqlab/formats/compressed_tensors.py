@@ -93,48 +93,98 @@ def _head_is_tied(model: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and head.weight is embed.weight
 
 
-def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor the checkpoint stores, by name: quantized linears in their format, the rest as they are."""
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+def module_tensors(module: nn.Module, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor the checkpoint stores for `module` (named `prefix` in the model), by name: quantized linears in
+    their format, the rest as they are; nothing under the module names in `skip`."""
+    dot = f"{prefix}." if prefix else ""
+
+    def kept(name: str) -> bool:
+        return not any(name == s or name.startswith(f"{s}.") for s in skip)
+
+    quantized = {full: m for name, m in module.named_modules()
+                 if isinstance(m, QuantizedLinear) and kept(full := f"{dot}{name}" if name else prefix)}
     tensors: dict[str, torch.Tensor] = {}
-    for key, tensor in model.state_dict().items():
-        if key.rpartition(".")[0] not in quantized:
+    for key, tensor in module.state_dict(prefix=dot).items():
+        owner = key.rpartition(".")[0]
+        if owner not in quantized and kept(owner):
             tensors[key] = tensor
-    if _head_is_tied(model):
-        # Tied output head: stored once, as the input embedding (config says tie_word_embeddings).
-        head_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
-        tensors.pop(f"{head_name}.weight", None)
     for name, layer in quantized.items():
         tensors.update(_linear_tensors(name, layer))
     return tensors
 
 
-def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size, seen = 0, set()
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().to("cpu").contiguous()
-        if tensor.data_ptr() in seen:  # safetensors refuses shared storage
-            tensor = tensor.clone()
-        seen.add(tensor.data_ptr())
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / filename, metadata={"format": "pt"})
-        for key, tensor in shard.items():
-            weight_map[key] = filename
-            total += tensor.numel() * tensor.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+def checkpoint_tensors(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor the checkpoint of `model` stores, by name, but those under the module names in `skip` (decoder
+    layers a streaming run has written already). A tied output head is stored once, as the input embedding."""
+    tensors = module_tensors(model, skip=skip)
+    if _head_is_tied(model):
+        head_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+        tensors.pop(f"{head_name}.weight", None)
+    return tensors
+
+
+class ShardWriter:
+    """Writes a checkpoint's tensors as they come, in shards of at most `max_shard_bytes` (one tensor larger than that
+    gets a shard of its own), so that a model quantized layer by layer is never whole in memory. `close()` names the
+    shards model-0000i-of-0000n.safetensors with their index, or model.safetensors when there is one."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.folder, self.max_shard_bytes = Path(folder), max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.pending_storage: set[int] = set()
+        self.written: list[tuple[Path, list[str], int]] = []  # (file, tensor names, bytes)
+        self.names: set[str] = set()
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key in sorted(tensors):
+            if key in self.names:
+                raise ValueError(f"{key} written twice")
+            self.names.add(key)
+            tensor = tensors[key].detach().to("cpu").contiguous()
+            nbytes = tensor.numel() * tensor.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+                self.flush()
+            if tensor.data_ptr() in self.pending_storage:
+                tensor = tensor.clone()  # safetensors refuses shared storage within a file
+            self.pending_storage.add(tensor.data_ptr())
+            self.pending[key] = tensor
+            self.pending_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        file = self.folder / f"shard-{len(self.written) + 1:05d}.safetensors.partial"
+        save_file(self.pending, file, metadata={"format": "pt"})
+        self.written.append((file, list(self.pending), self.pending_bytes))
+        self.pending, self.pending_bytes, self.pending_storage = {}, 0, set()
+
+    def close(self) -> None:
+        self.flush()
+        if len(self.written) == 1:
+            self.written[0][0].rename(self.folder / "model.safetensors")
+            return
+        weight_map, total = {}, 0
+        for i, (file, names, nbytes) in enumerate(self.written, 1):
+            filename = f"model-{i:05d}-of-{len(self.written):05d}.safetensors"
+            file.rename(self.folder / filename)
+            weight_map.update(dict.fromkeys(names, filename))
+            total += nbytes
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_config(folder: Path, model: nn.Module, tokenizer, recipe: Recipe) -> None:
+    """config.json (with quantization_config), the generation config and the tokenizer."""
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)
+    config["tie_word_embeddings"] = _head_is_tied(model)
+    config["quantization_config"] = quantization_config(recipe)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def write_checkpoint(
@@ -142,14 +192,7 @@ def write_checkpoint(
 ) -> None:
     """Write config.json (with quantization_config), the safetensors weights, generation config and tokenizer."""
     folder = Path(folder)
-    tied = _head_is_tied(model)
-    _write_safetensors(checkpoint_tensors(model), folder, max_shard_bytes)
-    config = model.config.to_dict()
-    config.pop("_name_or_path", None)
-    config["tie_word_embeddings"] = tied
-    config["quantization_config"] = quantization_config(recipe)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    writer = ShardWriter(folder, max_shard_bytes)
+    writer.add(checkpoint_tensors(model))
+    writer.close()
+    write_config(folder, model, tokenizer, recipe)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 import sys
 import time
 from dataclasses import replace
@@ -13,6 +15,9 @@ import torch
 
 from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.errors import PtqlabError
+from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, check_budgets, estimate, free_cpu_bytes,
+                                  parse_bytes)
+from ptqlab.engine.steps import kind_of
 from ptqlab.engine.stream import StreamedModel
 from ptqlab.formats.compressed_tensors import ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint, write_config
 from ptqlab.models import (LoadedModel, check_source, compute_dtype, load_model, load_tokenizer, model_dtype,
@@ -104,12 +109,16 @@ def quantize(
     calib_batch_size: int = 16,
     device: str = "auto",
     stream: bool = False,
+    max_gpu_memory: str | int | None = None,
+    max_cpu_memory: str | int | None = None,
 ) -> Path:
     """Quantize `model` (hub id, local folder, or None for the embedded default) with `recipe` into `out`.
 
     Calibrated recipes (GPTQ) draw `calibration` samples (default: ultrachat_200k, offline text without a hub)
     with `seed` and run the layer-sequential engine on `device` (auto: the GPU if there is one).
-    With `stream`, the model is read from its safetensors files one decoder layer at a time and the checkpoint is
+    Before loading anything the run's memory plan (engine/memory.py) is checked against `max_gpu_memory` and
+    `max_cpu_memory` (bytes or '24GiB'; default: 90 % of what is free now); an explicit GPU budget is also enforced
+    on the allocator. With `stream`, the model is read from its safetensors files one decoder layer at a time and the checkpoint is
     written as layers finish (engine/stream.py): neither is ever whole in memory; the tensors are the same.
     Returns the checkpoint folder. The folder appears only when complete (see ptqlab.output).
     """
@@ -126,15 +135,18 @@ def quantize(
     calibration = calibration_of(recipe, calibration, seed)
     if calibration is not None:
         check_calibration(calibration, batch_size=calib_batch_size)
+    memory = memory_plan(model, recipe, dtype, calibration, calib_batch_size, device, stream)
+    gpu_budget, cpu_budget = budgets(device, max_gpu_memory, max_cpu_memory)
+    check_budgets(memory, gpu_budget, cpu_budget, stream)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    with atomic_dir(out, overwrite, protect) as tmp:
+    with atomic_dir(out, overwrite, protect) as tmp, gpu_memory_limit(device, max_gpu_memory and gpu_budget):
         loaded, streamed = _load(model, dtype, stream)
         calibration_set = None if calibration is None else load_calibration(loaded.tokenizer, calibration)
         engine_device = resolve_device(device)
         stored = model_dtype(loaded.model)
         compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
-        writer = ShardWriter(tmp) if streamed is not None else None
+        writer = ShardWriter.for_streaming(tmp) if streamed is not None else None
         result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
                                 batch_size=calib_batch_size, compute_dtype=compute, streamed=streamed,
                                 write_layer=None if writer is None else lambda layer, name: writer.add(module_tensors(layer, name)))
@@ -155,9 +167,55 @@ def quantize(
         settings = {"recipe": recipe.name, "dtype": _dtype_name(stored), "compute_dtype": _dtype_name(compute),
                     "seed": seed, "out": str(out),
                     "calibration": None if calibration is None else dataclasses.asdict(calibration),
-                    "calib_batch_size": calib_batch_size, "device": device, "stream": stream}
+                    "calib_batch_size": calib_batch_size, "device": device, "stream": stream,
+                    "memory_plan": memory.to_dict(), "gpu_budget_bytes": gpu_budget, "cpu_budget_bytes": cpu_budget}
         _run_record(loaded, result, settings, time.perf_counter() - start, request).write(tmp)
     return out
+
+
+def memory_plan(model: str | None, recipe: Recipe, dtype: str = "auto", calibration: CalibrationConfig | None = None,
+                calib_batch_size: int = 16, device: str = "auto", stream: bool = False) -> MemoryPlan:
+    """The run's memory plan from the model's config.json alone (no weight is read): what `quantize --plan` prints
+    and what every run checks against its budgets first."""
+    checked = check_source(model, dtype)
+    stored = stored_dtype(checked.config, dtype)
+    engine_device = resolve_device(device)
+    compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
+    calibration = calibration_of(recipe, calibration, 0) or CalibrationConfig()
+    statistics = any("hessian" in kind_of(step).statistics for step in recipe.steps)
+    run = RunShape(calibration.num_samples, calibration.max_seq_len, calib_batch_size, stored.itemsize,
+                   compute.itemsize, recipe.calibrated, statistics, recipe.scheme.weights.num_bits,
+                   recipe.scheme.weights.group_size, stream, engine_device.type)
+    return estimate(ModelShape.from_config(checked.config), run)
+
+
+def budgets(device: str, max_gpu_memory: str | int | None, max_cpu_memory: str | int | None) -> tuple[int | None, int]:
+    """(GPU budget, or None for a CPU run; CPU budget) in bytes: what was asked for, else 90 % of what is free."""
+    def size(value, option: str) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else parse_bytes(value, option)
+
+    engine_device = resolve_device(device)
+    gpu = None
+    if engine_device.type == "cuda":
+        gpu = (size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory is not None
+               else int(MARGIN * torch.cuda.mem_get_info(engine_device)[0]))
+    cpu = size(max_cpu_memory, "--max-cpu-memory") if max_cpu_memory is not None else int(MARGIN * free_cpu_bytes())
+    return gpu, cpu
+
+
+@contextmanager
+def gpu_memory_limit(device: str, budget: int | None) -> Iterator[None]:
+    """Make the allocator refuse to go past an explicit GPU budget for the length of the run."""
+    engine_device = resolve_device(device)
+    if not budget or engine_device.type != "cuda":
+        yield
+        return
+    total = torch.cuda.get_device_properties(engine_device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), engine_device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, engine_device)
 
 
 def _load(model: str | None, dtype: str, stream: bool) -> tuple[LoadedModel, StreamedModel | None]:

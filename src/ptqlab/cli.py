@@ -57,6 +57,9 @@ def quantize(
     act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by decreasing H_ii.")] = None,
     scale_search: Annotated[Optional[bool], typer.Option("--scale-search/--no-scale-search", help="GPTQ, int formats: clipping-searched scales instead of min-max (recipe default: on for w4a16, w3a16).")] = None,
     stream: Annotated[bool, typer.Option(help="Read the model one decoder layer at a time from its safetensors files and write the checkpoint as layers finish: for models larger than memory (same tensors).")] = False,
+    max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the run may use at its peak, e.g. 24GiB (default: 90 % of what is free).")] = None,
+    max_cpu_memory: Annotated[Optional[str], typer.Option(help="CPU memory the run may use at its peak, e.g. 8GiB (default: 90 % of what is available).")] = None,
+    plan: Annotated[bool, typer.Option(help="Print the run's estimated peak GPU and CPU memory, disk and time, and stop.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Quantize MODEL with a recipe and write a compressed-tensors checkpoint (+ tokenizer, ptqlab.json).
@@ -77,9 +80,16 @@ def quantize(
             chosen = chosen.with_gptq(**gptq_changes)
         calibration = CalibrationConfig(dataset=dataset, dataset_config=dataset_config, split=split, num_samples=num_samples,
                                         max_seq_len=max_seq_len, allow_plain_text=allow_plain_text)
+        if plan:
+            from ptqlab.api import memory_plan
+
+            chosen = chosen.with_overrides(ignore=ignore, group_size=group_size)
+            for line in memory_plan(model, chosen, dtype, calibration, calib_batch_size, device, stream).lines():
+                console.print(line, highlight=False)
+            return
         path = run(model, chosen, out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,
                    seed=seed, quiet=quiet, calibration=calibration, calib_batch_size=calib_batch_size, device=device,
-                   stream=stream)
+                   stream=stream, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory)
         record = read_record(path)
     except PtqlabError as e:
         _fail(e)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ptqlab.engine import memory
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.recipes import Recipe
 from ptqlab.schemes import QuantArgs
@@ -135,6 +136,11 @@ class ShardWriter:
         self.pending_storage: set[int] = set()
         self.written: list[tuple[Path, list[str], int]] = []  # (file, tensor names, bytes)
         self.names: set[str] = set()
+
+    @classmethod
+    def for_streaming(cls, folder: Path) -> ShardWriter:
+        """A writer with the streaming shard size that the memory plan counts on (engine/memory.py)."""
+        return cls(folder, memory.STREAM_SHARD_BYTES)
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for key in sorted(tensors):

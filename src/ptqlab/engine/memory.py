@@ -1,0 +1,192 @@
+"""The memory plan: what a run will hold at its peak on the GPU and in CPU memory, what it writes to disk and about
+how long it takes, from config.json, the recipe and the calibration size alone, so that a run that cannot fit is
+refused in seconds (before any weight is read) and `quantize --plan` can say it without running.
+
+Peak GPU memory of a calibrated run = the embeddings (moved there for the capture) + the calibration activations
+(every sample's hidden states, position tables and masks, kept on the device) + one decoder layer in the compute
+dtype + the input statistics of that layer (one fp32 Hessian per distinct input) + the larger of one batch's forward
+and one linear's GPTQ work. CPU memory holds the model (or, streaming, the embeddings and head and one layer) and
+the checkpoint being built. The time is a rough figure: the forwards' and GPTQ's FLOPs at a nominal rate per device
+kind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from ptqlab.errors import PtqlabError
+from ptqlab.models import head_dim
+
+GIB = 2**30
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+         "tib": 2**40}
+MARGIN = 0.9
+"""Defaults take this share of what is free now: the rest is left to the allocator's fragmentation and to others."""
+FLOP_RATE = {"cuda": 3e14, "cpu": 1e11}
+"""Nominal FLOP/s of the calibration forwards per device kind, for the rough time figure only."""
+STREAM_SHARD_BYTES = GIB
+"""A streaming run holds the checkpoint shard it is writing in CPU memory: smaller shards than the in-memory
+writer's keep its peak low."""
+GPTQ_RATE = {"cuda": 2e13, "cpu": 3e10}
+"""GPTQ's column sweep runs far below the matmul rate (one column at a time)."""
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """'24GiB', '8GB', '12000MiB', '1e9' -> bytes; one line naming the option otherwise."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in UNITS or float(match.group(1)) <= 0:
+        raise PtqlabError(f"{option} {text!r}: give a size such as 24GiB, 8GB or 12000MiB")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+def free_cpu_bytes() -> int:
+    """MemAvailable of /proc/meminfo (Linux); elsewhere the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on in a decoder-only transformer's config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        heads = config.num_attention_heads
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
+                   getattr(config, "num_key_value_heads", None) or heads, head_dim(config), config.vocab_size,
+                   bool(getattr(config, "tie_word_embeddings", False)))
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of one decoder layer's linears."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q": (q, self.hidden), "k": (kv, self.hidden), "v": (kv, self.hidden), "o": (self.hidden, q),
+                "gate": (self.intermediate, self.hidden), "up": (self.intermediate, self.hidden),
+                "down": (self.hidden, self.intermediate)}
+
+    def layer_params(self) -> int:
+        return sum(o * i for o, i in self.linears().values()) + 4 * self.hidden
+
+    def outside_params(self) -> int:
+        """Embeddings, the final norm and (untied) the output head."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def distinct_inputs(self) -> list[int]:
+        """Widths of the distinct inputs whose statistics a layer keeps (q/k/v share one, gate/up share one)."""
+        return [self.hidden, self.heads * self.head_dim, self.hidden, self.intermediate]
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What memory depends on in a run's settings."""
+
+    samples: int
+    seq_len: int
+    batch_size: int
+    stored_bytes: int
+    """Bytes per element of the stored (checkpoint) dtype."""
+    compute_bytes: int
+    """Bytes per element the engine computes in (4 where a CPU upcasts bf16)."""
+    calibrated: bool
+    statistics: bool
+    """Whether layers keep fp32 Hessians (GPTQ, AWQ)."""
+    weight_bits: int
+    group_size: int | None
+    stream: bool
+    device: str
+    """cuda or cpu."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    gpu_bytes: int | None
+    """Peak on the GPU; None for a run on the CPU."""
+    cpu_bytes: int
+    disk_bytes: int
+    seconds: float
+    parts: dict[str, int] = field(default_factory=dict)
+    """The named contributions, for the printed plan and the run record."""
+
+    def lines(self) -> list[str]:
+        gpu = "" if self.gpu_bytes is None else f"GPU {format_bytes(self.gpu_bytes)}, "
+        head = (f"memory plan: peak {gpu}CPU {format_bytes(self.cpu_bytes)}; writes {format_bytes(self.disk_bytes)}; "
+                f"about {self.seconds / 60:.0f} min (rough)")
+        return [head] + [f"  {name}: {format_bytes(size)}" for name, size in self.parts.items()]
+
+    def to_dict(self) -> dict:
+        return {"gpu_bytes": self.gpu_bytes, "cpu_bytes": self.cpu_bytes, "disk_bytes": self.disk_bytes,
+                "seconds": round(self.seconds, 1), "parts": self.parts}
+
+
+def estimate(model: ModelShape, run: RunShape) -> MemoryPlan:
+    """The memory plan of quantizing `model` as `run` says (see the module docstring)."""
+    c, s = run.compute_bytes, run.stored_bytes
+    tokens = run.samples * run.seq_len if run.calibrated else 0
+    work: dict[str, int] = {}
+    if run.calibrated:
+        batches = -(-run.samples // run.batch_size)
+        work["embeddings (for the capture)"] = model.vocab * model.hidden * c
+        work["calibration activations"] = tokens * (model.hidden + 2 * model.head_dim) * c + batches * (
+            run.batch_size * run.seq_len ** 2)
+        work["one decoder layer"] = model.layer_params() * c
+        work["input statistics"] = sum(w * w * 4 for w in model.distinct_inputs()) if run.statistics else 0
+        forward = run.batch_size * run.seq_len * (3 * model.intermediate + 4 * model.hidden) * c
+        out, inp = max(model.linears().values(), key=lambda oi: oi[1] * (oi[0] + oi[1]))
+        gptq = (4 * out * inp + 3 * inp * inp) * 4 if run.statistics else 0
+        work["one batch's forward or one GPTQ"] = max(forward, gptq)
+    on_device = sum(work.values())
+    quantized = model.layers * model.layer_params() * run.weight_bits // 8
+    if run.group_size:
+        quantized += model.layers * model.layer_params() // run.group_size * s
+    held: dict[str, int] = {}
+    if run.stream:
+        held["embeddings and head (streaming)"] = model.outside_params() * s
+        held["one layer read from disk"] = model.layer_params() * (s + c)
+        held["checkpoint shard being written"] = min(quantized, STREAM_SHARD_BYTES)
+    else:
+        held["the model"] = (model.outside_params() + model.layers * model.layer_params()) * s
+        held["the quantized layers"] = quantized
+    parts = {**work, **held}
+    cpu = sum(held.values()) + (on_device if run.device == "cpu" else 0)
+    disk = quantized + model.outside_params() * s
+    forward_flops = 2 * 2 * tokens * model.layer_params() * model.layers
+    gptq_flops = sum(2 * o * i * i for o, i in model.linears().values()) * model.layers if run.statistics else 0
+    device = "cuda" if run.device == "cuda" else "cpu"
+    seconds = forward_flops / FLOP_RATE[device] + gptq_flops / GPTQ_RATE[device]
+    return MemoryPlan(on_device if run.device == "cuda" else None, cpu, disk, seconds, parts)
+
+
+def check_budgets(plan: MemoryPlan, gpu_budget: int | None, cpu_budget: int | None, stream: bool) -> None:
+    """One line saying what to change when the plan does not fit the budgets."""
+    if plan.gpu_bytes is not None and gpu_budget is not None and plan.gpu_bytes > gpu_budget:
+        raise PtqlabError(f"this run needs about {format_bytes(plan.gpu_bytes)} of GPU memory at its peak and "
+                          f"{format_bytes(gpu_budget)} is allowed (--max-gpu-memory, default: 90 % of what is free): "
+                          "use a smaller --calib-batch-size, fewer --num-samples or a shorter --max-seq-len, or a "
+                          "larger --max-gpu-memory (`--plan` shows where it goes)")
+    if cpu_budget is not None and plan.cpu_bytes > cpu_budget:
+        advice = "" if stream else "--stream (read the model layer by layer from disk), "
+        raise PtqlabError(f"this run needs about {format_bytes(plan.cpu_bytes)} of CPU memory at its peak and "
+                          f"{format_bytes(cpu_budget)} is allowed (--max-cpu-memory, default: 90 % of what is free): "
+                          f"use {advice}fewer --num-samples, or a larger --max-cpu-memory (`--plan` shows where it goes)")

@@ -1,0 +1,81 @@
+"""The memory plan (engine/memory.py): printed by `quantize --plan` without any work, checked before anything is
+loaded, recorded in the run record; a budget too small is refused in one line that says what to change."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ptqlab import quantize
+from ptqlab.cli import app
+from ptqlab.data import CalibrationConfig
+from ptqlab.engine.memory import GIB, ModelShape, RunShape, estimate, parse_bytes
+from ptqlab.errors import PtqlabError
+from tiny import tiny_config
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("text, expected", [("24GiB", 24 * GIB), ("8GB", 8 * 10**9), ("12000MiB", 12000 * 2**20),
+                                            ("1e9", 10**9), ("512 mib", 512 * 2**20)])
+def test_sizes_read_as_people_write_them(text, expected):
+    assert parse_bytes(text, "--max-gpu-memory") == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GiB", "0", "8 GiBs", ""])
+def test_a_size_that_is_not_one_names_the_option(text):
+    with pytest.raises(PtqlabError, match=r"^--max-cpu-memory .*: give a size such as 24GiB"):
+        parse_bytes(text, "--max-cpu-memory")
+
+
+def run_shape(**changes):
+    base = dict(samples=64, seq_len=512, batch_size=16, stored_bytes=2, compute_bytes=2, calibrated=True,
+                statistics=True, weight_bits=4, group_size=128, stream=False, device="cuda")
+    return RunShape(**{**base, **changes})
+
+
+def test_the_plan_grows_with_what_it_holds():
+    """Monotone in what each term is about: more samples hold more activations, a streamed run holds one layer
+    instead of the model, a data-free run holds no activations, Hessians or forward."""
+    model = ModelShape.from_config(tiny_config("llama", num_hidden_layers=8))
+    base = estimate(model, run_shape())
+    assert estimate(model, run_shape(samples=128)).gpu_bytes > base.gpu_bytes
+    assert estimate(model, run_shape(stream=True)).cpu_bytes < base.cpu_bytes
+    assert estimate(model, run_shape(calibrated=False, statistics=False)).gpu_bytes == 0
+    deeper = ModelShape.from_config(tiny_config("llama", num_hidden_layers=16))
+    assert estimate(deeper, run_shape()).gpu_bytes == base.gpu_bytes  # one layer on the GPU, whatever the depth
+    held = ("embeddings and head (streaming)", "one layer read from disk")
+    streamed = [estimate(m, run_shape(stream=True)).parts for m in (model, deeper)]
+    assert [streamed[0][k] for k in held] == [streamed[1][k] for k in held]  # one layer in memory, whatever the depth
+
+
+def test_plan_prints_the_estimate_and_does_no_work(tiny_model_dir, tmp_path, monkeypatch):
+    import ptqlab.models
+
+    monkeypatch.setattr(ptqlab.models, "_load_weights", lambda *a, **k: pytest.fail("--plan loaded the weights"))
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir("llama")), "--recipe", "w4a16", "--device", "cpu",
+                                 "--out", str(tmp_path / "out"), "--plan"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("memory plan: peak CPU ")
+    assert "calibration activations: " in result.output and "input statistics: " in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_too_small_is_refused_before_loading(tiny_model_dir, tmp_path, monkeypatch):
+    import ptqlab.models
+
+    monkeypatch.setattr(ptqlab.models, "_load_weights", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(PtqlabError, match=r"^this run needs about .* of CPU memory at its peak and 1 MiB is allowed "
+                                          r"\(--max-cpu-memory.*\): use --stream"):
+        quantize(str(tiny_model_dir("llama")), "w4a16", out=tmp_path / "out", device="cpu", quiet=True,
+                 max_cpu_memory="1MiB")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_and_the_budgets_are_recorded(tiny_model_dir, calibration_file, tmp_path):
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+    out = quantize(str(tiny_model_dir("llama")), "w4a16", out=tmp_path / "out", device="cpu", quiet=True,
+                   calibration=calibration, max_cpu_memory="16GiB")
+    settings = json.loads((out / "ptqlab.json").read_text())["settings"]
+    assert settings["cpu_budget_bytes"] == 16 * GIB and settings["gpu_budget_bytes"] is None
+    assert settings["memory_plan"]["gpu_bytes"] is None and 0 < settings["memory_plan"]["cpu_bytes"] < 16 * GIB

@@ -326,3 +326,19 @@ def test_reused_dequantized_weights_give_the_same_output_and_are_dropped():
     with reuse_dequantized_weights(layer, x.dtype):
         assert layer[0]._weight_cache is not None and torch.equal(layer(x), expected)
     assert layer[0]._weight_cache is None
+
+
+def test_raised_damping_computes_what_that_damping_computes_from_the_start():
+    """A Hessian that is not positive definite at dampening_frac 0.01 gets its damping raised x10 until it is; the
+    result is then exactly GPTQ at the raised damping (the retry damps the original diagonal, it does not add up)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 128, generator=g)
+    hessian = 2 / 64 * x.T @ x  # rank 64 of 128: singular
+    hessian -= 0.02 * hessian.diagonal().mean() * torch.eye(128)  # and slightly indefinite
+    weight = torch.randn(32, 128, generator=g)
+    args = QuantArgs(num_bits=4, strategy="group", group_size=32)
+    raised = gptq(weight, hessian, args, GPTQConfig(dampening_frac=0.01))
+    assert raised.dampening_frac > 0.01
+    direct = gptq(weight, hessian, args, GPTQConfig(dampening_frac=raised.dampening_frac))
+    assert direct.dampening_frac == raised.dampening_frac
+    assert torch.equal(raised.q, direct.q) and torch.equal(raised.scale, direct.scale)

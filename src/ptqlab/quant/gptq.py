@@ -11,6 +11,7 @@ column order (no permutation index) and loads anywhere. Static groups are the de
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,23 +58,48 @@ class GPTQResult:
     dead_columns: int  # inputs that were always zero in calibration
 
 
-def _inverse_hessian_cholesky(hessian: torch.Tensor, damp_frac: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of H^-1, raising the damping until H + damp*I is positive definite.
+def _inverse_hessian_cholesky(working_hessian: Callable[[], torch.Tensor], damp_frac: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H^-1, raising the damping until H + damp*I is positive definite and so is the inverse's
+    factor. `working_hessian()` gives a copy of H that is damped in place and dropped once factored, so that at most
+    two [in, in] matrices live here at a time (a down_proj of a 32B model has in = 27,648: 3 GB each); it is called
+    again only when the inverse, not H, fails.
 
     GPTQ's updates use the rows of this factor: row i holds the inverse-Hessian coefficients of the columns after
     i conditioned on the ones before, exactly what the sequential error feedback needs.
     """
-    mean_diag = float(torch.diag(hessian).mean())
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    H = working_hessian()
+    diagonal = H.diagonal().clone()
+    mean_diag = float(diagonal.mean())
     for attempt in range(6):
         frac = damp_frac * 10**attempt
-        factor, info = torch.linalg.cholesky_ex(hessian + frac * mean_diag * eye)
-        if info == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0 and torch.isfinite(upper).all():
-                return upper, frac
+        if H is None:
+            H = working_hessian()
+        H.diagonal().copy_(diagonal + frac * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(H)
+        if info != 0:
+            continue
+        H = None
+        inverse = torch.cholesky_inverse(factor)
+        del factor
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
+        if info == 0 and torch.isfinite(upper).all():
+            return upper, frac
     raise HessianError(f"the Hessian is not positive definite even with dampening_frac {frac:g}")
+
+
+def _working_hessian(hessian: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """A fp32 copy of `hessian` in the visiting order, with 1 on the diagonal of inputs that never fired, for
+    _inverse_hessian_cholesky to damp in place (permuted one index at a time: two copies at most, briefly)."""
+    H = hessian.detach().float()
+    if perm is not None:
+        H = H[perm]
+        H = H[:, perm]
+        dead = dead[perm]
+    elif H is hessian or H.data_ptr() == hessian.data_ptr():
+        H = H.clone()
+    H[dead, dead] = 1.0  # an input that never fired: any weight is free; quantize it as zero
+    return H
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig(),
@@ -83,11 +109,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
         raise HessianError("the Hessian holds NaN or Inf: the layer saw non-finite activations")
     scale_dtype = scale_dtype or weight.dtype
     W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
     rows, columns = W.shape
-
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0  # an input that never fired: any weight is free; quantize it as zero
+    h_diag = torch.diag(hessian).float()  # in the natural column order (dynamic groups never permute)
+    dead = h_diag == 0
+    h_diag[dead] = 1.0  # as the working Hessian's diagonal
     W[:, dead] = 0.0
 
     # Without act-order, each group's scale is computed when GPTQ reaches the group, from the weights as the
@@ -95,7 +120,6 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
     # blocks are then exactly the groups. With act-order, groups are static: scales from the original weight,
     # so that the checkpoint keeps the natural column order. Per-channel and per-tensor scales are always static.
     dynamic_groups = args.strategy == "group" and not (config.act_order or config.static_groups)
-    h_diag = torch.diag(H)  # in the natural column order (dynamic groups never permute)
 
     def params(w: torch.Tensor, importance: torch.Tensor):
         if config.scale_search and args.type == "int":
@@ -105,8 +129,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
     scale, zero_point = params(W, h_diag)
     perm = torch.argsort(h_diag, descending=True) if config.act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    Hinv, damp_used = _inverse_hessian_cholesky(H, config.dampening_frac)
+        W = W[:, perm]
+    Hinv, damp_used = _inverse_hessian_cholesky(lambda: _working_hessian(hessian, dead, perm), config.dampening_frac)
 
     # Per column: the scale/zero point that apply to it (its group's, in the visiting order).
     col_scale, col_zero = _per_column(scale, zero_point, args, rows, columns)

@@ -89,25 +89,24 @@ def write_model(folder: Path, shape: str, device: torch.device, seed: int, shard
     config = config_of(shape)
     config.save_pretrained(folder)
     write_tokenizer(folder)
-    shards, current, size, total = [], {}, 0, 0
+    shards, current, size, total = [], {}, 0, 0  # shards: the tensor names of each file written
     for name, tensor in random_tensors(config, device, seed):
         current[name] = tensor
         size += tensor.numel() * 2
         if size >= shard_bytes:
-            shards.append(current)
+            shards.append(list(current))
             save_file(current, folder / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
             total += size
             current, size = {}, 0
     if current:
-        shards.append(current)
+        shards.append(list(current))
         save_file(current, folder / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
         total += size
     weight_map = {}
-    for i, shard in enumerate(shards, 1):
+    for i, names in enumerate(shards, 1):
         final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         (folder / f"part-{i}.safetensors").rename(folder / final)
-        weight_map.update(dict.fromkeys(shard, final))
-        shard.clear()
+        weight_map.update(dict.fromkeys(names, final))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                       "weight_map": weight_map}))
     return total
@@ -120,7 +119,9 @@ def write_calibration(path: Path, samples: int, seq_len: int, seed: int) -> None
 
 
 CHILD_QUANTIZE = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[2])
+from big_models import peak_rss
 from ptqlab.api import quantize
 from ptqlab.data import CalibrationConfig
 args = json.loads(sys.argv[1])
@@ -133,13 +134,14 @@ cuda = torch.cuda.is_available()
 print("RESULT " + json.dumps({"seconds": seconds,
       "peak_gpu_bytes": torch.cuda.max_memory_reserved() if cuda else None,
       "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-      "peak_cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+      "peak_cpu_rss_bytes": peak_rss()}))
 """
 
 CHILD_IN_CPU_MEMORY = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 sys.path.insert(0, sys.argv[2])
 import big_models
+from big_models import peak_rss
 from ptqlab.data import CalibrationSet
 from ptqlab.pipeline import quantize_model
 from ptqlab.recipes import get_recipe
@@ -164,14 +166,24 @@ seconds = time.perf_counter() - start
 print("RESULT " + json.dumps({"seconds": seconds,
       "peak_gpu_bytes": torch.cuda.max_memory_reserved() if device.type == "cuda" else None,
       "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
-      "peak_cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+      "peak_cpu_rss_bytes": peak_rss()}))
 """
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM), which, unlike getrusage's ru_maxrss, a child does not inherit
+    from the parent that started it."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def child(code: str, args: dict, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args), str(ROOT / "bench")], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args), str(ROOT / "bench")], capture_output=True,
+                              text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"completed": False, "error": f"stopped by the benchmark's --timeout of {timeout:g} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -238,6 +250,8 @@ def case_a(args, device: torch.device) -> dict:
               "seq_len": args.seq_len, "batch_size": args.batch_size}
     constrained = child(CHILD_IN_CPU_MEMORY, {**common, "gpu_budget": _bytes(args.gpu_budget_a)}, args.timeout)
     print(f"case a constrained: {constrained}", flush=True)
+    write_results(args, device, [{"name": "case a, constrained run only (so far)", **constrained,
+                                  "gpu_budget_bytes": _bytes(args.gpu_budget_a), "cpu_budget_bytes": None}])
     whole = child(CHILD_IN_CPU_MEMORY, {**common, "gpu_budget": None}, args.timeout) if args.compare else {}
     print(f"case a whole GPU: {whole}", flush=True)
     return {"name": f"{args.shape_a} in CPU memory, GPU limited to {args.gpu_budget_a}", **constrained,
@@ -272,10 +286,13 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = args.work or Path(tempfile.mkdtemp(prefix="big-models-"))
     cases = []
-    if "a" in args.case:
-        cases.append(case_a(args, device))
-    if "b" in args.case:
-        cases.append(case_b(args, device, work))
+    for name, run in (("a", lambda: case_a(args, device)), ("b", lambda: case_b(args, device, work))):
+        if name in args.case:
+            cases.append(run())
+            write_results(args, device, cases)
+
+
+def write_results(args, device: torch.device, cases: list[dict]) -> None:
     import transformers
 
     result = {"benchmark": "big_models", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

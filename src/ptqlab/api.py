@@ -210,12 +210,13 @@ def gpu_memory_limit(device: str, budget: int | None) -> Iterator[None]:
     if not budget or engine_device.type != "cuda":
         yield
         return
-    total = torch.cuda.get_device_properties(engine_device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), engine_device)
+    index = engine_device.index if engine_device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, engine_device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
 def _load(model: str | None, dtype: str, stream: bool) -> tuple[LoadedModel, StreamedModel | None]:

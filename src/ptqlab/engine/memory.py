@@ -26,6 +26,10 @@ MARGIN = 0.9
 """Defaults take this share of what is free now: the rest is left to the allocator's fragmentation and to others."""
 FLOP_RATE = {"cuda": 3e14, "cpu": 1e11}
 """Nominal FLOP/s of the calibration forwards per device kind, for the rough time figure only."""
+PROCESS_BYTES = {"cuda": 5 * GIB // 2, "cpu": GIB // 2}
+"""What the process itself keeps resident besides the tensors: Python, torch, transformers and, on a GPU machine, the
+CUDA libraries and context's host side (set from a streamed run's peak RSS beyond its tensors,
+bench/results/big_models.json)."""
 STREAM_SHARD_BYTES = GIB
 """A streaming run holds the checkpoint shard it is writing in CPU memory: smaller shards than the in-memory
 writer's keep its peak low."""
@@ -160,7 +164,8 @@ def estimate(model: ModelShape, run: RunShape) -> MemoryPlan:
     quantized = model.layers * model.layer_params() * run.weight_bits // 8
     if run.group_size:
         quantized += model.layers * model.layer_params() // run.group_size * s
-    held: dict[str, int] = {}
+    held: dict[str, int] = {"the process (Python, torch, CUDA libraries)": PROCESS_BYTES[
+        "cuda" if run.device == "cuda" else "cpu"]}
     if run.stream:
         held["embeddings and head (streaming)"] = model.outside_params() * s
         held["one layer read from disk"] = model.layer_params() * (s + c)

@@ -17,12 +17,14 @@ from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.errors import PtqlabError
 from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, check_budgets, estimate, free_cpu_bytes,
                                   parse_bytes)
+from ptqlab.engine.resume import Checkpointer
 from ptqlab.engine.steps import kind_of
 from ptqlab.engine.stream import StreamedModel
-from ptqlab.formats.compressed_tensors import ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint, write_config
-from ptqlab.models import (LoadedModel, check_source, compute_dtype, load_model, load_tokenizer, model_dtype,
-                           resolve_device, stored_dtype)
-from ptqlab.output import atomic_dir, check_writable
+from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
+                                              write_config)
+from ptqlab.models import (LoadedModel, check_source, compute_dtype, decoder_layer_names, load_model, load_tokenizer,
+                           model_dtype, resolve_device, stored_dtype)
+from ptqlab.output import atomic_dir, check_writable, locked
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.recipes import Recipe, get_recipe
 from ptqlab.record import RunRecord, versions
@@ -140,22 +142,42 @@ def quantize(
     check_budgets(memory, gpu_budget, cpu_budget, stream)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    with atomic_dir(out, overwrite, protect) as tmp, gpu_memory_limit(device, max_gpu_memory and gpu_budget):
+    resumable = recipe.calibrated
+    with atomic_dir(out, overwrite, protect, resumable=resumable) as tmp, locked(tmp, "quantize"), \
+            gpu_memory_limit(device, max_gpu_memory and gpu_budget):
         loaded, streamed = _load(model, dtype, stream)
         calibration_set = None if calibration is None else load_calibration(loaded.tokenizer, calibration)
         engine_device = resolve_device(device)
         stored = model_dtype(loaded.model)
         compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
-        writer = ShardWriter.for_streaming(tmp) if streamed is not None else None
+        layer_names = decoder_layer_names(loaded.model)
+        checkpoint = writer = None
+        if resumable:
+            fingerprint = {**request, "calib_batch_size": calib_batch_size, "compute_dtype": _dtype_name(compute)}
+            checkpoint = Checkpointer(tmp, fingerprint)
+            write_layer = lambda index, layer, name: checkpoint.write_layer(index, module_tensors(layer, name))  # noqa: E731
+        elif streamed is not None:
+            writer = ShardWriter.for_streaming(tmp)
+            write_layer = lambda index, layer, name: writer.add(module_tensors(layer, name))  # noqa: E731
+        else:
+            write_layer = None
         result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
                                 batch_size=calib_batch_size, compute_dtype=compute, streamed=streamed,
-                                write_layer=None if writer is None else lambda layer, name: writer.add(module_tensors(layer, name)))
-        if writer is None:
+                                write_layer=write_layer, resume=checkpoint)
+        if write_layer is None:
             write_checkpoint(tmp, loaded.model, loaded.tokenizer, result.recipe)
         else:
-            writer.add(checkpoint_tensors(loaded.model, skip=tuple(streamed.layer_names)))
+            if checkpoint is not None:  # the finished layers, from their files, into the checkpoint's shards
+                writer = ShardWriter.for_streaming(tmp) if streamed is not None else ShardWriter(tmp)
+                for _, tensors in checkpoint.finished_layers():
+                    writer.add(tensors)
+            writer.add(checkpoint_tensors(loaded.model, skip=tuple(layer_names)))
             writer.close()
             write_config(tmp, loaded.model, loaded.tokenizer, result.recipe)
+        if checkpoint is not None:
+            checkpoint.clear()
+            if checkpoint.note:
+                result.notes.append(checkpoint.note)
         if compute != stored:
             result.notes.append(f"calibration computed in {_dtype_name(compute)}: this CPU has no native "
                                 f"{_dtype_name(stored)} arithmetic; the checkpoint keeps {_dtype_name(stored)}")

@@ -377,6 +377,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def decoder_layer_names(model: nn.Module) -> list[str]:
+    """The module names of the decoder layers, in order (model.layers.0, ...)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(layer)] for layer in decoder_layers(model)]
+
+
 def names_by_layer(model: nn.Module, names) -> tuple[list[list[str]], list[str]]:
     """Module names grouped by the decoder layer that holds them (in layer order), and the names outside every layer."""
     layer_prefix = {id(m): name + "." for name, m in model.named_modules()}

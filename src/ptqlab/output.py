@@ -53,19 +53,25 @@ def check_writable(out: Path, overwrite: bool, protect: tuple[Path, ...] = (), n
 
 
 @contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `out`, on failure it is removed."""
+def atomic_dir(out: str | Path, overwrite: bool = False, protect: tuple[Path, ...] = (),
+               resumable: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `out`, on failure it is removed. `resumable`: the folder is
+    `.NAME.partial` (the same for every run), and a failure keeps it when it holds a resume state, so that the same
+    run started again continues where this one stopped (engine/resume.py)."""
     out = Path(out).absolute()
     check_writable(out, overwrite, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = out.parent / (f".{out.name}.partial" if resumable else f".{out.name}.partial-{os.getpid()}")
+    if not resumable:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(exist_ok=True)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not (resumable and (tmp / RESUME_NAME).is_file()):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    (tmp / LOCK_NAME).unlink(missing_ok=True)
     if out.exists():
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"
         out.rename(old)
@@ -75,6 +81,8 @@ def atomic_dir(out: str | Path, overwrite: bool = False, protect: tuple[Path, ..
         tmp.rename(out)
 
 
+RESUME_NAME = "resume.json"
+"""A resumable partial folder's state file (engine/resume.py writes it)."""
 LOCK_NAME = ".ptqlab.lock"
 
 

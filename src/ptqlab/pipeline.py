@@ -118,35 +118,39 @@ def _quantize_linear(name: str, linear: nn.Linear, recipe: Recipe) -> QuantizedL
     return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, recipe.scheme)
 
 
-LayerWriter = Callable[[nn.Module, str], None]
-"""(a finished decoder layer, its module name) -> None: writes its checkpoint tensors (streaming)."""
+LayerWriter = Callable[[int, nn.Module, str], None]
+"""(layer index, a finished decoder layer, its module name) -> None: writes its checkpoint tensors."""
 
 
 def _layer_hooks(streamed: StreamedModel | None, write_layer: LayerWriter | None, targets: dict[str, nn.Linear],
                  by_layer: list[list[str]]):
-    """The engine's load_layer / finish_layer for a streamed model: read a layer when it is reached; write it and let
-    it go (the float linears it replaced too) when it is done."""
-    if streamed is None:
-        return None, None
-    if write_layer is None:
+    """The engine's load_layer / finish_layer: with `write_layer`, each finished layer is written; with a streamed
+    model, layers are read when reached and let go (the float linears they replaced too) once written."""
+    if streamed is not None and write_layer is None:
         raise ValueError("a streamed model needs write_layer: its finished layers are not kept")
+    if write_layer is None:
+        return None, None
 
     def finish(index: int, layer: nn.Module, prefix: str) -> None:
-        write_layer(layer, prefix)
-        streamed.release_layer(index)
-        for name in by_layer[index]:
-            targets[name].to("meta")
+        write_layer(index, layer, prefix)
+        if streamed is not None:
+            streamed.release_layer(index)
+            for name in by_layer[index]:
+                targets[name].to("meta")
 
-    return streamed.load_layer, finish
+    return (None if streamed is None else streamed.load_layer), finish
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None = None, quiet: bool = False,
                    device: torch.device | None = None, batch_size: int = 16, compute_dtype: torch.dtype | None = None,
-                   streamed: StreamedModel | None = None, write_layer: LayerWriter | None = None) -> QuantizationResult:
+                   streamed: StreamedModel | None = None, write_layer: LayerWriter | None = None,
+                   resume=None) -> QuantizationResult:
     """Quantize `model` in place according to `recipe`; calibrated methods need `calibration`, whose forwards compute
     in `compute_dtype` (default: the model's). With `streamed` (its .model is `model`), decoder layers are read from
-    disk one at a time and handed to `write_layer` when done, then dropped: the model is never whole in memory."""
+    disk one at a time and handed to `write_layer` when done, then dropped: the model is never whole in memory.
+    `resume` (engine/resume.Checkpointer, calibrated recipes) keeps the engine's state after every layer, and starts
+    where an earlier run of the same settings stopped."""
     targets, ignored, unused = target_linears(model, recipe.ignore)
     if not targets:
         raise PtqlabError(f"the ignore list {list(recipe.ignore)} leaves no linear layer to quantize")
@@ -172,7 +176,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
             _check_weight(name, linear)
         plan = Plan(recipe.transforms, recipe.quantizer, recipe.scheme, scale_dtype=model_dtype(model))
         options = EngineOptions(device, batch_size, compute_dtype=compute_dtype, quiet=quiet,
-                                label=f"{recipe.name} ({steps})", load_layer=load_layer, finish_layer=finish_layer)
+                                label=f"{recipe.name} ({steps})", load_layer=load_layer, finish_layer=finish_layer,
+                                resume=resume)
         reports = calibrate(model, targets, plan, calibration, options)
         result.quantized = list(targets)
         result.layer_reports = reports

@@ -44,7 +44,10 @@ class EngineOptions:
     model's layers are on the meta device). None: every layer is in memory."""
     finish_layer: Callable[[int, nn.Module, str], None] | None = None
     """Called with (index, layer, module name) once a layer is quantized, has produced the next layer's inputs and
-    holds the stored dtype again: a streaming run writes it and lets it go."""
+    holds the stored dtype again: a resumable run writes it; a streaming run also lets it go."""
+    resume: object | None = None
+    """engine/resume.Checkpointer: where to start (`start_layer`, the finished layers' `reports`), the next layer's
+    inputs to `restore(batches)`, and `save(index, batches, reports)` after each layer. None: start at layer 0."""
 
 
 @dataclass
@@ -99,9 +102,14 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
     prefixes = {id(module): name for name, module in model.named_modules()}
     masks = [None if bool(b.attention_mask.all()) else b.attention_mask.to(device) for b in batches]
     reports: list[LayerReport] = []
+    start = 0
+    if options.resume is not None:
+        options.resume.restore(batches)
+        start, reports = options.resume.start_layer, list(options.resume.reports)
     status = lambda i: "" if not reports else f"layer {reports[-1].index}: " + ", ".join(  # noqa: E731
         f"{k} {v:.1f}s" for k, v in reports[-1].seconds.items())
-    for index in track(range(len(layers)), options.label, total=len(layers), quiet=options.quiet, status=status):
+    remaining = range(start, len(layers))
+    for index in track(remaining, options.label, total=len(remaining), quiet=options.quiet, status=status):
         layer = (layers[index] if options.load_layer is None else options.load_layer(index)).to(device)
         prefix = prefixes[id(layer)]
         layer_targets = {name: targets[name] for name in grouped[index]}  # meta when streaming: names only
@@ -110,8 +118,10 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
             cast_back(layer, stored, prefix, round_only=False)  # done computing: the checkpoint's dtypes
         if options.finish_layer is not None:
             options.finish_layer(index, layer, prefix)
-        elif offload:
+        if offload and options.load_layer is None:
             layer.to("cpu")
+        if options.resume is not None:
+            options.resume.save(index, batches, reports)
     return reports
 
 

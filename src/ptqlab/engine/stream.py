@@ -15,7 +15,7 @@ from torch import nn
 
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.validate import header_tensors, weight_files
-from ptqlab.models import decoder_layers
+from ptqlab.models import decoder_layer_names, decoder_layers
 
 FIX = "copy or download the model again"
 
@@ -82,8 +82,7 @@ class StreamedModel:
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
         self.layers = decoder_layers(self.model)
-        prefixes = {id(module): name for name, module in self.model.named_modules()}
-        self.layer_names = [prefixes[id(layer)] for layer in self.layers]
+        self.layer_names = decoder_layer_names(self.model)
         expected = set(_floating_meta_dtypes(self.model, ""))
         tied = getattr(config, "tie_word_embeddings", False)
         head = next(n for n, m in self.model.named_modules() if m is self.model.get_output_embeddings())

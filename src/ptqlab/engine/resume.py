@@ -1,0 +1,101 @@
+"""Resuming a calibrated run: after every decoder layer, what the rest of the run needs is on disk in the run's
+partial folder (output.atomic_dir with `resumable`), so that the same run started again after a crash or a kill
+continues with the next layer and ends with the very checkpoint an uninterrupted run writes.
+
+What is kept: each finished layer's checkpoint tensors (`layers/NNNNN.safetensors`), every calibration batch's
+hidden states as the next layer will read them (`hidden.safetensors`), and `resume.json` (the run's fingerprint,
+the next layer, the finished layers' reports), written last and atomically. A partial folder whose fingerprint
+differs (another recipe, seed, calibration set, batch size, compute dtype, ptqlab version) is discarded, never
+resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ptqlab.engine.capture import Batch
+from ptqlab.engine.calibrate import LayerReport
+from ptqlab.output import RESUME_NAME
+
+HIDDEN_NAME = "hidden.safetensors"
+LAYERS_DIR = "layers"
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """The resume state of one run in its partial folder."""
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder, self.fingerprint = Path(folder), json.loads(json.dumps(fingerprint, default=str))
+        self.start_layer, self.reports, self.note = 0, [], None
+        state_file = self.folder / RESUME_NAME
+        state = None
+        if state_file.is_file():
+            try:
+                state = json.loads(state_file.read_text())
+            except (OSError, ValueError):
+                state = None
+        if state is not None and state.get("fingerprint") == self.fingerprint:
+            self.start_layer = int(state["next_layer"])
+            self.reports = [LayerReport(**r) for r in state["reports"]]
+            self.note = f"resumed from layer {self.start_layer}: layers 0-{self.start_layer - 1} were done by an earlier run"
+        else:
+            stale = [p for p in self.folder.iterdir() if not p.name.startswith(".")]
+            if state is not None:
+                self.note = "discarded an unfinished run of other settings in this --out's partial folder"
+            for path in stale:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        (self.folder / LAYERS_DIR).mkdir(exist_ok=True)
+
+    def layer_file(self, index: int) -> Path:
+        return self.folder / LAYERS_DIR / f"{index:05d}.safetensors"
+
+    def write_layer(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        _write_atomically(self.layer_file(index), lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+
+    def restore(self, batches: list[Batch]) -> None:
+        """Give every batch the hidden states the next layer reads (saved after the last finished layer)."""
+        from safetensors.torch import load_file
+
+        if self.start_layer == 0:
+            return
+        hidden = load_file(self.folder / HIDDEN_NAME)
+        for i, batch in enumerate(batches):
+            batch.hidden = hidden[f"b{i}"].to(batch.hidden.device)
+
+    def save(self, index: int, batches: list[Batch], reports: list[LayerReport]) -> None:
+        """After layer `index` is finished and written: the next layer's inputs, then the state that points at them."""
+        from safetensors.torch import save_file
+
+        hidden = {f"b{i}": b.hidden.detach().to("cpu").contiguous() for i, b in enumerate(batches)}
+        _write_atomically(self.folder / HIDDEN_NAME, lambda path: save_file(hidden, path))
+        state = {"fingerprint": self.fingerprint, "next_layer": index + 1, "reports": [asdict(r) for r in reports]}
+        _write_atomically(self.folder / RESUME_NAME, lambda path: path.write_text(json.dumps(state)))
+
+    def finished_layers(self):
+        """(index, tensors) of every finished layer, in order, read one file at a time."""
+        from safetensors.torch import load_file
+
+        for file in sorted((self.folder / LAYERS_DIR).glob("*.safetensors")):
+            yield int(file.stem), load_file(file)
+
+    def clear(self) -> None:
+        """The run is complete: its resume state goes (the checkpoint stays)."""
+        shutil.rmtree(self.folder / LAYERS_DIR, ignore_errors=True)
+        for name in (HIDDEN_NAME, RESUME_NAME):
+            (self.folder / name).unlink(missing_ok=True)
+

@@ -1,0 +1,97 @@
+"""Resume (engine/resume.py): a calibrated run stopped after any layer continues, when started again with the same
+settings and --out, from the next layer, and writes the very files an uninterrupted run writes; a run of other
+settings never picks up someone else's partial state."""
+
+import json
+
+import pytest
+import torch
+
+from ptqlab import quantize
+from ptqlab.data import CalibrationConfig
+from ptqlab.engine import resume as resume_module
+
+LAYERS = 4
+
+
+class Killed(Exception):
+    """Stands for the process being killed right after a layer's state reached the disk."""
+
+
+@pytest.fixture
+def run(tiny_model_dir, calibration_file):
+    src = tiny_model_dir("llama", torch.bfloat16, num_hidden_layers=LAYERS)
+
+    def go(out, seed=0, **options):
+        calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+        return quantize(str(src), "w4a16", out=out, calibration=calibration, quiet=True, device="cpu", seed=seed,
+                        **options)
+
+    return go
+
+
+def kill_after(monkeypatch, layer: int) -> list[int]:
+    """Make the run die once the state after `layer` is saved; -> the layers the engine computes, as it goes."""
+    computed = []
+    save = resume_module.Checkpointer.save
+
+    def save_then_die(self, index, batches, reports):
+        computed.append(index)
+        save(self, index, batches, reports)
+        if index == layer:
+            raise Killed
+
+    monkeypatch.setattr(resume_module.Checkpointer, "save", save_then_die)
+    return computed
+
+
+def files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".safetensors" or
+            p.name in ("config.json", "model.safetensors.index.json")}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "stream"])
+@pytest.mark.parametrize("killed_after", [0, 2])
+def test_a_killed_run_resumes_and_writes_the_uninterrupted_files(run, tmp_path, monkeypatch, stream, killed_after):
+    whole = run(tmp_path / "whole", stream=stream)
+    out = tmp_path / "resumed"
+    computed = kill_after(monkeypatch, killed_after)
+    with pytest.raises(Killed):
+        run(out, stream=stream)
+    assert not out.exists() and (tmp_path / ".resumed.partial" / "resume.json").is_file()
+    computed.clear()
+    monkeypatch.undo()
+    counting(monkeypatch, computed)
+    run(out, stream=stream)
+    assert computed == list(range(killed_after + 1, LAYERS))  # only the layers not done before
+    assert files(out) == files(whole)
+    record = json.loads((out / "ptqlab.json").read_text())
+    assert f"resumed from layer {killed_after + 1}" in " ".join(record["notes"])
+    assert [layer["index"] for layer in record["layers"]] == list(range(LAYERS))
+    assert not (tmp_path / ".resumed.partial").exists() and not (out / "resume.json").exists()
+
+
+def counting(monkeypatch, computed: list[int]) -> None:
+    """Record the layers the engine computes (it saves the state after each)."""
+    original = resume_module.Checkpointer.save
+
+    def save(self, index, batches, reports):
+        computed.append(index)
+        return original(self, index, batches, reports)
+
+    monkeypatch.setattr(resume_module.Checkpointer, "save", save)
+
+
+def test_other_settings_never_resume_a_partial_run(run, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    computed = kill_after(monkeypatch, 1)
+    with pytest.raises(Killed):
+        run(out, seed=0)
+    computed.clear()
+    monkeypatch.undo()
+    counting(monkeypatch, computed)
+    run(out, seed=1)  # another seed: another calibration draw
+    assert computed == list(range(LAYERS))
+    notes = " ".join(json.loads((out / "ptqlab.json").read_text())["notes"])
+    assert "discarded an unfinished run of other settings" in notes and "resumed" not in notes
+    assert files(out) == files(run(tmp_path / "fresh", seed=1))

@@ -2,8 +2,13 @@
 loaded, recorded in the run record; a budget too small is refused in one line that says what to change."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from ptqlab import quantize
@@ -79,3 +84,32 @@ def test_the_plan_and_the_budgets_are_recorded(tiny_model_dir, calibration_file,
     settings = json.loads((out / "ptqlab.json").read_text())["settings"]
     assert settings["cpu_budget_bytes"] == 16 * GIB and settings["gpu_budget_bytes"] is None
     assert settings["memory_plan"]["gpu_bytes"] is None and 0 < settings["memory_plan"]["cpu_bytes"] < 16 * GIB
+
+
+PEAK_CHILD = r"""
+import json, sys
+from ptqlab.api import memory_plan, quantize
+from ptqlab.data import CalibrationConfig
+from ptqlab.recipes import get_recipe
+model, calibration_file, out, stream = sys.argv[1] or None, sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+calibration = CalibrationConfig(dataset=calibration_file, num_samples=8, max_seq_len=128)
+plan = memory_plan(model, get_recipe("w4a16"), calibration=calibration, device="cpu", stream=stream)
+quantize(model, "w4a16", out=out, calibration=calibration, device="cpu", quiet=True, stream=stream)
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"plan": plan.cpu_bytes, "peak": peak}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from /proc (Linux)")
+@pytest.mark.parametrize("which, stream", [("tiny", False), ("tiny", True), ("embedded", False)])
+def test_the_cpu_plan_is_within_a_quarter_of_the_measured_peak(tiny_model_dir, calibration_file, tmp_path, which,
+                                                               stream):
+    """A run in a fresh process: its peak resident memory (VmHWM) against the plan it printed, on a tiny random model
+    (where the process's own memory dominates) and on the real embedded SmolLM2-135M (where the model does)."""
+    model = str(tiny_model_dir("llama", torch.bfloat16)) if which == "tiny" else ""
+    proc = subprocess.run([sys.executable, "-c", PEAK_CHILD, model, str(calibration_file), str(tmp_path / "out"),
+                           "1" if stream else "0"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(measured["plan"] - measured["peak"]) <= 0.25 * measured["peak"], measured

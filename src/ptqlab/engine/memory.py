@@ -166,12 +166,13 @@ def estimate(model: ModelShape, run: RunShape) -> MemoryPlan:
         quantized += model.layers * model.layer_params() // run.group_size * s
     held: dict[str, int] = {"the process (Python, torch, CUDA libraries)": PROCESS_BYTES[
         "cuda" if run.device == "cuda" else "cpu"]}
+    in_memory = c if run.calibrated else s  # a calibrated run holds the model in its compute dtype (engine/calibrate.py)
     if run.stream:
-        held["embeddings and head (streaming)"] = model.outside_params() * s
+        held["embeddings and head (streaming)"] = model.outside_params() * in_memory
         held["one layer read from disk"] = model.layer_params() * (s + c)
         held["checkpoint shard being written"] = min(quantized, STREAM_SHARD_BYTES)
     else:
-        held["the model"] = (model.outside_params() + model.layers * model.layer_params()) * s
+        held["the model"] = (model.outside_params() + model.layers * model.layer_params()) * in_memory
         held["the quantized layers"] = quantized
     parts = {**work, **held}
     cpu = sum(held.values()) + (on_device if run.device == "cpu" else 0)

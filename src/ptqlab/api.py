@@ -120,8 +120,9 @@ def quantize(
     with `seed` and run the layer-sequential engine on `device` (auto: the GPU if there is one).
     Before loading anything the run's memory plan (engine/memory.py) is checked against `max_gpu_memory` and
     `max_cpu_memory` (bytes or '24GiB'; default: 90 % of what is free now); an explicit GPU budget is also enforced
-    on the allocator. With `stream`, the model is read from its safetensors files one decoder layer at a time and the checkpoint is
-    written as layers finish (engine/stream.py): neither is ever whole in memory; the tensors are the same.
+    on the allocator. With `stream`, the model is read from its safetensors files one decoder layer at a time and the
+    checkpoint is written as layers finish (engine/stream.py): neither is ever whole in memory; the tensors are the
+    same. A calibrated run keeps its state after every layer and resumes after a crash (engine/resume.py).
     Returns the checkpoint folder. The folder appears only when complete (see ptqlab.output).
     """
     if isinstance(recipe, str):
@@ -142,42 +143,21 @@ def quantize(
     check_budgets(memory, gpu_budget, cpu_budget, stream)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    resumable = recipe.calibrated
-    with atomic_dir(out, overwrite, protect, resumable=resumable) as tmp, locked(tmp, "quantize"), \
+    with atomic_dir(out, overwrite, protect, resumable=recipe.calibrated) as tmp, locked(tmp, "quantize"), \
             gpu_memory_limit(device, max_gpu_memory and gpu_budget):
         loaded, streamed = _load(model, dtype, stream)
         calibration_set = None if calibration is None else load_calibration(loaded.tokenizer, calibration)
         engine_device = resolve_device(device)
         stored = model_dtype(loaded.model)
         compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
-        layer_names = decoder_layer_names(loaded.model)
-        checkpoint = writer = None
-        if resumable:
-            fingerprint = {**request, "calib_batch_size": calib_batch_size, "compute_dtype": _dtype_name(compute)}
-            checkpoint = Checkpointer(tmp, fingerprint)
-            write_layer = lambda index, layer, name: checkpoint.write_layer(index, module_tensors(layer, name))  # noqa: E731
-        elif streamed is not None:
-            writer = ShardWriter.for_streaming(tmp)
-            write_layer = lambda index, layer, name: writer.add(module_tensors(layer, name))  # noqa: E731
-        else:
-            write_layer = None
+        fingerprint = {**request, "calib_batch_size": calib_batch_size, "compute_dtype": _dtype_name(compute)}
+        checkpoint, writer, write_layer = _layer_writing(tmp, recipe, streamed, fingerprint)
         result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
                                 batch_size=calib_batch_size, compute_dtype=compute, streamed=streamed,
                                 write_layer=write_layer, resume=checkpoint)
-        if write_layer is None:
-            write_checkpoint(tmp, loaded.model, loaded.tokenizer, result.recipe)
-        else:
-            if checkpoint is not None:  # the finished layers, from their files, into the checkpoint's shards
-                writer = ShardWriter.for_streaming(tmp) if streamed is not None else ShardWriter(tmp)
-                for _, tensors in checkpoint.finished_layers():
-                    writer.add(tensors)
-            writer.add(checkpoint_tensors(loaded.model, skip=tuple(layer_names)))
-            writer.close()
-            write_config(tmp, loaded.model, loaded.tokenizer, result.recipe)
-        if checkpoint is not None:
-            checkpoint.clear()
-            if checkpoint.note:
-                result.notes.append(checkpoint.note)
+        _write_checkpoint(tmp, loaded, result, streamed, checkpoint, writer)
+        if checkpoint is not None and checkpoint.note:
+            result.notes.append(checkpoint.note)
         if compute != stored:
             result.notes.append(f"calibration computed in {_dtype_name(compute)}: this CPU has no native "
                                 f"{_dtype_name(stored)} arithmetic; the checkpoint keeps {_dtype_name(stored)}")
@@ -193,6 +173,36 @@ def quantize(
                     "memory_plan": memory.to_dict(), "gpu_budget_bytes": gpu_budget, "cpu_budget_bytes": cpu_budget}
         _run_record(loaded, result, settings, time.perf_counter() - start, request).write(tmp)
     return out
+
+
+def _layer_writing(folder: Path, recipe: Recipe, streamed: StreamedModel | None, fingerprint: dict):
+    """How finished decoder layers are written -> (resume state, shard writer, the engine's write_layer). A calibrated
+    run writes each layer into its resume state (merged into shards at the end); a streamed data-free run straight
+    into shards; an in-memory data-free run writes the whole model at the end (None)."""
+    if recipe.calibrated:
+        checkpoint = Checkpointer(folder, fingerprint)
+        return checkpoint, None, lambda index, layer, name: checkpoint.write_layer(index, module_tensors(layer, name))
+    if streamed is not None:
+        writer = ShardWriter.for_streaming(folder)
+        return None, writer, lambda index, layer, name: writer.add(module_tensors(layer, name))
+    return None, None, None
+
+
+def _write_checkpoint(folder: Path, loaded: LoadedModel, result: QuantizationResult, streamed: StreamedModel | None,
+                      checkpoint: Checkpointer | None, writer: ShardWriter | None) -> None:
+    """The checkpoint's weights (what the layers left, then the rest of the model), config and tokenizer."""
+    if checkpoint is None and writer is None:
+        write_checkpoint(folder, loaded.model, loaded.tokenizer, result.recipe)
+        return
+    if checkpoint is not None:  # the finished layers, from their files, into the checkpoint's shards
+        writer = ShardWriter.for_streaming(folder) if streamed is not None else ShardWriter(folder)
+        for _, tensors in checkpoint.finished_layers():
+            writer.add(tensors)
+    writer.add(checkpoint_tensors(loaded.model, skip=tuple(decoder_layer_names(loaded.model))))
+    writer.close()
+    write_config(folder, loaded.model, loaded.tokenizer, result.recipe)
+    if checkpoint is not None:
+        checkpoint.clear()
 
 
 def memory_plan(model: str | None, recipe: Recipe, dtype: str = "auto", calibration: CalibrationConfig | None = None,

@@ -141,6 +141,7 @@ def quantize(
     memory = memory_plan(model, recipe, dtype, calibration, calib_batch_size, device, stream)
     gpu_budget, cpu_budget = budgets(device, max_gpu_memory, max_cpu_memory)
     check_budgets(memory, gpu_budget, cpu_budget, stream)
+    check_writable(out, overwrite, protect, memory.disk_bytes)  # the plan knows the size of a hub model's checkpoint too
     torch.manual_seed(seed)
     start = time.perf_counter()
     with atomic_dir(out, overwrite, protect, resumable=recipe.calibrated) as tmp, locked(tmp, "quantize"), \

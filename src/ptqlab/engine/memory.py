@@ -161,9 +161,9 @@ def estimate(model: ModelShape, run: RunShape) -> MemoryPlan:
         gptq = (4 * out * inp + 3 * inp * inp) * 4 if run.statistics else 0
         work["one batch's forward or one GPTQ"] = max(forward, gptq)
     on_device = sum(work.values())
-    quantized = model.layers * model.layer_params() * run.weight_bits // 8
-    if run.group_size:
-        quantized += model.layers * model.layer_params() // run.group_size * s
+    scales = model.layers * model.layer_params() // run.group_size * s if run.group_size else 0
+    quantized = model.layers * model.layer_params() * run.weight_bits // 8 + scales  # packed, on disk
+    unpacked = model.layers * model.layer_params() + scales  # in memory: one byte per value (QuantizedLinear)
     held: dict[str, int] = {"the process (Python, torch, CUDA libraries)": PROCESS_BYTES[
         "cuda" if run.device == "cuda" else "cpu"]}
     in_memory = c if run.calibrated else s  # a calibrated run holds the model in its compute dtype (engine/calibrate.py)
@@ -173,7 +173,7 @@ def estimate(model: ModelShape, run: RunShape) -> MemoryPlan:
         held["checkpoint shard being written"] = min(quantized, STREAM_SHARD_BYTES)
     else:
         held["the model"] = (model.outside_params() + model.layers * model.layer_params()) * in_memory
-        held["the quantized layers"] = quantized
+        held["the quantized layers"] = unpacked
     parts = {**work, **held}
     cpu = sum(held.values()) + (on_device if run.device == "cpu" else 0)
     disk = quantized + model.outside_params() * s

@@ -242,7 +242,7 @@ def test_the_checks_come_before_the_model_is_loaded(tiny_model_dir, calibration_
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(ptqlab.api, "load_model", no_loading)
+    monkeypatch.setattr(ptqlab.api, "load_checked", no_loading)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": 5}])
     (tmp_path / "empty").mkdir()
     for args in (["--num-samples", "0", "--dataset", calibration_file], ["--max-seq-len", "1", "--dataset", calibration_file],

@@ -22,8 +22,8 @@ from ptqlab.engine.steps import kind_of
 from ptqlab.engine.stream import StreamedModel
 from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
                                               write_config)
-from ptqlab.models import (LoadedModel, check_source, compute_dtype, decoder_layer_names, load_model, load_tokenizer,
-                           model_dtype, resolve_device, stored_dtype)
+from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, load_checked,
+                           load_tokenizer, model_dtype, resolve_device, stored_dtype)
 from ptqlab.output import atomic_dir, check_writable, locked
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.recipes import Recipe, get_recipe
@@ -82,10 +82,6 @@ def _source_folders(model: str | None) -> tuple[Path, ...]:
     return (path,) if path.is_dir() else ()
 
 
-def _weight_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -131,22 +127,21 @@ def quantize(
     request = request_of(model, recipe, dtype, seed, calibration, device)
     out = Path(out) if out is not None else default_out(model, recipe.name)
     protect = _source_folders(model)
-    # Before the slow part: fail in a second, not after loading. The checkpoint needs at least the source's bytes
-    # scaled to the weights' bits.
-    needs = sum(_weight_bytes(folder) for folder in protect) * recipe.scheme.weights.num_bits // 16
-    check_writable(out, overwrite, protect, needs)
+    # Before the slow part: fail in a second, not after loading.
+    check_writable(out, overwrite, protect)
     calibration = calibration_of(recipe, calibration, seed)
     if calibration is not None:
         check_calibration(calibration, batch_size=calib_batch_size)
-    memory = memory_plan(model, recipe, dtype, calibration, calib_batch_size, device, stream)
+    checked = check_source(model, dtype)
+    memory = _memory_plan(checked, recipe, dtype, calibration, calib_batch_size, device, stream)
     gpu_budget, cpu_budget = budgets(device, max_gpu_memory, max_cpu_memory)
     check_budgets(memory, gpu_budget, cpu_budget, stream)
-    check_writable(out, overwrite, protect, memory.disk_bytes)  # the plan knows the size of a hub model's checkpoint too
+    check_writable(out, overwrite, protect, memory.disk_bytes)  # free space for the checkpoint the plan sizes
     torch.manual_seed(seed)
     start = time.perf_counter()
     with atomic_dir(out, overwrite, protect, resumable=recipe.calibrated) as tmp, locked(tmp, "quantize"), \
             gpu_memory_limit(device, max_gpu_memory and gpu_budget):
-        loaded, streamed = _load(model, dtype, stream)
+        loaded, streamed = _load(checked, dtype, stream)
         calibration_set = None if calibration is None else load_calibration(loaded.tokenizer, calibration)
         engine_device = resolve_device(device)
         stored = model_dtype(loaded.model)
@@ -197,7 +192,7 @@ def _write_checkpoint(folder: Path, loaded: LoadedModel, result: QuantizationRes
         return
     if checkpoint is not None:  # the finished layers, from their files, into the checkpoint's shards
         writer = ShardWriter.for_streaming(folder) if streamed is not None else ShardWriter(folder)
-        for _, tensors in checkpoint.finished_layers():
+        for tensors in checkpoint.finished_layers():
             writer.add(tensors)
     writer.add(checkpoint_tensors(loaded.model, skip=tuple(decoder_layer_names(loaded.model))))
     writer.close()
@@ -210,7 +205,11 @@ def memory_plan(model: str | None, recipe: Recipe, dtype: str = "auto", calibrat
                 calib_batch_size: int = 16, device: str = "auto", stream: bool = False) -> MemoryPlan:
     """The run's memory plan from the model's config.json alone (no weight is read): what `quantize --plan` prints
     and what every run checks against its budgets first."""
-    checked = check_source(model, dtype)
+    return _memory_plan(check_source(model, dtype), recipe, dtype, calibration, calib_batch_size, device, stream)
+
+
+def _memory_plan(checked: ModelSource, recipe: Recipe, dtype: str, calibration: CalibrationConfig | None,
+                 calib_batch_size: int, device: str, stream: bool) -> MemoryPlan:
     stored = stored_dtype(checked.config, dtype)
     engine_device = resolve_device(device)
     compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
@@ -252,11 +251,10 @@ def gpu_memory_limit(device: str, budget: int | None) -> Iterator[None]:
         torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
-def _load(model: str | None, dtype: str, stream: bool) -> tuple[LoadedModel, StreamedModel | None]:
+def _load(checked: ModelSource, dtype: str, stream: bool) -> tuple[LoadedModel, StreamedModel | None]:
     """The model to quantize: loaded whole, or (`stream`) with its decoder layers left on disk until needed."""
     if not stream:
-        return load_model(model, dtype=dtype), None
-    checked = check_source(model, dtype)
+        return load_checked(checked, dtype), None
     folder = Path(checked.path)
     if not folder.is_dir():
         folder = _download(checked.path)

@@ -342,7 +342,11 @@ def stored_dtype(config, dtype: str) -> torch.dtype:
 
 def load_model(source: str | None = None, dtype: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id or local folder; None loads the embedded default."""
-    checked = check_source(source, dtype)
+    return load_checked(check_source(source, dtype), dtype)
+
+
+def load_checked(checked: ModelSource, dtype: str = "auto") -> LoadedModel:
+    """Load the model check_source has checked (its weights, then its tokenizer)."""
     model = _load_weights(checked.path, checked.source, dtype)
     model.eval()
     decoder_layers(model)  # fail now, not half-way through quantization

@@ -87,11 +87,11 @@ class Checkpointer:
         _write_atomically(self.folder / RESUME_NAME, lambda path: path.write_text(json.dumps(state)))
 
     def finished_layers(self):
-        """(index, tensors) of every finished layer, in order, read one file at a time."""
+        """The checkpoint tensors of every finished layer, in layer order, read one file at a time."""
         from safetensors.torch import load_file
 
         for file in sorted((self.folder / LAYERS_DIR).glob("*.safetensors")):
-            yield int(file.stem), load_file(file)
+            yield load_file(file)
 
     def clear(self) -> None:
         """The run is complete: its resume state goes (the checkpoint stays)."""

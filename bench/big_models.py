@@ -7,7 +7,9 @@ checkpoints are compared tensor by tensor (bitwise), and the streamed one is loa
 
 Case a (`--case a`): a Qwen2.5-32B-shaped model with random bf16 weights in CPU memory, `w4a16` with 128 x 1024
 random calibration tokens, once with the GPU limited to `--gpu-budget` (the allocator's per-process fraction: what a
-shared GPU with that much free allows) and once with the whole GPU, each in its own child process.
+shared GPU with that much free allows) and once with the whole GPU, each in its own child process placing layers and
+activations as its memory plan says (engine/memory.py). With two GPUs the two children run at the same time, one per
+GPU (side by side: the same machine, the same moment); else one after the other.
 
 Prints a table and writes bench/results/big_models.json (`"cases"`, one entry per case).
 """
@@ -143,6 +145,7 @@ sys.path.insert(0, sys.argv[2])
 import big_models
 from big_models import peak_rss
 from ptqlab.data import CalibrationSet
+from ptqlab.engine.memory import MARGIN, ModelShape, RunShape, estimate
 from ptqlab.pipeline import quantize_model
 from ptqlab.recipes import get_recipe
 from transformers import AutoModelForCausalLM
@@ -156,14 +159,18 @@ model.load_state_dict(dict(big_models.random_tensors(config, device, args["seed"
 model.eval()
 g = torch.Generator().manual_seed(args["seed"] + 1)
 tokens = torch.randint(2, config.vocab_size, (args["samples"], args["seq_len"]), generator=g)
-if args["gpu_budget"] and device.type == "cuda":
+cuda = device.type == "cuda"
+budget = (args["gpu_budget"] or int(MARGIN * torch.cuda.mem_get_info(device)[0])) if cuda else None
+if args["gpu_budget"] and cuda:
     torch.cuda.set_per_process_memory_fraction(args["gpu_budget"] / torch.cuda.get_device_properties(device).total_memory)
-torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+plan = estimate(ModelShape.from_config(config), RunShape(args["samples"], args["seq_len"], args["batch_size"], 2, 2, True,
+                True, 4, 128, False, device.type), budget)
+torch.cuda.reset_peak_memory_stats() if cuda else None
 start = time.perf_counter()
 quantize_model(model, get_recipe("w4a16"), CalibrationSet(list(tokens), "random tokens"), quiet=True, device=device,
-               batch_size=args["batch_size"])
+               batch_size=args["batch_size"], offload=not plan.layers_on_gpu, activations_on_gpu=plan.activations_on_gpu)
 seconds = time.perf_counter() - start
-print("RESULT " + json.dumps({"seconds": seconds,
+print("RESULT " + json.dumps({"seconds": seconds, "memory_plan": plan.to_dict(),
       "peak_gpu_bytes": torch.cuda.max_memory_reserved() if device.type == "cuda" else None,
       "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
       "peak_cpu_rss_bytes": peak_rss()}))
@@ -177,18 +184,40 @@ def peak_rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def child(code: str, args: dict, timeout: float) -> dict:
+def child(code: str, args: dict, timeout: float, gpu: int | None = None) -> dict:
+    return finish_child(start_child(code, args, gpu), timeout)
+
+
+def start_child(code: str, args: dict, gpu: int | None = None) -> tuple[subprocess.Popen, object, object]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    # Output to files, not pipes: a child is never blocked on a full pipe while the other is waited for.
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args), str(ROOT / "bench")], stdout=out, stderr=err,
+                            text=True, env=env)
+    return proc, out, err
+
+
+def finish_child(started: tuple[subprocess.Popen, object, object], timeout: float) -> dict:
+    proc, out, err = started
     try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args), str(ROOT / "bench")], capture_output=True,
-                              text=True, env=env, timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
         return {"completed": False, "error": f"stopped by the benchmark's --timeout of {timeout:g} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    stdout, stderr = (_read(file) for file in (out, err))
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        tail = (stderr or stdout).strip().splitlines()[-3:]
         return {"completed": False, "error": " | ".join(tail)}
     return {"completed": True, **json.loads(lines[-1].removeprefix("RESULT "))}
+
+
+def _read(file) -> str:
+    file.seek(0)
+    return file.read()
 
 
 def same_tensors(a: Path, b: Path) -> tuple[bool, int]:
@@ -227,7 +256,8 @@ def case_b(args, device: torch.device, work: Path) -> dict:
     print(f"case b streamed: {streamed}", flush=True)
     in_memory = child(CHILD_QUANTIZE, {**common, "out": str(work / "in-memory")}, args.timeout) if args.compare else {}
     print(f"case b in memory: {in_memory}", flush=True)
-    entry = {"name": f"{args.shape_b} from disk, --stream, --max-cpu-memory {args.cpu_budget_b} --max-gpu-memory "
+    entry = {"case": "b", "date": _now(), "command": sys.argv,
+             "name": f"{args.shape_b} from disk, --stream, --max-cpu-memory {args.cpu_budget_b} --max-gpu-memory "
                      f"{args.gpu_budget_b}", "model_bytes": model_bytes, **streamed,
              "gpu_budget_bytes": _bytes(args.gpu_budget_b), "cpu_budget_bytes": _bytes(args.cpu_budget_b),
              "in_memory_path": in_memory}
@@ -248,16 +278,28 @@ def case_b(args, device: torch.device, work: Path) -> dict:
 def case_a(args, device: torch.device) -> dict:
     common = {"shape": args.shape_a, "device": device.type, "seed": args.seed, "samples": args.samples,
               "seq_len": args.seq_len, "batch_size": args.batch_size}
-    constrained = child(CHILD_IN_CPU_MEMORY, {**common, "gpu_budget": _bytes(args.gpu_budget_a)}, args.timeout)
+    constrained_args, whole_args = {**common, "gpu_budget": _bytes(args.gpu_budget_a)}, {**common, "gpu_budget": None}
+    side_by_side = args.compare and torch.cuda.device_count() >= 2
+    if side_by_side:  # one child per GPU, at the same time
+        running = [start_child(CHILD_IN_CPU_MEMORY, constrained_args, 0), start_child(CHILD_IN_CPU_MEMORY, whole_args, 1)]
+        constrained, whole = (finish_child(proc, args.timeout) for proc in running)
+    else:
+        constrained = child(CHILD_IN_CPU_MEMORY, constrained_args, args.timeout)
+        whole = child(CHILD_IN_CPU_MEMORY, whole_args, args.timeout) if args.compare else {}
     print(f"case a constrained: {constrained}", flush=True)
-    write_results(args, device, [{"name": "case a, constrained run only (so far)", **constrained,
-                                  "gpu_budget_bytes": _bytes(args.gpu_budget_a), "cpu_budget_bytes": None}])
-    whole = child(CHILD_IN_CPU_MEMORY, {**common, "gpu_budget": None}, args.timeout) if args.compare else {}
     print(f"case a whole GPU: {whole}", flush=True)
-    return {"name": f"{args.shape_a} in CPU memory, GPU limited to {args.gpu_budget_a}", **constrained,
-            "gpu_budget_bytes": _bytes(args.gpu_budget_a), "cpu_budget_bytes": None,
-            "unconstrained_seconds": whole.get("seconds"), "unconstrained_peak_gpu_bytes": whole.get("peak_gpu_bytes"),
-            "unconstrained": whole}
+    entry = {"case": "a", "date": _now(), "command": sys.argv,
+             "name": f"{args.shape_a} in CPU memory, GPU limited to {args.gpu_budget_a}", **constrained,
+             "gpu_budget_bytes": _bytes(args.gpu_budget_a), "cpu_budget_bytes": None,
+             "unconstrained_seconds": whole.get("seconds"), "unconstrained_peak_gpu_bytes": whole.get("peak_gpu_bytes"),
+             "runs": "at the same time, one per GPU" if side_by_side else "one after the other", "unconstrained": whole}
+    if constrained.get("seconds") and whole.get("seconds"):
+        entry["time_ratio"] = round(constrained["seconds"] / whole["seconds"], 3)
+    return entry
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _bytes(text: str) -> int:
@@ -295,11 +337,15 @@ def main() -> None:
 def write_results(args, device: torch.device, cases: list[dict]) -> None:
     import transformers
 
-    result = {"benchmark": "big_models", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result = {"benchmark": "big_models", "date": _now(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()},
               "command": sys.argv, "cases": cases}
+    if args.out.is_file():  # the cases not run now keep their last results, each with its own date and command
+        earlier = json.loads(args.out.read_text())
+        kept = [c for c in earlier.get("cases", []) if c.get("case") not in {c.get("case") for c in cases}]
+        result["cases"] = sorted(kept + cases, key=lambda c: c.get("case", ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'case':60} {'done':5} {'seconds':>8} {'peak GPU GiB':>12} {'budget':>7} {'peak RSS GiB':>12} {'budget':>7}")

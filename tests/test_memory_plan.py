@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ptqlab import quantize
 from ptqlab.cli import app
 from ptqlab.data import CalibrationConfig
-from ptqlab.engine.memory import GIB, ModelShape, RunShape, estimate, parse_bytes
+from ptqlab.engine.memory import GIB, ModelShape, RunShape, check_budgets, estimate, parse_bytes
 from ptqlab.errors import PtqlabError
 from tiny import tiny_config
 
@@ -49,9 +49,30 @@ def test_the_plan_grows_with_what_it_holds():
     assert estimate(model, run_shape(calibrated=False, statistics=False)).gpu_bytes == 0
     deeper = ModelShape.from_config(tiny_config("llama", num_hidden_layers=16))
     assert estimate(deeper, run_shape()).gpu_bytes == base.gpu_bytes  # one layer on the GPU, whatever the depth
-    held = ("embeddings and head (streaming)", "one layer read from disk")
+    held = ("embeddings and head (streaming)", "two layers read from disk (current, prefetched)")
     streamed = [estimate(m, run_shape(stream=True)).parts for m in (model, deeper)]
     assert [streamed[0][k] for k in held] == [streamed[1][k] for k in held]  # one layer in memory, whatever the depth
+
+
+def test_the_placement_is_the_first_that_fits_the_gpu_budget():
+    """A roomy budget holds every layer on the GPU; a tighter one one layer at a time (the next prefetched); a
+    tighter one still also moves the hidden states to pinned CPU memory, which then count in CPU memory; a budget
+    below even that is refused by the budget check."""
+    model = ModelShape.from_config(tiny_config("llama", num_hidden_layers=8))
+    run = run_shape(samples=256)
+    roomy, layered, pinned = (estimate(model, run, budget) for budget in (10**12, None, 1))
+    assert (roomy.layers_on_gpu, roomy.activations_on_gpu) == (True, True)
+    assert (layered.layers_on_gpu, layered.activations_on_gpu) == (False, True)
+    assert (pinned.layers_on_gpu, pinned.activations_on_gpu) == (False, False)
+    assert roomy.gpu_bytes > layered.gpu_bytes > pinned.gpu_bytes
+    assert pinned.cpu_bytes > layered.cpu_bytes
+    for plan in (roomy, layered, pinned):  # each budget just large enough picks that placement
+        chosen = estimate(model, run, plan.gpu_bytes)
+        assert (chosen.layers_on_gpu, chosen.activations_on_gpu, chosen.gpu_bytes) == (
+            plan.layers_on_gpu, plan.activations_on_gpu, plan.gpu_bytes)
+    assert estimate(model, run_shape(samples=256, stream=True), 10**12).layers_on_gpu is False  # streamed: on disk
+    with pytest.raises(PtqlabError, match=r"^this run needs about .* of GPU memory at its peak"):
+        check_budgets(pinned, 1, None, stream=False)
 
 
 def test_plan_prints_the_estimate_and_does_no_work(tiny_model_dir, tmp_path, monkeypatch):

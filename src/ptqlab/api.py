@@ -133,8 +133,8 @@ def quantize(
     if calibration is not None:
         check_calibration(calibration, batch_size=calib_batch_size)
     checked = check_source(model, dtype)
-    memory = _memory_plan(checked, recipe, dtype, calibration, calib_batch_size, device, stream)
     gpu_budget, cpu_budget = budgets(device, max_gpu_memory, max_cpu_memory)
+    memory = _memory_plan(checked, recipe, dtype, calibration, calib_batch_size, device, stream, gpu_budget)
     check_budgets(memory, gpu_budget, cpu_budget, stream)
     check_writable(out, overwrite, protect, memory.disk_bytes)  # free space for the checkpoint the plan sizes
     torch.manual_seed(seed)
@@ -150,7 +150,8 @@ def quantize(
         checkpoint, writer, write_layer = _layer_writing(tmp, recipe, streamed, fingerprint)
         result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
                                 batch_size=calib_batch_size, compute_dtype=compute, streamed=streamed,
-                                write_layer=write_layer, resume=checkpoint)
+                                write_layer=write_layer, resume=checkpoint, offload=not memory.layers_on_gpu,
+                                activations_on_gpu=memory.activations_on_gpu)
         _write_checkpoint(tmp, loaded, result, streamed, checkpoint, writer)
         if checkpoint is not None and checkpoint.note:
             result.notes.append(checkpoint.note)
@@ -202,14 +203,17 @@ def _write_checkpoint(folder: Path, loaded: LoadedModel, result: QuantizationRes
 
 
 def memory_plan(model: str | None, recipe: Recipe, dtype: str = "auto", calibration: CalibrationConfig | None = None,
-                calib_batch_size: int = 16, device: str = "auto", stream: bool = False) -> MemoryPlan:
+                calib_batch_size: int = 16, device: str = "auto", stream: bool = False,
+                max_gpu_memory: str | int | None = None) -> MemoryPlan:
     """The run's memory plan from the model's config.json alone (no weight is read): what `quantize --plan` prints
     and what every run checks against its budgets first."""
-    return _memory_plan(check_source(model, dtype), recipe, dtype, calibration, calib_batch_size, device, stream)
+    gpu_budget, _ = budgets(device, max_gpu_memory, None)
+    return _memory_plan(check_source(model, dtype), recipe, dtype, calibration, calib_batch_size, device, stream,
+                        gpu_budget)
 
 
 def _memory_plan(checked: ModelSource, recipe: Recipe, dtype: str, calibration: CalibrationConfig | None,
-                 calib_batch_size: int, device: str, stream: bool) -> MemoryPlan:
+                 calib_batch_size: int, device: str, stream: bool, gpu_budget: int | None) -> MemoryPlan:
     stored = stored_dtype(checked.config, dtype)
     engine_device = resolve_device(device)
     compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
@@ -218,7 +222,7 @@ def _memory_plan(checked: ModelSource, recipe: Recipe, dtype: str, calibration: 
     run = RunShape(calibration.num_samples, calibration.max_seq_len, calib_batch_size, stored.itemsize,
                    compute.itemsize, recipe.calibrated, statistics, recipe.scheme.weights.num_bits,
                    recipe.scheme.weights.group_size, stream, engine_device.type)
-    return estimate(ModelShape.from_config(checked.config), run)
+    return estimate(ModelShape.from_config(checked.config), run, gpu_budget)
 
 
 def budgets(device: str, max_gpu_memory: str | int | None, max_cpu_memory: str | int | None) -> tuple[int | None, int]:

@@ -84,7 +84,8 @@ def quantize(
             from ptqlab.api import memory_plan
 
             chosen = chosen.with_overrides(ignore=ignore, group_size=group_size)
-            for line in memory_plan(model, chosen, dtype, calibration, calib_batch_size, device, stream).lines():
+            for line in memory_plan(model, chosen, dtype, calibration, calib_batch_size, device, stream,
+                                    max_gpu_memory).lines():
                 console.print(line, highlight=False)
             return
         path = run(model, chosen, out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,

@@ -145,12 +145,13 @@ def _layer_hooks(streamed: StreamedModel | None, write_layer: LayerWriter | None
 def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None = None, quiet: bool = False,
                    device: torch.device | None = None, batch_size: int = 16, compute_dtype: torch.dtype | None = None,
                    streamed: StreamedModel | None = None, write_layer: LayerWriter | None = None,
-                   resume=None) -> QuantizationResult:
+                   resume=None, offload: bool | None = None, activations_on_gpu: bool = True) -> QuantizationResult:
     """Quantize `model` in place according to `recipe`; calibrated methods need `calibration`, whose forwards compute
     in `compute_dtype` (default: the model's). With `streamed` (its .model is `model`), decoder layers are read from
     disk one at a time and handed to `write_layer` when done, then dropped: the model is never whole in memory.
     `resume` (engine/resume.Checkpointer, calibrated recipes) keeps the engine's state after every layer, and starts
-    where an earlier run of the same settings stopped."""
+    where an earlier run of the same settings stopped. `offload` and `activations_on_gpu` place layers and
+    activations as the run's memory plan says (engine/calibrate.EngineOptions)."""
     targets, ignored, unused = target_linears(model, recipe.ignore)
     if not targets:
         raise PtqlabError(f"the ignore list {list(recipe.ignore)} leaves no linear layer to quantize")
@@ -177,7 +178,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         plan = Plan(recipe.transforms, recipe.quantizer, recipe.scheme, scale_dtype=model_dtype(model))
         options = EngineOptions(device, batch_size, compute_dtype=compute_dtype, quiet=quiet,
                                 label=f"{recipe.name} ({steps})", load_layer=load_layer, finish_layer=finish_layer,
-                                resume=resume)
+                                resume=resume, offload=offload, activations_on_gpu=activations_on_gpu)
         reports = calibrate(model, targets, plan, calibration, options)
         result.quantized = list(targets)
         result.layer_reports = reports

@@ -12,6 +12,7 @@ from torch import nn
 
 from ptqlab.data import CalibrationSet
 from ptqlab.engine.capture import Batch, capture, make_batches
+from ptqlab.engine.placement import LayerPrefetcher, to_host
 from ptqlab.engine.propagate import cast_back, floating_dtypes, propagate
 from ptqlab.engine.quantize import quantize_layer
 from ptqlab.engine.statistics import collect
@@ -30,8 +31,11 @@ class EngineOptions:
     batch_size: int = 16
     """Calibration samples per forward."""
     offload: bool | None = None
-    """Keep every layer but the current one on the CPU; None: when the model would take over 60 % of the GPU's free
-    memory."""
+    """Keep every layer but the current one (and the next, prefetched) on the CPU; None: when the model would take
+    over 60 % of the GPU's free memory. A run through ptqlab.quantize follows its memory plan."""
+    activations_on_gpu: bool = True
+    """Keep the calibration hidden states on the device; False: in pinned CPU memory, streamed a batch at a time
+    (engine/placement.py), where the memory plan says they do not fit the GPU budget."""
     compute_dtype: torch.dtype | None = None
     """What the forwards compute in (default: the model's): float32 for a bf16 model on a CPU that only emulates
     bf16. Each finished layer is rounded back to the stored dtype before it propagates, so that the next layer is
@@ -98,6 +102,9 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
         model.to(device)
     batches = make_batches(calibration, options.batch_size)
     capture(model, batches, device)  # with offload, the layers stay on the CPU; only the current one moves
+    if not options.activations_on_gpu and device.type == "cuda":
+        for batch in batches:
+            batch.hidden = to_host(batch.hidden)
     grouped, _ = names_by_layer(model, targets)
     prefixes = {id(module): name for name, module in model.named_modules()}
     masks = [None if bool(b.attention_mask.all()) else b.attention_mask.to(device) for b in batches]
@@ -109,19 +116,27 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
     status = lambda i: "" if not reports else f"layer {reports[-1].index}: " + ", ".join(  # noqa: E731
         f"{k} {v:.1f}s" for k, v in reports[-1].seconds.items())
     remaining = range(start, len(layers))
-    for index in track(remaining, options.label, total=len(remaining), quiet=options.quiet, status=status):
-        layer = (layers[index] if options.load_layer is None else options.load_layer(index)).to(device)
-        prefix = prefixes[id(layer)]
-        layer_targets = {name: targets[name] for name in grouped[index]}  # meta when streaming: names only
-        reports.append(_calibrate_layer(model, layer, index, prefix, layer_targets, plan, batches, masks, device, stored))
-        if stored is not None:
-            cast_back(layer, stored, prefix, round_only=False)  # done computing: the checkpoint's dtypes
-        if options.finish_layer is not None:
-            options.finish_layer(index, layer, prefix)
-        if offload and options.load_layer is None:
-            layer.to("cpu")
-        if options.resume is not None:
-            options.resume.save(index, batches, reports)
+    fetch = (lambda i: layers[i]) if options.load_layer is None else options.load_layer
+    prefetcher = LayerPrefetcher(fetch, device) if offload else None  # the next layer comes while this one computes
+    try:
+        for index in track(remaining, options.label, total=len(remaining), quiet=options.quiet, status=status):
+            following = index + 1 if index + 1 < len(layers) else None
+            layer = layers[index].to(device) if prefetcher is None else prefetcher.get(index, following)
+            prefix = prefixes[id(layer)]
+            layer_targets = {name: targets[name] for name in grouped[index]}  # meta when streaming: names only
+            reports.append(_calibrate_layer(model, layer, index, prefix, layer_targets, plan, batches, masks, device,
+                                            stored))
+            if stored is not None:
+                cast_back(layer, stored, prefix, round_only=False)  # done computing: the checkpoint's dtypes
+            if options.finish_layer is not None:
+                options.finish_layer(index, layer, prefix)
+            if offload and options.load_layer is None:
+                layer.to("cpu")
+            if options.resume is not None:
+                options.resume.save(index, batches, reports)
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
     return reports
 
 
@@ -142,7 +157,7 @@ def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str
     if stored is not None:  # the values the checkpoint will hold: smoothed norms, layers kept 16-bit
         cast_back(layer, stored, prefix)
     clock.lap("quantize")
-    propagate(layer, batches, index)
+    propagate(layer, batches, index, device)
     clock.lap("propagate")
     return LayerReport(index, clock.seconds, notes, details)
 

@@ -3,10 +3,14 @@ how long it takes, from config.json, the recipe and the calibration size alone, 
 refused in seconds (before any weight is read) and `quantize --plan` can say it without running.
 
 Peak GPU memory of a calibrated run = the embeddings (moved there for the capture) + the calibration activations
-(every sample's hidden states, position tables and masks, kept on the device) + one decoder layer in the compute
-dtype + the input statistics of that layer (one fp32 Hessian per distinct input) + the larger of one batch's forward
-and one linear's GPTQ work. CPU memory holds the model (or, streaming, the embeddings and head and one layer) and
-the checkpoint being built. The time is a rough figure: the forwards' and GPTQ's FLOPs at a nominal rate per device
+(every sample's hidden states, position tables and masks) + the decoder layers it holds + the input statistics of
+one layer (one fp32 Hessian per distinct input) + the larger of one batch's forward and one linear's GPTQ work.
+Where things live is the plan's choice, the first of these that fits the GPU budget: every layer on the GPU; one
+layer at a time with the next one prefetched (layers wait in CPU memory, or on disk when streaming); that, with the
+hidden states in pinned CPU memory, streamed to the GPU a batch at a time. The engine follows the plan
+(`EngineOptions.offload`, `activations_on_gpu`). CPU memory holds the model (or, streaming, the embeddings and head
+and two layers: the current and the prefetched one), the checkpoint being built and, where the plan puts them
+there, the activations. The time is a rough figure: the forwards' and GPTQ's FLOPs at a nominal rate per device
 kind.
 """
 
@@ -132,35 +136,35 @@ class MemoryPlan:
     seconds: float
     parts: dict[str, int] = field(default_factory=dict)
     """The named contributions, for the printed plan and the run record."""
+    layers_on_gpu: bool = False
+    """Every decoder layer on the GPU for the whole run; else one at a time, the next one prefetched."""
+    activations_on_gpu: bool = True
+    """The calibration hidden states on the GPU; else in pinned CPU memory, copied over a batch at a time."""
+
+    def placement(self) -> str:
+        if self.gpu_bytes is None:
+            return "everything in CPU memory"
+        layers = "every layer on the GPU" if self.layers_on_gpu else "one layer at a time on the GPU, the next prefetched"
+        hidden = "activations on the GPU" if self.activations_on_gpu else "activations in pinned CPU memory, a batch at a time"
+        return f"{layers}; {hidden}"
 
     def lines(self) -> list[str]:
         gpu = "" if self.gpu_bytes is None else f"GPU {format_bytes(self.gpu_bytes)}, "
         head = (f"memory plan: peak {gpu}CPU {format_bytes(self.cpu_bytes)}; writes {format_bytes(self.disk_bytes)}; "
-                f"about {self.seconds / 60:.0f} min (rough)")
+                f"about {self.seconds / 60:.0f} min (rough); {self.placement()}")
         return [head] + [f"  {name}: {format_bytes(size)}" for name, size in self.parts.items()]
 
     def to_dict(self) -> dict:
         return {"gpu_bytes": self.gpu_bytes, "cpu_bytes": self.cpu_bytes, "disk_bytes": self.disk_bytes,
-                "seconds": round(self.seconds, 1), "parts": self.parts}
+                "seconds": round(self.seconds, 1), "layers_on_gpu": self.layers_on_gpu,
+                "activations_on_gpu": self.activations_on_gpu, "parts": self.parts}
 
 
-def estimate(model: ModelShape, run: RunShape) -> MemoryPlan:
-    """The memory plan of quantizing `model` as `run` says (see the module docstring)."""
+def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) -> MemoryPlan:
+    """The memory plan of quantizing `model` as `run` says (see the module docstring); the placement is the first
+    that fits `gpu_budget` (None: one layer at a time, activations on the GPU)."""
     c, s = run.compute_bytes, run.stored_bytes
     tokens = run.samples * run.seq_len if run.calibrated else 0
-    work: dict[str, int] = {}
-    if run.calibrated:
-        batches = -(-run.samples // run.batch_size)
-        work["embeddings (for the capture)"] = model.vocab * model.hidden * c
-        work["calibration activations"] = tokens * (model.hidden + 2 * model.head_dim) * c + batches * (
-            run.batch_size * run.seq_len ** 2)
-        work["one decoder layer"] = model.layer_params() * c
-        work["input statistics"] = sum(w * w * 4 for w in model.distinct_inputs()) if run.statistics else 0
-        forward = run.batch_size * run.seq_len * (3 * model.intermediate + 4 * model.hidden) * c
-        out, inp = max(model.linears().values(), key=lambda oi: oi[1] * (oi[0] + oi[1]))
-        gptq = (4 * out * inp + 3 * inp * inp) * 4 if run.statistics else 0
-        work["one batch's forward or one GPTQ"] = max(forward, gptq)
-    on_device = sum(work.values())
     scales = model.layers * model.layer_params() // run.group_size * s if run.group_size else 0
     quantized = model.layers * model.layer_params() * run.weight_bits // 8 + scales  # packed, on disk
     unpacked = model.layers * model.layer_params() + scales  # in memory: one byte per value (QuantizedLinear)
@@ -169,19 +173,63 @@ def estimate(model: ModelShape, run: RunShape) -> MemoryPlan:
     in_memory = c if run.calibrated else s  # a calibrated run holds the model in its compute dtype (engine/calibrate.py)
     if run.stream:
         held["embeddings and head (streaming)"] = model.outside_params() * in_memory
-        held["one layer read from disk"] = model.layer_params() * (s + c)
+        read = s + (c if run.calibrated and c != s else 0)  # as stored, and its cast to the compute dtype
+        held["two layers read from disk (current, prefetched)"] = 2 * model.layer_params() * read
         held["checkpoint shard being written"] = min(quantized, STREAM_SHARD_BYTES)
     else:
         held["the model"] = (model.outside_params() + model.layers * model.layer_params()) * in_memory
-        held["the quantized layers"] = unpacked
-    parts = {**work, **held}
+        if not run.calibrated:  # the engine lets each float layer go as its quantized form replaces it
+            held["the quantized layers"] = unpacked
+    work, layers_on_gpu, activations_on_gpu = {}, False, True
+    if run.calibrated:
+        work, layers_on_gpu, activations_on_gpu = _device_work(model, run, gpu_budget)
+        if not activations_on_gpu:
+            held["calibration hidden states (pinned)"] = tokens * model.hidden * c
+        held["one batch's inputs, saved for resume"] = 2 * run.batch_size * run.seq_len * model.hidden * c
+    on_device = sum(work.values())
     cpu = sum(held.values()) + (on_device if run.device == "cpu" else 0)
     disk = quantized + model.outside_params() * s
     forward_flops = 2 * 2 * tokens * model.layer_params() * model.layers
     gptq_flops = sum(2 * o * i * i for o, i in model.linears().values()) * model.layers if run.statistics else 0
     device = "cuda" if run.device == "cuda" else "cpu"
     seconds = forward_flops / FLOP_RATE[device] + gptq_flops / GPTQ_RATE[device]
-    return MemoryPlan(on_device if run.device == "cuda" else None, cpu, disk, seconds, parts)
+    return MemoryPlan(on_device if run.device == "cuda" else None, cpu, disk, seconds, {**work, **held},
+                      layers_on_gpu, activations_on_gpu)
+
+
+def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tuple[dict[str, int], bool, bool]:
+    """What the calibration keeps on its device, in the first placement that fits `gpu_budget` -> (parts, every
+    layer on the GPU, activations on the GPU). The last placement is returned even when it does not fit: the
+    budget check then refuses it in one line."""
+    c = run.compute_bytes
+    tokens = run.samples * run.seq_len
+    batches = -(-run.samples // run.batch_size)
+    hidden = tokens * model.hidden * c
+    tables = tokens * 2 * model.head_dim * c + batches * run.batch_size * run.seq_len ** 2  # rotary tables, masks
+    common = {"embeddings (for the capture)": model.vocab * model.hidden * c,
+              "input statistics": sum(w * w * 4 for w in model.distinct_inputs()) if run.statistics else 0}
+    forward = run.batch_size * run.seq_len * (3 * model.intermediate + 4 * model.hidden) * c
+    out, inp = max(model.linears().values(), key=lambda oi: oi[1] * (oi[0] + oi[1]))
+    gptq = (4 * out * inp + 3 * inp * inp) * 4 if run.statistics else 0
+    common["one batch's forward or one GPTQ"] = max(forward, gptq)
+    every_layer = {"every decoder layer": model.layers * model.layer_params() * c,
+                   "the output head": model.outside_params() * c - common["embeddings (for the capture)"]}
+    two_layers = {"two decoder layers (current, prefetched)": 2 * model.layer_params() * c}
+    on_gpu = {"calibration activations": hidden + tables}
+    streamed = {"calibration position tables and masks": tables,
+                "hidden states of three batches (in, next, out)": 3 * run.batch_size * run.seq_len * model.hidden * c}
+    choices = [(two_layers, on_gpu, False, True), (two_layers, streamed, False, False)]
+    if not run.stream and run.device == "cuda":
+        choices.insert(0, (every_layer, on_gpu, True, True))
+    if run.device != "cuda":  # the model is in CPU memory already: the layer computing is its compute-dtype copy
+        choices = [({"one decoder layer": model.layer_params() * c}, on_gpu, False, True)]
+    elif gpu_budget is None:
+        choices = [(two_layers, on_gpu, False, True)]
+    for layers, activations, layers_on_gpu, activations_on_gpu in choices:
+        parts = {**common, **activations, **layers}
+        if gpu_budget is None or sum(parts.values()) <= gpu_budget:
+            break
+    return parts, layers_on_gpu, activations_on_gpu
 
 
 def check_budgets(plan: MemoryPlan, gpu_budget: int | None, cpu_budget: int | None, stream: bool) -> None:

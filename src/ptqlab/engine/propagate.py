@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ptqlab.engine.capture import Batch
+from ptqlab.engine.placement import hidden_states, settle, store_hidden
 from ptqlab.quant.linear import reuse_dequantized_weights
 
 
@@ -19,12 +20,13 @@ def _output(result) -> torch.Tensor:
 
 
 @torch.no_grad()
-def propagate(layer: nn.Module, batches: list[Batch], index: int) -> None:
+def propagate(layer: nn.Module, batches: list[Batch], index: int, device: torch.device) -> None:
     """Replace every batch's hidden states by decoder layer `index`'s output (its quantized weights dequantized
-    once for all batches)."""
+    once for all batches), where they live (engine/placement.py)."""
     with reuse_dequantized_weights(layer, batches[0].hidden.dtype):
-        for batch in batches:
-            batch.hidden = _output(layer(batch.hidden, **batch.layer_kwargs[index]))
+        for batch, hidden in hidden_states(batches, device):
+            store_hidden(batch, _output(layer(hidden, **batch.layer_kwargs[index])))
+    settle(device)
 
 
 def floating_dtypes(model: nn.Module) -> dict[str, torch.dtype]:

@@ -50,7 +50,9 @@ def rtn_linear(step: RTNStep, name: str, linear: nn.Linear, hessian: torch.Tenso
 
 
 def quantize_layer(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, stats: InputStats) -> list[str]:
-    """Replace each of `targets` (the linears of one decoder layer) in `model` by its quantized form -> notes."""
+    """Replace each of `targets` (the linears of one decoder layer) in `model` by its quantized form -> notes. The
+    float weights replaced are let go (moved to the meta device): whoever still holds a replaced linear holds no
+    memory, so that a run never keeps a model's float and quantized weights both."""
     kind = plan.kind(plan.quantizer)
     notes = []
     for name, linear in targets.items():
@@ -58,4 +60,5 @@ def quantize_layer(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, 
         quantized, linear_notes = kind.run(plan.quantizer, name, linear, hessian, plan)
         notes += linear_notes
         set_submodule(model, name, quantized)
+        linear.to("meta")
     return notes

@@ -3,8 +3,9 @@ partial folder (output.atomic_dir with `resumable`), so that the same run starte
 continues with the next layer and ends with the very checkpoint an uninterrupted run writes.
 
 What is kept: each finished layer's checkpoint tensors (`layers/NNNNN.safetensors`), every calibration batch's
-hidden states as the next layer will read them (`hidden.safetensors`), and `resume.json` (the run's fingerprint,
-the next layer, the finished layers' reports), written last and atomically. A partial folder whose fingerprint
+hidden states as the next layer will read them (`hidden-NNNNN/bNNNNN.safetensors`, NNNNN the next layer: one file
+per batch, so that saving never copies more than one batch), and `resume.json` (the run's fingerprint, the next
+layer, the finished layers' reports), written last and atomically; the older hidden states go after it. A partial folder whose fingerprint
 differs (another recipe, seed, calibration set, batch size, compute dtype, ptqlab version) is discarded, never
 resumed.
 """
@@ -23,7 +24,7 @@ from ptqlab.engine.capture import Batch
 from ptqlab.engine.calibrate import LayerReport
 from ptqlab.output import RESUME_NAME
 
-HIDDEN_NAME = "hidden.safetensors"
+HIDDEN_PREFIX = "hidden-"
 LAYERS_DIR = "layers"
 
 
@@ -73,18 +74,30 @@ class Checkpointer:
 
         if self.start_layer == 0:
             return
-        hidden = load_file(self.folder / HIDDEN_NAME)
-        for i, batch in enumerate(batches):
-            batch.hidden = hidden[f"b{i}"].to(batch.hidden.device)
+        folder = self._hidden_dir(self.start_layer)
+        for i, batch in enumerate(batches):  # in place: the batch's buffer keeps its device (and pinning)
+            batch.hidden.copy_(load_file(folder / f"b{i:05d}.safetensors")["hidden"])
 
     def save(self, index: int, batches: list[Batch], reports: list[LayerReport]) -> None:
         """After layer `index` is finished and written: the next layer's inputs, then the state that points at them."""
         from safetensors.torch import save_file
 
-        hidden = {f"b{i}": b.hidden.detach().to("cpu").contiguous() for i, b in enumerate(batches)}
-        _write_atomically(self.folder / HIDDEN_NAME, lambda path: save_file(hidden, path))
+        folder = self._hidden_dir(index + 1)
+        folder.mkdir(exist_ok=True)
+        for i, batch in enumerate(batches):
+            hidden = {"hidden": batch.hidden.detach().to("cpu").contiguous()}
+            save_file(hidden, folder / f"b{i:05d}.safetensors")
         state = {"fingerprint": self.fingerprint, "next_layer": index + 1, "reports": [asdict(r) for r in reports]}
         _write_atomically(self.folder / RESUME_NAME, lambda path: path.write_text(json.dumps(state)))
+        self._drop_hidden(keep=folder)
+
+    def _hidden_dir(self, next_layer: int) -> Path:
+        return self.folder / f"{HIDDEN_PREFIX}{next_layer:05d}"
+
+    def _drop_hidden(self, keep: Path | None = None) -> None:
+        for folder in self.folder.glob(f"{HIDDEN_PREFIX}*"):
+            if folder != keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def finished_layers(self):
         """The checkpoint tensors of every finished layer, in layer order, read one file at a time."""
@@ -96,6 +109,6 @@ class Checkpointer:
     def clear(self) -> None:
         """The run is complete: its resume state goes (the checkpoint stays)."""
         shutil.rmtree(self.folder / LAYERS_DIR, ignore_errors=True)
-        for name in (HIDDEN_NAME, RESUME_NAME):
-            (self.folder / name).unlink(missing_ok=True)
+        self._drop_hidden()
+        (self.folder / RESUME_NAME).unlink(missing_ok=True)
 

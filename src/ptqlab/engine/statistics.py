@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ptqlab.engine.capture import Batch
+from ptqlab.engine.placement import hidden_states
 from ptqlab.errors import PtqlabError
 
 STATISTICS = ("hessian", "absmax", "abssum")
@@ -143,8 +144,8 @@ def collect(layer: nn.Module, linears: dict[str, nn.Linear], batches: list[Batch
             device: torch.device, wanted: frozenset[str]) -> InputStats:
     """Forward every calibration batch through decoder layer `index` while hooks on `linears` accumulate `wanted`."""
     with InputStats(linears, device, wanted) as stats:
-        for batch, mask in zip(batches, masks):
+        for (batch, hidden), mask in zip(hidden_states(batches, device), masks):
             stats.start_batch(mask)
-            layer(batch.hidden, **batch.layer_kwargs[index])
+            layer(hidden, **batch.layer_kwargs[index])
     return stats
 

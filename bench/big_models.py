@@ -144,6 +144,7 @@ import json, sys, time, torch
 sys.path.insert(0, sys.argv[2])
 import big_models
 from big_models import peak_rss
+from ptqlab.api import gpu_memory_limit
 from ptqlab.data import CalibrationSet
 from ptqlab.engine.memory import MARGIN, ModelShape, RunShape, estimate
 from ptqlab.pipeline import quantize_model
@@ -161,14 +162,14 @@ g = torch.Generator().manual_seed(args["seed"] + 1)
 tokens = torch.randint(2, config.vocab_size, (args["samples"], args["seq_len"]), generator=g)
 cuda = device.type == "cuda"
 budget = (args["gpu_budget"] or int(MARGIN * torch.cuda.mem_get_info(device)[0])) if cuda else None
-if args["gpu_budget"] and cuda:
-    torch.cuda.set_per_process_memory_fraction(args["gpu_budget"] / torch.cuda.get_device_properties(device).total_memory)
 plan = estimate(ModelShape.from_config(config), RunShape(args["samples"], args["seq_len"], args["batch_size"], 2, 2, True,
                 True, 4, 128, False, device.type), budget)
 torch.cuda.reset_peak_memory_stats() if cuda else None
 start = time.perf_counter()
-quantize_model(model, get_recipe("w4a16"), CalibrationSet(list(tokens), "random tokens"), quiet=True, device=device,
-               batch_size=args["batch_size"], offload=not plan.layers_on_gpu, activations_on_gpu=plan.activations_on_gpu)
+with gpu_memory_limit(device.type, args["gpu_budget"]):  # as ptqlab.quantize runs the engine
+    quantize_model(model, get_recipe("w4a16"), CalibrationSet(list(tokens), "random tokens"), quiet=True,
+                   device=device, batch_size=args["batch_size"], offload=not plan.layers_on_gpu,
+                   activations_on_gpu=plan.activations_on_gpu)
 seconds = time.perf_counter() - start
 print("RESULT " + json.dumps({"seconds": seconds, "memory_plan": plan.to_dict(),
       "peak_gpu_bytes": torch.cuda.max_memory_reserved() if device.type == "cuda" else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 import sys
@@ -241,18 +242,28 @@ def budgets(device: str, max_gpu_memory: str | int | None, max_cpu_memory: str |
 
 @contextmanager
 def gpu_memory_limit(device: str, budget: int | None) -> Iterator[None]:
-    """Make the allocator refuse to go past an explicit GPU budget for the length of the run."""
+    """The allocator for the length of a run on a GPU: expandable segments (unless PYTORCH_CUDA_ALLOC_CONF says
+    otherwise), since a layer-by-layer run allocates Hessians and weights of many sizes that fixed segments leave
+    fragmented under a tight budget; and with an explicit `budget`, a per-process limit the allocator refuses to
+    pass."""
     engine_device = resolve_device(device)
-    if not budget or engine_device.type != "cuda":
+    if engine_device.type != "cuda":
         yield
         return
+    expandable = "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and hasattr(torch.cuda.memory, "_set_allocator_settings")
+    if expandable:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     index = engine_device.index if engine_device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
+    if budget:
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, index)
+        if budget:
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
+        if expandable:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
 
 
 def _load(checked: ModelSource, dtype: str, stream: bool) -> tuple[LoadedModel, StreamedModel | None]:

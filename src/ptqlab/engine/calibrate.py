@@ -101,7 +101,7 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
     if not offload:
         model.to(device)
     batches = make_batches(calibration, options.batch_size)
-    capture(model, batches, device)  # with offload, the layers stay on the CPU; only the current one moves
+    capture(model, batches, device, release=offload)  # with offload, the layers stay on the CPU; one at a time moves
     if not options.activations_on_gpu and device.type == "cuda":
         for batch in batches:
             batch.hidden = to_host(batch.hidden)

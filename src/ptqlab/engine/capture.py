@@ -70,8 +70,10 @@ class _LayerCatcher(nn.Module):
 
 
 @torch.no_grad()
-def capture(model: nn.Module, batches: list[Batch], device: torch.device) -> None:
-    """Fill each batch's layer-0 input and every layer's keyword arguments."""
+def capture(model: nn.Module, batches: list[Batch], device: torch.device, release: bool = False) -> None:
+    """Fill each batch's layer-0 input and every layer's keyword arguments. `release`: move what the capture moved
+    to `device` (embeddings, rotary tables, final norm) back to the CPU after it, for a run that gives the device to
+    one layer at a time."""
     layers = decoder_layers(model)
     base = model.get_decoder()
     originals = list(layers)
@@ -88,3 +90,7 @@ def capture(model: nn.Module, batches: list[Batch], device: torch.device) -> Non
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
+        if release:
+            for child in base.children():
+                if child is not layers:
+                    child.to("cpu")

@@ -180,13 +180,12 @@ def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) ->
         held["the model"] = (model.outside_params() + model.layers * model.layer_params()) * in_memory
         if not run.calibrated:  # the engine lets each float layer go as its quantized form replaces it
             held["the quantized layers"] = unpacked
-    work, layers_on_gpu, activations_on_gpu = {}, False, True
+    work, on_device, layers_on_gpu, activations_on_gpu = {}, 0, False, True
     if run.calibrated:
-        work, layers_on_gpu, activations_on_gpu = _device_work(model, run, gpu_budget)
+        work, on_device, layers_on_gpu, activations_on_gpu = _device_work(model, run, gpu_budget)
         if not activations_on_gpu:
             held["calibration hidden states (pinned)"] = tokens * model.hidden * c
         held["one batch's inputs, saved for resume"] = 2 * run.batch_size * run.seq_len * model.hidden * c
-    on_device = sum(work.values())
     cpu = sum(held.values()) + (on_device if run.device == "cpu" else 0)
     disk = quantized + model.outside_params() * s
     forward_flops = 2 * 2 * tokens * model.layer_params() * model.layers
@@ -197,23 +196,24 @@ def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) ->
                       layers_on_gpu, activations_on_gpu)
 
 
-def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tuple[dict[str, int], bool, bool]:
-    """What the calibration keeps on its device, in the first placement that fits `gpu_budget` -> (parts, every
-    layer on the GPU, activations on the GPU). The last placement is returned even when it does not fit: the
-    budget check then refuses it in one line."""
+def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tuple[dict[str, int], int, bool, bool]:
+    """What the calibration keeps on its device, in the first placement that fits `gpu_budget` -> (parts, peak,
+    every layer on the GPU, activations on the GPU). Offloading, the embeddings leave the device once the capture is
+    done, so the peak is the activations plus the larger of the capture and one layer's work. The last placement is
+    returned even when it does not fit: the budget check then refuses it in one line."""
     c = run.compute_bytes
     tokens = run.samples * run.seq_len
     batches = -(-run.samples // run.batch_size)
     hidden = tokens * model.hidden * c
     tables = tokens * 2 * model.head_dim * c + batches * run.batch_size * run.seq_len ** 2  # rotary tables, masks
-    common = {"embeddings (for the capture)": model.vocab * model.hidden * c,
-              "input statistics": sum(w * w * 4 for w in model.distinct_inputs()) if run.statistics else 0}
+    embeddings = {"embeddings (for the capture)": model.vocab * model.hidden * c}
     forward = run.batch_size * run.seq_len * (3 * model.intermediate + 4 * model.hidden) * c
     out, inp = max(model.linears().values(), key=lambda oi: oi[1] * (oi[0] + oi[1]))
     gptq = (4 * out * inp + 3 * inp * inp) * 4 if run.statistics else 0
-    common["one batch's forward or one GPTQ"] = max(forward, gptq)
+    work = {"input statistics": sum(w * w * 4 for w in model.distinct_inputs()) if run.statistics else 0,
+            "one batch's forward or one GPTQ": max(forward, gptq)}
     every_layer = {"every decoder layer": model.layers * model.layer_params() * c,
-                   "the output head": model.outside_params() * c - common["embeddings (for the capture)"]}
+                   "the output head": model.outside_params() * c - embeddings["embeddings (for the capture)"]}
     two_layers = {"two decoder layers (current, prefetched)": 2 * model.layer_params() * c}
     on_gpu = {"calibration activations": hidden + tables}
     streamed = {"calibration position tables and masks": tables,
@@ -226,10 +226,15 @@ def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tu
     elif gpu_budget is None:
         choices = [(two_layers, on_gpu, False, True)]
     for layers, activations, layers_on_gpu, activations_on_gpu in choices:
-        parts = {**common, **activations, **layers}
-        if gpu_budget is None or sum(parts.values()) <= gpu_budget:
+        parts = {**embeddings, **activations, **work, **layers}
+        held, during_capture = sum(activations.values()), sum(embeddings.values())
+        if layers_on_gpu or run.device != "cuda":
+            peak = sum(parts.values())
+        else:
+            peak = held + max(during_capture, sum(work.values()) + sum(layers.values()))
+        if gpu_budget is None or peak <= gpu_budget:
             break
-    return parts, layers_on_gpu, activations_on_gpu
+    return parts, peak, layers_on_gpu, activations_on_gpu
 
 
 def check_budgets(plan: MemoryPlan, gpu_budget: int | None, cpu_budget: int | None, stream: bool) -> None:

@@ -62,7 +62,9 @@ def test_blocked_gptq_equals_column_by_column_reference():
     differs = result.q.double() != ref_q
     assert differs.float().mean() < 2e-3 and ((result.q.double() - ref_q).abs() <= 1).all()
     ours = dequantize(result.q, result.scale, result.zero_point, INT4_G32, torch.float64)
-    assert torch.allclose(ours[~differs], ref[~differs], rtol=1e-6, atol=1e-9)
+    # Each group's scale comes from fp32 error-updated weights: it agrees with fp64's to the sweep's accumulated
+    # fp32 rounding (which varies with the CPU's kernels), orders of magnitude below one grid step (1/7 of a scale).
+    assert torch.allclose(ours[~differs], ref[~differs], rtol=3e-5, atol=1e-9)
 
 
 def test_block_size_does_not_change_the_result():

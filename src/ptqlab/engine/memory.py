@@ -28,8 +28,9 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "ki
          "tib": 2**40}
 MARGIN = 0.9
 """Defaults take this share of what is free now: the rest is left to the allocator's fragmentation and to others."""
-FLOP_RATE = {"cuda": 3e14, "cpu": 1e11}
-"""Nominal FLOP/s of the calibration forwards per device kind, for the rough time figure only."""
+FLOP_RATE = {"cuda": 2e14, "cpu": 1e11}
+"""Nominal FLOP/s of the calibration forwards and Hessian sums per device kind, for the rough time figure only (set
+from the 32B-shape runs of bench/results/big_models.json)."""
 PROCESS_BYTES = {"cuda": 5 * GIB // 2, "cpu": GIB // 2}
 """What the process itself keeps resident besides the tensors: Python, torch, transformers and, on a GPU machine, the
 CUDA libraries and context's host side (set from a streamed run's peak RSS beyond its tensors,
@@ -37,7 +38,7 @@ bench/results/big_models.json)."""
 STREAM_SHARD_BYTES = GIB
 """A streaming run holds the checkpoint shard it is writing in CPU memory: smaller shards than the in-memory
 writer's keep its peak low."""
-GPTQ_RATE = {"cuda": 2e13, "cpu": 3e10}
+GPTQ_RATE = {"cuda": 7e12, "cpu": 3e10}
 """GPTQ's column sweep runs far below the matmul rate (one column at a time)."""
 
 
@@ -188,7 +189,9 @@ def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) ->
         held["one batch's inputs, saved for resume"] = 2 * run.batch_size * run.seq_len * model.hidden * c
     cpu = sum(held.values()) + (on_device if run.device == "cpu" else 0)
     disk = quantized + model.outside_params() * s
-    forward_flops = 2 * 2 * tokens * model.layer_params() * model.layers
+    forward_flops = 2 * 2 * tokens * model.layer_params() * model.layers  # two passes: statistics, propagate
+    if run.statistics:  # Σ XᵀX of every distinct input
+        forward_flops += 2 * tokens * sum(w * w for w in model.distinct_inputs()) * model.layers
     gptq_flops = sum(2 * o * i * i for o, i in model.linears().values()) * model.layers if run.statistics else 0
     device = "cuda" if run.device == "cuda" else "cpu"
     seconds = forward_flops / FLOP_RATE[device] + gptq_flops / GPTQ_RATE[device]

@@ -51,7 +51,9 @@ class EngineOptions:
     holds the stored dtype again: a resumable run writes it; a streaming run also lets it go."""
     resume: object | None = None
     """engine/resume.Checkpointer: where to start (`start_layer`, the finished layers' `reports`), the next layer's
-    inputs to `restore(batches)`, and `save(index, batches, reports)` after each layer. None: start at layer 0."""
+    inputs to `restore(batches)`, and `save(index, batches, reports)` after each layer, written in the background
+    until `wait()`, which the engine calls before a layer's outputs replace the hidden states. None: start at layer
+    0."""
 
 
 @dataclass
@@ -125,7 +127,7 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
             prefix = prefixes[id(layer)]
             layer_targets = {name: targets[name] for name in grouped[index]}  # meta when streaming: names only
             reports.append(_calibrate_layer(model, layer, index, prefix, layer_targets, plan, batches, masks, device,
-                                            stored))
+                                            stored, saved=None if options.resume is None else options.resume.wait))
             if stored is not None:
                 cast_back(layer, stored, prefix, round_only=False)  # done computing: the checkpoint's dtypes
             if options.finish_layer is not None:
@@ -137,12 +139,16 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
     finally:
         if prefetcher is not None:
             prefetcher.close()
+        if options.resume is not None:
+            options.resume.wait()
     return reports
 
 
 def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str, targets: dict[str, nn.Linear],
                      plan: Plan, batches: list[Batch], masks: list, device: torch.device,
-                     stored: dict[str, torch.dtype] | None) -> LayerReport:
+                     stored: dict[str, torch.dtype] | None, saved: Callable[[], None] | None = None) -> LayerReport:
+    """One layer's phases; `saved` waits for a background save of the layer's inputs (engine/resume.py) before its
+    outputs replace them."""
     clock = _PhaseClock(device)
     # Statistics of every linear of the layer (a transform may rescale an ignored one); only targets are quantized.
     linears = {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
@@ -157,6 +163,8 @@ def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str
     if stored is not None:  # the values the checkpoint will hold: smoothed norms, layers kept 16-bit
         cast_back(layer, stored, prefix)
     clock.lap("quantize")
+    if saved is not None:
+        saved()
     propagate(layer, batches, index, device)
     clock.lap("propagate")
     return LayerReport(index, clock.seconds, notes, details)

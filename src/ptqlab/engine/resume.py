@@ -5,7 +5,9 @@ continues with the next layer and ends with the very checkpoint an uninterrupted
 What is kept: each finished layer's checkpoint tensors (`layers/NNNNN.safetensors`), every calibration batch's
 hidden states as the next layer will read them (`hidden-NNNNN/bNNNNN.safetensors`, NNNNN the next layer: one file
 per batch, so that saving never copies more than one batch), and `resume.json` (the run's fingerprint, the next
-layer, the finished layers' reports), written last and atomically; the older hidden states go after it. A partial folder whose fingerprint
+layer, the finished layers' reports), written last and atomically; the older hidden states go after it. The
+hidden states are written on a background thread while the next layer gathers its statistics and is quantized
+(`wait` is called before anything changes them), so that saving them costs a run little of its time. A partial folder whose fingerprint
 differs (another recipe, seed, calibration set, batch size, compute dtype, ptqlab version) is discarded, never
 resumed.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,6 +42,8 @@ class Checkpointer:
 
     def __init__(self, folder: Path, fingerprint: dict):
         self.folder, self.fingerprint = Path(folder), json.loads(json.dumps(fingerprint, default=str))
+        self._saving = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptqlab-resume")
+        self._pending: Future | None = None
         self.start_layer, self.reports, self.note = 0, [], None
         state_file = self.folder / RESUME_NAME
         state = None
@@ -79,15 +84,26 @@ class Checkpointer:
             batch.hidden.copy_(load_file(folder / f"b{i:05d}.safetensors")["hidden"])
 
     def save(self, index: int, batches: list[Batch], reports: list[LayerReport]) -> None:
-        """After layer `index` is finished and written: the next layer's inputs, then the state that points at them."""
+        """After layer `index` is finished and written: start writing the next layer's inputs, then the state that
+        points at them, in the background. The batches' hidden states must stay as they are until `wait`."""
+        self.wait()
+        hidden = [batch.hidden for batch in batches]
+        state = {"fingerprint": self.fingerprint, "next_layer": index + 1, "reports": [asdict(r) for r in reports]}
+        self._pending = self._saving.submit(self._write_state, index + 1, hidden, state)
+
+    def wait(self) -> None:
+        """Until the last `save` is on disk (its error, if any, raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write_state(self, next_layer: int, hidden: list[torch.Tensor], state: dict) -> None:
         from safetensors.torch import save_file
 
-        folder = self._hidden_dir(index + 1)
+        folder = self._hidden_dir(next_layer)
         folder.mkdir(exist_ok=True)
-        for i, batch in enumerate(batches):
-            hidden = {"hidden": batch.hidden.detach().to("cpu").contiguous()}
-            save_file(hidden, folder / f"b{i:05d}.safetensors")
-        state = {"fingerprint": self.fingerprint, "next_layer": index + 1, "reports": [asdict(r) for r in reports]}
+        for i, tensor in enumerate(hidden):  # one batch at a time in CPU memory
+            save_file({"hidden": tensor.detach().to("cpu").contiguous()}, folder / f"b{i:05d}.safetensors")
         _write_atomically(self.folder / RESUME_NAME, lambda path: path.write_text(json.dumps(state)))
         self._drop_hidden(keep=folder)
 
@@ -108,6 +124,8 @@ class Checkpointer:
 
     def clear(self) -> None:
         """The run is complete: its resume state goes (the checkpoint stays)."""
+        self.wait()
+        self._saving.shutdown()
         shutil.rmtree(self.folder / LAYERS_DIR, ignore_errors=True)
         self._drop_hidden()
         (self.folder / RESUME_NAME).unlink(missing_ok=True)

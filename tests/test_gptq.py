@@ -53,18 +53,26 @@ def reference_gptq(weight, hessian, args, damp=0.01):
 
 
 def test_blocked_gptq_equals_column_by_column_reference():
+    """Blocked fp32 GPTQ against the paper's column-by-column sweep in fp64. A near-tie that fp32 rounds the other
+    way (the CPU's kernels decide which) changes the error fed to later columns, so later values may differ by a
+    step: what must agree is nearly every value and the Hessian-weighted error itself, to a small fraction of the
+    gap between GPTQ and round-to-nearest (whose error is several times GPTQ's here)."""
     x = correlated_inputs()
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)) * 0.05
-    result = gptq(weight, hessian_of(x), INT4_G32, GPTQConfig(block_size=32, act_order=False, static_groups=False))
-    ref = reference_gptq(weight, hessian_of(x), INT4_G32)
-    ref_q = (ref / result.scale.double().repeat_interleave(32, dim=1)).round()  # the scales agree to fp32 rounding
-    # fp32 error feedback against fp64 can flip a near-tie: allow a handful, never more than one step.
-    differs = result.q.double() != ref_q
-    assert differs.float().mean() < 2e-3 and ((result.q.double() - ref_q).abs() <= 1).all()
+    hessian = hessian_of(x)
+    result = gptq(weight, hessian, INT4_G32, GPTQConfig(block_size=32, act_order=False, static_groups=False))
+    ref = reference_gptq(weight, hessian, INT4_G32)
+    ref_q = (ref / result.scale.double().repeat_interleave(32, dim=1)).round()
+    assert (result.q.double() != ref_q).float().mean() < 0.02
+
+    def weighted_error(approx):
+        d = weight.double() - approx
+        return float(torch.trace(d @ hessian.double() @ d.T))
+
     ours = dequantize(result.q, result.scale, result.zero_point, INT4_G32, torch.float64)
-    # Each group's scale comes from fp32 error-updated weights: it agrees with fp64's to the sweep's accumulated
-    # fp32 rounding (which varies with the CPU's kernels), orders of magnitude below one grid step (1/7 of a scale).
-    assert torch.allclose(ours[~differs], ref[~differs], rtol=3e-5, atol=1e-9)
+    rtn_q, rtn_scale, rtn_zero = rtn(weight, INT4_G32)
+    rtn_error = weighted_error(dequantize(rtn_q, rtn_scale, rtn_zero, INT4_G32, torch.float64))
+    assert abs(weighted_error(ours) - weighted_error(ref)) < 0.01 * (rtn_error - weighted_error(ref))
 
 
 def test_block_size_does_not_change_the_result():

@@ -87,6 +87,14 @@ def test_plan_prints_the_estimate_and_does_no_work(tiny_model_dir, tmp_path, mon
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_prints_its_plan_before_it_starts(tiny_model_dir, tmp_path):
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir("llama")), "--recipe", "w4a16-rtn", "--device", "cpu",
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("memory plan: peak CPU "), result.output
+    assert "everything in CPU memory" in result.output.splitlines()[0]
+
+
 def test_a_budget_too_small_is_refused_before_loading(tiny_model_dir, tmp_path, monkeypatch):
     import ptqlab.models
 

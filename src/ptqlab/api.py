@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.errors import PtqlabError
@@ -26,6 +27,7 @@ from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, 
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, load_checked,
                            load_tokenizer, model_dtype, resolve_device, stored_dtype)
 from ptqlab.output import atomic_dir, check_writable, locked
+from ptqlab.progress import say
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.recipes import Recipe, get_recipe
 from ptqlab.record import RunRecord, versions
@@ -137,6 +139,8 @@ def quantize(
     gpu_budget, cpu_budget = budgets(device, max_gpu_memory, max_cpu_memory)
     memory = _memory_plan(checked, recipe, dtype, calibration, calib_batch_size, device, stream, gpu_budget)
     check_budgets(memory, gpu_budget, cpu_budget, stream)
+    if not quiet:
+        say(escape(memory.lines()[0]))
     check_writable(out, overwrite, protect, memory.disk_bytes)  # free space for the checkpoint the plan sizes
     torch.manual_seed(seed)
     start = time.perf_counter()

@@ -31,6 +31,14 @@ def tiny_config(arch: str, **overrides):
         return tf.Gemma2Config(**params, query_pre_attn_scalar=64)
     if arch == "gemma3_text":
         return tf.Gemma3TextConfig(**params, query_pre_attn_scalar=64)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**{"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                                    "norm_topk_prob": True, **params})
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**{"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                                    "shared_expert_intermediate_size": 256, **params})
+    if arch == "mixtral":
+        return tf.MixtralConfig(**{"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 128, **params})
     if arch == "phi3":
         return tf.Phi3Config(**{k: v for k, v in params.items() if k != "head_dim"})
     raise ValueError(arch)

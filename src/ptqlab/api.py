@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.errors import PtqlabError
+from ptqlab.engine.experts import MIN_EXPERT_TOKENS
 from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, check_budgets, estimate, free_cpu_bytes,
                                   parse_bytes)
 from ptqlab.engine.resume import Checkpointer
@@ -25,7 +26,7 @@ from ptqlab.engine.stream import StreamedModel
 from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
                                               write_config)
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, load_checked,
-                           load_tokenizer, model_dtype, resolve_device, stored_dtype)
+                           load_tokenizer, model_dtype, moe_layout, resolve_device, stored_dtype)
 from ptqlab.output import atomic_dir, check_writable, locked
 from ptqlab.progress import say
 from ptqlab.pipeline import QuantizationResult, quantize_model
@@ -64,8 +65,8 @@ def _run_record(loaded, result: QuantizationResult, settings: dict, seconds: flo
         quantized_layers=len(result.quantized),
         ignored_layers=tuple(result.ignored),
         notes=tuple(result.notes),
-        layers=tuple({"index": r.index, "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "transforms": r.details}
-                     for r in result.layer_reports),
+        layers=tuple({"index": r.index, "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "transforms": r.details,
+                      **({"experts": r.experts} if r.experts else {})} for r in result.layer_reports),
         seconds=round(seconds, 3),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         versions=versions(),
@@ -112,6 +113,7 @@ def quantize(
     stream: bool = False,
     max_gpu_memory: str | int | None = None,
     max_cpu_memory: str | int | None = None,
+    min_expert_tokens: int = MIN_EXPERT_TOKENS,
 ) -> Path:
     """Quantize `model` (hub id, local folder, or None for the embedded default) with `recipe` into `out`.
 
@@ -121,7 +123,9 @@ def quantize(
     `max_cpu_memory` (bytes or '24GiB'; default: 90 % of what is free now); an explicit GPU budget is also enforced
     on the allocator. With `stream`, the model is read from its safetensors files one decoder layer at a time and the
     checkpoint is written as layers finish (engine/stream.py): neither is ever whole in memory; the tensors are the
-    same. A calibrated run keeps its state after every layer and resumes after a crash (engine/resume.py).
+    same. A calibrated run keeps its state after every layer and resumes after a crash (engine/resume.py). In a
+    mixture-of-experts model, an expert routed fewer than `min_expert_tokens` calibration tokens in a layer is
+    calibrated on all of that layer's tokens (engine/experts.py).
     Returns the checkpoint folder. The folder appears only when complete (see ptqlab.output).
     """
     if isinstance(recipe, str):
@@ -139,9 +143,9 @@ def quantize(
     gpu_budget, cpu_budget = budgets(device, max_gpu_memory, max_cpu_memory)
     memory = _memory_plan(checked, recipe, dtype, calibration, calib_batch_size, device, stream, gpu_budget)
     check_budgets(memory, gpu_budget, cpu_budget, stream)
-    if not quiet:
-        say(escape(memory.lines()[0]))
     check_writable(out, overwrite, protect, memory.disk_bytes)  # free space for the checkpoint the plan sizes
+    if not quiet:  # once every check has passed: a refused run prints its one line only
+        say(escape(memory.lines()[0]))
     torch.manual_seed(seed)
     start = time.perf_counter()
     with atomic_dir(out, overwrite, protect, resumable=recipe.calibrated) as tmp, locked(tmp, "quantize"), \
@@ -151,12 +155,13 @@ def quantize(
         engine_device = resolve_device(device)
         stored = model_dtype(loaded.model)
         compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
-        fingerprint = {**request, "calib_batch_size": calib_batch_size, "compute_dtype": _dtype_name(compute)}
+        fingerprint = {**request, "calib_batch_size": calib_batch_size, "compute_dtype": _dtype_name(compute),
+                       "min_expert_tokens": min_expert_tokens}
         checkpoint, writer, write_layer = _layer_writing(tmp, recipe, streamed, fingerprint)
         result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
                                 batch_size=calib_batch_size, compute_dtype=compute, streamed=streamed,
                                 write_layer=write_layer, resume=checkpoint, offload=not memory.layers_on_gpu,
-                                activations_on_gpu=memory.activations_on_gpu)
+                                activations_on_gpu=memory.activations_on_gpu, min_expert_tokens=min_expert_tokens)
         _write_checkpoint(tmp, loaded, result, streamed, checkpoint, writer)
         if checkpoint is not None and checkpoint.note:
             result.notes.append(checkpoint.note)
@@ -171,7 +176,8 @@ def quantize(
         settings = {"recipe": recipe.name, "dtype": _dtype_name(stored), "compute_dtype": _dtype_name(compute),
                     "seed": seed, "out": str(out),
                     "calibration": None if calibration is None else dataclasses.asdict(calibration),
-                    "calib_batch_size": calib_batch_size, "device": device, "stream": stream,
+                    "calib_batch_size": calib_batch_size, "min_expert_tokens": min_expert_tokens, "device": device,
+                    "stream": stream,
                     "memory_plan": memory.to_dict(), "gpu_budget_bytes": gpu_budget, "cpu_budget_bytes": cpu_budget}
         _run_record(loaded, result, settings, time.perf_counter() - start, request).write(tmp)
     return out
@@ -185,7 +191,7 @@ def _layer_writing(folder: Path, recipe: Recipe, streamed: StreamedModel | None,
         checkpoint = Checkpointer(folder, fingerprint)
         return checkpoint, None, lambda index, layer, name: checkpoint.write_layer(index, module_tensors(layer, name))
     if streamed is not None:
-        writer = ShardWriter.for_streaming(folder)
+        writer = ShardWriter.for_streaming(folder, moe_layout(streamed.model.config))
         return None, writer, lambda index, layer, name: writer.add(module_tensors(layer, name))
     return None, None, None
 
@@ -197,7 +203,8 @@ def _write_checkpoint(folder: Path, loaded: LoadedModel, result: QuantizationRes
         write_checkpoint(folder, loaded.model, loaded.tokenizer, result.recipe)
         return
     if checkpoint is not None:  # the finished layers, from their files, into the checkpoint's shards
-        writer = ShardWriter.for_streaming(folder) if streamed is not None else ShardWriter(folder)
+        layout = moe_layout(loaded.model.config)
+        writer = ShardWriter.for_streaming(folder, layout) if streamed is not None else ShardWriter(folder, layout=layout)
         for tensors in checkpoint.finished_layers():
             writer.add(tensors)
     writer.add(checkpoint_tensors(loaded.model, skip=tuple(decoder_layer_names(loaded.model))))

@@ -60,6 +60,7 @@ def quantize(
     max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the run may use at its peak, e.g. 24GiB (default: 90 % of what is free).")] = None,
     max_cpu_memory: Annotated[Optional[str], typer.Option(help="CPU memory the run may use at its peak, e.g. 8GiB (default: 90 % of what is available).")] = None,
     plan: Annotated[bool, typer.Option(help="Print the run's estimated peak GPU and CPU memory, disk and time, and stop.")] = False,
+    min_expert_tokens: Annotated[int, typer.Option(min=1, help="Mixture-of-experts models: an expert routed fewer calibration tokens than this in a layer is calibrated on all of that layer's tokens.")] = 128,
     verbose: Verbose = False,
 ) -> None:
     """Quantize MODEL with a recipe and write a compressed-tensors checkpoint (+ tokenizer, ptqlab.json).
@@ -90,7 +91,8 @@ def quantize(
             return
         path = run(model, chosen, out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,
                    seed=seed, quiet=quiet, calibration=calibration, calib_batch_size=calib_batch_size, device=device,
-                   stream=stream, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory)
+                   stream=stream, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
+                   min_expert_tokens=min_expert_tokens)
         record = read_record(path)
     except PtqlabError as e:
         _fail(e)

@@ -31,7 +31,54 @@ DECODER_LAYERS: dict[str, str] = {
     "gemma2": "model.layers",
     "gemma3_text": "model.layers",
     "phi3": "model.layers",
+    "qwen2_moe": "model.layers",
+    "qwen3_moe": "model.layers",
+    "mixtral": "model.layers",
 }
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one MoE architecture names what ptqlab needs."""
+
+    projections: tuple[str, str, str]
+    """An expert's gate, up and down projection, as the checkpoint names them."""
+    keep: tuple[str, ...]
+    """What stays 16-bit (the routers), as ignore patterns over checkpoint names."""
+    renames: tuple[tuple[str, str], ...] = ()
+    """(transformers' module-name part, the checkpoint's): where transformers renamed a block."""
+
+
+# model_type -> layout. Each row is tested with a tiny random model in tests/test_moe.py (engine/experts.py gives them
+# per-expert linears).
+MOE_LAYOUTS: dict[str, ExpertLayout] = {
+    "qwen3_moe": ExpertLayout(("gate_proj", "up_proj", "down_proj"), (r"re:.*mlp\.gate$",)),
+    "qwen2_moe": ExpertLayout(("gate_proj", "up_proj", "down_proj"),
+                              (r"re:.*mlp\.gate$", r"re:.*mlp\.shared_expert_gate$")),
+    "mixtral": ExpertLayout(("w1", "w3", "w2"), (r"re:.*block_sparse_moe\.gate$",), ((".mlp.", ".block_sparse_moe."),)),
+}
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+"""Config keys whose presence marks a mixture-of-experts model."""
+
+
+def moe_layout(config) -> ExpertLayout | None:
+    """The layout of a supported MoE architecture; None for a dense model; one line refusing an unsupported MoE."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in MOE_LAYOUTS:
+        return MOE_LAYOUTS[model_type]
+    if any(getattr(config, key, None) for key in EXPERT_COUNT_KEYS):
+        raise PtqlabError(f"{model_type} is a mixture-of-experts architecture ptqlab does not support yet (supported: "
+                          f"{', '.join(sorted(MOE_LAYOUTS))}): add a row to ptqlab.models.MOE_LAYOUTS")
+    return None
+
+
+def checkpoint_name(name: str, layout: ExpertLayout | None) -> str:
+    """A tensor's name in the checkpoint, from its name in the (unfused) model."""
+    for ours, theirs in () if layout is None else layout.renames:
+        name = name.replace(ours, theirs)
+    return name
+
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -313,6 +360,7 @@ def check_source(source: str | None, dtype: str = "auto") -> ModelSource:
         path = os.path.expanduser(source)
     config = load_config(path, source)
     _check_causal_lm(config, source)
+    moe_layout(config)  # an MoE architecture without a layout row is refused here, in one line
     check_not_quantized(config, source, path)
     resolve_dtype(dtype)
     if os.path.isdir(path):

@@ -16,9 +16,10 @@ from torch import nn
 
 from ptqlab.data import CalibrationSet, check_batch_size
 from ptqlab.engine import EngineOptions, Plan, calibrate
+from ptqlab.engine.experts import MIN_EXPERT_TOKENS, unfuse
 from ptqlab.engine.stream import StreamedModel
 from ptqlab.errors import PtqlabError
-from ptqlab.models import decoder_layers, model_dtype, names_by_layer, set_submodule
+from ptqlab.models import decoder_layers, model_dtype, moe_layout, names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.recipes import Recipe, step_name
@@ -52,6 +53,15 @@ def target_linears(model: nn.Module, ignore: tuple[str, ...]) -> tuple[dict[str,
         else:
             targets[name] = module
     return targets, ignored, [p for p in ignore if p not in used]
+
+
+def coverage_note(coverage: list[dict]) -> str:
+    """One line on how calibration tokens reached the experts (the per-layer table is in the run record)."""
+    tokens = sorted(n for entry in coverage for n in entry["tokens"])
+    fell_back = sum(len(entry["fell_back"]) for entry in coverage)
+    return (f"experts: {len(tokens)} expert-layers routed min {tokens[0]} / median {tokens[len(tokens) // 2]} / max "
+            f"{tokens[-1]} calibration tokens; {fell_back} calibrated on all of their layer's tokens (routed fewer "
+            f"than {coverage[0]['min_tokens']})")
 
 
 MIN_AUTO_GROUP = 8
@@ -145,14 +155,23 @@ def _layer_hooks(streamed: StreamedModel | None, write_layer: LayerWriter | None
 def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None = None, quiet: bool = False,
                    device: torch.device | None = None, batch_size: int = 16, compute_dtype: torch.dtype | None = None,
                    streamed: StreamedModel | None = None, write_layer: LayerWriter | None = None,
-                   resume=None, offload: bool | None = None, activations_on_gpu: bool = True) -> QuantizationResult:
+                   resume=None, offload: bool | None = None, activations_on_gpu: bool = True,
+                   min_expert_tokens: int = MIN_EXPERT_TOKENS) -> QuantizationResult:
     """Quantize `model` in place according to `recipe`; calibrated methods need `calibration`, whose forwards compute
     in `compute_dtype` (default: the model's). With `streamed` (its .model is `model`), decoder layers are read from
     disk one at a time and handed to `write_layer` when done, then dropped: the model is never whole in memory.
     `resume` (engine/resume.Checkpointer, calibrated recipes) keeps the engine's state after every layer, and starts
     where an earlier run of the same settings stopped. `offload` and `activations_on_gpu` place layers and
-    activations as the run's memory plan says (engine/calibrate.EngineOptions)."""
+    activations as the run's memory plan says (engine/calibrate.EngineOptions). A mixture-of-experts model's fused
+    experts become one linear per expert projection first (engine/experts.py); its routers stay 16-bit, and an
+    expert routed fewer than `min_expert_tokens` calibration tokens in a layer is calibrated on all of them."""
+    layout = moe_layout(model.config)
+    unfuse(model)
+    keep = [] if layout is None else [p for p in layout.keep if p not in recipe.ignore]
+    if keep:
+        recipe = recipe.with_overrides(ignore=[*recipe.ignore, *keep])
     targets, ignored, unused = target_linears(model, recipe.ignore)
+    unused = [p for p in unused if p not in keep]
     if not targets:
         raise PtqlabError(f"the ignore list {list(recipe.ignore)} leaves no linear layer to quantize")
     recipe, note = resolve_group_size(recipe, targets)
@@ -178,11 +197,15 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         plan = Plan(recipe.transforms, recipe.quantizer, recipe.scheme, scale_dtype=model_dtype(model))
         options = EngineOptions(device, batch_size, compute_dtype=compute_dtype, quiet=quiet,
                                 label=f"{recipe.name} ({steps})", load_layer=load_layer, finish_layer=finish_layer,
-                                resume=resume, offload=offload, activations_on_gpu=activations_on_gpu)
+                                resume=resume, offload=offload, activations_on_gpu=activations_on_gpu,
+                                min_expert_tokens=min_expert_tokens)
         reports = calibrate(model, targets, plan, calibration, options)
         result.quantized = list(targets)
         result.layer_reports = reports
         result.notes += [note for report in reports for note in report.notes]
+        coverage = [entry for report in reports for entry in report.experts]
+        if coverage:
+            result.notes.append(coverage_note(coverage))
         return result
 
     layers = decoder_layers(model)

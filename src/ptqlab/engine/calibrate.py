@@ -12,6 +12,7 @@ from torch import nn
 
 from ptqlab.data import CalibrationSet
 from ptqlab.engine.capture import Batch, capture, make_batches
+from ptqlab.engine.experts import MIN_EXPERT_TOKENS
 from ptqlab.engine.placement import LayerPrefetcher, to_host
 from ptqlab.engine.propagate import cast_back, floating_dtypes, propagate
 from ptqlab.engine.quantize import quantize_layer
@@ -40,6 +41,8 @@ class EngineOptions:
     """What the forwards compute in (default: the model's): float32 for a bf16 model on a CPU that only emulates
     bf16. Each finished layer is rounded back to the stored dtype before it propagates, so that the next layer is
     calibrated on exactly what the checkpoint will compute."""
+    min_expert_tokens: int = MIN_EXPERT_TOKENS
+    """MoE: an expert routed fewer real tokens than this in a layer is calibrated on all of that layer's tokens."""
     quiet: bool = False
     label: str = "calibrate"
     """What the progress line calls the run."""
@@ -62,6 +65,7 @@ class LayerReport:
     seconds: dict[str, float]  # hessians (forward + statistics), transforms, quantize, propagate
     notes: list[str]
     details: list[str] = field(default_factory=list)  # per-mapping choices of the transforms (AWQ ratios, ...)
+    experts: list[dict] = field(default_factory=list)  # MoE: per experts module, tokens per expert and fallbacks
 
 
 @torch.no_grad()
@@ -127,7 +131,8 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
             prefix = prefixes[id(layer)]
             layer_targets = {name: targets[name] for name in grouped[index]}  # meta when streaming: names only
             reports.append(_calibrate_layer(model, layer, index, prefix, layer_targets, plan, batches, masks, device,
-                                            stored, saved=None if options.resume is None else options.resume.wait))
+                                            stored, saved=None if options.resume is None else options.resume.wait,
+                                            min_expert_tokens=options.min_expert_tokens))
             if stored is not None:
                 cast_back(layer, stored, prefix, round_only=False)  # done computing: the checkpoint's dtypes
             if options.finish_layer is not None:
@@ -146,19 +151,21 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
 
 def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str, targets: dict[str, nn.Linear],
                      plan: Plan, batches: list[Batch], masks: list, device: torch.device,
-                     stored: dict[str, torch.dtype] | None, saved: Callable[[], None] | None = None) -> LayerReport:
+                     stored: dict[str, torch.dtype] | None, saved: Callable[[], None] | None = None,
+                     min_expert_tokens: int = MIN_EXPERT_TOKENS) -> LayerReport:
     """One layer's phases; `saved` waits for a background save of the layer's inputs (engine/resume.py) before its
     outputs replace them."""
     clock = _PhaseClock(device)
     # Statistics of every linear of the layer (a transform may rescale an ignored one); only targets are quantized.
     linears = {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    stats = collect(layer, linears, batches, masks, index, device, plan.statistics)
+    stats = collect(layer, linears, batches, masks, index, device, plan.statistics, prefix, min_expert_tokens)
     clock.lap("hessians")
     notes, details = [], []
     if plan.transforms:
         details, notes = transform_layer(layer, model.config, prefix, plan, stats, first=index == 0)
         clock.lap("transforms")
     notes += quantize_layer(model, targets, plan, stats)
+    stats_coverage = stats.coverage
     del stats
     if stored is not None:  # the values the checkpoint will hold: smoothed norms, layers kept 16-bit
         cast_back(layer, stored, prefix)
@@ -167,7 +174,7 @@ def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str
         saved()
     propagate(layer, batches, index, device)
     clock.lap("propagate")
-    return LayerReport(index, clock.seconds, notes, details)
+    return LayerReport(index, clock.seconds, notes, details, stats_coverage)
 
 
 def _bytes(model: nn.Module) -> int:

@@ -80,31 +80,67 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied: bool
+    experts: int = 0
+    """Routed experts per layer (0: a dense model, whose MLP is `intermediate` wide); each `intermediate` wide."""
+    active_experts: int = 0
+    """Experts each token is routed to (top-k)."""
+    shared_intermediate: int = 0
+    """Width of a shared expert's MLP (0: none)."""
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
         heads = config.num_attention_heads
-        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
+        experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+        intermediate = getattr(config, "moe_intermediate_size", None) if experts else None
+        return cls(config.hidden_size, intermediate or config.intermediate_size, config.num_hidden_layers, heads,
                    getattr(config, "num_key_value_heads", None) or heads, head_dim(config), config.vocab_size,
-                   bool(getattr(config, "tie_word_embeddings", False)))
+                   bool(getattr(config, "tie_word_embeddings", False)), experts,
+                   getattr(config, "num_experts_per_tok", 0) if experts else 0,
+                   getattr(config, "shared_expert_intermediate_size", 0) if experts else 0)
 
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """(out, in) of one decoder layer's linears."""
+    def linears(self) -> dict[str, tuple[int, int, int]]:
+        """(out, in, how many) of one decoder layer's linears; an expert's projections come `experts` times."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q": (q, self.hidden), "k": (kv, self.hidden), "v": (kv, self.hidden), "o": (self.hidden, q),
-                "gate": (self.intermediate, self.hidden), "up": (self.intermediate, self.hidden),
-                "down": (self.hidden, self.intermediate)}
+        mlp = max(self.experts, 1)
+        out = {"q": (q, self.hidden, 1), "k": (kv, self.hidden, 1), "v": (kv, self.hidden, 1), "o": (self.hidden, q, 1),
+               "gate": (self.intermediate, self.hidden, mlp), "up": (self.intermediate, self.hidden, mlp),
+               "down": (self.hidden, self.intermediate, mlp)}
+        if self.experts:
+            out["router"] = (self.experts, self.hidden, 1)
+        if self.shared_intermediate:
+            out |= {"shared gate": (self.shared_intermediate, self.hidden, 1),
+                    "shared up": (self.shared_intermediate, self.hidden, 1),
+                    "shared down": (self.hidden, self.shared_intermediate, 1)}
+        return out
 
     def layer_params(self) -> int:
-        return sum(o * i for o, i in self.linears().values()) + 4 * self.hidden
+        return sum(o * i * n for o, i, n in self.linears().values()) + 4 * self.hidden
+
+    def active_layer_params(self) -> int:
+        """The parameters one token's forward through a layer reads (its routed experts only)."""
+        routed = (self.active_experts - self.experts) * 3 * self.intermediate * self.hidden if self.experts else 0
+        return self.layer_params() + routed
+
+    def mlp_width(self) -> int:
+        """The MLP width one token's forward computes (its routed experts and the shared one)."""
+        return self.intermediate * max(self.active_experts, 1) + self.shared_intermediate
 
     def outside_params(self) -> int:
         """Embeddings, the final norm and (untied) the output head."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
     def distinct_inputs(self) -> list[int]:
-        """Widths of the distinct inputs whose statistics a layer keeps (q/k/v share one, gate/up share one)."""
-        return [self.hidden, self.heads * self.head_dim, self.hidden, self.intermediate]
+        """Widths of the distinct inputs whose statistics a layer keeps (q/k/v share one, an MLP's gate/up share one;
+        each expert has its own)."""
+        mlp = [self.hidden, self.intermediate] * max(self.experts, 1)
+        shared = [self.hidden, self.shared_intermediate] if self.shared_intermediate else []
+        return [self.hidden, self.heads * self.head_dim] + mlp + shared
+
+    def statistics_flops_per_token(self) -> int:
+        """FLOPs of Σ XᵀX per calibration token and layer: every input a token reaches (its routed experts' only)."""
+        inputs = [self.hidden, self.heads * self.head_dim] + [self.hidden, self.intermediate] * max(self.active_experts, 1)
+        inputs += [self.hidden, self.shared_intermediate] if self.shared_intermediate else []
+        return 2 * sum(w * w for w in inputs)
 
 
 @dataclass(frozen=True)
@@ -189,10 +225,10 @@ def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) ->
         held["one batch's inputs, saved for resume"] = 2 * run.batch_size * run.seq_len * model.hidden * c
     cpu = sum(held.values()) + (on_device if run.device == "cpu" else 0)
     disk = quantized + model.outside_params() * s
-    forward_flops = 2 * 2 * tokens * model.layer_params() * model.layers  # two passes: statistics, propagate
+    forward_flops = 2 * 2 * tokens * model.active_layer_params() * model.layers  # two passes: statistics, propagate
     if run.statistics:  # Σ XᵀX of every distinct input
-        forward_flops += 2 * tokens * sum(w * w for w in model.distinct_inputs()) * model.layers
-    gptq_flops = sum(2 * o * i * i for o, i in model.linears().values()) * model.layers if run.statistics else 0
+        forward_flops += tokens * model.statistics_flops_per_token() * model.layers
+    gptq_flops = sum(2 * o * i * i * n for o, i, n in model.linears().values()) * model.layers if run.statistics else 0
     device = "cuda" if run.device == "cuda" else "cpu"
     seconds = forward_flops / FLOP_RATE[device] + gptq_flops / GPTQ_RATE[device]
     return MemoryPlan(on_device if run.device == "cuda" else None, cpu, disk, seconds, {**work, **held},
@@ -210,8 +246,8 @@ def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tu
     hidden = tokens * model.hidden * c
     tables = tokens * 2 * model.head_dim * c + batches * run.batch_size * run.seq_len ** 2  # rotary tables, masks
     embeddings = {"embeddings (for the capture)": model.vocab * model.hidden * c}
-    forward = run.batch_size * run.seq_len * (3 * model.intermediate + 4 * model.hidden) * c
-    out, inp = max(model.linears().values(), key=lambda oi: oi[1] * (oi[0] + oi[1]))
+    forward = run.batch_size * run.seq_len * (3 * model.mlp_width() + 4 * model.hidden) * c
+    out, inp, _ = max(model.linears().values(), key=lambda oin: oin[1] * (oin[0] + oin[1]))
     gptq = (4 * out * inp + 3 * inp * inp) * 4 if run.statistics else 0
     work = {"input statistics": sum(w * w * 4 for w in model.distinct_inputs()) if run.statistics else 0,
             "one batch's forward or one GPTQ": max(forward, gptq)}

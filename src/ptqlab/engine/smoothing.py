@@ -23,6 +23,10 @@ norm, or some output rows of a linear) and which linears read it (`balance`: the
 |                            | self_attn.qkv_proj (v rows)     | o_proj  (only without GQA)       |
 |                            | post_attention_layernorm        | gate_up_proj                     |
 |                            | mlp.gate_up_proj (up rows)      | down_proj                        |
+| qwen2_moe, qwen3_moe,      | input_layernorm                 | q_proj, k_proj, v_proj           |
+| mixtral (MoE layers)       | self_attn.v_proj                | o_proj  (only without GQA)       |
+|                            | each expert's up (w3)           | its down (w2)                    |
+|                            | mlp.shared_expert.up_proj       | mlp.shared_expert.down_proj      |
 
 v -> o is exact only when every o_proj input channel comes from its own v channel, i.e. without grouped-query
 attention (one v head per query head); otherwise it is skipped. up -> down is exact because the MLP multiplies
@@ -37,6 +41,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ptqlab.engine.experts import routed_experts
 from ptqlab.errors import PtqlabError
 from ptqlab.models import head_dim
 
@@ -74,6 +79,7 @@ MAPPINGS: dict[str, tuple[Mapping, ...]] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
     "gemma2": _GEMMA, "gemma3_text": _GEMMA,
     "phi3": _PHI3,
+    "qwen2_moe": _LLAMA, "qwen3_moe": _LLAMA, "mixtral": _LLAMA,  # their dense layers; MoE layers: _moe_mappings
 }
 NORM_OFFSET = {"gemma2": 1.0, "gemma3_text": 1.0}
 """Norms that scale by (offset + weight) rather than weight."""
@@ -97,7 +103,13 @@ def resolve_mappings(layer: nn.Module, config) -> tuple[list[ResolvedMapping], l
         raise PtqlabError(f"smoothing (SmoothQuant/AWQ) has no mappings for model_type {model_type!r}; supported: "
                           f"{', '.join(MAPPINGS)} (add a row to ptqlab.engine.smoothing.MAPPINGS)")
     resolved, skipped = [], []
-    for mapping in MAPPINGS[model_type]:
+    mappings = MAPPINGS[model_type]
+    experts = routed_experts(layer)
+    if experts:
+        mappings = _moe_mappings(layer, experts)
+        skipped.append("post_attention_layernorm -> the experts' gate/up: the router reads it too and stays 16-bit, "
+                       "so smoothing it would change the routing: skipped")
+    for mapping in mappings:
         smooth = layer.get_submodule(mapping.smooth)
         balance = {name: layer.get_submodule(name) for name in mapping.balance}
         rows = _rows(mapping, smooth, config)
@@ -109,6 +121,19 @@ def resolve_mappings(layer: nn.Module, config) -> tuple[list[ResolvedMapping], l
             continue
         resolved.append(ResolvedMapping(mapping, smooth, rows, balance, NORM_OFFSET.get(model_type, 0.0)))
     return resolved, skipped
+
+
+def _moe_mappings(layer: nn.Module, experts: dict) -> list[Mapping]:
+    """An MoE layer: the attention's mappings, and up -> down inside each expert (and a shared expert)."""
+    out = list(_LLAMA[:2])
+    for name, module in experts.items():
+        for index, expert in enumerate(module):
+            _, up, down = expert.names
+            out.append(Mapping(f"{name}.{index}.{up}", (f"{name}.{index}.{down}",)))
+    shared = next((n for n, _ in layer.named_modules() if n.endswith("shared_expert")), None)
+    if shared is not None:
+        out.append(Mapping(f"{shared}.up_proj", (f"{shared}.down_proj",)))
+    return out
 
 
 def _rows(mapping: Mapping, smooth: nn.Module, config) -> slice:

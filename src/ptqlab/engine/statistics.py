@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ptqlab.engine.capture import Batch
+from ptqlab.engine.experts import MIN_EXPERT_TOKENS, expert_linear_names, routing, starved_experts
 from ptqlab.engine.placement import hidden_states
 from ptqlab.errors import PtqlabError
 
@@ -40,6 +41,7 @@ class InputStats:
         self.shared: dict[str, str] = {}  # linear -> the linear whose statistics it shares
         self.mask: torch.Tensor | None = None
         self.batches = 0
+        self.coverage: list[dict] = []  # MoE layers: tokens per expert, which fell back (see collect)
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
         self._handles = []
 
@@ -109,6 +111,15 @@ class InputStats:
         owner = self.owner(name)
         return self.abssum[owner] / self.counts[owner]
 
+    def take(self, other: InputStats) -> None:
+        """Replace the statistics of the linears `other` hooked by its own (a second pass over other tokens)."""
+        for name in other.linears:
+            for table in (self.sums, self.absmax, self.abssum, self.counts, self.shared):
+                table.pop(name, None)
+        for table, theirs in ((self.sums, other.sums), (self.absmax, other.absmax), (self.abssum, other.abssum),
+                              (self.counts, other.counts), (self.shared, other.shared)):
+            table.update(theirs)
+
     def rescale(self, name: str, scales: torch.Tensor) -> None:
         """The input of `name` (and of every linear sharing it) is now x / scales per channel: update the statistics
         exactly (H -> H / (s sᵀ)) instead of forwarding the calibration set again."""
@@ -141,11 +152,27 @@ def gram(rows: torch.Tensor) -> torch.Tensor:
 
 
 def collect(layer: nn.Module, linears: dict[str, nn.Linear], batches: list[Batch], masks: list, index: int,
-            device: torch.device, wanted: frozenset[str]) -> InputStats:
-    """Forward every calibration batch through decoder layer `index` while hooks on `linears` accumulate `wanted`."""
+            device: torch.device, wanted: frozenset[str], prefix: str = "",
+            min_expert_tokens: int = MIN_EXPERT_TOKENS) -> InputStats:
+    """Forward every calibration batch through decoder layer `index` (named `prefix`) while hooks on `linears`
+    accumulate `wanted`. In an MoE layer each expert counts the real tokens routed to it; the experts routed fewer
+    than `min_expert_tokens` are gathered again, from every real token of the layer (engine/experts.py); which
+    did, and each expert's count, is the statistics' `coverage`."""
+    stats = _forward_all(layer, linears, batches, masks, index, device, wanted, None)
+    starved, stats.coverage = starved_experts(layer, prefix, stats.counts, min_expert_tokens)
+    if starved:
+        names = expert_linear_names(layer, prefix, starved)
+        again = _forward_all(layer, {n: linears[n] for n in names if n in linears}, batches, masks, index, device,
+                             wanted, starved)
+        stats.take(again)
+    return stats
+
+
+def _forward_all(layer: nn.Module, linears: dict[str, nn.Linear], batches: list[Batch], masks: list, index: int,
+                 device: torch.device, wanted: frozenset[str], all_tokens: dict | None) -> InputStats:
     with InputStats(linears, device, wanted) as stats:
         for (batch, hidden), mask in zip(hidden_states(batches, device), masks):
             stats.start_batch(mask)
-            layer(hidden, **batch.layer_kwargs[index])
+            with routing(layer, mask, all_tokens):
+                layer(hidden, **batch.layer_kwargs[index])
     return stats
-

@@ -15,7 +15,8 @@ from torch import nn
 
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.validate import header_tensors, weight_files
-from ptqlab.models import decoder_layer_names, decoder_layers
+from ptqlab.engine.experts import unfuse
+from ptqlab.models import checkpoint_name, decoder_layer_names, decoder_layers, moe_layout
 
 FIX = "copy or download the model again"
 
@@ -33,18 +34,19 @@ class DiskTensors:
         else:
             self.files = {name: Path(folder) / file for name, file in weight_map.items()}
 
-    def read(self, names, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
-        """The tensors `names`, each cast to its dtype in `dtypes` (the model's parameter dtype) where it has one."""
+    def read(self, names, dtypes: dict[str, torch.dtype], stored=lambda name: name) -> dict[str, torch.Tensor]:
+        """The tensors `names` (as the model names them; `stored` gives the file's name), each cast to its dtype in
+        `dtypes` (the model's parameter dtype) where it has one."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
         for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
+            by_file.setdefault(self.files[stored(name)], []).append(name)
         out = {}
         for file, file_names in by_file.items():
             with safe_open(file, framework="pt") as f:
                 for name in file_names:
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(stored(name))
                     out[name] = tensor.to(dtypes[name]) if name in dtypes else tensor
         return out
 
@@ -81,19 +83,23 @@ class StreamedModel:
         with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
+        unfuse(self.model)  # MoE: one linear per expert projection, named as the files name them
+        layout = moe_layout(config)
+        self.stored = lambda name: checkpoint_name(name, layout)
         self.layers = decoder_layers(self.model)
         self.layer_names = decoder_layer_names(self.model)
         expected = set(_floating_meta_dtypes(self.model, ""))
         tied = getattr(config, "tie_word_embeddings", False)
         head = next(n for n, m in self.model.named_modules() if m is self.model.get_output_embeddings())
-        missing = sorted(expected - set(self.disk.files) - ({f"{head}.weight"} if tied else set()))
+        missing = sorted(name for name in expected - ({f"{head}.weight"} if tied else set())
+                         if self.stored(name) not in self.disk.files)
         if missing:
             raise PtqlabError(f"the weights of {source!r} lack {len(missing)} tensors its config.json describes (e.g. "
                               f"{missing[0]}); the config.json belongs to another model or the weights are incomplete: "
                               "restore the model's own files")
-        outside = [name for name in expected & set(self.disk.files)
-                   if not any(name.startswith(f"{layer}.") for layer in self.layer_names)]
-        _assign(self.model, "", self.disk.read(outside, _floating_meta_dtypes(self.model, "")), source)
+        outside = [name for name in expected if self.stored(name) in self.disk.files
+                   and not any(name.startswith(f"{layer}.") for layer in self.layer_names)]
+        _assign(self.model, "", self.disk.read(outside, _floating_meta_dtypes(self.model, ""), self.stored), source)
         if tied:
             self.model.tie_weights()
 
@@ -101,7 +107,7 @@ class StreamedModel:
         """Decoder layer `index` with its weights read from disk (in the dtypes of the model's parameters now)."""
         layer, prefix = self.layers[index], self.layer_names[index]
         dtypes = _floating_meta_dtypes(layer, prefix)
-        _assign(layer, prefix, self.disk.read(list(dtypes), dtypes), self.source)
+        _assign(layer, prefix, self.disk.read(list(dtypes), dtypes, self.stored), self.source)
         return layer
 
     def release_layer(self, index: int) -> None:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ptqlab.engine import memory
+from ptqlab.models import ExpertLayout, checkpoint_name, moe_layout
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.recipes import Recipe
 from ptqlab.schemes import QuantArgs
@@ -129,8 +130,8 @@ class ShardWriter:
     gets a shard of its own), so that a model quantized layer by layer is never whole in memory. `close()` names the
     shards model-0000i-of-0000n.safetensors with their index, or model.safetensors when there is one."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES):
-        self.folder, self.max_shard_bytes = Path(folder), max_shard_bytes
+    def __init__(self, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES, layout: ExpertLayout | None = None):
+        self.folder, self.max_shard_bytes, self.layout = Path(folder), max_shard_bytes, layout
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.pending_storage: set[int] = set()
@@ -138,16 +139,18 @@ class ShardWriter:
         self.names: set[str] = set()
 
     @classmethod
-    def for_streaming(cls, folder: Path) -> ShardWriter:
+    def for_streaming(cls, folder: Path, layout: ExpertLayout | None = None) -> ShardWriter:
         """A writer with the streaming shard size that the memory plan counts on (engine/memory.py)."""
-        return cls(folder, memory.STREAM_SHARD_BYTES)
+        return cls(folder, memory.STREAM_SHARD_BYTES, layout)
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key in sorted(tensors):
+        """Tensors by their name in the model (an MoE `layout` renames blocks to the checkpoint's names)."""
+        for name in sorted(tensors):
+            key = checkpoint_name(name, self.layout)
             if key in self.names:
                 raise ValueError(f"{key} written twice")
             self.names.add(key)
-            tensor = tensors[key].detach().to("cpu").contiguous()
+            tensor = tensors[name].detach().to("cpu").contiguous()
             nbytes = tensor.numel() * tensor.element_size()
             if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
                 self.flush()
@@ -198,7 +201,7 @@ def write_checkpoint(
 ) -> None:
     """Write config.json (with quantization_config), the safetensors weights, generation config and tokenizer."""
     folder = Path(folder)
-    writer = ShardWriter(folder, max_shard_bytes)
+    writer = ShardWriter(folder, max_shard_bytes, moe_layout(model.config))
     writer.add(checkpoint_tensors(model))
     writer.close()
     write_config(folder, model, tokenizer, recipe)

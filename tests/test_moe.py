@@ -1,0 +1,153 @@
+"""Mixture-of-experts models (engine/experts.py): every expert's projections are linears of their own that compute
+what transformers' fused experts compute; each expert is calibrated on the tokens routed to it, or on all of its
+layer's tokens when the router starved it; the checkpoint names one tensor per expert projection as the hub
+checkpoints do, keeps the routers 16-bit and loads back in transformers; an unsupported MoE is refused in one line."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ptqlab import quantize
+from ptqlab.data import CalibrationConfig, CalibrationSet
+from ptqlab.engine.capture import capture, make_batches
+from ptqlab.engine.experts import RoutedExperts, unfuse
+from ptqlab.engine.statistics import collect
+from ptqlab.errors import PtqlabError
+from ptqlab.models import decoder_layers
+from tiny import tiny_model
+
+MOE = ["qwen3_moe", "qwen2_moe", "mixtral"]
+EXPERT = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"), "qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+          "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+EXPERTS = 8
+
+
+def checkpoint_keys(folder) -> set[str]:
+    keys = set()
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_unfused_experts_compute_what_the_fused_ones_compute(arch):
+    model = tiny_model(arch)
+    tokens = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    fused = model(tokens).logits
+    assert unfuse(model) == model.config.num_hidden_layers
+    assert all(isinstance(layer.mlp.experts, RoutedExperts) for layer in decoder_layers(model))
+    torch.testing.assert_close(model(tokens).logits, fused, rtol=1e-5, atol=1e-5)
+
+
+def _first_layer_statistics(arch, min_expert_tokens):
+    model = tiny_model(arch, num_hidden_layers=1)
+    unfuse(model)
+    g = torch.Generator().manual_seed(1)
+    samples = [torch.randint(3, model.config.vocab_size, (n,), generator=g) for n in (30, 30, 25, 12)]
+    batches = make_batches(CalibrationSet(samples, "random tokens"), 4)
+    capture(model, batches, torch.device("cpu"))
+    layer = decoder_layers(model)[0]
+    linears = {f"model.layers.0.{n}": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    masks = [None if bool(b.attention_mask.all()) else b.attention_mask for b in batches]
+    stats = collect(layer, linears, batches, masks, 0, torch.device("cpu"), frozenset({"hessian"}), "model.layers.0",
+                    min_expert_tokens)
+    return model, stats, sum(len(s) for s in samples)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_each_expert_counts_the_real_tokens_routed_to_it(arch):
+    """Padding never reaches an expert's statistics, and every real token reaches exactly top-k experts."""
+    model, stats, real = _first_layer_statistics(arch, min_expert_tokens=1)
+    [coverage] = stats.coverage
+    assert sum(coverage["tokens"]) == model.config.num_experts_per_tok * real
+    fell_back = set(coverage["fell_back"])
+    assert fell_back == {e for e, n in enumerate(coverage["tokens"]) if n < 1}
+    for e, n in enumerate(coverage["tokens"]):
+        if e not in fell_back:
+            name = f"model.layers.0.mlp.experts.{e}.{EXPERT[arch][1]}"
+            assert stats.counts[name] == n and torch.isfinite(stats.hessian(name)).all()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_a_starved_expert_is_calibrated_on_every_real_token_of_its_layer(arch):
+    model, stats, real = _first_layer_statistics(arch, min_expert_tokens=10**6)
+    [coverage] = stats.coverage
+    assert coverage["fell_back"] == list(range(EXPERTS))
+    _, gate, up, down = EXPERT[arch]
+    layer = decoder_layers(model)[0]
+    for e in range(EXPERTS):
+        prefix = f"model.layers.0.mlp.experts.{e}"
+        assert stats.counts[stats.owner(f"{prefix}.{gate}")] == real and stats.counts[f"{prefix}.{down}"] == real
+        # gate/up read the layer's MoE input for every real token: the same Hessian for every expert
+        torch.testing.assert_close(stats.hessian(f"{prefix}.{up}"), stats.hessian(f"model.layers.0.mlp.experts.0.{up}"))
+    assert isinstance(layer.mlp.experts, RoutedExperts) and not layer.mlp.experts.all_tokens  # reset after
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_a_quantized_moe_checkpoint_has_one_tensor_per_expert_projection_and_loads_back(arch, tiny_model_dir,
+                                                                                       calibration_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model_dir(arch)
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+    out = quantize(str(src), "w4a16", out=tmp_path / "q", calibration=calibration, quiet=True, device="cpu")
+    keys = checkpoint_keys(out)
+    block, *projections = EXPERT[arch]
+    for layer in range(2):
+        for e in range(EXPERTS):
+            for projection in projections:
+                assert f"model.layers.{layer}.{block}.experts.{e}.{projection}.weight_packed" in keys
+        assert f"model.layers.{layer}.{block}.gate.weight" in keys  # the router, 16-bit
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert any("gate$" in pattern for pattern in config["ignore"])
+    record = json.loads((out / "ptqlab.json").read_text())
+    coverage = [entry for layer in record["layers"] for entry in layer.get("experts", [])]
+    assert len(coverage) == 2 and all(len(entry["tokens"]) == EXPERTS for entry in coverage)
+    assert any(note.startswith("experts: 16 expert-layers routed") for note in record["notes"])
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert torch.isfinite(reloaded(torch.tensor([[5, 6, 7, 8]])).logits).all()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_a_streamed_moe_run_writes_the_in_memory_checkpoint(arch, tiny_model_dir, calibration_file, tmp_path):
+    src = tiny_model_dir(arch)
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+    common = dict(calibration=calibration, quiet=True, device="cpu")
+    in_memory = quantize(str(src), "w4a16", out=tmp_path / "memory", **common)
+    streamed = quantize(str(src), "w4a16", out=tmp_path / "stream", stream=True, **common)
+    assert checkpoint_keys(in_memory) == checkpoint_keys(streamed)
+    for file in in_memory.glob("*.safetensors"):
+        with safe_open(file, "pt") as a, safe_open(streamed / file.name, "pt") as b:
+            for key in a.keys():
+                assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+@pytest.mark.parametrize("recipe", ["fp8-dynamic", "w8a8", "w4a16-awq", "w4a16-rtn", "w8a8-rtn"])
+def test_every_recipe_quantizes_every_expert(recipe, tiny_model_dir, calibration_file, tmp_path):
+    src = tiny_model_dir("qwen2_moe")
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+    out = quantize(str(src), recipe, out=tmp_path / "q", calibration=calibration, quiet=True, device="cpu")
+    record = json.loads((out / "ptqlab.json").read_text())
+    keys = checkpoint_keys(out)
+    scales = {k.rpartition(".")[0] for k in keys if k.endswith(".weight_scale")}
+    expected = {f"model.layers.{i}.mlp.experts.{e}.{p}" for i in range(2) for e in range(EXPERTS)
+                for p in ("gate_proj", "up_proj", "down_proj")}
+    assert expected <= scales, sorted(expected - scales)[:3]
+    assert {f"model.layers.{i}.mlp.shared_expert.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")} <= scales
+    assert not any("shared_expert_gate" in s or s.endswith("mlp.gate") for s in scales)  # routers stay 16-bit
+    assert record["quantized_layers"] == len(expected) + 2 * (4 + 3)  # + attention and shared expert per layer
+
+
+def test_an_unsupported_moe_architecture_is_refused_in_one_line(tmp_path):
+    from transformers import OlmoeConfig, AutoModelForCausalLM
+
+    config = OlmoeConfig(vocab_size=300, hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, num_experts=4, num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "olmoe")
+    with pytest.raises(PtqlabError, match=r"^olmoe is a mixture-of-experts architecture ptqlab does not support yet "
+                                          r"\(supported: mixtral, qwen2_moe, qwen3_moe\)"):
+        quantize(str(tmp_path / "olmoe"), "w4a16-rtn", out=tmp_path / "q", quiet=True, device="cpu")
+    assert not (tmp_path / "q").exists()

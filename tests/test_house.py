@@ -21,7 +21,7 @@ WINGS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("ptqlab.runtime",)),
     ("recipes", ("ptqlab.recipes",)),
     ("measure", ("ptqlab.measure",)),
-    ("assembly", ("ptqlab.pipeline", "ptqlab.formats.compressed_tensors")),
+    ("assembly", ("ptqlab.pipeline", "ptqlab.formats.compressed_tensors", "ptqlab.formats.readback")),
     ("verbs", ("ptqlab.api", "ptqlab.report")),
     ("suite", ("ptqlab.suite",)),
     ("interface", ("ptqlab.cli", "ptqlab")),

@@ -151,3 +151,40 @@ def test_an_unsupported_moe_architecture_is_refused_in_one_line(tmp_path):
                                           r"\(supported: mixtral, qwen2_moe, qwen3_moe\)"):
         quantize(str(tmp_path / "olmoe"), "w4a16-rtn", out=tmp_path / "q", quiet=True, device="cpu")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("arch, recipe", [("qwen3_moe", "w4a16"), ("qwen2_moe", "w4a16-rtn"), ("mixtral", "w4a16"),
+                                          ("qwen3_moe", None)])
+def test_the_runtime_runs_moe_checkpoints_as_transformers_reads_them(arch, recipe, tiny_model_dir, calibration_file,
+                                                                     tmp_path):
+    """ptqlab's runtime (its CPU reference path) against transformers on the same checkpoint, in fp32: the routing
+    and every expert agree to rounding, 16-bit and quantized."""
+    from transformers import AutoModelForCausalLM
+
+    from ptqlab.runtime import load_runtime
+
+    folder = tiny_model_dir(arch)
+    if recipe is not None:
+        calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+        folder = quantize(str(folder), recipe, out=tmp_path / "q", calibration=calibration, quiet=True, device="cpu")
+    tokens = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(2))
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(tokens).logits
+    runtime = load_runtime(folder, "cpu", torch.float32)
+    assert runtime.blocks[0].moe is not None and len(runtime.blocks[0].moe.experts) == EXPERTS
+    torch.testing.assert_close(runtime(tokens).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoint_that_reads_back_differently_fails_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Expert tensors under names the loader does not map (it initializes those experts at random) load without an
+    error: the read-back catches it, and nothing is written."""
+    import ptqlab.formats.compressed_tensors as ct
+
+    src = tiny_model_dir("qwen3_moe")
+    good = quantize(str(src), "w4a16-rtn", out=tmp_path / "good", quiet=True, device="cpu")
+    notes = " ".join(json.loads((good / "ptqlab.json").read_text())["notes"])
+    assert "checkpoint read back by transformers: its logits are within" in notes
+    monkeypatch.setattr(ct, "checkpoint_name", lambda name, layout: name.replace(".experts.", ".expert."))
+    with pytest.raises(PtqlabError, match=r"^the checkpoint written to .* does not compute what the quantized model "
+                                          r"computed when transformers reads it back"):
+        quantize(str(src), "w4a16-rtn", out=tmp_path / "bad", quiet=True, device="cpu")
+    assert not (tmp_path / "bad").exists()

@@ -23,6 +23,7 @@ from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, chec
 from ptqlab.engine.resume import Checkpointer
 from ptqlab.engine.steps import kind_of
 from ptqlab.engine.stream import StreamedModel
+from ptqlab.formats.readback import read_back, unreadable_experts
 from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
                                               write_config)
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, load_checked,
@@ -163,6 +164,8 @@ def quantize(
                                 write_layer=write_layer, resume=checkpoint, offload=not memory.layers_on_gpu,
                                 activations_on_gpu=memory.activations_on_gpu, min_expert_tokens=min_expert_tokens)
         _write_checkpoint(tmp, loaded, result, streamed, checkpoint, writer)
+        if moe_layout(loaded.model.config) is not None:
+            result.notes.append(_read_back(tmp, loaded, streamed, result.recipe.scheme))
         if checkpoint is not None and checkpoint.note:
             result.notes.append(checkpoint.note)
         if compute != stored:
@@ -212,6 +215,24 @@ def _write_checkpoint(folder: Path, loaded: LoadedModel, result: QuantizationRes
     write_config(folder, loaded.model, loaded.tokenizer, result.recipe)
     if checkpoint is not None:
         checkpoint.clear()
+
+
+def _read_back(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, scheme) -> str:
+    """A mixture-of-experts checkpoint read back by transformers and compared with the quantized model in memory
+    (formats/readback.py: a mismatch fails the run) -> the note saying how it went."""
+    if streamed is not None:
+        return "checkpoint not read back: a streamed model is never whole in memory to compare it with"
+    unreadable = unreadable_experts(scheme)
+    if unreadable is not None:
+        return f"checkpoint not read back: transformers does not read {unreadable}"
+    shape = ModelShape.from_config(loaded.model.config)
+    needed = (shape.outside_params() + shape.layers * shape.layer_params()) * 4  # the reader's float32 copy
+    if needed > MARGIN * free_cpu_bytes():
+        return (f"checkpoint not read back: transformers would need {needed / 2**30:.1f} GiB of CPU memory (float32), "
+                "more than is free")
+    result = read_back(folder, loaded.model)
+    return (f"checkpoint read back by transformers: its logits are within {result.relative_error:.2%} of the quantized "
+            f"model's (KL {result.kl:.2g}, top-1 agreement {result.top1:.0%})")
 
 
 def memory_plan(model: str | None, recipe: Recipe, dtype: str = "auto", calibration: CalibrationConfig | None = None,

@@ -17,7 +17,8 @@ from ptqlab.errors import PtqlabError
 from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.runtime.linear import StoredLinear, build_linear, concat_linears
 from ptqlab.runtime.model import Architecture, Block, Concat, RuntimeModel
-from ptqlab.models import check_model_folder
+from ptqlab.runtime.moe import Expert, MoEMLP
+from ptqlab.models import check_model_folder, checkpoint_name, moe_layout
 from ptqlab.schemes import QuantArgs, Scheme, matches
 
 STRATEGIES = ("tensor", "channel", "group", "token")
@@ -134,6 +135,35 @@ def _projection(tensors, prefix: str, choices, resolve: SchemeResolver, dtype: t
     return module, getattr(module, "kernel", "mixed")
 
 
+def _moe_mlp(config, arch: Architecture, tensors, prefix: str, resolve: SchemeResolver, dtype: torch.dtype,
+             options: RuntimeOptions, kernels: dict[str, str]) -> MoEMLP | None:
+    """Decoder layer `prefix`'s MoE MLP from its router, per-expert and shared-expert tensors (None: a dense
+    layer, as in a model whose MoE layers are interleaved with dense ones)."""
+    layout = moe_layout(config)
+    if arch.routing is None or layout is None:
+        return None
+    block = checkpoint_name(".mlp.", layout).strip(".")
+    router = tensors.pop(f"{prefix}{block}.gate.weight", None)
+    if router is None:
+        return None
+    from transformers.activations import ACT2FN
+
+    act = ACT2FN[arch.activation]
+    gate, up, down = layout.projections
+
+    def expert(name: str, projections: tuple[str, str, str]) -> Expert:
+        g, u, d = (f"{name}.{p}" for p in projections)
+        gate_up, kernels["experts"] = _projection(tensors, "", ((g, u),), resolve, dtype, options)
+        return Expert(gate_up, _projection(tensors, "", ((d,),), resolve, dtype, options)[0], act)
+
+    experts = [expert(f"{prefix}{block}.experts.{e}", (gate, up, down)) for e in range(arch.routing.experts)]
+    shared = shared_gate = None
+    if f"{prefix}{block}.shared_expert_gate.weight" in tensors:
+        shared = expert(f"{prefix}{block}.shared_expert", ("gate_proj", "up_proj", "down_proj"))
+        shared_gate = tensors.pop(f"{prefix}{block}.shared_expert_gate.weight").to(dtype)
+    return MoEMLP(arch.routing, router.to(dtype), experts, shared, shared_gate)
+
+
 def read_config(folder: Path) -> tuple[object, Architecture, SchemeResolver]:
     """A model folder's HF config, its Architecture and its layers' schemes; PtqlabError for what the runtime
     cannot run."""
@@ -188,12 +218,15 @@ def build_model(config, arch: Architecture, tensors: dict[str, torch.Tensor], re
     blocks, kernels = [], {}
     for i in range(arch.num_layers):
         prefix = f"model.layers.{i}."
+        moe = _moe_mlp(config, arch, tensors, prefix, resolve, dtype, options, kernels)
         modules = {}
         for role, choices in PROJECTIONS.items():
-            modules[role], kernels[role] = _projection(tensors, prefix, choices, resolve, dtype, options)
+            if moe is None or role in ("qkv", "o"):
+                modules[role], kernels[role] = _projection(tensors, prefix, choices, resolve, dtype, options)
         norms = {n.rpartition(".")[2]: tensors.pop(prefix + n + ".weight").to(dtype)
                  for n in NORMS if prefix + n + ".weight" in tensors}
-        blocks.append(Block(arch, i, modules["qkv"], modules["o"], modules["gate_up"], modules["down"], norms))
+        blocks.append(Block(arch, i, modules["qkv"], modules["o"], modules.get("gate_up"), modules.get("down"), norms,
+                            moe))
     norm = tensors.pop("model.norm.weight").to(dtype)
     if "lm_head.weight" in tensors or "lm_head.weight_packed" in tensors:
         head, kernels["lm_head"] = _projection(tensors, "", (("lm_head",),), resolve, dtype, options)

@@ -1,5 +1,6 @@
-"""The runtime's decoder: the supported Hugging Face architectures (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3)
-written out plainly, with fused projections and a static KV cache.
+"""The runtime's decoder: the supported Hugging Face architectures (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3,
+and the mixture-of-experts Qwen2-MoE, Qwen3-MoE and Mixtral, runtime/moe.py) written out plainly, with fused
+projections and a static KV cache.
 
 What differs between the families is data (`Architecture`, read from the config; sandwich and q/k norms from the
 tensors present): Gemma's 1 + w norms, embedding scale, softcaps and query scaling; sliding-window layers; Qwen2's
@@ -27,8 +28,9 @@ from ptqlab.models import head_dim as config_head_dim
 from ptqlab import triton_support
 from ptqlab.runtime import fused
 from ptqlab.runtime.kernels import RuntimeOptions
+from ptqlab.runtime.moe import MoEMLP, Routing
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe", "mixtral")
 GEMMA = ("gemma2", "gemma3_text")
 FUSED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
@@ -55,6 +57,8 @@ class Architecture:
     layer_types: tuple[str, ...]
     """'full_attention' or 'sliding_attention' per layer (also the key of its rotary table)."""
     sliding_window: int | None
+    routing: Routing | None = None
+    """Mixture-of-experts models: how the router picks experts (runtime/moe.py); None for a dense model."""
 
     @classmethod
     def from_config(cls, config) -> Architecture:
@@ -81,7 +85,7 @@ class Architecture:
             attn_scale=(scalar or head_dim) ** -0.5,
             attn_softcap=getattr(config, "attn_logit_softcapping", None) if gemma else None,
             final_softcap=getattr(config, "final_logit_softcapping", None) if gemma else None,
-            layer_types=tuple(types), sliding_window=window,
+            layer_types=tuple(types), sliding_window=window, routing=Routing.from_config(config),
         )
 
 
@@ -169,12 +173,14 @@ class Concat(nn.Module):
 class Block(nn.Module):
     """One decoder layer: attention with a static KV cache, then the gated MLP, each with its residual."""
 
-    def __init__(self, arch: Architecture, index: int, qkv: nn.Module, o: nn.Module, gate_up: nn.Module,
-                 down: nn.Module, norms: dict[str, torch.Tensor]) -> None:
+    def __init__(self, arch: Architecture, index: int, qkv: nn.Module, o: nn.Module, gate_up: nn.Module | None,
+                 down: nn.Module | None, norms: dict[str, torch.Tensor], moe: MoEMLP | None = None) -> None:
         super().__init__()
         self.arch, self.layer_type = arch, arch.layer_types[index]
         self.window = arch.sliding_window if self.layer_type == "sliding_attention" else None
         self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        self.moe = moe
+        """An MoE layer's MLP (then gate_up and down are None)."""
         for name, weight in norms.items():
             self.register_buffer(name, weight)
         self.norm_names = set(norms)
@@ -207,6 +213,8 @@ class Block(nn.Module):
         return self.mlp(m), x
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.moe is not None:
+            return self.moe(x)
         if self.fused and self.arch.activation in FUSED_ACTIVATIONS:
             gelu = self.arch.activation != "silu"
             grid, rows = getattr(self.down, "input_grid", None), getattr(self.down, "min_rows", 1)

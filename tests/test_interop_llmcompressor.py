@@ -83,3 +83,37 @@ def test_same_tensors_and_config_as_llmcompressor(tiny_model_dir, tmp_path, sche
             assert torch.allclose(step, scale), name
     if dtype == torch.bfloat16:
         assert 0 < differing < 0.15 * total
+
+
+@pytest.mark.parametrize("scheme,recipe", SCHEMES)
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_checkpoints_hold_what_llmcompressor_writes(tiny_model_dir, tmp_path, scheme, recipe, arch):
+    """Mixture-of-experts models (fp32): every expert's tensors bitwise equal and the same quantization_config, with
+    llm-compressor told to keep the routers 16-bit as ptqlab does. The names agree but for Mixtral's experts, where
+    ptqlab keeps the hub checkpoints' w1/w3/w2 (what vLLM's Mixtral loader maps) and llm-compressor 0.14 writes
+    gate_proj/up_proj/down_proj."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    from ptqlab.models import MOE_LAYOUTS
+
+    src = tiny_model_dir(arch)
+    ours = quantize(str(src), recipe, out=tmp_path / "ours", quiet=True)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    ignore = ["lm_head", *MOE_LAYOUTS[arch].keep]
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore))
+    model.save_pretrained(tmp_path / "theirs", save_compressed=True)
+
+    our_config = json.loads((ours / "config.json").read_text())["quantization_config"]
+    their_config = json.loads((tmp_path / "theirs" / "config.json").read_text())["quantization_config"]
+    assert our_config == their_config
+    a, b = load_file(ours / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    if arch == "mixtral":
+        assert any(".experts.0.w1." in key for key in a)
+        hub = {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."}
+        b = {next((key.replace(theirs, ours) for theirs, ours in hub.items() if ".experts." in key and theirs in key),
+                  key): tensor for key, tensor in b.items()}
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key

@@ -19,7 +19,7 @@ from ptqlab.engine import EngineOptions, Plan, calibrate
 from ptqlab.engine.experts import MIN_EXPERT_TOKENS, unfuse
 from ptqlab.engine.stream import StreamedModel
 from ptqlab.errors import PtqlabError
-from ptqlab.models import decoder_layers, model_dtype, moe_layout, names_by_layer, set_submodule
+from ptqlab.models import checkpoint_name, decoder_layers, model_dtype, moe_layout, names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.recipes import Recipe, step_name
@@ -53,6 +53,14 @@ def target_linears(model: nn.Module, ignore: tuple[str, ...]) -> tuple[dict[str,
         else:
             targets[name] = module
     return targets, ignored, [p for p in ignore if p not in used]
+
+
+def routers(model: nn.Module, layout) -> list[str]:
+    """The checkpoint names of the modules an MoE layout keeps 16-bit (its routers), in module order."""
+    if layout is None:
+        return []
+    names = (checkpoint_name(name, layout) for name, _ in model.named_modules())
+    return [name for name in names if any(matches(name, pattern) for pattern in layout.keep)]
 
 
 def coverage_note(coverage: list[dict]) -> str:
@@ -167,9 +175,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
     expert routed fewer than `min_expert_tokens` calibration tokens in a layer is calibrated on all of them."""
     layout = moe_layout(model.config)
     unfuse(model)
-    keep = [] if layout is None else [p for p in layout.keep if p not in recipe.ignore]
-    if keep:
-        recipe = recipe.with_overrides(ignore=[*recipe.ignore, *keep])
+    keep = routers(model, layout)
+    if keep:  # named one by one, in module order, as llm-compressor's configs name them
+        recipe = recipe.with_overrides(ignore=[*keep, *(p for p in recipe.ignore if p not in keep)])
     targets, ignored, unused = target_linears(model, recipe.ignore)
     unused = [p for p in unused if p not in keep]
     if not targets:

@@ -1,0 +1,262 @@
+"""Mixture-of-experts quantization and decode (issue 16): a Qwen3-30B-A3B-shaped model with random bf16 weights.
+
+    python bench/moe.py --part quantize   # ptqlab GPTQ W4A16, 256 x 1024 tokens; llm-compressor on the first layers
+    python bench/moe.py --part decode     # batch-1 decode tok/s of bf16, w4a16 and fp8-dynamic in ptqlab's runtime
+
+Each part runs in a child process that reports its own peak RSS (VmHWM) and peak GPU memory, and merges its keys
+into bench/results/moe_qwen3-30b-a3b.json (`ptqlab_seconds`, `ptqlab_seconds_per_layer`,
+`llmcompressor_seconds_per_layer`, `peak_gpu_bytes`, `peak_cpu_rss_bytes`, `decode_tok_s`), with the device,
+versions, date and command. Speed does not depend on weight values, so random weights of the real shape measure it
+faithfully; the routing of random weights spreads tokens over the experts as a trained router roughly does.
+The decode floor of each variant is the bytes one token reads (its top-k experts, attention, router, head) over
+the GPU's memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+SHAPES = {
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936, norm_topk_prob=True, max_position_embeddings=40960,
+                          rope_theta=1e6, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1000,
+                 norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=False),
+}
+HBM_BYTES_PER_S = {"NVIDIA H200": 4.8e12}
+"""Peak memory bandwidth per device, for the decode floor."""
+
+
+def config_of(shape: str, layers: int | None = None):
+    from transformers import Qwen3MoeConfig
+
+    params = dict(SHAPES[shape])
+    if layers:
+        params["num_hidden_layers"] = layers
+    return Qwen3MoeConfig(**params, dtype="bfloat16", bos_token_id=None, eos_token_id=1, pad_token_id=0)
+
+
+def random_model(config, device: torch.device, seed: int):
+    """A random bf16 model of `config` in CPU memory, its experts unfused (one linear per expert projection), every
+    tensor drawn on `device` one at a time: std-0.02 weights, unit norms."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ptqlab.engine.experts import unfuse
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    unfuse(model)
+    generator = torch.Generator(device).manual_seed(seed)
+    state = {}
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            state[name] = torch.ones(p.shape, dtype=torch.bfloat16)
+        else:
+            state[name] = (torch.randn(p.shape, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
+    model.load_state_dict(state, assign=True, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def part_quantize(args, device: torch.device) -> dict:
+    """ptqlab GPTQ W4A16 of the whole model; then llm-compressor's GPTQ W4A16 on the first `--lc-layers` layers of
+    the same shape and calibration tokens (its time per layer)."""
+    from ptqlab.data import CalibrationSet
+    from ptqlab.engine.memory import MARGIN, ModelShape, RunShape, estimate
+    from ptqlab.pipeline import quantize_model
+    from ptqlab.recipes import get_recipe
+
+    config = config_of(args.shape)
+    model = random_model(config, device, args.seed)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    tokens = torch.randint(2, config.vocab_size, (args.samples, args.seq_len), generator=g)
+    cuda = device.type == "cuda"
+    budget = int(MARGIN * torch.cuda.mem_get_info(device)[0]) if cuda else None
+    plan = estimate(ModelShape.from_config(config), RunShape(args.samples, args.seq_len, args.batch_size, 2, 2, True,
+                                                             True, 4, 128, False, device.type), budget)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = quantize_model(model, get_recipe("w4a16"), CalibrationSet(list(tokens), "random tokens"), quiet=True,
+                            device=device, batch_size=args.batch_size, offload=not plan.layers_on_gpu,
+                            activations_on_gpu=plan.activations_on_gpu)
+    seconds = time.perf_counter() - start
+    out = {"ptqlab_seconds": seconds, "ptqlab_seconds_per_layer": seconds / config.num_hidden_layers,
+           "peak_gpu_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
+           "peak_cpu_rss_bytes": peak_rss(), "memory_plan": plan.to_dict(),
+           "expert_coverage_note": next((n for n in result.notes if n.startswith("experts:")), None),
+           "phases_s": {k: round(sum(r.seconds.get(k, 0) for r in result.layer_reports), 2)
+                        for k in result.layer_reports[0].seconds}}
+    del model, result
+    if args.lc_layers:
+        out |= run_llmcompressor(args, config, tokens, device)
+    return out
+
+
+def run_llmcompressor(args, config, tokens, device: torch.device) -> dict:
+    """llm-compressor's GPTQ W4A16 on a model of the first `--lc-layers` layers, its experts calibrated as its
+    defaults do; -> seconds per layer, or the error that stopped it."""
+    import tempfile
+
+    from accelerate import init_empty_weights
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import GPTQModifier
+    except ImportError as e:
+        return {"llmcompressor_seconds_per_layer": None, "llmcompressor_error": str(e)}
+    small = config_of(args.shape, args.lc_layers)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(small, dtype=torch.bfloat16)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    state = {n: (torch.ones(p.shape, dtype=torch.bfloat16) if "norm" in n else
+                 (torch.randn(p.shape, generator=generator, device=device) * 0.02).to(torch.bfloat16).to(device))
+             for n, p in model.named_parameters()}
+    model.load_state_dict(state, assign=True, strict=False)
+    model.eval()
+    data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+    recipe = [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])]
+    with tempfile.TemporaryDirectory() as folder:
+        small.save_pretrained(folder)
+        model.config._name_or_path = folder
+        sys.path.insert(0, str(ROOT / "bench"))
+        from quantize_speed import placeholder_tokenizer
+
+        start = time.perf_counter()
+        try:
+            oneshot(model=model, dataset=data, processor=placeholder_tokenizer(), recipe=recipe,
+                    num_calibration_samples=len(tokens), max_seq_length=tokens.shape[1],
+                    shuffle_calibration_samples=False)
+        except Exception as e:  # noqa: BLE001 (recorded: which version failed how)
+            return {"llmcompressor_seconds_per_layer": None, "llmcompressor_error": f"{type(e).__name__}: {e}"[:500]}
+        seconds = time.perf_counter() - start
+    return {"llmcompressor_seconds": seconds, "llmcompressor_layers": args.lc_layers,
+            "llmcompressor_seconds_per_layer": seconds / args.lc_layers}
+
+
+def part_decode(args, device: torch.device) -> dict:
+    """Batch-1 decode tok/s of the same random model in ptqlab's runtime: bf16, GPTQ-free w4a16 (RTN: decode speed
+    does not depend on how the grid values were chosen) and fp8-dynamic, each built in memory from the checkpoint
+    tensors ptqlab writes."""
+    from ptqlab.formats.compressed_tensors import checkpoint_tensors, quantization_config
+    from ptqlab.measure.speed import FastEngine, measure_speed
+    from ptqlab.pipeline import quantize_model
+    from ptqlab.recipes import get_recipe
+    from ptqlab.runtime.load import SchemeResolver, build_model
+    from ptqlab.runtime.model import Architecture
+
+    config = config_of(args.shape)
+    arch = Architecture.from_config(config)
+    speeds, floors = {}, {}
+    for variant in ("bf16", "w4a16-rtn", "fp8-dynamic"):
+        model = random_model(config, device, args.seed)
+        resolve = SchemeResolver(None)
+        if variant != "bf16":
+            result = quantize_model(model, get_recipe(variant), quiet=True)
+            resolve = SchemeResolver(quantization_config(result.recipe))
+        tensors = {k: v.to(device) for k, v in checkpoint_tensors(model).items()}
+        del model
+        runtime = build_model(config, arch, tensors, resolve, device, torch.bfloat16, 2048)
+        name = "w4a16" if variant == "w4a16-rtn" else variant
+        engine = FastEngine(runtime, 64 + args.decode_tokens)
+        speeds[name] = measure_speed(engine, torch.tensor([[5, 6, 7, 8]], device=device), args.decode_tokens,
+                                     batch_size=8, repeats=args.repeats)
+        floors[name] = active_bytes(runtime, config)
+        del runtime, tensors
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bandwidth = HBM_BYTES_PER_S.get(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    tok_s = {k: v["decode_tok_s"] for k, v in speeds.items()}
+    return {"decode_tok_s": tok_s, "decode_bytes_per_token": floors,
+            "decode_fraction_of_floor": {k: tok_s[k] * floors[k] / bandwidth for k in tok_s} if bandwidth else None,
+            "decode_detail": speeds}
+
+
+def active_bytes(runtime, config) -> int:
+    """Bytes one decode token reads: every tensor but the experts, plus top-k experts' share of them."""
+    experts = sum(t.numel() * t.element_size() for block in runtime.blocks if block.moe is not None
+                  for t in [*block.moe.experts.parameters(), *block.moe.experts.buffers()])
+    everything = sum(t.numel() * t.element_size() for t in [*runtime.parameters(), *runtime.buffers()])
+    return int(everything - experts + experts * config.num_experts_per_tok / config.num_experts)
+
+
+CHILD = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[2])
+import moe
+args = moe.parse(json.loads(sys.argv[1]))
+device = torch.device(args.device)
+part = moe.part_quantize if args.part == "quantize" else moe.part_decode
+print("RESULT " + json.dumps(part(args, device)))
+"""
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["quantize", "decode"], required=True)
+    parser.add_argument("--shape", choices=SHAPES, default="qwen3-30b-a3b")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lc-layers", type=int, default=1, help="llm-compressor: layers to quantize (0: skip)")
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "moe_qwen3-30b-a3b.json")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    argv = sys.argv[1:]
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv), str(ROOT / "bench")], capture_output=True,
+                          text=True, env=env, timeout=args.timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"the {args.part} part failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
+    found = json.loads(lines[-1].removeprefix("RESULT "))
+    import transformers
+
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {"benchmark": "moe"}
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    results |= found | {f"{args.part}_run": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                             "device": device, "command": ["python3", "bench/moe.py", *argv],
+                                             "versions": {"torch": torch.__version__,
+                                                          "transformers": transformers.__version__,
+                                                          "python": platform.python_version()},
+                                             "shape": args.shape, "samples": args.samples, "seq_len": args.seq_len}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    for key, value in found.items():
+        if key not in ("memory_plan", "decode_detail"):
+            print(f"{key:32} {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -188,3 +188,22 @@ def test_a_checkpoint_that_reads_back_differently_fails_the_run(tiny_model_dir, 
                                           r"computed when transformers reads it back"):
         quantize(str(src), "w4a16-rtn", out=tmp_path / "bad", quiet=True, device="cpu")
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_report_shows_each_moe_variants_expert_coverage(tiny_model_dir, calibration_file, tmp_path):
+    from ptqlab.measure.variant import describe_checkpoint
+    from ptqlab.report import expert_coverage_lines
+
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+    out = quantize(str(tiny_model_dir("qwen3_moe")), "w4a16", out=tmp_path / "q", calibration=calibration, quiet=True,
+                   device="cpu", min_expert_tokens=40)
+    record = json.loads((out / "ptqlab.json").read_text())
+    identity = describe_checkpoint(out)
+    coverage = identity["expert_coverage"]
+    assert [c["layer"] for c in coverage] == [0, 1]
+    for c, layer in zip(coverage, record["layers"]):
+        [entry] = layer["experts"]
+        assert (c["min"], c["max"], c["fell_back"]) == (min(entry["tokens"]), max(entry["tokens"]),
+                                                        sum(n < 40 for n in entry["tokens"]))
+    lines = expert_coverage_lines([{"name": "w4a16", **identity}, {"name": "bf16"}])
+    assert lines[1] == "## Expert coverage: w4a16" and len(lines) == 5 + len(coverage)

@@ -165,6 +165,21 @@ def _notes(results: dict) -> list[str]:
     return notes
 
 
+def expert_coverage_lines(variants: list[dict]) -> list[str]:
+    """A markdown section per mixture-of-experts variant: calibration tokens per expert in each layer, and how many
+    experts fell back to all of the layer's tokens (the router sent them fewer than --min-expert-tokens)."""
+    lines = []
+    for v in variants:
+        coverage = v.get("expert_coverage")
+        if not coverage:
+            continue
+        lines += ["", f"## Expert coverage: {v['name']}", "",
+                  "| layer | experts | tokens min | median | max | fell back |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c['layer']} | {c['experts']} | {c['min']} | {c['median']} | {c['max']} | {c['fell_back']} |"
+                  for c in coverage]
+    return lines
+
+
 def build_results(variants: list[dict], settings, budget: Budget, baseline: str | None, model: str | None = None) -> dict:
     first = variants[0]
     model_note = None
@@ -198,6 +213,7 @@ def write_report(out: Path, variants: list[dict], settings, budget: Budget, base
           markdown_table(rows), "", "## Recommendation", ""]
     md += [f"- {line}" for line in _recommendation_lines(results["recommendation"])]
     md += ["", "## Notes", ""] + [f"- {n}" for n in _notes(results)]
+    md += expert_coverage_lines(variants)
     md += ["", "## Sample completions", ""]
     for v in variants:
         md.append(f"### {v['name']}")

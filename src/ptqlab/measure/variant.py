@@ -116,11 +116,25 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def expert_coverage(layers) -> list[dict]:
+    """Per MoE layer of a run record: calibration tokens per expert (min, median, max) and how many experts fell back
+    to all of the layer's tokens."""
+    out = []
+    for layer in layers:
+        for entry in layer.get("experts", []):
+            tokens = sorted(entry["tokens"])
+            out.append({"layer": layer["index"], "experts": len(tokens), "min": tokens[0],
+                        "median": tokens[len(tokens) // 2], "max": tokens[-1], "fell_back": len(entry["fell_back"])})
+    return out
+
+
 def describe_checkpoint(path: Path) -> dict:
     """Recipe, format and scheme from the run record (ptqlab.json) or config.json; 16-bit when not quantized."""
     record = read_record(path)
     if record is not None:
-        return {"recipe": record.recipe_name, "format": record.format, "scheme": record.scheme}
+        coverage = expert_coverage(record.layers)
+        return {"recipe": record.recipe_name, "format": record.format, "scheme": record.scheme,
+                **({"expert_coverage": coverage} if coverage else {})}
     config = json.loads((path / "config.json").read_text())
     qc = config.get("quantization_config")
     if qc:

@@ -28,6 +28,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from big_models import peak_rss, random_tensors  # noqa: E402
 
 SHAPES = {
     "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
@@ -52,8 +55,8 @@ def config_of(shape: str, layers: int | None = None):
 
 
 def random_model(config, device: torch.device, seed: int):
-    """A random bf16 model of `config` in CPU memory, its experts unfused (one linear per expert projection), every
-    tensor drawn on `device` one at a time: std-0.02 weights, unit norms."""
+    """A random bf16 model of `config` in CPU memory (big_models.random_tensors: drawn on `device` one tensor at a
+    time), its experts unfused (one linear per expert projection, views of the fused tensors)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -61,22 +64,9 @@ def random_model(config, device: torch.device, seed: int):
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(dict(random_tensors(config, device, seed)), assign=True)
     unfuse(model)
-    generator = torch.Generator(device).manual_seed(seed)
-    state = {}
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            state[name] = torch.ones(p.shape, dtype=torch.bfloat16)
-        else:
-            state[name] = (torch.randn(p.shape, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
-    model.load_state_dict(state, assign=True, strict=False)
-    model.tie_weights()
     return model.eval()
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def part_quantize(args, device: torch.device) -> dict:
@@ -131,18 +121,13 @@ def run_llmcompressor(args, config, tokens, device: torch.device) -> dict:
     small = config_of(args.shape, args.lc_layers)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(small, dtype=torch.bfloat16)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    state = {n: (torch.ones(p.shape, dtype=torch.bfloat16) if "norm" in n else
-                 (torch.randn(p.shape, generator=generator, device=device) * 0.02).to(torch.bfloat16).to(device))
-             for n, p in model.named_parameters()}
-    model.load_state_dict(state, assign=True, strict=False)
+    model.load_state_dict({n: t.to(device) for n, t in random_tensors(small, device, args.seed)}, assign=True)
     model.eval()
     data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
     recipe = [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])]
     with tempfile.TemporaryDirectory() as folder:
         small.save_pretrained(folder)
         model.config._name_or_path = folder
-        sys.path.insert(0, str(ROOT / "bench"))
         from quantize_speed import placeholder_tokenizer
 
         start = time.perf_counter()

@@ -62,12 +62,17 @@ EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "mo
 """Config keys whose presence marks a mixture-of-experts model."""
 
 
+def expert_count(config) -> int:
+    """Routed experts per MoE layer, from whichever key the architecture's config uses; 0 for a dense model."""
+    return next((n for n in (getattr(config, key, None) for key in EXPERT_COUNT_KEYS) if n), 0)
+
+
 def moe_layout(config) -> ExpertLayout | None:
     """The layout of a supported MoE architecture; None for a dense model; one line refusing an unsupported MoE."""
     model_type = getattr(config, "model_type", None)
     if model_type in MOE_LAYOUTS:
         return MOE_LAYOUTS[model_type]
-    if any(getattr(config, key, None) for key in EXPERT_COUNT_KEYS):
+    if expert_count(config):
         raise PtqlabError(f"{model_type} is a mixture-of-experts architecture ptqlab does not support yet (supported: "
                           f"{', '.join(sorted(MOE_LAYOUTS))}): add a row to ptqlab.models.MOE_LAYOUTS")
     return None

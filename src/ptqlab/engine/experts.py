@@ -131,9 +131,9 @@ def starved_experts(layer: nn.Module, prefix: str, counts: dict[str, int], min_t
 
 def expert_linear_names(layer: nn.Module, prefix: str, experts: dict[str, frozenset[int]]) -> list[str]:
     """The full names of the projections of `experts` (indices by RoutedExperts name in `layer`)."""
-    out = []
+    out, modules = [], routed_experts(layer)
     for name, indices in experts.items():
-        module = routed_experts(layer)[name]
+        module = modules[name]
         full = f"{prefix}.{name}" if prefix else name
         out += [f"{full}.{e}.{projection}" for e in sorted(indices) for projection in module[e].names]
     return out

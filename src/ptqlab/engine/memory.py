@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 
 from ptqlab.errors import PtqlabError
-from ptqlab.models import head_dim
+from ptqlab.models import expert_count, head_dim
 
 GIB = 2**30
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -90,7 +90,7 @@ class ModelShape:
     @classmethod
     def from_config(cls, config) -> ModelShape:
         heads = config.num_attention_heads
-        experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+        experts = expert_count(config)
         intermediate = getattr(config, "moe_intermediate_size", None) if experts else None
         return cls(config.hidden_size, intermediate or config.intermediate_size, config.num_hidden_layers, heads,
                    getattr(config, "num_key_value_heads", None) or heads, head_dim(config), config.vocab_size,
@@ -129,18 +129,16 @@ class ModelShape:
         """Embeddings, the final norm and (untied) the output head."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
-    def distinct_inputs(self) -> list[int]:
+    def distinct_inputs(self, experts: int | None = None) -> list[int]:
         """Widths of the distinct inputs whose statistics a layer keeps (q/k/v share one, an MLP's gate/up share one;
-        each expert has its own)."""
-        mlp = [self.hidden, self.intermediate] * max(self.experts, 1)
+        each expert has its own): of all `experts` (default: every one of the layer)."""
+        mlp = [self.hidden, self.intermediate] * max(self.experts if experts is None else experts, 1)
         shared = [self.hidden, self.shared_intermediate] if self.shared_intermediate else []
         return [self.hidden, self.heads * self.head_dim] + mlp + shared
 
     def statistics_flops_per_token(self) -> int:
         """FLOPs of Σ XᵀX per calibration token and layer: every input a token reaches (its routed experts' only)."""
-        inputs = [self.hidden, self.heads * self.head_dim] + [self.hidden, self.intermediate] * max(self.active_experts, 1)
-        inputs += [self.hidden, self.shared_intermediate] if self.shared_intermediate else []
-        return 2 * sum(w * w for w in inputs)
+        return 2 * sum(w * w for w in self.distinct_inputs(self.active_experts))
 
 
 @dataclass(frozen=True)
@@ -266,11 +264,10 @@ def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tu
         choices = [(two_layers, on_gpu, False, True)]
     for layers, activations, layers_on_gpu, activations_on_gpu in choices:
         parts = {**embeddings, **activations, **work, **layers}
-        held, during_capture = sum(activations.values()), sum(embeddings.values())
         if layers_on_gpu or run.device != "cuda":
             peak = sum(parts.values())
         else:
-            peak = held + max(during_capture, sum(work.values()) + sum(layers.values()))
+            peak = sum(activations.values()) + max(sum(embeddings.values()), sum(work.values()) + sum(layers.values()))
         if gpu_budget is None or peak <= gpu_budget:
             break
     return parts, peak, layers_on_gpu, activations_on_gpu

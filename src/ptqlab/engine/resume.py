@@ -7,9 +7,9 @@ hidden states as the next layer will read them (`hidden-NNNNN/bNNNNN.safetensors
 per batch, so that saving never copies more than one batch), and `resume.json` (the run's fingerprint, the next
 layer, the finished layers' reports), written last and atomically; the older hidden states go after it. The
 hidden states are written on a background thread while the next layer gathers its statistics and is quantized
-(`wait` is called before anything changes them), so that saving them costs a run little of its time. A partial folder whose fingerprint
-differs (another recipe, seed, calibration set, batch size, compute dtype, ptqlab version) is discarded, never
-resumed.
+(`wait` is called before anything changes them), so that saving them costs a run little of its time. A partial
+folder whose fingerprint differs (another recipe, seed, calibration set, batch size, compute dtype, expert-token
+threshold, ptqlab version) is discarded, never resumed.
 """
 
 from __future__ import annotations

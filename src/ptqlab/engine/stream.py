@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptqlab.engine.experts import unfuse
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.validate import header_tensors, weight_files
-from ptqlab.engine.experts import unfuse
 from ptqlab.models import checkpoint_name, decoder_layer_names, decoder_layers, moe_layout
 
 FIX = "copy or download the model again"

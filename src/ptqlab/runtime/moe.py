@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptqlab.models import expert_count
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -30,7 +32,7 @@ class Routing:
 
     @classmethod
     def from_config(cls, config) -> Routing | None:
-        experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+        experts = expert_count(config)
         if not experts:
             return None
         mixtral = config.model_type == "mixtral"

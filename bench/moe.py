@@ -1,7 +1,8 @@
 """Mixture-of-experts quantization and decode (issue 16): a Qwen3-30B-A3B-shaped model with random bf16 weights.
 
-    python bench/moe.py --part quantize   # ptqlab GPTQ W4A16, 256 x 1024 tokens; llm-compressor on the first layers
-    python bench/moe.py --part decode     # batch-1 decode tok/s of bf16, w4a16 and fp8-dynamic in ptqlab's runtime
+    python bench/moe.py --part quantize        # ptqlab GPTQ W4A16 of the whole model, 256 x 1024 tokens
+    python bench/moe.py --part llmcompressor   # llm-compressor's GPTQ W4A16 on the first --lc-layers layers
+    python bench/moe.py --part decode          # batch-1 decode tok/s of bf16, w4a16 and fp8-dynamic, ptqlab's runtime
 
 Each part runs in a child process that reports its own peak RSS (VmHWM) and peak GPU memory, and merges its keys
 into bench/results/moe_qwen3-30b-a3b.json (`ptqlab_seconds`, `ptqlab_seconds_per_layer`,
@@ -54,9 +55,10 @@ def config_of(shape: str, layers: int | None = None):
     return Qwen3MoeConfig(**params, dtype="bfloat16", bos_token_id=None, eos_token_id=1, pad_token_id=0)
 
 
-def random_model(config, device: torch.device, seed: int):
-    """A random bf16 model of `config` in CPU memory (big_models.random_tensors: drawn on `device` one tensor at a
-    time), its experts unfused (one linear per expert projection, views of the fused tensors)."""
+def random_model(config, device: torch.device, seed: int, keep_on_device: bool = False):
+    """A random bf16 model of `config` (big_models.random_tensors: drawn on `device` one tensor at a time), in CPU
+    memory or, `keep_on_device`, on the device; its experts unfused (one linear per expert projection, views of the
+    fused tensors)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -64,23 +66,22 @@ def random_model(config, device: torch.device, seed: int):
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict(dict(random_tensors(config, device, seed)), assign=True)
+    place = device if keep_on_device else torch.device("cpu")
+    model.load_state_dict({n: t.to(place) for n, t in random_tensors(config, device, seed)}, assign=True)
     unfuse(model)
     return model.eval()
 
 
 def part_quantize(args, device: torch.device) -> dict:
-    """ptqlab GPTQ W4A16 of the whole model; then llm-compressor's GPTQ W4A16 on the first `--lc-layers` layers of
-    the same shape and calibration tokens (its time per layer)."""
+    """ptqlab GPTQ W4A16 of the whole model (or its first `--layers`)."""
     from ptqlab.data import CalibrationSet
     from ptqlab.engine.memory import MARGIN, ModelShape, RunShape, estimate
     from ptqlab.pipeline import quantize_model
     from ptqlab.recipes import get_recipe
 
-    config = config_of(args.shape)
+    config = config_of(args.shape, args.layers)
     model = random_model(config, device, args.seed)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    tokens = torch.randint(2, config.vocab_size, (args.samples, args.seq_len), generator=g)
+    tokens = calibration_tokens(args, config)
     cuda = device.type == "cuda"
     budget = int(MARGIN * torch.cuda.mem_get_info(device)[0]) if cuda else None
     plan = estimate(ModelShape.from_config(config), RunShape(args.samples, args.seq_len, args.batch_size, 2, 2, True,
@@ -88,7 +89,7 @@ def part_quantize(args, device: torch.device) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    result = quantize_model(model, get_recipe("w4a16"), CalibrationSet(list(tokens), "random tokens"), quiet=True,
+    result = quantize_model(model, get_recipe("w4a16"), CalibrationSet(list(tokens), "random tokens"), quiet=False,
                             device=device, batch_size=args.batch_size, offload=not plan.layers_on_gpu,
                             activations_on_gpu=plan.activations_on_gpu)
     seconds = time.perf_counter() - start
@@ -98,21 +99,27 @@ def part_quantize(args, device: torch.device) -> dict:
            "expert_coverage_note": next((n for n in result.notes if n.startswith("experts:")), None),
            "phases_s": {k: round(sum(r.seconds.get(k, 0) for r in result.layer_reports), 2)
                         for k in result.layer_reports[0].seconds}}
-    del model, result
-    if args.lc_layers:
-        out |= run_llmcompressor(args, config, tokens, device)
     return out
 
 
-def run_llmcompressor(args, config, tokens, device: torch.device) -> dict:
-    """llm-compressor's GPTQ W4A16 on a model of the first `--lc-layers` layers, its experts calibrated as its
-    defaults do; -> seconds per layer, or the error that stopped it."""
+def calibration_tokens(args, config) -> torch.Tensor:
+    g = torch.Generator().manual_seed(args.seed + 1)
+    return torch.randint(2, config.vocab_size, (args.samples, args.seq_len), generator=g)
+
+
+def part_llmcompressor(args, device: torch.device) -> dict:
+    """llm-compressor's GPTQ W4A16 on a model of the first `--lc-layers` layers of the shape, on the same
+    calibration tokens, its experts calibrated as its defaults do; -> seconds per layer, or the error that stopped
+    it. Prints `LC_START <unix time>` when its run begins, so that a run stopped by the timeout still gives a lower
+    bound of its time."""
     import tempfile
 
     from accelerate import init_empty_weights
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
+    config = config_of(args.shape)
+    tokens = calibration_tokens(args, config)
     try:
         from llmcompressor import oneshot
         from llmcompressor.modifiers.quantization import GPTQModifier
@@ -130,6 +137,7 @@ def run_llmcompressor(args, config, tokens, device: torch.device) -> dict:
         model.config._name_or_path = folder
         from quantize_speed import placeholder_tokenizer
 
+        print(f"LC_START {time.time()}", flush=True)
         start = time.perf_counter()
         try:
             oneshot(model=model, dataset=data, processor=placeholder_tokenizer(), recipe=recipe,
@@ -145,7 +153,7 @@ def run_llmcompressor(args, config, tokens, device: torch.device) -> dict:
 def part_decode(args, device: torch.device) -> dict:
     """Batch-1 decode tok/s of the same random model in ptqlab's runtime: bf16, GPTQ-free w4a16 (RTN: decode speed
     does not depend on how the grid values were chosen) and fp8-dynamic, each built in memory from the checkpoint
-    tensors ptqlab writes."""
+    tensors ptqlab writes. Model, quantization and checkpoint tensors stay on the device."""
     from ptqlab.formats.compressed_tensors import checkpoint_tensors, quantization_config
     from ptqlab.measure.speed import FastEngine, measure_speed
     from ptqlab.pipeline import quantize_model
@@ -157,10 +165,10 @@ def part_decode(args, device: torch.device) -> dict:
     arch = Architecture.from_config(config)
     speeds, floors = {}, {}
     for variant in ("bf16", "w4a16-rtn", "fp8-dynamic"):
-        model = random_model(config, device, args.seed)
+        model = random_model(config, device, args.seed, keep_on_device=True)
         resolve = SchemeResolver(None)
         if variant != "bf16":
-            result = quantize_model(model, get_recipe(variant), quiet=True)
+            result = quantize_model(model, get_recipe(variant), quiet=True, device=device)
             resolve = SchemeResolver(quantization_config(result.recipe))
         tensors = {k: v.to(device) for k, v in checkpoint_tensors(model).items()}
         del model
@@ -169,8 +177,9 @@ def part_decode(args, device: torch.device) -> dict:
         engine = FastEngine(runtime, 64 + args.decode_tokens)
         speeds[name] = measure_speed(engine, torch.tensor([[5, 6, 7, 8]], device=device), args.decode_tokens,
                                      batch_size=8, repeats=args.repeats)
+        speeds[name]["kernels"] = runtime.kernels
         floors[name] = active_bytes(runtime, config)
-        del runtime, tensors
+        del engine, runtime, tensors  # the engine's CUDA graph holds the runtime: let both go before the next
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bandwidth = HBM_BYTES_PER_S.get(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -181,11 +190,26 @@ def part_decode(args, device: torch.device) -> dict:
 
 
 def active_bytes(runtime, config) -> int:
-    """Bytes one decode token reads: every tensor but the experts, plus top-k experts' share of them."""
-    experts = sum(t.numel() * t.element_size() for block in runtime.blocks if block.moe is not None
-                  for t in [*block.moe.experts.parameters(), *block.moe.experts.buffers()])
-    everything = sum(t.numel() * t.element_size() for t in [*runtime.parameters(), *runtime.buffers()])
-    return int(everything - experts + experts * config.num_experts_per_tok / config.num_experts)
+    """Bytes one decode token reads: every tensor but the experts and the embedding table (one row of it), plus the
+    top-k experts' share of the experts. Counted by storage: the experts' linears hold views of the stacks."""
+
+    def storages(module) -> dict[int, int]:
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*module.parameters(), *module.buffers()] if t is not None}
+
+    experts = {}
+    for block in runtime.blocks:
+        if block.moe is not None:
+            experts |= storages(block.moe.experts)
+            if block.moe.stacked is not None:
+                experts |= storages(block.moe.stacked)
+    everything = storages(runtime)
+    embed_storage = runtime.embed.untyped_storage()
+    tied = embed_storage.data_ptr() in storages(runtime.head)  # then the head reads it whole
+    embed = 0 if tied else embed_storage.nbytes()
+    expert_bytes = sum(experts.values())
+    return int(sum(everything.values()) - expert_bytes - embed
+               + expert_bytes * config.num_experts_per_tok / config.num_experts)
 
 
 CHILD = r"""
@@ -194,18 +218,19 @@ sys.path.insert(0, sys.argv[2])
 import moe
 args = moe.parse(json.loads(sys.argv[1]))
 device = torch.device(args.device)
-part = moe.part_quantize if args.part == "quantize" else moe.part_decode
+part = {"quantize": moe.part_quantize, "llmcompressor": moe.part_llmcompressor, "decode": moe.part_decode}[args.part]
 print("RESULT " + json.dumps(part(args, device)))
 """
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["quantize", "decode"], required=True)
+    parser.add_argument("--part", choices=["quantize", "llmcompressor", "decode"], required=True)
     parser.add_argument("--shape", choices=SHAPES, default="qwen3-30b-a3b")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=None, help="quantize part: this many layers (default: the shape's)")
     parser.add_argument("--lc-layers", type=int, default=1, help="llm-compressor: layers to quantize (0: skip)")
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -216,25 +241,46 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"torch": torch.__version__, "python": platform.python_version()}
+    for package in ("transformers", "compressed-tensors", "llmcompressor"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def main() -> None:
     args = parse()
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
     argv = sys.argv[1:]
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv), str(ROOT / "bench")], capture_output=True,
-                          text=True, env=env, timeout=args.timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"the {args.part} part failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
-    found = json.loads(lines[-1].removeprefix("RESULT "))
-    import transformers
-
+    # The child's stderr (ptqlab's progress) passes through; its stdout carries the result line.
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv), str(ROOT / "bench")],
+                              stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
+        stdout, returncode = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        stdout, returncode = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or "", None
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    started = [float(line.split()[1]) for line in stdout.splitlines() if line.startswith("LC_START ")]
+    if returncode is None and args.part == "llmcompressor" and started:
+        # Stopped by the timeout: the time it had run is a lower bound of its time for its layers.
+        ran = time.time() - started[0]
+        found = {"llmcompressor_seconds_per_layer": None, "llmcompressor_layers": args.lc_layers,
+                 "llmcompressor_seconds_per_layer_at_least": ran / args.lc_layers,
+                 "llmcompressor_error": f"stopped by the {args.timeout:.0f} s timeout after {ran:.0f} s, unfinished"}
+    elif returncode != 0 or not lines:
+        raise SystemExit(f"the {args.part} part failed (exit {returncode}): {stdout.strip()[-2000:]}")
+    else:
+        found = json.loads(lines[-1].removeprefix("RESULT "))
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"benchmark": "moe"}
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
     results |= found | {f"{args.part}_run": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                              "device": device, "command": ["python3", "bench/moe.py", *argv],
-                                             "versions": {"torch": torch.__version__,
-                                                          "transformers": transformers.__version__,
-                                                          "python": platform.python_version()},
+                                             "versions": versions(),
                                              "shape": args.shape, "samples": args.samples, "seq_len": args.seq_len}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -400,3 +400,124 @@ def test_greedy_next_picks_the_first_maximum_like_torch():
     assert expected[1] == 700 and expected[2] == 4999
     assert torch.equal(token[:, 0], expected) and torch.equal(sequence[:, 5], expected)
     assert not sequence[:, :5].any() and not sequence[:, 6:].any()
+
+
+# ---- runtime/moe_kernels.py and the int4 kernel's expert mode: mixture-of-experts decode ------------------------
+
+def pairs_of(tokens, top_k, experts, seed=0):
+    """Random distinct experts for each token (as a router's top-k), token-major, and random routing weights."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)]).reshape(-1)
+    return chosen.to(torch.int32), torch.rand(tokens * top_k, generator=g)
+
+
+@interpreted
+@pytest.mark.parametrize("experts,top_k,normalize,weight_dtype", [(16, 4, True, torch.float16), (12, 3, False, None),
+                                                                   (128, 8, True, torch.float32)])
+def test_route_picks_the_top_k_of_the_softmax_like_torch(experts, top_k, normalize, weight_dtype):
+    """Softmax in fp32, the k largest in descending order, renormalized, rounded; on a tie the first index first
+    (torch.topk leaves the order of ties unspecified)."""
+    from ptqlab.runtime import moe_kernels
+
+    torch.manual_seed(experts)
+    logits = torch.randn(5, experts, dtype=torch.float16)
+    logits[2, 3] = logits[2, 7] = 9.0  # a tie: expert 3 before 7, as torch.topk takes them
+    chosen, weights = moe_kernels.route(logits, top_k, normalize, weight_dtype)
+    probs = logits.float().softmax(-1)
+    expected_w, expected = probs.topk(top_k, dim=-1)
+    if normalize:
+        expected_w = expected_w / expected_w.sum(-1, keepdim=True)
+    if weight_dtype is not None:
+        expected_w = expected_w.to(weight_dtype).float()
+    untied = [0, 1, 3, 4]
+    assert chosen.dtype == torch.int32 and torch.equal(chosen.reshape(5, top_k)[untied].long(), expected[untied])
+    assert chosen[2 * top_k:2 * top_k + 2].tolist() == [3, 7]
+    assert torch.equal(chosen[2 * top_k + 2:3 * top_k].long(), expected[2, 2:])
+    assert torch.allclose(weights, expected_w.reshape(-1), rtol=1e-3 if weight_dtype == torch.float16 else 1e-6)
+
+
+@interpreted
+@pytest.mark.parametrize("rows_per_input,weighted", [(3, False), (1, True)])
+@pytest.mark.parametrize("fmt", ["16-bit", "int8"])
+def test_expert_gemv_multiplies_each_pair_by_its_expert(rows_per_input, weighted, fmt):
+    """Pair p: row p // rows_per_input times expert experts[p]; 8-bit weights and inputs with their scales; N and K
+    off the tiles."""
+    from ptqlab.runtime import moe_kernels
+
+    torch.manual_seed(1)
+    e, n, k, tokens = 6, 20, 200, 2
+    experts, route_weights = pairs_of(tokens, 3, e)
+    rows = experts.shape[0] // rows_per_input
+    if fmt == "16-bit":
+        weight, w_scale = torch.randn(e, n, k, dtype=torch.float16), None
+        x, x_scale = torch.randn(rows, k, dtype=torch.float16), None
+        dense, inputs = weight.double(), x.double()
+    else:
+        weight, w_scale = torch.randint(-127, 128, (e, n, k), dtype=torch.int8), torch.rand(e, n) / 100
+        x, x_scale = torch.randint(-127, 128, (rows, k), dtype=torch.int8), torch.rand(rows, 1) / 100
+        dense, inputs = weight.double() * w_scale.double()[..., None], x.double() * x_scale.double()
+    y = moe_kernels.expert_gemv(x, experts, weight, w_scale, x_scale, rows_per_input,
+                                route_weights if weighted else None, out_dtype=torch.float32, block_n=8, block_k=64)
+    expected = torch.stack([dense[experts[p]] @ inputs[p // rows_per_input] for p in range(experts.shape[0])])
+    if weighted:
+        expected = expected * route_weights.double()[:, None]
+    assert y.shape == (experts.shape[0], n) and y.dtype == torch.float32
+    assert relative(y, expected) < 1e-5
+
+
+@interpreted
+@pytest.mark.parametrize("n,k,group,symmetric", [(24, 256, 128, True), (20, 96, 32, False)])
+def test_int4_expert_gemv_reads_each_pairs_expert(n, k, group, symmetric):
+    """The one-row int4 kernel in expert mode: stacked planes, scales and zero points, one expert per pair."""
+    from ptqlab.runtime import kernels
+
+    layers = [int4_layer(n, k, group, symmetric, torch.float32, seed=s) for s in range(5)]
+    planes, scale = torch.stack([layer[3] for layer in layers]), torch.stack([layer[1] for layer in layers])
+    zero = None if symmetric else torch.stack([layer[2] for layer in layers])
+    experts, route_weights = pairs_of(3, 2, 5)
+    x = torch.randn(3, k)
+    for rows_per_input, weights in ((2, None), (1, route_weights)):
+        inputs = x if rows_per_input == 2 else torch.randn(6, k)
+        y = kernels.int4_expert_gemv(inputs, experts, planes, scale, zero, rows_per_input, weights)
+        expected = torch.stack([layers[experts[p]][4].double() @ inputs[p // rows_per_input].double()
+                                for p in range(6)])
+        if weights is not None:
+            expected = expected * weights.double()[:, None]
+        assert y.shape == (6, n) and relative(y, expected) < 1e-4
+
+
+@interpreted
+@pytest.mark.parametrize("fmt", ["16-bit", "int4", "int8"])
+def test_stacked_expert_decode_matches_the_grouped_path(fmt, monkeypatch):
+    """A few tokens through an MoE MLP: the stacked kernels (route, gate_up, activation, down, the sum of each
+    token's experts) give what the grouped per-expert path gives, and each expert's linears keep reading their
+    slices of the stacks."""
+    from ptqlab.runtime import moe
+    from ptqlab.runtime.kernels import RuntimeOptions
+    from ptqlab.runtime.linear import DequantizedLinear, Int4Linear, Int8Linear
+
+    torch.manual_seed(2)
+    hidden, inner, n_experts = 64, 32, 8
+
+    def linear(out_features, in_features):
+        w = torch.randn(out_features, in_features) / in_features ** 0.5
+        if fmt == "16-bit":
+            return DequantizedLinear(w, None)
+        if fmt == "int8":
+            scale = w.abs().amax(1, keepdim=True) / 127
+            return Int8Linear(torch.round(w / scale).to(torch.int8), scale.T, None, torch.float32)
+        q, scale, zero = rtn(w, QuantArgs(num_bits=4, strategy="group", group_size=32), torch.float32)
+        return Int4Linear(q, scale, zero, None, RuntimeOptions.gemv_tile, pdl=False)
+
+    experts = [moe.Expert(linear(2 * inner, hidden), linear(hidden, inner), F.silu) for _ in range(n_experts)]
+    monkeypatch.setattr(moe.triton_support, "available", lambda t: True)
+    stacked = moe.stack_experts(experts, "silu", RuntimeOptions(pdl=False))
+    assert stacked is not None and stacked.format == fmt
+    mlp = moe.MoEMLP(moe.Routing(n_experts, 2, True, False), torch.randn(n_experts, hidden), experts, stacked=stacked)
+    x = torch.randn(3, 1, hidden)
+    assert mlp.capturable(3)
+    y = mlp(x)
+    reference = mlp._grouped(x.reshape(3, hidden)).reshape(x.shape)
+    assert relative(y, reference) < (1e-2 if fmt == "int8" else 1e-4)  # int8: the activation's own per-token grid
+    if fmt != "int4":
+        assert experts[3].down.weight.data_ptr() == stacked.down_weight[3].data_ptr()

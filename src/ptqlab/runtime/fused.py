@@ -19,6 +19,9 @@ from ptqlab.quant.token_triton import QuantizedRows, TokenGrid, empty_rows
 from ptqlab.runtime.kernels import PAIR_ROWS, RuntimeOptions, pdl_launch
 from ptqlab.triton_support import tl, triton
 
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+"""The gated activations the fused kernels compute (SiLU; GELU's tanh approximation)."""
+
 if triton is not None:
     from ptqlab.quant.token_triton import grid_row
     from ptqlab.runtime.kernels import await_inputs, gated_value

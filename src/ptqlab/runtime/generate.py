@@ -30,10 +30,10 @@ class Generator:
         self.token = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.sequence = torch.zeros((batch_size, self.max_length), dtype=torch.long, device=device)
-        # An MoE layer picks its experts on the host (which of them run depends on the tokens): such a step cannot be
-        # captured in a CUDA graph, so it runs eagerly.
-        moe = any(block.moe is not None for block in model.blocks)
-        self.use_graph = device.type == "cuda" and not moe if graph is None else graph
+        # An MoE layer whose experts run grouped picks them on the host (which run depends on the tokens): such a
+        # step cannot be captured in a CUDA graph, so it runs eagerly.
+        capturable = all(block.moe is None or block.moe.capturable(batch_size) for block in model.blocks)
+        self.use_graph = device.type == "cuda" and capturable if graph is None else graph
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _own_cache(self) -> None:

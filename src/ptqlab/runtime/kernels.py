@@ -152,27 +152,44 @@ if triton is not None:
 
     @triton.jit
     def _int4_gemv_kernel(X, P, S, Z, Y, N, row_words, tiles_per_split, stride_pn, stride_sn, stride_zn, stride_ys,
+                          Experts, Weights, stride_xm, stride_pe, stride_se, stride_ze, X_DIV: tl.constexpr,
                           PLANE: tl.constexpr, GROUP_WORDS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
                           HAS_ZERO: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-                          GATED: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr):
+                          GATED: tl.constexpr, GELU: tl.constexpr, EXPERTS: tl.constexpr, WEIGHTED: tl.constexpr,
+                          PDL: tl.constexpr):
         """One activation row: y[n] = Σ_k x[k] w[n, k] over BLOCK_N outputs and this split's tiles of BLOCK_KP
         words. Per word, nibbles j and j - 1 come out as 1 + u/16 and 1 + u/256 (`_nibble_pair`); the second
         multiplies 16 x so that both accumulate at one scale, 16 Σ (1 + u/16) x. Per scale group,
         Σ (u - 8 - zero) x = 16 Σ sums - Σ (24 x_odd + 264 x_even) - zero Σ x, scaled once. EVEN: the tiles cover N
-        and K exactly (no masks, 16-byte loads)."""
+        and K exactly (no masks, 16-byte loads).
+
+        EXPERTS: the second grid axis is a (row, expert) pair instead of a split of K: pair p multiplies activation
+        row p // X_DIV by expert Experts[p] of the stacked weights (strides *_e) into output row p, times
+        Weights[p] (fp32) when WEIGHTED. The expert is known only once the router's kernel has run, so such a
+        program waits for it before its first load."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
+        if EXPERTS:
+            await_inputs(PDL)
+            expert = tl.load(Experts + split).to(tl.int64)
+            P += expert * stride_pe
+            S += expert * stride_se
+            Z += expert * stride_ze
+            X += (split // X_DIV).to(tl.int64) * stride_xm
+            w0 = split * 0
+        else:
+            w0 = split * tiles_per_split * BLOCK_KP
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < N
         rp = tl.arange(0, BLOCK_KP)
         rows = P + rn[:, None] * stride_pn
-        w0 = split * tiles_per_split * BLOCK_KP
         if EVEN:
             tile = tl.load(rows + (w0 + rp)[None, :], eviction_policy="evict_first")
         else:
             tile = tl.load(rows + (w0 + rp)[None, :], mask=n_mask[:, None] & (w0 + rp < row_words)[None, :], other=0,
                            eviction_policy="evict_first")
-        await_inputs(PDL)  # the first weight tile is on its way while the kernel before finishes
+        if not EXPERTS:
+            await_inputs(PDL)  # the first weight tile is on its way while the kernel before finishes
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i in range(tiles_per_split):
             words = w0 + rp
@@ -227,6 +244,8 @@ if triton is not None:
             acc += tl.sum(value * scale, axis=1)
             w0 += BLOCK_KP
             tile = next_tile
+        if WEIGHTED:
+            acc *= tl.load(Weights + split)
         if GATED:  # rows paired (pair_gate_up): write act(gate) * up, half as many outputs
             half = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
             y = _activate_pairs(acc, Y.dtype.element_ty, BLOCK_N, GELU)
@@ -377,6 +396,60 @@ def pair_gate_up(rows: torch.Tensor) -> torch.Tensor:
     return blocks.transpose(0, 1).reshape(rows.shape).contiguous()
 
 
+def _gemv_tiles(k: int, row_words: int, scale: torch.Tensor, block_kp: int) -> tuple[int, int, int, int]:
+    """The one-row int4 kernel's geometry for K inputs: (words per scale group, plane width, words per tile, scale
+    groups per tile)."""
+    group_words = _group(scale, k) // 8
+    plane = plane_words(k, group_words * 8)
+    block_kp = min(block_kp, triton.next_power_of_2(row_words))
+    if group_words >= row_words:  # one scale per row
+        groups_per_tile = 1
+    elif group_words <= block_kp and block_kp % group_words == 0:  # whole groups
+        groups_per_tile = block_kp // group_words
+    elif group_words > block_kp and group_words % block_kp == 0:  # inside one group
+        groups_per_tile = 1
+    else:
+        raise ValueError(f"tiles of {block_kp} words do not line up with {group_words}-word scale groups")
+    return group_words, plane, block_kp, groups_per_tile
+
+
+def int4_tiles_fit(k: int, scale: torch.Tensor, tile: tuple[int, int, int]) -> bool:
+    """Whether the one-row kernel's tiles line up with this layer's scale groups (K inputs, scale [N, groups])."""
+    try:
+        _gemv_tiles(k, k // 8, scale, tile[1])
+    except ValueError:
+        return False
+    return True
+
+
+def int4_expert_gemv(x: torch.Tensor, experts: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor,
+                     zero_point: torch.Tensor | None, rows_per_input: int = 1, weights: torch.Tensor | None = None,
+                     tile: tuple[int, int, int] = RuntimeOptions.gemv_tile,
+                     pdl: bool = RuntimeOptions.pdl) -> torch.Tensor:
+    """Mixture-of-experts decode: stacked int4 experts planes [E, N, K / 8] (each as `int4_planes` packs it), scale
+    and zero_point [E, N, groups]. Pair p multiplies row p // rows_per_input of x [rows, K] by expert experts[p]
+    (int32 [P], on the device: no host sync, so a CUDA graph can hold it) -> [P, N] in x.dtype, or in fp32 times
+    weights[p] when `weights` (the router's, summed over a token's experts next). Only the chosen experts' weights
+    are read."""
+    block_n, block_kp, num_warps = tile
+    k = x.shape[1]
+    _, n, row_words = planes.shape
+    group_words, plane, block_kp, groups_per_tile = _gemv_tiles(k, row_words, scale[0], block_kp)
+    pairs = experts.shape[0]
+    k_tiles = triton.cdiv(row_words, block_kp)
+    even = n % block_n == 0 and row_words % block_kp == 0
+    out = torch.empty((pairs, n), dtype=torch.float32 if weights is not None else x.dtype, device=x.device)
+    zero = zero_point if zero_point is not None else scale
+    _int4_gemv_kernel[(triton.cdiv(n, block_n), pairs)](
+        x, planes, scale, zero, out, n, row_words, k_tiles, planes.stride(1), scale.stride(1), zero.stride(1),
+        out.stride(0), experts, weights if weights is not None else scale, x.stride(0), planes.stride(0),
+        scale.stride(0), zero.stride(0), X_DIV=rows_per_input, PLANE=plane, GROUP_WORDS=group_words,
+        GROUPS_PER_TILE=groups_per_tile, HAS_ZERO=zero_point is not None, EVEN=even, BLOCK_N=block_n,
+        BLOCK_KP=block_kp, GATED=False, GELU=False, EXPERTS=True, WEIGHTED=weights is not None, num_warps=num_warps,
+        **pdl_launch(x.device, pdl))
+    return out
+
+
 def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
               tile: tuple[int, int, int] = RuntimeOptions.gemv_tile, gated: str | None = None,
               pdl: bool = RuntimeOptions.pdl) -> torch.Tensor:
@@ -389,17 +462,7 @@ def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_p
         raise ValueError(f"a gated tile needs whole blocks of {2 * PAIR_ROWS} paired rows, not {block_n} rows")
     k = x.shape[1]
     n, row_words = planes.shape
-    group_words = _group(scale, k) // 8
-    plane = plane_words(k, group_words * 8)
-    block_kp = min(block_kp, triton.next_power_of_2(row_words))
-    if group_words >= row_words:  # one scale per row
-        groups_per_tile = 1
-    elif group_words <= block_kp and block_kp % group_words == 0:  # whole groups
-        groups_per_tile = block_kp // group_words
-    elif group_words > block_kp and group_words % block_kp == 0:  # inside one group
-        groups_per_tile = 1
-    else:
-        raise ValueError(f"tiles of {block_kp} words do not line up with {group_words}-word scale groups")
+    group_words, plane, block_kp, groups_per_tile = _gemv_tiles(k, row_words, scale, block_kp)
     tiles_n = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(row_words, block_kp)
     splits, tiles_per_split = _split_k(tiles_n, k_tiles, x.device, programs_per_sm=2, min_tiles=1)
@@ -408,9 +471,10 @@ def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_p
     zero = zero_point if zero_point is not None else scale
     _int4_gemv_kernel[(tiles_n, splits)](
         x, planes, scale, zero, out, n, row_words, tiles_per_split, planes.stride(0), scale.stride(0), zero.stride(0),
-        out.stride(0), PLANE=plane, GROUP_WORDS=group_words, GROUPS_PER_TILE=groups_per_tile,
-        HAS_ZERO=zero_point is not None, EVEN=even, BLOCK_N=block_n, BLOCK_KP=block_kp,
-        GATED=gated is not None and splits == 1, GELU=gated == "gelu", num_warps=num_warps, **pdl_launch(x.device, pdl))
+        out.stride(0), x, x, 0, 0, 0, 0, X_DIV=1, PLANE=plane, GROUP_WORDS=group_words,
+        GROUPS_PER_TILE=groups_per_tile, HAS_ZERO=zero_point is not None, EVEN=even, BLOCK_N=block_n,
+        BLOCK_KP=block_kp, GATED=gated is not None and splits == 1, GELU=gated == "gelu", EXPERTS=False,
+        WEIGHTED=False, num_warps=num_warps, **pdl_launch(x.device, pdl))
     if gated is not None and splits == 1:
         return out[0, :, :n // 2]
     return _sum_splits(out, x.dtype, gated, pdl)

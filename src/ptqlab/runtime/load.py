@@ -17,7 +17,7 @@ from ptqlab.errors import PtqlabError
 from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.runtime.linear import StoredLinear, build_linear, concat_linears
 from ptqlab.runtime.model import Architecture, Block, Concat, RuntimeModel
-from ptqlab.runtime.moe import Expert, MoEMLP
+from ptqlab.runtime.moe import Expert, MoEMLP, stack_experts
 from ptqlab.models import check_model_folder, checkpoint_name, moe_layout
 from ptqlab.schemes import QuantArgs, Scheme, matches
 
@@ -161,7 +161,10 @@ def _moe_mlp(config, arch: Architecture, tensors, prefix: str, resolve: SchemeRe
     if f"{prefix}{block}.shared_expert_gate.weight" in tensors:
         shared = expert(f"{prefix}{block}.shared_expert", ("gate_proj", "up_proj", "down_proj"))
         shared_gate = tensors.pop(f"{prefix}{block}.shared_expert_gate.weight").to(dtype)
-    return MoEMLP(arch.routing, router.to(dtype), experts, shared, shared_gate)
+    stacked = stack_experts(experts, arch.activation, options)
+    if stacked is not None:
+        kernels["experts"] += f"; decode: stacked {stacked.format} experts"
+    return MoEMLP(arch.routing, router.to(dtype), experts, shared, shared_gate, stacked)
 
 
 def read_config(folder: Path) -> tuple[object, Architecture, SchemeResolver]:

@@ -32,7 +32,7 @@ from ptqlab.runtime.moe import MoEMLP, Routing
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe", "mixtral")
 GEMMA = ("gemma2", "gemma3_text")
-FUSED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+FUSED_ACTIVATIONS = fused.ACTIVATIONS
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from torch import nn
 from ptqlab import get_recipe, load_model, quantize, quantize_model
 from ptqlab.data import CalibrationConfig, CalibrationSet, load_calibration
 from ptqlab.errors import PtqlabError
-from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq, output_error
+from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq, gptq_many, output_error
 from ptqlab.quant.linear import rtn
 from ptqlab.quant.primitives import dequantize
 from ptqlab.schemes import QuantArgs
@@ -352,3 +352,50 @@ def test_raised_damping_computes_what_that_damping_computes_from_the_start():
     direct = gptq(weight, hessian, args, GPTQConfig(dampening_frac=raised.dampening_frac))
     assert direct.dampening_frac == raised.dampening_frac
     assert torch.equal(raised.q, direct.q) and torch.equal(raised.scale, direct.scale)
+
+
+def experts_problem(batch=5, rows=24, columns=128, seed=0):
+    """Same-shaped weights with Hessians of their own (as an MoE layer's experts): one with inputs that never fired,
+    one not positive definite at the default damping."""
+    weights = torch.stack([torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed + b)) * 0.05
+                           for b in range(batch)])
+    hessians = torch.stack([hessian_of(correlated_inputs(512, columns, seed=seed + b)) for b in range(batch)])
+    hessians[1, :, 5] = hessians[1, 5, :] = 0.0  # input 5 of expert 1 never fired
+    g = torch.Generator().manual_seed(seed + 99)
+    x = torch.randn(64, columns, generator=g)
+    hessians[3] = 2 / 64 * x.T @ x - 0.02 * (2 / 64 * x.T @ x).diagonal().mean() * torch.eye(columns)
+    return weights, hessians
+
+
+@pytest.mark.parametrize("args, config", [
+    (INT4_G32, GPTQConfig()),
+    (QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32), GPTQConfig(scale_search=True)),
+    (INT4_G32, GPTQConfig(act_order=False, static_groups=False, block_size=32)),
+    (QuantArgs(num_bits=8, strategy="channel"), GPTQConfig(act_order=False)),
+], ids=["int4-actorder", "int4-asym-search", "int4-dynamic-groups", "int8-channel"])
+def test_gptq_many_is_gptq_of_each_matrix(args, config):
+    """Batched GPTQ gives every matrix exactly what gptq() gives it alone: grid values, scales, zero points, its own
+    damping (raised for the indefinite Hessian only) and its own dead inputs."""
+    weights, hessians = experts_problem()
+    many = gptq_many(weights, hessians, args, config)
+    for b, result in enumerate(many):
+        alone = gptq(weights[b], hessians[b], args, config)
+        assert torch.equal(result.q, alone.q) and torch.equal(result.scale, alone.scale)
+        assert (result.zero_point is None) == (alone.zero_point is None)
+        assert result.zero_point is None or torch.equal(result.zero_point, alone.zero_point)
+        assert result.dampening_frac == alone.dampening_frac and result.dead_columns == alone.dead_columns
+    assert [r.dampening_frac > 0.01 for r in many] == [False, False, False, True, False]
+    assert [r.dead_columns for r in many] == [0, 1, 0, 0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gptq_many_on_the_gpu_is_gptq_of_each_matrix():
+    """On the GPU the factorizations are batched (cuSOLVER's batched path may round differently from one matrix's):
+    the same scales, grid values equal but for rare near-ties, and the same layer error."""
+    weights, hessians = (t.cuda() for t in experts_problem(batch=6, rows=256, columns=256))
+    args = QuantArgs(num_bits=4, strategy="group", group_size=128)
+    many = gptq_many(weights, hessians, args, GPTQConfig(scale_search=True))
+    for b, result in enumerate(many):
+        alone = gptq(weights[b], hessians[b], args, GPTQConfig(scale_search=True))
+        assert torch.equal(result.scale, alone.scale) and result.dampening_frac == alone.dampening_frac
+        assert (result.q != alone.q).float().mean() < 1e-3

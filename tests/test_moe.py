@@ -242,3 +242,25 @@ def test_gpu_decode_runs_the_stacked_experts_in_a_cuda_graph(arch, recipe, fmt, 
     tokens = graphed.generate(prompt, 12)
     assert graphed.graph is not None
     assert torch.equal(tokens, Generator(runtime, 2, 32, graph=False).generate(prompt, 12))
+
+
+def test_experts_quantized_in_batches_equal_experts_quantized_one_by_one(tiny_model_dir, calibration_file, tmp_path,
+                                                                          monkeypatch):
+    """GPTQ of an MoE layer's same-shaped expert linears runs batched (engine/quantize.py `batches`): the checkpoint
+    is bitwise what quantizing them one at a time writes."""
+    import ptqlab.engine.quantize as engine_quantize
+
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+    src = str(tiny_model_dir("qwen3_moe"))
+    batched = quantize(src, "w4a16", out=tmp_path / "batched", calibration=calibration, quiet=True, device="cpu")
+    layer = dict.fromkeys(f"model.layers.0.mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj"))
+    assert any(len(group) >= engine_quantize.BATCH_MIN for group in engine_quantize.batches(
+        {name: torch.nn.Linear(256, 128) for name in layer}))
+    monkeypatch.setattr(engine_quantize, "BATCH_MIN", 10**9)
+    alone = quantize(src, "w4a16", out=tmp_path / "alone", calibration=calibration, quiet=True, device="cpu")
+    keys = checkpoint_keys(batched)
+    assert keys == checkpoint_keys(alone) and any(".experts.7.down_proj.weight_packed" in k for k in keys)
+    for file in batched.glob("*.safetensors"):
+        with safe_open(file, "pt") as a, safe_open(alone / file.name, "pt") as b:
+            for key in a.keys():  # noqa: SIM118 (a safetensors handle)
+                assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key

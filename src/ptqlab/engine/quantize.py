@@ -12,7 +12,7 @@ from torch import nn
 from ptqlab.engine.statistics import InputStats
 from ptqlab.errors import PtqlabError
 from ptqlab.models import set_submodule
-from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq
+from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq_many
 from ptqlab.quant.linear import QuantizedLinear
 
 if TYPE_CHECKING:
@@ -25,28 +25,61 @@ class RTNStep:
     such as AWQ."""
 
 
-def gptq_linear(step: GPTQConfig, name: str, linear: nn.Linear, hessian: torch.Tensor | None,
-                plan: Plan) -> tuple[QuantizedLinear, list[str]]:
-    """GPTQ for one linear: weight + Hessian -> QuantizedLinear, with notes on damping and dead inputs."""
+BATCH_MIN = 8
+"""Same-shaped linears of one layer are quantized together (gptq_many: their linear algebra batched) from this many
+on: an MoE layer's experts. Fewer (a dense layer's k and v) go one by one, as they always have."""
+BATCH_HESSIAN_BYTES = 1 << 29
+"""At most this many bytes of fp32 Hessians per batch (their factors and the batch's weights come on top)."""
+
+
+def gptq_linears(step: GPTQConfig, names: list[str], linears: list[nn.Linear], hessians: list[torch.Tensor],
+                 plan: Plan) -> list[tuple[QuantizedLinear, list[str]]]:
+    """GPTQ for same-shaped linears, each from its own input Hessian -> (QuantizedLinear, notes on damping and
+    dead inputs) per linear."""
+    weights = torch.stack([linear.weight.detach() for linear in linears])
     try:
-        result = gptq(linear.weight, hessian, plan.scheme.weights, step, scale_dtype=plan.scale_dtype)
+        results = gptq_many(weights, torch.stack(hessians), plan.scheme.weights, step, scale_dtype=plan.scale_dtype)
     except HessianError as e:
-        raise PtqlabError(f"{name}: {e}; check the calibration data and the model dtype (fp16 overflow? try --dtype "
-                          "bfloat16)") from e
-    module = QuantizedLinear.from_weight(linear.weight, linear.bias, plan.scheme, result.q, result.scale,
-                                         result.zero_point)
-    notes = []
-    if result.dampening_frac != step.dampening_frac:
-        notes.append(f"{name}: Hessian not positive definite; dampening raised to {result.dampening_frac:g}")
-    if result.dead_columns:
-        notes.append(f"{name}: {result.dead_columns} input channels never active in calibration (quantized as 0)")
-    return module, notes
+        if len(linears) > 1:  # name the linear whose Hessian it is
+            return [pair for n, linear, h in zip(names, linears, hessians)
+                    for pair in gptq_linears(step, [n], [linear], [h], plan)]
+        raise PtqlabError(f"{names[0]}: {e}; check the calibration data and the model dtype (fp16 overflow? try "
+                          "--dtype bfloat16)") from e
+    del weights
+    quantized = []
+    for name, linear, result in zip(names, linears, results):
+        module = QuantizedLinear.from_weight(linear.weight, linear.bias, plan.scheme, result.q, result.scale,
+                                             result.zero_point)
+        notes = []
+        if result.dampening_frac != step.dampening_frac:
+            notes.append(f"{name}: Hessian not positive definite; dampening raised to {result.dampening_frac:g}")
+        if result.dead_columns:
+            notes.append(f"{name}: {result.dead_columns} input channels never active in calibration (quantized as 0)")
+        quantized.append((module, notes))
+    return quantized
 
 
-def rtn_linear(step: RTNStep, name: str, linear: nn.Linear, hessian: torch.Tensor | None,
-               plan: Plan) -> tuple[QuantizedLinear, list[str]]:
-    """Round-to-nearest for one linear (the Hessian unused)."""
-    return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, plan.scheme, scale_dtype=plan.scale_dtype), []
+def rtn_linears(step: RTNStep, names: list[str], linears: list[nn.Linear], hessians: list | None,
+                plan: Plan) -> list[tuple[QuantizedLinear, list[str]]]:
+    """Round-to-nearest for each linear (no Hessian)."""
+    return [(QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, plan.scheme, scale_dtype=plan.scale_dtype),
+             []) for linear in linears]
+
+
+def batches(targets: dict[str, nn.Linear]) -> list[list[str]]:
+    """The linears of a layer in the groups quantized together: same-shaped ones, BATCH_MIN or more, in batches of
+    at most BATCH_HESSIAN_BYTES of Hessians; every other linear alone. Module order otherwise."""
+    by_shape: dict[tuple, list[str]] = {}
+    for name, linear in targets.items():
+        by_shape.setdefault((tuple(linear.weight.shape), linear.weight.dtype, linear.bias is not None), []).append(name)
+    groups = []
+    for (shape, _, _), names in by_shape.items():
+        if len(names) < BATCH_MIN:
+            groups += [[name] for name in names]
+            continue
+        size = max(1, BATCH_HESSIAN_BYTES // (4 * shape[1] ** 2))
+        groups += [names[i:i + size] for i in range(0, len(names), size)]
+    return groups
 
 
 def quantize_layer(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, stats: InputStats) -> list[str]:
@@ -55,10 +88,13 @@ def quantize_layer(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, 
     memory, so that a run never keeps a model's float and quantized weights both."""
     kind = plan.kind(plan.quantizer)
     notes = []
-    for name, linear in targets.items():
-        hessian = stats.hessian(name) if "hessian" in kind.statistics else None
-        quantized, linear_notes = kind.run(plan.quantizer, name, linear, hessian, plan)
-        notes += linear_notes
-        set_submodule(model, name, quantized)
-        linear.to("meta")
+    for names in batches(targets):
+        linears = [targets[name] for name in names]
+        hessians = [stats.hessian(name) for name in names] if "hessian" in kind.statistics else None
+        results = kind.run(plan.quantizer, names, linears, hessians, plan)
+        del hessians
+        for name, linear, (quantized, linear_notes) in zip(names, linears, results):
+            notes += linear_notes
+            set_submodule(model, name, quantized)
+            linear.to("meta")
     return notes

@@ -4,8 +4,8 @@ its own module and one row here; recipes.py parses and checks steps through this
 through it.
 
 A transform's function: (settings, mapping, stats, input name, plan) -> (scales, report line), or None where it
-leaves that mapping alone. A quantizer's function: (settings, linear name, linear, Hessian or None, plan) ->
-(QuantizedLinear, notes).
+leaves that mapping alone. A quantizer's function: (settings, linear names, linears, their Hessians or None, plan) ->
+[(QuantizedLinear, notes)] per linear; same-shaped linears come together (engine/quantize.py `batches`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from ptqlab.engine.awq import AWQStep, awq
-from ptqlab.engine.quantize import RTNStep, gptq_linear, rtn_linear
+from ptqlab.engine.quantize import RTNStep, gptq_linears, rtn_linears
 from ptqlab.engine.smoothquant import SmoothQuantStep, smoothquant
 from ptqlab.quant.gptq import GPTQConfig
 from ptqlab.schemes import Scheme
@@ -37,8 +37,8 @@ class StepKind:
 STEPS: tuple[StepKind, ...] = (
     StepKind("smoothquant", SmoothQuantStep, "transform", frozenset({"absmax"}), smoothquant),
     StepKind("awq", AWQStep, "transform", frozenset({"abssum", "hessian"}), awq),
-    StepKind("gptq", GPTQConfig, "quantizer", frozenset({"hessian"}), gptq_linear),
-    StepKind("rtn", RTNStep, "quantizer", frozenset(), rtn_linear),
+    StepKind("gptq", GPTQConfig, "quantizer", frozenset({"hessian"}), gptq_linears),
+    StepKind("rtn", RTNStep, "quantizer", frozenset(), rtn_linears),
 )
 STEP_KINDS: dict[str, StepKind] = {kind.name: kind for kind in STEPS}
 

@@ -105,15 +105,24 @@ def _working_hessian(hessian: torch.Tensor, dead: torch.Tensor, perm: torch.Tens
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig(),
          scale_dtype: torch.dtype | None = None) -> GPTQResult:
     """Quantize weight [out, in] given the input Hessian [in, in] (fp32). Scales are stored in `scale_dtype`."""
-    if not torch.isfinite(hessian).all():
+    return gptq_many(weight[None], hessian[None], args, config, scale_dtype)[0]
+
+
+def gptq_many(weights: torch.Tensor, hessians: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig(),
+              scale_dtype: torch.dtype | None = None) -> list[GPTQResult]:
+    """GPTQ of B weights of one shape [B, out, in], each with its own Hessian [B, in, in]: per matrix what gptq()
+    gives for it alone, with the factorizations, the lazy updates and the block kernel batched (an MoE layer's
+    experts are hundreds of small, same-shaped problems whose one-at-a-time cost is mostly launches and syncs).
+    Scales and zero points are found per matrix."""
+    if not torch.isfinite(hessians).all():
         raise HessianError("the Hessian holds NaN or Inf: the layer saw non-finite activations")
-    scale_dtype = scale_dtype or weight.dtype
-    W = weight.detach().float().clone()
-    rows, columns = W.shape
-    h_diag = torch.diag(hessian).float()  # in the natural column order (dynamic groups never permute)
+    scale_dtype = scale_dtype or weights.dtype
+    W = weights.detach().float().clone()
+    batch, rows, columns = W.shape
+    h_diag = hessians.diagonal(dim1=-2, dim2=-1).float().clone()  # natural column order (dynamic groups never permute)
     dead = h_diag == 0
     h_diag[dead] = 1.0  # as the working Hessian's diagonal
-    W[:, dead] = 0.0
+    W.masked_fill_(dead[:, None, :], 0.0)
 
     # Without act-order, each group's scale is computed when GPTQ reaches the group, from the weights as the
     # errors of the columns before it have updated them (GPTQ's reference behaviour, and llm-compressor's):
@@ -126,16 +135,20 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
             return search_quant_params(w, args, scale_dtype, importance=importance)
         return quant_params(w, args, scale_dtype)
 
-    scale, zero_point = params(W, h_diag)
-    perm = torch.argsort(h_diag, descending=True) if config.act_order else None
-    if perm is not None:
-        W = W[:, perm]
-    Hinv, damp_used = _inverse_hessian_cholesky(lambda: _working_hessian(hessian, dead, perm), config.dampening_frac)
+    scale, zero_point = map(list, zip(*(params(W[b], h_diag[b]) for b in range(batch))))
+    perm = None
+    if config.act_order:  # one sort per matrix: a batched sort may order equal diagonals differently
+        perm = torch.stack([torch.argsort(h_diag[b], descending=True) for b in range(batch)])
+        W = _permute_columns(W, perm)
+    Hinv, damp_used = _inverse_hessian_choleskys(hessians, dead, perm, config.dampening_frac)
 
     # Per column: the scale/zero point that apply to it (its group's, in the visiting order).
-    col_scale, col_zero = _per_column(scale, zero_point, args, rows, columns)
+    per_column = [_per_column(scale[b], zero_point[b], args, rows, columns) for b in range(batch)]
+    col_scale = torch.stack([s for s, _ in per_column])
+    col_zero = None if zero_point[0] is None else torch.stack([z for _, z in per_column])
     if perm is not None:
-        col_scale, col_zero = col_scale[:, perm], None if col_zero is None else col_zero[:, perm]
+        col_scale = _permute_columns(col_scale, perm)
+        col_zero = None if col_zero is None else _permute_columns(col_zero, perm)
 
     Q = torch.empty_like(W)
     block_size = args.group_size if dynamic_groups else config.block_size
@@ -143,30 +156,79 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
         i2 = min(i1 + block_size, columns)
         if dynamic_groups:
             group = i1 // args.group_size
-            group_scale, group_zero = params(W[:, i1:i2], h_diag[i1:i2])  # [rows, 1]
-            scale[:, group:group + 1] = group_scale
-            col_scale[:, i1:i2] = group_scale.float()
-            if zero_point is not None:
-                zero_point[:, group:group + 1] = group_zero
-                col_zero[:, i1:i2] = group_zero.float()
-        zero_block = None if col_zero is None else col_zero[:, i1:i2]
-        Q[:, i1:i2], Err1 = _quantize_block(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], col_scale[:, i1:i2], zero_block, args)
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # the block's error reaches the columns after it
+            for b in range(batch):
+                group_scale, group_zero = params(W[b, :, i1:i2], h_diag[b, i1:i2])  # [rows, 1]
+                scale[b][:, group:group + 1] = group_scale
+                col_scale[b, :, i1:i2] = group_scale.float()
+                if zero_point[b] is not None:
+                    zero_point[b][:, group:group + 1] = group_zero
+                    col_zero[b, :, i1:i2] = group_zero.float()
+        zero_block = None if col_zero is None else col_zero[:, :, i1:i2]
+        Q[:, :, i1:i2], Err1 = _quantize_block(W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2], col_scale[:, :, i1:i2],
+                                               zero_block, args)
+        # The block's error reaches the columns after it (one matrix: the plain matmul, as gptq() always did).
+        if batch == 1:
+            W[0, :, i2:].addmm_(Err1[0], Hinv[0, i1:i2, i2:], alpha=-1)
+        else:
+            W[:, :, i2:].baddbmm_(Err1, Hinv[:, i1:i2, i2:], alpha=-1)
 
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    q = quantize(Q, scale, zero_point, args)  # Q is on the grid already: this recovers the grid values exactly
-    return GPTQResult(q, scale, zero_point, damp_used, int(dead.sum()))
+        Q = _permute_columns(Q, torch.argsort(perm, dim=-1))
+    # Q is on the grid already: quantize recovers the grid values exactly
+    return [GPTQResult(quantize(Q[b], scale[b], zero_point[b], args), scale[b], zero_point[b], damp_used[b],
+                       int(dead[b].sum())) for b in range(batch)]
+
+
+def _permute_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """x [B, rows, columns] with each matrix's columns in the order of its row of perm [B, columns]."""
+    return torch.gather(x, 2, perm[:, None, :].expand(-1, x.shape[1], -1))
+
+
+def _inverse_hessian_choleskys(hessians: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None,
+                               damp_frac: float) -> tuple[torch.Tensor, list[float]]:
+    """Upper Cholesky factors of each (damped, permuted) inverse Hessian [B, in, in] and the damping each used. One
+    matrix: _inverse_hessian_cholesky's memory-frugal path. Several: batched at `damp_frac`, the few that fail then
+    one by one with the damping raised as for one matrix, so each gets the damping it would get alone."""
+    def working(b: int) -> Callable[[], torch.Tensor]:
+        return lambda: _working_hessian(hessians[b], dead[b], None if perm is None else perm[b])
+
+    batch = hessians.shape[0]
+    if batch == 1:
+        upper, frac = _inverse_hessian_cholesky(working(0), damp_frac)
+        return upper[None], [frac]
+    H = torch.stack([working(b)() for b in range(batch)])
+    diagonal = H.diagonal(dim1=-2, dim2=-1)
+    # As one matrix's damping: the fp32 mean diagonal times frac in double, rounded to fp32, then added.
+    diagonal += (damp_frac * diagonal.mean(-1, keepdim=True).double()).float()
+    factor, info = torch.linalg.cholesky_ex(H)
+    del H
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    upper, info_inverse = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
+    failed = (info != 0) | (info_inverse != 0) | ~torch.isfinite(upper).flatten(1).all(1)
+    fracs = [damp_frac] * batch
+    for b in failed.nonzero().flatten().tolist():
+        upper[b], fracs[b] = _inverse_hessian_cholesky(working(b), damp_frac)
+    return upper, fracs
 
 
 def _quantize_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                     args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's sweep over one block of columns [rows, b]: each column rounded, its error folded into the block's later
-    columns -> (the block on the grid, dequantized; the errors scaled by 1 / Hinv_ii, for the columns after it).
-    One Triton kernel per block on a GPU (gptq_triton.py), else the loop below."""
+    """GPTQ's sweep over one block of columns of B matrices [B, rows, b]: each column rounded, its error folded into
+    the block's later columns -> (the block on the grid, dequantized; the errors scaled by 1 / Hinv_ii, for the
+    columns after it). One Triton kernel per block on a GPU (gptq_triton.py), else the loop below per matrix."""
     if gptq_triton.available(W1):
         qmin, qmax = grid_range(args)
         return gptq_triton.gptq_block(W1, Hinv1, scale, zero_point, qmin, qmax, args.type == "float")
+    blocks = [_quantize_block_loop(W1[b], Hinv1[b], scale[b], None if zero_point is None else zero_point[b], args)
+              for b in range(W1.shape[0])]
+    return torch.stack([q for q, _ in blocks]), torch.stack([e for _, e in blocks])
+
+
+def _quantize_block_loop(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                         args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One matrix's block [rows, b] on the CPU."""
     # Transposed, so that a column is a contiguous row and its update of the later columns one rank-1 BLAS call
     # (the loop runs once per input channel: per-operation overhead is what it costs on a CPU).
     W1t, Err1t = W1.T.contiguous(), torch.empty_like(W1.T, memory_format=torch.contiguous_format)

@@ -19,8 +19,17 @@ if triton is not None:
 
     @triton.jit
     def _gptq_block_kernel(W, Hinv, S, Z, Q, E, rows, columns, stride_w, stride_h, stride_s, stride_z, stride_q, stride_e,
-                           qmin, qmax, HAS_ZERO: tl.constexpr, IS_FP8: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+                           stride_batch, stride_batch_h, qmin, qmax, HAS_ZERO: tl.constexpr, IS_FP8: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Rows BLOCK_R of matrix program_id(1) (W, S, Z, Q, E share one layout: stride_batch apart; Hinv's blocks
+        stride_batch_h)."""
+        matrix = tl.program_id(1).to(tl.int64)
+        W += matrix * stride_batch
+        S += matrix * stride_batch
+        Z += matrix * stride_batch
+        Q += matrix * stride_batch
+        E += matrix * stride_batch
+        Hinv += matrix * stride_batch_h
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.arange(0, BLOCK_C)
         rmask, cmask = r < rows, c < columns
@@ -60,15 +69,17 @@ def available(tensor: torch.Tensor) -> bool:
 
 def gptq_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmin: float,
                qmax: float, is_fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize one block of columns with error feedback. W1, scale, zero: [rows, block] fp32. -> (Q1, Err1)"""
-    rows, columns = W1.shape
+    """Quantize one block of columns of B matrices with error feedback. W1, scale, zero: [B, rows, block] fp32;
+    Hinv1 [B, block, block]. -> (Q1, Err1)"""
+    batch, rows, columns = W1.shape
     W1, Hinv1, scale = W1.contiguous(), Hinv1.contiguous(), scale.contiguous()
     zero = zero.contiguous() if zero is not None else scale  # unused when HAS_ZERO is False
     Q1, E1 = torch.empty_like(W1), torch.empty_like(W1)
     block_c = triton.next_power_of_2(columns)
     block_r = 16 if block_c <= 128 else 4
-    grid = (triton.cdiv(rows, block_r),)
-    _gptq_block_kernel[grid](W1, Hinv1, scale, zero, Q1, E1, rows, columns, W1.stride(0), Hinv1.stride(0), scale.stride(0),
-                             zero.stride(0), Q1.stride(0), E1.stride(0), qmin, qmax, HAS_ZERO=zero is not scale,
-                             IS_FP8=is_fp8, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    grid = (triton.cdiv(rows, block_r), batch)
+    _gptq_block_kernel[grid](W1, Hinv1, scale, zero, Q1, E1, rows, columns, W1.stride(1), Hinv1.stride(1),
+                             scale.stride(1), zero.stride(1), Q1.stride(1), E1.stride(1), W1.stride(0), Hinv1.stride(0),
+                             qmin, qmax, HAS_ZERO=zero is not scale, IS_FP8=is_fp8, BLOCK_R=block_r, BLOCK_C=block_c,
+                             num_warps=4)
     return Q1, E1

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.errors import PtqlabError
+from ptqlab.engine.distributed import World, join, leave, peak_gpu_bytes_per_rank, world_from_environment
 from ptqlab.engine.experts import MIN_EXPERT_TOKENS
 from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, check_budgets, estimate, free_cpu_bytes,
                                   parse_bytes)
@@ -145,24 +146,34 @@ def quantize(
     memory = _memory_plan(checked, recipe, dtype, calibration, calib_batch_size, device, stream, gpu_budget)
     check_budgets(memory, gpu_budget, cpu_budget, stream)
     check_writable(out, overwrite, protect, memory.disk_bytes)  # free space for the checkpoint the plan sizes
+    world = world_from_environment()
+    if world.rank > 0:  # another rank of a run of several: it calibrates with rank 0, which writes
+        if recipe.calibrated:
+            _calibrate_as_helper(world, checked, recipe, dtype, stream, calibration, calib_batch_size, device, seed,
+                                 memory, min_expert_tokens)
+        return out
     if not quiet:  # once every check has passed: a refused run prints its one line only
         say(escape(memory.lines()[0]))
     torch.manual_seed(seed)
     start = time.perf_counter()
     with atomic_dir(out, overwrite, protect, resumable=recipe.calibrated) as tmp, locked(tmp, "quantize"), \
-            gpu_memory_limit(device, max_gpu_memory and gpu_budget):
+            gpu_memory_limit(device, max_gpu_memory and gpu_budget), joined(world, recipe, device) as engine_device:
         loaded, streamed = _load(checked, dtype, stream)
         calibration_set = None if calibration is None else load_calibration(loaded.tokenizer, calibration)
-        engine_device = resolve_device(device)
         stored = model_dtype(loaded.model)
         compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
         fingerprint = {**request, "calib_batch_size": calib_batch_size, "compute_dtype": _dtype_name(compute),
-                       "min_expert_tokens": min_expert_tokens}
+                       "min_expert_tokens": min_expert_tokens, "ranks": world.size}
         checkpoint, writer, write_layer = _layer_writing(tmp, recipe, streamed, fingerprint)
+        # Several ranks: no resume yet (each rank would have to keep its own share of the hidden states).
         result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
                                 batch_size=calib_batch_size, compute_dtype=compute, streamed=streamed,
-                                write_layer=write_layer, resume=checkpoint, offload=not memory.layers_on_gpu,
-                                activations_on_gpu=memory.activations_on_gpu, min_expert_tokens=min_expert_tokens)
+                                write_layer=write_layer, resume=None if world.several else checkpoint,
+                                offload=world.several or not memory.layers_on_gpu,
+                                activations_on_gpu=memory.activations_on_gpu, min_expert_tokens=min_expert_tokens,
+                                world=world)
+        peaks = peak_gpu_bytes_per_rank(world, engine_device) if recipe.calibrated else None
+        leave()  # the ranks' last collective: writing and reading back are rank 0's alone
         _write_checkpoint(tmp, loaded, result, streamed, checkpoint, writer)
         if moe_layout(loaded.model.config) is not None:
             result.notes.append(_read_back(tmp, loaded, streamed, result.recipe.scheme))
@@ -180,10 +191,46 @@ def quantize(
                     "seed": seed, "out": str(out),
                     "calibration": None if calibration is None else dataclasses.asdict(calibration),
                     "calib_batch_size": calib_batch_size, "min_expert_tokens": min_expert_tokens, "device": device,
-                    "stream": stream,
+                    "stream": stream, "ranks": world.size, "peak_gpu_bytes_per_rank": peaks,
                     "memory_plan": memory.to_dict(), "gpu_budget_bytes": gpu_budget, "cpu_budget_bytes": cpu_budget}
         _run_record(loaded, result, settings, time.perf_counter() - start, request).write(tmp)
     return out
+
+
+@contextmanager
+def joined(world: World, recipe: Recipe, device: str) -> Iterator[torch.device]:
+    """The device this rank computes on (rank r of several on one machine: GPU r), inside the run's process group
+    when there are several ranks and the recipe calibrates (data-free recipes need no other rank)."""
+    engine_device = resolve_device(device)
+    if world.several and engine_device.type == "cuda" and device in ("auto", "cuda"):
+        engine_device = torch.device("cuda", world.local_rank)
+    if not (world.several and recipe.calibrated):
+        yield engine_device
+        return
+    join(world, engine_device)
+    try:
+        yield engine_device
+    finally:
+        leave()
+
+
+def _calibrate_as_helper(world: World, checked: ModelSource, recipe: Recipe, dtype: str, stream: bool,
+                         calibration: CalibrationConfig, calib_batch_size: int, device: str, seed: int,
+                         memory: MemoryPlan, min_expert_tokens: int) -> None:
+    """Rank r > 0 of a run of several: load the model (or stream it) as rank 0 does, calibrate its share of the
+    batches with the others, and write nothing. Like every rank of several, it keeps one decoder layer at a time on
+    its GPU (the next prefetched): never a copy of the whole model per GPU."""
+    torch.manual_seed(seed)
+    with joined(world, recipe, device) as engine_device:
+        loaded, streamed = _load(checked, dtype, stream)
+        calibration_set = load_calibration(loaded.tokenizer, calibration)
+        stored = model_dtype(loaded.model)
+        quantize_model(loaded.model, recipe, calibration_set, quiet=True, device=engine_device,
+                       batch_size=calib_batch_size, compute_dtype=compute_dtype(engine_device, stored),
+                       streamed=streamed, write_layer=None if streamed is None else (lambda *layer: None),
+                       offload=True, activations_on_gpu=memory.activations_on_gpu,
+                       min_expert_tokens=min_expert_tokens, world=world)
+        peak_gpu_bytes_per_rank(world, engine_device)  # rank 0 records every rank's; the last collective
 
 
 def _layer_writing(folder: Path, recipe: Recipe, streamed: StreamedModel | None, fingerprint: dict):

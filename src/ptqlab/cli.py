@@ -61,6 +61,7 @@ def quantize(
     max_cpu_memory: Annotated[Optional[str], typer.Option(help="CPU memory the run may use at its peak, e.g. 8GiB (default: 90 % of what is available).")] = None,
     plan: Annotated[bool, typer.Option(help="Print the run's estimated peak GPU and CPU memory, disk and time, and stop.")] = False,
     min_expert_tokens: Annotated[int, typer.Option(min=1, help="Mixture-of-experts models: an expert routed fewer calibration tokens than this in a layer is calibrated on all of that layer's tokens.")] = 128,
+    gpus: Annotated[int, typer.Option(min=1, help="Calibrate on this many GPUs of this machine, one process each (with --device cpu: CPU processes); under torchrun, leave it at 1.")] = 1,
     verbose: Verbose = False,
 ) -> None:
     """Quantize MODEL with a recipe and write a compressed-tensors checkpoint (+ tokenizer, ptqlab.json).
@@ -68,8 +69,17 @@ def quantize(
     Calibrated recipes (GPTQ, SmoothQuant, AWQ: all but fp8-dynamic, w4a16-rtn, w8a8-rtn) draw --num-samples
     chat-formatted samples of at most --max-seq-len tokens from --dataset with --seed."""
     _start(verbose)
+    if gpus > 1:
+        from ptqlab.launch import launch
+
+        try:
+            launch(gpus, device, verbose)
+        except PtqlabError as e:
+            _fail(e)
+        return
     from ptqlab.api import quantize as run
     from ptqlab.data import CalibrationConfig
+    from ptqlab.engine.distributed import world_from_environment
     from ptqlab.recipes import get_recipe
     from ptqlab.record import read_record
 
@@ -93,6 +103,8 @@ def quantize(
                    seed=seed, quiet=quiet, calibration=calibration, calib_batch_size=calib_batch_size, device=device,
                    stream=stream, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
                    min_expert_tokens=min_expert_tokens)
+        if world_from_environment().rank > 0:  # another rank of a run of several: rank 0 writes and says so
+            return
         record = read_record(path)
     except PtqlabError as e:
         _fail(e)

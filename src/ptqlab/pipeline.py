@@ -16,6 +16,7 @@ from torch import nn
 
 from ptqlab.data import CalibrationSet, check_batch_size
 from ptqlab.engine import EngineOptions, Plan, calibrate
+from ptqlab.engine.distributed import SINGLE, World
 from ptqlab.engine.experts import MIN_EXPERT_TOKENS, unfuse
 from ptqlab.engine.stream import StreamedModel
 from ptqlab.errors import PtqlabError
@@ -164,7 +165,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
                    device: torch.device | None = None, batch_size: int = 16, compute_dtype: torch.dtype | None = None,
                    streamed: StreamedModel | None = None, write_layer: LayerWriter | None = None,
                    resume=None, offload: bool | None = None, activations_on_gpu: bool = True,
-                   min_expert_tokens: int = MIN_EXPERT_TOKENS) -> QuantizationResult:
+                   min_expert_tokens: int = MIN_EXPERT_TOKENS, world: World = SINGLE) -> QuantizationResult:
     """Quantize `model` in place according to `recipe`; calibrated methods need `calibration`, whose forwards compute
     in `compute_dtype` (default: the model's). With `streamed` (its .model is `model`), decoder layers are read from
     disk one at a time and handed to `write_layer` when done, then dropped: the model is never whole in memory.
@@ -172,7 +173,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
     where an earlier run of the same settings stopped. `offload` and `activations_on_gpu` place layers and
     activations as the run's memory plan says (engine/calibrate.EngineOptions). A mixture-of-experts model's fused
     experts become one linear per expert projection first (engine/experts.py); its routers stay 16-bit, and an
-    expert routed fewer than `min_expert_tokens` calibration tokens in a layer is calibrated on all of them."""
+    expert routed fewer than `min_expert_tokens` calibration tokens in a layer is calibrated on all of them.
+    `world`: this process's rank among several that calibrate together (engine/distributed.py)."""
     layout = moe_layout(model.config)
     unfuse(model)
     keep = routers(model, layout)
@@ -206,7 +208,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         options = EngineOptions(device, batch_size, compute_dtype=compute_dtype, quiet=quiet,
                                 label=f"{recipe.name} ({steps})", load_layer=load_layer, finish_layer=finish_layer,
                                 resume=resume, offload=offload, activations_on_gpu=activations_on_gpu,
-                                min_expert_tokens=min_expert_tokens)
+                                min_expert_tokens=min_expert_tokens, world=world)
         reports = calibrate(model, targets, plan, calibration, options)
         result.quantized = list(targets)
         result.layer_reports = reports

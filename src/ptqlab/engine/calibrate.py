@@ -12,6 +12,7 @@ from torch import nn
 
 from ptqlab.data import CalibrationSet
 from ptqlab.engine.capture import Batch, capture, make_batches
+from ptqlab.engine.distributed import SINGLE, World, reduce_statistics
 from ptqlab.engine.experts import MIN_EXPERT_TOKENS
 from ptqlab.engine.placement import LayerPrefetcher, to_host
 from ptqlab.engine.propagate import cast_back, floating_dtypes, propagate
@@ -46,6 +47,9 @@ class EngineOptions:
     quiet: bool = False
     label: str = "calibrate"
     """What the progress line calls the run."""
+    world: World = SINGLE
+    """Several ranks (engine/distributed.py): this one forwards its share of the batches, statistics are reduced
+    over all, each linear is quantized by one owner and sent to the others."""
     load_layer: Callable[[int], nn.Module] | None = None
     """Streaming (engine/stream.py): gives decoder layer i with its weights, which are elsewhere until then (the
     model's layers are on the meta device). None: every layer is in memory."""
@@ -106,7 +110,7 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
         offload = device.type == "cuda" and _bytes(model) > 0.6 * torch.cuda.mem_get_info(device)[0]
     if not offload:
         model.to(device)
-    batches = make_batches(calibration, options.batch_size)
+    batches = options.world.share(make_batches(calibration, options.batch_size))
     capture(model, batches, device, release=offload)  # with offload, the layers stay on the CPU; one at a time moves
     if not options.activations_on_gpu and device.type == "cuda":
         for batch in batches:
@@ -132,7 +136,7 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
             layer_targets = {name: targets[name] for name in grouped[index]}  # meta when streaming: names only
             reports.append(_calibrate_layer(model, layer, index, prefix, layer_targets, plan, batches, masks, device,
                                             stored, saved=None if options.resume is None else options.resume.wait,
-                                            min_expert_tokens=options.min_expert_tokens))
+                                            min_expert_tokens=options.min_expert_tokens, world=options.world))
             if stored is not None:
                 cast_back(layer, stored, prefix, round_only=False)  # done computing: the checkpoint's dtypes
             if options.finish_layer is not None:
@@ -152,19 +156,20 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
 def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str, targets: dict[str, nn.Linear],
                      plan: Plan, batches: list[Batch], masks: list, device: torch.device,
                      stored: dict[str, torch.dtype] | None, saved: Callable[[], None] | None = None,
-                     min_expert_tokens: int = MIN_EXPERT_TOKENS) -> LayerReport:
+                     min_expert_tokens: int = MIN_EXPERT_TOKENS, world: World = SINGLE) -> LayerReport:
     """One layer's phases; `saved` waits for a background save of the layer's inputs (engine/resume.py) before its
     outputs replace them."""
     clock = _PhaseClock(device)
     # Statistics of every linear of the layer (a transform may rescale an ignored one); only targets are quantized.
     linears = {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    stats = collect(layer, linears, batches, masks, index, device, plan.statistics, prefix, min_expert_tokens)
+    stats = collect(layer, linears, batches, masks, index, device, plan.statistics, prefix, min_expert_tokens,
+                    reduce_statistics if world.several else None)
     clock.lap("hessians")
     notes, details = [], []
     if plan.transforms:
         details, notes = transform_layer(layer, model.config, prefix, plan, stats, first=index == 0)
         clock.lap("transforms")
-    notes += quantize_layer(model, targets, plan, stats)
+    notes += quantize_layer(model, targets, plan, stats, world)
     stats_coverage = stats.coverage
     del stats
     if stored is not None:  # the values the checkpoint will hold: smoothed norms, layers kept 16-bit

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ptqlab.engine.distributed import SINGLE, World, broadcast_quantized, gather_notes
 from ptqlab.engine.statistics import InputStats
 from ptqlab.errors import PtqlabError
 from ptqlab.models import set_submodule
@@ -82,19 +83,36 @@ def batches(targets: dict[str, nn.Linear]) -> list[list[str]]:
     return groups
 
 
-def quantize_layer(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, stats: InputStats) -> list[str]:
+def quantize_layer(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, stats: InputStats,
+                   world: World = SINGLE) -> list[str]:
     """Replace each of `targets` (the linears of one decoder layer) in `model` by its quantized form -> notes. The
     float weights replaced are let go (moved to the meta device): whoever still holds a replaced linear holds no
-    memory, so that a run never keeps a model's float and quantized weights both."""
+    memory, so that a run never keeps a model's float and quantized weights both. With several ranks each group of
+    linears is quantized by one owner rank (balanced by cost) and sent to the others."""
     kind = plan.kind(plan.quantizer)
+    groups = batches(targets)
+    owners = world.owners([sum(_cost(targets[name], kind) for name in names) for names in groups])
     notes = []
-    for names in batches(targets):
+    for names, owner in zip(groups, owners):
         linears = [targets[name] for name in names]
-        hessians = [stats.hessian(name) for name in names] if "hessian" in kind.statistics else None
-        results = kind.run(plan.quantizer, names, linears, hessians, plan)
-        del hessians
+        results = [(None, [])] * len(names)
+        if owner == world.rank:
+            hessians = [stats.hessian(name) for name in names] if "hessian" in kind.statistics else None
+            results = kind.run(plan.quantizer, names, linears, hessians, plan)
+            del hessians
         for name, linear, (quantized, linear_notes) in zip(names, linears, results):
+            if world.several:
+                quantized = broadcast_quantized(quantized, linear, owner, plan.scheme, stats.device)
             notes += linear_notes
             set_submodule(model, name, quantized)
             linear.to("meta")
-    return notes
+    return gather_notes(notes) if world.several else notes
+
+
+def _cost(linear: nn.Linear, kind) -> float:
+    """A linear's quantization work, for balancing owners: GPTQ's factorizations and sweep (in² · (in + out)), or
+    rounding (out · in)."""
+    out_features, in_features = linear.weight.shape
+    if "hessian" in kind.statistics:
+        return float(in_features) ** 2 * (in_features + out_features)
+    return float(out_features) * in_features

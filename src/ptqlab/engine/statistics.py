@@ -153,17 +153,23 @@ def gram(rows: torch.Tensor) -> torch.Tensor:
 
 def collect(layer: nn.Module, linears: dict[str, nn.Linear], batches: list[Batch], masks: list, index: int,
             device: torch.device, wanted: frozenset[str], prefix: str = "",
-            min_expert_tokens: int = MIN_EXPERT_TOKENS) -> InputStats:
+            min_expert_tokens: int = MIN_EXPERT_TOKENS,
+            reduce: Callable[[InputStats], None] | None = None) -> InputStats:
     """Forward every calibration batch through decoder layer `index` (named `prefix`) while hooks on `linears`
     accumulate `wanted`. In an MoE layer each expert counts the real tokens routed to it; the experts routed fewer
     than `min_expert_tokens` are gathered again, from every real token of the layer (engine/experts.py); which
-    did, and each expert's count, is the statistics' `coverage`."""
+    did, and each expert's count, is the statistics' `coverage`. `reduce` (several ranks, engine/distributed.py)
+    combines each pass's statistics with the other ranks' before anything is decided from them."""
     stats = _forward_all(layer, linears, batches, masks, index, device, wanted, None)
+    if reduce is not None:
+        reduce(stats)
     starved, stats.coverage = starved_experts(layer, prefix, stats.counts, min_expert_tokens)
     if starved:
         names = expert_linear_names(layer, prefix, starved)
         again = _forward_all(layer, {n: linears[n] for n in names if n in linears}, batches, masks, index, device,
                              wanted, starved)
+        if reduce is not None:
+            reduce(again)
         stats.take(again)
     return stats
 

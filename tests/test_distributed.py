@@ -1,6 +1,6 @@
 """Several ranks (engine/distributed.py, launch.py) on CPUs with gloo: statistics reduced as one rank would have them,
-owners balanced, a two-rank run equal to the one-rank run within the bound below (streamed or not), and a killed
-worker ending the run in one line."""
+owners balanced, a two-rank run equal to the one-rank run within the bound below (streamed or not), a killed worker
+ending the run in one line, and the run resuming from there."""
 
 import json
 import os
@@ -78,6 +78,19 @@ def test_statistics_reduce_to_what_one_rank_would_hold():
         assert set(sums) == {"e0.gate", "e1.gate"} and torch.equal(absmax["e1.gate"], x1.amax(0))
 
 
+@pytest.fixture(scope="module")
+def four_layers(tiny_model_dir, tmp_path_factory):
+    """(a four-layer tiny model, the calibration file, and its uninterrupted two-rank w4a16 checkpoint)."""
+    from tiny import CHATS, write_jsonl
+
+    folder = tmp_path_factory.mktemp("ranks")
+    model = tiny_model_dir("llama", num_hidden_layers=4)
+    calibration = write_jsonl(folder / "chats.jsonl", CHATS)
+    done = run(quantize_command(model, calibration, folder / "two", "--gpus", "2"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return model, calibration, folder / "two"
+
+
 def quantize_command(model: Path, calibration: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "ptqlab", "quantize", str(model), "--recipe", "w4a16", "--dataset", str(calibration),
             "--num-samples", "16", "--max-seq-len", "32", "--calib-batch-size", "4", "--device", "cpu", "--out",
@@ -89,23 +102,21 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, **kwargs)
 
 
-def test_two_ranks_quantize_as_one_within_the_stated_bound(tiny_model_dir, calibration_file, tmp_path):
+def test_two_ranks_quantize_as_one_within_the_stated_bound(four_layers, tmp_path):
     """The bound: rounding differs (Hessians summed in another order), which moves near-ties of GPTQ's rounding and
     of act-order's column order, and from there the next layers' inputs. The first layer's grid values (same inputs)
     agree but for under 2 %; the two checkpoints' logits differ by under half of what quantizing cost (the distance
     of either from the float model), and that cost itself agrees within 5 %."""
     from transformers import AutoModelForCausalLM
 
-    model = tiny_model_dir("llama")
+    model, calibration_file, two = four_layers
     one = run(quantize_command(model, calibration_file, tmp_path / "one"))
-    two = run(quantize_command(model, calibration_file, tmp_path / "two", "--gpus", "2"))
     assert one.returncode == 0, one.stdout + one.stderr
-    assert two.returncode == 0, two.stdout + two.stderr
-    assert json.loads((tmp_path / "two" / "ptqlab.json").read_text())["settings"]["ranks"] == 2
-    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert json.loads((two / "ptqlab.json").read_text())["settings"]["ranks"] == 2
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(two / "model.safetensors")
     assert a.keys() == b.keys()
     assert (json.loads((tmp_path / "one" / "config.json").read_text())["quantization_config"]
-            == json.loads((tmp_path / "two" / "config.json").read_text())["quantization_config"])
+            == json.loads((two / "config.json").read_text())["quantization_config"])
 
     def nibbles(packed):
         return torch.stack([(packed >> (4 * i)) & 15 for i in range(8)], -1)
@@ -115,7 +126,7 @@ def test_two_ranks_quantize_as_one_within_the_stated_bound(tiny_model_dir, calib
     assert differing < 0.02 * sum(nibbles(a[k]).numel() for k in first)
     tokens = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     logits = {name: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(tokens).logits
-              for name, folder in (("float", model), ("one", tmp_path / "one"), ("two", tmp_path / "two"))}
+              for name, folder in (("float", model), ("one", tmp_path / "one"), ("two", two))}
     scale = logits["float"].norm()
     cost_one, cost_two = ((logits[n] - logits["float"]).norm() / scale for n in ("one", "two"))
     assert (logits["two"] - logits["one"]).norm() / scale < 0.5 * cost_one
@@ -146,22 +157,32 @@ def _rank_of(pid: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through Linux's /proc")
-def test_a_killed_worker_ends_the_run_in_one_line_and_writes_nothing(tiny_model_dir, calibration_file, tmp_path):
-    command = quantize_command(tiny_model_dir("llama"), calibration_file, tmp_path / "out", "--gpus", "2")
+def test_a_killed_worker_ends_the_run_in_one_line_and_the_run_resumes(four_layers, tmp_path):
+    """Rank 1 killed once the run has a resume state: the launcher stops rank 0 too and says so in one line, no
+    --out appears; the same command then resumes (every rank from its own saved batches) and writes what an
+    uninterrupted two-rank run writes."""
+    model, calibration_file, whole = four_layers
+    command = quantize_command(model, calibration_file, tmp_path / "out", "--gpus", "2")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "COLUMNS": "200"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    victim, deadline = None, time.monotonic() + 120
-    while victim is None and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-        victim = next((c for c in _children(proc.pid) if _rank_of(c) == 1), None)
-    assert victim is not None, "the launcher started no worker of rank 1"
-    time.sleep(3)  # into its work
+    state, deadline = tmp_path / ".out.partial" / "resume.json", time.monotonic() + 300
+    while not state.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    victim = next((c for c in _children(proc.pid) if _rank_of(c) == 1), None)
+    assert state.is_file() and victim is not None, "the run made no resume state, or has no worker of rank 1"
     os.kill(victim, signal.SIGKILL)
     output, _ = proc.communicate(timeout=120)  # no hang: the launcher stops the other worker
     assert proc.returncode != 0
     assert "error: worker 1 of 2 was killed (SIGKILL): the run stopped on every worker" in output
     assert "Traceback" not in output
     assert not (tmp_path / "out").exists()
+
+    resumed = run(command)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "note: resumed from layer" in resumed.stdout + resumed.stderr
+    a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob(".*partial*"))
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, 
                                               write_config)
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, load_checked,
                            load_tokenizer, model_dtype, moe_layout, resolve_device, stored_dtype)
-from ptqlab.output import atomic_dir, check_writable, locked
+from ptqlab.output import atomic_dir, check_writable, locked, resumable_partial
 from ptqlab.progress import say
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.recipes import Recipe, get_recipe
@@ -149,8 +149,8 @@ def quantize(
     world = world_from_environment()
     if world.rank > 0:  # another rank of a run of several: it calibrates with rank 0, which writes
         if recipe.calibrated:
-            _calibrate_as_helper(world, checked, recipe, dtype, stream, calibration, calib_batch_size, device, seed,
-                                 memory, min_expert_tokens)
+            _calibrate_as_helper(world, out, request, checked, recipe, dtype, stream, calibration, calib_batch_size,
+                                 device, seed, memory, min_expert_tokens)
         return out
     if not quiet:  # once every check has passed: a refused run prints its one line only
         say(escape(memory.lines()[0]))
@@ -162,13 +162,11 @@ def quantize(
         calibration_set = None if calibration is None else load_calibration(loaded.tokenizer, calibration)
         stored = model_dtype(loaded.model)
         compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
-        fingerprint = {**request, "calib_batch_size": calib_batch_size, "compute_dtype": _dtype_name(compute),
-                       "min_expert_tokens": min_expert_tokens, "ranks": world.size}
-        checkpoint, writer, write_layer = _layer_writing(tmp, recipe, streamed, fingerprint)
-        # Several ranks: no resume yet (each rank would have to keep its own share of the hidden states).
+        fingerprint = _fingerprint(request, calib_batch_size, compute, min_expert_tokens, world)
+        checkpoint, writer, write_layer = _layer_writing(tmp, recipe, streamed, fingerprint, world)
         result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
                                 batch_size=calib_batch_size, compute_dtype=compute, streamed=streamed,
-                                write_layer=write_layer, resume=None if world.several else checkpoint,
+                                write_layer=write_layer, resume=checkpoint,
                                 offload=world.several or not memory.layers_on_gpu,
                                 activations_on_gpu=memory.activations_on_gpu, min_expert_tokens=min_expert_tokens,
                                 world=world)
@@ -214,31 +212,43 @@ def joined(world: World, recipe: Recipe, device: str) -> Iterator[torch.device]:
         leave()
 
 
-def _calibrate_as_helper(world: World, checked: ModelSource, recipe: Recipe, dtype: str, stream: bool,
-                         calibration: CalibrationConfig, calib_batch_size: int, device: str, seed: int,
+def _fingerprint(request: dict, calib_batch_size: int, compute: torch.dtype, min_expert_tokens: int,
+                 world: World) -> dict:
+    """What a resumed run must share with the run it continues (engine/resume.py)."""
+    return {**request, "calib_batch_size": calib_batch_size, "compute_dtype": _dtype_name(compute),
+            "min_expert_tokens": min_expert_tokens, "ranks": world.size}
+
+
+def _calibrate_as_helper(world: World, out: Path, request: dict, checked: ModelSource, recipe: Recipe, dtype: str,
+                         stream: bool, calibration: CalibrationConfig, calib_batch_size: int, device: str, seed: int,
                          memory: MemoryPlan, min_expert_tokens: int) -> None:
     """Rank r > 0 of a run of several: load the model (or stream it) as rank 0 does, calibrate its share of the
-    batches with the others, and write nothing. Like every rank of several, it keeps one decoder layer at a time on
-    its GPU (the next prefetched): never a copy of the whole model per GPU."""
+    batches with the others, keep its share of the resume state in rank 0's partial folder, and write nothing
+    else. Like every rank of several, it keeps one decoder layer at a time on its GPU (the next prefetched): never
+    a copy of the whole model per GPU."""
     torch.manual_seed(seed)
     with joined(world, recipe, device) as engine_device:
         loaded, streamed = _load(checked, dtype, stream)
         calibration_set = load_calibration(loaded.tokenizer, calibration)
-        stored = model_dtype(loaded.model)
+        compute = compute_dtype(engine_device, model_dtype(loaded.model))
+        checkpoint = Checkpointer(resumable_partial(out), _fingerprint(request, calib_batch_size, compute,
+                                                                        min_expert_tokens, world),
+                                  world.rank, world.size)
         quantize_model(loaded.model, recipe, calibration_set, quiet=True, device=engine_device,
-                       batch_size=calib_batch_size, compute_dtype=compute_dtype(engine_device, stored),
-                       streamed=streamed, write_layer=None if streamed is None else (lambda *layer: None),
+                       batch_size=calib_batch_size, compute_dtype=compute, streamed=streamed,
+                       write_layer=None if streamed is None else (lambda *layer: None), resume=checkpoint,
                        offload=True, activations_on_gpu=memory.activations_on_gpu,
                        min_expert_tokens=min_expert_tokens, world=world)
         peak_gpu_bytes_per_rank(world, engine_device)  # rank 0 records every rank's; the last collective
 
 
-def _layer_writing(folder: Path, recipe: Recipe, streamed: StreamedModel | None, fingerprint: dict):
+def _layer_writing(folder: Path, recipe: Recipe, streamed: StreamedModel | None, fingerprint: dict,
+                   world: World):
     """How finished decoder layers are written -> (resume state, shard writer, the engine's write_layer). A calibrated
     run writes each layer into its resume state (merged into shards at the end); a streamed data-free run straight
     into shards; an in-memory data-free run writes the whole model at the end (None)."""
     if recipe.calibrated:
-        checkpoint = Checkpointer(folder, fingerprint)
+        checkpoint = Checkpointer(folder, fingerprint, world.rank, world.size)
         return checkpoint, None, lambda index, layer, name: checkpoint.write_layer(index, module_tensors(layer, name))
     if streamed is not None:
         writer = ShardWriter.for_streaming(folder, moe_layout(streamed.model.config))

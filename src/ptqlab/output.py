@@ -61,7 +61,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, protect: tuple[Path, ..
     out = Path(out).absolute()
     check_writable(out, overwrite, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / (f".{out.name}.partial" if resumable else f".{out.name}.partial-{os.getpid()}")
+    tmp = resumable_partial(out) if resumable else out.parent / f".{out.name}.partial-{os.getpid()}"
     if not resumable:
         shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(exist_ok=True)
@@ -79,6 +79,12 @@ def atomic_dir(out: str | Path, overwrite: bool = False, protect: tuple[Path, ..
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def resumable_partial(out: str | Path) -> Path:
+    """The partial folder of a resumable run writing `out` (the same for every run, and every rank of one)."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.partial"
 
 
 RESUME_NAME = "resume.json"

@@ -9,7 +9,11 @@ layer, the finished layers' reports), written last and atomically; the older hid
 hidden states are written on a background thread while the next layer gathers its statistics and is quantized
 (`wait` is called before anything changes them), so that saving them costs a run little of its time. A partial
 folder whose fingerprint differs (another recipe, seed, calibration set, batch size, compute dtype, expert-token
-threshold, ptqlab version) is discarded, never resumed.
+threshold, ptqlab version, number of ranks) is discarded, never resumed.
+
+Several ranks (engine/distributed.py): each keeps its own batches' hidden states (`rR-bNNNNN`) in the one partial
+folder (so --out must be on a filesystem every rank sees) and marks them done (`rR.done`); rank 0 keeps the layers
+and writes `resume.json` once every rank's are on disk; every rank resumes from it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -38,10 +43,14 @@ def _write_atomically(path: Path, write) -> None:
 
 
 class Checkpointer:
-    """The resume state of one run in its partial folder."""
+    """The resume state of one run in its partial folder (of rank `rank` of `ranks`)."""
 
-    def __init__(self, folder: Path, fingerprint: dict):
+    RANKS_TIMEOUT_S = 3600.0
+    """How long rank 0 waits for the other ranks' hidden states of a layer before the run fails."""
+
+    def __init__(self, folder: Path, fingerprint: dict, rank: int = 0, ranks: int = 1):
         self.folder, self.fingerprint = Path(folder), json.loads(json.dumps(fingerprint, default=str))
+        self.rank, self.ranks = rank, ranks
         self._saving = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptqlab-resume")
         self._pending: Future | None = None
         self.start_layer, self.reports, self.note = 0, [], None
@@ -56,13 +65,23 @@ class Checkpointer:
             self.start_layer = int(state["next_layer"])
             self.reports = [LayerReport(**r) for r in state["reports"]]
             self.note = f"resumed from layer {self.start_layer}: layers 0-{self.start_layer - 1} were done by an earlier run"
+            if rank == 0:  # hidden states the stopped run had begun for later layers: rewritten from here
+                for later in self.folder.glob(f"{HIDDEN_PREFIX}*"):
+                    if later.name > self._hidden_dir(self.start_layer).name:
+                        shutil.rmtree(later, ignore_errors=True)
+        elif rank > 0:  # rank 0 clears what is stale; the others start from layer 0 with it
+            state = None
         else:
             stale = [p for p in self.folder.iterdir() if not p.name.startswith(".")]
             if state is not None:
                 self.note = "discarded an unfinished run of other settings in this --out's partial folder"
             for path in stale:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-        (self.folder / LAYERS_DIR).mkdir(exist_ok=True)
+        if rank == 0:
+            (self.folder / LAYERS_DIR).mkdir(exist_ok=True)
+
+    def _batch_file(self, folder: Path, i: int) -> Path:
+        return folder / (f"b{i:05d}.safetensors" if self.ranks == 1 else f"r{self.rank}-b{i:05d}.safetensors")
 
     def layer_file(self, index: int) -> Path:
         return self.folder / LAYERS_DIR / f"{index:05d}.safetensors"
@@ -81,7 +100,7 @@ class Checkpointer:
             return
         folder = self._hidden_dir(self.start_layer)
         for i, batch in enumerate(batches):  # in place: the batch's buffer keeps its device (and pinning)
-            batch.hidden.copy_(load_file(folder / f"b{i:05d}.safetensors")["hidden"])
+            batch.hidden.copy_(load_file(self._batch_file(folder, i))["hidden"])
 
     def save(self, index: int, batches: list[Batch], reports: list[LayerReport]) -> None:
         """After layer `index` is finished and written: start writing the next layer's inputs, then the state that
@@ -103,16 +122,30 @@ class Checkpointer:
         folder = self._hidden_dir(next_layer)
         folder.mkdir(exist_ok=True)
         for i, tensor in enumerate(hidden):  # one batch at a time in CPU memory
-            save_file({"hidden": tensor.detach().to("cpu").contiguous()}, folder / f"b{i:05d}.safetensors")
+            save_file({"hidden": tensor.detach().to("cpu").contiguous()}, self._batch_file(folder, i))
+        if self.ranks > 1:
+            (folder / f"r{self.rank}.done").write_text("")
+            if self.rank > 0:
+                return
+            self._wait_for_ranks(folder)
         _write_atomically(self.folder / RESUME_NAME, lambda path: path.write_text(json.dumps(state)))
         self._drop_hidden(keep=folder)
+
+    def _wait_for_ranks(self, folder: Path) -> None:
+        """Until every rank has marked its hidden states of `folder` written."""
+        deadline = time.monotonic() + self.RANKS_TIMEOUT_S
+        while not all((folder / f"r{r}.done").is_file() for r in range(self.ranks)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{folder}: the other ranks' hidden states did not arrive")
+            time.sleep(0.05)
 
     def _hidden_dir(self, next_layer: int) -> Path:
         return self.folder / f"{HIDDEN_PREFIX}{next_layer:05d}"
 
     def _drop_hidden(self, keep: Path | None = None) -> None:
+        """The hidden states before `keep` (all without it). Later ones stay: another rank may be writing them."""
         for folder in self.folder.glob(f"{HIDDEN_PREFIX}*"):
-            if folder != keep:
+            if keep is None or folder.name < keep.name:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def finished_layers(self):

@@ -123,35 +123,34 @@ def reduce_statistics(stats: InputStats) -> None:
                 table.pop(name, None)
 
 
-def broadcast_quantized(module: QuantizedLinear | None, like: torch.nn.Linear, owner: int, scheme,
-                        device: torch.device) -> QuantizedLinear:
-    """The owner's quantized linear on every rank: its grid values, scales and zero points sent from `owner`; the
-    others build the same module around them (`like`: the float linear it replaces, for its bias and shapes)."""
+def broadcast_quantized(modules: list[QuantizedLinear | None], likes: list[torch.nn.Linear], owner: int, scheme,
+                        device: torch.device) -> list[QuantizedLinear]:
+    """The owner's quantized linears of one group on every rank: their grid values, scales and zero points sent from
+    `owner` (their shapes and dtypes first, once for the group); the others build the same modules around them
+    (`likes`: the float linears they replace, for their biases)."""
     from ptqlab.quant.linear import QuantizedLinear
 
     names = ("weight_q", "weight_scale", "weight_zero_point")
-    meta: list = [None]
-    if dist.get_rank() == owner:
-        meta = [[None if getattr(module, n) is None else (tuple(getattr(module, n).shape), getattr(module, n).dtype)
-                 for n in names]]
-    dist.broadcast_object_list(meta, src=owner)
-    tensors = []
-    for name, spec in zip(names, meta[0]):
-        if spec is None:
-            tensors.append(None)
-            continue
-        shape, dtype = spec
-        if dist.get_rank() == owner:
-            tensor = getattr(module, name).detach().to(device).contiguous()
-        else:
-            tensor = torch.empty(shape, dtype=dtype, device=device)
-        # Sent as bytes: not every backend carries every dtype (FP8).
-        dist.broadcast(tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor, src=owner)
-        tensors.append(tensor)
-    if dist.get_rank() == owner:
-        return module
-    q, scale, zero_point = tensors
-    return QuantizedLinear.from_weight(like.weight, like.bias, scheme, q, scale, zero_point)
+    mine = dist.get_rank() == owner
+    specs: list = [None]
+    if mine:
+        specs = [[[None if getattr(m, n) is None else (tuple(getattr(m, n).shape), getattr(m, n).dtype) for n in names]
+                  for m in modules]]
+    dist.broadcast_object_list(specs, src=owner)
+    built = []
+    for module, like, spec in zip(modules, likes, specs[0]):
+        tensors = []
+        for name, shape_dtype in zip(names, spec):
+            if shape_dtype is None:
+                tensors.append(None)
+                continue
+            tensor = getattr(module, name).detach().to(device).contiguous() if mine else torch.empty(
+                shape_dtype[0], dtype=shape_dtype[1], device=device)
+            # Sent as bytes: not every backend carries every dtype (FP8).
+            dist.broadcast(tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor, src=owner)
+            tensors.append(tensor)
+        built.append(module if mine else QuantizedLinear.from_weight(like.weight, like.bias, scheme, *tensors))
+    return built
 
 
 def gather_notes(notes: list[str]) -> list[str]:

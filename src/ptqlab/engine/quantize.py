@@ -100,9 +100,10 @@ def quantize_layer(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, 
             hessians = [stats.hessian(name) for name in names] if "hessian" in kind.statistics else None
             results = kind.run(plan.quantizer, names, linears, hessians, plan)
             del hessians
+        if world.several:
+            modules = broadcast_quantized([module for module, _ in results], linears, owner, plan.scheme, stats.device)
+            results = [(module, linear_notes) for module, (_, linear_notes) in zip(modules, results)]
         for name, linear, (quantized, linear_notes) in zip(names, linears, results):
-            if world.several:
-                quantized = broadcast_quantized(quantized, linear, owner, plan.scheme, stats.device)
             notes += linear_notes
             set_submodule(model, name, quantized)
             linear.to("meta")

@@ -230,3 +230,51 @@ def test_a_damaged_record_is_one_line_naming_the_file(tmp_path, content, reason)
         read_record(tmp_path)
     message = str(error.value)
     assert "\n" not in message and str(tmp_path / RECORD_NAME) in message and reason in message
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_checkpoint_is_verified_by_both_readers(recipe, tiny_model_dir, tmp_path):
+    """After writing, transformers and ptqlab's runtime read the checkpoint back; ptqlab.json records who did, with
+    which versions, and how close each came (weights only, float32: within the readers' bounds)."""
+    from ptqlab.formats.readback import BOUNDS
+
+    out = quantize(str(tiny_model_dir("llama")), recipe, out=tmp_path / "q", quiet=True, device="cpu")
+    record = json.loads((out / "ptqlab.json").read_text())
+    readers = {check["reader"]: check for check in record["verification"]}
+    assert set(readers) == {"transformers", "ptqlab runtime"}
+    assert "compressed-tensors" in readers["transformers"]["versions"]
+    for reader, check in readers.items():
+        assert check["relative_error"] <= BOUNDS[reader] and check["top1"] == 1.0
+    assert readers["transformers"]["relative_error"] < 1e-5  # float32 on both sides: the sums' order only
+
+
+@pytest.mark.parametrize("reader", ["transformers", "ptqlab runtime"])
+def test_a_swapped_scale_is_caught_and_nothing_is_written(reader, tiny_model_dir, tmp_path, monkeypatch):
+    """A corruption planted at writing (two rows of one layer's scales swapped) loads without an error; each reader
+    on its own catches it, and the run leaves no checkpoint."""
+    import ptqlab.formats.compressed_tensors as ct
+    import ptqlab.formats.readback as readback
+    from ptqlab.errors import PtqlabError
+
+    write = ct._linear_tensors
+
+    def swapped(name, layer):
+        tensors = write(name, layer)
+        if name == "model.layers.1.mlp.down_proj":
+            scale = tensors[f"{name}.weight_scale"].clone()
+            scale[[0, 1]] = scale[[1, 0]] * 1.5  # rows 0 and 1 traded, and off
+            tensors[f"{name}.weight_scale"] = scale
+        return tensors
+
+    monkeypatch.setattr(ct, "_linear_tensors", swapped)
+    other = "ptqlab runtime" if reader == "transformers" else "transformers"
+    logits_of = "_runtime_logits" if other == "ptqlab runtime" else "_transformers_logits"
+
+    def not_read(folder, tokens):
+        raise readback._NotRead("left out by this test")
+
+    monkeypatch.setattr(readback, logits_of, not_read)
+    name = "ptqlab's runtime" if reader == "ptqlab runtime" else reader
+    with pytest.raises(PtqlabError, match=f"does not compute what the quantized model computed when {name} reads"):
+        quantize(str(tiny_model_dir("llama")), "w4a16-rtn", out=tmp_path / "q", quiet=True, device="cpu")
+    assert not (tmp_path / "q").exists()

@@ -24,7 +24,7 @@ from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, chec
 from ptqlab.engine.resume import Checkpointer
 from ptqlab.engine.steps import kind_of
 from ptqlab.engine.stream import StreamedModel
-from ptqlab.formats.readback import read_back, unreadable_experts
+from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, read_back, unreadable_experts
 from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
                                               write_config)
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, load_checked,
@@ -55,7 +55,8 @@ def calibration_of(recipe: Recipe, calibration: CalibrationConfig | None, seed: 
     return replace(calibration or CalibrationConfig(), seed=seed)
 
 
-def _run_record(loaded, result: QuantizationResult, settings: dict, seconds: float, request: dict) -> RunRecord:
+def _run_record(loaded, result: QuantizationResult, settings: dict, seconds: float, request: dict,
+                verification: list[dict] = ()) -> RunRecord:
     return RunRecord(
         model=loaded.source,
         model_path=loaded.path,
@@ -74,6 +75,7 @@ def _run_record(loaded, result: QuantizationResult, settings: dict, seconds: flo
         versions=versions(),
         command=tuple(sys.argv),
         request=request,
+        verification=tuple(verification),
     )
 
 
@@ -173,8 +175,7 @@ def quantize(
         peaks = peak_gpu_bytes_per_rank(world, engine_device) if recipe.calibrated else None
         leave()  # the ranks' last collective: writing and reading back are rank 0's alone
         _write_checkpoint(tmp, loaded, result, streamed, checkpoint, writer)
-        if moe_layout(loaded.model.config) is not None:
-            result.notes.append(_read_back(tmp, loaded, streamed, result.recipe.scheme))
+        verification = _verify(tmp, loaded, streamed, result)
         if checkpoint is not None and checkpoint.note:
             result.notes.append(checkpoint.note)
         if compute != stored:
@@ -191,7 +192,7 @@ def quantize(
                     "calib_batch_size": calib_batch_size, "min_expert_tokens": min_expert_tokens, "device": device,
                     "stream": stream, "ranks": world.size, "peak_gpu_bytes_per_rank": peaks,
                     "memory_plan": memory.to_dict(), "gpu_budget_bytes": gpu_budget, "cpu_budget_bytes": cpu_budget}
-        _run_record(loaded, result, settings, time.perf_counter() - start, request).write(tmp)
+        _run_record(loaded, result, settings, time.perf_counter() - start, request, verification).write(tmp)
     return out
 
 
@@ -274,22 +275,29 @@ def _write_checkpoint(folder: Path, loaded: LoadedModel, result: QuantizationRes
         checkpoint.clear()
 
 
-def _read_back(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, scheme) -> str:
-    """A mixture-of-experts checkpoint read back by transformers and compared with the quantized model in memory
-    (formats/readback.py: a mismatch fails the run) -> the note saying how it went."""
+def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, result: QuantizationResult) -> list[dict]:
+    """The checkpoint read back by transformers and by ptqlab's runtime and compared with the quantized model in
+    memory (formats/readback.py: a mismatch fails the run) -> each reader's result for the run record; notes on how
+    it went go into `result.notes`."""
     if streamed is not None:
-        return "checkpoint not read back: a streamed model is never whole in memory to compare it with"
-    unreadable = unreadable_experts(scheme)
-    if unreadable is not None:
-        return f"checkpoint not read back: transformers does not read {unreadable}"
+        result.notes.append("checkpoint not read back: a streamed model is never whole in memory to compare it with")
+        return []
     shape = ModelShape.from_config(loaded.model.config)
-    needed = (shape.outside_params() + shape.layers * shape.layer_params()) * 4  # the reader's float32 copy
+    # A reader's float32 copy, and the model in memory cast to float32 beside its 16-bit weights.
+    needed = (shape.outside_params() + shape.layers * shape.layer_params()) * 6
     if needed > MARGIN * free_cpu_bytes():
-        return (f"checkpoint not read back: transformers would need {needed / 2**30:.1f} GiB of CPU memory (float32), "
-                "more than is free")
-    result = read_back(folder, loaded.model)
-    return (f"checkpoint read back by transformers: its logits are within {result.relative_error:.2%} of the quantized "
-            f"model's (KL {result.kl:.2g}, top-1 agreement {result.top1:.0%})")
+        result.notes.append(f"checkpoint not read back: a reader would need {needed / 2**30:.1f} GiB of CPU memory "
+                            "(float32), more than is free")
+        return []
+    skip, bounds = {}, {}
+    if moe_layout(loaded.model.config) is not None:
+        bounds["transformers"] = MOE_TRANSFORMERS_BOUND
+        unreadable = unreadable_experts(result.recipe.scheme)
+        if unreadable is not None:
+            skip["transformers"] = f"it does not read {unreadable}"
+    checks, notes = read_back(folder, loaded.model, skip, bounds)
+    result.notes += [check.note() for check in checks] + notes
+    return [check.to_dict() for check in checks]
 
 
 def memory_plan(model: str | None, recipe: Recipe, dtype: str = "auto", calibration: CalibrationConfig | None = None,

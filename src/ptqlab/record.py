@@ -74,6 +74,9 @@ class RunRecord:
     """sys.argv of the run."""
     request: dict | None = None
     """Everything the user asked for that determines the tensors (api.request_of); compared before reuse."""
+    verification: tuple[dict, ...] = ()
+    """Each reader that read the checkpoint back and matched the quantized model (formats/readback.py): reader,
+    versions, relative logit error, KL, top-1 agreement."""
 
     @property
     def recipe_name(self) -> str:

@@ -1,14 +1,15 @@
-"""The checkpoint read back by the official reader: transformers loads the folder just written and scores a few
-sequences, whose logits must match those of the quantized model still in memory.
+"""Verified export: the checkpoint just written is read back by transformers (the official compressed-tensors reader)
+and by ptqlab's own runtime, and each reader's logits on a few seeded sequences must match those of the quantized
+model still in memory.
 
 What this catches is a checkpoint that loads without an error and computes something else: expert tensors under
 names the loader does not map (it then initializes those experts at random), a config that leaves layers out, a
-layout read transposed. Mixture-of-experts checkpoints have shipped like that, loading fine and scoring at chance.
-Both sides compute in float32 (the stored values are exact in it) and without quantizing activations (each
-implementation rounds its dynamic activation scales its own way; the weights are what a checkpoint carries), so that
-what differs is what the reader reads, not rounding. The match is judged on the logits' relative error
-(scale-free, so a tiny random model is judged as a real one); the KL divergence and greedy agreement are recorded
-beside it.
+layout read transposed, a scale written for the wrong row. Mixture-of-experts checkpoints have shipped like that,
+loading fine and scoring at chance. All sides compute in float32 (the stored values are exact in it) and without
+quantizing activations (each implementation rounds its dynamic activation scales its own way; the weights are what
+a checkpoint carries), so that what differs is what the reader reads, not rounding. The match is judged on the
+logits' relative error (scale-free, so a tiny random model is judged as a real one), against a bound per reader
+(`BOUNDS`, the same for every scheme); the KL divergence and greedy agreement are recorded beside it.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from torch import nn
 from ptqlab.errors import PtqlabError
 from ptqlab.quant.linear import QuantizedLinear
 
-MAX_RELATIVE_ERROR = 0.1
-"""Largest ‖Δ logits‖ / ‖logits − their mean‖ accepted. A faithful read stays well below it even where the reader
-dequantizes in bf16 (transformers does so for a bf16 checkpoint's experts); experts the reader did not map (left at
-their random initialization) land well above it, on tiny random models as on real ones."""
+BOUNDS = {"transformers": 1e-3, "ptqlab runtime": 1e-3}
+"""Largest ‖Δ logits‖ / ‖logits − their mean‖ accepted from each reader, for every scheme: both dequantize the stored
+values in float32 as the model in memory does, so only the order of float32 sums differs."""
+MOE_TRANSFORMERS_BOUND = 0.1
+"""transformers on a mixture-of-experts checkpoint: it fuses the experts dequantized in the checkpoint's dtype (bf16),
+which a faithful read keeps well below this; experts it did not map (left at their random initialization) land well
+above it, on tiny random models as on real ones."""
 SEQUENCES, LENGTH = 2, 32
 
 
@@ -42,6 +46,10 @@ def unreadable_experts(scheme) -> str | None:
 
 @dataclass(frozen=True)
 class ReadBack:
+    reader: str
+    """transformers, or ptqlab runtime."""
+    versions: dict
+    """The reader's packages and versions."""
     relative_error: float
     kl: float
     """Mean KL(in memory ‖ read back) per token, nats."""
@@ -49,7 +57,15 @@ class ReadBack:
     """Share of positions whose greedy next token agrees."""
 
     def to_dict(self) -> dict:
-        return {k: round(v, 6) for k, v in asdict(self).items()}
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+    def note(self) -> str:
+        return (f"checkpoint read back by {_reader_name(self.reader)}: its logits are within {self.relative_error:.2%} "
+                f"of the quantized model's (KL {self.kl:.2g}, top-1 agreement {self.top1:.0%})")
+
+
+def _reader_name(reader: str) -> str:
+    return "ptqlab's runtime" if reader == "ptqlab runtime" else reader
 
 
 def probe_tokens(vocab_size: int, seed: int = 0) -> torch.Tensor:
@@ -58,7 +74,7 @@ def probe_tokens(vocab_size: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare(expected: torch.Tensor, actual: torch.Tensor) -> ReadBack:
+def compare(expected: torch.Tensor, actual: torch.Tensor, reader: str = "", versions: dict | None = None) -> ReadBack:
     """How far `actual` logits [B, T, V] are from `expected`."""
     expected, actual = expected.double(), actual.double()
     centred = expected - expected.mean(-1, keepdim=True)
@@ -66,22 +82,53 @@ def compare(expected: torch.Tensor, actual: torch.Tensor) -> ReadBack:
     log_p, log_q = expected.log_softmax(-1), actual.log_softmax(-1)
     kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
     top1 = float((expected.argmax(-1) == actual.argmax(-1)).double().mean())
-    return ReadBack(relative, kl, top1)
+    return ReadBack(reader, versions or {}, relative, kl, top1)
 
 
 @torch.no_grad()
-def read_back(folder: Path, model: nn.Module) -> ReadBack:
-    """Load `folder` with transformers (on the CPU, cast to float32) and compare its logits with `model`'s (the quantized
-    model in memory, moved to the CPU in float32 and its activations left unquantized: it is done with) on a few
-    seeded sequences; PtqlabError when they differ."""
-    from transformers import AutoModelForCausalLM
-
+def read_back(folder: Path, model: nn.Module, skip: dict[str, str] | None = None,
+              bounds: dict[str, float] | None = None) -> tuple[list[ReadBack], list[str]]:
+    """Read `folder` back with each reader (transformers, then ptqlab's runtime; on the CPU, in float32) and compare
+    its logits with `model`'s (the quantized model in memory, moved to the CPU in float32 and its activations left
+    unquantized: it is done with) on a few seeded sequences -> (each reader's result, notes on readers that did not
+    read it and why). `skip`: readers left out, with the reason; `bounds`: other bounds than BOUNDS. PtqlabError when
+    a reader reads something else."""
+    skip, bounds = dict(skip or {}), {**BOUNDS, **(bounds or {})}
     tokens = probe_tokens(model.config.vocab_size)
     model.to("cpu", torch.float32)  # quantized layers keep their grid values (QuantizedLinear._apply)
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.scheme = replace(module.scheme, input_activations=None)
     expected = model(tokens).logits
+    results, notes = [], []
+    for reader, logits_of in (("transformers", _transformers_logits), ("ptqlab runtime", _runtime_logits)):
+        if reader not in skip:
+            try:
+                actual, versions = logits_of(folder, tokens)
+            except _NotRead as e:
+                skip[reader] = str(e)
+                continue
+            result = compare(expected, actual, reader, versions)
+            if not result.relative_error <= bounds[reader]:
+                raise PtqlabError(f"the checkpoint written to {folder} does not compute what the quantized model "
+                                  f"computed when {_reader_name(reader)} reads it back (logits off by "
+                                  f"{result.relative_error:.1%}, KL {result.kl:.3g}, top-1 agreement "
+                                  f"{result.top1:.0%}): nothing was written; please report this with the model's "
+                                  "config.json")
+            results.append(result)
+    notes += [f"checkpoint not read back by {_reader_name(r)}: {why}" for r, why in skip.items()]
+    return results, notes
+
+
+class _NotRead(Exception):
+    """A reader that does not read this checkpoint at all (an architecture or format it does not run)."""
+
+
+def _transformers_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    import compressed_tensors
+    import transformers
+    from transformers import AutoModelForCausalLM
+
     try:
         # In the checkpoint's dtype, then float32 (nn.Module's cast: transformers refuses to cast a quantized model,
         # whose weights it has dequantized here): asked for float32, it fuses dequantized experts in the
@@ -91,16 +138,26 @@ def read_back(folder: Path, model: nn.Module) -> ReadBack:
             scheme = getattr(module, "quantization_scheme", None)
             if scheme is not None:
                 scheme.input_activations = None
-        actual = reloaded(tokens).logits
+        logits = reloaded(tokens).logits
     except Exception as e:  # whatever the reader raises, the run fails in one line
         first = " ".join(str(e).split())[:200]
         raise PtqlabError(f"transformers cannot read back the checkpoint written to {folder} ({type(e).__name__}: "
                           f"{first}): nothing was written; please report this with the model's config.json") from e
-    result = compare(expected, actual)
-    del reloaded
-    if not result.relative_error <= MAX_RELATIVE_ERROR:
-        raise PtqlabError(f"the checkpoint written to {folder} does not compute what the quantized model computed "
-                          f"when transformers reads it back (logits off by {result.relative_error:.1%}, KL "
-                          f"{result.kl:.3g}, top-1 agreement {result.top1:.0%}): nothing was written; please report "
-                          "this with the model's config.json")
-    return result
+    return logits, {"transformers": transformers.__version__, "compressed-tensors": compressed_tensors.__version__}
+
+
+def _runtime_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    from ptqlab.runtime import load_runtime
+    from ptqlab.runtime.linear import DequantizedLinear
+    from ptqlab.runtime.load import check_supported
+    from ptqlab.version import __version__
+
+    try:
+        check_supported(folder)
+    except PtqlabError as e:
+        raise _NotRead(str(e).split(": ", 1)[-1]) from None
+    runtime = load_runtime(folder, "cpu", torch.float32)
+    for module in runtime.modules():  # weights only, as on the other side
+        if isinstance(module, DequantizedLinear):
+            module.input_args = None
+    return runtime(tokens).logits, {"ptqlab": __version__}

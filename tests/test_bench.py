@@ -68,6 +68,33 @@ def test_kl_is_positive_for_a_perturbed_copy(model, token_ids):
     assert result.top1_agreement < 1.0
 
 
+def test_delta_p_is_the_change_in_the_next_tokens_probability(model, token_ids, tmp_path):
+    """Δp per position against a float64 reference from both models' full softmax; the baseline's next-token
+    log-probabilities survive its file; a file without them (written before) gives no Δp, not a wrong one."""
+    windows = make_windows(len(token_ids), 64)
+    base = evaluate(model, token_ids, windows, quiet=True)
+    base.topk.save(tmp_path / "base.safetensors")
+    noisy = tiny_model("llama", torch.float32)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    result = evaluate(noisy, token_ids, windows, baseline=TopK.load(tmp_path / "base.safetensors"), quiet=True)
+    expected = []
+    with torch.no_grad():
+        for start, end in windows:
+            window = token_ids[start:end]
+            p_base, p_noisy = (torch.softmax(m(window[None]).logits[0, :-1].double(), -1)
+                               .gather(-1, window[1:, None])[:, 0] for m in (model, noisy))
+            expected.append(p_noisy - p_base)
+    torch.testing.assert_close(result.delta_p, torch.cat(expected), rtol=0, atol=1e-6)
+    summary = result.summary()["delta_p"]
+    assert summary["positions"] == 315 and summary["min_pct"] <= summary["percentiles_pct"]["p50"] <= summary["max_pct"]
+    assert summary["mean_pct"] == pytest.approx(100 * float(torch.cat(expected).mean()), abs=1e-4)
+    assert result.summary()["kl"]["p99_9"] <= result.summary()["kl"]["max"]
+    old = TopK(base.topk.ids, base.topk.logprobs, base.topk.digest)  # as files from before Δp were
+    assert evaluate(noisy, token_ids, windows, baseline=old, quiet=True).summary()["delta_p"] is None
+
+
 def test_coarse_kl_is_a_lower_bound_that_becomes_exact_with_the_whole_vocabulary():
     g = torch.Generator().manual_seed(0)
     p = torch.log_softmax(torch.randn(50, 384, generator=g) * 3, -1)

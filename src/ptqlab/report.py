@@ -92,7 +92,8 @@ def _rows(variants: list[dict], baseline: str | None) -> list[dict]:
             "folder MiB": v["size"]["folder_bytes"] / MiB, "load s": v["load_s"], "peak mem MiB": v["peak_memory_bytes"] / MiB,
             "perplexity": ppl, "ppl s.e.": v["perplexity"].get("stderr"), "ppl Δ%": change, "Δ% s.e.": change_se,
             "KL mean": kl.get("mean"), "KL median": kl.get("median"), "KL p99": kl.get("p99"),
-            "top-1 %": kl.get("top1_agreement_pct"), "runtime": v["speed"].get("runtime", "transformers"),
+            "KL p99.9": kl.get("p99_9"), "top-1 %": kl.get("top1_agreement_pct"),
+            "Δp mean %": (v.get("delta_p") or {}).get("mean_pct"), "runtime": v["speed"].get("runtime", "transformers"),
             "TTFT ms": v["speed"]["ttft_ms"],
             "decode tok/s": v["speed"]["decode_tok_s"], f"batch-{v['speed']['batch_size']} tok/s": v["speed"]["throughput_tok_s"],
         })

@@ -6,8 +6,11 @@ its own and predicts tokens 2..C of it from the tokens before them, so every tok
 is scored exactly once; an incomplete last window is dropped. Perplexity = exp(mean NLL over scored tokens).
 
 KL divergence (as llama.cpp's `--kl-divergence` reports it): at every scored position, KL(P_base || P_variant)
-of the next-token distributions; we report mean, median, 99th percentile, and top-1 agreement (how often the
-variant's most likely token is the baseline's). The baseline's distributions are stored once, compactly, as
+of the next-token distributions; we report mean, median, 99th and 99.9th percentiles, maximum, and top-1 agreement
+(how often the variant's most likely token is the baseline's: llama.cpp's "same top p"). Beside it, as llama.cpp
+does, Δp: the probability the variant gives the token that actually comes next minus the baseline's, per position
+(mean and percentiles), which says whether the variant loses confidence in the right answer, not only how its
+distribution moved. The baseline's distributions are stored once, compactly, as
 its top-k log-probabilities plus the log of the mass outside them; KL is then computed between the two
 distributions coarsened to those k tokens + "everything else". That is a lower bound of the full-vocabulary
 KL (coarsening never increases KL) and tight when the top k hold nearly all the mass, as they do for LMs.
@@ -59,15 +62,20 @@ def rest_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TopK:
-    """The baseline's next-token distributions at every scored position, compactly."""
+    """The baseline's next-token distributions at every scored position, compactly, and the log-probability it gives
+    the token that comes next (for Δp; None in files written before it was kept)."""
 
     ids: torch.Tensor  # [positions, k] int32, most likely first
     logprobs: torch.Tensor  # [positions, k] float32
     digest: str
+    target_logprobs: torch.Tensor | None = None  # [positions] float32
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".partial")
-        save_file({"ids": self.ids.contiguous(), "logprobs": self.logprobs.contiguous()}, tmp, metadata={"digest": self.digest})
+        tensors = {"ids": self.ids.contiguous(), "logprobs": self.logprobs.contiguous()}
+        if self.target_logprobs is not None:
+            tensors["target_logprobs"] = self.target_logprobs.contiguous()
+        save_file(tensors, tmp, metadata={"digest": self.digest})
         tmp.rename(path)
 
     @classmethod
@@ -77,7 +85,7 @@ class TopK:
         with safe_open(path, "pt") as f:
             digest = f.metadata()["digest"]
         tensors = load_file(path)
-        return cls(tensors["ids"], tensors["logprobs"], digest)
+        return cls(tensors["ids"], tensors["logprobs"], digest, tensors.get("target_logprobs"))
 
 
 def coarse_kl(base_ids: torch.Tensor, base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
@@ -119,6 +127,7 @@ class QualityResult:
     top1_agreement: float | None
     topk: TopK
     window_nll: list[float]  # mean NLL of each window
+    delta_p: torch.Tensor | None = None  # [positions] float64: p_variant(next token) - p_baseline(next token)
 
     @property
     def perplexity(self) -> float:
@@ -129,16 +138,37 @@ class QualityResult:
         out = {
             "perplexity": {"value": self.perplexity, "nll_mean": self.nll_sum / self.tokens, "tokens_scored": self.tokens,
                            "windows": self.windows, "context": self.context, "window_nll": self.window_nll,
-                           "stderr": None if se is None else self.perplexity * se},
+                           "stderr": None if se is None else self.perplexity * se,
+                           "protocol": {"windows": "non-overlapping (stride = context)", "context": self.context,
+                                        "stride": self.context, "scored": "every token but each window's first",
+                                        "level": "tokens"}},
             "kl": None,
         }
         if self.kl is not None:
             out["kl"] = {
                 "mean": float(self.kl.mean()), "median": float(self.kl.median()),
-                "p99": float(torch.quantile(self.kl, 0.99)), "top1_agreement_pct": 100.0 * self.top1_agreement,
+                "p99": float(torch.quantile(self.kl, 0.99)), "p99_9": float(torch.quantile(self.kl, 0.999)),
+                "max": float(self.kl.max()), "top1_agreement_pct": 100.0 * self.top1_agreement,
                 "positions": int(self.kl.numel()), "topk": int(self.topk.ids.shape[1]),
             }
+        out["delta_p"] = None if self.delta_p is None else delta_p_summary(self.delta_p)
         return out
+
+
+DELTA_P_PERCENTILES = (0.1, 1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
+"""The percentiles of Δp reported, llama.cpp's set."""
+
+
+def delta_p_summary(delta_p: torch.Tensor) -> dict:
+    """Δp per position (probability units) -> mean, its standard error, min, max and percentiles, in percent."""
+    values = delta_p.double()
+    quantiles = torch.quantile(values, torch.tensor([q / 100 for q in DELTA_P_PERCENTILES], dtype=torch.float64))
+    return {"mean_pct": 100 * float(values.mean()),
+            "stderr_pct": 100 * float(values.std() / values.numel() ** 0.5) if values.numel() > 1 else None,
+            "min_pct": 100 * float(values.min()), "max_pct": 100 * float(values.max()),
+            "percentiles_pct": {f"p{q:g}".replace(".", "_"): 100 * float(v) for q, v in zip(DELTA_P_PERCENTILES,
+                                                                                          quantiles)},
+            "positions": int(values.numel())}
 
 
 @torch.no_grad()
@@ -157,13 +187,15 @@ def evaluate(
         raise PtqlabError("the baseline's stored distributions were computed on other tokens (another tokenizer, text or "
                           "window setting): benchmark the baseline again with the same settings")
     nll_sum, count, agree, offset = 0.0, 0, 0, 0
-    kls, top_ids, top_logprobs, window_nll = [], [], [], []
+    kls, top_ids, top_logprobs, window_nll, target_logprobs, delta_p = [], [], [], [], [], []
     state = {"ppl": float("nan")}
     for start, end in track(windows, "perplexity", total=len(windows), quiet=quiet, status=lambda _: f"ppl {state['ppl']:.3f}"):
         ids = token_ids[start:end].to(device).unsqueeze(0)
         logprobs = model(ids).logits[0, :-1].float().log_softmax(-1)  # [C-1, vocab]: predictions of tokens 2..C
         targets = ids[0, 1:]
-        window = float(-logprobs.gather(-1, targets.unsqueeze(-1)).double().sum())
+        target = logprobs.gather(-1, targets.unsqueeze(-1))[:, 0]
+        target_logprobs.append(target.cpu())
+        window = float(-target.double().sum())
         window_nll.append(window / targets.numel())
         nll_sum += window
         count += targets.numel()
@@ -176,8 +208,12 @@ def evaluate(
             b_ids, b_logprobs = baseline.ids[offset:offset + n].to(device), baseline.logprobs[offset:offset + n].to(device)
             kls.append(coarse_kl(b_ids, b_logprobs, logprobs).cpu())
             agree += int((indices[:, 0] == b_ids[:, 0].long()).sum())
+            if baseline.target_logprobs is not None:
+                base = baseline.target_logprobs[offset:offset + n].double()
+                delta_p.append(target.cpu().double().exp() - base.exp())
             offset += n
     context = windows[0][1] - windows[0][0]
-    own = TopK(torch.cat(top_ids), torch.cat(top_logprobs), digest)
+    own = TopK(torch.cat(top_ids), torch.cat(top_logprobs), digest, torch.cat(target_logprobs))
     kl = torch.cat(kls) if baseline is not None else None
-    return QualityResult(nll_sum, count, len(windows), context, kl, None if kl is None else agree / count, own, window_nll)
+    return QualityResult(nll_sum, count, len(windows), context, kl, None if kl is None else agree / count, own, window_nll,
+                         torch.cat(delta_p) if delta_p else None)

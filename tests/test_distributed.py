@@ -180,6 +180,9 @@ def test_a_killed_worker_ends_the_run_in_one_line_and_the_run_resumes(four_layer
     resumed = run(command)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "note: resumed from layer" in resumed.stdout + resumed.stderr
+    # The layers done before the resume are not in memory: the two readers were compared with each other.
+    record = json.loads((tmp_path / "out" / "ptqlab.json").read_text())
+    assert [check["against"] for check in record["verification"]] == ["transformers"]
     a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(whole / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(tmp_path.glob(".*partial*"))

@@ -175,7 +175,8 @@ def quantize(
         peaks = peak_gpu_bytes_per_rank(world, engine_device) if recipe.calibrated else None
         leave()  # the ranks' last collective: writing and reading back are rank 0's alone
         _write_checkpoint(tmp, loaded, result, streamed, checkpoint, writer)
-        verification = _verify(tmp, loaded, streamed, result)
+        resumed = checkpoint is not None and checkpoint.start_layer > 0
+        verification = _verify(tmp, loaded, streamed, result, resumed)
         if checkpoint is not None and checkpoint.note:
             result.notes.append(checkpoint.note)
         if compute != stored:
@@ -275,10 +276,11 @@ def _write_checkpoint(folder: Path, loaded: LoadedModel, result: QuantizationRes
         checkpoint.clear()
 
 
-def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, result: QuantizationResult) -> list[dict]:
+def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, result: QuantizationResult,
+            resumed: bool = False) -> list[dict]:
     """The checkpoint read back by transformers and by ptqlab's runtime and compared with the quantized model in
-    memory (formats/readback.py: a mismatch fails the run) -> each reader's result for the run record; notes on how
-    it went go into `result.notes`."""
+    memory, or with each other when the run `resumed` (formats/readback.py: a mismatch fails the run) -> each
+    reader's result for the run record; notes on how it went go into `result.notes`."""
     if streamed is not None:
         result.notes.append("checkpoint not read back: a streamed model is never whole in memory to compare it with")
         return []
@@ -295,7 +297,7 @@ def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, r
         unreadable = unreadable_experts(result.recipe.scheme)
         if unreadable is not None:
             skip["transformers"] = f"it does not read {unreadable}"
-    checks, notes = read_back(folder, loaded.model, skip, bounds)
+    checks, notes = read_back(folder, loaded.model, skip, bounds, in_memory=not resumed)
     result.notes += [check.note() for check in checks] + notes
     return [check.to_dict() for check in checks]
 

@@ -125,7 +125,7 @@ calibration = CalibrationConfig(dataset=calibration_file, num_samples=8, max_seq
 plan = memory_plan(model, get_recipe("w4a16"), calibration=calibration, device="cpu", stream=stream)
 quantize(model, "w4a16", out=out, calibration=calibration, device="cpu", quiet=True, stream=stream)
 peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"plan": plan.cpu_bytes, "peak": peak}))
+print(json.dumps({"plan": max(plan.cpu_bytes, plan.read_back_bytes), "peak": peak}))
 """
 
 
@@ -133,8 +133,9 @@ print(json.dumps({"plan": plan.cpu_bytes, "peak": peak}))
 @pytest.mark.parametrize("which, stream", [("tiny", False), ("tiny", True), ("embedded", False)])
 def test_the_cpu_plan_is_within_a_quarter_of_the_measured_peak(tiny_model_dir, calibration_file, tmp_path, which,
                                                                stream):
-    """A run in a fresh process: its peak resident memory (VmHWM) against the plan it printed, on a tiny random model
-    (where the process's own memory dominates) and on the real embedded SmolLM2-135M (where the model does)."""
+    """A run in a fresh process: its peak resident memory (VmHWM) against the plan it printed (the larger of its two
+    phases: calibration, then reading the checkpoint back), on a tiny random model (where the process's own memory
+    dominates) and on the real embedded SmolLM2-135M (where the model does)."""
     model = str(tiny_model_dir("llama", torch.bfloat16)) if which == "tiny" else ""
     proc = subprocess.run([sys.executable, "-c", PEAK_CHILD, model, str(calibration_file), str(tmp_path / "out"),
                            "1" if stream else "0"], capture_output=True, text=True, timeout=600,

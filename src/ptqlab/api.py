@@ -20,7 +20,7 @@ from ptqlab.errors import PtqlabError
 from ptqlab.engine.distributed import World, join, leave, peak_gpu_bytes_per_rank, world_from_environment
 from ptqlab.engine.experts import MIN_EXPERT_TOKENS
 from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, check_budgets, estimate, free_cpu_bytes,
-                                  parse_bytes)
+                                  parse_bytes, resident_bytes)
 from ptqlab.engine.resume import Checkpointer
 from ptqlab.engine.steps import kind_of
 from ptqlab.engine.stream import StreamedModel
@@ -176,7 +176,7 @@ def quantize(
         leave()  # the ranks' last collective: writing and reading back are rank 0's alone
         _write_checkpoint(tmp, loaded, result, streamed, checkpoint, writer)
         resumed = checkpoint is not None and checkpoint.start_layer > 0
-        verification = _verify(tmp, loaded, streamed, result, resumed)
+        verification = _verify(tmp, loaded, streamed, result, resumed, memory.read_back_bytes, cpu_budget)
         if checkpoint is not None and checkpoint.note:
             result.notes.append(checkpoint.note)
         if compute != stored:
@@ -277,19 +277,18 @@ def _write_checkpoint(folder: Path, loaded: LoadedModel, result: QuantizationRes
 
 
 def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, result: QuantizationResult,
-            resumed: bool = False) -> list[dict]:
+            resumed: bool, needed: int, cpu_budget: int | None) -> list[dict]:
     """The checkpoint read back by transformers and by ptqlab's runtime and compared with the quantized model in
     memory, or with each other when the run `resumed` (formats/readback.py: a mismatch fails the run) -> each
     reader's result for the run record; notes on how it went go into `result.notes`."""
     if streamed is not None:
         result.notes.append("checkpoint not read back: a streamed model is never whole in memory to compare it with")
         return []
-    shape = ModelShape.from_config(loaded.model.config)
-    # A reader's float32 copy, and the model in memory cast to float32 beside its 16-bit weights.
-    needed = (shape.outside_params() + shape.layers * shape.layer_params()) * 6
-    if needed > MARGIN * free_cpu_bytes():
-        result.notes.append(f"checkpoint not read back: a reader would need {needed / 2**30:.1f} GiB of CPU memory "
-                            "(float32), more than is free")
+    # The memory plan's read-back phase: the model in memory and one reader's copy, both in float32.
+    available = min(MARGIN * free_cpu_bytes() + resident_bytes(), cpu_budget or float("inf"))
+    if needed > available:
+        result.notes.append(f"checkpoint not read back: it would need {needed / 2**30:.1f} GiB of CPU memory (float32 "
+                            "copies), more than is free or allowed")
         return []
     skip, bounds = {}, {}
     if moe_layout(loaded.model.config) is not None:

@@ -62,6 +62,18 @@ def free_cpu_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS of /proc/self/status, Linux); 0 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def format_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -175,6 +187,10 @@ class MemoryPlan:
     """Every decoder layer on the GPU for the whole run; else one at a time, the next one prefetched."""
     activations_on_gpu: bool = True
     """The calibration hidden states on the GPU; else in pinned CPU memory, copied over a batch at a time."""
+    read_back_bytes: int = 0
+    """CPU memory of the verification after writing (formats/readback.py: the model in memory in float32 and one
+    reader's float32 copy at a time), a phase of its own after the calibration's peak; 0 when a streamed run is not
+    read back. The run skips it, and says so, when it does not fit."""
 
     def placement(self) -> str:
         if self.gpu_bytes is None:
@@ -187,12 +203,16 @@ class MemoryPlan:
         gpu = "" if self.gpu_bytes is None else f"GPU {format_bytes(self.gpu_bytes)}, "
         head = (f"memory plan: peak {gpu}CPU {format_bytes(self.cpu_bytes)}; writes {format_bytes(self.disk_bytes)}; "
                 f"about {self.seconds / 60:.0f} min (rough); {self.placement()}")
-        return [head] + [f"  {name}: {format_bytes(size)}" for name, size in self.parts.items()]
+        lines = [head] + [f"  {name}: {format_bytes(size)}" for name, size in self.parts.items()]
+        if self.read_back_bytes:
+            lines.append(f"  then, reading the checkpoint back: CPU {format_bytes(self.read_back_bytes)}")
+        return lines
 
     def to_dict(self) -> dict:
         return {"gpu_bytes": self.gpu_bytes, "cpu_bytes": self.cpu_bytes, "disk_bytes": self.disk_bytes,
                 "seconds": round(self.seconds, 1), "layers_on_gpu": self.layers_on_gpu,
-                "activations_on_gpu": self.activations_on_gpu, "parts": self.parts}
+                "activations_on_gpu": self.activations_on_gpu, "parts": self.parts,
+                "read_back_bytes": self.read_back_bytes}
 
 
 def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) -> MemoryPlan:
@@ -229,8 +249,10 @@ def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) ->
     gptq_flops = sum(2 * o * i * i * n for o, i, n in model.linears().values()) * model.layers if run.statistics else 0
     device = "cuda" if run.device == "cuda" else "cpu"
     seconds = forward_flops / FLOP_RATE[device] + gptq_flops / GPTQ_RATE[device]
+    params = model.outside_params() + model.layers * model.layer_params()
+    read_back = 0 if run.stream else PROCESS_BYTES[device] + 2 * params * 4
     return MemoryPlan(on_device if run.device == "cuda" else None, cpu, disk, seconds, {**work, **held},
-                      layers_on_gpu, activations_on_gpu)
+                      layers_on_gpu, activations_on_gpu, read_back)
 
 
 def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tuple[dict[str, int], int, bool, bool]:

@@ -14,6 +14,7 @@ logits' relative error (scale-free, so a tiny random model is judged as a real o
 
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -116,6 +117,8 @@ def read_back(folder: Path, model: nn.Module, skip: dict[str, str] | None = None
             except _NotRead as e:
                 skip[reader] = str(e)
                 continue
+            finally:
+                gc.collect()  # the reader's model goes before the next reader loads its own
             if expected is None:
                 expected, against = actual, _reader_name(reader)
                 continue

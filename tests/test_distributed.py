@@ -131,10 +131,16 @@ def test_two_ranks_quantize_as_one_within_the_stated_bound(four_layers, tmp_path
     cost_one, cost_two = ((logits[n] - logits["float"]).norm() / scale for n in ("one", "two"))
     assert (logits["two"] - logits["one"]).norm() / scale < 0.5 * cost_one
     assert abs(cost_two - cost_one) < 0.05 * cost_one
-    # Streaming under several ranks (each reads its layers from disk; rank 0 writes as layers finish): the same
-    # reductions, so bitwise the same checkpoint.
+
+
+@pytest.mark.slow
+def test_two_ranks_streaming_write_what_two_ranks_in_memory_write(four_layers, tmp_path):
+    """Streaming under several ranks (each reads its layers from disk; rank 0 writes as layers finish): the same
+    reductions, so bitwise the same checkpoint."""
+    model, calibration_file, two = four_layers
     streamed = run(quantize_command(model, calibration_file, tmp_path / "streamed", "--gpus", "2", "--stream"))
     assert streamed.returncode == 0, streamed.stdout + streamed.stderr
+    b = load_file(two / "model.safetensors")
     c = {k: v for f in (tmp_path / "streamed").glob("*.safetensors") for k, v in load_file(f).items()}
     assert c.keys() == b.keys() and all(torch.equal(b[k], c[k]) for k in b)
 
@@ -156,6 +162,7 @@ def _rank_of(pid: int) -> int | None:
     return int(ranks[0]) if ranks else None
 
 
+@pytest.mark.slow  # two-rank runs take about a minute on two cores: `make test-all` runs it
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through Linux's /proc")
 def test_a_killed_worker_ends_the_run_in_one_line_and_the_run_resumes(four_layers, tmp_path):
     """Rank 1 killed once the run has a resume state: the launcher stops rank 0 too and says so in one line, no

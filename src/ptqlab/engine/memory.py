@@ -50,28 +50,27 @@ def parse_bytes(text: str, option: str) -> int:
     return int(float(match.group(1)) * UNITS[match.group(2).lower()])
 
 
-def free_cpu_bytes() -> int:
-    """MemAvailable of /proc/meminfo (Linux); elsewhere the physical memory."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """A `KEY: N kB` line of a Linux /proc file, in bytes; None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def free_cpu_bytes() -> int:
+    """MemAvailable of /proc/meminfo (Linux); elsewhere the physical memory."""
+    found = _proc_kib("/proc/meminfo", "MemAvailable:")
+    return found if found is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def resident_bytes() -> int:
     """This process's resident memory now (VmRSS of /proc/self/status, Linux); 0 where it cannot be read."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_kib("/proc/self/status", "VmRSS:") or 0
 
 
 def format_bytes(n: int | None) -> str:

@@ -5,9 +5,10 @@ import time
 import pytest
 import torch
 
-from ptqlab.measure.quality import TopK, coarse_kl, evaluate, make_windows
+from ptqlab.measure.quality import PPL_PROTOCOLS, TopK, coarse_kl, evaluate, make_windows
 from ptqlab.measure.speed import SPEED_PROMPT, TransformersEngine, chat_prompt_ids, greedy_decode, measure_speed, repeat_timed
 from ptqlab.errors import PtqlabError
+from ptqlab.measure.variant import BenchSettings
 from ptqlab.report import recommend
 from tiny import tiny_model, tiny_tokenizer
 
@@ -38,6 +39,31 @@ def test_perplexity_is_exp_of_mean_nll_over_exactly_the_scored_tokens(model, tok
     assert result.tokens == scored == 5 * 63
     assert result.perplexity == pytest.approx(float(torch.tensor(nll / scored).exp()), rel=1e-5)
     assert result.summary()["perplexity"]["tokens_scored"] == 315
+
+
+def test_the_llama_cpp_protocol_scores_the_second_half_of_windows_that_start_with_bos(model, token_ids):
+    windows = make_windows(len(token_ids), 64)
+    bos = 7
+    result = evaluate(model, token_ids, windows, quiet=True, protocol=PPL_PROTOCOLS["llama.cpp"], bos_id=bos)
+
+    nll, scored = 0.0, 0
+    with torch.no_grad():
+        for start, end in windows:
+            window = token_ids[start:end].clone()
+            window[0] = bos
+            logprobs = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)
+            for t in range(32, 63):  # llama.cpp: first = n_ctx/2; positions first..n_ctx-2 predict the next token
+                nll -= float(logprobs[t, window[t + 1]])
+                scored += 1
+    assert result.tokens == scored == 5 * 31
+    assert result.perplexity == pytest.approx(float(torch.tensor(nll / scored).exp()), rel=1e-5)
+    protocol = result.summary()["perplexity"]["protocol"]
+    assert protocol["name"] == "llama.cpp" and "BOS (token 7)" in protocol["bos"] and "34..64" in protocol["scored"]
+    gptq = evaluate(model, token_ids, windows, quiet=True)
+    with pytest.raises(PtqlabError, match="other tokens"):  # KL never pairs positions of two protocols
+        evaluate(model, token_ids, windows, baseline=gptq.topk, quiet=True, protocol=PPL_PROTOCOLS["llama.cpp"], bos_id=bos)
+    with pytest.raises(PtqlabError, match="unknown --ppl-protocol 'llamacpp': use one of gptq, llama.cpp"):
+        BenchSettings(ppl_protocol="llamacpp")
 
 
 def test_quick_probe_takes_the_first_windows_and_short_texts_are_refused():

@@ -148,7 +148,7 @@ def recipes(
 
 
 def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens,
-              device, seed, quiet, runtime):
+              device, seed, quiet, runtime, ppl_protocol="gptq"):
     from ptqlab.measure.variant import CPU_SPEED, QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings, check_runtime
     from ptqlab.models import resolve_device
 
@@ -173,13 +173,14 @@ def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_to
     speed = {k: defaults[k] if v is None else v for k, v in speed.items()}
     windows = QUICK_WINDOWS if ppl_quick else None
     context = ppl_context or (QUICK_CONTEXT if ppl_quick else None)
-    return BenchSettings(ppl_text=ppl_text, ppl_context=context, ppl_windows=windows, batch_size=batch_size, device=device,
-                         seed=seed, runtime=runtime, **speed)
+    return BenchSettings(ppl_text=ppl_text, ppl_context=context, ppl_windows=windows, ppl_protocol=ppl_protocol,
+                         batch_size=batch_size, device=device, seed=seed, runtime=runtime, **speed)
 
 
 PplQuick = Annotated[bool, typer.Option("--ppl-quick", help="Quick probe: the first 10 windows of 512 tokens (default on CPU).")]
 PplFull = Annotated[bool, typer.Option("--ppl-full", help="Full protocol: every window of the text (default on GPU).")]
 PplContext = Annotated[Optional[int], typer.Option(help="Window length; default min(2048, model context), 512 for the quick probe.")]
+PplProtocolOption = Annotated[str, typer.Option(help="gptq: windows of 2048, every token but each window's first scored; llama.cpp: windows of 512 starting with BOS, the second half scored (comparable with llama.cpp's perplexity tool).")]
 PplText = Annotated[str, typer.Option(help="wikitext-2 (offline fallback: python-docs), python-docs, or a .txt path.")]
 MaxNewTokens = Annotated[Optional[int], typer.Option(help="Tokens generated per speed run (EOS ignored); default 128, 32 on a CPU.")]
 BatchSize = Annotated[int, typer.Option(help="Batch size of the throughput run.")]
@@ -198,6 +199,7 @@ def bench(
     out: Annotated[Path, typer.Option(help="Results folder (resumable).")] = Path("ptqlab-bench"),
     baseline: Annotated[Optional[Path], typer.Option(help="16-bit model for KL; default: the first unquantized PATH, else the model the first checkpoint was made from.")] = None,
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
+    ppl_protocol: PplProtocolOption = "gptq",
     max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = 8, repeats: Repeats = None, sample_tokens: SampleTokens = None,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
     runtime: Runtime = "auto", verbose: Verbose = False,
@@ -209,7 +211,7 @@ def bench(
 
     try:
         settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
-                             runtime)
+                             runtime, ppl_protocol)
         folder = run([str(p) for p in paths], out, str(baseline) if baseline else None, settings, Budget(max_kl, max_ppl_increase), quiet)
     except PtqlabError as e:
         _fail(e)
@@ -223,6 +225,7 @@ def lab(
     out: Annotated[Path, typer.Option(help="Lab folder: checkpoints, results, report (resumable).")] = Path("ptqlab-lab"),
     dtype: Annotated[str, typer.Option(help="Load dtype for quantization.")] = "auto",
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
+    ppl_protocol: PplProtocolOption = "gptq",
     max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = 8, repeats: Repeats = None, sample_tokens: SampleTokens = None,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
     dataset: Dataset = "auto", num_samples: Annotated[Optional[int], typer.Option(help="Calibration samples; default 256, 32 on a CPU.")] = None,
@@ -238,7 +241,7 @@ def lab(
 
     try:
         settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
-                             runtime)
+                             runtime, ppl_protocol)
         names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
         folder = run(model, names, out, settings, Budget(max_kl, max_ppl_increase), dtype, quiet, calibration, calib_batch_size)

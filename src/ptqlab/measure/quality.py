@@ -1,9 +1,12 @@
 """Perplexity and KL divergence from the baseline, on the same non-overlapping token windows.
 
-Perplexity (the standard protocol of GPTQ and the transformers docs with stride = context): the evaluation
-text is tokenized once; window i is tokens [i*C, (i+1)*C) for C = the context; the model sees each window on
-its own and predicts tokens 2..C of it from the tokens before them, so every token except each window's first
-is scored exactly once; an incomplete last window is dropped. Perplexity = exp(mean NLL over scored tokens).
+Perplexity, two protocols (PPL_PROTOCOLS). `gptq`, the protocol of GPTQ and the transformers docs with stride =
+context: the evaluation text is tokenized once; window i is tokens [i*C, (i+1)*C) for C = the context (2,048);
+the model sees each window on its own and predicts tokens 2..C of it from the tokens before them, so every token
+except each window's first is scored exactly once; an incomplete last window is dropped. `llama.cpp`, the protocol
+of its `perplexity` tool, so that figures compare with its published ones: windows of 512, each window's first
+token replaced by BOS where the tokenizer adds one, and only the second half of each window scored (the model
+always has at least C/2 tokens of context). Perplexity = exp(mean NLL over scored tokens).
 
 KL divergence (as llama.cpp's `--kl-divergence` reports it): at every scored position, KL(P_base || P_variant)
 of the next-token distributions; we report mean, median, 99th and 99.9th percentiles, maximum, and top-1 agreement
@@ -42,9 +45,48 @@ def make_windows(n_tokens: int, context: int, max_windows: int | None = None) ->
     return [(i * context, (i + 1) * context) for i in range(count)]
 
 
-def tokens_digest(token_ids: torch.Tensor, windows: list[tuple[int, int]]) -> str:
+@dataclass(frozen=True)
+class PplProtocol:
+    """How a window is scored: which positions, and what stands in its first place."""
+
+    name: str
+    context: int
+    """The default window length (capped by the model's context)."""
+    second_half: bool
+    """Score only the second half of each window (llama.cpp), else every token but the first."""
+    bos: bool
+    """Replace each window's first token by BOS, where the tokenizer adds one (llama.cpp)."""
+
+    def first(self, context: int) -> int:
+        """The position whose logits predict the first scored token."""
+        return context // 2 if self.second_half else 0
+
+    def describe(self, context: int, bos_id: int | None) -> dict:
+        """The protocol as the report prints it beside every perplexity."""
+        first = self.first(context)
+        return {"name": self.name, "windows": "non-overlapping (stride = context)", "context": context, "stride": context,
+                "scored": (f"tokens {first + 2}..{context} of each window (the second half)" if self.second_half
+                           else "every token but each window's first"),
+                "bos": (f"each window starts with BOS (token {bos_id})" if bos_id is not None
+                        else "as tokenized (no BOS inserted)"),
+                "level": "tokens"}
+
+
+PPL_PROTOCOLS = {p.name: p for p in (PplProtocol("gptq", 2048, second_half=False, bos=False),
+                                     PplProtocol("llama.cpp", 512, second_half=True, bos=True))}
+
+
+def ppl_protocol(name: str) -> PplProtocol:
+    if name not in PPL_PROTOCOLS:
+        raise PtqlabError(f"unknown --ppl-protocol {name!r}: use one of {', '.join(PPL_PROTOCOLS)}")
+    return PPL_PROTOCOLS[name]
+
+
+def tokens_digest(token_ids: torch.Tensor, windows: list[tuple[int, int]], first: int = 0, bos_id: int | None = None) -> str:
     """Identifies exactly which tokens were scored, so KL is only ever computed on the same positions."""
     h = hashlib.sha256()
+    if first or bos_id is not None:  # the default protocol keeps the digests written before protocols existed
+        h.update(f"first={first};bos={bos_id};".encode())
     for start, end in windows:
         h.update(f"{start}:{end};".encode())  # the same tokens cut into other windows are other positions
         h.update(token_ids[start:end].to(torch.int64).numpy().tobytes())
@@ -128,6 +170,7 @@ class QualityResult:
     topk: TopK
     window_nll: list[float]  # mean NLL of each window
     delta_p: torch.Tensor | None = None  # [positions] float64: p_variant(next token) - p_baseline(next token)
+    protocol: dict | None = None  # PplProtocol.describe(); None: the default (gptq) protocol
 
     @property
     def perplexity(self) -> float:
@@ -139,9 +182,7 @@ class QualityResult:
             "perplexity": {"value": self.perplexity, "nll_mean": self.nll_sum / self.tokens, "tokens_scored": self.tokens,
                            "windows": self.windows, "context": self.context, "window_nll": self.window_nll,
                            "stderr": None if se is None else self.perplexity * se,
-                           "protocol": {"windows": "non-overlapping (stride = context)", "context": self.context,
-                                        "stride": self.context, "scored": "every token but each window's first",
-                                        "level": "tokens"}},
+                           "protocol": self.protocol or PPL_PROTOCOLS["gptq"].describe(self.context, None)},
             "kl": None,
         }
         if self.kl is not None:
@@ -179,10 +220,17 @@ def evaluate(
     baseline: TopK | None = None,
     topk: int = 32,
     quiet: bool = False,
+    protocol: PplProtocol = PPL_PROTOCOLS["gptq"],
+    bos_id: int | None = None,
 ) -> QualityResult:
-    """Score every window once: NLL for perplexity, KL and top-1 agreement against `baseline` if given."""
+    """Score every window once: NLL for perplexity, KL and top-1 agreement against `baseline` if given. `bos_id`
+    replaces each window's first token where the protocol asks for it (the caller knows whether the tokenizer adds
+    BOS)."""
     device = model_device(model)
-    digest = tokens_digest(token_ids, windows)
+    context = windows[0][1] - windows[0][0]
+    first = protocol.first(context)
+    bos_id = bos_id if protocol.bos else None
+    digest = tokens_digest(token_ids, windows, first, bos_id)
     if baseline is not None and baseline.digest != digest:
         raise PtqlabError("the baseline's stored distributions were computed on other tokens (another tokenizer, text or "
                           "window setting): benchmark the baseline again with the same settings")
@@ -191,8 +239,12 @@ def evaluate(
     state = {"ppl": float("nan")}
     for start, end in track(windows, "perplexity", total=len(windows), quiet=quiet, status=lambda _: f"ppl {state['ppl']:.3f}"):
         ids = token_ids[start:end].to(device).unsqueeze(0)
-        logprobs = model(ids).logits[0, :-1].float().log_softmax(-1)  # [C-1, vocab]: predictions of tokens 2..C
-        targets = ids[0, 1:]
+        if bos_id is not None:
+            ids = ids.clone()
+            ids[0, 0] = bos_id
+        # [C-1-first, vocab]: the predictions of tokens first+2..C
+        logprobs = model(ids).logits[0, first:-1].float().log_softmax(-1)
+        targets = ids[0, first + 1:]
         target = logprobs.gather(-1, targets.unsqueeze(-1))[:, 0]
         target_logprobs.append(target.cpu())
         window = float(-target.double().sum())
@@ -212,8 +264,7 @@ def evaluate(
                 base = baseline.target_logprobs[offset:offset + n].double()
                 delta_p.append(target.cpu().double().exp() - base.exp())
             offset += n
-    context = windows[0][1] - windows[0][0]
     own = TopK(torch.cat(top_ids), torch.cat(top_logprobs), digest, torch.cat(target_logprobs))
     kl = torch.cat(kls) if baseline is not None else None
     return QualityResult(nll_sum, count, len(windows), context, kl, None if kl is None else agree / count, own, window_nll,
-                         torch.cat(delta_p) if delta_p else None)
+                         torch.cat(delta_p) if delta_p else None, protocol.describe(context, bos_id))

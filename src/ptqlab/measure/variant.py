@@ -27,7 +27,7 @@ from ptqlab.progress import say
 from ptqlab.record import read_record
 
 if TYPE_CHECKING:
-    from ptqlab.measure.quality import QualityResult
+    from ptqlab.measure.quality import PplProtocol, QualityResult
     from ptqlab.measure.text import EvalText
 
 # The quick probe (the default on CPUs): 10 windows of 512 tokens. A perplexity measured on so few windows carries a
@@ -54,7 +54,10 @@ class BenchSettings:
     ppl_text: str = "wikitext-2"
     """Evaluation text: wikitext-2 (offline fallback: python-docs), python-docs, or a .txt path."""
     ppl_context: int | None = None
-    """Window length; None: min(2048, the model's context)."""
+    """Window length; None: the protocol's (2,048 for gptq, 512 for llama.cpp), at most the model's context."""
+    ppl_protocol: str = "gptq"
+    """How windows are scored: gptq (every token but each window's first) or llama.cpp (BOS first, the second half
+    scored), measure.quality.PPL_PROTOCOLS."""
     ppl_windows: int | None = None
     """Score only the first N windows; None: all (the full protocol). The quick probe: QUICK_WINDOWS of QUICK_CONTEXT."""
     topk: int = 32
@@ -70,13 +73,16 @@ class BenchSettings:
     """fast (ptqlab's runtime), transformers (the ordinary path), or auto: fast on a GPU, transformers on a CPU."""
 
     def __post_init__(self) -> None:
+        from ptqlab.measure.quality import ppl_protocol
+
         check_runtime(self.runtime)
+        ppl_protocol(self.ppl_protocol)
 
     @property
     def protocol(self) -> str:
         if self.ppl_windows is None:
-            return "full: every window of the text"
-        return f"quick probe: first {self.ppl_windows} windows"
+            return f"{self.ppl_protocol}, full: every window of the text"
+        return f"{self.ppl_protocol}, quick probe: first {self.ppl_windows} windows"
 
     def digest(self) -> str:
         """Results computed under the same settings can be reused (lab resume)."""
@@ -169,6 +175,15 @@ class EvaluationTokens:
     token_ids: torch.Tensor  # [tokens of the whole text]
     context: int
     windows: list[tuple[int, int]]
+    protocol: PplProtocol
+    bos_id: int | None
+    """The BOS token the protocol puts first in every window; None where it puts none or the tokenizer adds none."""
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts an encoded text with BOS (llama.cpp's add_bos)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 @dataclass(frozen=True)
@@ -188,13 +203,16 @@ class LoadedVariant:
 
 def evaluation_tokens(tokenizer, settings: BenchSettings, config: dict) -> EvaluationTokens:
     """Tokenize the evaluation text and cut it into windows of the protocol's context."""
-    from ptqlab.measure.quality import make_windows
+    from ptqlab.measure.quality import make_windows, ppl_protocol
     from ptqlab.measure.text import load_eval_text
 
+    protocol = ppl_protocol(settings.ppl_protocol)
     text = load_eval_text(settings.ppl_text)
     token_ids = tokenizer(text.text, return_tensors="pt", verbose=False)["input_ids"][0]
-    context = settings.ppl_context or min(2048, config.get("max_position_embeddings") or 2048)
-    return EvaluationTokens(text, token_ids, context, make_windows(len(token_ids), context, settings.ppl_windows))
+    context = settings.ppl_context or min(protocol.context, config.get("max_position_embeddings") or protocol.context)
+    bos_id = tokenizer.bos_token_id if protocol.bos and adds_bos(tokenizer) else None
+    return EvaluationTokens(text, token_ids, context, make_windows(len(token_ids), context, settings.ppl_windows), protocol,
+                            bos_id)
 
 
 def load_variant(path: Path, runtime: str, device: torch.device, config: dict, context: int,
@@ -230,7 +248,8 @@ def measure_quality(model, tokens: EvaluationTokens, settings: BenchSettings, to
     from ptqlab.measure.quality import TopK, evaluate
 
     baseline = TopK.load(topk_in) if topk_in else None
-    quality = evaluate(model, tokens.token_ids, tokens.windows, baseline, settings.topk, quiet=quiet)
+    quality = evaluate(model, tokens.token_ids, tokens.windows, baseline, settings.topk, quiet=quiet,
+                       protocol=tokens.protocol, bos_id=tokens.bos_id)
     if topk_out:
         quality.topk.save(Path(topk_out))
     return quality

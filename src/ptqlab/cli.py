@@ -181,6 +181,10 @@ PplQuick = Annotated[bool, typer.Option("--ppl-quick", help="Quick probe: the fi
 PplFull = Annotated[bool, typer.Option("--ppl-full", help="Full protocol: every window of the text (default on GPU).")]
 PplContext = Annotated[Optional[int], typer.Option(help="Window length; default min(2048, model context), 512 for the quick probe.")]
 PplProtocolOption = Annotated[str, typer.Option(help="gptq: windows of 2048, every token but each window's first scored; llama.cpp: windows of 512 starting with BOS, the second half scored (comparable with llama.cpp's perplexity tool).")]
+TargetKl = Annotated[Optional[float], typer.Option(help="Sensitivity: the mean KL the mixed recipe aims at (default: --max-kl for lab, 0.05 for sensitivity).")]
+MaxSize = Annotated[Optional[str], typer.Option(help="Sensitivity: instead of a KL target, the largest weights size of the mixed checkpoint, e.g. 120MiB.")]
+SENSITIVITY_WINDOWS_DEFAULT = 4
+SensitivityWindows = Annotated[int, typer.Option(min=1, help="Sensitivity: evaluation windows of 512 tokens per part.")]
 PplText = Annotated[str, typer.Option(help="wikitext-2 (offline fallback: python-docs), python-docs, or a .txt path.")]
 MaxNewTokens = Annotated[Optional[int], typer.Option(help="Tokens generated per speed run (EOS ignored); default 128, 32 on a CPU.")]
 BatchSize = Annotated[int, typer.Option(help="Batch size of the throughput run.")]
@@ -232,6 +236,8 @@ def lab(
     max_seq_len: Annotated[Optional[int], typer.Option(help="Calibration samples are truncated to this many tokens; default 1024, 512 on a CPU.")] = None,
     calib_batch_size: CalibBatchSize = 16,
     runtime: Runtime = "auto", verbose: Verbose = False,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also measure each decoder layer's attention and MLP alone quantized with the recipe of fewest weight bits, and add its mixed-precision version (the most sensitive parts kept 16-bit to meet --target-kl or --max-size) as one more variant.")] = False,
+    target_kl: TargetKl = None, max_size: MaxSize = None, sensitivity_windows: SensitivityWindows = SENSITIVITY_WINDOWS_DEFAULT,
 ) -> None:
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
     _start(verbose)
@@ -244,10 +250,72 @@ def lab(
                              runtime, ppl_protocol)
         names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
-        folder = run(model, names, out, settings, Budget(max_kl, max_ppl_increase), dtype, quiet, calibration, calib_batch_size)
+        aim = _aim(target_kl if target_kl is not None or max_size else max_kl, max_size, sensitivity_windows) \
+            if sensitivity else None
+        folder = run(model, names, out, settings, Budget(max_kl, max_ppl_increase), dtype, quiet, calibration, calib_batch_size,
+                     aim)
     except PtqlabError as e:
         _fail(e)
     _print_summary(folder)
+
+
+def _aim(target_kl: float | None, max_size: str | None, windows: int):
+    from ptqlab.engine.memory import parse_bytes
+    from ptqlab.suite import Sensitivity
+
+    if target_kl is not None and max_size:
+        raise PtqlabError("--target-kl and --max-size exclude each other: give one")
+    return Sensitivity(target_kl=target_kl, max_bytes=parse_bytes(max_size, "--max-size") if max_size else None,
+                       windows=windows)
+
+
+@app.command()
+def sensitivity(
+    model: Annotated[Optional[str], typer.Argument(help="Hub id or local folder; omitted: the embedded SmolLM2-135M-Instruct.")] = None,
+    recipe: Annotated[str, typer.Option(help="Preset name or recipe .yaml file whose damage to measure.")] = "w4a16",
+    out: Annotated[Path, typer.Option(help="Folder: the checkpoint, sensitivity.json, the mixed recipe (resumable).")] = Path("ptqlab-sensitivity"),
+    target_kl: TargetKl = None, max_size: MaxSize = None, windows: SensitivityWindows = SENSITIVITY_WINDOWS_DEFAULT,
+    dtype: Annotated[str, typer.Option(help="Load dtype for quantization.")] = "auto",
+    ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2", ppl_protocol: PplProtocolOption = "gptq",
+    device: Device = "auto", seed: int = 0, quiet: Quiet = False,
+    dataset: Dataset = "auto", num_samples: Annotated[Optional[int], typer.Option(help="Calibration samples; default 256, 32 on a CPU.")] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option(help="Calibration samples are truncated to this many tokens; default 1024, 512 on a CPU.")] = None,
+    calib_batch_size: CalibBatchSize = 16, verbose: Verbose = False,
+) -> None:
+    """Which parts a recipe hurts: the KL of each decoder layer's attention and MLP alone quantized, and a recipe that
+    keeps the most sensitive parts 16-bit to meet --target-kl (default 0.05) or --max-size with the fewest bytes."""
+    _start(verbose)
+    from ptqlab.data import CalibrationConfig
+    from ptqlab.measure.variant import BenchSettings
+    from ptqlab.suite import lab_calibration_size, sensitivity as run
+
+    try:
+        settings = BenchSettings(ppl_text=ppl_text, ppl_context=ppl_context or 512, ppl_protocol=ppl_protocol,
+                                 device=device, seed=seed)
+        calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
+        aim = _aim(target_kl if target_kl is not None or max_size else 0.05, max_size, windows)
+        folder = run(model, recipe, out, aim, settings, dtype, quiet, calibration, calib_batch_size)
+    except PtqlabError as e:
+        _fail(e)
+    _print_sensitivity(folder)
+
+
+def _print_sensitivity(folder: Path, worst: int = 10) -> None:
+    import json
+
+    result = json.loads((folder / "sensitivity.json").read_text())
+    parts = sorted(result["parts"], key=lambda p: p["kl_mean"], reverse=True)[:worst]
+    console.print(f"uniform {Path(result['checkpoint']).name}: KL {result['uniform']['kl_mean']:.4f}, "
+                  f"weights {result['uniform']['weights_bytes'] / 2**20:.1f} MiB; the {len(parts)} most sensitive parts "
+                  f"(alone quantized):", highlight=False)
+    for p in parts:
+        console.print(f"  {p['name']}: KL {p['kl_mean']:.4f} (p99 {p['kl_p99']:.3f}), keeping it 16-bit adds "
+                      f"{p['extra_bytes'] / 2**20:.2f} MiB", highlight=False)
+    mixed = result["mixed"]
+    console.print(f"[green]mixed recipe:[/] {mixed['recipe_file']}: {len(mixed['kept'])} parts kept 16-bit, predicted KL "
+                  f"{mixed['predicted_kl']:.4f}, weights {mixed['predicted_weights_bytes'] / 2**20:.1f} MiB "
+                  f"(measure it: ptqlab lab --recipes {Path(result['checkpoint']).name},{mixed['recipe_file']})",
+                  highlight=False)
 
 
 def _print_summary(folder: Path) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from ptqlab.measure.sensitivity import SENSITIVITY_WINDOWS
 from ptqlab.measure.variant import BenchSettings, device_name, fingerprint, run_isolated
 from ptqlab.models import check_model_folder, resolve_device
 from ptqlab.errors import PtqlabError
@@ -193,8 +195,10 @@ def _infer_baseline(folders: list[Path]) -> Path | None:
 
 def lab(model: str | None = None, recipes: list[str] | None = None, out: str | Path = "ptqlab-lab",
         settings: BenchSettings = BenchSettings(), budget: Budget = Budget(), dtype: str = "auto",
-        quiet: bool = False, calibration=None, calib_batch_size: int = 16) -> Path:
-    """Quantize `model` with each recipe and benchmark every checkpoint next to the 16-bit baseline."""
+        quiet: bool = False, calibration=None, calib_batch_size: int = 16, sensitivity: Sensitivity | None = None) -> Path:
+    """Quantize `model` with each recipe and benchmark every checkpoint next to the 16-bit baseline. With
+    `sensitivity`, the recipe with the fewest weight bits is also measured part by part, and its mixed-precision
+    version (the most sensitive parts kept 16-bit) joins the lab as one more variant."""
     from ptqlab.recipes import get_recipe
 
     # Presets or recipe files, read (and so checked) before any work; each is known by its recipe name from here on,
@@ -205,22 +209,52 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
         raise PtqlabError(f"--recipes names two recipes of the same name ({', '.join(names)}): give each recipe file its own name")
     out = Path(out)
     with locked(out, "lab"):
-        return _lab(model, chosen, out, settings, budget, dtype, quiet, calibration, calib_batch_size)
+        return _lab(model, chosen, out, settings, budget, dtype, quiet, calibration, calib_batch_size, sensitivity)
 
 
-def _lab(model, recipes, out: Path, settings, budget, dtype, quiet, calibration, calib_batch_size) -> Path:
-    from ptqlab.api import quantize, request_of
-    from ptqlab.embedded import DEFAULT_MODEL_NAME, default_model_path
+def _baseline_path(model: str | None, out: Path, dtype: str) -> Path:
+    """The 16-bit model as a local folder: the given folder, the embedded default, or a hub model saved once into
+    OUT/checkpoints/baseline."""
+    from ptqlab.embedded import default_model_path
     from ptqlab.models import load_config
-    source = model or DEFAULT_MODEL_NAME
-    base_path = Path(model).expanduser() if model and Path(model).expanduser().is_dir() else None
-    if model is None:
-        base_path = default_model_path()
-    elif base_path is None:
-        # A hub id: the baseline is benchmarked from a local 16-bit copy, saved once into the lab folder.
-        load_config(model, model)
-        base_path = _local_copy(model, out / "checkpoints" / "baseline", dtype)
 
+    if model is None:
+        return default_model_path()
+    if Path(model).expanduser().is_dir():
+        return Path(model).expanduser()
+    load_config(model, model)
+    return _local_copy(model, out / "checkpoints" / "baseline", dtype)
+
+
+def _quantized(base_path: Path, recipe, out: Path, settings: BenchSettings, dtype: str, quiet: bool, calibration,
+               calib_batch_size: int, steps: Steps) -> Path:
+    """OUT/checkpoints/RECIPE: reused when it was made with the same settings, else made (again)."""
+    from ptqlab.api import quantize, request_of
+
+    name, folder, log = recipe.name, out / "checkpoints" / recipe.name, out / "log.jsonl"
+    record = read_record(folder)
+    request = request_of(str(base_path), recipe, dtype, settings.seed, calibration, settings.device)
+    differs = record.request_differences(request) if record is not None else None
+    if differs == []:
+        steps.say(f"quantize {name}: checkpoint already in {folder}, made with the same settings, reused")
+        log_event(log, "quantize.reused", recipe=name)
+        return folder
+    steps.say(f"quantize {name}" + (f" (the checkpoint in {folder} was made with other settings: "
+                                    f"{', '.join(differs)}; made again)" if differs else ""))
+    log_event(log, "quantize.start", recipe=name)
+    start = time.perf_counter()
+    quantize(str(base_path), recipe, out=folder, overwrite=True, dtype=dtype, seed=settings.seed, quiet=quiet,
+             calibration=calibration, calib_batch_size=calib_batch_size, device=settings.device)
+    log_event(log, "quantize.done", recipe=name, seconds=round(time.perf_counter() - start, 3))
+    return folder
+
+
+def _lab(model, recipes, out: Path, settings, budget, dtype, quiet, calibration, calib_batch_size,
+         sensitivity: Sensitivity | None = None) -> Path:
+    from ptqlab.embedded import DEFAULT_MODEL_NAME
+
+    source = model or DEFAULT_MODEL_NAME
+    base_path = _baseline_path(model, out, dtype)
     manifest = out / "lab.json"
     if manifest.is_file():
         previous = json.loads(manifest.read_text())
@@ -229,29 +263,83 @@ def _lab(model, recipes, out: Path, settings, budget, dtype, quiet, calibration,
     manifest.write_text(json.dumps({"model": source, "model_path": str(base_path), "recipes": [r.name for r in recipes]},
                                    indent=2) + "\n")
 
-    log = out / "log.jsonl"
-    steps = Steps(2 * len(recipes) + 1, quiet)
-    checkpoints = []
-    for recipe in recipes:
-        name = recipe.name
-        folder = out / "checkpoints" / name
-        record = read_record(folder)
-        request = request_of(str(base_path), recipe, dtype, settings.seed, calibration, settings.device)
-        differs = record.request_differences(request) if record is not None else None
-        if differs == []:
-            steps.say(f"quantize {name}: checkpoint already in {folder}, made with the same settings, reused")
-            log_event(log, "quantize.reused", recipe=name)
-        else:
-            steps.say(f"quantize {name}" + (f" (the checkpoint in {folder} was made with other settings: "
-                                            f"{', '.join(differs)}; made again)" if differs else ""))
-            log_event(log, "quantize.start", recipe=name)
-            start = time.perf_counter()
-            quantize(str(base_path), recipe, out=folder, overwrite=True, dtype=dtype, seed=settings.seed, quiet=quiet,
-                     calibration=calibration, calib_batch_size=calib_batch_size, device=settings.device)
-            log_event(log, "quantize.done", recipe=name, seconds=round(time.perf_counter() - start, 3))
-        checkpoints.append((name, folder))
+    steps = Steps(2 * len(recipes) + 1 + (3 if sensitivity else 0), quiet)
+    checkpoints = [(recipe.name, _quantized(base_path, recipe, out, settings, dtype, quiet, calibration, calib_batch_size,
+                                            steps)) for recipe in recipes]
+    if sensitivity is not None:
+        recipe = sensitivity_recipe(recipes)
+        mixed = _sensitivity(base_path, recipe, dict(checkpoints)[recipe.name], out, settings, sensitivity, quiet, steps)
+        if mixed is not None:
+            checkpoints.append((mixed.name, _quantized(base_path, mixed, out, settings, dtype, quiet, calibration,
+                                                       calib_batch_size, steps)))
     results = run_benchmarks(base_path, checkpoints, out, settings, quiet, steps)
     write_report(out, results, settings, budget, baseline_name="baseline", model=source)
+    return out
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """What a sensitivity run aims at: a mean KL (nats per token) or a size for the whole checkpoint's weights."""
+
+    target_kl: float | None = None
+    max_bytes: int | None = None
+    windows: int = SENSITIVITY_WINDOWS
+
+
+def sensitivity_recipe(recipes):
+    """The lab recipe the sensitivity run studies: the one with the fewest weight bits (the most to gain), the first
+    of those."""
+    return min(recipes, key=lambda r: r.scheme.weights.num_bits)
+
+
+def _sensitivity(base_path: Path, recipe, checkpoint: Path, out: Path, settings: BenchSettings, aim: Sensitivity,
+                 quiet: bool, steps: Steps):
+    """Measure (or reuse) OUT/sensitivity.json for `checkpoint`, write the mixed recipe beside it, and return it (None
+    when the uniform recipe already meets the aim: nothing to keep)."""
+    import yaml
+
+    from ptqlab.measure.sensitivity import measure_sensitivity, plan_mixed
+
+    result_json = out / "sensitivity.json"
+    identity = {"checkpoint_fingerprint": fingerprint(checkpoint), "settings_digest": settings.digest(),
+                "windows_asked": aim.windows}
+    result = json.loads(result_json.read_text()) if result_json.is_file() else None
+    if result is not None and all(result.get(k) == v for k, v in identity.items()):
+        steps.say(f"sensitivity of {recipe.name}: already measured ({result_json}), reused")
+    else:
+        steps.say(f"sensitivity of {recipe.name}: each decoder layer's attention and MLP alone quantized")
+        result = {**measure_sensitivity(base_path, checkpoint, settings, aim.windows, quiet), **identity}
+    mixed, plan = plan_mixed(result, recipe, aim.target_kl, aim.max_bytes)
+    recipe_file = out / f"{mixed.name}.yaml"
+    recipe_file.write_text(yaml.safe_dump(mixed.to_dict(), sort_keys=False))
+    result["mixed"] = {**plan, "recipe": mixed.name, "recipe_file": str(recipe_file)}
+    partial = result_json.with_name(result_json.name + ".partial")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    partial.rename(result_json)
+    log_event(out / "log.jsonl", "sensitivity.done", recipe=recipe.name, kept=len(plan["kept"]),
+              predicted_kl=plan["predicted_kl"])
+    if not plan["kept"]:
+        _say(f"[yellow]note:[/] {recipe.name} already meets the aim with every part quantized: no mixed variant", quiet)
+        return None
+    _say(f"{mixed.name}: {len(plan['kept'])} parts kept 16-bit (predicted KL {plan['predicted_kl']:.4f}): {recipe_file}",
+         quiet)
+    return mixed
+
+
+def sensitivity(model: str | None, recipe: str, out: str | Path = "ptqlab-sensitivity", aim: Sensitivity = Sensitivity(),
+                settings: BenchSettings = BenchSettings(), dtype: str = "auto", quiet: bool = False, calibration=None,
+                calib_batch_size: int = 16) -> Path:
+    """Quantize `model` with `recipe` (or reuse OUT's checkpoint), measure each part's sensitivity, and write
+    OUT/sensitivity.json and the mixed-precision recipe OUT/RECIPE-mixed.yaml that meets `aim`."""
+    from ptqlab.recipes import get_recipe
+
+    chosen = get_recipe(recipe)
+    out = Path(out)
+    with locked(out, "sensitivity"):
+        base_path = _baseline_path(model, out, dtype)
+        steps = Steps(2, quiet)
+        checkpoint = _quantized(base_path, chosen, out, settings, dtype, quiet, calibration, calib_batch_size, steps)
+        _sensitivity(base_path, chosen, checkpoint, out, settings, aim, quiet, steps)
     return out
 
 

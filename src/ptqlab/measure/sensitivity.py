@@ -1,0 +1,243 @@
+"""Which parts of a model a recipe hurts, and the mixed-precision recipe that spares them.
+
+A part is one decoder layer's attention or its MLP (with the norm in front of it, which SmoothQuant and AWQ fold
+their scales into). Its sensitivity is the KL from the baseline when that part alone is quantized: the baseline
+model, in memory, with that part's modules swapped for the checkpoint's (read by transformers, the official
+compressed-tensors reader, so weights and activations are quantized exactly as the checkpoint says). "Alone
+quantized" rather than "alone restored to 16-bit": each figure then belongs to its part and not to which others
+are quantized, so the figures of a set add up (to first order: small perturbations add their KL), which is what
+choosing a set needs; the uniform recipe's measured KL calibrates the sum, and the chosen recipe is measured again
+as a variant of its own, never trusted from the prediction.
+
+The mixed recipe keeps the chosen parts 16-bit through the recipe's `ignore` list (one scheme per checkpoint, as
+every preset has), picking parts by KL saved per byte kept until the predicted KL meets the target, or while the
+checkpoint fits a size budget.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptqlab.errors import PtqlabError
+from ptqlab.progress import track
+
+PART_CHILDREN = {
+    "attention": ("input_layernorm", "self_attn"),
+    "mlp": ("post_attention_layernorm", "pre_feedforward_layernorm", "mlp", "block_sparse_moe"),
+}
+"""The children of a decoder layer that make up each part: the block and the norm(s) in front of it (a norm that no
+transform changed is the same in both models, so swapping it too is harmless)."""
+
+SENSITIVITY_WINDOWS = 4
+"""Evaluation windows per part by default: a ranking of parts needs far fewer tokens than a verdict on a variant."""
+
+
+@dataclass(frozen=True)
+class Part:
+    layer: int
+    kind: str
+    """attention or mlp."""
+    prefix: str
+    """The decoder layer's module name, e.g. model.layers.3."""
+    children: tuple[str, ...]
+    """Its children swapped for this part."""
+    quantized_bytes: int
+    """The part's tensors in the checkpoint."""
+    dense_bytes: int
+    """The same tensors 16-bit, in the baseline's files."""
+
+    @property
+    def name(self) -> str:
+        return f"layer {self.layer} {self.kind}"
+
+    @property
+    def extra_bytes(self) -> int:
+        """What keeping it 16-bit adds to the checkpoint."""
+        return max(self.dense_bytes - self.quantized_bytes, 1)
+
+    @property
+    def ignore_pattern(self) -> str:
+        """The recipe `ignore` entry that keeps every linear of this part 16-bit."""
+        return f"re:{re.escape(self.prefix)}\\.({'|'.join(self.children)})\\."
+
+
+@dataclass(frozen=True)
+class PartResult:
+    part: Part
+    kl_mean: float
+    kl_p99: float
+    top1_pct: float
+
+    def to_dict(self) -> dict:
+        return {"name": self.part.name, **asdict(self.part), "extra_bytes": self.part.extra_bytes,
+                "kl_mean": self.kl_mean, "kl_p99": self.kl_p99, "top1_pct": self.top1_pct}
+
+
+def safetensors_bytes(folder: Path) -> dict[str, int]:
+    """Bytes of every tensor in a folder's safetensors files, from their headers (nothing is loaded)."""
+    sizes = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        sizes.update({name: entry["data_offsets"][1] - entry["data_offsets"][0]
+                      for name, entry in header.items() if name != "__metadata__"})
+    return sizes
+
+
+def _bytes_under(sizes: dict[str, int], prefix: str, children: tuple[str, ...]) -> int:
+    return sum(size for name, size in sizes.items() if any(name.startswith(f"{prefix}.{child}.") for child in children))
+
+
+def find_parts(model: nn.Module, quantized_names: set[str], checkpoint_sizes: dict[str, int],
+               dense_sizes: dict[str, int]) -> tuple[list[Part], list[str]]:
+    """The parts holding quantized modules, in layer order, and the quantized modules outside every part."""
+    from ptqlab.models import decoder_layer_names
+
+    parts, covered = [], set()
+    for index, prefix in enumerate(decoder_layer_names(model)):
+        layer = model.get_submodule(prefix)
+        for kind, names in PART_CHILDREN.items():
+            children = tuple(c for c in names if hasattr(layer, c))
+            inside = {n for n in quantized_names if any(n.startswith(f"{prefix}.{c}.") for c in children)}
+            if inside:
+                covered |= inside
+                parts.append(Part(index, kind, prefix, children, _bytes_under(checkpoint_sizes, prefix, children),
+                                  _bytes_under(dense_sizes, prefix, children)))
+    return parts, sorted(quantized_names - covered)
+
+
+@contextmanager
+def swapped(model: nn.Module, donor: nn.Module, part: Part):
+    """`model` with `part`'s children taken from `donor` (the same architecture), restored afterwards."""
+    from ptqlab.models import set_submodule
+
+    names = [f"{part.prefix}.{child}" for child in part.children]
+    originals = [model.get_submodule(name) for name in names]
+    try:
+        for name in names:
+            set_submodule(model, name, donor.get_submodule(name))
+        yield model
+    finally:
+        for name, module in zip(names, originals):
+            set_submodule(model, name, module)
+
+
+def predicted_kl(results: list[PartResult], uniform_kl: float, kept: list[Part]) -> float:
+    """The mixed recipe's KL, predicted: the uniform recipe's measured KL times the share of the parts' summed KL
+    that stays quantized (parts' KLs add to first order; the measured total calibrates their interactions)."""
+    total = sum(r.kl_mean for r in results)
+    if total <= 0:
+        return uniform_kl
+    kept_ids = {(p.layer, p.kind) for p in kept}
+    remaining = sum(r.kl_mean for r in results if (r.part.layer, r.part.kind) not in kept_ids)
+    return uniform_kl * remaining / total
+
+
+def choose_kept(results: list[PartResult], uniform_kl: float, uniform_bytes: int, target_kl: float | None = None,
+                max_bytes: int | None = None) -> list[Part]:
+    """The parts to keep 16-bit, most KL saved per byte first: until the predicted KL is at most `target_kl` (the
+    fewest bytes that reach it, greedily), or as many as fit in `max_bytes` for the whole checkpoint."""
+    if (target_kl is None) == (max_bytes is None):
+        raise PtqlabError("give a KL target (--target-kl) or a size budget (--max-size), one of the two")
+    ranked = sorted(results, key=lambda r: r.kl_mean / r.part.extra_bytes, reverse=True)
+    kept, size = [], uniform_bytes
+    for result in ranked:
+        if target_kl is not None:
+            if predicted_kl(results, uniform_kl, kept) <= target_kl:
+                break
+            kept.append(result.part)
+        elif size + result.part.extra_bytes <= max_bytes and result.kl_mean > 0:
+            kept.append(result.part)
+            size += result.part.extra_bytes
+    return kept
+
+
+def mixed_recipe(recipe, kept: list[Part]):
+    """`recipe` with the kept parts' linears added to its ignore list, named RECIPE-mixed."""
+    description = f"{recipe.description or recipe.name}; {len(kept)} sensitive parts kept 16-bit (ptqlab sensitivity)"
+    return replace(recipe, name=f"{recipe.name}-mixed", ignore=tuple(recipe.ignore) + tuple(p.ignore_pattern for p in kept),
+                   description=description)
+
+
+def _load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint through transformers (compressed-tensors): its modules quantize weights and activations as the
+    checkpoint says. Cast with nn.Module's methods: transformers refuses to cast a quantized model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="cpu")
+    return nn.Module.to(model, device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def measure_sensitivity(base_path: Path, checkpoint: Path, settings, windows: int = SENSITIVITY_WINDOWS,
+                        quiet: bool = False) -> dict:
+    """KL of every part alone quantized, and of the whole checkpoint, against the baseline on the bench protocol's
+    text (its first `windows` windows)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ptqlab.measure.quality import evaluate
+    from ptqlab.measure.variant import evaluation_tokens, stored_dtype
+    from ptqlab.models import compute_dtype, resolve_device
+    from ptqlab.record import read_record
+
+    device = resolve_device(settings.device)
+    config = json.loads((base_path / "config.json").read_text())
+    dtype = compute_dtype(device, stored_dtype(config))
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokens = evaluation_tokens(tokenizer, replace(settings, ppl_windows=windows), config)
+    baseline = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device).eval()
+    quantized = _load_checkpoint(checkpoint, device, dtype)
+
+    def score(model, reference=None):
+        return evaluate(model, tokens.token_ids, tokens.windows, reference, settings.topk, quiet=True,
+                        protocol=tokens.protocol, bos_id=tokens.bos_id)
+
+    reference = score(baseline).topk
+    uniform = score(quantized, reference).summary()["kl"]
+    names = {n for n, m in quantized.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+    sizes = safetensors_bytes(checkpoint)
+    parts, outside = find_parts(baseline, names, sizes, safetensors_bytes(base_path))
+    if not parts:
+        raise PtqlabError(f"{checkpoint} has no quantized decoder layer to measure")
+    results = []
+    status = {"last": ""}
+    for part in track(parts, "sensitivity", total=len(parts), quiet=quiet, status=lambda _: status["last"]):
+        with swapped(baseline, quantized, part):
+            kl = score(baseline, reference).summary()["kl"]
+        results.append(PartResult(part, kl["mean"], kl["p99"], kl["top1_agreement_pct"]))
+        status["last"] = f"{part.name}: KL {kl['mean']:.4f}"
+    record = read_record(checkpoint)
+    return {"checkpoint": str(checkpoint), "baseline": str(base_path), "recipe": record.recipe if record else None,
+            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "windows": len(tokens.windows),
+            "context": tokens.context, "protocol": tokens.protocol.name, "text": tokens.text.name,
+            "measured": "each part alone quantized (the rest 16-bit), KL from the baseline",
+            "uniform": {"kl_mean": uniform["mean"], "top1_pct": uniform["top1_agreement_pct"],
+                        "weights_bytes": sum(sizes.values())},
+            "parts": [r.to_dict() for r in results], "not_measured": outside}
+
+
+def part_results(sensitivity: dict) -> list[PartResult]:
+    """The parts of a sensitivity.json, as PartResults."""
+    fields = Part.__dataclass_fields__
+    return [PartResult(Part(**{k: (tuple(v) if k == "children" else v) for k, v in p.items() if k in fields}),
+                       p["kl_mean"], p["kl_p99"], p["top1_pct"]) for p in sensitivity["parts"]]
+
+
+def plan_mixed(sensitivity: dict, recipe, target_kl: float | None, max_bytes: int | None):
+    """(the mixed recipe, what it keeps and predicts) from a sensitivity measurement."""
+    results = part_results(sensitivity)
+    uniform = sensitivity["uniform"]
+    kept = choose_kept(results, uniform["kl_mean"], uniform["weights_bytes"], target_kl, max_bytes)
+    plan = {"target_kl": target_kl, "max_bytes": max_bytes, "kept": [p.name for p in kept],
+            "predicted_kl": predicted_kl(results, uniform["kl_mean"], kept),
+            "predicted_weights_bytes": uniform["weights_bytes"] + sum(p.extra_bytes for p in kept)}
+    return mixed_recipe(recipe, kept), plan

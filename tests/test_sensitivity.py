@@ -1,0 +1,100 @@
+"""Sensitivity: every quantized module belongs to exactly one part, swapping a part in and out is exact, the mixed
+recipe keeps what it says and weighs what it predicts, and keeping the worst parts 16-bit lowers the KL."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ptqlab.errors import PtqlabError
+from ptqlab.measure.sensitivity import Part, PartResult, choose_kept, predicted_kl, swapped
+from ptqlab.measure.variant import BenchSettings
+from ptqlab.recipes import get_recipe
+from ptqlab.record import read_record
+from ptqlab.suite import Sensitivity, sensitivity
+
+SETTINGS = BenchSettings(ppl_text="python-docs", ppl_context=64, device="cpu")
+
+
+def _result(layer: int, kind: str, kl: float, extra: int) -> PartResult:
+    return PartResult(Part(layer, kind, f"model.layers.{layer}", ("self_attn",), 100, 100 + extra), kl, 2 * kl, 90.0)
+
+
+def test_the_kept_parts_are_the_most_kl_per_byte_until_the_target_is_met():
+    results = [_result(0, "attention", 0.01, 10), _result(0, "mlp", 0.04, 40), _result(1, "attention", 0.03, 10),
+               _result(1, "mlp", 0.02, 40)]  # KL per byte: 1e-3, 1e-3, 3e-3, 5e-4
+    uniform = 0.2  # the parts' KLs sum to 0.1: interactions double it
+    assert predicted_kl(results, uniform, []) == pytest.approx(0.2)
+    kept = choose_kept(results, uniform, 1000, target_kl=0.12)
+    assert [(p.layer, p.kind) for p in kept] == [(1, "attention"), (0, "attention")]  # 0.2 * 0.06 / 0.1 = 0.12
+    assert predicted_kl(results, uniform, kept) == pytest.approx(0.12)
+    assert choose_kept(results, uniform, 1000, target_kl=0.5) == []
+    assert len(choose_kept(results, uniform, 1000, target_kl=0.0)) == 4
+    budget = choose_kept(results, uniform, 1000, max_bytes=1055)  # 10 + 40 fit; the next 40 would not
+    assert [(p.layer, p.kind) for p in budget] == [(1, "attention"), (0, "attention")]
+    with pytest.raises(PtqlabError, match="one of the two"):
+        choose_kept(results, uniform, 1000)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_model_dir, tmp_path_factory):
+    base = tiny_model_dir("llama")
+    out = tmp_path_factory.mktemp("sensitivity")
+    sensitivity(str(base), "w4a16-rtn", out, Sensitivity(target_kl=1e-9, windows=2), SETTINGS, quiet=True)
+    return base, out, json.loads((out / "sensitivity.json").read_text())
+
+
+def test_every_quantized_module_is_in_one_part_and_swapping_is_exact(measured):
+    base, out, result = measured
+    assert result["not_measured"] == []
+    layers = AutoModelForCausalLM.from_pretrained(base).config.num_hidden_layers
+    assert [(p["layer"], p["kind"]) for p in result["parts"]] == [(i, k) for i in range(layers) for k in ("attention", "mlp")]
+    assert all(p["kl_mean"] > 0 for p in result["parts"])
+
+    from ptqlab.measure.sensitivity import _load_checkpoint, part_results
+
+    baseline = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    quantized = _load_checkpoint(out / "checkpoints" / "w4a16-rtn", torch.device("cpu"), torch.float32)
+    ids = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before, target = baseline(ids).logits, quantized(ids).logits
+        parts = [r.part for r in part_results(result)]
+        with swapped(baseline, quantized, parts[0]), swapped(baseline, quantized, parts[1]):
+            one_layer = baseline(ids).logits
+            for part in parts[2:]:  # all parts in: the quantized model, exactly
+                with swapped(baseline, quantized, part):
+                    pass
+        assert not torch.equal(one_layer, before)
+        stack = [swapped(baseline, quantized, part) for part in parts]
+        for s in stack:
+            s.__enter__()
+        assert torch.equal(baseline(ids).logits, target)
+        for s in reversed(stack):
+            s.__exit__(None, None, None)
+        assert torch.equal(baseline(ids).logits, before)  # restored
+
+
+def test_the_mixed_recipe_keeps_its_parts_16_bit_weighs_what_it_predicts_and_lowers_kl(measured, tmp_path):
+    base, out, result = measured
+    target = result["uniform"]["kl_mean"] / 4
+    sensitivity(str(base), "w4a16-rtn", out, Sensitivity(target_kl=target, windows=2), SETTINGS, quiet=True)
+    result = json.loads((out / "sensitivity.json").read_text())
+    mixed = result["mixed"]
+    assert 0 < len(mixed["kept"]) < len(result["parts"]) and mixed["predicted_kl"] <= target
+    recipe = get_recipe(mixed["recipe_file"])
+    assert recipe.name == "w4a16-rtn-mixed" and recipe.ignore[0] == "lm_head"
+
+    from ptqlab.api import quantize
+    from ptqlab.measure.sensitivity import measure_sensitivity, safetensors_bytes
+
+    folder = quantize(str(base), recipe, out=tmp_path / "mixed", quiet=True, device="cpu")
+    ignored = set(read_record(folder).ignored_layers)
+    kept = {(p["layer"], p["kind"]) for p in result["parts"] if p["name"] in mixed["kept"]}
+    for layer, kind in kept:
+        group = "self_attn" if kind == "attention" else "mlp"
+        assert any(name.startswith(f"model.layers.{layer}.{group}.") for name in ignored)
+    assert all(any(name.startswith(f"model.layers.{layer}.") for layer, _ in kept) for name in ignored - {"lm_head"})
+    assert sum(safetensors_bytes(folder).values()) == mixed["predicted_weights_bytes"]
+    again = measure_sensitivity(base, folder, SETTINGS, windows=2, quiet=True)
+    assert again["uniform"]["kl_mean"] < 0.75 * result["uniform"]["kl_mean"]

@@ -240,3 +240,31 @@ def test_ptqlab_bench_is_the_verb_even_after_the_measurement_package_is_imported
     import ptqlab.suite
 
     assert ptqlab.bench is ptqlab.suite.bench and callable(ptqlab.bench)
+
+
+class ClockEngine:
+    """An engine whose decode step costs 10 ms plus 1 ms per sequence: the sweep's figures are known exactly."""
+
+    name, device = "clock", torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def timed(self, ids, new_tokens):
+        self.calls.append((ids.shape[0], new_tokens))
+        step = 0.010 + 0.001 * ids.shape[0]
+        return {"ttft_s": 0.05, "decode_s": step * (new_tokens - 1), "total_s": 0.05 + step * (new_tokens - 1)}
+
+
+def test_the_batch_sweep_gives_the_decode_rate_of_all_sequences_at_every_batch_size():
+    engine = ClockEngine()
+    speed = measure_speed(engine, torch.ones(1, 5, dtype=torch.long), new_tokens=9, batch_size=4, repeats=2, warmup=1,
+                          batch_sizes=(1, 8, 32))
+    assert [s["batch"] for s in speed["sweep"]] == [1, 4, 8, 32]  # batch_size joins the sweep
+    for s in speed["sweep"]:
+        assert s["decode_tok_s"] == pytest.approx(s["batch"] / (0.010 + 0.001 * s["batch"]))
+        assert s["throughput_tok_s"] == pytest.approx(s["batch"] * 9 / (0.05 + 8 * (0.010 + 0.001 * s["batch"])))
+    assert speed["decode_tok_s"] == speed["sweep"][0]["decode_tok_s"]
+    assert speed["throughput_tok_s"] == speed["sweep"][1]["throughput_tok_s"]
+    # every batch size: one short warm-up, then the timed repeats of the full length
+    assert engine.calls == [call for b in (1, 4, 8, 32) for call in [(b, 9)] + [(b, 9)] * 2]

@@ -148,7 +148,7 @@ def recipes(
 
 
 def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens,
-              device, seed, quiet, runtime, ppl_protocol="gptq"):
+              device, seed, quiet, runtime, ppl_protocol="gptq", batch_sizes: str | None = None):
     from ptqlab.measure.variant import CPU_SPEED, QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings, check_runtime
     from ptqlab.models import resolve_device
 
@@ -163,13 +163,14 @@ def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_to
             console.print(f"[yellow]note:[/] no GPU: perplexity and KL use the quick probe ({QUICK_WINDOWS} windows of "
                           f"{QUICK_CONTEXT} tokens; the report gives each perplexity's standard error); pass --ppl-full "
                           "for the whole text", highlight=False)
-    speed = {"max_new_tokens": max_new_tokens, "repeats": repeats, "sample_tokens": sample_tokens}
+    speed = {"max_new_tokens": max_new_tokens, "repeats": repeats, "sample_tokens": sample_tokens,
+             "batch_sizes": _batch_sizes(batch_sizes) if batch_sizes else None}
     defaults = CPU_SPEED if on_cpu else {k: getattr(BenchSettings, k) for k in speed}
     if on_cpu and not quiet and any(v is None for v in speed.values()):
         console.print(f"[yellow]note:[/] no GPU: speed runs decode {CPU_SPEED['max_new_tokens']} tokens, "
-                      f"{CPU_SPEED['repeats']} timed run{'s' if CPU_SPEED['repeats'] != 1 else ''} after a warm-up, samples of "
-                      f"{CPU_SPEED['sample_tokens']} tokens; "
-                      "--max-new-tokens, --repeats and --sample-tokens change them", highlight=False)
+                      f"{CPU_SPEED['repeats']} timed run{'s' if CPU_SPEED['repeats'] != 1 else ''} after a warm-up, at batch "
+                      f"{', '.join(map(str, CPU_SPEED['batch_sizes']))}, samples of {CPU_SPEED['sample_tokens']} tokens; "
+                      "--max-new-tokens, --repeats, --batch-sizes and --sample-tokens change them", highlight=False)
     speed = {k: defaults[k] if v is None else v for k, v in speed.items()}
     windows = QUICK_WINDOWS if ppl_quick else None
     context = ppl_context or (QUICK_CONTEXT if ppl_quick else None)
@@ -177,6 +178,17 @@ def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_to
                          batch_size=batch_size, device=device, seed=seed, runtime=runtime, **speed)
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise PtqlabError(f"--batch-sizes {text!r}: give batch sizes of at least 1, comma-separated, e.g. 1,8,32")
+    return sizes
+
+
+BatchSizes = Annotated[Optional[str], typer.Option(help="Batch sizes of the decode sweep, comma-separated; default 1,8,32 (1,8 on a CPU).")]
 PplQuick = Annotated[bool, typer.Option("--ppl-quick", help="Quick probe: the first 10 windows of 512 tokens (default on CPU).")]
 PplFull = Annotated[bool, typer.Option("--ppl-full", help="Full protocol: every window of the text (default on GPU).")]
 PplContext = Annotated[Optional[int], typer.Option(help="Window length; default min(2048, model context), 512 for the quick probe.")]
@@ -205,6 +217,7 @@ def bench(
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
     ppl_protocol: PplProtocolOption = "gptq",
     max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = 8, repeats: Repeats = None, sample_tokens: SampleTokens = None,
+    batch_sizes: BatchSizes = None,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
     runtime: Runtime = "auto", verbose: Verbose = False,
 ) -> None:
@@ -215,7 +228,7 @@ def bench(
 
     try:
         settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
-                             runtime, ppl_protocol)
+                             runtime, ppl_protocol, batch_sizes)
         folder = run([str(p) for p in paths], out, str(baseline) if baseline else None, settings, Budget(max_kl, max_ppl_increase), quiet)
     except PtqlabError as e:
         _fail(e)
@@ -231,6 +244,7 @@ def lab(
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
     ppl_protocol: PplProtocolOption = "gptq",
     max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = 8, repeats: Repeats = None, sample_tokens: SampleTokens = None,
+    batch_sizes: BatchSizes = None,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
     dataset: Dataset = "auto", num_samples: Annotated[Optional[int], typer.Option(help="Calibration samples; default 256, 32 on a CPU.")] = None,
     max_seq_len: Annotated[Optional[int], typer.Option(help="Calibration samples are truncated to this many tokens; default 1024, 512 on a CPU.")] = None,
@@ -247,7 +261,7 @@ def lab(
 
     try:
         settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
-                             runtime, ppl_protocol)
+                             runtime, ppl_protocol, batch_sizes)
         names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
         aim = _aim(target_kl if target_kl is not None or max_size else max_kl, max_size, sensitivity_windows) \

@@ -1,4 +1,5 @@
-"""Generation speed: time to first token, batch-1 decode tokens/s, batched throughput; and sample answers.
+"""Generation speed: time to first token, batch-1 decode tokens/s, batched throughput, decode tok/s over a sweep of
+batch sizes; and sample answers.
 
 Both runtimes are measured by the same code through an engine with `timed(ids, n)` and `complete(...)`: the
 ordinary transformers path, and ptqlab's fast runtime.
@@ -124,26 +125,33 @@ class FastEngine:
 
 
 def measure_speed(engine, prompt_ids: torch.Tensor, new_tokens: int = 128, batch_size: int = 8, repeats: int = 3,
-                  warmup: int = 1) -> dict:
-    """TTFT and decode tok/s at batch 1, and generated tok/s at `batch_size` (the prompt [1, P] in every row)."""
+                  warmup: int = 1, batch_sizes: tuple[int, ...] = ()) -> dict:
+    """TTFT and decode tok/s at batch 1, generated tok/s at `batch_size` (the prompt [1, P] in every row), and the
+    sweep: decode tok/s of all sequences together at every batch size of `batch_sizes` (and 1 and `batch_size`),
+    which is where a variant that wins at batch 1 can lose at 32."""
     ids = prompt_ids.to(engine.device)
     # A short warm-up reaches every code path (prefill, cache growth, decode) at a fraction of the cost.
     warm = min(new_tokens, WARMUP_TOKENS)
-    single = repeat_timed(lambda: engine.timed(ids, new_tokens), warmup, repeats, lambda: engine.timed(ids, warm))
-    batch = ids.expand(batch_size, -1).contiguous()
-    batched = repeat_timed(lambda: engine.timed(batch, new_tokens), warmup, repeats, lambda: engine.timed(batch, warm))
-    decode_rates = [(new_tokens - 1) / r["decode_s"] for r in single]
-    throughputs = [batch_size * new_tokens / r["total_s"] for r in batched]
+    runs = {}
+    for size in sorted({1, batch_size, *batch_sizes}):
+        batch = ids.expand(size, -1).contiguous()
+        runs[size] = repeat_timed(lambda: engine.timed(batch, new_tokens), warmup, repeats,
+                                  lambda: engine.timed(batch, warm))
+    single, batched = runs[1], runs[batch_size]
     return {
         "runtime": engine.name,
         "ttft_ms": 1000 * statistics.median(r["ttft_s"] for r in single),
-        "decode_tok_s": statistics.median(decode_rates),
-        "throughput_tok_s": statistics.median(throughputs),
+        "decode_tok_s": statistics.median((new_tokens - 1) / r["decode_s"] for r in single),
+        "throughput_tok_s": statistics.median(batch_size * new_tokens / r["total_s"] for r in batched),
+        "sweep": [{"batch": size, "decode_tok_s": statistics.median(size * (new_tokens - 1) / r["decode_s"] for r in timed),
+                   "throughput_tok_s": statistics.median(size * new_tokens / r["total_s"] for r in timed)}
+                  for size, timed in runs.items()],
         "prompt_tokens": int(ids.shape[1]),
         "new_tokens": new_tokens,
         "batch_size": batch_size,
         "warmup": warmup,
-        "repeats": {"batch1": single, "batched": batched},
+        "repeats": {"batch1": single, "batched": batched,
+                    **{f"batch{size}": timed for size, timed in runs.items() if size not in (1, batch_size)}},
     }
 
 

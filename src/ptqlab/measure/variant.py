@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # standard error of several percent, a change against the baseline (paired on the same windows) far less; the report
 # prints both (measured on the embedded model: bench/results/README.md).
 QUICK_CONTEXT, QUICK_WINDOWS = 512, 10
-CPU_SPEED = {"max_new_tokens": 32, "repeats": 1, "sample_tokens": 32}
+CPU_SPEED = {"max_new_tokens": 32, "repeats": 1, "sample_tokens": 32, "batch_sizes": (1, 8)}
 """Speed-run defaults on a CPU, where decoding is ~100x slower than on a GPU: short runs, still warmed up."""
 
 
@@ -64,6 +64,9 @@ class BenchSettings:
     """Baseline log-probs kept per position for KL."""
     max_new_tokens: int = 128
     batch_size: int = 8
+    """The batch of the throughput figure (prefill included)."""
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    """The decode sweep: tok/s of all sequences together at each batch size."""
     repeats: int = 3
     warmup: int = 1
     sample_tokens: int = 64
@@ -77,6 +80,7 @@ class BenchSettings:
 
         check_runtime(self.runtime)
         ppl_protocol(self.ppl_protocol)
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))  # a list when read back from JSON
 
     @property
     def protocol(self) -> str:
@@ -297,10 +301,11 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
           f"perplexity{' and KL' if topk_in else ''} over {len(tokens.windows)} windows of {tokens.context} tokens")
     quality = measure_quality(loaded.model, tokens, settings, topk_in, topk_out, quiet)
 
-    phase(f"speed: {settings.max_new_tokens} tokens at batch 1 and {settings.batch_size}, {settings.repeats} timed "
+    sizes = ", ".join(str(b) for b in sorted({1, settings.batch_size, *settings.batch_sizes}))
+    phase(f"speed: {settings.max_new_tokens} tokens at batch {sizes}, {settings.repeats} timed "
           f"run{'s' if settings.repeats != 1 else ''} after {settings.warmup} warm-up")
     speed = measure_speed(loaded.engine, prompt_ids, settings.max_new_tokens, settings.batch_size, settings.repeats,
-                          settings.warmup)
+                          settings.warmup, settings.batch_sizes)
 
     phase(f"decode {speed['decode_tok_s']:.1f} tok/s; sample answers to {len(SAMPLE_PROMPTS)} prompts")
     samples = sample_completions(loaded.engine, tokenizer, settings.sample_tokens)

@@ -1,6 +1,8 @@
 """Fast-runtime speed: batch-1 decode tokens/s and 4,096-token prefill tokens/s per scheme, each against its floor.
 
     python bench/runtime_speed.py --shape llama-3-8b --out bench/results/runtime_speed_llama-3-8b.json
+    python bench/runtime_speed.py --shape llama-3-8b --schemes bf16,fp8-dynamic,w8a8,w4a16 --batch-sizes 1,8,32 \
+        --out bench/results/batch_sweep_llama-3-8b.json       # + decode tok/s at each batch size, and the crossover
 
 For each scheme (bf16, fp8-dynamic, w8a8, w4a16) a random-weight model of the real shape is quantized in memory
 with the recipe's data-free twin (speed does not depend on weight values: fp8-dynamic, w8a8-rtn, w4a16-rtn write
@@ -253,6 +255,24 @@ def prefill_flops(model, tokens: int) -> tuple[float, float]:
     return linear, attention
 
 
+def sweep(runtime, prompt_tokens: int, new_tokens: int, repeats: int, batch_sizes: list[int]) -> list[dict]:
+    """Decode tok/s of all sequences together at each batch size (one Generator, cache and graph, per size)."""
+    from ptqlab.runtime import Generator
+
+    out = []
+    for size in batch_sizes:
+        ids = torch.randint(0, runtime.arch.vocab_size, (size, prompt_tokens), device="cuda")
+        generator = Generator(runtime, size, prompt_tokens + new_tokens)
+        generator.timed(ids, 8)  # capture + warm-up
+        runs = [generator.timed(ids, new_tokens) for _ in range(repeats)]
+        out.append({"batch": size, "decode_tok_s": statistics.median(size * (new_tokens - 1) / r["decode_s"] for r in runs),
+                    "throughput_tok_s": statistics.median(size * new_tokens / r["total_s"] for r in runs)})
+        del generator
+        runtime.drop_cache()
+        torch.cuda.empty_cache()
+    return out
+
+
 def measure(runtime, prompt_tokens: int, new_tokens: int, prefill_tokens: int, repeats: int) -> dict:
     from ptqlab.runtime import Generator
 
@@ -303,8 +323,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernels", action="store_true", help="time the int4 kernel on the shape's layers first")
     parser.add_argument("--transformers", action="store_true", help="also time plain transformers bf16 decode")
+    parser.add_argument("--batch-sizes", default="", help="also a decode sweep at these batch sizes, e.g. 1,8,32, and "
+                        "the fastest scheme at each (the report's crossover rule)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     import transformers
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -320,6 +343,10 @@ def main() -> None:
                                 options)
         build_s = time.perf_counter() - start
         measured = measure(runtime, args.prompt_tokens, args.new_tokens, args.prefill_tokens, args.repeats)
+        if batch_sizes:
+            measured["sweep"] = sweep(runtime, args.prompt_tokens, args.new_tokens, args.repeats, batch_sizes)
+            print(f"{scheme}: " + ", ".join(f"batch {s['batch']} {s['decode_tok_s']:.0f} tok/s" for s in measured["sweep"]),
+                  flush=True)
         nbytes = decode_bytes(runtime, measured["cache_positions"])
         floor_tok_s = ceilings["copy_bytes_per_s"] / nbytes
         linear, attention = prefill_flops(runtime, args.prefill_tokens)
@@ -349,6 +376,13 @@ def main() -> None:
               f"{r['prefill_tok_s']:14.0f} {100 * r['prefill_fraction_of_floor']:7.1f}% {px:6.2f}x")
     if hf is not None:
         print(f"transformers bf16 decode (plain generate loop): {hf:.1f} tok/s")
+    crossover = None
+    if batch_sizes:
+        from ptqlab.report import fastest_by_batch, crossover_words
+
+        swept = [{"name": scheme, "speed": {"sweep": r["sweep"]}} for scheme, r in results.items()]
+        crossover = {"fastest_by_batch": fastest_by_batch(swept), "words": crossover_words(fastest_by_batch(swept))}
+        print(f"\ndecode tok/s by batch size: {crossover['words']}")
     if args.out:
         versions = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
         try:
@@ -359,7 +393,8 @@ def main() -> None:
             pass
         record = {"shape": args.shape, "device": torch.cuda.get_device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "versions": versions, "settings": vars(args) | {"out": str(args.out)}, "ceilings": ceilings,
-                  "kernel_table": kernel_rows, "results": results, "transformers_bf16_decode_tok_s": hf}
+                  "kernel_table": kernel_rows, "results": results, "transformers_bf16_decode_tok_s": hf,
+                  "crossover": crossover}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
 

@@ -31,7 +31,7 @@ def test_lab_measures_every_variant(finished_lab):
     assert results["schema"] == "ptqlab.results/1"
     assert [v["name"] for v in results["variants"]] == ["baseline", "fp8-dynamic", "w4a16-rtn", "w8a8-rtn"]
     assert {"device", "versions", "seed", "settings", "text", "recommendation"} <= set(results)
-    assert results["settings"]["protocol"] == "quick probe: first 4 windows"
+    assert results["settings"]["protocol"] == "gptq, quick probe: first 4 windows"
     assert results["text"]["name"] == "python-docs" and "PSF" in results["text"]["source"]
     base, *quantized = results["variants"]
     assert base["kl"] is None and base["format"] == "dense"

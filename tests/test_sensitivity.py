@@ -98,3 +98,17 @@ def test_the_mixed_recipe_keeps_its_parts_16_bit_weighs_what_it_predicts_and_low
     assert sum(safetensors_bytes(folder).values()) == mixed["predicted_weights_bytes"]
     again = measure_sensitivity(base, folder, SETTINGS, windows=2, quiet=True)
     assert again["uniform"]["kl_mean"] < 0.75 * result["uniform"]["kl_mean"]
+
+
+def test_the_report_shows_the_worst_parts_first_and_a_plot_per_layer(measured):
+    from ptqlab.report import markdown_html, sensitivity_lines
+    from ptqlab.plots import layer_bars
+
+    _, _, result = measured
+    lines = sensitivity_lines(result, [])
+    rows = [line for line in lines if line.startswith("| layer")]
+    kls = [float(row.split("|")[2]) for row in rows]
+    assert len(rows) == len(result["parts"]) and kls == sorted(kls, reverse=True)
+    assert "<table>" in markdown_html(lines)
+    svg = layer_bars([(p["layer"], p["kind"], p["kl_mean"]) for p in result["parts"]], "KL")
+    assert svg.count("<rect") == len(result["parts"]) + 2  # a bar per part, a swatch per kind

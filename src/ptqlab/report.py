@@ -1,6 +1,8 @@
 """The report: results.json (everything), summary.md (one table), report.html (tables, plots, recommendation).
 
-The HTML is self-contained (inline CSS and SVG, no scripts, no CDN), so it renders offline.
+The HTML is self-contained (inline CSS and SVG, no scripts, no CDN), so it renders offline. Its plots place their
+labels by estimated text boxes (`place_labels`), since no browser measures them at write time; the size-vs-KL
+plot and the recommendation name the Pareto front; sample completions sit side by side, one row per prompt.
 """
 
 from __future__ import annotations
@@ -8,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import math
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ptqlab.measure.quality import perplexity_change
+from ptqlab.plots import FRONT_COLOUR, bars as _bars, layer_bars, scatter as _scatter
 from ptqlab.record import versions
 
 SCHEMA = "ptqlab.results/1"
@@ -66,7 +71,73 @@ def recommend(variants: list[dict], baseline: str | None, budget: Budget) -> dic
     out["smallest"] = pick(lambda v: v["size"]["weights_bytes"] / MiB, "weights", "MiB", best=min)
     out["fastest_decode"] = pick(lambda v: v["speed"]["decode_tok_s"], "decode", "tok/s at batch 1")
     out["fastest_throughput"] = pick(lambda v: v["speed"]["throughput_tok_s"], "throughput", "tok/s")
+    out["pareto_front"] = pareto_front(size_kl_points(variants, baseline))
+    out["fastest_by_batch"] = fastest_by_batch(eligible)
     return out
+
+
+def fastest_by_batch(variants: list[dict]) -> list[dict]:
+    """At each batch size of the variants' decode sweep, the variant with the most decode tok/s (all sequences
+    together): [{batch, variant, decode_tok_s, runner_up, runner_up_tok_s}], smallest batch first. A batch size some
+    variant did not run is judged among those that did."""
+    by_batch: dict[int, list[tuple[float, str]]] = {}
+    for v in variants:
+        for point in (v.get("speed") or {}).get("sweep") or []:
+            by_batch.setdefault(point["batch"], []).append((point["decode_tok_s"], v["name"]))
+    table = []
+    for batch in sorted(by_batch):
+        ranked = sorted(by_batch[batch], reverse=True)
+        (rate, name), runner = ranked[0], (ranked[1] if len(ranked) > 1 else (None, None))
+        table.append({"batch": batch, "variant": name, "decode_tok_s": rate, "runner_up": runner[1],
+                      "runner_up_tok_s": runner[0]})
+    return table
+
+
+def crossover_words(table: list[dict]) -> str:
+    """'w4a16 fastest up to 8 sequences, fp8-dynamic from 32' from fastest_by_batch's table: consecutive batch sizes
+    with one winner are one stretch."""
+    if not table:
+        return ""
+    stretches: list[list[dict]] = []
+    for row in table:
+        if stretches and stretches[-1][-1]["variant"] == row["variant"]:
+            stretches[-1].append(row)
+        else:
+            stretches.append([row])
+    if len(stretches) == 1:
+        sizes = ", ".join(str(r["batch"]) for r in table)
+        return f"{table[0]['variant']} fastest at every batch size measured ({sizes})"
+    words = []
+    for i, stretch in enumerate(stretches):
+        first, last = stretch[0]["batch"], stretch[-1]["batch"]
+        if i == 0:
+            where = f"up to {last} sequences" if last != first else f"at batch {first}"
+        elif i == len(stretches) - 1:
+            where = f"from {first}"
+        else:
+            where = f"from {first} to {last}" if first != last else f"at {first}"
+        words.append(f"{stretch[0]['variant']} fastest {where}")
+    return ", ".join(words)
+
+
+def size_kl_points(variants: list[dict], baseline: str | None) -> list[tuple[str, float, float | None]]:
+    """(name, weights MiB, mean KL) per variant. The baseline sits at KL 0, its distance from itself; a variant whose
+    KL was not measured has None."""
+    return [(v["name"], v["size"]["weights_bytes"] / MiB,
+             0.0 if v["name"] == baseline else (v.get("kl") or {}).get("mean")) for v in variants]
+
+
+def pareto_front(points: list[tuple[str, float, float | None]]) -> list[str]:
+    """The names of the (name, size, KL) points that no other point dominates (size and KL both no larger, one of
+    them smaller), in order of size: the variants worth considering when trading size against quality. A point
+    without a KL is at an unknown distance from the baseline, so it neither joins the front nor pushes others off;
+    equal points do not dominate each other, so ties stay on the front together."""
+    known = [(name, size, kl) for name, size, kl in points if kl is not None and math.isfinite(kl)]
+
+    def dominated(p: tuple[str, float, float]) -> bool:
+        return any(q[1] <= p[1] and q[2] <= p[2] and (q[1] < p[1] or q[2] < p[2]) for q in known)
+
+    return [name for name, _, _ in sorted((p for p in known if not dominated(p)), key=lambda p: (p[1], p[2]))]
 
 
 def _ppl_change(v: dict, base: dict | None) -> tuple[float | None, float | None]:
@@ -117,12 +188,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PARETO_LABEL = "Pareto front (size vs KL)"
+
+
 def _recommendation_lines(rec: dict) -> list[str]:
     lines = [f"Quality budget: {Budget(**rec['budget']).describe()}."]
     for key, label in (("smallest", "Smallest within the quality budget"), ("fastest_decode", "Fastest decode (batch 1)"),
                        ("fastest_throughput", "Fastest batched throughput")):
         pick = rec.get(key)
         lines.append(f"{label}: **{pick['variant']}** — {pick['why']}." if pick else f"{label}: none within budget.")
+    if rec.get("fastest_by_batch"):
+        lines.append(f"Fastest decode by batch size (all sequences' tok/s, within budget): "
+                     f"{crossover_words(rec['fastest_by_batch'])}.")
+    front = rec.get("pareto_front")
+    if front is not None:
+        lines.append(f"{PARETO_LABEL}: {', '.join(front) if front else 'none (no variant has a measured KL)'}.")
     outside = [k for k, v in rec["verdicts"].items() if not v["within_budget"]]
     if outside:
         lines.append("Outside the budget: " + "; ".join(f"{k} ({rec['verdicts'][k]['why']})" for k in outside) + ".")
@@ -146,7 +226,9 @@ def _notes(results: dict) -> list[str]:
         notes.append(f"Perplexity/KL text: {text['source']}. These perplexities are not comparable with published WikiText-2 numbers.")
     else:
         notes.append(f"Perplexity/KL text: {text['source']}.")
-    notes.append(f"Protocol: {text['protocol']}, {results['tokens_scored']:,} tokens scored in windows of {results['context']} tokens. "
+    scoring = results["variants"][0]["perplexity"].get("protocol") or {}
+    how = f" ({scoring['scored']}; {scoring['bos']})" if "bos" in scoring else ""
+    notes.append(f"Protocol: {text['protocol']}{how}, {results['tokens_scored']:,} tokens scored in windows of {results['context']} tokens. "
                  "s.e.: standard error over windows; the change against the baseline is paired (per-window differences "
                  "on the same text), so it is much tighter than either perplexity's own.")
     computed = {v["name"]: (v.get("dtype"), v.get("stored_dtype")) for v in results["variants"]}
@@ -181,6 +263,50 @@ def expert_coverage_lines(variants: list[dict]) -> list[str]:
     return lines
 
 
+def sweep_lines(variants: list[dict]) -> list[str]:
+    """A markdown table of decode tok/s (all sequences together) per variant and batch size, when measured."""
+    sizes = sorted({p["batch"] for v in variants for p in (v["speed"].get("sweep") or [])})
+    if not sizes:
+        return []
+    lines = ["", "## Decode by batch size", "", "tok/s of all sequences together, prefill excluded.", "",
+             "| variant | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for v in variants:
+        rates = {p["batch"]: p["decode_tok_s"] for p in v["speed"].get("sweep") or []}
+        lines.append(f"| {v['name']} | " + " | ".join(_fmt(rates.get(b)) for b in sizes) + " |")
+    return lines
+
+
+WORST_PARTS = 10
+
+
+def sensitivity_lines(sensitivity: dict | None, variants: list[dict]) -> list[str]:
+    """The sensitivity run's findings: the uniform recipe, the mixed recipe (predicted and, where the lab measured
+    it, measured KL and size), and the most sensitive parts."""
+    if not sensitivity:
+        return []
+    uniform, mixed = sensitivity["uniform"], sensitivity.get("mixed") or {}
+    recipe = (sensitivity.get("recipe") or {}).get("name", "the recipe")
+    lines = ["", f"## Sensitivity: {recipe}", "",
+             f"KL from the baseline with only one part quantized ({sensitivity['measured'].split(' (')[0]}), on "
+             f"{sensitivity['windows']} windows of {sensitivity['context']} tokens. All parts: KL "
+             f"{uniform['kl_mean']:.4f}, weights {uniform['weights_bytes'] / MiB:,.1f} MiB."]
+    if mixed:
+        measured = next((v for v in variants if v["name"] == mixed.get("recipe")), None)
+        kl = ((measured or {}).get("kl") or {}).get("mean")
+        aim = (f"KL at most {mixed['target_kl']:g}" if mixed.get("target_kl") is not None
+               else f"weights at most {mixed['max_bytes'] / MiB:,.1f} MiB")
+        lines.append(f"Mixed recipe {mixed['recipe']} ({mixed['recipe_file']}), aiming at {aim}: keeps "
+                     f"{len(mixed['kept'])} parts 16-bit ({', '.join(mixed['kept']) or 'none'}); predicted KL "
+                     f"{mixed['predicted_kl']:.4f}, weights {mixed['predicted_weights_bytes'] / MiB:,.1f} MiB"
+                     + (f"; measured in this lab: KL {kl:.4f}, weights {measured['size']['weights_bytes'] / MiB:,.1f} MiB"
+                        if kl is not None else "") + ".")
+    worst = sorted(sensitivity["parts"], key=lambda p: p["kl_mean"], reverse=True)[:WORST_PARTS]
+    lines += ["", "| part | KL mean | KL p99 | top-1 % | MiB to keep it 16-bit |", "|---|---|---|---|---|"]
+    lines += [f"| {p['name']} | {p['kl_mean']:.4f} | {p['kl_p99']:.4f} | {p['top1_pct']:.1f} | {p['extra_bytes'] / MiB:.2f} |"
+              for p in worst]
+    return lines
+
+
 def build_results(variants: list[dict], settings, budget: Budget, baseline: str | None, model: str | None = None) -> dict:
     first = variants[0]
     model_note = None
@@ -206,96 +332,186 @@ def build_results(variants: list[dict], settings, budget: Budget, baseline: str 
     }
 
 
-def write_report(out: Path, variants: list[dict], settings, budget: Budget, baseline_name: str | None, model: str | None = None) -> dict:
+def write_report(out: Path, variants: list[dict], settings, budget: Budget, baseline_name: str | None, model: str | None = None,
+                 sensitivity: dict | None = None) -> dict:
+    """results.json, summary.md and report.html in `out`; `sensitivity`: a sensitivity run's findings to include."""
     results = build_results(variants, settings, budget, baseline_name, model)
+    if sensitivity:
+        results["sensitivity"] = sensitivity
     rows = _rows(variants, baseline_name)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     md = [f"# ptqlab results{f': {model}' if model else ''}", "", f"Device: {results['device']}. Created {results['created']}.", "",
           markdown_table(rows), "", "## Recommendation", ""]
     md += [f"- {line}" for line in _recommendation_lines(results["recommendation"])]
+    md += sweep_lines(variants) + sensitivity_lines(sensitivity, variants)
     md += ["", "## Notes", ""] + [f"- {n}" for n in _notes(results)]
     md += expert_coverage_lines(variants)
-    md += ["", "## Sample completions", ""]
-    for v in variants:
-        md.append(f"### {v['name']}")
-        md += [f"- **{s['prompt']}** → {s['completion'].strip()!r}" for s in v["samples"]]
-        md.append("")
+    md += ["", "## Sample completions", ""] + sample_completion_lines(variants, baseline_name)
     (out / "summary.md").write_text("\n".join(md) + "\n")
     (out / "report.html").write_text(render_html(results, rows))
     return results
 
 
-# ---------------------------------------------------------------- HTML and SVG
+# ---------------------------------------------------------------- sample completions
 
 
-def _scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, width=520, height=320) -> str:
-    if not points:
-        return ""
-    pad = 60
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-    x0, x1 = 0.0, max(xs) * 1.1 or 1.0
-    y0, y1 = min(0.0, min(ys)), max(ys) * 1.15 or 1.0
-
-    def sx(x):
-        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
-
-    def sy(y):
-        return height - pad + -(y - y0) / (y1 - y0) * (height - 2 * pad)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#333"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#333"/>',
-             f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle" font-size="12">{html.escape(x_label)}</text>',
-             f'<text x="15" y="{height / 2}" text-anchor="middle" font-size="12" transform="rotate(-90 15 {height / 2})">{html.escape(y_label)}</text>']
-    for frac in (0, 0.5, 1):
-        xv, yv = x0 + frac * (x1 - x0), y0 + frac * (y1 - y0)
-        parts.append(f'<text x="{sx(xv)}" y="{height - pad + 16}" text-anchor="middle" font-size="10">{xv:.3g}</text>')
-        parts.append(f'<text x="{pad - 6}" y="{sy(yv) + 3}" text-anchor="end" font-size="10">{yv:.3g}</text>')
-    for name, x, y in points:
-        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="#3366cc"/>')
-        parts.append(f'<text x="{sx(x) + 8:.1f}" y="{sy(y) - 6:.1f}" font-size="11">{html.escape(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+def completions_by_prompt(variants: list[dict], baseline: str | None) -> tuple[list[str], list[str], dict[str, dict[str, str]]]:
+    """(variant names, baseline first; prompts in order of first appearance; {prompt: {name: completion}}).
+    Matched by prompt text, not position, so a variant with fewer or other prompts lines up with the rest."""
+    ordered = sorted(variants, key=lambda v: v["name"] != baseline)  # stable: the others keep their order
+    prompts: list[str] = []
+    by_prompt: dict[str, dict[str, str]] = {}
+    for v in ordered:
+        for sample in v.get("samples") or []:
+            if sample["prompt"] not in by_prompt:
+                prompts.append(sample["prompt"])
+                by_prompt[sample["prompt"]] = {}
+            by_prompt[sample["prompt"]].setdefault(v["name"], sample["completion"].strip())
+    return [v["name"] for v in ordered], prompts, by_prompt
 
 
-def _bars(values: list[tuple[str, float]], label: str, width=520, bar_height=24) -> str:
-    if not values:
-        return ""
-    left, top = 150, 30
-    height = top + bar_height * len(values) + 20
-    biggest = max(v for _, v in values) or 1.0
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
-             f'<text x="{left}" y="18" font-size="12">{html.escape(label)}</text>']
-    for i, (name, value) in enumerate(values):
-        y = top + i * bar_height
-        w = (width - left - 80) * value / biggest
-        parts.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end" font-size="11">{html.escape(name)}</text>')
-        parts.append(f'<rect x="{left}" y="{y + 3}" width="{w:.1f}" height="{bar_height - 8}" fill="#dc8a33"/>')
-        parts.append(f'<text x="{left + w + 4:.1f}" y="{y + 15}" font-size="11">{value:,.1f}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+def first_difference(answer: str, reference: str) -> int | None:
+    """Where `answer` stops agreeing with `reference`, or None where they are the same. A difference inside a word
+    starts at that word, so a highlight reads as whole words; it is len(answer) where the answer merely stops
+    while the reference goes on."""
+    if answer == reference:
+        return None
+    i = len(os.path.commonprefix([answer, reference]))
+    inside_word = i > 0 and _is_word_character(answer[i - 1]) and any(i < len(t) and _is_word_character(t[i])
+                                                                    for t in (answer, reference))
+    if not inside_word:
+        return i
+    return max((j + 1 for j in range(i) if not _is_word_character(answer[j])), default=0)
+
+
+def _is_word_character(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def sample_completion_lines(variants: list[dict], baseline: str | None) -> list[str]:
+    """Markdown: a section per prompt, a bullet per variant; an answer equal to the baseline's says so instead of
+    repeating it, a missing one is a dash."""
+    names, prompts, by_prompt = completions_by_prompt(variants, baseline)
+    base = baseline if baseline in names else None
+    lines = []
+    for prompt in prompts:
+        answers = by_prompt[prompt]
+        lines += [f"### {' '.join(prompt.split()) or '(empty prompt)'}", ""]
+        for name in names:
+            answer = answers.get(name)
+            if answer is None:
+                lines.append(f"- **{name}**: –")
+            elif name != base and base in answers and answer == answers[base]:
+                lines.append(f"- **{name}**: (same as baseline)")
+            else:
+                lines.append(f"- **{name}**: {answer!r}")
+        lines.append("")
+    return lines
+
+
+def _sample_cell(answer: str | None, reference: str | None) -> str:
+    """One table cell: the answer, with the part from where it leaves the reference (the baseline's answer) marked."""
+    esc = html.escape
+    if answer is None:
+        return '<td class="missing">–</td>'
+    if reference is None:
+        return f"<td><pre>{esc(answer)}</pre></td>"
+    start = first_difference(answer, reference)
+    if start is None:
+        return f'<td class="same"><span class="tag">= baseline</span><pre>{esc(answer)}</pre></td>'
+    if start == len(answer):
+        return f'<td class="differs"><pre>{esc(answer)}</pre><span class="tag">stops where the baseline goes on</span></td>'
+    return f'<td class="differs"><pre>{esc(answer[:start])}<mark>{esc(answer[start:])}</mark></pre></td>'
+
+
+def samples_table_html(variants: list[dict], baseline: str | None) -> str:
+    """One row per prompt, one equal-width column per variant (baseline first), each answer compared with the
+    baseline's in the same row."""
+    esc = html.escape
+    names, prompts, by_prompt = completions_by_prompt(variants, baseline)
+    if not prompts:
+        return "<p>No sample completions.</p>"
+    base = baseline if baseline in names else None
+    prompt_pct = 16
+    cols = f'<col style="width:{prompt_pct}%">' + "".join(
+        f'<col style="width:{(100 - prompt_pct) / len(names):.3f}%">' for _ in names)
+    head = "<tr><th>prompt</th>" + "".join(
+        f"<th>{esc(n)}{' (baseline)' if n == base else ''}</th>" for n in names) + "</tr>"
+    rows = []
+    for prompt in prompts:
+        answers = by_prompt[prompt]
+        reference = answers.get(base) if base is not None else None
+        cells = [_sample_cell(answers.get(n), None if n == base else reference) for n in names]
+        rows.append(f'<tr><th scope="row"><pre>{esc(prompt)}</pre></th>{"".join(cells)}</tr>')
+    # Equal fixed columns keep long answers from crowding the others out; past a few variants the table scrolls
+    # sideways rather than squeezing each answer into a few characters a line.
+    min_width = 12 + 14 * len(names)
+    return (f'<div class="samples-scroll"><table class="samples" style="min-width:{min_width}em">'
+            f'<colgroup>{cols}</colgroup>{head}{"".join(rows)}</table></div>')
+
+
+def _results_table_html(rows: list[dict], front: set[str]) -> str:
+    """The results table; rows of variants on the Pareto front carry a ★ and the class "front"."""
+    esc = html.escape
+    out = ["<table><tr>" + "".join(f"<th>{esc(k)}</th>" for k in rows[0]) + "</tr>"]
+    for r in rows:
+        on_front = r["variant"] in front
+        cells = [f"<td>{esc(_fmt(r[k]))}</td>" for k in r]
+        if on_front:
+            cells[0] = f'<td>{esc(_fmt(r["variant"]))} <span class="star" title="{esc(PARETO_LABEL)}">★</span></td>'
+        out.append(('<tr class="front">' if on_front else "<tr>") + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def markdown_html(lines: list[str]) -> str:
+    """The few markdown forms the report's sections use (## headings, tables, paragraphs), as HTML."""
+    esc, out, table = html.escape, [], []
+
+    def flush() -> None:
+        if table:
+            header, body = table[0], [r for r in table[1:] if not set(r) <= {"---"}]
+            out.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in header) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+            table.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h2>{esc(line[3:])}</h2>")
+        elif line.strip():
+            out.append(f"<p>{esc(line)}</p>")
+    flush()
+    return "".join(out)
 
 
 def render_html(results: dict, rows: list[dict]) -> str:
     variants = results["variants"]
+    baseline = results.get("baseline")
     esc = html.escape
-    table = ["<table><tr>" + "".join(f"<th>{esc(k)}</th>" for k in rows[0]) + "</tr>"]
-    table += ["<tr>" + "".join(f"<td>{esc(_fmt(r[k]))}</td>" for k in rows[0]) + "</tr>" for r in rows]
-    table.append("</table>")
+    front = results["recommendation"].get("pareto_front")
+    if front is None:
+        front = pareto_front(size_kl_points(variants, baseline))
     size = [(v["name"], v["size"]["weights_bytes"] / MiB) for v in variants]
     plots = [_scatter([(n, s, v["perplexity"]["value"]) for (n, s), v in zip(size, variants)], "weights (MiB)", "perplexity")]
     if any(v.get("kl") for v in variants):
-        plots.append(_scatter([(n, s, v["kl"]["mean"]) for (n, s), v in zip(size, variants) if v.get("kl")], "weights (MiB)", "mean KL (nats)"))
+        kl_points = [p for p in size_kl_points(variants, baseline) if p[2] is not None]
+        plots.append(_scatter(kl_points, "weights (MiB)", "mean KL (nats)", front=front))
     plots.append(_bars([(v["name"], v["speed"]["decode_tok_s"]) for v in variants], "decode tok/s (batch 1)"))
     plots.append(_bars([(v["name"], v["speed"]["throughput_tok_s"]) for v in variants],
                        f"throughput tok/s (batch {variants[0]['speed']['batch_size']})"))
+    sensitivity = results.get("sensitivity")
+    sections = markdown_html(sweep_lines(variants))
+    if sensitivity:
+        sections += markdown_html(sensitivity_lines(sensitivity, variants)[:4])
+        sections += '<div class="plots">' + layer_bars([(p["layer"], p["kind"], p["kl_mean"]) for p in sensitivity["parts"]],
+                                                      "KL with only this part quantized, per decoder layer") + "</div>"
+        sections += markdown_html(sensitivity_lines(sensitivity, variants)[4:])
     recommendation = "".join(f"<li>{esc(line).replace('**', '')}</li>" for line in _recommendation_lines(results["recommendation"]))
     notes = "".join(f"<li>{esc(n)}</li>" for n in _notes(results))
-    samples = []
-    for v in variants:
-        samples.append(f"<h3>{esc(v['name'])}</h3><dl>")
-        samples += [f"<dt>{esc(s['prompt'])}</dt><dd><pre>{esc(s['completion'].strip())}</pre></dd>" for s in v["samples"]]
-        samples.append("</dl>")
     title = f"ptqlab report{': ' + results['model'] if results.get('model') else ''}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
@@ -303,15 +519,23 @@ def render_html(results: dict, rows: list[dict]) -> str:
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; color: #222; }}
 table {{ border-collapse: collapse; font-size: 13px; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
+tr.front td:first-child {{ font-weight: 600; }} .star {{ color: {FRONT_COLOUR}; }}
 .plots svg {{ margin: 0 1em 1em 0; border: 1px solid #eee; }} pre {{ white-space: pre-wrap; margin: 0; }}
-dd {{ margin: 0 0 0.8em 1em; color: #333; }}
+table.samples {{ table-layout: fixed; width: 100%; }}
+.samples-scroll {{ overflow-x: auto; }}
+table.samples th, table.samples td {{ text-align: left; vertical-align: top; overflow-wrap: anywhere; }}
+table.samples pre {{ overflow-wrap: anywhere; max-height: 18em; overflow-y: auto; font-size: 12px; }}
+table.samples td.same {{ color: #666; }} table.samples td.missing {{ color: #999; text-align: center; }}
+table.samples mark {{ background: #ffe08a; }}
+.tag {{ display: inline-block; font-size: 11px; color: #555; background: #eee; border-radius: 3px; padding: 0 4px; margin-bottom: 2px; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
 <p>Device: {esc(results['device'])}. Created {esc(results['created'])}. Seed {results['seed']}.</p>
 <h2>Recommendation</h2><ul>{recommendation}</ul>
-<h2>Results</h2>{''.join(table)}
+<h2>Results</h2>{_results_table_html(rows, set(front))}
 <h2>Plots</h2><div class="plots">{''.join(plots)}</div>
+{sections}
 <h2>Notes</h2><ul>{notes}</ul>
-<h2>Sample completions</h2>{''.join(samples)}
+<h2>Sample completions</h2>{samples_table_html(variants, baseline)}
 </body></html>
 """

@@ -273,7 +273,8 @@ def _lab(model, recipes, out: Path, settings, budget, dtype, quiet, calibration,
             checkpoints.append((mixed.name, _quantized(base_path, mixed, out, settings, dtype, quiet, calibration,
                                                        calib_batch_size, steps)))
     results = run_benchmarks(base_path, checkpoints, out, settings, quiet, steps)
-    write_report(out, results, settings, budget, baseline_name="baseline", model=source)
+    found = json.loads((out / "sensitivity.json").read_text()) if sensitivity is not None else None
+    write_report(out, results, settings, budget, baseline_name="baseline", model=source, sensitivity=found)
     return out
 
 

@@ -22,7 +22,7 @@ WINGS: list[tuple[str, tuple[str, ...]]] = [
     ("recipes", ("ptqlab.recipes",)),
     ("measure", ("ptqlab.measure",)),
     ("assembly", ("ptqlab.pipeline", "ptqlab.formats.compressed_tensors", "ptqlab.formats.readback")),
-    ("verbs", ("ptqlab.api", "ptqlab.report")),
+    ("verbs", ("ptqlab.api", "ptqlab.report", "ptqlab.plots")),
     ("suite", ("ptqlab.suite",)),
     ("interface", ("ptqlab.cli", "ptqlab")),
 ]

@@ -407,4 +407,6 @@ def test_the_crossover_names_the_fastest_variant_of_each_stretch_of_batch_sizes(
                               _swept("c", {1: 1, 8: 1, 32: 3, 64: 3})])
     assert crossover_words(three) == "a fastest at batch 1, b fastest at 8, c fastest from 32"
     assert crossover_words(fastest_by_batch([_swept("a", {1: 2, 8: 9})])) == "a fastest at every batch size measured (1, 8)"
+    close = fastest_by_batch([_swept("w4a16", {1: 490, 8: 1777}), _swept("fp8", {1: 214, 8: 1985}), _swept("w8a8", {1: 245, 8: 1935})])
+    assert crossover_words(close) == "w4a16 fastest at batch 1, fp8 fastest from 8 (w8a8 within 3 % at 8)"
     assert fastest_by_batch([{"name": "old", "speed": {}}]) == [] and crossover_words([]) == ""

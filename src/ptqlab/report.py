@@ -116,8 +116,15 @@ def crossover_words(table: list[dict]) -> str:
             where = f"from {first}"
         else:
             where = f"from {first} to {last}" if first != last else f"at {first}"
-        words.append(f"{stretch[0]['variant']} fastest {where}")
+        close = [f"{r['runner_up']} within {100 * (1 - r['runner_up_tok_s'] / r['decode_tok_s']):.0f} % at {r['batch']}"
+                 for r in stretch if r["runner_up"] and r["runner_up_tok_s"] >= (1 - CLOSE_CALL) * r["decode_tok_s"]]
+        words.append(f"{stretch[0]['variant']} fastest {where}" + (f" ({'; '.join(close)})" if close else ""))
     return ", ".join(words)
+
+
+CLOSE_CALL = 0.05
+"""A runner-up this close (a fraction of the winner's tok/s) is named beside the winner: a difference of a few
+percent can turn with the next driver or the next run."""
 
 
 def size_kl_points(variants: list[dict], baseline: str | None) -> list[tuple[str, float, float | None]]:

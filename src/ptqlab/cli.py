@@ -148,7 +148,7 @@ def recipes(
 
 
 def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens,
-              device, seed, quiet, runtime, ppl_protocol="gptq", batch_sizes: str | None = None):
+              device, seed, quiet, runtime, ppl_protocol="gptq", batch_sizes: str | None = None, tasks: dict | None = None):
     from ptqlab.measure.variant import CPU_SPEED, QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings, check_runtime
     from ptqlab.models import resolve_device
 
@@ -175,7 +175,23 @@ def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_to
     windows = QUICK_WINDOWS if ppl_quick else None
     context = ppl_context or (QUICK_CONTEXT if ppl_quick else None)
     return BenchSettings(ppl_text=ppl_text, ppl_context=context, ppl_windows=windows, ppl_protocol=ppl_protocol,
-                         batch_size=batch_size, device=device, seed=seed, runtime=runtime, **speed)
+                         batch_size=batch_size, device=device, seed=seed, runtime=runtime, **speed, **(tasks or {}))
+
+
+def _tasks(tasks: str | None, tasks_path: Path | None, tasks_limit: int | None, tasks_fewshot: int | None) -> dict:
+    names = tuple(t.strip() for t in (tasks or "").split(",") if t.strip())
+    if not names and (tasks_path or tasks_limit or tasks_fewshot is not None):
+        raise PtqlabError("--tasks-path, --tasks-limit and --tasks-fewshot apply to --tasks: name the tasks too")
+    if tasks_path is not None and not tasks_path.is_dir():
+        raise PtqlabError(f"--tasks-path {tasks_path}: not a folder; give the folder of your lm-eval YAML task files")
+    return {"tasks": names, "tasks_path": str(tasks_path) if tasks_path else None, "tasks_limit": tasks_limit,
+            "tasks_fewshot": tasks_fewshot}
+
+
+Tasks = Annotated[Optional[str], typer.Option(help="lm-eval tasks scored on every variant, comma-separated (mmlu,gsm8k,arc_challenge,... or YAML tasks in --tasks-path); needs pip install 'ptqlab[eval]'.")]
+TasksPath = Annotated[Optional[Path], typer.Option(help="A folder of lm-eval YAML task files (local tasks).")]
+TasksLimit = Annotated[Optional[int], typer.Option(min=1, help="Only the first N documents of each task (a smoke test).")]
+TasksFewshot = Annotated[Optional[int], typer.Option(min=0, help="Few-shot examples per task (default: each task's own).")]
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -217,7 +233,8 @@ def bench(
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
     ppl_protocol: PplProtocolOption = "gptq",
     max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = 8, repeats: Repeats = None, sample_tokens: SampleTokens = None,
-    batch_sizes: BatchSizes = None,
+    batch_sizes: BatchSizes = None, tasks: Tasks = None, tasks_path: TasksPath = None, tasks_limit: TasksLimit = None,
+    tasks_fewshot: TasksFewshot = None,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
     runtime: Runtime = "auto", verbose: Verbose = False,
 ) -> None:
@@ -228,7 +245,7 @@ def bench(
 
     try:
         settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
-                             runtime, ppl_protocol, batch_sizes)
+                             runtime, ppl_protocol, batch_sizes, _tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
         folder = run([str(p) for p in paths], out, str(baseline) if baseline else None, settings, Budget(max_kl, max_ppl_increase), quiet)
     except PtqlabError as e:
         _fail(e)
@@ -244,7 +261,8 @@ def lab(
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
     ppl_protocol: PplProtocolOption = "gptq",
     max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = 8, repeats: Repeats = None, sample_tokens: SampleTokens = None,
-    batch_sizes: BatchSizes = None,
+    batch_sizes: BatchSizes = None, tasks: Tasks = None, tasks_path: TasksPath = None, tasks_limit: TasksLimit = None,
+    tasks_fewshot: TasksFewshot = None,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
     dataset: Dataset = "auto", num_samples: Annotated[Optional[int], typer.Option(help="Calibration samples; default 256, 32 on a CPU.")] = None,
     max_seq_len: Annotated[Optional[int], typer.Option(help="Calibration samples are truncated to this many tokens; default 1024, 512 on a CPU.")] = None,
@@ -261,7 +279,7 @@ def lab(
 
     try:
         settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
-                             runtime, ppl_protocol, batch_sizes)
+                             runtime, ppl_protocol, batch_sizes, _tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
         names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
         aim = _aim(target_kl if target_kl is not None or max_size else max_kl, max_size, sensitivity_windows) \

@@ -283,6 +283,35 @@ def sweep_lines(variants: list[dict]) -> list[str]:
     return lines
 
 
+def task_lines(variants: list[dict], baseline: str | None) -> list[str]:
+    """A markdown table of task accuracy (lm-eval): each task's main metric per variant, and the variant's recovery
+    (its score / the baseline's, in percent) beside it."""
+    from ptqlab.measure.tasks import recovery
+
+    scored = [v for v in variants if v.get("tasks")]
+    if not scored:
+        return []
+    base = next((v for v in scored if v["name"] == baseline), None)
+    tasks = sorted({t for v in scored for t in v["tasks"]["tasks"]})
+    first = scored[0]["tasks"]
+    limit = first["settings"].get("limit")
+    lines = ["", "## Task accuracy", "",
+             f"lm-eval {first['lm_eval_version']}, through each variant's runtime; the main metric of each task "
+             "(acc_norm, else acc, else exact_match), and in brackets its recovery: variant / baseline × 100."
+             + (f" Only the first {limit} documents of each task: a smoke test, not a result." if limit else ""), "",
+             "| task | metric | " + " | ".join(v["name"] for v in scored) + " |", "|---|---|" + "---|" * len(scored)]
+    recoveries = {v["name"]: recovery(v["tasks"], base["tasks"]) if base else {} for v in scored}
+    for task in tasks:
+        metric = next((r[task]["metric"] for r in recoveries.values() if r.get(task, {}).get("metric")), None)
+        cells = []
+        for v in scored:
+            score = (v["tasks"]["tasks"].get(task) or {}).get(metric) if metric else None
+            pct = recoveries[v["name"]].get(task, {}).get("recovery_pct")
+            cells.append(_fmt(score) + (f" ({pct:.1f} %)" if pct is not None and v is not base else ""))
+        lines.append(f"| {task} | {metric or '–'} | " + " | ".join(cells) + " |")
+    return lines
+
+
 WORST_PARTS = 10
 
 
@@ -350,7 +379,7 @@ def write_report(out: Path, variants: list[dict], settings, budget: Budget, base
     md = [f"# ptqlab results{f': {model}' if model else ''}", "", f"Device: {results['device']}. Created {results['created']}.", "",
           markdown_table(rows), "", "## Recommendation", ""]
     md += [f"- {line}" for line in _recommendation_lines(results["recommendation"])]
-    md += sweep_lines(variants) + sensitivity_lines(sensitivity, variants)
+    md += sweep_lines(variants) + task_lines(variants, baseline_name) + sensitivity_lines(sensitivity, variants)
     md += ["", "## Notes", ""] + [f"- {n}" for n in _notes(results)]
     md += expert_coverage_lines(variants)
     md += ["", "## Sample completions", ""] + sample_completion_lines(variants, baseline_name)
@@ -511,7 +540,7 @@ def render_html(results: dict, rows: list[dict]) -> str:
     plots.append(_bars([(v["name"], v["speed"]["throughput_tok_s"]) for v in variants],
                        f"throughput tok/s (batch {variants[0]['speed']['batch_size']})"))
     sensitivity = results.get("sensitivity")
-    sections = markdown_html(sweep_lines(variants))
+    sections = markdown_html(sweep_lines(variants) + task_lines(variants, baseline))
     if sensitivity:
         sections += markdown_html(sensitivity_lines(sensitivity, variants)[:4])
         sections += '<div class="plots">' + layer_bars([(p["layer"], p["kind"], p["kl_mean"]) for p in sensitivity["parts"]],

@@ -126,6 +126,10 @@ def run_benchmarks(baseline: Path | None, variants: list[tuple[str, Path]], out:
     if baseline is not None:
         for name, path in variants:
             _check_same_vocabulary(baseline, name, path)
+    if settings.tasks:
+        from ptqlab.measure.tasks import check_tasks
+
+        check_tasks(list(settings.tasks), settings.tasks_path)
     steps = steps or Steps(len(jobs), quiet)
     results = []
     for name, path in jobs:

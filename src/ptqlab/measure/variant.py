@@ -74,13 +74,20 @@ class BenchSettings:
     seed: int = 0
     runtime: str = "auto"
     """fast (ptqlab's runtime), transformers (the ordinary path), or auto: fast on a GPU, transformers on a CPU."""
+    tasks: tuple[str, ...] = ()
+    """lm-eval tasks scored on every variant (measure.tasks): registry names or YAML tasks in `tasks_path`."""
+    tasks_path: str | None = None
+    tasks_limit: int | None = None
+    """The first N documents of each task (a smoke test, not a result); None: all."""
+    tasks_fewshot: int | None = None
 
     def __post_init__(self) -> None:
         from ptqlab.measure.quality import ppl_protocol
 
         check_runtime(self.runtime)
         ppl_protocol(self.ppl_protocol)
-        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))  # a list when read back from JSON
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))  # lists when read back from JSON
+        object.__setattr__(self, "tasks", tuple(self.tasks))
 
     @property
     def protocol(self) -> str:
@@ -270,7 +277,8 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
                   topk_in: Path | None = None, quiet: bool = False) -> dict:
     """Measure everything for one variant. The baseline passes `topk_out`; the others pass `topk_in` for KL.
 
-    Phases, in order: load, quality, speed, samples; peak memory is read after the last, so that it covers them all."""
+    Phases, in order: load, quality, speed, samples, task accuracy (if asked); peak memory is read after the last,
+    so that it covers them all."""
     from transformers import AutoTokenizer
 
     from ptqlab.formats.validate import validate_checkpoint
@@ -309,6 +317,14 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
 
     phase(f"decode {speed['decode_tok_s']:.1f} tok/s; sample answers to {len(SAMPLE_PROMPTS)} prompts")
     samples = sample_completions(loaded.engine, tokenizer, settings.sample_tokens)
+    tasks = None
+    if settings.tasks:
+        from ptqlab.measure.tasks import evaluate_tasks
+
+        phase(f"task accuracy: {', '.join(settings.tasks)}")
+        tasks = evaluate_tasks(loaded.model, tokenizer, list(settings.tasks), limit=settings.tasks_limit,
+                               num_fewshot=settings.tasks_fewshot, seed=settings.seed, include_path=settings.tasks_path,
+                               device=device)
     memory = peak_memory(device)
 
     return {
@@ -329,6 +345,7 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
         **quality.summary(),
         "speed": speed,
         "samples": samples,
+        "tasks": tasks,
         "settings_digest": settings.digest(),
         "fingerprint": fingerprint(path),
     }

@@ -291,6 +291,10 @@ class Sensitivity:
     windows: int = SENSITIVITY_WINDOWS
 
 
+SENSITIVITY_SETTINGS = ("ppl_text", "ppl_context", "ppl_protocol", "topk", "device", "seed")
+"""The bench settings a sensitivity measurement depends on (speed and samples settings do not change it)."""
+
+
 def sensitivity_recipe(recipes):
     """The lab recipe the sensitivity run studies: the one with the fewest weight bits (the most to gain), the first
     of those."""
@@ -306,8 +310,8 @@ def _sensitivity(base_path: Path, recipe, checkpoint: Path, out: Path, settings:
     from ptqlab.measure.sensitivity import measure_sensitivity, plan_mixed
 
     result_json = out / "sensitivity.json"
-    identity = {"checkpoint_fingerprint": fingerprint(checkpoint), "settings_digest": settings.digest(),
-                "windows_asked": aim.windows}
+    identity = {"checkpoint_fingerprint": fingerprint(checkpoint), "windows_asked": aim.windows,
+                "scoring": {k: getattr(settings, k) for k in SENSITIVITY_SETTINGS}}
     result = json.loads(result_json.read_text()) if result_json.is_file() else None
     if result is not None and all(result.get(k) == v for k, v in identity.items()):
         steps.say(f"sensitivity of {recipe.name}: already measured ({result_json}), reused")

@@ -323,7 +323,7 @@ def sensitivity_lines(sensitivity: dict | None, variants: list[dict]) -> list[st
     uniform, mixed = sensitivity["uniform"], sensitivity.get("mixed") or {}
     recipe = (sensitivity.get("recipe") or {}).get("name", "the recipe")
     lines = ["", f"## Sensitivity: {recipe}", "",
-             f"KL from the baseline with only one part quantized ({sensitivity['measured'].split(' (')[0]}), on "
+             f"KL from the baseline with one part at a time quantized (the rest 16-bit), on "
              f"{sensitivity['windows']} windows of {sensitivity['context']} tokens. All parts: KL "
              f"{uniform['kl_mean']:.4f}, weights {uniform['weights_bytes'] / MiB:,.1f} MiB."]
     if mixed:
@@ -568,7 +568,7 @@ table.samples mark {{ background: #ffe08a; }}
 <h1>{esc(title)}</h1>
 <p>Device: {esc(results['device'])}. Created {esc(results['created'])}. Seed {results['seed']}.</p>
 <h2>Recommendation</h2><ul>{recommendation}</ul>
-<h2>Results</h2>{_results_table_html(rows, set(front))}
+<h2>Results</h2><div class="samples-scroll">{_results_table_html(rows, set(front))}</div>
 <h2>Plots</h2><div class="plots">{''.join(plots)}</div>
 {sections}
 <h2>Notes</h2><ul>{notes}</ul>

@@ -18,7 +18,7 @@ from ptqlab import quantize
 
 pytest.importorskip("llmcompressor")
 
-SCHEMES = [("FP8_DYNAMIC", "fp8-dynamic"), ("W4A16", "w4a16-rtn"), ("W8A8", "w8a8-rtn")]
+SCHEMES = [("FP8_DYNAMIC", "fp8-dynamic"), ("W4A16", "w4a16-rtn"), ("W8A8", "w8a8-rtn"), ("W4AFP8", "w4a8-rtn")]
 
 
 def llmcompressor_checkpoint(src, scheme, out):

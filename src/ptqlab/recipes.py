@@ -45,6 +45,9 @@ SCHEMES: dict[str, Scheme] = {
     "W4A16_ASYM": Scheme(weights=QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=128)),
     "W8A16": Scheme(weights=QuantArgs(num_bits=8, strategy="channel")),
     "W8A8": W8A8,
+    # int4 weights for the memory, FP8 activations for Hopper's FP8 tensor cores; llm-compressor's name.
+    "W4AFP8": Scheme(weights=QuantArgs(num_bits=4, strategy="group", group_size=128),
+                     input_activations=QuantArgs(num_bits=8, type="float", strategy="token", dynamic=True)),
 }
 
 

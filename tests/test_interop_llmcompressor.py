@@ -18,7 +18,7 @@ from ptqlab import quantize
 
 pytest.importorskip("llmcompressor")
 
-SCHEMES = [("FP8_DYNAMIC", "fp8-dynamic"), ("W4A16", "w4a16-rtn"), ("W8A8", "w8a8-rtn"), ("W4AFP8", "w4a8-rtn")]
+SCHEMES = [("FP8_DYNAMIC", "fp8-dynamic"), ("W4A16", "w4a16-rtn"), ("W8A8", "w8a8-rtn"), ("W4AFP8", "w4a8-rtn"), ("FP8_BLOCK", "fp8-block")]
 
 
 def llmcompressor_checkpoint(src, scheme, out):
@@ -41,6 +41,9 @@ def dequantized(tensors, name, shape):
         q = unpack_from_int32(tensors[f"{name}.weight_packed"], 4, torch.Size(shape)).double()
     else:
         q = tensors[f"{name}.weight"].double()
+    if scale.shape[0] != q.shape[0]:  # 2-D blocks: [row blocks, column blocks], edge blocks partial
+        height, width = -(-q.shape[0] // scale.shape[0]), -(-q.shape[1] // scale.shape[1])
+        return q * scale.repeat_interleave(height, 0).repeat_interleave(width, 1)[:q.shape[0], :q.shape[1]]
     groups = scale.shape[1]
     return (q.unflatten(1, (groups, -1)) * scale.unsqueeze(-1)).flatten(1)
 
@@ -76,7 +79,7 @@ def test_same_tensors_and_config_as_llmcompressor(tiny_model_dir, tmp_path, sche
         differing, total = differing + int(differs.sum()), total + differs.numel()
         # Where the two disagree, ptqlab is strictly closer to the float weight.
         assert ((ours_w - weight).abs() < (theirs_w - weight).abs())[differs].all(), name
-        if recipe != "fp8-dynamic":  # int grids: the two differ by exactly one step
+        if a[key].dtype != torch.float8_e4m3fn:  # int grids: the two differ by exactly one step
             step = (ours_w - theirs_w).abs()[differs]
             scale = a[f"{name}.weight_scale"].double()
             scale = scale.repeat_interleave(weight.shape[1] // scale.shape[1], dim=1)[differs]

@@ -249,3 +249,35 @@ def test_scale_search_clips_an_outlier_on_an_unimportant_input():
     minmax, _ = quant_params(x, args)
     assert (clipped < 0.7 * minmax).all()  # the search stops at its widest clipping (40 %)...
     assert (kept > clipped).all()  # ... but not when the outlier's input matters
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (10, 7), (130, 260)], ids=["whole blocks", "one partial block", "partial edges"])
+@pytest.mark.parametrize("block", [(128, 128), (4, 3)])
+def test_fp8_block_scales_are_each_blocks_absmax_and_the_error_is_within_fp8_rounding(shape, block):
+    args = QuantArgs(num_bits=8, type="float", strategy="block", block_structure=block)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 1, shape[1])
+    scale, zero_point = quant_params(x, args, torch.float32)
+    rows, cols = -(-shape[0] // block[0]), -(-shape[1] // block[1])
+    assert scale.shape == (rows, cols) and zero_point is None
+    x64 = x.double()
+    for i in range(rows):
+        for j in range(cols):
+            tile = x64[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]]
+            assert scale[i, j].item() == pytest.approx(float(tile.abs().max() / 448), rel=1e-6)
+    q = quantize(x, scale, zero_point, args)
+    assert q.dtype == FP8_DTYPE and q.shape == x.shape
+    full = scale.double().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:shape[0], :shape[1]]
+    error = (dequantize(q, scale, zero_point, args, torch.float64) - x64).abs()
+    # E4M3: 3 mantissa bits (half a step is 2^-4 of the value), subnormal step 2^-9 of the scale
+    assert (error <= x64.abs() * 2**-4 + full * 2**-10 + 1e-12).all()
+
+
+def test_dynamic_token_group_quantization_has_one_scale_per_group_of_each_token():
+    args = QuantArgs(num_bits=8, type="float", strategy="group", group_size=4, dynamic=True)
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1))
+    out = fake_quantize(x, args)
+    for group in range(2):
+        part = x[..., 4 * group:4 * (group + 1)]
+        scale = part.abs().amax(-1, keepdim=True) / 448
+        expected = (part / scale).to(FP8_DTYPE).float() * scale
+        assert torch.equal(out[..., 4 * group:4 * (group + 1)], expected)

@@ -32,8 +32,9 @@ from ptqlab.quant.primitives import fake_quantize, grid_range
 from ptqlab.recipes import PRESETS, MAX_RECIPE_BYTES, Recipe, get_recipe, load_recipe_file, parse_recipe
 from ptqlab.schemes import ACTIVATION_STRATEGIES, BITS, WEIGHT_STRATEGIES, QuantArgs, Scheme
 
-ARG_FIELDS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic")
+ARG_FIELDS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "block_structure")
 GROUP_SIZES = (32, 64, 128)  # all divide every width below
+BLOCKS = ([128, 128], [64, 128], [32, 48], [100, 7])  # blocks need not divide: edge blocks are partial
 SMALL = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
              head_dim=64)
 """The smallest tiny llama whose widths group 128 divides (no automatic group-size change)."""
@@ -50,6 +51,8 @@ def random_args(rng: random.Random, role: str) -> dict:
             "strategy": rng.choice(strategies), "dynamic": role == "input_activations"}
     if args["strategy"] == "group":
         args["group_size"] = rng.choice(GROUP_SIZES)
+    if args["strategy"] == "block":
+        args["block_structure"], args["symmetric"] = rng.choice(BLOCKS), True
     defaults = QuantArgs().values()
     return {k: v for k, v in args.items() if v != defaults[k] or rng.random() < 0.5}
 
@@ -76,8 +79,11 @@ def random_recipe(seed: int) -> dict:
         scheme["input_activations"] = random_args(rng, "input_activations")
     elif weights.get("strategy") == "tensor":
         weights["symmetric"] = True  # a per-tensor zero point cannot be packed (check_scheme refuses it)
-    doc = {"name": f"random-{seed}", "scheme": scheme, "steps": random_steps(rng)}
-    if weights.get("strategy") == "group" and rng.random() < 0.3:
+    steps = random_steps(rng)
+    if weights.get("strategy") == "block":  # block-wise weights are rounded to nearest, after SmoothQuant at most
+        steps = [s for s in steps if isinstance(s, dict) and "smoothquant" in s] + ["rtn"]
+    doc = {"name": f"random-{seed}", "scheme": scheme, "steps": steps}
+    if weights.get("strategy") in ("group", "block") and rng.random() < 0.3:
         doc["group_size"] = rng.choice(GROUP_SIZES)  # the top-level key overrides the weights' group size
     if rng.random() < 0.3:
         doc["auto_group_size"] = rng.random() < 0.5
@@ -96,8 +102,14 @@ def expected_scheme(doc: dict) -> Scheme:
         return QuantArgs(**{**QuantArgs().values(), **spec})
 
     scheme = doc["scheme"]
-    weights = dict(scheme["weights"], **({"group_size": doc["group_size"]} if "group_size" in doc else {}))
-    acts = scheme.get("input_activations")
+    weights, acts = dict(scheme["weights"]), scheme.get("input_activations")
+    if "group_size" in doc:  # the columns per scale: the weights' group or block width, and token groups
+        if weights.get("strategy") == "block":
+            weights["block_structure"] = [weights["block_structure"][0], doc["group_size"]]
+        else:
+            weights["group_size"] = doc["group_size"]
+        if acts is not None and acts.get("strategy") == "group":
+            acts = dict(acts, group_size=doc["group_size"])
     return Scheme(args(weights), None if acts is None else args(acts))
 
 
@@ -110,6 +122,7 @@ def assert_args_written(written: dict | None, args: QuantArgs | None) -> None:
         return
     for field in ARG_FIELDS:
         value = getattr(args, field)
+        value = list(value) if isinstance(value, tuple) else value  # JSON has lists
         assert written[field] == value and type(written[field]) is type(value), (field, written[field], value)
 
 
@@ -124,7 +137,9 @@ def assert_config_declares(config: dict, scheme: Scheme, ignore) -> None:
 def assert_tensor_layout(stored: dict[str, torch.Tensor], scheme: Scheme, rows: int, columns: int) -> None:
     """Names, dtypes and shapes of one linear's stored tensors are those its scheme's format declares."""
     w, fmt = scheme.weights, scheme.format
-    scales = {"tensor": (1,), "channel": (rows, 1), "group": (rows, columns // (w.group_size or 1))}[w.strategy]
+    blocks = (math.ceil(rows / w.block_structure[0]), math.ceil(columns / w.block_structure[1])) if w.block_structure else None
+    scales = {"tensor": (1,), "channel": (rows, 1), "group": (rows, columns // (w.group_size or 1)),
+              "block": blocks}[w.strategy]
     expected = {"weight_scale": scales}
     if fmt == "pack-quantized":
         expected |= {"weight_packed": (rows, math.ceil(columns * w.num_bits / 32)), "weight_shape": (2,)}
@@ -318,7 +333,10 @@ RANGE_ERRORS = [
     (with_weights(type="float", num_bits=4), "scheme.weights.num_bits: 4 is not supported for type float (FP8 E4M3); allowed: 8"),
     (with_weights(type="nf4"), "scheme.weights.type: 'nf4' is not allowed; allowed: int, float"),
     (with_weights(type="float", symmetric=False), "scheme.weights.symmetric: false is not supported for type float"),
-    (with_weights(strategy="block"), "scheme.weights.strategy: 'block' is not allowed for weights; allowed: tensor, channel, group"),
+    (with_weights(strategy="block"), "scheme.weights.block_structure: null is not two positive integers [rows, columns]"),
+    (with_weights(strategy="block", block_structure=[128, 0]), "scheme.weights.block_structure: [128, 0] is not two positive integers"),
+    (with_weights(block_structure=[128, 128]), "scheme.weights.block_structure: [128, 128] applies only to strategy block"),
+    (with_weights(strategy="block", block_structure=[128, 128], symmetric=False), "scheme.weights.symmetric: false is not supported for strategy block"),
     (with_weights(strategy="token"), "scheme.weights.strategy: 'token' is not allowed for weights; allowed: tensor, channel, group"),
     (with_weights(dynamic=True), "scheme.weights.dynamic: true is not allowed for weights"),
     (with_weights(strategy="group"), "scheme.weights.group_size: missing: strategy group needs a positive integer group_size"),
@@ -327,7 +345,8 @@ RANGE_ERRORS = [
     (with_weights(group_size=64), "scheme.weights.group_size: 64 applies only to strategy group, not 'channel'"),
     (with_weights(num_bits=4, symmetric=False, strategy="tensor"), "scheme.weights.strategy: 'tensor' with symmetric: false is not supported for weight-only"),
     (with_acts(strategy="channel"), "scheme.input_activations.strategy: 'channel' is not allowed for input_activations; allowed: token, tensor"),
-    (with_acts(strategy="group", group_size=64), "scheme.input_activations.strategy: 'group' is not allowed for input_activations"),
+    (with_acts(strategy="block", block_structure=[1, 128]), "scheme.input_activations.strategy: 'block' is not allowed for input_activations"),
+    (with_acts(strategy="group"), "scheme.input_activations.group_size: missing: strategy group needs a positive integer"),
     (with_acts(dynamic=False), "scheme.input_activations.dynamic: false is not supported for input_activations"),
     (with_acts(type="float", num_bits=4), "scheme.input_activations.num_bits: 4 is not supported for type float"),
     ({"name": "x", "scheme": "W4A16", "group_size": 0, "steps": ["rtn"]}, "group_size 0: must be a positive integer, e.g. 128"),

@@ -66,7 +66,7 @@ def test_group_size_at_the_top_level_sets_the_weights(tmp_path):
     ({"name": "x", "scheme": {"weights": {"bits": 4}}, "steps": ["rtn"]}, r"unknown key 'bits'; allowed: num_bits"),
     ({"name": "x", "scheme": "W8A8", "steps": ["rtn"], "smoothing_strength": 0.8}, r"unknown key 'smoothing_strength'; allowed: name"),
     ({"name": "x", "scheme": "W8A8"}, r"key 'steps' is missing"),
-    ({"name": "x", "scheme": "W8A8", "group_size": 64, "steps": ["rtn"]}, r"group_size applies to group-wise recipes"),
+    ({"name": "x", "scheme": "W8A8", "group_size": 64, "steps": ["rtn"]}, r"group_size applies to group-wise and block-wise recipes"),
 ])
 def test_mistakes_name_the_key_and_what_is_allowed(doc, message):
     with pytest.raises(PtqlabError, match=message):
@@ -82,3 +82,18 @@ def test_a_broken_file_is_reported_as_such(tmp_path):
         load_recipe_file(tmp_path / "missing.yaml")
     with pytest.raises(PtqlabError, match="unknown recipe 'w5a16'"):
         get_recipe("w5a16")
+
+
+def test_block_wise_fp8_keeps_weight_blocks_and_activation_groups_of_one_width():
+    import yaml
+
+    from ptqlab.recipes import parse_recipe
+
+    recipe = get_recipe("fp8-block")
+    assert recipe.scheme.weights.block_structure == (128, 128) and recipe.scheme.input_activations.group_size == 128
+    assert parse_recipe(yaml.safe_load(yaml.safe_dump(recipe.to_dict())), "round trip") == recipe
+    narrower = recipe.with_overrides(group_size=64)
+    assert narrower.scheme.weights.block_structure == (128, 64) and narrower.scheme.input_activations.group_size == 64
+    doc = {**recipe.to_dict(), "steps": [{"gptq": {}}]}
+    with pytest.raises(PtqlabError, match="block-wise weights .* rtn"):
+        parse_recipe(doc, "mine.yaml")

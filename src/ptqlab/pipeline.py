@@ -23,7 +23,7 @@ from ptqlab.errors import PtqlabError
 from ptqlab.models import checkpoint_name, decoder_layers, model_dtype, moe_layout, names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.quant.linear import QuantizedLinear
-from ptqlab.recipes import Recipe, step_name
+from ptqlab.recipes import Recipe, step_name, with_columns_per_scale
 from ptqlab.schemes import matches
 
 
@@ -96,28 +96,36 @@ def suggest_group_size(widths, limit: int) -> tuple[int, str]:
     return 1, "only 1"
 
 
+def columns_that_must_divide(scheme) -> int | None:
+    """The columns per scale that must divide every layer's input width: the weights' groups, and the activations'
+    token groups (block-wise weights pad a partial edge block, but their activations' groups cannot be partial)."""
+    acts = scheme.input_activations
+    if acts is not None and acts.strategy == "group":
+        return acts.group_size
+    return scheme.weights.group_size if scheme.weights.strategy == "group" else None
+
+
 def resolve_group_size(recipe: Recipe, targets: dict[str, nn.Linear]) -> tuple[Recipe, str | None]:
     """Make the recipe's group size divide every target's input width, or explain why it cannot."""
-    weights = recipe.scheme.weights
-    if weights.strategy != "group":
+    group_size = columns_that_must_divide(recipe.scheme)
+    if group_size is None:
         return recipe, None
     widths = {name: m.in_features for name, m in targets.items()}
-    bad = {name: w for name, w in widths.items() if w % weights.group_size}
+    bad = {name: w for name, w in widths.items() if w % group_size}
     if not bad:
         return recipe, None
     examples = ", ".join(f"{n} ({w})" for n, w in list(bad.items())[:3])
-    problem = f"group size {weights.group_size} does not divide the input width of {len(bad)} layers"
-    size, which = suggest_group_size(widths.values(), weights.group_size)
+    problem = f"group size {group_size} does not divide the input width of {len(bad)} layers"
+    size, which = suggest_group_size(widths.values(), group_size)
     if size == 1:
         raise PtqlabError(f"{problem}, e.g. {examples}, and no group size above 1 divides every layer's input width: "
                           "use a recipe that quantizes weights per channel (see `ptqlab recipes`)")
-    automatic = size <= weights.group_size and size & (size - 1) == 0 and size >= MIN_AUTO_GROUP
+    automatic = size <= group_size and size & (size - 1) == 0 and size >= MIN_AUTO_GROUP
     if not recipe.auto_group_size or not automatic:
         raise PtqlabError(f"{problem}, e.g. {examples}; {which} that divides every layer's input width is {size}: "
                           f"use --group-size {size}")
     note = f"{problem} (e.g. {examples}); using group size {size}, the largest power of two that divides every layer"
-    scheme = replace(recipe.scheme, weights=weights.with_group_size(size))
-    return replace(recipe, scheme=scheme), note
+    return replace(recipe, scheme=with_columns_per_scale(recipe.scheme, size)), note
 
 
 def _check_weight(name: str, linear: nn.Linear) -> None:

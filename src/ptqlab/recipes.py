@@ -46,6 +46,11 @@ SCHEMES: dict[str, Scheme] = {
     "W8A16": Scheme(weights=QuantArgs(num_bits=8, strategy="channel")),
     "W8A8": W8A8,
     # int4 weights for the memory, FP8 activations for Hopper's FP8 tensor cores; llm-compressor's name.
+    # DeepSeek-V3's format: FP8 weights with a scale per 128 x 128 block, FP8 activations with a scale per 128
+    # columns of each token; robust to outliers without calibration.
+    "FP8_BLOCK": Scheme(weights=QuantArgs(num_bits=8, type="float", strategy="block", block_structure=(128, 128)),
+                        input_activations=QuantArgs(num_bits=8, type="float", strategy="group", group_size=128,
+                                                    dynamic=True)),
     "W4AFP8": Scheme(weights=QuantArgs(num_bits=4, strategy="group", group_size=128),
                      input_activations=QuantArgs(num_bits=8, type="float", strategy="token", dynamic=True)),
 }
@@ -95,6 +100,9 @@ class Recipe:
         if any(role != "transform" for role in roles[:-1]):
             raise PtqlabError(f"recipe {self.name}: only smoothquant and awq may come before the quantizer, "
                               f"and only one quantizer (gptq or rtn) is allowed, last")
+        if self.scheme.weights.strategy == "block" and any(step_name(s) in ("gptq", "awq") for s in self.steps):
+            raise PtqlabError(f"recipe {self.name}: block-wise weights (strategy block) are quantized by rtn, optionally "
+                              "after smoothquant; gptq and awq compute per-group or per-channel scales")
 
     @property
     def quantizer(self) -> GPTQConfig | RTNStep:
@@ -157,7 +165,8 @@ class Recipe:
 
 
 def _args_dict(args: QuantArgs) -> dict:
-    return {f.name: getattr(args, f.name) for f in fields(args) if getattr(args, f.name) is not None}
+    values = {f.name: getattr(args, f.name) for f in fields(args) if getattr(args, f.name) is not None}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 # ---- checking values ----------------------------------------------------------------------------------------------
@@ -186,9 +195,20 @@ def regrouped(scheme: Scheme, group_size, option: str, recipe: str) -> Scheme:
     if not is_positive_int(group_size):
         raise PtqlabError(f"{option} {brief(group_size)}: must be a positive integer, e.g. 128 (it must divide every "
                           f"layer's input width)")
-    if scheme.weights.strategy != "group":
-        raise PtqlabError(f"{option} applies to group-wise recipes; {recipe} quantizes weights per {scheme.weights.strategy}")
-    return replace(scheme, weights=scheme.weights.with_group_size(group_size))
+    if scheme.weights.strategy not in ("group", "block"):
+        raise PtqlabError(f"{option} applies to group-wise and block-wise recipes; {recipe} quantizes weights per "
+                          f"{scheme.weights.strategy}")
+    return with_columns_per_scale(scheme, group_size)
+
+
+def with_columns_per_scale(scheme: Scheme, columns: int) -> Scheme:
+    """`scheme` with `columns` input columns per scale: the weights' group or block width, and the activations'
+    group where they are quantized per token group (block-wise FP8 keeps the two equal, as its kernels read them)."""
+    acts = scheme.input_activations
+    if acts is not None and acts.strategy == "group":
+        acts = replace(acts, group_size=columns)
+    weights = scheme.weights.with_group_size(columns) if scheme.weights.strategy in ("group", "block") else scheme.weights
+    return replace(scheme, weights=weights, input_activations=acts)
 
 
 def ignore_problem(patterns) -> str | None:

@@ -14,7 +14,7 @@ import reprlib
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
-Strategy = Literal["tensor", "channel", "group", "token"]
+Strategy = Literal["tensor", "channel", "group", "block", "token"]
 NumberType = Literal["int", "float"]
 Role = Literal["weights", "input_activations"]
 
@@ -22,11 +22,13 @@ INT_BITS = (2, 3, 4, 8)
 FLOAT_BITS = (8,)
 BITS: dict[str, tuple[int, ...]] = {"int": INT_BITS, "float": FLOAT_BITS}
 """Bits per element per number type: what primitives.grid_range computes with and compressed-tensors packs."""
-STRATEGIES = ("tensor", "channel", "group", "token")
-WEIGHT_STRATEGIES = ("tensor", "channel", "group")
-"""Stored weight scales: one per tensor, per output channel, or per group of input columns."""
-ACTIVATION_STRATEGIES = ("token", "tensor")
-"""Dynamic input scales: one per token or one per input tensor (a channel scale of the input is not computed)."""
+STRATEGIES = ("tensor", "channel", "group", "block", "token")
+WEIGHT_STRATEGIES = ("tensor", "channel", "group", "block")
+"""Stored weight scales: one per tensor, per output channel, per group of input columns, or per 2-D block of
+`block_structure` [rows, columns] (DeepSeek-V3's FP8 format: 128 x 128)."""
+ACTIVATION_STRATEGIES = ("token", "tensor", "group")
+"""Dynamic input scales: one per token, per input tensor, or per group of `group_size` columns of each token (the
+activations of block-wise FP8); a channel scale of the input is not computed."""
 EXAMPLE_GROUP_SIZE = 128
 
 
@@ -130,6 +132,18 @@ def check_format(values: dict, role: Role | None = None) -> None:
     if role == "input_activations" and not values["dynamic"]:
         raise FormatError("dynamic", "false is not supported for input_activations: ptqlab computes their scales from "
                                      "each input at run time and stores none; use true")
+    block = values.get("block_structure")
+    if strategy == "block":
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(_kind_problem(b, int) is None and b > 0
+                                                                              for b in block)):
+            raise FormatError("block_structure", f"{brief(block)} is not two positive integers [rows, columns]; strategy "
+                                                 "block needs one, e.g. [128, 128]")
+        if not values["symmetric"]:
+            raise FormatError("symmetric", "false is not supported for strategy block (block-wise scales carry no zero "
+                                           "points); use true")
+    elif block is not None:
+        raise FormatError("block_structure", f"{brief(block)} applies only to strategy block, not {strategy!r}; remove it "
+                                             "or use strategy: block")
     group_size = values["group_size"]
     if strategy == "group" and group_size is None:
         raise FormatError("group_size", f"missing: strategy group needs a positive integer group_size, e.g. "
@@ -159,16 +173,27 @@ class QuantArgs:
     """Columns sharing one scale, for strategy `group`. Must divide the row length."""
     dynamic: bool = False
     """Scales computed at run time from the tensor itself (activations), not stored."""
+    block_structure: tuple[int, int] | None = None
+    """[rows, columns] of a block sharing one scale, for strategy `block`; edge blocks may be partial."""
 
     def __post_init__(self) -> None:
         check_format(self.values())
+        if self.block_structure is not None:  # a YAML or JSON list
+            object.__setattr__(self, "block_structure", tuple(self.block_structure))
 
     def values(self) -> dict:
         """The fields by name (what check_format reads and the checkpoint's QuantizationArgs declares)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def with_group_size(self, group_size: int) -> QuantArgs:
+        if self.strategy == "block":  # the block's width: the columns that share a scale
+            return replace(self, block_structure=(self.block_structure[0], group_size))
         return replace(self, group_size=group_size)
+
+    @property
+    def columns_per_scale(self) -> int | None:
+        """The input columns that share a scale along a row, where that is fixed (group, block), else None."""
+        return self.group_size if self.strategy == "group" else self.block_structure[1] if self.strategy == "block" else None
 
 
 @dataclass(frozen=True)
@@ -192,8 +217,10 @@ class Scheme:
     def describe(self) -> str:
         w, a = self.weights, self.input_activations
         kind = _number_name(w)
-        detail = f"group {w.group_size}" if w.strategy == "group" else f"per-{w.strategy}"
-        act = "16-bit activations" if a is None else f"dynamic per-{a.strategy} {_number_name(a)} activations"
+        detail = (f"group {w.group_size}" if w.strategy == "group" else
+                  f"blocks of {w.block_structure[0]} x {w.block_structure[1]}" if w.strategy == "block" else f"per-{w.strategy}")
+        per = f"token-group-{a.group_size}" if a is not None and a.strategy == "group" else a.strategy if a else ""
+        act = "16-bit activations" if a is None else f"dynamic per-{per} {_number_name(a)} activations"
         sym = "symmetric" if w.symmetric else "asymmetric"
         return f"{kind} {sym} weights ({detail}), {act}"
 

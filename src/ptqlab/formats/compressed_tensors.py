@@ -36,6 +36,7 @@ def _ct_args(args: QuantArgs):
         symmetric=args.symmetric,
         strategy=args.strategy,
         group_size=args.group_size,
+        block_structure=None if args.block_structure is None else list(args.block_structure),
         dynamic=args.dynamic,
         # Scales are min-max over each block, recomputed per tensor (no running statistics).
         observer=None if args.dynamic else "memoryless_minmax",

@@ -38,11 +38,13 @@ IN_MEMORY = "the quantized model"
 def unreadable_experts(scheme) -> str | None:
     """Why transformers' loader cannot read back an MoE's per-expert tensors in `scheme`, or None when it can: it
     fuses the experts dequantized, from FP8 `weight` or packed `weight_packed` tensors with their scales, and maps
-    neither INT8 `weight` tensors nor zero points."""
+    neither INT8 `weight` tensors, nor zero points, nor block-wise scales."""
     if scheme.format not in ("pack-quantized", "float-quantized"):
         return f"{scheme.format} experts"
     if not scheme.weights.symmetric:
         return "experts with zero points (asymmetric)"
+    if scheme.weights.strategy == "block":
+        return "experts with block-wise scales"
     return None
 
 

@@ -8,12 +8,14 @@ FP8 E4M3 maps absmax onto 448. All arithmetic is fp32 whatever the input dtype; 
 storage dtype *before* quantizing, so the stored (q, scale) pair is exactly what dequantizes.
 
 Scale layouts (those of the checkpoint): tensor `[1]`, channel `[rows, 1]`, group `[rows, cols // group_size]`,
-token `[..., 1]`.
+block `[ceil(rows / block rows), ceil(cols / block columns)]` (edge blocks partial, as if zero-padded), token
+`[..., 1]`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ptqlab.quant import search_triton, token_triton
 from ptqlab.schemes import QuantArgs
@@ -30,15 +32,30 @@ def grid_range(args: QuantArgs) -> tuple[float, float]:
 
 
 def block_view(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """View x so that each scale covers exactly the last dimension: [..., n_scales, block]."""
+    """View x so that each scale covers exactly the last dimension: [..., n_scales, block]. A copy for 2-D blocks:
+    [row blocks, column blocks, rows x columns], zero-padded to whole blocks (zeros never raise an absmax)."""
     if args.strategy == "tensor":
         return x.reshape(1, -1)
     if args.strategy in ("channel", "token"):
         return x
+    if args.strategy == "block":
+        (rows, columns), (height, width) = x.shape, args.block_structure
+        padded = F.pad(x, (0, -columns % width, 0, -rows % height))
+        tiles = padded.unflatten(0, (-1, height)).unflatten(2, (-1, width)).transpose(1, 2)
+        return tiles.flatten(2)
     columns = x.shape[-1]
     if columns % args.group_size:
         raise ValueError(f"group_size {args.group_size} does not divide the row length {columns}")
     return x.unflatten(-1, (columns // args.group_size, args.group_size))
+
+
+def unblock(blocks: torch.Tensor, args: QuantArgs, shape: torch.Size) -> torch.Tensor:
+    """The inverse of block_view: a tensor of `shape` again."""
+    if args.strategy != "block":
+        return blocks.reshape(shape)
+    height, width = args.block_structure
+    tiles = blocks.unflatten(2, (height, width)).transpose(1, 2)
+    return tiles.flatten(0, 1).flatten(1)[:shape[0], :shape[1]]
 
 
 def _stored_layout(per_block: torch.Tensor, args: QuantArgs) -> torch.Tensor:
@@ -52,7 +69,7 @@ def _stored_layout(per_block: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 
 def _broadcastable(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """From the checkpoint's scale layout to one that broadcasts against `block_view(x)`."""
-    if args.strategy == "group":
+    if args.strategy in ("group", "block"):
         return scale.unsqueeze(-1)
     return scale
 
@@ -152,7 +169,7 @@ def quantize(
         q = scaled.clamp(qmin, qmax).to(FP8_DTYPE)
     else:
         q = scaled.round().clamp(qmin, qmax).to(torch.int8)
-    return q.reshape(x.shape)
+    return unblock(q, args, x.shape)
 
 
 def dequantize(
@@ -167,7 +184,7 @@ def dequantize(
     blocks = block_view(q.float(), args)
     if zero_point is not None:
         blocks = blocks - _broadcastable(zero_point, args).float()
-    return (blocks * _broadcastable(scale, args).float()).to(dtype).reshape(q.shape)
+    return unblock((blocks * _broadcastable(scale, args).float()).to(dtype), args, q.shape)
 
 
 def fake_quantize(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:

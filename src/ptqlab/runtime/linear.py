@@ -66,6 +66,10 @@ def concat_linears(parts: list[StoredLinear]) -> StoredLinear | None:
     first = parts[0]
     if any(p.scheme != first.scheme or p.weight.dtype != first.weight.dtype for p in parts):
         return None
+    weights = None if first.scheme is None else first.scheme.weights
+    if weights is not None and weights.strategy == "block" and any(p.out_features % weights.block_structure[0]
+                                                                   for p in parts[:-1]):
+        return None  # a partial block of rows inside the stack would shift every scale row after it
 
     def cat(tensors):
         return None if tensors[0] is None else torch.cat(tensors)

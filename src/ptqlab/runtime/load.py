@@ -21,7 +21,7 @@ from ptqlab.runtime.moe import Expert, MoEMLP, stack_experts
 from ptqlab.models import check_model_folder, checkpoint_name, moe_layout
 from ptqlab.schemes import QuantArgs, Scheme, matches
 
-STRATEGIES = ("tensor", "channel", "group", "token")
+STRATEGIES = ("tensor", "channel", "group", "block", "token")
 PROJECTIONS = {"qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.qkv_proj",)),
                "o": (("self_attn.o_proj",),),
                "gate_up": (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",)),
@@ -55,7 +55,8 @@ def _quant_args(raw: dict | None, where: str) -> QuantArgs | None:
     try:
         return QuantArgs(num_bits=raw["num_bits"], type=raw.get("type", "int"), symmetric=raw.get("symmetric", True),
                          strategy=strategy, group_size=raw.get("group_size") if strategy == "group" else None,
-                         dynamic=bool(raw.get("dynamic", False)))
+                         dynamic=bool(raw.get("dynamic", False)),
+                         block_structure=raw.get("block_structure") if strategy == "block" else None)
     except ValueError as e:
         raise PtqlabError(f"{where}: {e}") from e
 

@@ -67,7 +67,7 @@ def test_gptq_options_on_a_recipe_without_gptq_are_refused(tiny_model_dir, tmp_p
 
 @pytest.mark.parametrize("args,message", [
     (["--recipe", "w3a3-magic"], "unknown recipe 'w3a3-magic': choose one of fp8-dynamic"),
-    (["--recipe", "fp8-dynamic", "--group-size", "64"], "--group-size applies to group-wise recipes"),
+    (["--recipe", "fp8-dynamic", "--group-size", "64"], "--group-size applies to group-wise and block-wise recipes"),
     (["--dtype", "float8"], "unknown --dtype 'float8'"),
 ])
 def test_bad_options_get_one_clear_line(tiny_model_dir, tmp_path, args, message):

@@ -410,3 +410,18 @@ def test_the_crossover_names_the_fastest_variant_of_each_stretch_of_batch_sizes(
     close = fastest_by_batch([_swept("w4a16", {1: 490, 8: 1777}), _swept("fp8", {1: 214, 8: 1985}), _swept("w8a8", {1: 245, 8: 1935})])
     assert crossover_words(close) == "w4a16 fastest at batch 1, fp8 fastest from 8 (w8a8 within 3 % at 8)"
     assert fastest_by_batch([{"name": "old", "speed": {}}]) == [] and crossover_words([]) == ""
+
+
+def test_a_variant_without_a_kernel_for_its_format_is_labelled_emulated(tmp_path):
+    from ptqlab.report import _notes
+
+    def variant(name, fmt, kernels):
+        return {"name": name, "format": fmt, "speed": {"runtime": "fast"}, "kernels": kernels}
+
+    results = {"text": {"source": "t", "protocol": "p"}, "tokens_scored": 1, "context": 2, "model_note": None,
+               "variants": [{**variant("baseline", "dense", {"qkv": "dequantized", "lm_head": "dequantized"}),
+                             "perplexity": {}},
+                            variant("w4a16", "pack-quantized", {"qkv": "int4 triton", "lm_head": "dequantized"}),
+                            variant("fp8-block", "float-quantized", {"qkv": "dequantized", "lm_head": "dequantized"})]}
+    emulated = [n for n in _notes(results) if "emulated" in n]
+    assert len(emulated) == 1 and emulated[0].startswith("Speed of fp8-block: emulated")

@@ -250,6 +250,13 @@ def _notes(results: dict) -> list[str]:
         if names:
             notes.append(f"Speed of {', '.join(names)}: runtime `{runtime}`, {text}")
     notes += [f"{v['name']}: {v['runtime_note']}." for v in results["variants"] if v.get("runtime_note")]
+    emulated = [v["name"] for v in results["variants"] if v["speed"].get("runtime") == "fast" and v.get("format") != "dense"
+                and any(kernel in ("dequantized", "mixed") for role, kernel in (v.get("kernels") or {}).items()
+                        if role != "lm_head")]
+    if emulated:
+        notes.append(f"Speed of {', '.join(emulated)}: emulated, no kernel for this format in ptqlab's runtime on this "
+                     "device yet: layers are dequantized to 16-bit and computed as such, so the speed is not what the "
+                     "format can reach (its quality figures are real).")
     if results.get("model_note"):
         notes.append(f"Model: {results['model_note']}.")
     return notes

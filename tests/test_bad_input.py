@@ -102,6 +102,7 @@ def _fast():
                          sample_tokens=2, device="cpu")
 
 
+@pytest.mark.slow  # a minute on two cores: make test-all
 def test_bench_with_another_baseline_measures_kl_again(tiny_model_dir, tmp_path):
     from ptqlab import quantize
     from ptqlab.suite import bench
@@ -122,6 +123,7 @@ def test_bench_with_another_baseline_measures_kl_again(tiny_model_dir, tmp_path)
     assert result["kl"]["mean"] != kl_first
 
 
+@pytest.mark.slow  # a minute on two cores: make test-all
 def test_lab_rebuilds_a_checkpoint_made_with_other_calibration(tiny_model_dir, tmp_path, calibration_file):
     from ptqlab.data import CalibrationConfig
     from ptqlab.suite import lab
@@ -191,7 +193,9 @@ def test_a_stopped_lab_leaves_no_worker_and_no_temp_file(tiny_model_dir, tmp_pat
     out = tmp_path / "lab"
     command = [sys.executable, "-c", "from ptqlab.cli import app; app()", "lab", str(tiny_model_dir("llama")), "--recipes",
                "fp8-dynamic", "--out", str(out), "--device", "cpu", "--ppl-quick", "--max-new-tokens", "64", "--repeats", "5"]
-    lab = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(spool)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # SIGINT back to its default in the child: a shell without job control starts background commands with it ignored
+    lab = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(spool)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not _processes_mentioning(str(spool)) and time.monotonic() < deadline and lab.poll() is None:
         time.sleep(0.2)  # until the baseline's worker runs (its command line names its spec file in TMPDIR)

@@ -84,6 +84,7 @@ def test_crash_in_the_third_recipe_does_not_redo_the_first_two(tmp_path, tiny_mo
     assert (tmp_path / "results.json").is_file()
 
 
+@pytest.mark.slow  # a minute each on two cores: make test-all (the crash-in-the-third-recipe test keeps reuse in the default suite)
 def test_changed_settings_are_measured_again(tiny_model_dir, tmp_path):
     model = str(tiny_model_dir("llama"))
     lab(model, ["fp8-dynamic"], tmp_path, FAST, quiet=True)
@@ -92,6 +93,7 @@ def test_changed_settings_are_measured_again(tiny_model_dir, tmp_path):
     assert [e["variant"] for e in events(tmp_path)[before:] if e["event"] == "bench.start"] == ["baseline", "fp8-dynamic"]
 
 
+@pytest.mark.slow  # a minute each on two cores: make test-all (the crash-in-the-third-recipe test keeps reuse in the default suite)
 def test_a_rewritten_checkpoint_is_measured_again(tiny_model_dir, tmp_path):
     from ptqlab import quantize
 

@@ -130,7 +130,8 @@ print(json.dumps({"plan": max(plan.cpu_bytes, plan.read_back_bytes), "peak": pea
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from /proc (Linux)")
-@pytest.mark.parametrize("which, stream", [("tiny", False), ("tiny", True), ("embedded", False)])
+@pytest.mark.parametrize("which, stream", [("tiny", False), ("tiny", True),
+                                          pytest.param("embedded", False, marks=pytest.mark.slow)])  # ~1 min: test-all
 def test_the_cpu_plan_is_within_a_quarter_of_the_measured_peak(tiny_model_dir, calibration_file, tmp_path, which,
                                                                stream):
     """A run in a fresh process: its peak resident memory (VmHWM) against the plan it printed (the larger of its two

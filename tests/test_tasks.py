@@ -202,6 +202,7 @@ def test_local_generation_task_exact_match_equals_direct_greedy(lm_eval, models,
     assert result["tasks"]["ptqlab_arithmetic"]["exact_match"] == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.slow  # indexes lm-eval's whole registry (~15 s): make test-all
 def test_unknown_task_name_is_a_one_line_error(lm_eval, models, tokenizer, tmp_path):
     include = write_task(tmp_path / "tasks", "ptqlab_facts.yaml", DATA / "facts.jsonl")
     with pytest.raises(PtqlabError, match="lm-eval ls tasks") as raised:
@@ -209,6 +210,7 @@ def test_unknown_task_name_is_a_one_line_error(lm_eval, models, tokenizer, tmp_p
     assert "no_such_task_anywhere" in str(raised.value) and "\n" not in str(raised.value)
 
 
+@pytest.mark.slow  # indexes lm-eval's whole registry (~15 s): make test-all
 def test_missing_dataset_is_a_one_line_error_naming_the_task(lm_eval, models, tokenizer, tmp_path):
     include = write_task(tmp_path / "tasks", "ptqlab_facts.yaml", tmp_path / "absent.jsonl")
     with pytest.raises(PtqlabError, match="task ptqlab_facts: its dataset could not be loaded") as raised:

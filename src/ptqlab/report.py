@@ -293,11 +293,10 @@ def sweep_lines(variants: list[dict]) -> list[str]:
 def task_lines(variants: list[dict], baseline: str | None) -> list[str]:
     """A markdown table of task accuracy (lm-eval): each task's main metric per variant, and the variant's recovery
     (its score / the baseline's, in percent) beside it."""
-    from ptqlab.measure.tasks import recovery
-
     scored = [v for v in variants if v.get("tasks")]
     if not scored:
         return []
+    from ptqlab.measure.tasks import recovery  # imports lm-eval where installed: only when there are scores
     base = next((v for v in scored if v["name"] == baseline), None)
     tasks = sorted({t for v in scored for t in v["tasks"]["tasks"]})
     first = scored[0]["tasks"]

@@ -233,3 +233,19 @@ def test_lab_takes_a_recipe_file_by_absolute_path(tiny_model_dir, tmp_path):
     out = lab(str(tiny_model_dir("llama")), [str(recipe_file.resolve())], tmp_path / "lab", _fast(), quiet=True)
     assert (out / "checkpoints" / "my-w8a8" / "ptqlab.json").is_file() and (out / "variants" / "my-w8a8.json").is_file()
     assert recipe_file.read_text() == text
+
+
+def test_a_tokenizer_saved_again_by_another_library_version_is_the_same_tokenizer(tiny_model_dir):
+    from ptqlab.suite import tokenizer_identity
+
+    saved = json.loads((tiny_model_dir("llama") / "tokenizer.json").read_text())
+    respelled = json.loads(json.dumps(saved))
+    model = respelled["model"]
+    model["merges"] = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]  # pairs, not strings
+    model["continuing_subword_prefix"], model["end_of_word_suffix"] = "", ""  # "" where None was written
+    respelled["normalizer"] = {"type": "Sequence", "normalizers": []}
+    assert tokenizer_identity(respelled) == tokenizer_identity(saved)
+    other = json.loads(json.dumps(saved))
+    first, second = list(other["model"]["vocab"])[:2]
+    other["model"]["vocab"][first], other["model"]["vocab"][second] = other["model"]["vocab"][second], other["model"]["vocab"][first]
+    assert tokenizer_identity(other) != tokenizer_identity(saved)

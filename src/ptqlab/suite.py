@@ -67,16 +67,28 @@ def _reusable(result_json: Path, path: Path, settings: BenchSettings, context: d
     return result
 
 
-def _vocabulary(folder: Path) -> tuple[int | None, str | None]:
-    """(vocab_size from config.json, a digest of tokenizer.json if the folder has one)."""
+def tokenizer_identity(tokenizer_json: dict) -> str:
+    """A digest of what decides token ids in a tokenizer.json: the model's type, vocabulary and merges, and the added
+    tokens. Not its serialization: a tokenizer loaded and saved again by another version of the tokenizers library
+    writes merges as pairs instead of strings, "" for None and other normalizer or pre-tokenizer spellings, and is
+    still the same tokenizer."""
     import hashlib
 
+    model = tokenizer_json.get("model") or {}
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):
+        vocab = sorted(vocab.items(), key=lambda item: (item[1], item[0]))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges") or []]
+    added = sorted((t.get("id"), t.get("content")) for t in tokenizer_json.get("added_tokens") or [])
+    return hashlib.sha256(json.dumps([model.get("type"), vocab, merges, added]).encode()).hexdigest()
+
+
+def _vocabulary(folder: Path) -> tuple[int | None, str | None]:
+    """(vocab_size from config.json, tokenizer_identity of tokenizer.json if the folder has one)."""
     config = json.loads((folder / "config.json").read_text())
     size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     tokenizer = folder / "tokenizer.json"
-    digest = hashlib.sha256(json.dumps(json.loads(tokenizer.read_text())["model"], sort_keys=True).encode()).hexdigest() \
-        if tokenizer.is_file() else None
-    return size, digest
+    return size, tokenizer_identity(json.loads(tokenizer.read_text())) if tokenizer.is_file() else None
 
 
 def _check_same_vocabulary(baseline: Path, name: str, path: Path) -> None:

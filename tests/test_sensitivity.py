@@ -112,3 +112,18 @@ def test_the_report_shows_the_worst_parts_first_and_a_plot_per_layer(measured):
     assert "<table>" in markdown_html(lines)
     svg = layer_bars([(p["layer"], p["kind"], p["kl_mean"]) for p in result["parts"]], "KL")
     assert svg.count("<rect") == len(result["parts"]) + 2  # a bar per part, a swatch per kind
+
+
+def test_the_command_prints_the_worst_parts_and_the_mixed_recipe(measured):
+    from typer.testing import CliRunner
+
+    from ptqlab.cli import app
+
+    base, out, result = measured
+    run = CliRunner().invoke(app, ["sensitivity", str(base), "--recipe", "w4a16-rtn", "--out", str(out), "--windows", "2",
+                                   "--ppl-text", "python-docs", "--ppl-context", "64", "--device", "cpu", "--quiet",
+                                   "--target-kl", "1e-9"])
+    assert run.exit_code == 0, run.output
+    worst = max(result["parts"], key=lambda p: p["kl_mean"])["name"]
+    assert f"{worst}: KL" in run.output and "mixed recipe:" in run.output
+    assert json.loads((out / "sensitivity.json").read_text())["parts"] == result["parts"]  # reused, not measured again

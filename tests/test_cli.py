@@ -154,13 +154,13 @@ SLOW_WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def interruptible() -> None:
     """In the child, before it starts: SIGINT back to its default. A shell without job control starts background
     commands with SIGINT ignored, and a Python started so would never see the interrupt this test sends."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_leaves_no_folder_that_looks_complete(tiny_model_dir, tmp_path, sig):
     out = tmp_path / "q"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(tiny_model_dir("llama")), str(out)],

@@ -211,8 +211,7 @@ PplContext = Annotated[Optional[int], typer.Option(help="Window length; default 
 PplProtocolOption = Annotated[str, typer.Option(help="gptq: windows of 2048, every token but each window's first scored; llama.cpp: windows of 512 starting with BOS, the second half scored (comparable with llama.cpp's perplexity tool).")]
 TargetKl = Annotated[Optional[float], typer.Option(help="Sensitivity: the mean KL the mixed recipe aims at (default: --max-kl for lab, 0.05 for sensitivity).")]
 MaxSize = Annotated[Optional[str], typer.Option(help="Sensitivity: instead of a KL target, the largest weights size of the mixed checkpoint, e.g. 120MiB.")]
-SENSITIVITY_WINDOWS_DEFAULT = 4
-SensitivityWindows = Annotated[int, typer.Option(min=1, help="Sensitivity: evaluation windows of 512 tokens per part.")]
+SensitivityWindows = Annotated[Optional[int], typer.Option(min=1, help="Sensitivity: evaluation windows of 512 tokens per part (default 4: a ranking needs fewer tokens than a verdict).")]
 PplText = Annotated[str, typer.Option(help="wikitext-2 (offline fallback: python-docs), python-docs, or a .txt path.")]
 MaxNewTokens = Annotated[Optional[int], typer.Option(help="Tokens generated per speed run (EOS ignored); default 128, 32 on a CPU.")]
 BatchSize = Annotated[int, typer.Option(help="Batch size of the throughput run.")]
@@ -269,7 +268,7 @@ def lab(
     calib_batch_size: CalibBatchSize = 16,
     runtime: Runtime = "auto", verbose: Verbose = False,
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also measure each decoder layer's attention and MLP alone quantized with the recipe of fewest weight bits, and add its mixed-precision version (the most sensitive parts kept 16-bit to meet --target-kl or --max-size) as one more variant.")] = False,
-    target_kl: TargetKl = None, max_size: MaxSize = None, sensitivity_windows: SensitivityWindows = SENSITIVITY_WINDOWS_DEFAULT,
+    target_kl: TargetKl = None, max_size: MaxSize = None, sensitivity_windows: SensitivityWindows = None,
 ) -> None:
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
     _start(verbose)
@@ -291,14 +290,14 @@ def lab(
     _print_summary(folder)
 
 
-def _aim(target_kl: float | None, max_size: str | None, windows: int):
+def _aim(target_kl: float | None, max_size: str | None, windows: int | None):
     from ptqlab.engine.memory import parse_bytes
     from ptqlab.suite import Sensitivity
 
     if target_kl is not None and max_size:
         raise PtqlabError("--target-kl and --max-size exclude each other: give one")
     return Sensitivity(target_kl=target_kl, max_bytes=parse_bytes(max_size, "--max-size") if max_size else None,
-                       windows=windows)
+                       **({} if windows is None else {"windows": windows}))
 
 
 @app.command()
@@ -306,7 +305,7 @@ def sensitivity(
     model: Annotated[Optional[str], typer.Argument(help="Hub id or local folder; omitted: the embedded SmolLM2-135M-Instruct.")] = None,
     recipe: Annotated[str, typer.Option(help="Preset name or recipe .yaml file whose damage to measure.")] = "w4a16",
     out: Annotated[Path, typer.Option(help="Folder: the checkpoint, sensitivity.json, the mixed recipe (resumable).")] = Path("ptqlab-sensitivity"),
-    target_kl: TargetKl = None, max_size: MaxSize = None, windows: SensitivityWindows = SENSITIVITY_WINDOWS_DEFAULT,
+    target_kl: TargetKl = None, max_size: MaxSize = None, windows: SensitivityWindows = None,
     dtype: Annotated[str, typer.Option(help="Load dtype for quantization.")] = "auto",
     ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2", ppl_protocol: PplProtocolOption = "gptq",
     device: Device = "auto", seed: int = 0, quiet: Quiet = False,
@@ -318,14 +317,15 @@ def sensitivity(
     keeps the most sensitive parts 16-bit to meet --target-kl (default 0.05) or --max-size with the fewest bytes."""
     _start(verbose)
     from ptqlab.data import CalibrationConfig
-    from ptqlab.measure.variant import BenchSettings
+    from ptqlab.measure.variant import QUICK_CONTEXT, BenchSettings
+    from ptqlab.report import Budget
     from ptqlab.suite import lab_calibration_size, sensitivity as run
 
     try:
-        settings = BenchSettings(ppl_text=ppl_text, ppl_context=ppl_context or 512, ppl_protocol=ppl_protocol,
+        settings = BenchSettings(ppl_text=ppl_text, ppl_context=ppl_context or QUICK_CONTEXT, ppl_protocol=ppl_protocol,
                                  device=device, seed=seed)
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
-        aim = _aim(target_kl if target_kl is not None or max_size else 0.05, max_size, windows)
+        aim = _aim(target_kl if target_kl is not None or max_size else Budget().max_kl, max_size, windows)
         folder = run(model, recipe, out, aim, settings, dtype, quiet, calibration, calib_batch_size)
     except PtqlabError as e:
         _fail(e)

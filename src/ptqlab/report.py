@@ -534,9 +534,7 @@ def render_html(results: dict, rows: list[dict]) -> str:
     variants = results["variants"]
     baseline = results.get("baseline")
     esc = html.escape
-    front = results["recommendation"].get("pareto_front")
-    if front is None:
-        front = pareto_front(size_kl_points(variants, baseline))
+    front = results["recommendation"]["pareto_front"]
     size = [(v["name"], v["size"]["weights_bytes"] / MiB) for v in variants]
     plots = [_scatter([(n, s, v["perplexity"]["value"]) for (n, s), v in zip(size, variants)], "weights (MiB)", "perplexity")]
     if any(v.get("kl") for v in variants):
@@ -547,11 +545,13 @@ def render_html(results: dict, rows: list[dict]) -> str:
                        f"throughput tok/s (batch {variants[0]['speed']['batch_size']})"))
     sensitivity = results.get("sensitivity")
     sections = markdown_html(sweep_lines(variants) + task_lines(variants, baseline))
-    if sensitivity:
-        sections += markdown_html(sensitivity_lines(sensitivity, variants)[:4])
+    if sensitivity:  # the findings, the per-layer plot, then the table of the worst parts
+        lines = sensitivity_lines(sensitivity, variants)
+        table = next(i for i, line in enumerate(lines) if line.startswith("|"))
+        sections += markdown_html(lines[:table])
         sections += '<div class="plots">' + layer_bars([(p["layer"], p["kind"], p["kl_mean"]) for p in sensitivity["parts"]],
                                                       "KL with only this part quantized, per decoder layer") + "</div>"
-        sections += markdown_html(sensitivity_lines(sensitivity, variants)[4:])
+        sections += markdown_html(lines[table:])
     recommendation = "".join(f"<li>{esc(line).replace('**', '')}</li>" for line in _recommendation_lines(results["recommendation"]))
     notes = "".join(f"<li>{esc(n)}</li>" for n in _notes(results))
     title = f"ptqlab report{': ' + results['model'] if results.get('model') else ''}"

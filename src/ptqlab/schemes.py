@@ -190,11 +190,6 @@ class QuantArgs:
             return replace(self, block_structure=(self.block_structure[0], group_size))
         return replace(self, group_size=group_size)
 
-    @property
-    def columns_per_scale(self) -> int | None:
-        """The input columns that share a scale along a row, where that is fixed (group, block), else None."""
-        return self.group_size if self.strategy == "group" else self.block_structure[1] if self.strategy == "block" else None
-
 
 @dataclass(frozen=True)
 class Scheme:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -83,14 +82,10 @@ class PartResult:
 
 def safetensors_bytes(folder: Path) -> dict[str, int]:
     """Bytes of every tensor in a folder's safetensors files, from their headers (nothing is loaded)."""
-    sizes = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        sizes.update({name: entry["data_offsets"][1] - entry["data_offsets"][0]
-                      for name, entry in header.items() if name != "__metadata__"})
-    return sizes
+    from ptqlab.formats.validate import read_header
+
+    return {name: tensor.nbytes for file in sorted(folder.glob("*.safetensors"))
+            for name, tensor in read_header(file).items()}
 
 
 def _bytes_under(sizes: dict[str, int], prefix: str, children: tuple[str, ...]) -> int:

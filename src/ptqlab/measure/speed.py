@@ -138,14 +138,15 @@ def measure_speed(engine, prompt_ids: torch.Tensor, new_tokens: int = 128, batch
         runs[size] = repeat_timed(lambda: engine.timed(batch, new_tokens), warmup, repeats,
                                   lambda: engine.timed(batch, warm))
     single, batched = runs[1], runs[batch_size]
+    sweep = {size: {"batch": size, "decode_tok_s": statistics.median(size * (new_tokens - 1) / r["decode_s"] for r in timed),
+                    "throughput_tok_s": statistics.median(size * new_tokens / r["total_s"] for r in timed)}
+             for size, timed in runs.items()}
     return {
         "runtime": engine.name,
         "ttft_ms": 1000 * statistics.median(r["ttft_s"] for r in single),
-        "decode_tok_s": statistics.median((new_tokens - 1) / r["decode_s"] for r in single),
-        "throughput_tok_s": statistics.median(batch_size * new_tokens / r["total_s"] for r in batched),
-        "sweep": [{"batch": size, "decode_tok_s": statistics.median(size * (new_tokens - 1) / r["decode_s"] for r in timed),
-                   "throughput_tok_s": statistics.median(size * new_tokens / r["total_s"] for r in timed)}
-                  for size, timed in runs.items()],
+        "decode_tok_s": sweep[1]["decode_tok_s"],
+        "throughput_tok_s": sweep[batch_size]["throughput_tok_s"],
+        "sweep": list(sweep.values()),
         "prompt_tokens": int(ids.shape[1]),
         "new_tokens": new_tokens,
         "batch_size": batch_size,

@@ -16,7 +16,7 @@ from ptqlab.formats.validate import validate_checkpoint
 from tiny import ARCHS
 
 ASYMMETRIC = "w4a16-asym-rtn"
-RECIPES = ["fp8-dynamic", "w4a16-rtn", "w8a8-rtn", ASYMMETRIC]
+RECIPES = ["fp8-dynamic", "w4a16-rtn", "w8a8-rtn", ASYMMETRIC, "nvfp4a16", "mxfp4a16"]
 CORRUPTED = "the checkpoint is corrupted; quantize it again"
 
 

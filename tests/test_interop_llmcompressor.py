@@ -120,3 +120,142 @@ def test_moe_checkpoints_hold_what_llmcompressor_writes(tiny_model_dir, tmp_path
     assert sorted(a) == sorted(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("kv,strategy", [("fp8", "tensor"), ("fp8-head", "attn_head")])
+def test_kv_cache_scales_and_scheme_as_llmcompressor_writes_them(tiny_model_dir, tmp_path, calibration_file, kv,
+                                                                  strategy):
+    """`kv: fp8` / `fp8-head` against llm-compressor's `kv_cache_scheme` (per tensor / per attention head) with its
+    static_minmax observer (the running absmax; its default, minmax, is a moving average of per-batch ranges, which
+    depends on how the samples are batched and ordered), on the same calibration tokens: ptqlab's calibration set,
+    given to llm-compressor one sample per batch, ptqlab batching them with padding. The same names, dtypes, shapes
+    and quantization_config, and the same scales to fp32 rounding. The attention projections and layer 0's MLP stay
+    16-bit in both, so that every layer's keys and values come from the same weights: ptqlab observes them as the
+    quantized layer propagates (what the checkpoint will cache), llm-compressor in its calibration pass, before it
+    quantizes the layer, so with quantized k_proj / v_proj the two would observe states a weight rounding apart."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ptqlab.data import CalibrationConfig, load_calibration
+
+    src = tiny_model_dir("llama")
+    # Names, in module order, as llm-compressor lists what it left out.
+    ignore = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"]
+    ignore = ignore[:4] + [f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")] + ignore[4:] + ["lm_head"]
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=12, max_seq_len=256, seed=0)
+    ours = quantize(str(src), "w4a16-rtn", out=tmp_path / "ours", ignore=ignore, kv_cache=kv, calibration=calibration,
+                    calib_batch_size=4, quiet=True)
+    samples = [s.tolist() for s in load_calibration(AutoTokenizer.from_pretrained(src), calibration).samples]
+    assert len({len(s) for s in samples}) > 1  # ptqlab's batches carry padding
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    scheme = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy, dynamic=False,
+                              observer="static_minmax")
+    dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
+    oneshot(model=model, dataset=dataset, num_calibration_samples=len(samples),
+            recipe=QuantizationModifier(targets="Linear", scheme="W4A16", ignore=ignore, kv_cache_scheme=scheme))
+    model.save_pretrained(tmp_path / "theirs", save_compressed=True)
+
+    our_config = json.loads((ours / "config.json").read_text())["quantization_config"]
+    their_config = json.loads((tmp_path / "theirs" / "config.json").read_text())["quantization_config"]
+    assert our_config == their_config and our_config["kv_cache_scheme"]["strategy"] == strategy
+    a, b = load_file(ours / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    scales = [k for k in a if k.endswith(("k_scale", "v_scale"))]
+    assert len(scales) == 4
+    for key in scales:
+        assert (a[key].dtype, a[key].shape) == (b[key].dtype, b[key].shape), key
+        assert torch.allclose(a[key], b[key], rtol=1e-6, atol=0), (key, a[key], b[key])
+
+
+FP4_SCHEMES = [("NVFP4A16", "nvfp4a16"), ("MXFP4A16", "mxfp4a16")]
+
+
+@pytest.mark.parametrize("scheme,recipe", FP4_SCHEMES)
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("qwen3_moe", torch.float32)],
+                         ids=["llama-fp32", "llama-bf16", "qwen3_moe"])
+def test_fp4_checkpoints_hold_llmcompressors_tensors_bit_for_bit(tiny_model_dir, tmp_path, scheme, recipe, arch, dtype):
+    """FP4 (data-free): every tensor bitwise equal and the same quantization_config, for bf16 models too (FP4 divides
+    in fp32, so no double rounding), and with the global scales NVFP4 shares across q/k/v and gate/up (every expert's
+    too) as vLLM's fused layers need them. Routers stay 16-bit in both, as in the MoE test above."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    from ptqlab.models import MOE_LAYOUTS
+
+    src = tiny_model_dir(arch, dtype)
+    ours = quantize(str(src), recipe, out=tmp_path / "ours", quiet=True)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    ignore = ["lm_head", *(MOE_LAYOUTS[arch].keep if arch in MOE_LAYOUTS else [])]
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore))
+    model.save_pretrained(tmp_path / "theirs", save_compressed=True)
+
+    our_config = json.loads((ours / "config.json").read_text())["quantization_config"]
+    their_config = json.loads((tmp_path / "theirs" / "config.json").read_text())["quantization_config"]
+    assert our_config == their_config
+    a, b = load_file(ours / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    if scheme == "NVFP4A16":
+        prefix = "model.layers.1.mlp.experts.5." if arch == "qwen3_moe" else "model.layers.1.mlp."
+        for names in (["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"],
+                      [prefix + "gate_proj", prefix + "up_proj"]):
+            assert len({float(a[f"{name}.weight_global_scale"]) for name in names}) == 1, names
+
+
+@pytest.mark.parametrize("layer0", ["quantized", "16-bit"])
+def test_nvfp4_weights_and_input_global_scales_as_llmcompressor_writes_them(tiny_model_dir, tmp_path, calibration_file,
+                                                                            layer0):
+    """NVFP4 (W4A4) on the same calibration tokens (ptqlab's calibration set, given to llm-compressor one sample per
+    batch; ptqlab batches them with padding, masked out): the same names, dtypes, shapes and quantization_config;
+    the weights' tensors (grid values, FP8 scales, global scales) bitwise equal; each input_global_scale (2688 / the
+    input's absmax over the calibration set: llm-compressor's static_minmax observer) equal to fp32 rounding wherever
+    both tools calibrate on the same activations: every layer whose inputs no quantized layer has touched. Past a
+    quantized layer they differ by design, and are not compared: ptqlab calibrates each layer on what the quantized
+    layers before it feed it (FP4 activations included), llm-compressor's QuantizationModifier on the float model's
+    activations. So the run with layer 0 kept 16-bit (in both) compares every input scale of layer 1, the run with
+    every layer quantized those of layer 0."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ptqlab.data import CalibrationConfig, load_calibration
+
+    src = tiny_model_dir("llama")
+    ignore = ([f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"] + [f"model.layers.0.mlp.{p}_proj" for p in
+                                                                       ("gate", "up", "down")]) if layer0 == "16-bit" else []
+    ignore.append("lm_head")  # module order, as llm-compressor lists what it left out
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=12, max_seq_len=256, seed=0)
+    ours = quantize(str(src), "nvfp4", out=tmp_path / "ours", ignore=ignore, calibration=calibration,
+                    calib_batch_size=4, quiet=True)
+    samples = [s.tolist() for s in load_calibration(AutoTokenizer.from_pretrained(src), calibration).samples]
+    assert len({len(s) for s in samples}) > 1  # ptqlab's batches carry padding
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
+    oneshot(model=model, dataset=dataset, num_calibration_samples=len(samples),
+            recipe=QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=ignore))
+    model.save_pretrained(tmp_path / "theirs", save_compressed=True)
+
+    our_config = json.loads((ours / "config.json").read_text())["quantization_config"]
+    their_config = json.loads((tmp_path / "theirs" / "config.json").read_text())["quantization_config"]
+    assert our_config == their_config
+    a, b = load_file(ours / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    inputs = [k for k in a if k.endswith(".input_global_scale")]
+    assert len(inputs) == (7 if layer0 == "16-bit" else 14)
+    for key in a:
+        assert (a[key].dtype, a[key].shape) == (b[key].dtype, b[key].shape), key
+        if key not in inputs:
+            assert torch.equal(a[key], b[key]), key
+    first = "model.layers.1." if layer0 == "16-bit" else "model.layers.0."
+    compared = [key for key in inputs if key.startswith(first)]
+    assert len(compared) == 7
+    for key in compared:
+        assert torch.allclose(a[key], b[key], rtol=1e-6, atol=0), (key, a[key], b[key])

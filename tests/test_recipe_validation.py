@@ -27,12 +27,14 @@ from torch import nn
 
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import checkpoint_tensors, quantization_config, write_checkpoint
+from ptqlab.quant.fp4 import has_input_global_scale
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.quant.primitives import fake_quantize, grid_range
 from ptqlab.recipes import PRESETS, MAX_RECIPE_BYTES, Recipe, get_recipe, load_recipe_file, parse_recipe
-from ptqlab.schemes import ACTIVATION_STRATEGIES, BITS, WEIGHT_STRATEGIES, QuantArgs, Scheme
+from ptqlab.schemes import ACTIVATION_STRATEGIES, BITS, FP4_FORMATS, WEIGHT_STRATEGIES, QuantArgs, Scheme
 
 ARG_FIELDS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "block_structure")
+FP4_SCALES = {"tensor_group": torch.float8_e4m3fn, "group": torch.uint8}
 GROUP_SIZES = (32, 64, 128)  # all divide every width below
 BLOCKS = ([128, 128], [64, 128], [32, 48], [100, 7])  # blocks need not divide: edge blocks are partial
 SMALL = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -44,10 +46,17 @@ MAX_MESSAGE = 300
 # ---- seeded random valid recipes, in their YAML form -----------------------------------------------------------------
 
 def random_args(rng: random.Random, role: str) -> dict:
-    """A random format over the allowed values of `role`; keys equal to their default are sometimes left out."""
+    """A random format over the allowed values of `role`; keys equal to their default are sometimes left out. FP4 is
+    its two formats exactly (NVFP4 for activations): their strategy, group size and scale dtype go together."""
     kind = rng.choice(list(BITS))
-    strategies = WEIGHT_STRATEGIES if role == "weights" else ACTIVATION_STRATEGIES
-    args = {"num_bits": rng.choice(BITS[kind]), "type": kind, "symmetric": kind == "float" or rng.random() < 0.5,
+    bits = rng.choice(BITS[kind])
+    if kind == "float" and bits == 4:
+        strategy = "tensor_group" if role == "input_activations" else rng.choice(list(FP4_FORMATS))
+        _, group_size, scale_dtype, _ = FP4_FORMATS[strategy]
+        return {"num_bits": 4, "type": "float", "strategy": strategy, "group_size": group_size,
+                "scale_dtype": scale_dtype, "dynamic": "local" if role == "input_activations" else False}
+    strategies = [s for s in (WEIGHT_STRATEGIES if role == "weights" else ACTIVATION_STRATEGIES) if s != "tensor_group"]
+    args = {"num_bits": bits, "type": kind, "symmetric": kind == "float" or rng.random() < 0.5,
             "strategy": rng.choice(strategies), "dynamic": role == "input_activations"}
     if args["strategy"] == "group":
         args["group_size"] = rng.choice(GROUP_SIZES)
@@ -75,15 +84,20 @@ def random_recipe(seed: int) -> dict:
     rng = random.Random(seed)
     weights = random_args(rng, "weights")
     scheme = {"weights": weights}
-    if rng.random() < 0.5:
+    fp4 = weights.get("type") == "float" and weights.get("num_bits") == 4
+    if rng.random() < 0.5 and (not fp4 or weights["strategy"] == "tensor_group"):
         scheme["input_activations"] = random_args(rng, "input_activations")
-    elif weights.get("strategy") == "tensor":
+        acts = scheme["input_activations"]
+        acts_fp4 = acts.get("type") == "float" and acts.get("num_bits") == 4
+        if acts_fp4 != (fp4 and weights["strategy"] == "tensor_group"):  # NVFP4 activations with NVFP4 weights only
+            del scheme["input_activations"]
+    if "input_activations" not in scheme and weights.get("strategy") == "tensor":
         weights["symmetric"] = True  # a per-tensor zero point cannot be packed (check_scheme refuses it)
     steps = random_steps(rng)
     if weights.get("strategy") == "block":  # block-wise weights are rounded to nearest, after SmoothQuant at most
         steps = [s for s in steps if isinstance(s, dict) and "smoothquant" in s] + ["rtn"]
     doc = {"name": f"random-{seed}", "scheme": scheme, "steps": steps}
-    if weights.get("strategy") in ("group", "block") and rng.random() < 0.3:
+    if weights.get("strategy") in ("group", "block") and not fp4 and rng.random() < 0.3:
         doc["group_size"] = rng.choice(GROUP_SIZES)  # the top-level key overrides the weights' group size
     if rng.random() < 0.3:
         doc["auto_group_size"] = rng.random() < 0.5
@@ -139,9 +153,16 @@ def assert_tensor_layout(stored: dict[str, torch.Tensor], scheme: Scheme, rows: 
     w, fmt = scheme.weights, scheme.format
     blocks = (math.ceil(rows / w.block_structure[0]), math.ceil(columns / w.block_structure[1])) if w.block_structure else None
     scales = {"tensor": (1,), "channel": (rows, 1), "group": (rows, columns // (w.group_size or 1)),
-              "block": blocks}[w.strategy]
+              "tensor_group": (rows, columns // (w.group_size or 1)), "block": blocks}[w.strategy]
     expected = {"weight_scale": scales}
-    if fmt == "pack-quantized":
+    if fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):  # two E2M1 values per byte, scales as declared
+        expected["weight_packed"] = (rows, columns // 2)
+        assert stored["weight_packed"].dtype == torch.uint8 and stored["weight_scale"].dtype == FP4_SCALES[w.strategy]
+        if w.strategy == "tensor_group":
+            expected["weight_global_scale"] = (1,)
+        if scheme.input_activations is not None:
+            expected["input_global_scale"] = (1,)
+    elif fmt == "pack-quantized":
         expected |= {"weight_packed": (rows, math.ceil(columns * w.num_bits / 32)), "weight_shape": (2,)}
         assert stored["weight_packed"].dtype == torch.int32 and stored["weight_shape"].tolist() == [rows, columns]
     else:
@@ -168,12 +189,15 @@ def assert_library_reads_our_arithmetic(config: dict, stored: dict[str, torch.Te
     group = config["config_groups"]["group_0"]
     compressor = BaseCompressor.load_from_registry(config["format"])
     weight = compressor.decompress({k: v for k, v in stored.items() if k != "bias"}, QuantizationScheme.model_validate(group))["weight"]
-    assert torch.equal(weight.to(torch.float32), layer.dequantized_weight(torch.float32))
+    # (its FP4 decompressor computes in bf16: compared in the dtype it gives)
+    assert torch.equal(weight, layer.dequantized_weight(weight.dtype))
     if group["input_activations"] is not None:
         args = QuantizationArgs.model_validate(group["input_activations"])
         x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 4, layer.in_features)
-        scale, zero_point = compute_dynamic_scales_and_zp(x, args, module=None)
-        assert torch.equal(ct_fake_quantize(x, scale, zero_point, args), fake_quantize(x, layer.scheme.input_activations))
+        gscale = layer.input_global_scale  # NVFP4 activations: their calibrated global scale, else None
+        scale, zero_point = compute_dynamic_scales_and_zp(x, args, module=None, global_scale=gscale)
+        assert torch.equal(ct_fake_quantize(x, scale, zero_point, args, global_scale=gscale),
+                           fake_quantize(x, layer.scheme.input_activations, gscale))
 
 
 class OneLinear(nn.Module):
@@ -210,7 +234,9 @@ def test_random_valid_recipes_parse_to_what_they_say_and_write_what_is_computed(
         assert parse_recipe(through_yaml(recipe.to_dict())) == recipe
         config = json.loads(json.dumps(quantization_config(recipe)))  # exactly what config.json holds
         assert_config_declares(config, recipe.scheme, recipe.ignore)
-        layer = QuantizedLinear.from_weight(weight_matrix(seed=seed), None, recipe.scheme)
+        # NVFP4 activations: an input global scale, as calibration gives one
+        input_global = torch.tensor([1500.0]) if has_input_global_scale(recipe.scheme) else None
+        layer = QuantizedLinear.from_weight(weight_matrix(seed=seed), None, recipe.scheme, input_global_scale=input_global)
         stored = {k.removeprefix("proj."): t for k, t in checkpoint_tensors(OneLinear(layer)).items()}
         assert_tensor_layout(stored, recipe.scheme, 48, 256)
         assert_library_reads_our_arithmetic(config, stored, layer)
@@ -224,8 +250,9 @@ def test_random_recipes_cover_the_allowed_values():
     assert {(w.type, w.num_bits) for w in weights} == {(t, b) for t, bits in BITS.items() for b in bits}
     assert {w.strategy for w in weights} == set(WEIGHT_STRATEGIES) and {a.strategy for a in acts} == set(ACTIVATION_STRATEGIES)
     assert {w.symmetric for w in weights} == {a.symmetric for a in acts} == {True, False}
-    assert {w.group_size for w in weights} == {None, *GROUP_SIZES}
-    assert {s.format for s in schemes} == {"pack-quantized", "int-quantized", "float-quantized"}
+    assert {w.group_size for w in weights} == {None, *GROUP_SIZES, *(size for _, size, _, _ in FP4_FORMATS.values())}
+    assert {s.format for s in schemes} == {"pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized",
+                                           "mxfp4-pack-quantized"}
 
 
 # ---- the full path: a small model, calibration, a checkpoint on disk -------------------------------------------------
@@ -309,7 +336,7 @@ TYPE_ERRORS = [
     (with_weights(symmetric="no"), "scheme.weights.symmetric: 'no' is not a boolean; use true or false"),
     (with_weights(symmetric=1), "scheme.weights.symmetric: 1 is not a boolean; use true or false"),
     (with_weights(dynamic="false"), "scheme.weights.dynamic: 'false' is not a boolean; use true or false"),
-    (with_weights(num_bits=4.0), "scheme.weights.num_bits: 4.0 is not an integer; allowed: 2, 3, 4, 8 for int; 8 for float"),
+    (with_weights(num_bits=4.0), "scheme.weights.num_bits: 4.0 is not an integer; allowed: 2, 3, 4, 8 for int; 4, 8 for float"),
     (with_weights(num_bits=True), "scheme.weights.num_bits: true is not an integer; allowed: 2, 3, 4, 8"),
     (with_weights(num_bits="4"), "scheme.weights.num_bits: '4' is not an integer; allowed:"),
     (with_weights(type=4), "scheme.weights.type: 4 is not a string; allowed: int, float"),
@@ -330,7 +357,7 @@ TYPE_ERRORS = [
 RANGE_ERRORS = [
     (with_weights(num_bits=5), "scheme.weights.num_bits: 5 is not supported for type int; allowed: 2, 3, 4, 8"),
     (with_weights(num_bits=16), "scheme.weights.num_bits: 16 is not supported for type int; allowed: 2, 3, 4, 8"),
-    (with_weights(type="float", num_bits=4), "scheme.weights.num_bits: 4 is not supported for type float (FP8 E4M3); allowed: 8"),
+    (with_weights(type="float", num_bits=4), "scheme.weights.num_bits: 4 is not supported for type float with strategy 'channel'"),
     (with_weights(type="nf4"), "scheme.weights.type: 'nf4' is not allowed; allowed: int, float"),
     (with_weights(type="float", symmetric=False), "scheme.weights.symmetric: false is not supported for type float"),
     (with_weights(strategy="block"), "scheme.weights.block_structure: null is not two positive integers [rows, columns]"),

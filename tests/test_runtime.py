@@ -26,7 +26,7 @@ from ptqlab.errors import PtqlabError
 from ptqlab.runtime import Generator, RuntimeOptions, load_runtime
 from ptqlab.runtime.model import grouped_attention
 
-ACTIVATION_QUANTIZED = ("fp8-dynamic", "w8a8-rtn")
+ACTIVATION_QUANTIZED = ("fp8-dynamic", "w8a8-rtn", "fp8-block", "w4a8-rtn")
 RECIPES = [None, "fp8-dynamic", "w4a16-rtn", "w8a8-rtn"]
 NEAR_TIE = 0.01
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -296,7 +296,8 @@ def test_fused_norm_and_activation_quantize_like_the_separate_kernel(grid, gelu)
 
 @gpu
 @pytest.mark.parametrize("recipe,kernel", [("fp8-dynamic", "fp8 _scaled_mm"), ("w8a8-rtn", "int8 _int_mm"),
-                                           ("w4a16-rtn", "int4 ")])
+                                           ("w4a16-rtn", "int4 "), ("fp8-block", "fp8-block triton"),
+                                           ("w4a8-rtn", "w4a8 triton")])
 @pytest.mark.parametrize("rows", [1, 8, 40])
 @pytest.mark.parametrize("options", [RuntimeOptions(), RuntimeOptions(pdl=False, fp8_fast_accum=False, gemv_tile=(8, 256, 2))],
                          ids=["default", "other"])
@@ -390,7 +391,8 @@ def test_fused_kernels_match_the_torch_path():
 
 
 @gpu
-@pytest.mark.parametrize("arch,recipe,config", [("qwen2", r, {}) for r in RECIPES] + [("gemma2", "w4a16-rtn", {"sliding_window": 8})])
+@pytest.mark.parametrize("arch,recipe,config", [("qwen2", r, {}) for r in RECIPES + ["fp8-block", "w4a8-rtn"]]
+                         + [("gemma2", "w4a16-rtn", {"sliding_window": 8})])
 def test_gpu_runtime_matches_reference_and_graphs_match_eager(checkpoint, arch, recipe, config):
     path = checkpoint(arch, recipe, **config)
     model = load_runtime(path, device="cuda", dtype=torch.bfloat16)

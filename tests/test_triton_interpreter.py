@@ -402,6 +402,127 @@ def test_rotary_cache_write_and_decode_attention_match_the_torch_path():
         assert relative(one, two) < 2e-3
 
 
+def attention_float64(q, keys, values, at, scale, softcap=None, window=None):
+    """Decode attention of q [B, H, D] over keys, values [B, Hkv, T, D] at positions 0..at (within the window), in
+    float64: the reference the kernels' results are bounded against."""
+    q, keys, values = q.double(), keys.double(), values.double()
+    groups = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    scores = torch.einsum("bhd,bhtd->bht", q, keys) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    t = torch.arange(keys.shape[2])
+    allowed = (t <= at) & ((t > at - window) if window else True)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("bht,bhtd->bhd", probs, values)
+
+
+def fp8_cache(shape, seed):
+    """A float8 cache of random keys or values and their per-head scales (float32 [Hkv], a different one per head)."""
+    g = torch.Generator().manual_seed(seed)
+    scales = 0.01 * (1 + torch.arange(shape[1], dtype=torch.float32))
+    values = torch.randn(shape, generator=g) * 100 * scales.view(1, -1, 1, 1)
+    return (values / scales.view(1, -1, 1, 1)).to(torch.float8_e4m3fn), scales
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [1, 3, 8])
+@pytest.mark.parametrize("fp8", [False, True], ids=["16-bit", "fp8"])
+def test_split_decode_attention_is_attention(splits, fp8):
+    """Decode attention cut into `splits` runs of the sequence and combined (flash-decoding), on a 16-bit and an FP8
+    cache, against float64 attention over what the cache holds (dequantized): plain, softcap, and a window that
+    leaves the first runs empty. 8 splits of 290 positions leave the last ones empty too. Bound: fp16 q and output,
+    fp32 accumulation (the single-program kernel's own bound)."""
+    from ptqlab.runtime import fused
+
+    torch.manual_seed(0)
+    b, h, hkv, d, positions, at = 2, 4, 2, 16, 320, 290
+    dtype = torch.float16
+    q = torch.randn(b, 1, h * d, dtype=dtype)
+    if fp8:
+        shape = (b, hkv, positions, d)
+        (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape, 1), fp8_cache(shape, 2)
+        keys, values = k_cache.float() * k_scale.view(1, -1, 1, 1), v_cache.float() * v_scale.view(1, -1, 1, 1)
+        scales = (k_scale, v_scale)
+    else:
+        k_cache, v_cache = (torch.randn(b, hkv, positions, d, dtype=dtype) for _ in range(2))
+        keys, values, scales = k_cache, v_cache, None
+    pos = torch.tensor([at])
+    for softcap, window in [(None, None), (30.0, None), (None, 100)]:
+        out = fused.decode_attention(q, k_cache, v_cache, pos, 0.25, softcap, window, kv_scales=scales, splits=splits)
+        expected = attention_float64(q.view(b, h, d), keys, values, at, 0.25, softcap, window)
+        assert relative(out.view(b, h, d), expected) < 2e-3, (softcap, window)
+
+
+@interpreted
+def test_fp8_cache_write_is_quantize_kv():
+    """The kernels' FP8 cache write (rotary + write, and the fused decode step's write of the new token, both split
+    and not) stores exactly quantize_kv of the rotated key and of the value, the CPU reference: value / scale,
+    rounded to nearest even on the E4M3 grid, saturated at ±448 (some keys and values here are far beyond), and the
+    subnormals below 2^-6 (the tiny ones)."""
+    from ptqlab.quant.kv_cache import quantize_kv
+    from ptqlab.runtime import fused
+
+    torch.manual_seed(0)
+    b, h, hkv, d, positions = 2, 4, 2, 16, 96
+    dtype = torch.float16
+    qkv = torch.randn(b, 3, (h + 2 * hkv) * d, dtype=dtype)
+    qkv[0, 0, h * d:] *= 1000.0  # beyond 448 x scale: saturates
+    qkv[1, 1, h * d:] *= 1e-3  # down among the subnormals
+    scales = (torch.tensor([0.02, 0.05]), torch.tensor([0.03, 0.01]))
+    angles = torch.rand(positions, d // 2) * 6
+    half = (angles.cos().to(dtype), angles.sin().to(dtype))
+    pos = torch.tensor([40, 41, 42])
+    caches = [torch.zeros(b, hkv, positions, d, dtype=torch.float8_e4m3fn) for _ in range(2)]
+    rotated = qkv.clone()
+    fused.rope_and_cache(rotated, *half, pos, h, hkv, d, *caches, kv_scales=scales)
+    k = rotated[..., h * d:(h + hkv) * d].view(b, 3, hkv, d).transpose(1, 2)
+    v = rotated[..., (h + hkv) * d:].view(b, 3, hkv, d).transpose(1, 2)
+    for cache, states, scale in zip(caches, (k, v), scales):
+        expected = quantize_kv(states, scale)
+        assert expected.float().abs().max() == 448.0 and (expected.float().abs() < 2 ** -6).any()
+        assert torch.equal(cache[:, :, 40:43].view(torch.uint8), expected.view(torch.uint8))
+    for splits in (1, 3):  # the decode step's own write of the token at 42, from the unrotated qkv
+        stepped = [torch.zeros_like(c) for c in caches]
+        fused.decode_attention(qkv[:, 2:3].clone(), *stepped, pos[2:], 0.25, None, None, rotary=half,
+                               kv_scales=scales, splits=splits)
+        for mine, theirs in zip(stepped, caches):
+            assert torch.equal(mine[:, :, 42].view(torch.uint8), theirs[:, :, 42].view(torch.uint8))
+
+
+@interpreted
+@pytest.mark.parametrize("fp8", [False, True], ids=["16-bit", "fp8"])
+def test_split_fused_decode_step_matches_the_single_program(fp8):
+    """The fused decode step (rotary, cache write, attention) split along the sequence gives the single program's
+    result and cache; a window makes the writing run not the first."""
+    from ptqlab.runtime import fused
+
+    torch.manual_seed(1)
+    b, h, hkv, d, positions, at = 1, 4, 2, 16, 400, 333
+    dtype = torch.float16
+    raw = torch.randn(b, 1, (h + 2 * hkv) * d, dtype=dtype)
+    angles = torch.rand(positions, d // 2) * 6
+    half = (angles.cos().to(dtype), angles.sin().to(dtype))
+    if fp8:
+        shape = (b, hkv, positions, d)
+        (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape, 3), fp8_cache(shape, 4)
+        scales = (k_scale, v_scale)
+    else:
+        k_cache, v_cache = (torch.randn(b, hkv, positions, d, dtype=dtype) for _ in range(2))
+        scales = None
+    for window in (None, 150):
+        results = []
+        for splits in (1, 5):
+            caches = (k_cache.clone(), v_cache.clone())
+            out = fused.decode_attention(raw.clone(), *caches, torch.tensor([at]), 0.25, None, window, rotary=half,
+                                         kv_scales=scales, splits=splits)
+            results.append((out, caches))
+        (one, (k1, v1)), (split, (k2, v2)) = results
+        assert torch.equal(k1.view(torch.uint8), k2.view(torch.uint8))
+        assert torch.equal(v1.view(torch.uint8), v2.view(torch.uint8))
+        assert relative(split, one) < 2e-3, window
+
+
 @interpreted
 def test_greedy_next_picks_the_first_maximum_like_torch():
     from ptqlab.runtime import fused

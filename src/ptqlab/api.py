@@ -118,6 +118,7 @@ def quantize(
     max_gpu_memory: str | int | None = None,
     max_cpu_memory: str | int | None = None,
     min_expert_tokens: int = MIN_EXPERT_TOKENS,
+    kv_cache: str | None = None,
 ) -> Path:
     """Quantize `model` (hub id, local folder, or None for the embedded default) with `recipe` into `out`.
 
@@ -129,12 +130,14 @@ def quantize(
     checkpoint is written as layers finish (engine/stream.py): neither is ever whole in memory; the tensors are the
     same. A calibrated run keeps its state after every layer and resumes after a crash (engine/resume.py). In a
     mixture-of-experts model, an expert routed fewer than `min_expert_tokens` calibration tokens in a layer is
-    calibrated on all of that layer's tokens (engine/experts.py).
+    calibrated on all of that layer's tokens (engine/experts.py). `kv_cache` (fp8, fp8-head) sets the recipe's `kv`:
+    an FP8 KV cache whose scales are calibrated on the keys and values the quantized layers produce (then even a
+    round-to-nearest recipe draws calibration samples).
     Returns the checkpoint folder. The folder appears only when complete (see ptqlab.output).
     """
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
-    recipe = recipe.with_overrides(ignore=ignore, group_size=group_size)
+    recipe = recipe.with_overrides(ignore=ignore, group_size=group_size, kv_cache=kv_cache)
     request = request_of(model, recipe, dtype, seed, calibration, device)
     out = Path(out) if out is not None else default_out(model, recipe.name)
     protect = _source_folders(model)
@@ -191,6 +194,7 @@ def quantize(
                     "seed": seed, "out": str(out),
                     "calibration": None if calibration is None else dataclasses.asdict(calibration),
                     "calib_batch_size": calib_batch_size, "min_expert_tokens": min_expert_tokens, "device": device,
+                    "kv_cache": recipe.kv,
                     "stream": stream, "ranks": world.size, "peak_gpu_bytes_per_rank": peaks,
                     "memory_plan": memory.to_dict(), "gpu_budget_bytes": gpu_budget, "cpu_budget_bytes": cpu_budget}
         _run_record(loaded, result, settings, time.perf_counter() - start, request, verification).write(tmp)

@@ -62,12 +62,13 @@ def quantize(
     plan: Annotated[bool, typer.Option(help="Print the run's estimated peak GPU and CPU memory, disk and time, and stop.")] = False,
     min_expert_tokens: Annotated[int, typer.Option(min=1, help="Mixture-of-experts models: an expert routed fewer calibration tokens than this in a layer is calibrated on all of that layer's tokens.")] = 128,
     gpus: Annotated[int, typer.Option(min=1, help="Calibrate on this many GPUs of this machine, one process each (with --device cpu: CPU processes); under torchrun, leave it at 1.")] = 1,
+    kv_cache: Annotated[Optional[str], typer.Option(help="Quantize the KV cache too: fp8 (one calibrated scale per layer for keys and one for values) or fp8-head (one per KV head); sets the recipe's kv, and makes any recipe calibrated.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Quantize MODEL with a recipe and write a compressed-tensors checkpoint (+ tokenizer, ptqlab.json).
 
-    Calibrated recipes (GPTQ, SmoothQuant, AWQ: all but fp8-dynamic, w4a16-rtn, w8a8-rtn) draw --num-samples
-    chat-formatted samples of at most --max-seq-len tokens from --dataset with --seed."""
+    Calibrated recipes (GPTQ, SmoothQuant, AWQ: all but fp8-dynamic, w4a16-rtn, w8a8-rtn; and any recipe with
+    --kv-cache or a kv key) draw --num-samples chat-formatted samples of at most --max-seq-len tokens from --dataset with --seed."""
     _start(verbose)
     if gpus > 1:
         from ptqlab.launch import launch
@@ -94,7 +95,7 @@ def quantize(
         if plan:
             from ptqlab.api import memory_plan
 
-            chosen = chosen.with_overrides(ignore=ignore, group_size=group_size)
+            chosen = chosen.with_overrides(ignore=ignore, group_size=group_size, kv_cache=kv_cache)
             for line in memory_plan(model, chosen, dtype, calibration, calib_batch_size, device, stream,
                                     max_gpu_memory).lines():
                 console.print(line, highlight=False)
@@ -102,7 +103,7 @@ def quantize(
         path = run(model, chosen, out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,
                    seed=seed, quiet=quiet, calibration=calibration, calib_batch_size=calib_batch_size, device=device,
                    stream=stream, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
-                   min_expert_tokens=min_expert_tokens)
+                   min_expert_tokens=min_expert_tokens, kv_cache=kv_cache)
         if world_from_environment().rank > 0:  # another rank of a run of several: rank 0 writes and says so
             return
         record = read_record(path)
@@ -111,7 +112,9 @@ def quantize(
     for note in record.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(
-        f"[green]wrote[/] {path} ({record.format}: {record.quantized_layers} layers quantized, "
+        f"[green]wrote[/] {path} ({record.format}"
+        f"{' with an ' + record.recipe['kv'] + ' KV cache' if record.recipe.get('kv') else ''}: "
+        f"{record.quantized_layers} layers quantized, "
         f"{len(record.ignored_layers)} kept 16-bit) in {record.seconds:.1f} s",
         highlight=False,
     )

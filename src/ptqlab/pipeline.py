@@ -1,8 +1,8 @@
 """The layer loop: choose the linears a recipe targets, check them, and replace each with a QuantizedLinear.
 
 Data-free recipes (round-to-nearest) run here, decoder layer by decoder layer, then any targeted linear outside the
-decoder layers; calibrated recipes (SmoothQuant, AWQ, GPTQ) hand the decoder layers to the layer-sequential engine
-(the engine package).
+decoder layers; calibrated recipes (SmoothQuant, AWQ, GPTQ, or any recipe with a quantized KV cache, whose scales
+come from calibration) hand the decoder layers to the layer-sequential engine (the engine package).
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ from ptqlab.engine.stream import StreamedModel
 from ptqlab.errors import PtqlabError
 from ptqlab.models import checkpoint_name, decoder_layers, model_dtype, moe_layout, names_by_layer, set_submodule
 from ptqlab.progress import track
+from ptqlab.engine.global_scales import weight_global_scales
+from ptqlab.quant import fp4
 from ptqlab.quant.linear import QuantizedLinear
+from ptqlab.quant.kv_cache import kv_cache_format
 from ptqlab.recipes import Recipe, step_name, with_columns_per_scale
-from ptqlab.schemes import matches
+from ptqlab.schemes import is_fp4, matches
 
 
 @dataclass
@@ -102,7 +105,7 @@ def columns_that_must_divide(scheme) -> int | None:
     acts = scheme.input_activations
     if acts is not None and acts.strategy == "group":
         return acts.group_size
-    return scheme.weights.group_size if scheme.weights.strategy == "group" else None
+    return scheme.weights.group_size if scheme.weights.strategy in ("group", "tensor_group") else None
 
 
 def resolve_group_size(recipe: Recipe, targets: dict[str, nn.Linear]) -> tuple[Recipe, str | None]:
@@ -120,6 +123,9 @@ def resolve_group_size(recipe: Recipe, targets: dict[str, nn.Linear]) -> tuple[R
     if size == 1:
         raise PtqlabError(f"{problem}, e.g. {examples}, and no group size above 1 divides every layer's input width: "
                           "use a recipe that quantizes weights per channel (see `ptqlab recipes`)")
+    if is_fp4(recipe.scheme.weights):
+        raise PtqlabError(f"{problem}, e.g. {examples}: FP4's groups are fixed by the format; keep those layers 16-bit "
+                          f"with --ignore (e.g. --ignore {next(iter(bad))})")
     automatic = size <= group_size and size & (size - 1) == 0 and size >= MIN_AUTO_GROUP
     if not recipe.auto_group_size or not automatic:
         raise PtqlabError(f"{problem}, e.g. {examples}; {which} that divides every layer's input width is {size}: "
@@ -140,9 +146,10 @@ def _check_finite(name: str, linear: nn.Linear) -> None:
         raise PtqlabError(f"{name}: the weight holds NaN or Inf; the checkpoint is damaged or was loaded in a dtype that overflows (try --dtype bfloat16)")
 
 
-def _quantize_linear(name: str, linear: nn.Linear, recipe: Recipe) -> QuantizedLinear:
+def _quantize_linear(name: str, linear: nn.Linear, recipe: Recipe,
+                     global_scale: torch.Tensor | None = None) -> QuantizedLinear:
     _check_weight(name, linear)
-    return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, recipe.scheme)
+    return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, recipe.scheme, global_scale=global_scale)
 
 
 LayerWriter = Callable[[int, nn.Module, str], None]
@@ -202,7 +209,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
     by_layer, outside = names_by_layer(model, targets)
     load_layer, finish_layer = _layer_hooks(streamed, write_layer, targets, by_layer)
     if recipe.calibrated:
-        steps = " + ".join(step_name(step) for step in recipe.steps)
+        steps = " + ".join([step_name(step) for step in recipe.steps] + ([f"kv {recipe.kv}"] if recipe.kv else []))
         if calibration is None:
             raise PtqlabError(f"recipe {recipe.name} ({steps}) needs calibration data")
         check_batch_size(batch_size)
@@ -212,7 +219,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
                               f"lies outside them: keep it 16-bit with --ignore (e.g. --ignore {outside[0]})")
         for name, linear in targets.items():
             _check_weight(name, linear)
-        plan = Plan(recipe.transforms, recipe.quantizer, recipe.scheme, scale_dtype=model_dtype(model))
+        plan = Plan(recipe.transforms, recipe.quantizer, recipe.scheme, scale_dtype=model_dtype(model),
+                    kv=kv_cache_format(recipe.kv))
         options = EngineOptions(device, batch_size, compute_dtype=compute_dtype, quiet=quiet,
                                 label=f"{recipe.name} ({steps})", load_layer=load_layer, finish_layer=finish_layer,
                                 resume=resume, offload=offload, activations_on_gpu=activations_on_gpu,
@@ -233,8 +241,11 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
     for index, names in track(groups, label, total=len(groups), quiet=quiet, status=lambda g: f"{len(g[1])} linears"):
         if index is not None and load_layer is not None:
             load_layer(index)
+        global_scales = {}  # NVFP4: one per weight that vLLM fuses (q/k/v, gate/up), before any group scale
+        if fp4.has_global_scale(recipe.scheme.weights) and names:
+            global_scales = weight_global_scales({n: targets[n] for n in names}, targets[names[0]].weight.dtype)
         for name in names:
-            set_submodule(model, name, _quantize_linear(name, targets[name], recipe))
+            set_submodule(model, name, _quantize_linear(name, targets[name], recipe, global_scales.get(name)))
             result.quantized.append(name)
         if index is not None and finish_layer is not None:
             finish_layer(index, layers[index], prefixes[id(layers[index])])

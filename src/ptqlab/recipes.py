@@ -9,6 +9,7 @@ A recipe is a YAML document (the presets live in presets.yaml, parsed by the sam
     steps:
       - smoothquant: {smoothing_strength: 0.8}
       - gptq: {dampening_frac: 0.01, actorder: static}
+    kv: fp8                           # optional, any recipe: an FP8 KV cache with calibrated scales (or fp8-head)
 
 Steps run in order: transforms first (`smoothquant`, `awq`: they rescale the float model exactly), then exactly one
 quantizer, last (`gptq` or `rtn`); the steps, their settings and their allowed values come from the engine's table
@@ -33,9 +34,12 @@ from ptqlab.engine.quantize import RTNStep
 from ptqlab.engine.smoothquant import SmoothQuantStep
 from ptqlab.engine.steps import STEP_KINDS, kind_of
 from ptqlab.errors import PtqlabError
+from ptqlab.quant import fp4
 from ptqlab.quant.gptq import GPTQConfig
+from ptqlab.quant.kv_cache import kv_cache_format
 from ptqlab.settings import SettingError, check_setting
-from ptqlab.schemes import FP8_DYNAMIC, W4A16, W8A8, FormatError, QuantArgs, Scheme, brief, check_format, check_scheme
+from ptqlab.schemes import (FP4_FORMATS, FP8_DYNAMIC, MXFP4A16, NVFP4, NVFP4A16, W4A16, W8A8, FormatError, QuantArgs,
+                             Scheme, brief, check_format, check_scheme, is_fp4)
 
 
 Step = Union[SmoothQuantStep, AWQStep, GPTQConfig, RTNStep]
@@ -53,6 +57,12 @@ SCHEMES: dict[str, Scheme] = {
                                                     dynamic=True)),
     "W4AFP8": Scheme(weights=QuantArgs(num_bits=4, strategy="group", group_size=128),
                      input_activations=QuantArgs(num_bits=8, type="float", strategy="token", dynamic=True)),
+    # FP4 E2M1 (Blackwell's FP4 tensor cores): NVFP4, groups of 16 with FP8 scales times a per-tensor global scale,
+    # weights only or with activations in groups of 16 too (their global scale calibrated); MXFP4, groups of 32 with
+    # power-of-two scales. compressed-tensors' names and formats.
+    "NVFP4A16": NVFP4A16,
+    "NVFP4": NVFP4,
+    "MXFP4A16": MXFP4A16,
 }
 
 
@@ -79,11 +89,18 @@ class Recipe:
     """When the group size does not divide a layer's input width, fall back to the largest power-of-two
     group that divides every layer (and say so) instead of failing. False: fail with that advice."""
     description: str = ""
+    kv: str | None = None
+    """The KV cache's format: None (16-bit), fp8 or fp8-head (quant/kv_cache.py). Its scales are calibrated, so a
+    recipe with `kv` needs calibration data even when its steps do not."""
 
     def __post_init__(self) -> None:
         problem = name_problem(self.name)
         if problem:
             raise PtqlabError(f"recipe name {problem}")
+        try:
+            kv_cache_format(self.kv)
+        except ValueError as e:
+            raise PtqlabError(f"recipe {self.name}: kv: {brief(self.kv)} is not a KV-cache format; {e}") from None
         problem = ignore_problem(self.ignore)
         if problem:
             raise PtqlabError(f"recipe {self.name}: ignore: {problem}")
@@ -119,8 +136,11 @@ class Recipe:
 
     @property
     def calibrated(self) -> bool:
-        """Whether the recipe needs calibration data: whether any step needs statistics of the layers' inputs."""
-        return any(kind_of(step).statistics for step in self.steps)
+        """Whether the recipe needs calibration data: whether any step needs statistics of the layers' inputs, or
+        the KV cache is quantized (its scales come from the keys and values the calibration set produces), or the
+        scheme has a calibrated input scale (NVFP4 activations' global scale)."""
+        return (any(kind_of(step).statistics for step in self.steps) or self.kv is not None
+                or fp4.has_input_global_scale(self.scheme))
 
     @property
     def gptq(self) -> GPTQConfig | None:
@@ -135,9 +155,17 @@ class Recipe:
             raise PtqlabError(f"{options} applies to GPTQ recipes; {self.name} quantizes by {self.method}")
         return replace(self, steps=self.steps[:-1] + (replace(self.gptq, **checked),))
 
-    def with_overrides(self, ignore: list[str] | None = None, group_size: int | None = None) -> Recipe:
-        """The recipe with the command line's --ignore and --group-size (checked: an error names the option)."""
+    def with_overrides(self, ignore: list[str] | None = None, group_size: int | None = None,
+                       kv_cache: str | None = None) -> Recipe:
+        """The recipe with the command line's --ignore, --group-size and --kv-cache (checked: an error names the
+        option)."""
         recipe = self
+        if kv_cache is not None:
+            try:
+                kv_cache_format(kv_cache)
+            except ValueError as e:
+                raise PtqlabError(f"--kv-cache {brief(kv_cache)}: not a KV-cache format; {e}") from None
+            recipe = replace(recipe, kv=kv_cache)
         if ignore is not None:
             problem = ignore_problem(ignore)
             if problem:
@@ -160,8 +188,11 @@ class Recipe:
             if isinstance(step, GPTQConfig):
                 params["actorder"] = "static" if params.pop("act_order") else None
             steps.append({name: params})
-        return {"name": self.name, "description": self.description, "scheme": scheme, "ignore": list(self.ignore),
-                "auto_group_size": self.auto_group_size, "steps": steps}
+        doc = {"name": self.name, "description": self.description, "scheme": scheme, "ignore": list(self.ignore),
+               "auto_group_size": self.auto_group_size, "steps": steps}
+        if self.kv is not None:  # only when set: the recorded requests of recipes without it stay as they were
+            doc["kv"] = self.kv
+        return doc
 
 
 def _args_dict(args: QuantArgs) -> dict:
@@ -195,6 +226,10 @@ def regrouped(scheme: Scheme, group_size, option: str, recipe: str) -> Scheme:
     if not is_positive_int(group_size):
         raise PtqlabError(f"{option} {brief(group_size)}: must be a positive integer, e.g. 128 (it must divide every "
                           f"layer's input width)")
+    if is_fp4(scheme.weights):
+        name, size, _, _ = FP4_FORMATS[scheme.weights.strategy]
+        raise PtqlabError(f"{option} does not apply to {recipe}: {name}'s groups are {size} columns, fixed by the format "
+                          f"(what vLLM's FP4 kernels read)")
     if scheme.weights.strategy not in ("group", "block"):
         raise PtqlabError(f"{option} applies to group-wise and block-wise recipes; {recipe} quantizes weights per "
                           f"{scheme.weights.strategy}")
@@ -244,7 +279,7 @@ def _option_value(step: str, key: str, value):
 
 # ---- parsing --------------------------------------------------------------------------------------------------------
 
-RECIPE_KEYS = ("name", "description", "scheme", "ignore", "group_size", "auto_group_size", "steps")
+RECIPE_KEYS = ("name", "description", "scheme", "ignore", "group_size", "auto_group_size", "steps", "kv")
 MAX_RECIPE_BYTES = 256 * 1024
 """A recipe is a short YAML mapping; a larger file is refused before YAML reads it."""
 TYPE_WORDS = {bool: "a boolean; use true or false", str: "a string"}
@@ -363,7 +398,16 @@ def parse_recipe(doc: dict, where: str = "recipe") -> Recipe:
         raise PtqlabError(f"{where}: ignore: {problem}")
     return Recipe(name=name, scheme=scheme, steps=tuple(_parse_step(f"{where}: steps[{i}]", s) for i, s in enumerate(steps)),
                   ignore=tuple(ignore), auto_group_size=_typed(f"{where}: auto_group_size", doc.get("auto_group_size", True), bool),
-                  description=_typed(f"{where}: description", doc.get("description", ""), str))
+                  description=_typed(f"{where}: description", doc.get("description", ""), str),
+                  kv=_parse_kv(where, doc.get("kv")))
+
+
+def _parse_kv(where: str, value) -> str | None:
+    try:
+        kv_cache_format(value)
+    except ValueError as e:
+        raise PtqlabError(f"{where}: kv: {brief(value)} is not a KV-cache format; {e}") from None
+    return value
 
 
 class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):

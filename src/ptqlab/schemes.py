@@ -14,22 +14,30 @@ import reprlib
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
-Strategy = Literal["tensor", "channel", "group", "block", "token"]
+Strategy = Literal["tensor", "channel", "group", "tensor_group", "block", "token"]
 NumberType = Literal["int", "float"]
 Role = Literal["weights", "input_activations"]
 
 INT_BITS = (2, 3, 4, 8)
-FLOAT_BITS = (8,)
+FLOAT_BITS = (4, 8)
 BITS: dict[str, tuple[int, ...]] = {"int": INT_BITS, "float": FLOAT_BITS}
 """Bits per element per number type: what primitives.grid_range computes with and compressed-tensors packs."""
-STRATEGIES = ("tensor", "channel", "group", "block", "token")
-WEIGHT_STRATEGIES = ("tensor", "channel", "group", "block")
-"""Stored weight scales: one per tensor, per output channel, per group of input columns, or per 2-D block of
-`block_structure` [rows, columns] (DeepSeek-V3's FP8 format: 128 x 128)."""
-ACTIVATION_STRATEGIES = ("token", "tensor", "group")
-"""Dynamic input scales: one per token, per input tensor, or per group of `group_size` columns of each token (the
-activations of block-wise FP8); a channel scale of the input is not computed."""
+STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block", "token")
+WEIGHT_STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block")
+"""Stored weight scales: one per tensor, per output channel, per group of input columns, per group times one per
+tensor (`tensor_group`: NVFP4's FP8 group scales and fp32 global scale), or per 2-D block of `block_structure`
+[rows, columns] (DeepSeek-V3's FP8 format: 128 x 128)."""
+ACTIVATION_STRATEGIES = ("token", "tensor", "group", "tensor_group")
+"""Dynamic input scales: one per token, per input tensor, per group of `group_size` columns of each token (the
+activations of block-wise FP8), or per group of 16 times a calibrated global scale (NVFP4, `dynamic: local`); a
+channel scale of the input is not computed."""
 EXAMPLE_GROUP_SIZE = 128
+FP4_FORMATS = {"tensor_group": ("NVFP4", 16, "float8_e4m3fn", "FP8 E4M3 group scales"),
+               "group": ("MXFP4", 32, "uint8", "power-of-two E8M0 scales")}
+"""FP4 E2M1 (type float, num_bits 4) by strategy: (name, group_size, scale_dtype, what the scales are). These are
+compressed-tensors' NVFP4 and MXFP4 formats exactly: vLLM's FP4 kernels read groups of 16 (32) and nothing else."""
+LOCAL = "local"
+"""`dynamic: local` (NVFP4 input activations): group scales computed from each input, the global scale calibrated."""
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -103,7 +111,7 @@ def _check_types(values: dict, role: Role | None) -> None:
     """FormatError on the first field whose value is not of its type (group_size may be None)."""
     for key, kind in FIELD_KINDS.items():
         value = values[key]
-        if key == "group_size" and value is None:
+        if key == "group_size" and value is None or key == "dynamic" and value == LOCAL:
             continue
         problem = _kind_problem(value, kind)
         if problem:
@@ -119,16 +127,18 @@ def check_format(values: dict, role: Role | None = None) -> None:
     if kind not in BITS:
         raise FormatError("type", f"{brief(kind)} is not allowed; allowed: {_allowed(BITS)}")
     if bits not in BITS[kind]:
-        what = "type float (FP8 E4M3)" if kind == "float" else f"type {kind}"
+        what = "type float (FP4 E2M1, FP8 E4M3)" if kind == "float" else f"type {kind}"
         raise FormatError("num_bits", f"{bits} is not supported for {what}; allowed: {_allowed(BITS[kind])}")
     if kind == "float" and not values["symmetric"]:
-        raise FormatError("symmetric", "false is not supported for type float (FP8 E4M3 has no zero point); use true")
+        raise FormatError("symmetric", "false is not supported for type float (FP4 and FP8 have no zero point); use "
+                                       "true")
+    _check_fp4(values, role)
     if strategy not in _strategies(role):
         where = "" if role is None else f" for {role}"
         raise FormatError("strategy", f"{brief(strategy)} is not allowed{where}; allowed: {_allowed(_strategies(role))}")
     if role == "weights" and values["dynamic"]:
-        raise FormatError("dynamic", "true is not allowed for weights: their scales are computed once and stored; "
-                                     "use false")
+        raise FormatError("dynamic", f"{brief(values['dynamic'])} is not allowed for weights: their scales are computed "
+                                     "once and stored; use false")
     if role == "input_activations" and not values["dynamic"]:
         raise FormatError("dynamic", "false is not supported for input_activations: ptqlab computes their scales from "
                                      "each input at run time and stores none; use true")
@@ -145,15 +155,61 @@ def check_format(values: dict, role: Role | None = None) -> None:
         raise FormatError("block_structure", f"{brief(block)} applies only to strategy block, not {strategy!r}; remove it "
                                              "or use strategy: block")
     group_size = values["group_size"]
-    if strategy == "group" and group_size is None:
-        raise FormatError("group_size", f"missing: strategy group needs a positive integer group_size, e.g. "
-                                        f"{EXAMPLE_GROUP_SIZE}")
-    if strategy == "group" and group_size < 1:
+    grouped = strategy in ("group", "tensor_group")
+    if grouped and group_size is None:
+        raise FormatError("group_size", f"missing: strategy {strategy} needs a positive integer group_size, e.g. "
+                                        f"{EXAMPLE_GROUP_SIZE if strategy == 'group' else 16}")
+    if grouped and group_size < 1:
         raise FormatError("group_size", f"{group_size} is not a positive integer; use e.g. {EXAMPLE_GROUP_SIZE} (it must "
                                         f"divide every layer's input width)")
-    if strategy != "group" and group_size is not None:
+    if not grouped and group_size is not None:
         raise FormatError("group_size", f"{brief(group_size)} applies only to strategy group, not {strategy!r}; remove "
                                         f"it or use strategy: group")
+    if is_fp4(values):
+        name, size, scale_dtype, _ = FP4_FORMATS[strategy]
+        if group_size != size:
+            raise FormatError("group_size", f"{group_size} is not {name}'s: its groups are {size} columns (what vLLM's "
+                                            f"FP4 kernels read); use {size}")
+        if values.get("scale_dtype") != scale_dtype:
+            raise FormatError("scale_dtype", f"{brief(values.get('scale_dtype'))} is not {name}'s: it stores "
+                                             f"{FP4_FORMATS[strategy][3]}; use {scale_dtype}")
+
+
+def is_fp4(values) -> bool:
+    """Whether a format (QuantArgs, or its fields by name) is FP4 E2M1: NVFP4 or MXFP4."""
+    values = values.values() if isinstance(values, QuantArgs) else values
+    return values["type"] == "float" and values["num_bits"] == 4
+
+
+def _check_fp4(values: dict, role: Role | None) -> None:
+    """The fields that only FP4 formats take (strategy tensor_group, scale_dtype, dynamic local) on FP4 formats only,
+    and FP4 in exactly compressed-tensors' NVFP4 and MXFP4 layouts: a FormatError naming the field otherwise."""
+    strategy, scale_dtype, dynamic = values["strategy"], values.get("scale_dtype"), values["dynamic"]
+    if scale_dtype is not None and not isinstance(scale_dtype, str):
+        raise FormatError("scale_dtype", f"{brief(scale_dtype)} is not a string; use float8_e4m3fn (NVFP4) or uint8 "
+                                         "(MXFP4)")
+    if not is_fp4(values):
+        if strategy == "tensor_group":
+            raise FormatError("strategy", "'tensor_group' is NVFP4's (type float, num_bits 4, group_size 16); use group")
+        if scale_dtype is not None:
+            raise FormatError("scale_dtype", f"{brief(scale_dtype)} applies only to FP4 formats (type float, num_bits 4); "
+                                             "remove it: other formats store scales in the model's dtype")
+        if dynamic == LOCAL:
+            raise FormatError("dynamic", "local applies only to NVFP4 input_activations (type float, num_bits 4, "
+                                         "strategy tensor_group); use true")
+        return
+    allowed = ("tensor_group",) if role == "input_activations" else tuple(FP4_FORMATS)
+    if strategy not in allowed:
+        formats = "NVFP4: strategy tensor_group, group_size 16, scale_dtype float8_e4m3fn" + (
+            "" if role == "input_activations" else "; or MXFP4 weights: strategy group, group_size 32, scale_dtype uint8")
+        raise FormatError("num_bits", f"4 is not supported for type float with strategy {brief(strategy)}: FP4 E2M1 "
+                                      f"is stored as {formats}; use num_bits 8 for FP8")
+    if role == "input_activations" and dynamic != LOCAL:
+        raise FormatError("dynamic", f"{brief(dynamic)} is not supported for NVFP4 input_activations: their group "
+                                     "scales come from each input, their global scale is calibrated and stored; use local")
+    if role is None and dynamic not in (False, LOCAL):
+        raise FormatError("dynamic", f"{brief(dynamic)} is not supported for FP4: use false (weights) or local (NVFP4 "
+                                     "input_activations)")
 
 
 @dataclass(frozen=True)
@@ -162,19 +218,24 @@ class QuantArgs:
     (a ValueError) names the field and what is allowed."""
 
     num_bits: int = 8
-    """Bits per element: 2, 3, 4 or 8 for int; 8 (E4M3) for float."""
+    """Bits per element: 2, 3, 4 or 8 for int; 4 (E2M1) or 8 (E4M3) for float."""
     type: NumberType = "int"
-    """`int` (a uniform grid times a scale) or `float` (FP8 E4M3 times a scale)."""
+    """`int` (a uniform grid times a scale) or `float` (FP8 E4M3 or FP4 E2M1 times a scale)."""
     symmetric: bool = True
     """Symmetric: zero point 0 and scale = absmax / half the grid. Asymmetric: min/max mapped onto the grid."""
     strategy: Strategy = "channel"
-    """Granularity of the scales: one per tensor, per output channel (row), per group of columns, or per token."""
+    """Granularity of the scales: one per tensor, per output channel (row), per group of columns (times one per tensor
+    for tensor_group), per 2-D block, or per token."""
     group_size: int | None = None
-    """Columns sharing one scale, for strategy `group`. Must divide the row length."""
-    dynamic: bool = False
-    """Scales computed at run time from the tensor itself (activations), not stored."""
+    """Columns sharing one scale, for strategy `group` and `tensor_group`. Must divide the row length."""
+    dynamic: bool | Literal["local"] = False
+    """Scales computed at run time from the tensor itself (activations), not stored; `local` (NVFP4 activations):
+    the group scales so, the global scale calibrated and stored."""
     block_structure: tuple[int, int] | None = None
     """[rows, columns] of a block sharing one scale, for strategy `block`; edge blocks may be partial."""
+    scale_dtype: str | None = None
+    """FP4 only, and required there: how the group scales are stored, float8_e4m3fn (NVFP4) or uint8 E8M0 exponents
+    (MXFP4). Other formats store their scales in the model's dtype and leave this None."""
 
     def __post_init__(self) -> None:
         check_format(self.values())
@@ -203,6 +264,8 @@ class Scheme:
     @property
     def format(self) -> str:
         """The compressed-tensors storage format this scheme is saved in."""
+        if is_fp4(self.weights):  # two E2M1 values per byte
+            return "nvfp4-pack-quantized" if self.weights.strategy == "tensor_group" else "mxfp4-pack-quantized"
         if self.weights.type == "float":
             return "float-quantized"
         if self.input_activations is not None:
@@ -212,6 +275,11 @@ class Scheme:
     def describe(self) -> str:
         w, a = self.weights, self.input_activations
         kind = _number_name(w)
+        if is_fp4(w):
+            name, size, _, scales = FP4_FORMATS[w.strategy]
+            act = "16-bit activations" if a is None else "fp4 activations in groups of 16 (global scale calibrated)"
+            globally = " times a per-tensor global scale" if w.strategy == "tensor_group" else ""
+            return f"{name}: fp4 (E2M1) weights in groups of {size}, {scales}{globally}; {act}"
         detail = (f"group {w.group_size}" if w.strategy == "group" else
                   f"blocks of {w.block_structure[0]} x {w.block_structure[1]}" if w.strategy == "block" else f"per-{w.strategy}")
         per = f"token-group-{a.group_size}" if a is not None and a.strategy == "group" else a.strategy if a else ""
@@ -221,14 +289,15 @@ class Scheme:
 
 
 def _number_name(args: QuantArgs) -> str:
-    return "fp8" if args.type == "float" else f"int{args.num_bits}"
+    return f"fp{args.num_bits}" if args.type == "float" else f"int{args.num_bits}"
 
 
 def check_scheme(scheme: Scheme) -> None:
     """Raise FormatError (key prefixed `weights.` or `input_activations.`) unless ptqlab computes exactly what
     `scheme` declares: weights stored (not dynamic) per tensor, channel or group; input activations dynamic, per
-    token or tensor; and no per-tensor zero point in a weight-only (pack-quantized) checkpoint, which
-    compressed-tensors cannot pack."""
+    token or tensor; no per-tensor zero point in a weight-only (pack-quantized) checkpoint, which
+    compressed-tensors cannot pack; and FP4 as the NVFP4, NVFP4A16 and MXFP4A16 schemes pair it (NVFP4 activations
+    with NVFP4 weights only, FP4 weights with 16-bit or NVFP4 activations only)."""
     for role, args in (("weights", scheme.weights), ("input_activations", scheme.input_activations)):
         if args is None:
             continue
@@ -236,7 +305,13 @@ def check_scheme(scheme: Scheme) -> None:
             check_format(args.values(), role)
         except FormatError as e:
             raise FormatError(f"{role}.{e.key}", e.problem) from None
-    w = scheme.weights
+    w, a = scheme.weights, scheme.input_activations
+    if a is not None and is_fp4(a) and not (is_fp4(w) and w.strategy == "tensor_group"):
+        raise FormatError("input_activations.num_bits", "4 (NVFP4 activations) goes with NVFP4 weights only (type float, "
+                                                        "num_bits 4, strategy tensor_group): the NVFP4 scheme")
+    if a is not None and is_fp4(w) and not is_fp4(a):
+        raise FormatError("input_activations", "FP4 weights take 16-bit activations (no input_activations: NVFP4A16, "
+                                               "MXFP4A16) or NVFP4 activations (NVFP4)")
     if scheme.format == "pack-quantized" and w.strategy == "tensor" and not w.symmetric:
         raise FormatError("weights.strategy", "'tensor' with symmetric: false is not supported for weight-only schemes "
                                               "(a per-tensor zero point cannot be packed); use channel or group, or "
@@ -252,3 +327,8 @@ W8A8 = Scheme(
     weights=QuantArgs(num_bits=8, strategy="channel"),
     input_activations=QuantArgs(num_bits=8, strategy="token", dynamic=True),
 )
+NVFP4_WEIGHTS = QuantArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, scale_dtype="float8_e4m3fn")
+NVFP4A16 = Scheme(weights=NVFP4_WEIGHTS)
+NVFP4 = Scheme(weights=NVFP4_WEIGHTS, input_activations=QuantArgs(
+    num_bits=4, type="float", strategy="tensor_group", group_size=16, dynamic=LOCAL, scale_dtype="float8_e4m3fn"))
+MXFP4A16 = Scheme(weights=QuantArgs(num_bits=4, type="float", strategy="group", group_size=32, scale_dtype="uint8"))

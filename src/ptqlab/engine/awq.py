@@ -11,6 +11,7 @@ import torch
 
 from ptqlab.engine.smoothing import ResolvedMapping
 from ptqlab.engine.statistics import InputStats
+from ptqlab.quant import fp4
 from ptqlab.quant.linear import rtn
 from ptqlab.quant.primitives import dequantize
 from ptqlab.settings import Interval, setting
@@ -79,8 +80,11 @@ def awq(step: AWQStep, mapping: ResolvedMapping, stats: InputStats, input_name: 
     weights_format = plan.scheme.weights
 
     def fake_quantize(w: torch.Tensor) -> torch.Tensor:
-        q, scale, zero_point = rtn(w, weights_format, plan.scale_dtype)
-        return dequantize(q, scale, zero_point, weights_format, torch.float32)
+        # NVFP4: relative to the weight's own global scale, for the search (the quantizer step shares it among the
+        # layers vLLM fuses, engine/global_scales.py)
+        global_scale = fp4.globals_of(w, plan.scale_dtype) if fp4.has_global_scale(weights_format) else None
+        q, scale, zero_point = rtn(w, weights_format, plan.scale_dtype, global_scale)
+        return dequantize(q, scale, zero_point, weights_format, torch.float32, global_scale)
 
     weights = [linear.weight for linear in mapping.balance.values()]
     scales, ratio, relative = awq_scales(stats.channel_mean(input_name), weights, stats.hessian(input_name),

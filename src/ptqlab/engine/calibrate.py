@@ -14,10 +14,11 @@ from ptqlab.data import CalibrationSet
 from ptqlab.engine.capture import Batch, capture, make_batches
 from ptqlab.engine.distributed import SINGLE, World, reduce_statistics
 from ptqlab.engine.experts import MIN_EXPERT_TOKENS
+from ptqlab.engine.kv_cache import KVObserver, attention_of, kv_heads_of
 from ptqlab.engine.placement import LayerPrefetcher, to_host
 from ptqlab.engine.propagate import cast_back, floating_dtypes, propagate
 from ptqlab.engine.quantize import quantize_layer
-from ptqlab.engine.statistics import collect
+from ptqlab.engine.statistics import InputStats, collect
 from ptqlab.engine.steps import Plan
 from ptqlab.engine.transforms import transform_layer
 from ptqlab.models import decoder_layers, model_device, model_dtype, names_by_layer, synchronizer
@@ -162,8 +163,11 @@ def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str
     clock = _PhaseClock(device)
     # Statistics of every linear of the layer (a transform may rescale an ignored one); only targets are quantized.
     linears = {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    stats = collect(layer, linears, batches, masks, index, device, plan.statistics, prefix, min_expert_tokens,
-                    reduce_statistics if world.several else None)
+    if plan.statistics:
+        stats = collect(layer, linears, batches, masks, index, device, plan.statistics, prefix, min_expert_tokens,
+                        reduce_statistics if world.several else None)
+    else:  # round-to-nearest calibrating only the KV cache: no step reads the inputs' statistics
+        stats = InputStats(linears, device, frozenset())
     clock.lap("hessians")
     notes, details = [], []
     if plan.transforms:
@@ -177,7 +181,12 @@ def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str
     clock.lap("quantize")
     if saved is not None:
         saved()
-    propagate(layer, batches, index, device)
+    kv = None if plan.kv is None else KVObserver(attention_of(layer), kv_heads_of(model.config))
+    propagate(layer, batches, index, device, kv)
+    if kv is not None:
+        absmax = kv.attach_scales(plan.kv, plan.scale_dtype, reduce=world.several)
+        details.append(f"kv cache ({plan.kv.name}): max |key| {float(absmax[0].max()):.4g}, max |value| "
+                       f"{float(absmax[1].max()):.4g} over {kv.tokens} tokens")
     clock.lap("propagate")
     return LayerReport(index, clock.seconds, notes, details, stats_coverage)
 

@@ -125,12 +125,12 @@ def reduce_statistics(stats: InputStats) -> None:
 
 def broadcast_quantized(modules: list[QuantizedLinear | None], likes: list[torch.nn.Linear], owner: int, scheme,
                         device: torch.device) -> list[QuantizedLinear]:
-    """The owner's quantized linears of one group on every rank: their grid values, scales and zero points sent from
-    `owner` (their shapes and dtypes first, once for the group); the others build the same modules around them
-    (`likes`: the float linears they replace, for their biases)."""
+    """The owner's quantized linears of one group on every rank: their grid values, scales, zero points and NVFP4
+    global scales sent from `owner` (their shapes and dtypes first, once for the group); the others build the same
+    modules around them (`likes`: the float linears they replace, for their biases)."""
     from ptqlab.quant.linear import QuantizedLinear
 
-    names = ("weight_q", "weight_scale", "weight_zero_point")
+    names = ("weight_q", "weight_scale", "weight_zero_point", "weight_global_scale")
     mine = dist.get_rank() == owner
     specs: list = [None]
     if mine:
@@ -149,7 +149,9 @@ def broadcast_quantized(modules: list[QuantizedLinear | None], likes: list[torch
             # Sent as bytes: not every backend carries every dtype (FP8).
             dist.broadcast(tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor, src=owner)
             tensors.append(tensor)
-        built.append(module if mine else QuantizedLinear.from_weight(like.weight, like.bias, scheme, *tensors))
+        q, scale, zero_point, global_scale = tensors
+        built.append(module if mine else QuantizedLinear.from_weight(like.weight, like.bias, scheme, q, scale, zero_point,
+                                                                     global_scale=global_scale))
     return built
 
 

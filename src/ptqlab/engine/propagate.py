@@ -5,6 +5,7 @@ rounded back to the stored dtype before it propagates."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -20,11 +21,14 @@ def _output(result) -> torch.Tensor:
 
 
 @torch.no_grad()
-def propagate(layer: nn.Module, batches: list[Batch], index: int, device: torch.device) -> None:
+def propagate(layer: nn.Module, batches: list[Batch], index: int, device: torch.device, kv=None) -> None:
     """Replace every batch's hidden states by decoder layer `index`'s output (its quantized weights dequantized
-    once for all batches), where they live (engine/placement.py)."""
-    with reuse_dequantized_weights(layer, batches[0].hidden.dtype):
+    once for all batches), where they live (engine/placement.py). `kv` (engine/kv_cache.KVObserver) records the
+    keys and values the layer caches on the way."""
+    with reuse_dequantized_weights(layer, batches[0].hidden.dtype), kv or contextlib.nullcontext():
         for batch, hidden in hidden_states(batches, device):
+            if kv is not None:
+                kv.start_batch(batch.attention_mask, device)
             store_hidden(batch, _output(layer(hidden, **batch.layer_kwargs[index])))
     settle(device)
 

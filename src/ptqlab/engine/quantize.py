@@ -1,5 +1,6 @@
 """Quantize, the engine's fourth phase: each targeted linear of a decoder layer becomes a QuantizedLinear, by the
-recipe's quantizer (GPTQ from the layer's input Hessian, or round-to-nearest)."""
+recipe's quantizer (GPTQ from the layer's input Hessian, or round-to-nearest). NVFP4's global scales are set first,
+shared by the layers vLLM fuses (engine/global_scales.py); NVFP4 activations' from the inputs' calibrated absmax."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import torch
 from torch import nn
 
 from ptqlab.engine.distributed import SINGLE, World, broadcast_quantized, gather_notes
+from ptqlab.engine.global_scales import input_global_scale, weight_global_scales
 from ptqlab.engine.statistics import InputStats
 from ptqlab.errors import PtqlabError
 from ptqlab.models import set_submodule
+from ptqlab.quant import fp4
 from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq_many
 from ptqlab.quant.linear import QuantizedLinear
 
@@ -34,23 +37,25 @@ BATCH_HESSIAN_BYTES = 1 << 29
 
 
 def gptq_linears(step: GPTQConfig, names: list[str], linears: list[nn.Linear], hessians: list[torch.Tensor],
-                 plan: Plan) -> list[tuple[QuantizedLinear, list[str]]]:
-    """GPTQ for same-shaped linears, each from its own input Hessian -> (QuantizedLinear, notes on damping and
-    dead inputs) per linear."""
+                 plan: Plan, global_scales: list[torch.Tensor] | None = None) -> list[tuple[QuantizedLinear, list[str]]]:
+    """GPTQ for same-shaped linears, each from its own input Hessian (NVFP4: relative to its global scale) ->
+    (QuantizedLinear, notes on damping and dead inputs) per linear."""
     weights = torch.stack([linear.weight.detach() for linear in linears])
     try:
-        results = gptq_many(weights, torch.stack(hessians), plan.scheme.weights, step, scale_dtype=plan.scale_dtype)
+        results = gptq_many(weights, torch.stack(hessians), plan.scheme.weights, step, scale_dtype=plan.scale_dtype,
+                            global_scales=global_scales)
     except HessianError as e:
         if len(linears) > 1:  # name the linear whose Hessian it is
-            return [pair for n, linear, h in zip(names, linears, hessians)
-                    for pair in gptq_linears(step, [n], [linear], [h], plan)]
+            return [pair for i, (n, linear, h) in enumerate(zip(names, linears, hessians))
+                    for pair in gptq_linears(step, [n], [linear], [h], plan,
+                                             None if global_scales is None else [global_scales[i]])]
         raise PtqlabError(f"{names[0]}: {e}; check the calibration data and the model dtype (fp16 overflow? try "
                           "--dtype bfloat16)") from e
     del weights
     quantized = []
     for name, linear, result in zip(names, linears, results):
         module = QuantizedLinear.from_weight(linear.weight, linear.bias, plan.scheme, result.q, result.scale,
-                                             result.zero_point)
+                                             result.zero_point, global_scale=result.global_scale)
         notes = []
         if result.dampening_frac != step.dampening_frac:
             notes.append(f"{name}: Hessian not positive definite; dampening raised to {result.dampening_frac:g}")
@@ -61,10 +66,11 @@ def gptq_linears(step: GPTQConfig, names: list[str], linears: list[nn.Linear], h
 
 
 def rtn_linears(step: RTNStep, names: list[str], linears: list[nn.Linear], hessians: list | None,
-                plan: Plan) -> list[tuple[QuantizedLinear, list[str]]]:
-    """Round-to-nearest for each linear (no Hessian)."""
-    return [(QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, plan.scheme, scale_dtype=plan.scale_dtype),
-             []) for linear in linears]
+                plan: Plan, global_scales: list[torch.Tensor] | None = None) -> list[tuple[QuantizedLinear, list[str]]]:
+    """Round-to-nearest for each linear (no Hessian; NVFP4: relative to its global scale)."""
+    return [(QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, plan.scheme, scale_dtype=plan.scale_dtype,
+                                         global_scale=None if global_scales is None else global_scales[i]), [])
+            for i, linear in enumerate(linears)]
 
 
 def batches(targets: dict[str, nn.Linear]) -> list[list[str]]:
@@ -93,17 +99,23 @@ def quantize_layer(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, 
     groups = batches(targets)
     owners = world.owners([sum(_cost(targets[name], kind) for name in names) for names in groups])
     notes = []
+    # Every rank computes the same global scales from the same weights and reduced statistics.
+    global_scales = weight_global_scales(targets, plan.scale_dtype) if fp4.has_global_scale(plan.scheme.weights) else None
     for names, owner in zip(groups, owners):
         linears = [targets[name] for name in names]
         results = [(None, [])] * len(names)
         if owner == world.rank:
             hessians = [stats.hessian(name) for name in names] if "hessian" in kind.statistics else None
-            results = kind.run(plan.quantizer, names, linears, hessians, plan)
+            gscales = None if global_scales is None else [global_scales[name] for name in names]
+            results = kind.run(plan.quantizer, names, linears, hessians, plan, global_scales=gscales)
             del hessians
         if world.several:
             modules = broadcast_quantized([module for module, _ in results], linears, owner, plan.scheme, stats.device)
             results = [(module, linear_notes) for module, (_, linear_notes) in zip(modules, results)]
         for name, linear, (quantized, linear_notes) in zip(names, linears, results):
+            if fp4.has_input_global_scale(plan.scheme):
+                quantized.input_global_scale = input_global_scale(stats.channel_max(name), plan.scale_dtype).to(
+                    quantized.weight_q.device)
             notes += linear_notes
             set_submodule(model, name, quantized)
             linear.to("meta")

@@ -19,7 +19,9 @@ import torch
 from ptqlab.engine.awq import AWQStep, awq
 from ptqlab.engine.quantize import RTNStep, gptq_linears, rtn_linears
 from ptqlab.engine.smoothquant import SmoothQuantStep, smoothquant
+from ptqlab.quant import fp4
 from ptqlab.quant.gptq import GPTQConfig
+from ptqlab.quant.kv_cache import KVCacheFormat
 from ptqlab.schemes import Scheme
 
 
@@ -62,6 +64,9 @@ class Plan:
     scheme: Scheme
     scale_dtype: torch.dtype
     """The dtype scales are stored in: the checkpoint's, whatever the engine computes in."""
+    kv: KVCacheFormat | None = None
+    """The KV cache's format: its scales are calibrated on the keys and values each quantized layer produces
+    (engine/kv_cache.py); None: a 16-bit cache, nothing to calibrate."""
 
     @staticmethod
     def kind(step) -> StepKind:
@@ -70,4 +75,5 @@ class Plan:
     @property
     def statistics(self) -> frozenset[str]:
         """Every input statistic some step of the plan needs."""
-        return frozenset().union(*(kind_of(step).statistics for step in (*self.transforms, self.quantizer)))
+        needed = frozenset().union(*(kind_of(step).statistics for step in (*self.transforms, self.quantizer)))
+        return needed | ({"absmax"} if fp4.has_input_global_scale(self.scheme) else set())  # NVFP4 input global scales

@@ -6,7 +6,13 @@ layouts per format (as llm-compressor writes them):
 - float-quantized: `weight` float8_e4m3fn [out, in], `weight_scale` [out, 1] in the model dtype;
 - int-quantized:   `weight` int8 [out, in], `weight_scale` [out, 1] (+ `weight_zero_point` int8 if asymmetric);
 - pack-quantized:  `weight_packed` int32 [out, in * bits / 32], `weight_scale` [out, in / group],
-                   `weight_shape` int64 [2] (+ `weight_zero_point` int32 packed along the output dim if asymmetric).
+                   `weight_shape` int64 [2] (+ `weight_zero_point` int32 packed along the output dim if asymmetric);
+- nvfp4-pack-quantized: `weight_packed` uint8 [out, in / 2] (two E2M1 values per byte, quant/fp4.py), `weight_scale`
+                   float8_e4m3fn [out, in / 16], `weight_global_scale` fp32 [1] (+ `input_global_scale` fp32 [1] with
+                   NVFP4 activations);
+- mxfp4-pack-quantized: `weight_packed` uint8 [out, in / 2], `weight_scale` uint8 E8M0 exponents [out, in / 32].
+A quantized KV cache (a recipe's `kv`): `kv_cache_scheme` in the config, and each attention module's `k_scale` /
+`v_scale` ([1] per tensor, [kv_heads, 1, 1] per head, in the model dtype), buffers the engine registered.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from torch import nn
 from ptqlab.engine import memory
 from ptqlab.models import ExpertLayout, checkpoint_name, moe_layout
 from ptqlab.quant.linear import QuantizedLinear
+from ptqlab.quant.kv_cache import kv_cache_format
 from ptqlab.recipes import Recipe
-from ptqlab.schemes import QuantArgs
+from ptqlab.quant import fp4
+from ptqlab.schemes import QuantArgs, is_fp4
 
 MAX_SHARD_BYTES = 5 * 2**30
 
@@ -38,9 +46,24 @@ def _ct_args(args: QuantArgs):
         group_size=args.group_size,
         block_structure=None if args.block_structure is None else list(args.block_structure),
         dynamic=args.dynamic,
-        # Scales are min-max over each block, recomputed per tensor (no running statistics).
-        observer=None if args.dynamic else "memoryless_minmax",
+        # Scales are min-max over each block, recomputed per tensor (no running statistics); NVFP4 activations'
+        # global scale is the absmax over the whole calibration set.
+        observer={False: "memoryless_minmax", "local": "static_minmax"}.get(args.dynamic),
+        scale_dtype=None if args.scale_dtype is None else getattr(torch, args.scale_dtype),
     )
+
+
+def _kv_cache_args(kv: str | None):
+    """llm-compressor's `kv_cache_scheme` for a recipe's `kv` (None: a 16-bit cache)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    fmt = kv_cache_format(kv)
+    if fmt is None:
+        return None
+    # Static scales from the largest |key| / |value| over the whole calibration set: llm-compressor's static_minmax
+    # observer (its default for a kv_cache_scheme, minmax, is a moving average of per-batch ranges).
+    return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=fmt.strategy, dynamic=False,
+                            observer="static_minmax")
 
 
 def quantization_config(recipe: Recipe) -> dict:
@@ -60,6 +83,7 @@ def quantization_config(recipe: Recipe) -> dict:
         format=scheme.format,
         quantization_status="compressed",
         ignore=list(recipe.ignore),
+        kv_cache_scheme=_kv_cache_args(recipe.kv),
     )
     return {
         "version": compressed_tensors.__version__,
@@ -76,7 +100,15 @@ def _linear_tensors(name: str, layer: QuantizedLinear) -> dict[str, torch.Tensor
     args = layer.scheme.weights
     out = {f"{name}.weight_scale": layer.weight_scale}
     zero_point = layer.weight_zero_point
-    if layer.scheme.format == "pack-quantized":
+    if is_fp4(args):
+        out[f"{name}.weight_packed"] = fp4.pack(layer.weight_q)
+        if layer.weight_global_scale is not None:
+            out[f"{name}.weight_global_scale"] = layer.weight_global_scale
+        if fp4.has_input_global_scale(layer.scheme):
+            if layer.input_global_scale is None:
+                raise ValueError(f"{name}: NVFP4 activations without their calibrated input_global_scale")
+            out[f"{name}.input_global_scale"] = layer.input_global_scale
+    elif layer.scheme.format == "pack-quantized":
         out[f"{name}.weight_packed"] = pack_to_int32(layer.weight_q, args.num_bits)
         out[f"{name}.weight_shape"] = torch.tensor(layer.weight_q.shape, dtype=torch.int64)
         if zero_point is not None:

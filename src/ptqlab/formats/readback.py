@@ -9,12 +9,14 @@ loading fine and scoring at chance. All sides compute in float32 (the stored val
 quantizing activations (each implementation rounds its dynamic activation scales its own way; the weights are what
 a checkpoint carries), so that what differs is what the reader reads, not rounding. The match is judged on the
 logits' relative error (scale-free, so a tiny random model is judged as a real one), against a bound per reader
-(`BOUNDS`, the same for every scheme); the KL divergence and greedy agreement are recorded beside it.
+(`BOUNDS`, the same for every scheme but FP4's, which transformers reads rounded to bf16); the KL divergence and
+greedy agreement are recorded beside it.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -31,6 +33,11 @@ MOE_TRANSFORMERS_BOUND = 0.1
 """transformers on a mixture-of-experts checkpoint: it fuses the experts dequantized in the checkpoint's dtype (bf16),
 which a faithful read keeps well below this; experts it did not map (left at their random initialization) land well
 above it, on tiny random models as on real ones."""
+FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
+FP4_TRANSFORMERS_BOUND = 0.1
+"""transformers on an FP4 checkpoint: compressed-tensors' FP4 decompressor rounds each dequantized weight (E2M1 value
+× scale / global scale) to bf16, up to 2^-8 of it, before the float32 model computes; a faithful read stays well below
+this bound, a layout read wrong (a scale of another row, swapped nibbles) lands far above it."""
 SEQUENCES, LENGTH = 2, 32
 IN_MEMORY = "the quantized model"
 
@@ -102,7 +109,7 @@ def read_back(folder: Path, model: nn.Module, skip: dict[str, str] | None = None
     read it and why). `skip`: readers left out, with the reason; `bounds`: other bounds than BOUNDS. `in_memory`
     False (a resumed run: the layers done before it are not quantized in memory): the readers are compared with
     each other instead, the first that reads being the reference. PtqlabError when a reader reads something else."""
-    skip, bounds = dict(skip or {}), {**BOUNDS, **(bounds or {})}
+    skip, bounds = dict(skip or {}), {**BOUNDS, **_format_bounds(folder), **(bounds or {})}
     tokens = probe_tokens(model.config.vocab_size)
     expected, against = None, IN_MEMORY
     if in_memory:
@@ -154,7 +161,8 @@ def _transformers_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tens
         # In the checkpoint's dtype, then float32 (nn.Module's cast: transformers refuses to cast a quantized model,
         # whose weights it has dequantized here): asked for float32, it fuses dequantized experts in the
         # checkpoint's dtype anyway and then fails on the dtype mismatch.
-        reloaded = nn.Module.float(AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="cpu"))
+        reloaded = nn.Module.float(AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="cpu",
+                                                                        **_dequantize_at_load(folder)))
         for module in reloaded.modules():  # compressed-tensors' schemes on the reader's linears
             scheme = getattr(module, "quantization_scheme", None)
             if scheme is not None:
@@ -165,6 +173,24 @@ def _transformers_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tens
         raise PtqlabError(f"transformers cannot read back the checkpoint written to {folder} ({type(e).__name__}: "
                           f"{first}): nothing was written; please report this with the model's config.json") from e
     return logits, {"transformers": transformers.__version__, "compressed-tensors": compressed_tensors.__version__}
+
+
+def _format(folder: Path) -> str | None:
+    """The compressed-tensors format config.json declares."""
+    return (json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}).get("format")
+
+
+def _format_bounds(folder: Path) -> dict[str, float]:
+    """Bounds other than BOUNDS for the checkpoint's format (FP4: FP4_TRANSFORMERS_BOUND)."""
+    return {"transformers": FP4_TRANSFORMERS_BOUND} if _format(folder) in FP4_FORMATS else {}
+
+
+def _dequantize_at_load(folder: Path) -> dict:
+    """from_pretrained's arguments that make compressed-tensors dequantize FP4 checkpoints while loading: left to the
+    first forward, its FP4 decompressor gives bf16 weights, which a float32 model then refuses."""
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)} if _format(folder) in FP4_FORMATS else {}
 
 
 def _runtime_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -181,4 +207,6 @@ def _runtime_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, d
     for module in runtime.modules():  # weights only, as on the other side
         if isinstance(module, DequantizedLinear):
             module.input_args = None
+    if runtime.kv_cache_dtype == torch.float8_e4m3fn:  # keys and values unquantized too (transformers: input_activations)
+        runtime.use_kv_scales(False)
     return runtime(tokens).logits, {"ptqlab": __version__}

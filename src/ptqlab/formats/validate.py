@@ -13,11 +13,12 @@ only the 16-byte `weight_shape` tensors of pack-quantized layers.
 What it checks:
 - files: each header parses and its data_offsets tile the data exactly (a truncated or padded file is refused,
   as safetensors itself refuses it); each shard that the index lists exists and holds what the index says;
-- quantized linears of a compressed-tensors checkpoint (pack-, int-, float- and naive-quantized, the layouts
-  ptqlab.formats.compressed_tensors writes): the weight (`weight_packed` int32 [out, ceil(in * bits / 32)] with
-  `weight_shape` [out, in], or `weight` int8 / float8_e4m3fn [out, in]), `weight_scale` (per tensor [1], per
-  channel [out, 1], per group [out, ceil(in / group_size)], per block) in the model's float dtype, and
-  `weight_zero_point` wherever the weights are asymmetric;
+- quantized linears of a compressed-tensors checkpoint (pack-, int-, float- and naive-quantized, nvfp4- and
+  mxfp4-pack-quantized, the layouts ptqlab.formats.compressed_tensors writes): the weight (`weight_packed` int32
+  [out, ceil(in * bits / 32)] with `weight_shape` [out, in], or uint8 [out, ceil(in / 2)] for FP4, or `weight` int8 /
+  float8_e4m3fn [out, in]), `weight_scale` (per tensor [1], per channel [out, 1], per group [out, ceil(in /
+  group_size)], per block) in the model's float dtype or the config's scale_dtype, `weight_zero_point` wherever the
+  weights are asymmetric, and NVFP4's fp32 `weight_global_scale` (and `input_global_scale`) [1];
 - dense tensors under the standard Llama / Mistral / Qwen / Gemma / Phi-3 names: embedding, lm_head, norms and
   projections against vocab_size, hidden_size, intermediate_size, the heads and head_dim; and that each decoder
   layer 0 .. num_hidden_layers - 1 is there.
@@ -49,7 +50,10 @@ SAFETENSORS_DTYPES = {
 """safetensors dtype -> (torch's name for it, bits per element)."""
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
-CHECKED_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
+CHECKED_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "nvfp4-pack-quantized",
+                   "mxfp4-pack-quantized")
+FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
+"""Two E2M1 values per uint8 in `weight_packed` [out, in / 2], no weight_shape."""
 """compressed-tensors formats whose per-linear tensors are checked (others get the file and dense checks)."""
 
 KNOWN_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
@@ -64,7 +68,8 @@ LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_l
                "post_feedforward_layernorm")
 REQUIRED_NORMS = ("input_layernorm", "post_attention_layernorm")
 HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
-QUANT_SUFFIXES = ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx")
+QUANT_SUFFIXES = ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx",
+                  "weight_global_scale", "input_global_scale")
 
 
 # ---------------------------------------------------------------- safetensors headers
@@ -311,10 +316,12 @@ class WeightFormat:
     block_structure: tuple[int, int] | None = None
     scale_dtype: str | None = None
     zp_dtype: str | None = None
+    input_global: bool = False
+    """NVFP4 activations (`dynamic: local`): an `input_global_scale` per linear."""
 
     def describe(self) -> str:
-        kind = "fp8" if self.type == "float" else f"int{self.num_bits}"
-        if self.strategy == "group":
+        kind = f"fp{self.num_bits}" if self.type == "float" else f"int{self.num_bits}"
+        if self.strategy in ("group", "tensor_group"):
             granularity = f"group size {self.group_size}"
         elif self.strategy == "block":
             granularity = "blocks of {}x{}".format(*self.block_structure)
@@ -338,17 +345,20 @@ def weight_formats(quantization_config: dict) -> list[tuple[list[str], WeightFor
             continue
         fmt = group.get("format") or qc.get("format")
         block = weights.get("block_structure")
+        acts = group.get("input_activations")
         try:
             parsed = WeightFormat(
                 key, fmt, int(weights["num_bits"]), weights.get("type", "int"), bool(weights.get("symmetric", True)),
                 weights.get("strategy"), weights.get("group_size"),
                 tuple(block) if isinstance(block, list) and len(block) == 2 else None,
-                _dtype_name(weights.get("scale_dtype")), _dtype_name(weights.get("zp_dtype")))
+                _dtype_name(weights.get("scale_dtype")), _dtype_name(weights.get("zp_dtype")),
+                isinstance(acts, dict) and acts.get("dynamic") == "local")
         except (KeyError, TypeError, ValueError):
             parsed = None
         usable = (compressed and parsed is not None and fmt in CHECKED_FORMATS
-                  and parsed.strategy in ("tensor", "channel", "group", "block")
-                  and (parsed.strategy != "group" or isinstance(parsed.group_size, int) and parsed.group_size > 0)
+                  and parsed.strategy in ("tensor", "channel", "group", "tensor_group", "block")
+                  and (parsed.strategy not in ("group", "tensor_group")
+                       or isinstance(parsed.group_size, int) and parsed.group_size > 0)
                   and (parsed.strategy != "block" or parsed.block_structure is not None))
         out.append((list(group.get("targets") or []), parsed if usable else None))
     return out
@@ -377,7 +387,7 @@ def scale_shape(fmt: WeightFormat, out: int, inp: int) -> Need:
         return Need((1,), "per-tensor scale")
     if fmt.strategy == "channel":
         return Need((out, 1), f"per-channel scales, output {out}")
-    if fmt.strategy == "group":
+    if fmt.strategy in ("group", "tensor_group"):
         return Need((out, math.ceil(inp / fmt.group_size)), f"group size {fmt.group_size}, input {inp}")
     rows, cols = fmt.block_structure
     return Need((math.ceil(out / rows), math.ceil(inp / cols)), f"blocks of {rows}x{cols}, weight [{out}, {inp}]")
@@ -385,7 +395,7 @@ def scale_shape(fmt: WeightFormat, out: int, inp: int) -> Need:
 
 def quantized_tensors(fmt: WeightFormat, out: int, inp: int, weight_why: str, float_dtype: str | None) -> dict[str, Need]:
     """The tensors a quantized linear [out, in] stores in `fmt`, by suffix, with their shapes and dtypes."""
-    bits, kind = fmt.num_bits, "fp8" if fmt.type == "float" else f"int{fmt.num_bits}"
+    bits, kind = fmt.num_bits, f"fp{fmt.num_bits}" if fmt.type == "float" else f"int{fmt.num_bits}"
     if fmt.scale_dtype:
         scale_dtypes, scale_why = (fmt.scale_dtype,), f"scale_dtype {fmt.scale_dtype}"
     elif float_dtype in FLOAT_DTYPES:
@@ -394,7 +404,14 @@ def quantized_tensors(fmt: WeightFormat, out: int, inp: int, weight_why: str, fl
         scale_dtypes, scale_why = FLOAT_DTYPES, "a 16- or 32-bit float scale"
     scale = scale_shape(fmt, out, inp)
     need = {"weight_scale": Need(scale.shape, scale.why, scale_dtypes, scale_why)}
-    if fmt.format == "pack-quantized":
+    if fmt.format in FP4_FORMATS:
+        need["weight_packed"] = Need((out, math.ceil(inp / 2)), f"{kind} packed two per byte, input {inp}", ("uint8",),
+                                     f"{kind} packed two per byte")
+        if fmt.strategy == "tensor_group":
+            need["weight_global_scale"] = Need((1,), "NVFP4's per-tensor global scale", ("float32",), "NVFP4")
+        if fmt.input_global:
+            need["input_global_scale"] = Need((1,), "NVFP4 activations' global scale", ("float32",), "NVFP4")
+    elif fmt.format == "pack-quantized":
         packed_why = f"{kind} packed into int32, input {inp}"
         need["weight_packed"] = Need((out, math.ceil(inp * bits / 32)), packed_why, ("int32",), f"{kind} packed into int32")
         need["weight_shape"] = Need((2,), "pack-quantized", ("int64", "int32"), "pack-quantized")
@@ -441,10 +458,14 @@ def quantized_linear_problems(module: str, tensors: dict[str, StoredTensor], fmt
         out, inp = need.shape
         why = need.why
     else:
+        packed = tensors.get(f"{module}.weight_packed")
         stored = (shape_values.get(f"{module}.weight_shape") if fmt.format == "pack-quantized"
+                  else [packed.shape[0], 2 * packed.shape[1]] if fmt.format in FP4_FORMATS and packed is not None
+                  and len(packed.shape) == 2
                   else list(getattr(tensors.get(f"{module}.weight"), "shape", ())))
         if not stored or len(stored) != 2:
-            weight = f"{module}.weight_shape" if fmt.format == "pack-quantized" else f"{module}.weight"
+            weight = {"pack-quantized": f"{module}.weight_shape", **dict.fromkeys(FP4_FORMATS, f"{module}.weight_packed")
+                      }.get(fmt.format, f"{module}.weight")
             return [f"{weight} is missing or not 2-D, the config ({fmt.describe()}) needs it"]
         out, inp = stored
         why = f"weight [{out}, {inp}]"
@@ -497,7 +518,7 @@ def linear_problems(tensors: dict[str, StoredTensor], dims: ModelDims, quantizat
                 problems += quantized_linear_problems(module, tensors, setting.format, need, float_dtype, shape_values)
             continue
         if setting.format is not None and need is not None:
-            weight = "weight_packed" if setting.format.format == "pack-quantized" else "weight_scale"
+            weight = "weight_packed" if setting.format.format.endswith("pack-quantized") else "weight_scale"
             problems.append(f"{module}.{weight} is missing, the config ({setting.format.describe()}) needs it")
             continue
         if need is not None:

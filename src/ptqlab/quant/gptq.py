@@ -7,6 +7,8 @@ of the matrix in one matmul). With act-order, columns are visited by decreasing 
 group scales are fixed from the original weight before any update, so the saved checkpoint keeps the natural
 column order (no permutation index) and loads anywhere. Static groups are the default without act-order too;
 `static_groups=False` computes each group's scales when the sweep reaches it (GPTQ's reference).
+FP4 formats (NVFP4, MXFP4) round each column to the E2M1 grid with their stored group scales (NVFP4's FP8 scale
+divided by the matrix's global scale, which is fixed before the sweep).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqlab.quant import gptq_triton
+from ptqlab.quant import fp4, gptq_triton
 from ptqlab.quant.primitives import FP8_DTYPE, block_view, grid_range, quant_params, quantize, search_quant_params
-from ptqlab.schemes import QuantArgs
+from ptqlab.schemes import QuantArgs, is_fp4
 from ptqlab.settings import Interval, setting
 
 
@@ -56,6 +58,7 @@ class GPTQResult:
     zero_point: torch.Tensor | None
     dampening_frac: float  # the damping actually used
     dead_columns: int  # inputs that were always zero in calibration
+    global_scale: torch.Tensor | None = None  # NVFP4: the fp32 global scale [1] the scales are relative to
 
 
 def _inverse_hessian_cholesky(working_hessian: Callable[[], torch.Tensor], damp_frac: float) -> tuple[torch.Tensor, float]:
@@ -103,20 +106,27 @@ def _working_hessian(hessian: torch.Tensor, dead: torch.Tensor, perm: torch.Tens
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig(),
-         scale_dtype: torch.dtype | None = None) -> GPTQResult:
-    """Quantize weight [out, in] given the input Hessian [in, in] (fp32). Scales are stored in `scale_dtype`."""
-    return gptq_many(weight[None], hessian[None], args, config, scale_dtype)[0]
+         scale_dtype: torch.dtype | None = None, global_scale: torch.Tensor | None = None) -> GPTQResult:
+    """Quantize weight [out, in] given the input Hessian [in, in] (fp32). Scales are stored in `scale_dtype`. NVFP4:
+    relative to `global_scale` (default: the weight's own)."""
+    return gptq_many(weight[None], hessian[None], args, config, scale_dtype,
+                     None if global_scale is None else [global_scale])[0]
 
 
 def gptq_many(weights: torch.Tensor, hessians: torch.Tensor, args: QuantArgs, config: GPTQConfig = GPTQConfig(),
-              scale_dtype: torch.dtype | None = None) -> list[GPTQResult]:
+              scale_dtype: torch.dtype | None = None, global_scales: list[torch.Tensor] | None = None) -> list[GPTQResult]:
     """GPTQ of B weights of one shape [B, out, in], each with its own Hessian [B, in, in]: per matrix what gptq()
     gives for it alone, with the factorizations, the lazy updates and the block kernel batched (an MoE layer's
     experts are hundreds of small, same-shaped problems whose one-at-a-time cost is mostly launches and syncs).
-    Scales and zero points are found per matrix."""
+    Scales and zero points are found per matrix; NVFP4's relative to each matrix's global scale (`global_scales`,
+    default each weight's own, fixed before the sweep)."""
     if not torch.isfinite(hessians).all():
         raise HessianError("the Hessian holds NaN or Inf: the layer saw non-finite activations")
     scale_dtype = scale_dtype or weights.dtype
+    if fp4.has_global_scale(args) and global_scales is None:
+        global_scales = [fp4.globals_of(w, scale_dtype) for w in weights]
+    if not fp4.has_global_scale(args):
+        global_scales = None
     W = weights.detach().float().clone()
     batch, rows, columns = W.shape
     h_diag = hessians.diagonal(dim1=-2, dim2=-1).float().clone()  # natural column order (dynamic groups never permute)
@@ -128,14 +138,20 @@ def gptq_many(weights: torch.Tensor, hessians: torch.Tensor, args: QuantArgs, co
     # errors of the columns before it have updated them (GPTQ's reference behaviour, and llm-compressor's):
     # blocks are then exactly the groups. With act-order, groups are static: scales from the original weight,
     # so that the checkpoint keeps the natural column order. Per-channel and per-tensor scales are always static.
-    dynamic_groups = args.strategy == "group" and not (config.act_order or config.static_groups)
+    dynamic_groups = args.strategy in ("group", "tensor_group") and not (config.act_order or config.static_groups)
 
-    def params(w: torch.Tensor, importance: torch.Tensor):
+    def params(w: torch.Tensor, importance: torch.Tensor, b: int):
         if config.scale_search and args.type == "int":
             return search_quant_params(w, args, scale_dtype, importance=importance)
-        return quant_params(w, args, scale_dtype)
+        return quant_params(w, args, scale_dtype, None if global_scales is None else global_scales[b])
 
-    scale, zero_point = map(list, zip(*(params(W[b], h_diag[b]) for b in range(batch))))
+    def values(scale: torch.Tensor, b: int) -> torch.Tensor:
+        """What multiplies the grid values, in fp32 (FP4: from the stored scales)."""
+        if is_fp4(args):
+            return fp4.scale_values(scale, args, None if global_scales is None else global_scales[b])
+        return scale.float()
+
+    scale, zero_point = map(list, zip(*(params(W[b], h_diag[b], b) for b in range(batch))))
     perm = None
     if config.act_order:  # one sort per matrix: a batched sort may order equal diagonals differently
         perm = torch.stack([torch.argsort(h_diag[b], descending=True) for b in range(batch)])
@@ -143,7 +159,7 @@ def gptq_many(weights: torch.Tensor, hessians: torch.Tensor, args: QuantArgs, co
     Hinv, damp_used = _inverse_hessian_choleskys(hessians, dead, perm, config.dampening_frac)
 
     # Per column: the scale/zero point that apply to it (its group's, in the visiting order).
-    per_column = [_per_column(scale[b], zero_point[b], args, rows, columns) for b in range(batch)]
+    per_column = [_per_column(values(scale[b], b), zero_point[b], args, rows, columns) for b in range(batch)]
     col_scale = torch.stack([s for s, _ in per_column])
     col_zero = None if zero_point[0] is None else torch.stack([z for _, z in per_column])
     if perm is not None:
@@ -157,9 +173,9 @@ def gptq_many(weights: torch.Tensor, hessians: torch.Tensor, args: QuantArgs, co
         if dynamic_groups:
             group = i1 // args.group_size
             for b in range(batch):
-                group_scale, group_zero = params(W[b, :, i1:i2], h_diag[b, i1:i2])  # [rows, 1]
+                group_scale, group_zero = params(W[b, :, i1:i2], h_diag[b, i1:i2], b)  # [rows, 1]
                 scale[b][:, group:group + 1] = group_scale
-                col_scale[b, :, i1:i2] = group_scale.float()
+                col_scale[b, :, i1:i2] = values(group_scale, b)
                 if zero_point[b] is not None:
                     zero_point[b][:, group:group + 1] = group_zero
                     col_zero[b, :, i1:i2] = group_zero.float()
@@ -175,8 +191,9 @@ def gptq_many(weights: torch.Tensor, hessians: torch.Tensor, args: QuantArgs, co
     if perm is not None:
         Q = _permute_columns(Q, torch.argsort(perm, dim=-1))
     # Q is on the grid already: quantize recovers the grid values exactly
-    return [GPTQResult(quantize(Q[b], scale[b], zero_point[b], args), scale[b], zero_point[b], damp_used[b],
-                       int(dead[b].sum())) for b in range(batch)]
+    return [GPTQResult(quantize(Q[b], scale[b], zero_point[b], args, gscale), scale[b], zero_point[b], damp_used[b],
+                       int(dead[b].sum()), gscale)
+            for b, gscale in enumerate(global_scales or [None] * batch)]
 
 
 def _permute_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -218,7 +235,7 @@ def _quantize_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, 
     """GPTQ's sweep over one block of columns of B matrices [B, rows, b]: each column rounded, its error folded into
     the block's later columns -> (the block on the grid, dequantized; the errors scaled by 1 / Hinv_ii, for the
     columns after it). One Triton kernel per block on a GPU (gptq_triton.py), else the loop below per matrix."""
-    if gptq_triton.available(W1):
+    if gptq_triton.available(W1) and not is_fp4(args):
         qmin, qmax = grid_range(args)
         return gptq_triton.gptq_block(W1, Hinv1, scale, zero_point, qmin, qmax, args.type == "float")
     blocks = [_quantize_block_loop(W1[b], Hinv1[b], scale[b], None if zero_point is None else zero_point[b], args)
@@ -246,10 +263,11 @@ def _quantize_block_loop(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Ten
 def _per_column(scale, zero_point, args: QuantArgs, rows: int, columns: int):
     """Expand checkpoint-layout scales to one fp32 scale (and zero point) per weight element: [rows, columns]."""
     ones = torch.ones(rows, columns, device=scale.device)
-    s = block_view(ones, args) * (scale.float().unsqueeze(-1) if args.strategy == "group" else scale.float())
+    grouped = args.strategy in ("group", "tensor_group")
+    s = block_view(ones, args) * (scale.float().unsqueeze(-1) if grouped else scale.float())
     z = None
     if zero_point is not None:
-        z = block_view(ones, args) * (zero_point.float().unsqueeze(-1) if args.strategy == "group" else zero_point.float())
+        z = block_view(ones, args) * (zero_point.float().unsqueeze(-1) if grouped else zero_point.float())
         z = z.reshape(rows, columns)
     return s.reshape(rows, columns), z
 
@@ -261,6 +279,8 @@ def _round_column(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """
     qmin, qmax = grid_range(args)
     scaled = w / scale
+    if is_fp4(args):
+        return fp4.round_to_e2m1(scaled.clamp(qmin, qmax)) * scale
     if args.type == "float":
         return scaled.clamp(qmin, qmax).to(FP8_DTYPE).float() * scale
     if zero_point is None:

@@ -7,9 +7,10 @@ compute): dequantized = (q - zero_point) * scale; a symmetric int grid maps [-ab
 FP8 E4M3 maps absmax onto 448. All arithmetic is fp32 whatever the input dtype; the scale is rounded to its
 storage dtype *before* quantizing, so the stored (q, scale) pair is exactly what dequantizes.
 
-Scale layouts (those of the checkpoint): tensor `[1]`, channel `[rows, 1]`, group `[rows, cols // group_size]`,
-block `[ceil(rows / block rows), ceil(cols / block columns)]` (edge blocks partial, as if zero-padded), token
-`[..., 1]`.
+Scale layouts (those of the checkpoint): tensor `[1]`, channel `[rows, 1]`, group and tensor_group
+`[rows, cols // group_size]`, block `[ceil(rows / block rows), ceil(cols / block columns)]` (edge blocks partial, as
+if zero-padded), token `[..., 1]`. FP4 formats (NVFP4, MXFP4) keep their scales in their stored dtypes (FP8, E8M0
+uint8) and go through quant/fp4.py; NVFP4's `global_scale` is passed beside them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ptqlab.quant import search_triton, token_triton
-from ptqlab.schemes import QuantArgs
+from ptqlab.quant import fp4, search_triton, token_triton
+from ptqlab.schemes import QuantArgs, is_fp4
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -27,7 +28,7 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 def grid_range(args: QuantArgs) -> tuple[float, float]:
     """The smallest and largest value on the quantization grid."""
     if args.type == "float":
-        return -FP8_MAX, FP8_MAX
+        return (-fp4.E2M1_MAX, fp4.E2M1_MAX) if args.num_bits == 4 else (-FP8_MAX, FP8_MAX)
     return float(-(2 ** (args.num_bits - 1))), float(2 ** (args.num_bits - 1) - 1)
 
 
@@ -69,20 +70,23 @@ def _stored_layout(per_block: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 
 def _broadcastable(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """From the checkpoint's scale layout to one that broadcasts against `block_view(x)`."""
-    if args.strategy in ("group", "block"):
+    if args.strategy in ("group", "tensor_group", "block"):
         return scale.unsqueeze(-1)
     return scale
 
 
 def quant_params(
-    x: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None
+    x: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None, global_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scale (and zero point, if asymmetric) of x for args.
 
     The scale is returned in `scale_dtype` (default x.dtype), clamped to that dtype's positive normal range so
     that an all-zero block, a block of denormals or a huge block never gives a zero, subnormal or infinite
-    scale. Zero points are int8 (`None` for symmetric formats).
+    scale. Zero points are int8 (`None` for symmetric formats). FP4: the stored scales (fp4.stored_scales, computed
+    in `scale_dtype`; NVFP4's relative to `global_scale`).
     """
+    if is_fp4(args):
+        return fp4.stored_scales(x, args, scale_dtype or x.dtype, global_scale), None
     scale, zero_point = _params_from_range(*_block_range(block_view(x.float(), args), args), args, scale_dtype or x.dtype)
     return _stored_layout(scale, args), None if zero_point is None else _stored_layout(zero_point, args)
 
@@ -157,9 +161,13 @@ def search_quant_params(
 
 
 def quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantArgs
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantArgs,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x on the grid: int8 values in [qmin, qmax] for int formats, float8_e4m3fn for FP8. Same shape as x."""
+    """x on the grid: int8 values in [qmin, qmax] for int formats, float8_e4m3fn for FP8 and FP4 (E2M1 values).
+    Same shape as x."""
+    if is_fp4(args):
+        return fp4.quantize(x, fp4.scale_values(scale, args, global_scale))
     qmin, qmax = grid_range(args)
     blocks = block_view(x.float(), args)
     scaled = blocks / _broadcastable(scale, args).float()
@@ -178,8 +186,12 @@ def dequantize(
     zero_point: torch.Tensor | None,
     args: QuantArgs,
     dtype: torch.dtype | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(q - zero_point) * scale in `dtype` (default: the scale's dtype)."""
+    """(q - zero_point) * scale in `dtype` (default: the scale's dtype; float32 for FP4, whose scales are FP8 or
+    uint8)."""
+    if is_fp4(args):
+        return fp4.dequantize(q, fp4.scale_values(scale, args, global_scale), dtype or torch.float32)
     dtype = dtype or scale.dtype
     blocks = block_view(q.float(), args)
     if zero_point is not None:
@@ -187,10 +199,13 @@ def dequantize(
     return unblock((blocks * _broadcastable(scale, args).float()).to(dtype), args, q.shape)
 
 
-def fake_quantize(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Quantize and dequantize x with scales computed from x itself (dynamic activation quantization).
+def fake_quantize(x: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize and dequantize x with scales computed from x itself (dynamic activation quantization; NVFP4's relative
+    to the calibrated `global_scale`).
 
     Per-token symmetric formats on a GPU run as one Triton kernel with bitwise the same result (token_triton.py)."""
+    if is_fp4(args):
+        return fp4.fake_quantize(x, args, global_scale)
     if args.strategy == "token" and args.symmetric and token_triton.available(x):
         qmin, qmax = grid_range(args)
         half_range = FP8_MAX if args.type == "float" else (qmax - qmin) / 2

@@ -152,16 +152,17 @@ if triton is not None:
 
     @triton.jit
     def _int4_gemv_kernel(X, P, S, Z, Y, N, row_words, tiles_per_split, stride_pn, stride_sn, stride_zn, stride_ys,
-                          Experts, Weights, stride_xm, stride_pe, stride_se, stride_ze, X_DIV: tl.constexpr,
+                          Experts, Weights, XS, stride_xm, stride_pe, stride_se, stride_ze, X_DIV: tl.constexpr,
                           PLANE: tl.constexpr, GROUP_WORDS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
                           HAS_ZERO: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
                           GATED: tl.constexpr, GELU: tl.constexpr, EXPERTS: tl.constexpr, WEIGHTED: tl.constexpr,
-                          PDL: tl.constexpr):
+                          X_SCALED: tl.constexpr, PDL: tl.constexpr):
         """One activation row: y[n] = Σ_k x[k] w[n, k] over BLOCK_N outputs and this split's tiles of BLOCK_KP
         words. Per word, nibbles j and j - 1 come out as 1 + u/16 and 1 + u/256 (`_nibble_pair`); the second
         multiplies 16 x so that both accumulate at one scale, 16 Σ (1 + u/16) x. Per scale group,
         Σ (u - 8 - zero) x = 16 Σ sums - Σ (24 x_odd + 264 x_even) - zero Σ x, scaled once. EVEN: the tiles cover N
-        and K exactly (no masks, 16-byte loads).
+        and K exactly (no masks, 16-byte loads). X_SCALED: x holds FP8 grid values (W4A8) and the sums are
+        multiplied by its fp32 scale XS[0] before anything else.
 
         EXPERTS: the second grid axis is a (row, expert) pair instead of a split of K: pair p multiplies activation
         row p // X_DIV by expert Experts[p] of the stacked weights (strides *_e) into output row p, times
@@ -244,6 +245,8 @@ if triton is not None:
             acc += tl.sum(value * scale, axis=1)
             w0 += BLOCK_KP
             tile = next_tile
+        if X_SCALED:
+            acc *= tl.load(XS)
         if WEIGHTED:
             acc *= tl.load(Weights + split)
         if GATED:  # rows paired (pair_gate_up): write act(gate) * up, half as many outputs
@@ -442,22 +445,25 @@ def int4_expert_gemv(x: torch.Tensor, experts: torch.Tensor, planes: torch.Tenso
     zero = zero_point if zero_point is not None else scale
     _int4_gemv_kernel[(triton.cdiv(n, block_n), pairs)](
         x, planes, scale, zero, out, n, row_words, k_tiles, planes.stride(1), scale.stride(1), zero.stride(1),
-        out.stride(0), experts, weights if weights is not None else scale, x.stride(0), planes.stride(0),
+        out.stride(0), experts, weights if weights is not None else scale, scale, x.stride(0), planes.stride(0),
         scale.stride(0), zero.stride(0), X_DIV=rows_per_input, PLANE=plane, GROUP_WORDS=group_words,
         GROUPS_PER_TILE=groups_per_tile, HAS_ZERO=zero_point is not None, EVEN=even, BLOCK_N=block_n,
-        BLOCK_KP=block_kp, GATED=False, GELU=False, EXPERTS=True, WEIGHTED=weights is not None, num_warps=num_warps,
-        **pdl_launch(x.device, pdl))
+        BLOCK_KP=block_kp, GATED=False, GELU=False, EXPERTS=True, WEIGHTED=weights is not None, X_SCALED=False,
+        num_warps=num_warps, **pdl_launch(x.device, pdl))
     return out
 
 
 def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
               tile: tuple[int, int, int] = RuntimeOptions.gemv_tile, gated: str | None = None,
-              pdl: bool = RuntimeOptions.pdl) -> torch.Tensor:
-    """x [1, K] @ dequant(planes)ᵀ -> [1, N] in x.dtype, with the plane width `plane_words` gives (as
-    `int4_planes` packs), in tiles of (outputs, words, warps) (RuntimeOptions.gemv_tile). gated ("silu" or "gelu"):
-    the rows are a paired gate_up (`pair_gate_up`) and the result is act(gate) * up [1, N / 2], each rounded to
-    x.dtype first. pdl: programmatic dependent launch where the GPU has it (RuntimeOptions.pdl)."""
+              pdl: bool = RuntimeOptions.pdl, x_scale: torch.Tensor | None = None,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [1, K] @ dequant(planes)ᵀ -> [1, N] in out_dtype (default x.dtype), with the plane width `plane_words`
+    gives (as `int4_planes` packs), in tiles of (outputs, words, warps) (RuntimeOptions.gemv_tile). gated ("silu" or
+    "gelu"): the rows are a paired gate_up (`pair_gate_up`) and the result is act(gate) * up [1, N / 2], each
+    rounded to out_dtype first. pdl: programmatic dependent launch where the GPU has it (RuntimeOptions.pdl).
+    x_scale: x holds FP8 grid values and this fp32 [1, 1] its per-token scale (W4A8), applied to the fp32 sums."""
     block_n, block_kp, num_warps = tile
+    out_dtype = out_dtype or x.dtype
     if gated is not None and block_n % (2 * PAIR_ROWS):
         raise ValueError(f"a gated tile needs whole blocks of {2 * PAIR_ROWS} paired rows, not {block_n} rows")
     k = x.shape[1]
@@ -467,17 +473,17 @@ def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_p
     k_tiles = triton.cdiv(row_words, block_kp)
     splits, tiles_per_split = _split_k(tiles_n, k_tiles, x.device, programs_per_sm=2, min_tiles=1)
     even = n % block_n == 0 and row_words % block_kp == 0 and k_tiles % splits == 0
-    out = torch.empty((splits, 1, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
+    out = torch.empty((splits, 1, n), dtype=torch.float32 if splits > 1 else out_dtype, device=x.device)
     zero = zero_point if zero_point is not None else scale
     _int4_gemv_kernel[(tiles_n, splits)](
         x, planes, scale, zero, out, n, row_words, tiles_per_split, planes.stride(0), scale.stride(0), zero.stride(0),
-        out.stride(0), x, x, 0, 0, 0, 0, X_DIV=1, PLANE=plane, GROUP_WORDS=group_words,
-        GROUPS_PER_TILE=groups_per_tile, HAS_ZERO=zero_point is not None, EVEN=even, BLOCK_N=block_n,
-        BLOCK_KP=block_kp, GATED=gated is not None and splits == 1, GELU=gated == "gelu", EXPERTS=False,
-        WEIGHTED=False, num_warps=num_warps, **pdl_launch(x.device, pdl))
+        out.stride(0), x, x, x_scale if x_scale is not None else scale, 0, 0, 0, 0, X_DIV=1, PLANE=plane,
+        GROUP_WORDS=group_words, GROUPS_PER_TILE=groups_per_tile, HAS_ZERO=zero_point is not None, EVEN=even,
+        BLOCK_N=block_n, BLOCK_KP=block_kp, GATED=gated is not None and splits == 1, GELU=gated == "gelu",
+        EXPERTS=False, WEIGHTED=False, X_SCALED=x_scale is not None, num_warps=num_warps, **pdl_launch(x.device, pdl))
     if gated is not None and splits == 1:
         return out[0, :, :n // 2]
-    return _sum_splits(out, x.dtype, gated, pdl)
+    return _sum_splits(out, out_dtype, gated, pdl)
 
 
 def int4_matmul_small_m(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

@@ -8,6 +8,12 @@
   `torch._scaled_mm` with row-wise scales);
 - `Int8Linear`: INT8 weights and dynamic per-token INT8 activations (`torch._int_mm`, then one pass applies the
   scales);
+- `Fp8BlockLinear`: block-wise FP8 (FP8 weights with a scale per 128 x 128 block, FP8 activations with a scale per
+  128 columns of each token): `fp8_kernels`' Triton kernels at decode, cuBLAS's block-wise `torch._scaled_mm` for
+  prefill where torch has it and fast FP8 accumulation is on (else the Triton matmul);
+- `W4A8Linear`: int4 weights with FP8 per-token activations: the int4 kernel on the FP8 grid values for one row,
+  `fp8_kernels`' matmul (int4 turned FP8 in registers) for a few, the weight turned FP8 into cuBLAS's block-wise
+  matmul for prefill where torch has it;
 - `DequantizedLinear`: everything else, and every scheme on CPUs: the weight dequantized once at load and
   activations fake-quantized per token. This is the reference semantics (ptqlab's QuantizedLinear, the
   checkpoint's meaning), so the CPU path is correct by construction, and a 16-bit layer is the same with nothing
@@ -25,7 +31,7 @@ from torch import nn
 from ptqlab import triton_support
 from ptqlab.quant import token_triton
 from ptqlab.quant.primitives import dequantize, fake_quantize
-from ptqlab.runtime import kernels
+from ptqlab.runtime import fp8_kernels, kernels
 from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.schemes import Scheme
 
@@ -33,14 +39,20 @@ from ptqlab.schemes import Scheme
 @dataclass
 class StoredLinear:
     """One linear layer as stored: `weight` [out, in] is the float weight when `scheme` is None (16-bit), else the
-    grid values (int8 holding intN values, or float8_e4m3fn) with `scale` and `zero_point` in the checkpoint's
-    layouts."""
+    grid values (int8 holding intN values, or float8_e4m3fn: FP8, FP4's E2M1 values) with `scale` and `zero_point`
+    in the checkpoint's layouts (and NVFP4's fp32 global scales of the weight and the input)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     scheme: Scheme | None = None
     scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None
+    weight_global_scale: torch.Tensor | None = None
+    input_global_scale: torch.Tensor | None = None
+
+    def global_scales(self) -> tuple:
+        """NVFP4's global scales as values (layers stacked into one matmul must share them)."""
+        return tuple(None if t is None else t.tolist() for t in (self.weight_global_scale, self.input_global_scale))
 
     @property
     def out_features(self) -> int:
@@ -59,12 +71,14 @@ def _per_channel(layer: StoredLinear) -> StoredLinear:
 
 def concat_linears(parts: list[StoredLinear]) -> StoredLinear | None:
     """Layers that read the same input (q, k, v; gate, up) stacked into one along the output, so that one matmul
-    serves them all. None when their formats differ (a layer kept 16-bit among quantized ones)."""
+    serves them all. None when their formats differ (a layer kept 16-bit among quantized ones), or their NVFP4 global
+    scales do."""
     if len(parts) == 1:
         return parts[0]
     parts = [_per_channel(p) for p in parts]
     first = parts[0]
-    if any(p.scheme != first.scheme or p.weight.dtype != first.weight.dtype for p in parts):
+    if any(p.scheme != first.scheme or p.weight.dtype != first.weight.dtype or p.global_scales() != first.global_scales()
+           for p in parts):
         return None
     weights = None if first.scheme is None else first.scheme.weights
     if weights is not None and weights.strategy == "block" and any(p.out_features % weights.block_structure[0]
@@ -79,7 +93,7 @@ def concat_linears(parts: list[StoredLinear]) -> StoredLinear | None:
         biases = [b if b is not None else torch.zeros(p.out_features, dtype=next(x for x in biases if x is not None).dtype,
                                                       device=p.weight.device) for b, p in zip(biases, parts)]
     return StoredLinear(cat([p.weight for p in parts]), cat(biases), first.scheme, cat([p.scale for p in parts]),
-                        cat([p.zero_point for p in parts]))
+                        cat([p.zero_point for p in parts]), first.weight_global_scale, first.input_global_scale)
 
 
 class DequantizedLinear(nn.Module):
@@ -87,15 +101,17 @@ class DequantizedLinear(nn.Module):
 
     kernel = "dequantized"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, input_args=None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, input_args=None,
+                 input_global_scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
+        self.register_buffer("input_global_scale", input_global_scale)  # NVFP4 activations: calibrated, fp32 [1]
         self.input_args = input_args
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_args is not None:
-            x = fake_quantize(x, self.input_args)
+            x = fake_quantize(x, self.input_args, self.input_global_scale)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -208,6 +224,101 @@ class Int8Linear(TokenQuantizedLinear):
         return y.reshape(*x.shape[:-1], -1)
 
 
+def _cublas_blockwise(weight: torch.Tensor, block_rows: int) -> bool:
+    """Whether prefill can take cuBLAS's block-wise FP8 matmul (torch._scaled_mm) for this weight [out, in] with
+    weight scales per `block_rows` rows x 128 inputs: a CUDA weight whose rows come in 16s, and a torch that computes
+    it right on this GPU for this shape (fp8_kernels.blockwise_scaled_mm_works)."""
+    if not weight.is_cuda or weight.shape[0] % 16:
+        return False
+    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
+    return fp8_kernels.blockwise_scaled_mm_works(index, block_rows, *weight.shape)
+
+
+class Fp8BlockLinear(nn.Module):
+    """Block-wise FP8 (DeepSeek-V3's format): an FP8 weight [out, in] with one fp32 scale per block of `block_rows`
+    rows x 128 inputs, and the input put on an FP8 grid per 128 columns of each token by one small kernel. One row:
+    a Triton kernel on CUDA cores; up to kernels.SMALL_M: the Triton matmul (tensor cores, split K); prefill: the
+    Triton matmul, or with `fast_accum` (RuntimeOptions.fp8_fast_accum) and where torch has it cuBLAS's block-wise
+    matmul, whose accumulation is as imprecise as _scaled_mm's fast accumulation. `pdl`: RuntimeOptions.pdl."""
+
+    kernel = "fp8-block triton"
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, block_rows: int, bias: torch.Tensor | None,
+                 dtype: torch.dtype, fast_accum: bool, pdl: bool) -> None:
+        super().__init__()
+        self.in_features, self.block_rows, self.out_dtype, self.pdl = weight.shape[1], block_rows, dtype, pdl
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale.float().contiguous())  # [ceil(out / block_rows), in / 128]
+        self.register_buffer("bias", bias)
+        self.cublas_prefill = fast_accum and _cublas_blockwise(weight, block_rows)
+        if self.cublas_prefill:
+            self.register_buffer("cublas_scale", fp8_kernels.cublas_weight_scale(self.scale, block_rows))
+            self.kernel = "fp8-block triton (decode), cuBLAS block-wise _scaled_mm (prefill)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        q, x_scale = fp8_kernels.quantize_groups(rows, pdl=self.pdl)
+        if rows.shape[0] == 1:
+            y = fp8_kernels.fp8_block_gemv(q, x_scale, self.weight, self.scale, self.block_rows, self.bias,
+                                           self.out_dtype, self.pdl)
+        elif rows.shape[0] > kernels.SMALL_M and self.cublas_prefill:
+            y = fp8_kernels.scaled_mm_blockwise(q, x_scale, self.weight, self.cublas_scale, self.out_dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = fp8_kernels.fp8_block_matmul(q, x_scale, self.weight, self.scale, self.block_rows, self.bias,
+                                             self.out_dtype, self.pdl)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+class W4A8Linear(nn.Module):
+    """W4A8: int4 weights, symmetric, one scale per group of a multiple of 128 inputs (packed in the planes of
+    `kernels.int4_planes`, 0.5 byte per value), and the input on the per-token FP8 grid, put there by this layer or
+    already by the fused norm or activation before it. One row: the one-row int4 kernel on the FP8 grid values,
+    its sums times the token's scale; up to kernels.SMALL_M rows: `fp8_kernels.w4a8_matmul` (int4 turned FP8 in
+    registers); prefill: the same, or where torch has cuBLAS's block-wise FP8 matmul the weight turned FP8 into a
+    scratch buffer and multiplied there with its group scales. `tile` and `pdl`: RuntimeOptions.gemv_tile and
+    .pdl."""
+
+    kernel = "w4a8 triton"
+    input_grid = token_triton.FP8_TOKENS
+    min_rows = 1
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 tile: tuple[int, int, int], pdl: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_dtype, self.tile, self.pdl = q.shape[1], dtype, tile, pdl
+        self.register_buffer("planes", kernels.int4_planes(q, kernels.plane_words(q.shape[1], fp8_kernels.BLOCK_K)))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+        self.one_row = kernels.int4_tiles_fit(self.in_features, scale, tile)
+        self.cublas_prefill = _cublas_blockwise(q, 1)
+        if self.cublas_prefill:  # one scale per row and 128 inputs, as cuBLAS reads it
+            per_tile = scale.float().repeat_interleave(self.in_features // scale.shape[1] // fp8_kernels.BLOCK_K, 1)
+            self.register_buffer("cublas_scale", fp8_kernels.cublas_weight_scale(per_tile, 1))
+            self.kernel = "w4a8 triton (decode), FP8 weight + cuBLAS block-wise _scaled_mm (prefill)"
+
+    def forward(self, x: torch.Tensor | token_triton.QuantizedRows) -> torch.Tensor:
+        if not isinstance(x, token_triton.QuantizedRows):
+            x = token_triton.quantize_tokens(x, self.input_grid)
+        rows = x.shape.numel() // x.shape[-1]
+        if rows == 1 and self.one_row:
+            y = kernels.int4_gemv(x.q[:1], self.planes, self.scale, None, self.tile, pdl=self.pdl, x_scale=x.scale,
+                                  out_dtype=self.out_dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        elif rows > kernels.SMALL_M and self.cublas_prefill:
+            weight = fp8_kernels.int4_to_fp8(self.planes, self.in_features)
+            x_scale = fp8_kernels.columns_of(x.scale[:rows], self.in_features // fp8_kernels.BLOCK_K)
+            y = fp8_kernels.scaled_mm_blockwise(x.q[:rows], x_scale, weight, self.cublas_scale, self.out_dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = fp8_kernels.w4a8_matmul(x.q[:rows], x.scale[:rows], self.planes, self.scale, self.bias,
+                                        self.out_dtype, self.pdl)
+        return y.reshape(*x.shape[:-1], -1)
+
+
 def _kernel_for(layer: StoredLinear) -> str | None:
     """Which fast kernel computes with this layer on a GPU (None: dequantized)."""
     scheme = layer.scheme
@@ -227,6 +338,16 @@ def _kernel_for(layer: StoredLinear) -> str | None:
     if per_token and symmetric_rows and w.type == a.type == "int" and w.num_bits == a.num_bits == 8 \
             and in_features % 8 == 0 and out_features % 8 == 0:
         return "int8"
+    # FP8 activations on finer grids: K tiles of 128 inputs, each one activation group and one weight scale column.
+    tile = fp8_kernels.BLOCK_K
+    fp8_input = a is not None and a.type == "float" and a.num_bits == 8 and a.dynamic and a.symmetric \
+        and in_features % tile == 0
+    if fp8_input and w.type == "float" and w.num_bits == 8 and w.strategy == "block" and a.strategy == "group" \
+            and w.block_structure[1] == a.group_size == tile:
+        return "fp8-block"
+    if fp8_input and a.strategy == "token" and w.type == "int" and w.num_bits == 4 and w.symmetric \
+            and group % tile == 0:
+        return "w4a8"
     return None
 
 
@@ -244,6 +365,11 @@ def build_linear(layer: StoredLinear, dtype: torch.dtype, options: RuntimeOption
         return Fp8Linear(layer.weight, layer.scale, bias, dtype, options.fp8_fast_accum)
     if kernel == "int8":
         return Int8Linear(layer.weight, layer.scale, bias, dtype)
-    weight = dequantize(layer.weight, layer.scale, layer.zero_point, layer.scheme.weights, dtype)
-    return DequantizedLinear(weight, bias, layer.scheme.input_activations)
+    if kernel == "fp8-block":
+        return Fp8BlockLinear(layer.weight, layer.scale, layer.scheme.weights.block_structure[0], bias, dtype,
+                              options.fp8_fast_accum, options.pdl)
+    if kernel == "w4a8":
+        return W4A8Linear(layer.weight, layer.scale, bias, dtype, options.gemv_tile, options.pdl)
+    weight = dequantize(layer.weight, layer.scale, layer.zero_point, layer.scheme.weights, dtype, layer.weight_global_scale)
+    return DequantizedLinear(weight, bias, layer.scheme.input_activations, layer.input_global_scale)
 

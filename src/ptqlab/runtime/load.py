@@ -1,5 +1,5 @@
 """Reading a checkpoint folder into a RuntimeModel: 16-bit models and compressed-tensors checkpoints (ptqlab's and
-llm-compressor's: float-quantized, int-quantized, pack-quantized).
+llm-compressor's: float-quantized, int-quantized, pack-quantized, nvfp4- and mxfp4-pack-quantized).
 
 Each linear's tensors say how it is stored (`weight_packed`: pack-quantized; `weight` int8 or float8 with
 `weight_scale`: int- or float-quantized; a float `weight`: 16-bit); its number formats come from the
@@ -9,6 +9,7 @@ Each linear's tensors say how it is stored (`weight_packed`: pack-quantized; `we
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,9 +20,11 @@ from ptqlab.runtime.linear import StoredLinear, build_linear, concat_linears
 from ptqlab.runtime.model import Architecture, Block, Concat, RuntimeModel
 from ptqlab.runtime.moe import Expert, MoEMLP, stack_experts
 from ptqlab.models import check_model_folder, checkpoint_name, moe_layout
-from ptqlab.schemes import QuantArgs, Scheme, matches
+from ptqlab.quant.kv_cache import format_of_strategy, per_head
+from ptqlab.quant import fp4
+from ptqlab.schemes import QuantArgs, Scheme, is_fp4, matches
 
-STRATEGIES = ("tensor", "channel", "group", "block", "token")
+STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block", "token")
 PROJECTIONS = {"qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.qkv_proj",)),
                "o": (("self_attn.o_proj",),),
                "gate_up": (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",)),
@@ -52,11 +55,13 @@ def _quant_args(raw: dict | None, where: str) -> QuantArgs | None:
     if strategy not in STRATEGIES:
         raise PtqlabError(f"{where}: quantization strategy {strategy!r} is not supported by the fast runtime "
                           f"(it runs {', '.join(STRATEGIES)}); benchmark with --runtime transformers")
+    float4 = raw.get("type") == "float" and raw.get("num_bits") == 4  # NVFP4, MXFP4: their scales' dtype
     try:
         return QuantArgs(num_bits=raw["num_bits"], type=raw.get("type", "int"), symmetric=raw.get("symmetric", True),
-                         strategy=strategy, group_size=raw.get("group_size") if strategy == "group" else None,
-                         dynamic=bool(raw.get("dynamic", False)),
-                         block_structure=raw.get("block_structure") if strategy == "block" else None)
+                         strategy=strategy, group_size=raw.get("group_size") if "group" in strategy else None,
+                         dynamic="local" if raw.get("dynamic") == "local" else bool(raw.get("dynamic", False)),
+                         block_structure=raw.get("block_structure") if strategy == "block" else None,
+                         scale_dtype=str(raw.get("scale_dtype")).removeprefix("torch.") if float4 else None)
     except ValueError as e:
         raise PtqlabError(f"{where}: {e}") from e
 
@@ -73,6 +78,8 @@ class SchemeResolver:
             raise PtqlabError("sparse or transformed compressed-tensors checkpoints are not supported by the fast runtime; "
                               "benchmark with --runtime transformers")
         self.ignore = list(qc.get("ignore") or [])
+        self.kv_cache = _kv_cache_format(qc.get("kv_cache_scheme"))
+        """The checkpoint's quantized KV cache (quant/kv_cache.KVCacheFormat), or None."""
         self.groups = []
         for key, group in (qc.get("config_groups") or {}).items():
             where = f"quantization_config.config_groups.{key}"
@@ -85,6 +92,36 @@ class SchemeResolver:
         if any(matches(name, t) for t in self.ignore):
             return None
         return next((scheme for targets, scheme in self.groups if any(matches(name, t) for t in targets)), None)
+
+
+def _kv_cache_format(raw: dict | None):
+    """The format a `kv_cache_scheme` declares; PtqlabError for one the runtime does not run (it runs llm-compressor's
+    FP8 caches: 8-bit float, symmetric, static, per tensor or per attention head)."""
+    if raw is None:
+        return None
+    fmt = format_of_strategy(raw.get("strategy"))
+    if fmt is None or raw.get("num_bits") != 8 or raw.get("type") != "float" or not raw.get("symmetric", True) \
+            or raw.get("dynamic"):
+        declared = ", ".join(f"{key} {raw.get(key)}" for key in ("num_bits", "type", "strategy", "symmetric", "dynamic"))
+        raise PtqlabError(f"quantization_config.kv_cache_scheme ({declared}): the fast runtime runs static symmetric FP8 "
+                          "KV caches (num_bits 8, type float, strategy tensor or attn_head); benchmark with --runtime "
+                          "transformers")
+    return fmt
+
+
+def _kv_scales(tensors: dict[str, torch.Tensor], prefix: str, arch: Architecture, resolve: SchemeResolver):
+    """Decoder layer `prefix`'s (k_scale, v_scale) as float32 [kv_heads] (consumed from `tensors`), or None for a
+    checkpoint without a quantized KV cache (scales it does not declare are left unused, as vLLM leaves them)."""
+    k, v = (tensors.pop(f"{prefix}self_attn.{name}", None) for name in ("k_scale", "v_scale"))
+    if resolve.kv_cache is None:
+        return None
+    expected = resolve.kv_cache.scale_shape(arch.num_kv_heads)
+    for name, scale in (("k_scale", k), ("v_scale", v)):
+        if scale is None or scale.numel() != math.prod(expected):
+            got = "nothing" if scale is None else f"shape {list(scale.shape)}"
+            raise PtqlabError(f"{prefix}self_attn.{name}: the kv_cache_scheme ({resolve.kv_cache.strategy}) needs "
+                              f"shape {list(expected)}, the checkpoint has {got}; quantize it again")
+    return per_head(k, arch.num_kv_heads), per_head(v, arch.num_kv_heads)
 
 
 def stored_linear(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme | None) -> StoredLinear:
@@ -108,6 +145,9 @@ def stored_linear(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme | 
     if take("weight_g_idx") is not None:
         raise PtqlabError(f"{name}: activation-ordered groups (weight_g_idx) are not supported by the fast runtime; "
                           "benchmark with --runtime transformers")
+    if packed is not None and is_fp4(args):  # two E2M1 values per byte; NVFP4's global scales beside the scales
+        return StoredLinear(fp4.unpack(packed), bias, scheme, scale, zero_point, take("weight_global_scale"),
+                            take("input_global_scale"))
     if packed is not None:
         shape = torch.Size(take("weight_shape").tolist())
         weight = unpack_from_int32(packed, args.num_bits, shape)
@@ -239,5 +279,9 @@ def build_model(config, arch: Architecture, tensors: dict[str, torch.Tensor], re
         kernels["lm_head"] = head.kernel
     positions = max_positions or min(getattr(config, "max_position_embeddings", 8192) or 8192, 8192)
     model = RuntimeModel(config, arch, embed.to(dtype), blocks, norm, head, positions, kernels, options)
+    model.kv_scales = [_kv_scales(tensors, f"model.layers.{i}.", arch, resolve) for i in range(arch.num_layers)]
+    if resolve.kv_cache is not None:  # as vLLM does for a checkpoint with a kv_cache_scheme: an FP8 cache
+        model.use_kv_scales()
+        kernels["kv_cache"] = f"fp8 ({resolve.kv_cache.strategy} scales)"
     return model.eval()
 

@@ -27,6 +27,7 @@ from ptqlab.errors import PtqlabError
 from ptqlab.models import head_dim as config_head_dim
 from ptqlab import triton_support
 from ptqlab.runtime import fused
+from ptqlab.quant.kv_cache import dequantize_kv, fake_quantize_kv, quantize_kv
 from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.runtime.moe import MoEMLP, Routing
 
@@ -189,6 +190,9 @@ class Block(nn.Module):
         self.act = ACT2FN[arch.activation]
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        """An FP8 KV cache: the float32 [kv_heads] scales of keys and of values (RuntimeModel.use_kv_scales); None:
+        the cache holds keys and values in the model dtype."""
         self.fused = False
         """Set by RuntimeModel on GPUs: norms, activation and decode attention as single Triton kernels."""
         self.fused_rope = False
@@ -226,37 +230,53 @@ class Block(nn.Module):
         return self.down(self.act(gate) * up)
 
     def attention(self, x: torch.Tensor, pos: torch.Tensor, rotary, allowed: torch.Tensor | None, fresh: bool) -> torch.Tensor:
-        """rotary: the full (cos, sin) tables [positions, R], and their first halves for the fused kernel."""
+        """rotary: the full (cos, sin) tables [positions, R], and their first halves for the fused kernel.
+
+        With an FP8 cache (kv_scales), attention always reads keys and values as the cache holds them, dequantized,
+        also where it could use the fresh ones (a prefill, a scored window without a cache): what vLLM computes,
+        whose attention reads the cache it has just written."""
         a = self.arch
         b, length, _ = x.shape
         qkv = self.qkv(x)
         widths = [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
         cached = self.k_cache is not None
+        scales = self.kv_scales
         (cos, sin), (cos_half, sin_half) = rotary
         if self.fused_rope:
             if cached and not fresh and length == 1:  # decode: rotary, cache write and attention in one kernel
                 out = fused.decode_attention(qkv, self.k_cache, self.v_cache, pos, a.attn_scale, a.attn_softcap,
-                                             self.window, rotary=(cos_half, sin_half), pdl=self.pdl)
+                                             self.window, rotary=(cos_half, sin_half), kv_scales=scales, pdl=self.pdl)
                 return self.o(out)
             fused.rope_and_cache(qkv, cos_half, sin_half, pos, a.num_heads, a.num_kv_heads, a.head_dim,
-                                 self.k_cache, self.v_cache, pdl=self.pdl)
+                                 self.k_cache, self.v_cache, kv_scales=scales, pdl=self.pdl)
         q, k, v = qkv.split(widths, -1)
         q = q.view(b, length, a.num_heads, a.head_dim)
         k = k.view(b, length, a.num_kv_heads, a.head_dim)
         v = v.view(b, length, a.num_kv_heads, a.head_dim).transpose(1, 2)
         if self.fused_rope:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
+            if scales is not None:  # what the kernel stored (the same division and rounding), read back
+                k, v = fake_quantize_kv(k, scales[0]), fake_quantize_kv(v, scales[1])
         else:
             if "q_norm" in self.norm_names:
                 q, k = self._norm("q_norm", q)[0], self._norm("k_norm", k)[0]
             q, k = rope(q, cos[pos], sin[pos]).transpose(1, 2), rope(k, cos[pos], sin[pos]).transpose(1, 2)
-            if cached:
+            if scales is not None:
+                k_stored, v_stored = quantize_kv(k, scales[0]), quantize_kv(v, scales[1])
+                if cached:  # CPUs index_copy no float8: the same bytes as uint8
+                    self.k_cache.view(torch.uint8).index_copy_(2, pos, k_stored.view(torch.uint8))
+                    self.v_cache.view(torch.uint8).index_copy_(2, pos, v_stored.view(torch.uint8))
+                k, v = dequantize_kv(k_stored, scales[0], k.dtype), dequantize_kv(v_stored, scales[1], v.dtype)
+            elif cached:
                 self.k_cache.index_copy_(2, pos, k)
                 self.v_cache.index_copy_(2, pos, v)
         if allowed is None:  # fresh causal prefill without window or softcap: the fused kernel
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.attn_scale, enable_gqa=True)
         elif cached and not fresh:
-            out = grouped_attention(q, self.k_cache, self.v_cache, allowed, a.attn_scale, a.attn_softcap)
+            keys, values = self.k_cache, self.v_cache
+            if scales is not None:
+                keys, values = dequantize_kv(keys, scales[0], q.dtype), dequantize_kv(values, scales[1], q.dtype)
+            out = grouped_attention(q, keys, values, allowed, a.attn_scale, a.attn_softcap)
         else:  # a fresh sequence with a mask or softcap: k, v per query head, the matmul shapes HF's eager attention has
             groups = a.num_heads // a.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -305,6 +325,9 @@ class RuntimeModel(nn.Module):
         self.max_positions = max_positions
         self.cache_shape: tuple[int, int] | None = None
         self.cache_owner: object = None
+        self.kv_scales: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(blocks)
+        """Per layer, the checkpoint's KV-cache scales (float32 [kv_heads] for keys, for values; runtime/load.py),
+        None where it has none; use_kv_scales puts them to use."""
 
     @property
     def device(self) -> torch.device:
@@ -314,16 +337,34 @@ class RuntimeModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    def use_kv_scales(self, enabled: bool = True) -> None:
+        """Keep the KV cache in float8 with the checkpoint's scales (as vLLM with kv_cache_dtype fp8), or (False) in
+        the model dtype, the scales unused (kv_cache_dtype auto). Drops the cache held now: the next generation sets
+        up one of the new kind."""
+        if enabled and not any(s is not None for s in self.kv_scales):
+            raise PtqlabError("this checkpoint has no KV-cache scales (k_scale, v_scale): quantize it with kv: fp8 "
+                              "in the recipe (or --kv-cache fp8) for an FP8 KV cache")
+        self.drop_cache()
+        for block, scales in zip(self.blocks, self.kv_scales):
+            block.kv_scales = scales if enabled else None
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """What the KV cache holds: float8_e4m3fn when the layers use their scales, else the model dtype."""
+        return torch.float8_e4m3fn if any(block.kv_scales is not None for block in self.blocks) else self.dtype
+
     def setup_cache(self, batch_size: int, max_length: int, owner: object = None) -> None:
-        """Allocate the static KV cache: every layer's keys and values for `max_length` positions. `owner` (a
-        Generator) marks whose cache it is: one that finds another's must set up its own again."""
+        """Allocate the static KV cache: every layer's keys and values for `max_length` positions (float8 for the
+        layers that use KV-cache scales). `owner` (a Generator) marks whose cache it is: one that finds another's
+        must set up its own again."""
         if max_length > self.max_positions:
             raise PtqlabError(f"a cache of {max_length} positions exceeds the {self.max_positions} this model was loaded for")
         a = self.arch
         shape = (batch_size, a.num_kv_heads, max_length, a.head_dim)
         for block in self.blocks:
-            block.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            block.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            dtype = self.dtype if block.kv_scales is None else torch.float8_e4m3fn
+            block.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            block.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.cache_shape = (batch_size, max_length)
         self.cache_owner = owner
 

@@ -21,8 +21,9 @@ WINGS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("ptqlab.runtime",)),
     ("recipes", ("ptqlab.recipes",)),
     ("measure", ("ptqlab.measure",)),
-    ("assembly", ("ptqlab.pipeline", "ptqlab.formats.compressed_tensors", "ptqlab.formats.readback")),
-    ("verbs", ("ptqlab.api", "ptqlab.report", "ptqlab.plots")),
+    ("assembly", ("ptqlab.pipeline", "ptqlab.formats.compressed_tensors", "ptqlab.formats.readback",
+                  "ptqlab.formats.gguf_file", "ptqlab.formats.gguf_tokenizer")),
+    ("verbs", ("ptqlab.api", "ptqlab.report", "ptqlab.plots", "ptqlab.export_gguf")),
     ("suite", ("ptqlab.suite",)),
     ("interface", ("ptqlab.cli", "ptqlab")),
 ]

@@ -123,7 +123,7 @@ def test_checkpoint_holds_the_scales_config_and_record(kv_checkpoint, tiny_model
     assert record["settings"]["kv_cache"] == kv and record["recipe"]["kv"] == kv
     assert record["settings"]["calibration"]["num_samples"] == 8
     for layer in record["layers"]:
-        assert any(line.startswith(f"kv cache ({kv}): max |key|") for line in layer["transforms"])
+        assert any(line.startswith(f"kv cache ({kv}): max |key|") for line in layer["details"])
     plain = quantize(str(tiny_model_dir("llama")), "w4a16-rtn", out=path.parent / f"plain-{kv}", quiet=True)
     weights = load_file(plain / "model.safetensors")
     assert weights.keys() == {k for k in tensors if not k.endswith(("k_scale", "v_scale"))}

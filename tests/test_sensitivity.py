@@ -127,3 +127,91 @@ def test_the_command_prints_the_worst_parts_and_the_mixed_recipe(measured):
     worst = max(result["parts"], key=lambda p: p["kl_mean"])["name"]
     assert f"{worst}: KL" in run.output and "mixed recipe:" in run.output
     assert json.loads((out / "sensitivity.json").read_text())["parts"] == result["parts"]  # reused, not measured again
+
+
+
+def test_keeping_parts_at_more_bits_ranks_them_by_kl_saved_per_byte_added():
+    """Kept at a wider scheme, a part adds its bytes at that scheme less at the recipe's (not its 16-bit bytes) and
+    keeps a share of its KL: the ranking and the prediction follow."""
+    a, b = _result(0, "attention", 0.03, 10), _result(0, "mlp", 0.02, 40)  # 16-bit: a first (3e-3 vs 5e-4 per byte)
+    results, uniform = [a, b], 0.1  # the parts' KLs sum to 0.05
+    at_four_bits = {"attention": 9, "mlp": 2}.__getitem__  # at 4 bits: b first (1e-2 vs 3.3e-3 per byte)
+    four_bits = dict(extra_bytes=lambda part: at_four_bits(part.kind), retained=1 / 16)
+    assert predicted_kl(results, uniform, [b.part], 1 / 16) == pytest.approx(0.1 * (0.03 + 0.02 / 16) / 0.05)
+    assert choose_kept(results, uniform, 1000, target_kl=0.07) == [a.part]  # 0.04 once a is 16-bit
+    assert choose_kept(results, uniform, 1000, target_kl=0.07, **four_bits) == [b.part]  # 0.0625 once b is 4-bit
+    assert choose_kept(results, uniform, 1000, max_bytes=1011) == [a.part]  # b's 40 bytes do not fit
+    assert choose_kept(results, uniform, 1000, max_bytes=1011, **four_bits) == [b.part, a.part]  # 2 + 9 bytes fit
+
+
+INT2_RTN = {"name": "w2-rtn", "scheme": {"weights": {"num_bits": 2, "type": "int", "symmetric": False,
+                                                     "strategy": "group", "group_size": 64}}, "steps": ["rtn"]}
+
+
+@pytest.fixture(scope="module")
+def measured_int2(tiny_model_dir, tmp_path_factory):
+    """A 2-bit recipe measured part by part, planned with its parts kept at 4 bits to a quarter of its KL."""
+    import yaml
+
+    base = tiny_model_dir("llama")
+    out = tmp_path_factory.mktemp("sensitivity-int2")
+    recipe_file = out / "w2-rtn.yaml"
+    recipe_file.write_text(yaml.safe_dump(INT2_RTN))
+    sensitivity(str(base), str(recipe_file), out, Sensitivity(target_kl=1e-9, windows=2, keep_bits=4), SETTINGS, quiet=True)
+    target = json.loads((out / "sensitivity.json").read_text())["uniform"]["kl_mean"] / 4
+    sensitivity(str(base), str(recipe_file), out, Sensitivity(target_kl=target, windows=2, keep_bits=4), SETTINGS,
+                quiet=True)
+    return base, out, recipe_file, target, json.loads((out / "sensitivity.json").read_text())
+
+
+def test_parts_kept_at_4_bits_weigh_exactly_what_the_plan_predicts_and_lower_kl(measured_int2, tmp_path):
+    from ptqlab.api import quantize
+    from ptqlab.measure.sensitivity import measure_sensitivity, safetensors_bytes
+    from ptqlab.schemes import QuantArgs, Scheme
+
+    base, out, _, target, result = measured_int2
+    mixed = result["mixed"]
+    assert 0 < len(mixed["kept"]) < len(result["parts"]) and mixed["predicted_kl"] <= target
+    recipe = get_recipe(mixed["recipe_file"])
+    int4 = Scheme(QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=64))  # the recipe's, 4 bits
+    assert recipe.name == "w2-rtn-mixed" and recipe.ignore == ("lm_head",)
+    (override,) = recipe.overrides
+    assert override.scheme == int4 and mixed["kept_as"] == f"at {int4.describe()}"
+    kept = [p for p in result["parts"] if p["name"] in mixed["kept"]]
+    assert set(override.targets) == {f"re:model\\.layers\\.{p['layer']}\\.({'|'.join(p['children'])})\\." for p in kept}
+
+    folder = quantize(str(base), recipe, out=tmp_path / "mixed", quiet=True, device="cpu")
+    blocks = {f"model.layers.{p['layer']}.{'self_attn' if p['kind'] == 'attention' else 'mlp'}." for p in kept}
+    for name, bits in _quantized_schemes(folder):  # the kept parts' linears at 4 bits, every other at 2
+        assert bits == (4 if any(name.startswith(block) for block in blocks) else 2), name
+    assert sum(safetensors_bytes(folder).values()) == mixed["predicted_weights_bytes"]  # exactly: bytes are counted
+    again = measure_sensitivity(base, folder, SETTINGS, windows=2, quiet=True)
+    assert again["uniform"]["kl_mean"] < 0.5 * result["uniform"]["kl_mean"]
+
+
+def _quantized_schemes(folder):
+    """(linear, bits) of every quantized linear, as ptqlab's runtime resolves the checkpoint's config groups."""
+    from ptqlab.measure.sensitivity import safetensors_bytes
+    from ptqlab.runtime.load import SchemeResolver
+
+    resolve = SchemeResolver(json.loads((folder / "config.json").read_text())["quantization_config"])
+    names = {key.rpartition(".")[0] for key in safetensors_bytes(folder) if key.endswith(".weight_packed")}
+    return [(name, resolve(name).weights.num_bits) for name in sorted(names)]
+
+
+@pytest.mark.parametrize("bits,message", [(2, r"--keep-bits 2: must be wider than the recipe's 2-bit weights: one of 3, 4, 8"),
+                                          (16, r"--keep-bits 16: must be wider")])
+def test_keep_bits_must_be_a_wider_int_grid(measured_int2, bits, message, tmp_path):
+    from ptqlab.measure.sensitivity import plan_mixed
+    from ptqlab.recipes import parse_recipe
+
+    base, _, recipe_file, target, result = measured_int2
+    with pytest.raises(PtqlabError, match=message):
+        plan_mixed(result, parse_recipe(INT2_RTN), target, None, keep_bits=bits)
+    with pytest.raises(PtqlabError, match=message):  # before any work: nothing quantized, no folder made
+        sensitivity(str(base), str(recipe_file), tmp_path / "never", Sensitivity(target_kl=target, keep_bits=bits),
+                    SETTINGS, quiet=True)
+    assert not (tmp_path / "never").exists()
+    fp8 = {**result, "recipe": get_recipe("fp8-dynamic").to_dict()}
+    with pytest.raises(PtqlabError, match=r"--keep-bits applies to int weights; the recipe's are float8"):
+        plan_mixed(fp8, get_recipe("fp8-dynamic"), target, None, keep_bits=4)

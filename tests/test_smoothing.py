@@ -162,7 +162,7 @@ def test_smoothquant_all_mappings_reach_v_o_and_up_down_where_exact(tiny_model_d
         src = tiny_model_dir("llama", num_key_value_heads=kv_heads)
         out = quantize(str(src), recipe, out=tmp_path / f"kv{kv_heads}", calibration=config, quiet=True, device="cpu")
         record = json.loads((out / "ptqlab.json").read_text())
-        transforms = record["layers"][0]["transforms"]
+        transforms = record["layers"][0]["details"]
         assert len(transforms) == expected and all(t.startswith("smoothquant") for t in transforms)
         assert any("v_proj -> self_attn.o_proj" in t for t in transforms) == (kv_heads == 4)
 

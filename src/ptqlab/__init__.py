@@ -2,6 +2,7 @@
 
 from ptqlab.version import __version__  # noqa: F401
 from ptqlab.api import quantize  # noqa: E402
+from ptqlab.export_gguf import export_gguf  # noqa: E402
 from ptqlab.suite import bench, lab  # noqa: E402
 from ptqlab.errors import PtqlabError  # noqa: E402
 from ptqlab.models import load_model  # noqa: E402
@@ -10,5 +11,5 @@ from ptqlab.recipes import PRESETS, Recipe, get_recipe  # noqa: E402
 from ptqlab.schemes import QuantArgs, Scheme  # noqa: E402
 
 __all__ = [
-    "quantize", "bench", "lab", "quantize_model", "load_model", "get_recipe", "PRESETS", "Recipe", "Scheme", "QuantArgs", "PtqlabError",
+    "quantize", "export_gguf", "bench", "lab", "quantize_model", "load_model", "get_recipe", "PRESETS", "Recipe", "Scheme", "QuantArgs", "PtqlabError",
 ]

@@ -57,18 +57,20 @@ def calibration_of(recipe: Recipe, calibration: CalibrationConfig | None, seed: 
 
 def _run_record(loaded, result: QuantizationResult, settings: dict, seconds: float, request: dict,
                 verification: list[dict] = ()) -> RunRecord:
+    schemes = result.recipe.schemes  # the recipe's own, then its overrides'
+    formats = {scheme.format for scheme in schemes}
     return RunRecord(
         model=loaded.source,
         model_path=loaded.path,
         model_note=loaded.note,
         recipe=result.recipe.to_dict(),
-        format=result.recipe.scheme.format,
-        scheme=result.recipe.scheme.describe(),
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",  # as the config says (compressed-tensors)
+        scheme="; ".join(scheme.describe() for scheme in schemes),
         settings=settings,
         quantized_layers=len(result.quantized),
         ignored_layers=tuple(result.ignored),
         notes=tuple(result.notes),
-        layers=tuple({"index": r.index, "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "transforms": r.details,
+        layers=tuple({"index": r.index, "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "details": r.details,
                       **({"experts": r.experts} if r.experts else {})} for r in result.layer_reports),
         seconds=round(seconds, 3),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -297,7 +299,7 @@ def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, r
     skip, bounds = {}, {}
     if moe_layout(loaded.model.config) is not None:
         bounds["transformers"] = MOE_TRANSFORMERS_BOUND
-        unreadable = unreadable_experts(result.recipe.scheme)
+        unreadable = next(filter(None, map(unreadable_experts, result.recipe.schemes)), None)
         if unreadable is not None:
             skip["transformers"] = f"it does not read {unreadable}"
     checks, notes = read_back(folder, loaded.model, skip, bounds, in_memory=not resumed)

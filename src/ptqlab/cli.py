@@ -120,6 +120,45 @@ def quantize(
     )
 
 
+@app.command("export-gguf")
+def export_gguf(
+    model: Annotated[Optional[str], typer.Argument(help="Hub id, local folder, or a ptqlab (compressed-tensors) checkpoint folder; omitted: the embedded SmolLM2-135M-Instruct.")] = None,
+    type: Annotated[str, typer.Option("--type", help="llama.cpp's file type: Q8_0, Q4_0 or Q4_K_M (its tensor mix: Q6_K output and some attn_v / ffn_down); F32: unquantized, for llama.cpp's own quantize.")] = "Q4_K_M",
+    out: Annotated[Optional[Path], typer.Option(help="The .gguf file to write; default ./MODEL-TYPE.gguf.")] = None,
+    imatrix_from_calibration: Annotated[bool, typer.Option("--imatrix-from-calibration", help="Weigh each block's scale search by an importance matrix (mean squared input per channel) gathered on calibration samples, as llama.cpp's quantize --imatrix does.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out that ptqlab wrote.")] = False,
+    dtype: Annotated[str, typer.Option(help="Load dtype: auto, bfloat16, float16, float32.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the calibration draw; recorded in the file's ptqlab.* metadata.")] = 0,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    dataset: Dataset = "auto", dataset_config: DatasetConfig = None, split: Split = "train_sft",
+    num_samples: NumSamples = 256, max_seq_len: MaxSeqLen = 1024,
+    calib_batch_size: CalibBatchSize = 16, allow_plain_text: AllowPlainText = False, device: QuantDevice = "auto",
+    verbose: Verbose = False,
+) -> None:
+    """Export MODEL as one GGUF file for llama.cpp (llama, mistral, qwen2 models), quantized as llama.cpp's quantize
+    would: Q8_0, Q4_0 or Q4_K_M, with --imatrix-from-calibration like quantize --imatrix.
+
+    A ptqlab checkpoint is dequantized first: re-quantizing an already quantized model compounds the two formats'
+    errors; export the 16-bit original when you have it. The calibration options apply with --imatrix-from-calibration."""
+    _start(verbose)
+    from ptqlab.data import CalibrationConfig
+    from ptqlab.export_gguf import export_gguf as run
+
+    try:
+        calibration = CalibrationConfig(dataset=dataset, dataset_config=dataset_config, split=split,
+                                        num_samples=num_samples, max_seq_len=max_seq_len,
+                                        allow_plain_text=allow_plain_text)
+        result = run(model, type, out, imatrix_from_calibration, calibration, seed=seed, overwrite=overwrite,
+                     dtype=dtype, device=device, calib_batch_size=calib_batch_size, quiet=quiet)
+    except PtqlabError as e:
+        _fail(e)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    mix = ", ".join(f"{n} {t}" for t, n in sorted(result.type_counts().items()))
+    console.print(f"[green]wrote[/] {escape(str(result.path))} ({result.file_type}{' with an importance matrix' if result.importance else ''}: "
+                  f"{result.bytes / 2**20:.1f} MiB; tensors {mix}) in {result.seconds:.1f} s", highlight=False)
+
+
 @app.command()
 def recipes(
     name: Annotated[Optional[str], typer.Argument(help="A preset or a recipe .yaml file: print it as YAML (a starting point for your own).")] = None,
@@ -214,6 +253,7 @@ PplContext = Annotated[Optional[int], typer.Option(help="Window length; default 
 PplProtocolOption = Annotated[str, typer.Option(help="gptq: windows of 2048, every token but each window's first scored; llama.cpp: windows of 512 starting with BOS, the second half scored (comparable with llama.cpp's perplexity tool).")]
 TargetKl = Annotated[Optional[float], typer.Option(help="Sensitivity: the mean KL the mixed recipe aims at (default: --max-kl for lab, 0.05 for sensitivity).")]
 MaxSize = Annotated[Optional[str], typer.Option(help="Sensitivity: instead of a KL target, the largest weights size of the mixed checkpoint, e.g. 120MiB.")]
+KeepBits = Annotated[Optional[int], typer.Option(help="Sensitivity: keep the chosen parts at the recipe's own int scheme with this many bits (same groups, same quantizer; e.g. 4 for a 2-bit recipe) instead of 16-bit.")]
 SensitivityWindows = Annotated[Optional[int], typer.Option(min=1, help="Sensitivity: evaluation windows of 512 tokens per part (default 4: a ranking needs fewer tokens than a verdict).")]
 PplText = Annotated[str, typer.Option(help="wikitext-2 (offline fallback: python-docs), python-docs, or a .txt path.")]
 MaxNewTokens = Annotated[Optional[int], typer.Option(help="Tokens generated per speed run (EOS ignored); default 128, 32 on a CPU.")]
@@ -257,7 +297,7 @@ def bench(
 @app.command()
 def lab(
     model: Annotated[Optional[str], typer.Argument(help="Hub id or local folder; omitted: the embedded SmolLM2-135M-Instruct.")] = None,
-    recipes: Annotated[Optional[str], typer.Option(help="Comma-separated presets or recipe files; default: fp8-dynamic,w4a16,w8a8 (FP8 dynamic, GPTQ W4A16, SmoothQuant + GPTQ W8A8).")] = None,
+    recipes: Annotated[Optional[str], typer.Option(help="Comma-separated presets or recipe files; default: fp8-dynamic,w4a16,w8a8 (FP8 dynamic, GPTQ W4A16, SmoothQuant + GPTQ W8A8). gguf-Q8_0, gguf-Q4_0, gguf-Q4_K_M (add -imatrix for an importance matrix from the calibration): a GGUF export of the baseline, quality measured through transformers' GGUF reader, speed not measured.")] = None,
     out: Annotated[Path, typer.Option(help="Lab folder: checkpoints, results, report (resumable).")] = Path("ptqlab-lab"),
     dtype: Annotated[str, typer.Option(help="Load dtype for quantization.")] = "auto",
     ppl_quick: PplQuick = False, ppl_full: PplFull = False, ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2",
@@ -270,8 +310,9 @@ def lab(
     max_seq_len: Annotated[Optional[int], typer.Option(help="Calibration samples are truncated to this many tokens; default 1024, 512 on a CPU.")] = None,
     calib_batch_size: CalibBatchSize = 16,
     runtime: Runtime = "auto", verbose: Verbose = False,
-    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also measure each decoder layer's attention and MLP alone quantized with the recipe of fewest weight bits, and add its mixed-precision version (the most sensitive parts kept 16-bit to meet --target-kl or --max-size) as one more variant.")] = False,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also measure each decoder layer's attention and MLP alone quantized with the recipe of fewest weight bits, and add its mixed-precision version (the most sensitive parts kept 16-bit, or at --keep-bits, to meet --target-kl or --max-size) as one more variant.")] = False,
     target_kl: TargetKl = None, max_size: MaxSize = None, sensitivity_windows: SensitivityWindows = None,
+    keep_bits: KeepBits = None,
 ) -> None:
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
     _start(verbose)
@@ -284,8 +325,8 @@ def lab(
                              runtime, ppl_protocol, batch_sizes, _tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
         names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
-        aim = _aim(target_kl if target_kl is not None or max_size else max_kl, max_size, sensitivity_windows) \
-            if sensitivity else None
+        aim = _aim(target_kl if target_kl is not None or max_size else max_kl, max_size, sensitivity_windows,
+                   keep_bits) if sensitivity else None
         folder = run(model, names, out, settings, Budget(max_kl, max_ppl_increase), dtype, quiet, calibration, calib_batch_size,
                      aim)
     except PtqlabError as e:
@@ -293,14 +334,14 @@ def lab(
     _print_summary(folder)
 
 
-def _aim(target_kl: float | None, max_size: str | None, windows: int | None):
+def _aim(target_kl: float | None, max_size: str | None, windows: int | None, keep_bits: int | None = None):
     from ptqlab.engine.memory import parse_bytes
     from ptqlab.suite import Sensitivity
 
     if target_kl is not None and max_size:
         raise PtqlabError("--target-kl and --max-size exclude each other: give one")
     return Sensitivity(target_kl=target_kl, max_bytes=parse_bytes(max_size, "--max-size") if max_size else None,
-                       **({} if windows is None else {"windows": windows}))
+                       keep_bits=keep_bits, **({} if windows is None else {"windows": windows}))
 
 
 @app.command()
@@ -309,6 +350,7 @@ def sensitivity(
     recipe: Annotated[str, typer.Option(help="Preset name or recipe .yaml file whose damage to measure.")] = "w4a16",
     out: Annotated[Path, typer.Option(help="Folder: the checkpoint, sensitivity.json, the mixed recipe (resumable).")] = Path("ptqlab-sensitivity"),
     target_kl: TargetKl = None, max_size: MaxSize = None, windows: SensitivityWindows = None,
+    keep_bits: KeepBits = None,
     dtype: Annotated[str, typer.Option(help="Load dtype for quantization.")] = "auto",
     ppl_context: PplContext = None, ppl_text: PplText = "wikitext-2", ppl_protocol: PplProtocolOption = "gptq",
     device: Device = "auto", seed: int = 0, quiet: Quiet = False,
@@ -317,7 +359,8 @@ def sensitivity(
     calib_batch_size: CalibBatchSize = 16, verbose: Verbose = False,
 ) -> None:
     """Which parts a recipe hurts: the KL of each decoder layer's attention and MLP alone quantized, and a recipe that
-    keeps the most sensitive parts 16-bit to meet --target-kl (default 0.05) or --max-size with the fewest bytes."""
+    keeps the most sensitive parts 16-bit (or at --keep-bits) to meet --target-kl (default 0.05) or --max-size with the
+    fewest bytes."""
     _start(verbose)
     from ptqlab.data import CalibrationConfig
     from ptqlab.measure.variant import QUICK_CONTEXT, BenchSettings
@@ -328,7 +371,7 @@ def sensitivity(
         settings = BenchSettings(ppl_text=ppl_text, ppl_context=ppl_context or QUICK_CONTEXT, ppl_protocol=ppl_protocol,
                                  device=device, seed=seed)
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
-        aim = _aim(target_kl if target_kl is not None or max_size else Budget().max_kl, max_size, windows)
+        aim = _aim(target_kl if target_kl is not None or max_size else Budget().max_kl, max_size, windows, keep_bits)
         folder = run(model, recipe, out, aim, settings, dtype, quiet, calibration, calib_batch_size)
     except PtqlabError as e:
         _fail(e)
@@ -347,7 +390,8 @@ def _print_sensitivity(folder: Path, worst: int = 10) -> None:
         console.print(f"  {p['name']}: KL {p['kl_mean']:.4f} (p99 {p['kl_p99']:.3f}), keeping it 16-bit adds "
                       f"{p['extra_bytes'] / 2**20:.2f} MiB", highlight=False)
     mixed = result["mixed"]
-    console.print(f"[green]mixed recipe:[/] {mixed['recipe_file']}: {len(mixed['kept'])} parts kept 16-bit, predicted KL "
+    console.print(f"[green]mixed recipe:[/] {mixed['recipe_file']}: {len(mixed['kept'])} parts kept "
+                  f"{mixed.get('kept_as', '16-bit')}, predicted KL "
                   f"{mixed['predicted_kl']:.4f}, weights {mixed['predicted_weights_bytes'] / 2**20:.1f} MiB "
                   f"(measure it: ptqlab lab --recipes {Path(result['checkpoint']).name},{mixed['recipe_file']})",
                   highlight=False)

@@ -108,30 +108,68 @@ def columns_that_must_divide(scheme) -> int | None:
     return scheme.weights.group_size if scheme.weights.strategy in ("group", "tensor_group") else None
 
 
+def override_claims(targets: dict[str, nn.Linear], recipe: Recipe) -> tuple[dict[str, int], list[str]]:
+    """-> (the index of the recipe override that claims each target it claims, by name; override targets that matched
+    no linear). A linear that overrides of different schemes claim is an error: compressed-tensors and vLLM would pick
+    one by their own ranking of the targets, not by the recipe's order."""
+    claims, used = {}, set()
+    for name in targets:
+        hits = [(i, t) for i, o in enumerate(recipe.overrides) for t in o.targets if matches(name, t)]
+        if not hits:
+            continue
+        schemes = list(dict.fromkeys(recipe.overrides[i].scheme for i, _ in hits))
+        if len(schemes) > 1:
+            (i, a), (j, b) = hits[0], next(h for h in hits if recipe.overrides[h[0]].scheme != schemes[0])
+            raise PtqlabError(f"{name} is claimed by overrides[{i}] ({a!r}: {schemes[0].describe()}) and "
+                              f"overrides[{j}] ({b!r}: {schemes[1].describe()}): make the overrides' targets disjoint")
+        claims[name] = hits[0][0]
+        used.update(t for _, t in hits)
+    unused = [t for o in recipe.overrides for t in o.targets if t not in used]
+    return claims, unused
+
+
 def resolve_group_size(recipe: Recipe, targets: dict[str, nn.Linear]) -> tuple[Recipe, str | None]:
-    """Make the recipe's group size divide every target's input width, or explain why it cannot."""
-    group_size = columns_that_must_divide(recipe.scheme)
-    if group_size is None:
-        return recipe, None
+    """Make the recipe's group size divide the input width of every target it quantizes, and each override's that of
+    the targets it claims, or explain why it cannot."""
+    claims, _ = override_claims(targets, recipe)
+    own = {name: m for name, m in targets.items() if name not in claims}
+    scheme, note = _fitted_scheme(recipe.scheme, own, recipe.auto_group_size, "--group-size")
+    notes, overrides = [note], list(recipe.overrides)
+    for i, override in enumerate(overrides):
+        claimed = {name: m for name, m in targets.items() if claims.get(name) == i}
+        fitted, note = _fitted_scheme(override.scheme, claimed, recipe.auto_group_size, f"overrides[{i}].group_size")
+        overrides[i] = replace(override, scheme=fitted)
+        notes.append(note and f"overrides[{i}]: {note}")
+    notes = [n for n in notes if n]
+    return replace(recipe, scheme=scheme, overrides=tuple(overrides)), "; ".join(notes) or None
+
+
+def _fitted_scheme(scheme, targets: dict[str, nn.Linear], automatic_allowed: bool, option: str):
+    """-> (`scheme` with a group size that divides every one of `targets`' input widths, a note when it was changed),
+    or an error naming `option` (how the user sets that group size) and the size to give."""
+    group_size = columns_that_must_divide(scheme)
+    if group_size is None or not targets:
+        return scheme, None
     widths = {name: m.in_features for name, m in targets.items()}
     bad = {name: w for name, w in widths.items() if w % group_size}
     if not bad:
-        return recipe, None
+        return scheme, None
     examples = ", ".join(f"{n} ({w})" for n, w in list(bad.items())[:3])
     problem = f"group size {group_size} does not divide the input width of {len(bad)} layers"
     size, which = suggest_group_size(widths.values(), group_size)
     if size == 1:
         raise PtqlabError(f"{problem}, e.g. {examples}, and no group size above 1 divides every layer's input width: "
                           "use a recipe that quantizes weights per channel (see `ptqlab recipes`)")
-    if is_fp4(recipe.scheme.weights):
+    if is_fp4(scheme.weights):
         raise PtqlabError(f"{problem}, e.g. {examples}: FP4's groups are fixed by the format; keep those layers 16-bit "
                           f"with --ignore (e.g. --ignore {next(iter(bad))})")
     automatic = size <= group_size and size & (size - 1) == 0 and size >= MIN_AUTO_GROUP
-    if not recipe.auto_group_size or not automatic:
+    if not automatic_allowed or not automatic:
+        set_it = f"use {option} {size}" if option.startswith("--") else f"set {option}: {size} in the recipe"
         raise PtqlabError(f"{problem}, e.g. {examples}; {which} that divides every layer's input width is {size}: "
-                          f"use --group-size {size}")
+                          f"{set_it}")
     note = f"{problem} (e.g. {examples}); using group size {size}, the largest power of two that divides every layer"
-    return replace(recipe, scheme=with_columns_per_scale(recipe.scheme, size)), note
+    return with_columns_per_scale(scheme, size), note
 
 
 def _check_weight(name: str, linear: nn.Linear) -> None:
@@ -146,10 +184,9 @@ def _check_finite(name: str, linear: nn.Linear) -> None:
         raise PtqlabError(f"{name}: the weight holds NaN or Inf; the checkpoint is damaged or was loaded in a dtype that overflows (try --dtype bfloat16)")
 
 
-def _quantize_linear(name: str, linear: nn.Linear, recipe: Recipe,
-                     global_scale: torch.Tensor | None = None) -> QuantizedLinear:
+def _quantize_linear(name: str, linear: nn.Linear, scheme, global_scale: torch.Tensor | None = None) -> QuantizedLinear:
     _check_weight(name, linear)
-    return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, recipe.scheme, global_scale=global_scale)
+    return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, scheme, global_scale=global_scale)
 
 
 LayerWriter = Callable[[int, nn.Module, str], None]
@@ -205,6 +242,13 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         result.notes.append(note)
     for pattern in unused:
         result.notes.append(f"ignore pattern {pattern!r} matched no linear layer")
+    claims, unclaimed = override_claims(targets, recipe)
+    overrides = {name: recipe.overrides[i].scheme for name, i in claims.items()}
+    for i, override in enumerate(recipe.overrides):
+        count = sum(1 for claimed in claims.values() if claimed == i)
+        result.notes.append(f"overrides[{i}]: {count} linears quantized as {override.scheme.describe()}")
+    for pattern in unclaimed:
+        result.notes.append(f"override target {pattern!r} matched no quantized linear layer")
 
     by_layer, outside = names_by_layer(model, targets)
     load_layer, finish_layer = _layer_hooks(streamed, write_layer, targets, by_layer)
@@ -220,7 +264,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         for name, linear in targets.items():
             _check_weight(name, linear)
         plan = Plan(recipe.transforms, recipe.quantizer, recipe.scheme, scale_dtype=model_dtype(model),
-                    kv=kv_cache_format(recipe.kv))
+                    kv=kv_cache_format(recipe.kv), overrides=overrides)
         options = EngineOptions(device, batch_size, compute_dtype=compute_dtype, quiet=quiet,
                                 label=f"{recipe.name} ({steps})", load_layer=load_layer, finish_layer=finish_layer,
                                 resume=resume, offload=offload, activations_on_gpu=activations_on_gpu,
@@ -242,10 +286,12 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         if index is not None and load_layer is not None:
             load_layer(index)
         global_scales = {}  # NVFP4: one per weight that vLLM fuses (q/k/v, gate/up), before any group scale
-        if fp4.has_global_scale(recipe.scheme.weights) and names:
-            global_scales = weight_global_scales({n: targets[n] for n in names}, targets[names[0]].weight.dtype)
+        nvfp4 = [n for n in names if fp4.has_global_scale(overrides.get(n, recipe.scheme).weights)]
+        if nvfp4:
+            global_scales = weight_global_scales({n: targets[n] for n in nvfp4}, targets[nvfp4[0]].weight.dtype)
         for name in names:
-            set_submodule(model, name, _quantize_linear(name, targets[name], recipe, global_scales.get(name)))
+            set_submodule(model, name, _quantize_linear(name, targets[name], overrides.get(name, recipe.scheme),
+                                                        global_scales.get(name)))
             result.quantized.append(name)
         if index is not None and finish_layer is not None:
             finish_layer(index, layers[index], prefixes[id(layers[index])])

@@ -10,13 +10,22 @@ A recipe is a YAML document (the presets live in presets.yaml, parsed by the sam
       - smoothquant: {smoothing_strength: 0.8}
       - gptq: {dampening_frac: 0.01, actorder: static}
     kv: fp8                           # optional, any recipe: an FP8 KV cache with calibrated scales (or fp8-head)
+    overrides:                        # optional: named linears at another scheme (e.g. sensitive parts at 4-bit)
+      - targets: ['re:model\.layers\.0\.mlp\.']
+        scheme: W4A16
+        group_size: 64                # optional, as the top-level group_size sets the recipe's own scheme
 
 Steps run in order: transforms first (`smoothquant`, `awq`: they rescale the float model exactly), then exactly one
-quantizer, last (`gptq` or `rtn`); the steps, their settings and their allowed values come from the engine's table
+quantizer, last (`gptq`, `rtn` or `autoround`); the steps, their settings and their allowed values come from the engine's table
 (engine/steps.py) and the settings' own declarations (ptqlab.settings). Keys follow llm-compressor's names where it has one (`smoothing_strength`,
 `dampening_frac`, `actorder`, `group_size`, `ignore`). A wrong key or value is an error naming the key and what is
 allowed, raised while parsing: every value is checked by type (a boolean only from YAML's true/false, an integer
 never from 4.0) and range before any work, so that what the checkpoint declares is what was computed.
+
+`overrides` give some linears a second scheme (quantized by the same steps): each is a config group of its own in the
+checkpoint, targeting the linears by name or `re:` expression, which compressed-tensors and vLLM rank above the main
+group's class target `Linear`; `ignore` still wins over both. A linear that two overrides of different schemes claim
+is refused when the model is quantized (the order in which the libraries would pick one is not the recipe's).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from ptqlab.engine.smoothquant import SmoothQuantStep
 from ptqlab.engine.steps import STEP_KINDS, kind_of
 from ptqlab.errors import PtqlabError
 from ptqlab.quant import fp4
+from ptqlab.quant.autoround import AutoRoundConfig
 from ptqlab.quant.gptq import GPTQConfig
 from ptqlab.quant.kv_cache import kv_cache_format
 from ptqlab.settings import SettingError, check_setting
@@ -42,7 +52,7 @@ from ptqlab.schemes import (FP4_FORMATS, FP8_DYNAMIC, MXFP4A16, NVFP4, NVFP4A16,
                              Scheme, brief, check_format, check_scheme, is_fp4)
 
 
-Step = Union[SmoothQuantStep, AWQStep, GPTQConfig, RTNStep]
+Step = Union[SmoothQuantStep, AWQStep, GPTQConfig, RTNStep, AutoRoundConfig]
 SCHEMES: dict[str, Scheme] = {
     "FP8_DYNAMIC": FP8_DYNAMIC,
     "W4A16": W4A16,
@@ -71,7 +81,18 @@ def step_name(step: Step) -> str:
     return kind_of(step).name
 
 
+QUANTIZERS = ", ".join(kind.name for kind in STEP_KINDS.values() if kind.role == "quantizer")
+
 ACTORDER = {"static": True, "weight": True, True: True, None: False, False: False, "none": False}
+
+
+@dataclass(frozen=True)
+class SchemeOverride:
+    """Linears quantized to another scheme than the recipe's (YAML: `- {targets: [...], scheme: W4A16}`)."""
+
+    targets: tuple[str, ...]
+    """Module names or `re:` regular expressions (matched from the start), as in `ignore`; not the class `Linear`."""
+    scheme: Scheme
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,9 @@ class Recipe:
     kv: str | None = None
     """The KV cache's format: None (16-bit), fp8 or fp8-head (quant/kv_cache.py). Its scales are calibrated, so a
     recipe with `kv` needs calibration data even when its steps do not."""
+    overrides: tuple[SchemeOverride, ...] = ()
+    """Linears quantized to another scheme (e.g. a model's most sensitive parts at 4-bit in a 2-bit recipe); the
+    engine gives each linear its scheme (engine/steps.py `Plan.scheme_of`)."""
 
     def __post_init__(self) -> None:
         problem = name_problem(self.name)
@@ -113,16 +137,35 @@ class Recipe:
         except TypeError as e:
             raise PtqlabError(f"recipe {self.name}: {e}") from None
         if not roles or roles[-1] != "quantizer":
-            raise PtqlabError(f"recipe {self.name}: the last step must be a quantizer (gptq or rtn)")
+            raise PtqlabError(f"recipe {self.name}: the last step must be a quantizer ({QUANTIZERS})")
         if any(role != "transform" for role in roles[:-1]):
             raise PtqlabError(f"recipe {self.name}: only smoothquant and awq may come before the quantizer, "
-                              f"and only one quantizer (gptq or rtn) is allowed, last")
-        if self.scheme.weights.strategy == "block" and any(step_name(s) in ("gptq", "awq") for s in self.steps):
+                              f"and only one quantizer ({QUANTIZERS}) is allowed, last")
+        weights = self.scheme.weights
+        if step_name(self.steps[-1]) == "autoround" and (weights.type != "int" or weights.strategy not in ("group", "channel")):
+            raise PtqlabError(f"recipe {self.name}: autoround tunes int weights with per-group or per-channel scales, "
+                              f"not {weights.type} {weights.strategy}; use gptq or rtn for this scheme")
+        if any(s.weights.strategy == "block" for s in self.schemes) and any(step_name(s) in ("gptq", "awq")
+                                                                            for s in self.steps):
             raise PtqlabError(f"recipe {self.name}: block-wise weights (strategy block) are quantized by rtn, optionally "
                               "after smoothquant; gptq and awq compute per-group or per-channel scales")
+        for i, override in enumerate(self.overrides):
+            problem = override_problem(override)
+            if problem:
+                raise PtqlabError(f"recipe {self.name}: overrides[{i}]{problem}")
+            weights = override.scheme.weights
+            if step_name(self.steps[-1]) == "autoround" and (weights.type != "int" or
+                                                             weights.strategy not in ("group", "channel")):
+                raise PtqlabError(f"recipe {self.name}: overrides[{i}]: autoround tunes int weights with per-group or "
+                                  f"per-channel scales, not {weights.type} {weights.strategy}")
 
     @property
-    def quantizer(self) -> GPTQConfig | RTNStep:
+    def schemes(self) -> tuple[Scheme, ...]:
+        """Every scheme the recipe quantizes to: its own, then its overrides' (distinct, in order)."""
+        return tuple(dict.fromkeys((self.scheme, *(o.scheme for o in self.overrides))))
+
+    @property
+    def quantizer(self) -> GPTQConfig | RTNStep | AutoRoundConfig:
         return self.steps[-1]
 
     @property
@@ -139,8 +182,8 @@ class Recipe:
         """Whether the recipe needs calibration data: whether any step needs statistics of the layers' inputs, or
         the KV cache is quantized (its scales come from the keys and values the calibration set produces), or the
         scheme has a calibrated input scale (NVFP4 activations' global scale)."""
-        return (any(kind_of(step).statistics for step in self.steps) or self.kv is not None
-                or fp4.has_input_global_scale(self.scheme))
+        return (any(kind_of(step).calibrated for step in self.steps) or self.kv is not None
+                or any(fp4.has_input_global_scale(scheme) for scheme in self.schemes))
 
     @property
     def gptq(self) -> GPTQConfig | None:
@@ -158,7 +201,7 @@ class Recipe:
     def with_overrides(self, ignore: list[str] | None = None, group_size: int | None = None,
                        kv_cache: str | None = None) -> Recipe:
         """The recipe with the command line's --ignore, --group-size and --kv-cache (checked: an error names the
-        option)."""
+        option). --group-size sets the recipe's own scheme, not its `overrides`' (each has its own group_size)."""
         recipe = self
         if kv_cache is not None:
             try:
@@ -178,9 +221,6 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The YAML form: parse_recipe(recipe.to_dict()) == recipe."""
-        scheme = {"weights": _args_dict(self.scheme.weights)}
-        if self.scheme.input_activations is not None:
-            scheme["input_activations"] = _args_dict(self.scheme.input_activations)
         steps = []
         for step in self.steps:
             name = step_name(step)
@@ -188,11 +228,20 @@ class Recipe:
             if isinstance(step, GPTQConfig):
                 params["actorder"] = "static" if params.pop("act_order") else None
             steps.append({name: params})
-        doc = {"name": self.name, "description": self.description, "scheme": scheme, "ignore": list(self.ignore),
-               "auto_group_size": self.auto_group_size, "steps": steps}
+        doc = {"name": self.name, "description": self.description, "scheme": _scheme_dict(self.scheme),
+               "ignore": list(self.ignore), "auto_group_size": self.auto_group_size, "steps": steps}
         if self.kv is not None:  # only when set: the recorded requests of recipes without it stay as they were
             doc["kv"] = self.kv
+        if self.overrides:  # likewise
+            doc["overrides"] = [{"targets": list(o.targets), "scheme": _scheme_dict(o.scheme)} for o in self.overrides]
         return doc
+
+
+def _scheme_dict(scheme: Scheme) -> dict:
+    doc = {"weights": _args_dict(scheme.weights)}
+    if scheme.input_activations is not None:
+        doc["input_activations"] = _args_dict(scheme.input_activations)
+    return doc
 
 
 def _args_dict(args: QuantArgs) -> dict:
@@ -261,6 +310,34 @@ def ignore_problem(patterns) -> str | None:
     return None
 
 
+TARGETS_WORDS = "is not a non-empty list of module names or re: patterns, e.g. ['re:model\\.layers\\.0\\.mlp\\.']"
+
+
+def override_problem(override) -> str | None:
+    """Why `override` is not a SchemeOverride ptqlab can apply, or None; the message continues a key
+    (`overrides[0]...`)."""
+    if not isinstance(override, SchemeOverride):
+        return f": {brief(override)} is not a SchemeOverride"
+    targets = override.targets
+    if not isinstance(targets, tuple) or not targets:
+        return f".targets: {brief(targets)} {TARGETS_WORDS}"
+    problem = ignore_problem(list(targets))
+    if problem:
+        return f".targets: {problem}"
+    if "Linear" in targets:
+        return (".targets: 'Linear' (every linear) is the recipe's own scheme; name the linears the override "
+                "applies to, e.g. 're:.*down_proj'")
+    if len(set(targets)) != len(targets):
+        return f".targets: {brief(next(t for t in targets if targets.count(t) > 1))} is named twice"
+    if not isinstance(override.scheme, Scheme):
+        return f".scheme: {brief(override.scheme)} is not a Scheme"
+    try:
+        check_scheme(override.scheme)
+    except FormatError as e:
+        return f".scheme.{e.key}: {e.problem}"
+    return None
+
+
 def _option(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -279,7 +356,8 @@ def _option_value(step: str, key: str, value):
 
 # ---- parsing --------------------------------------------------------------------------------------------------------
 
-RECIPE_KEYS = ("name", "description", "scheme", "ignore", "group_size", "auto_group_size", "steps", "kv")
+RECIPE_KEYS = ("name", "description", "scheme", "ignore", "group_size", "auto_group_size", "steps", "kv", "overrides")
+OVERRIDE_KEYS = ("targets", "scheme", "group_size")
 MAX_RECIPE_BYTES = 256 * 1024
 """A recipe is a short YAML mapping; a larger file is refused before YAML reads it."""
 TYPE_WORDS = {bool: "a boolean; use true or false", str: "a string"}
@@ -399,7 +477,33 @@ def parse_recipe(doc: dict, where: str = "recipe") -> Recipe:
     return Recipe(name=name, scheme=scheme, steps=tuple(_parse_step(f"{where}: steps[{i}]", s) for i, s in enumerate(steps)),
                   ignore=tuple(ignore), auto_group_size=_typed(f"{where}: auto_group_size", doc.get("auto_group_size", True), bool),
                   description=_typed(f"{where}: description", doc.get("description", ""), str),
-                  kv=_parse_kv(where, doc.get("kv")))
+                  kv=_parse_kv(where, doc.get("kv")), overrides=_parse_overrides(where, doc.get("overrides", []), name))
+
+
+def _parse_overrides(where: str, value, name: str) -> tuple[SchemeOverride, ...]:
+    """A recipe's `overrides` list: each entry's targets, scheme and optional group_size checked."""
+    if not isinstance(value, list):
+        raise PtqlabError(f"{where}: overrides: {brief(value)} is not a list; use e.g. [{{targets: ['re:.*down_proj'], "
+                          f"scheme: W4A16}}]")
+    overrides = []
+    for i, entry in enumerate(value):
+        at = f"{where}: overrides[{i}]"
+        _check_keys(at, entry, OVERRIDE_KEYS)
+        for key in ("targets", "scheme"):
+            if key not in entry:
+                raise PtqlabError(f"{at}: key {key!r} is missing")
+        targets = entry["targets"]
+        if not isinstance(targets, list) or not targets:
+            raise PtqlabError(f"{at}.targets: {brief(targets)} {TARGETS_WORDS}")
+        scheme = _parse_scheme(f"{at}.scheme", entry["scheme"])
+        if "group_size" in entry:
+            scheme = regrouped(scheme, entry["group_size"], f"{at}.group_size", name)
+        override = SchemeOverride(tuple(targets), scheme)
+        problem = override_problem(override)
+        if problem:
+            raise PtqlabError(f"{at}{problem}")
+        overrides.append(override)
+    return tuple(overrides)
 
 
 def _parse_kv(where: str, value) -> str | None:

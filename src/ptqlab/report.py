@@ -62,11 +62,12 @@ def recommend(variants: list[dict], baseline: str | None, budget: Budget) -> dic
            "verdicts": {k: {"within_budget": ok, "why": why} for k, (ok, why) in verdicts.items()}}
 
     def pick(key, label: str, unit: str, best=max) -> dict | None:
-        if not eligible:
+        measured = [v for v in eligible if key(v) is not None]  # a GGUF variant has no speed figures of its own
+        if not measured:
             return None
-        winner = best(eligible, key=key)
+        winner = best(measured, key=key)
         return {"variant": winner["name"], "value": key(winner),
-                "why": f"{label} {key(winner):,.1f} {unit} among the {len(eligible)} variants within budget ({verdicts[winner['name']][1]})"}
+                "why": f"{label} {key(winner):,.1f} {unit} among the {len(measured)} variants within budget ({verdicts[winner['name']][1]})"}
 
     out["smallest"] = pick(lambda v: v["size"]["weights_bytes"] / MiB, "weights", "MiB", best=min)
     out["fastest_decode"] = pick(lambda v: v["speed"]["decode_tok_s"], "decode", "tok/s at batch 1")
@@ -338,8 +339,9 @@ def sensitivity_lines(sensitivity: dict | None, variants: list[dict]) -> list[st
         aim = (f"KL at most {mixed['target_kl']:g}" if mixed.get("target_kl") is not None
                else f"weights at most {mixed['max_bytes'] / MiB:,.1f} MiB")
         lines.append(f"Mixed recipe {mixed['recipe']} ({mixed['recipe_file']}), aiming at {aim}: keeps "
-                     f"{len(mixed['kept'])} parts 16-bit ({', '.join(mixed['kept']) or 'none'}); predicted KL "
-                     f"{mixed['predicted_kl']:.4f}, weights {mixed['predicted_weights_bytes'] / MiB:,.1f} MiB"
+                     f"{len(mixed['kept'])} parts {mixed.get('kept_as', '16-bit')} "
+                     f"({', '.join(mixed['kept']) or 'none'}); predicted KL {mixed['predicted_kl']:.4f}, weights "
+                     f"{mixed['predicted_weights_bytes'] / MiB:,.1f} MiB"
                      + (f"; measured in this lab: KL {kl:.4f}, weights {measured['size']['weights_bytes'] / MiB:,.1f} MiB"
                         if kl is not None else "") + ".")
     worst = sorted(sensitivity["parts"], key=lambda p: p["kl_mean"], reverse=True)[:WORST_PARTS]
@@ -540,8 +542,9 @@ def render_html(results: dict, rows: list[dict]) -> str:
     if any(v.get("kl") for v in variants):
         kl_points = [p for p in size_kl_points(variants, baseline) if p[2] is not None]
         plots.append(_scatter(kl_points, "weights (MiB)", "mean KL (nats)", front=front))
-    plots.append(_bars([(v["name"], v["speed"]["decode_tok_s"]) for v in variants], "decode tok/s (batch 1)"))
-    plots.append(_bars([(v["name"], v["speed"]["throughput_tok_s"]) for v in variants],
+    timed = [v for v in variants if v["speed"]["decode_tok_s"] is not None]  # GGUF variants: speed not measured
+    plots.append(_bars([(v["name"], v["speed"]["decode_tok_s"]) for v in timed], "decode tok/s (batch 1)"))
+    plots.append(_bars([(v["name"], v["speed"]["throughput_tok_s"]) for v in timed],
                        f"throughput tok/s (batch {variants[0]['speed']['batch_size']})"))
     sensitivity = results.get("sensitivity")
     sections = markdown_html(sweep_lines(variants) + task_lines(variants, baseline))

@@ -48,6 +48,23 @@ def matches(name: str, pattern: str) -> bool:
     return pattern in (name, "Linear")
 
 
+def claiming_group(name: str, groups: list[list[str]]) -> int | None:
+    """The index of the config group (given by its targets) whose scheme applies to the linear `name`, or None.
+    compressed-tensors' precedence (utils/match.py `match_targets`, lifecycle/apply.py `_scheme_from_targets`): an
+    exact name first, then a `re:` expression, then the class name `Linear`; among targets of one kind, the one that
+    sorts first. vLLM ranks the same way (names and expressions before classes), so a group of regexes overrides a
+    `Linear` group whatever their order."""
+    best = None
+    for index, targets in enumerate(groups):
+        for target in targets:
+            if not matches(name, target):
+                continue
+            rank = (2 if target == "Linear" and name != "Linear" else 1 if target.startswith("re:") else 0, target)
+            if best is None or rank < best[0]:
+                best = (rank, index)
+    return None if best is None else best[1]
+
+
 class FormatError(ValueError):
     """A number format the arithmetic does not support: `key` names the QuantArgs field at fault (prefixed with
     `weights.` or `input_activations.` for a whole scheme), `problem` says what is wrong and what is allowed; the

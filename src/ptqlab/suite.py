@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptqlab.measure.sensitivity import SENSITIVITY_WINDOWS
-from ptqlab.measure.variant import BenchSettings, device_name, fingerprint, run_isolated
+from ptqlab.measure.variant import BenchSettings, check_variant, device_name, fingerprint, run_isolated, variant_config
 from ptqlab.models import check_model_folder, resolve_device
 from ptqlab.errors import PtqlabError
-from ptqlab.formats.validate import validate_checkpoint
 from ptqlab.output import locked
 from ptqlab.progress import format_seconds, log_event, say
 from ptqlab.record import read_record
@@ -84,8 +83,9 @@ def tokenizer_identity(tokenizer_json: dict) -> str:
 
 
 def _vocabulary(folder: Path) -> tuple[int | None, str | None]:
-    """(vocab_size from config.json, tokenizer_identity of tokenizer.json if the folder has one)."""
-    config = json.loads((folder / "config.json").read_text())
+    """(vocab_size from config.json (a GGUF variant's metadata), tokenizer_identity of tokenizer.json if the folder
+    has one)."""
+    config = variant_config(folder)
     size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     tokenizer = folder / "tokenizer.json"
     return size, tokenizer_identity(json.loads(tokenizer.read_text())) if tokenizer.is_file() else None
@@ -134,7 +134,7 @@ def run_benchmarks(baseline: Path | None, variants: list[tuple[str, Path]], out:
     for report in REPORT_FILES:  # an earlier run's report must not outlive a run that fails
         (out / report).unlink(missing_ok=True)
     for name, path in jobs:  # a corrupt folder is reported as such before anything is measured, never ranked
-        validate_checkpoint(path)
+        check_variant(path)
     if baseline is not None:
         for name, path in variants:
             _check_same_vocabulary(baseline, name, path)
@@ -182,9 +182,12 @@ def bench(paths: list[str], out: str | Path = "ptqlab-bench", baseline: str | No
     Without `baseline`, the first path that is not quantized is the baseline, else the 16-bit model a ptqlab
     checkpoint was made from (its ptqlab.json), when that folder exists here.
     """
+    from ptqlab.measure.gguf import gguf_file
+
     folders = [Path(p) for p in paths]
     for folder in folders:
-        check_model_folder(folder, "bench takes local folders (checkpoints or 16-bit models)")
+        if gguf_file(folder) is None:
+            check_model_folder(folder, "bench takes local folders (checkpoints, 16-bit models or GGUF variants)")
     base = Path(baseline) if baseline else _infer_baseline(folders)
     variants = [(f.name, f) for f in folders if base is None or f.resolve() != base.resolve()]
     out = Path(out)
@@ -196,6 +199,9 @@ def bench(paths: list[str], out: str | Path = "ptqlab-bench", baseline: str | No
 
 def _infer_baseline(folders: list[Path]) -> Path | None:
     """The first unquantized folder, else the 16-bit model the first ptqlab checkpoint was made from, if it is here."""
+    from ptqlab.measure.gguf import gguf_file
+
+    folders = [folder for folder in folders if gguf_file(folder) is None]  # a GGUF variant is never the baseline
     for folder in folders:
         config = json.loads((folder / "config.json").read_text())
         if "quantization_config" not in config:
@@ -214,18 +220,25 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
         quiet: bool = False, calibration=None, calib_batch_size: int = 16, sensitivity: Sensitivity | None = None) -> Path:
     """Quantize `model` with each recipe and benchmark every checkpoint next to the 16-bit baseline. With
     `sensitivity`, the recipe with the fewest weight bits is also measured part by part, and its mixed-precision
-    version (the most sensitive parts kept 16-bit) joins the lab as one more variant."""
+    version (the most sensitive parts kept 16-bit, or at `sensitivity.keep_bits`) joins the lab as one more variant."""
+    from ptqlab.export_gguf import gguf_variant
     from ptqlab.recipes import get_recipe
 
     # Presets or recipe files, read (and so checked) before any work; each is known by its recipe name from here on,
-    # which is also its checkpoint's folder name.
-    chosen = [get_recipe(name) for name in recipes or DEFAULT_LAB_RECIPES]
-    names = [recipe.name for recipe in chosen]
+    # which is also its checkpoint's folder name. gguf-TYPE[-imatrix] entries are GGUF exports of the baseline.
+    wanted = list(recipes or DEFAULT_LAB_RECIPES)
+    ggufs = [variant for variant in map(gguf_variant, wanted) if variant is not None]
+    chosen = [get_recipe(name) for name in wanted if gguf_variant(name) is None]
+    names = [recipe.name for recipe in chosen] + [variant.name for variant in ggufs]
     if len(set(names)) != len(names):
         raise PtqlabError(f"--recipes names two recipes of the same name ({', '.join(names)}): give each recipe file its own name")
+    if sensitivity is not None and not chosen:
+        raise PtqlabError("--sensitivity studies a recipe part by part: add one to --recipes (GGUF variants are not studied)")
+    if sensitivity is not None:
+        _check_keep_bits(sensitivity_recipe(chosen), sensitivity)
     out = Path(out)
     with locked(out, "lab"):
-        return _lab(model, chosen, out, settings, budget, dtype, quiet, calibration, calib_batch_size, sensitivity)
+        return _lab(model, chosen, out, settings, budget, dtype, quiet, calibration, calib_batch_size, sensitivity, ggufs)
 
 
 def _baseline_path(model: str | None, out: Path, dtype: str) -> Path:
@@ -266,7 +279,7 @@ def _quantized(base_path: Path, recipe, out: Path, settings: BenchSettings, dtyp
 
 
 def _lab(model, recipes, out: Path, settings, budget, dtype, quiet, calibration, calib_batch_size,
-         sensitivity: Sensitivity | None = None) -> Path:
+         sensitivity: Sensitivity | None = None, ggufs=()) -> Path:
     from ptqlab.embedded import DEFAULT_MODEL_NAME
 
     source = model or DEFAULT_MODEL_NAME
@@ -276,10 +289,10 @@ def _lab(model, recipes, out: Path, settings, budget, dtype, quiet, calibration,
         previous = json.loads(manifest.read_text())
         if previous.get("model") != source:
             raise PtqlabError(f"{out} holds a lab of {previous.get('model')!r}, not {source!r}: choose another --out")
-    manifest.write_text(json.dumps({"model": source, "model_path": str(base_path), "recipes": [r.name for r in recipes]},
-                                   indent=2) + "\n")
+    manifest.write_text(json.dumps({"model": source, "model_path": str(base_path),
+                                    "recipes": [r.name for r in recipes] + [v.name for v in ggufs]}, indent=2) + "\n")
 
-    steps = Steps(2 * len(recipes) + 1 + (3 if sensitivity else 0), quiet)
+    steps = Steps(2 * (len(recipes) + len(ggufs)) + 1 + (3 if sensitivity else 0), quiet)
     checkpoints = [(recipe.name, _quantized(base_path, recipe, out, settings, dtype, quiet, calibration, calib_batch_size,
                                             steps)) for recipe in recipes]
     if sensitivity is not None:
@@ -288,10 +301,53 @@ def _lab(model, recipes, out: Path, settings, budget, dtype, quiet, calibration,
         if mixed is not None:
             checkpoints.append((mixed.name, _quantized(base_path, mixed, out, settings, dtype, quiet, calibration,
                                                        calib_batch_size, steps)))
+    checkpoints += [(variant.name, _exported(base_path, variant, out, settings, dtype, quiet, calibration,
+                                             calib_batch_size, steps)) for variant in ggufs]
     results = run_benchmarks(base_path, checkpoints, out, settings, quiet, steps)
     found = json.loads((out / "sensitivity.json").read_text()) if sensitivity is not None else None
     write_report(out, results, settings, budget, baseline_name="baseline", model=source, sensitivity=found)
     return out
+
+
+def _exported(base_path: Path, variant, out: Path, settings: BenchSettings, dtype: str, quiet: bool, calibration,
+              calib_batch_size: int, steps: Steps) -> Path:
+    """OUT/checkpoints/gguf-TYPE[-imatrix]/: model.gguf exported from the baseline, beside the baseline's tokenizer
+    files (the variant's evaluation text gets the baseline's token ids); reused when the file's ptqlab.* record
+    says it was exported from the same model with the same settings, else exported (again)."""
+    import dataclasses
+
+    from ptqlab.data import CalibrationConfig
+    from ptqlab.export_gguf import export_gguf, read_record as read_gguf_record
+    from ptqlab.models import load_tokenizer
+
+    folder, log = out / "checkpoints" / variant.name, out / "log.jsonl"
+    file = folder / "model.gguf"
+    wanted = {"ptqlab.version": __version__, "ptqlab.source_path": str(base_path), "ptqlab.type": variant.file_type,
+              "ptqlab.imatrix": variant.importance}
+    if variant.importance:
+        drawn = dataclasses.replace(calibration or CalibrationConfig(), seed=settings.seed)
+        wanted |= {"ptqlab.seed": settings.seed, "ptqlab.calibration": json.dumps(dataclasses.asdict(drawn))}
+    record = read_gguf_record(file) if file.is_file() and (folder / "tokenizer.json").is_file() else None
+    differs = [key.removeprefix("ptqlab.") for key, value in wanted.items() if (record or {}).get(key) != value]
+    if record is not None and not differs:
+        steps.say(f"export {variant.name}: already in {file}, exported with the same settings, reused")
+        log_event(log, "export.reused", variant=variant.name)
+        return folder
+    steps.say(f"export {variant.name}" + (f" (the file in {folder} was exported with other settings: "
+                                         f"{', '.join(differs)}; exported again)" if record is not None else ""))
+    log_event(log, "export.start", variant=variant.name)
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(str(base_path))
+    if tokenizer is None:
+        raise PtqlabError(f"{variant.name}: the baseline {base_path} has no tokenizer files; a GGUF file carries the "
+                          "tokenizer: add the model's tokenizer files")
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    export_gguf(str(base_path), variant.file_type, file, importance=variant.importance, calibration=calibration,
+                seed=settings.seed, overwrite=True, dtype=dtype, device=settings.device,
+                calib_batch_size=calib_batch_size, quiet=quiet)
+    log_event(log, "export.done", variant=variant.name, seconds=round(time.perf_counter() - start, 3))
+    return folder
 
 
 @dataclass(frozen=True)
@@ -301,6 +357,8 @@ class Sensitivity:
     target_kl: float | None = None
     max_bytes: int | None = None
     windows: int = SENSITIVITY_WINDOWS
+    keep_bits: int | None = None
+    """Kept parts at the recipe's scheme with this many bits (its overrides), not 16-bit (its ignore list)."""
 
 
 SENSITIVITY_SETTINGS = ("ppl_text", "ppl_context", "ppl_protocol", "topk", "device", "seed")
@@ -313,24 +371,35 @@ def sensitivity_recipe(recipes):
     return min(recipes, key=lambda r: r.scheme.weights.num_bits)
 
 
+def _check_keep_bits(recipe, aim: Sensitivity) -> None:
+    """Refuse a --keep-bits the recipe cannot take before any work (the plan checks it again on the scheme the
+    checkpoint applied)."""
+    if aim.keep_bits is not None:
+        from ptqlab.measure.sensitivity import kept_scheme
+
+        kept_scheme(recipe.scheme, aim.keep_bits)
+
+
 def _sensitivity(base_path: Path, recipe, checkpoint: Path, out: Path, settings: BenchSettings, aim: Sensitivity,
                  quiet: bool, steps: Steps):
     """Measure (or reuse) OUT/sensitivity.json for `checkpoint`, write the mixed recipe beside it, and return it (None
     when the uniform recipe already meets the aim: nothing to keep)."""
     import yaml
 
-    from ptqlab.measure.sensitivity import measure_sensitivity, plan_mixed
+    from ptqlab.measure.sensitivity import checkpoint_dtype, measure_sensitivity, plan_mixed
 
     result_json = out / "sensitivity.json"
     identity = {"checkpoint_fingerprint": fingerprint(checkpoint), "windows_asked": aim.windows,
                 "scoring": {k: getattr(settings, k) for k in SENSITIVITY_SETTINGS}}
+    if aim.keep_bits is not None:  # pricing parts at another scheme needs what older measurements did not record
+        identity["stored_dtype"] = checkpoint_dtype(checkpoint)
     result = json.loads(result_json.read_text()) if result_json.is_file() else None
     if result is not None and all(result.get(k) == v for k, v in identity.items()):
         steps.say(f"sensitivity of {recipe.name}: already measured ({result_json}), reused")
     else:
         steps.say(f"sensitivity of {recipe.name}: each decoder layer's attention and MLP alone quantized")
         result = {**measure_sensitivity(base_path, checkpoint, settings, aim.windows, quiet), **identity}
-    mixed, plan = plan_mixed(result, recipe, aim.target_kl, aim.max_bytes)
+    mixed, plan = plan_mixed(result, recipe, aim.target_kl, aim.max_bytes, aim.keep_bits)
     recipe_file = out / f"{mixed.name}.yaml"
     recipe_file.write_text(yaml.safe_dump(mixed.to_dict(), sort_keys=False))
     result["mixed"] = {**plan, "recipe": mixed.name, "recipe_file": str(recipe_file)}
@@ -342,8 +411,8 @@ def _sensitivity(base_path: Path, recipe, checkpoint: Path, out: Path, settings:
     if not plan["kept"]:
         _say(f"[yellow]note:[/] {recipe.name} already meets the aim with every part quantized: no mixed variant", quiet)
         return None
-    _say(f"{mixed.name}: {len(plan['kept'])} parts kept 16-bit (predicted KL {plan['predicted_kl']:.4f}): {recipe_file}",
-         quiet)
+    _say(f"{mixed.name}: {len(plan['kept'])} parts kept {plan['kept_as']} (predicted KL {plan['predicted_kl']:.4f}): "
+         f"{recipe_file}", quiet)
     return mixed
 
 
@@ -355,6 +424,7 @@ def sensitivity(model: str | None, recipe: str, out: str | Path = "ptqlab-sensit
     from ptqlab.recipes import get_recipe
 
     chosen = get_recipe(recipe)
+    _check_keep_bits(chosen, aim)
     out = Path(out)
     with locked(out, "sensitivity"):
         base_path = _baseline_path(model, out, dtype)

@@ -75,9 +75,9 @@ def awq_scales(x_mean: torch.Tensor, weights: list[torch.Tensor], hessian: torch
 
 def awq(step: AWQStep, mapping: ResolvedMapping, stats: InputStats, input_name: str,
         plan: Plan) -> tuple[torch.Tensor, str]:
-    """The scales for one mapping of a layer, searched against round-to-nearest in the plan's weight format (scales
-    in the stored dtype), and a line for the layer report."""
-    weights_format = plan.scheme.weights
+    """The scales for one mapping of a layer, searched against round-to-nearest in the weight format of the linears
+    it balances (the first one's: Plan.scheme_of; scales in the stored dtype), and a line for the layer report."""
+    weights_format = plan.scheme_of(input_name).weights
 
     def fake_quantize(w: torch.Tensor) -> torch.Tensor:
         # NVFP4: relative to the weight's own global scale, for the search (the quantizer step shares it among the

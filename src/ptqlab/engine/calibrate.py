@@ -69,7 +69,7 @@ class LayerReport:
     index: int
     seconds: dict[str, float]  # hessians (forward + statistics), transforms, quantize, propagate
     notes: list[str]
-    details: list[str] = field(default_factory=list)  # per-mapping choices of the transforms (AWQ ratios, ...)
+    details: list[str] = field(default_factory=list)  # per-mapping choices of the transforms (AWQ ratios, ...), the KV cache's ranges, AutoRound's errors
     experts: list[dict] = field(default_factory=list)  # MoE: per experts module, tokens per expert and fallbacks
 
 
@@ -173,7 +173,13 @@ def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str
     if plan.transforms:
         details, notes = transform_layer(layer, model.config, prefix, plan, stats, first=index == 0)
         clock.lap("transforms")
-    notes += quantize_layer(model, targets, plan, stats, world)
+    quantizer = plan.kind(plan.quantizer)
+    if quantizer.scope == "layer":  # the whole layer at once, from its inputs (engine/autoround.py)
+        layer_notes, layer_details = quantizer.run(plan.quantizer, model, layer, targets, plan, batches, index, device,
+                                                   world, stats)
+        notes, details = notes + layer_notes, details + layer_details
+    else:
+        notes += quantize_layer(model, targets, plan, stats, world)
     stats_coverage = stats.coverage
     del stats
     if stored is not None:  # the values the checkpoint will hold: smoothed norms, layers kept 16-bit

@@ -23,6 +23,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T] 1 for real tokens
     layer_kwargs: list[dict] = field(default_factory=list)  # per decoder layer
     hidden: torch.Tensor | None = None  # the current layer's input [B, T, H]
+    float_hidden: torch.Tensor | None = None  # autoround: the float model's input to the current layer [B, T, H]
 
 
 # A sample joins a batch only if it is at least this fraction of the batch's longest one: padding, computed and

@@ -87,6 +87,12 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+def sum_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Sum each tensor over the ranks, in place; every rank passes tensors of the same shapes in the same order."""
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+
+
 def reduce_statistics(stats: InputStats) -> None:
     """Sum (maxima: take the largest) every rank's statistics in place, so that each rank holds those of all the
     ranks' tokens. Which linears share an input is made the same everywhere first: a rank whose batches never

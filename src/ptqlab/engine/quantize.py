@@ -1,6 +1,7 @@
-"""Quantize, the engine's fourth phase: each targeted linear of a decoder layer becomes a QuantizedLinear, by the
-recipe's quantizer (GPTQ from the layer's input Hessian, or round-to-nearest). NVFP4's global scales are set first,
-shared by the layers vLLM fuses (engine/global_scales.py); NVFP4 activations' from the inputs' calibrated absmax."""
+"""Quantize, the engine's fourth phase: each targeted linear of a decoder layer becomes a QuantizedLinear in its
+scheme (Plan.scheme_of), by the recipe's quantizer (GPTQ from the layer's input Hessian, or round-to-nearest).
+NVFP4's global scales are set first, shared by the layers vLLM fuses (engine/global_scales.py); NVFP4 activations'
+from the inputs' calibrated absmax."""
 
 from __future__ import annotations
 
@@ -38,11 +39,12 @@ BATCH_HESSIAN_BYTES = 1 << 29
 
 def gptq_linears(step: GPTQConfig, names: list[str], linears: list[nn.Linear], hessians: list[torch.Tensor],
                  plan: Plan, global_scales: list[torch.Tensor] | None = None) -> list[tuple[QuantizedLinear, list[str]]]:
-    """GPTQ for same-shaped linears, each from its own input Hessian (NVFP4: relative to its global scale) ->
-    (QuantizedLinear, notes on damping and dead inputs) per linear."""
+    """GPTQ for same-shaped linears of one scheme, each from its own input Hessian (NVFP4: relative to its global
+    scale) -> (QuantizedLinear, notes on damping and dead inputs) per linear."""
+    scheme = plan.scheme_of(names[0])
     weights = torch.stack([linear.weight.detach() for linear in linears])
     try:
-        results = gptq_many(weights, torch.stack(hessians), plan.scheme.weights, step, scale_dtype=plan.scale_dtype,
+        results = gptq_many(weights, torch.stack(hessians), scheme.weights, step, scale_dtype=plan.scale_dtype,
                             global_scales=global_scales)
     except HessianError as e:
         if len(linears) > 1:  # name the linear whose Hessian it is
@@ -54,7 +56,7 @@ def gptq_linears(step: GPTQConfig, names: list[str], linears: list[nn.Linear], h
     del weights
     quantized = []
     for name, linear, result in zip(names, linears, results):
-        module = QuantizedLinear.from_weight(linear.weight, linear.bias, plan.scheme, result.q, result.scale,
+        module = QuantizedLinear.from_weight(linear.weight, linear.bias, scheme, result.q, result.scale,
                                              result.zero_point, global_scale=result.global_scale)
         notes = []
         if result.dampening_frac != step.dampening_frac:
@@ -68,19 +70,23 @@ def gptq_linears(step: GPTQConfig, names: list[str], linears: list[nn.Linear], h
 def rtn_linears(step: RTNStep, names: list[str], linears: list[nn.Linear], hessians: list | None,
                 plan: Plan, global_scales: list[torch.Tensor] | None = None) -> list[tuple[QuantizedLinear, list[str]]]:
     """Round-to-nearest for each linear (no Hessian; NVFP4: relative to its global scale)."""
-    return [(QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, plan.scheme, scale_dtype=plan.scale_dtype,
+    return [(QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, plan.scheme_of(names[i]),
+                                         scale_dtype=plan.scale_dtype,
                                          global_scale=None if global_scales is None else global_scales[i]), [])
             for i, linear in enumerate(linears)]
 
 
-def batches(targets: dict[str, nn.Linear]) -> list[list[str]]:
-    """The linears of a layer in the groups quantized together: same-shaped ones, BATCH_MIN or more, in batches of
-    at most BATCH_HESSIAN_BYTES of Hessians; every other linear alone. Module order otherwise."""
+def batches(targets: dict[str, nn.Linear], scheme_of=None) -> list[list[str]]:
+    """The linears of a layer in the groups quantized together: same-shaped ones of one scheme (`scheme_of(name)`,
+    Plan.scheme_of), BATCH_MIN or more, in batches of at most BATCH_HESSIAN_BYTES of Hessians; every other linear
+    alone. Module order otherwise."""
     by_shape: dict[tuple, list[str]] = {}
     for name, linear in targets.items():
-        by_shape.setdefault((tuple(linear.weight.shape), linear.weight.dtype, linear.bias is not None), []).append(name)
+        key = (tuple(linear.weight.shape), linear.weight.dtype, linear.bias is not None,
+               None if scheme_of is None else scheme_of(name))
+        by_shape.setdefault(key, []).append(name)
     groups = []
-    for (shape, _, _), names in by_shape.items():
+    for (shape, *_), names in by_shape.items():
         if len(names) < BATCH_MIN:
             groups += [[name] for name in names]
             continue
@@ -96,24 +102,26 @@ def quantize_layer(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, 
     memory, so that a run never keeps a model's float and quantized weights both. With several ranks each group of
     linears is quantized by one owner rank (balanced by cost) and sent to the others."""
     kind = plan.kind(plan.quantizer)
-    groups = batches(targets)
+    groups = batches(targets, plan.scheme_of)
     owners = world.owners([sum(_cost(targets[name], kind) for name in names) for names in groups])
     notes = []
     # Every rank computes the same global scales from the same weights and reduced statistics.
-    global_scales = weight_global_scales(targets, plan.scale_dtype) if fp4.has_global_scale(plan.scheme.weights) else None
+    nvfp4 = {name: linear for name, linear in targets.items() if fp4.has_global_scale(plan.scheme_of(name).weights)}
+    global_scales = weight_global_scales(nvfp4, plan.scale_dtype) if nvfp4 else None
     for names, owner in zip(groups, owners):
         linears = [targets[name] for name in names]
         results = [(None, [])] * len(names)
         if owner == world.rank:
             hessians = [stats.hessian(name) for name in names] if "hessian" in kind.statistics else None
-            gscales = None if global_scales is None else [global_scales[name] for name in names]
+            gscales = [global_scales[name] for name in names] if names[0] in (global_scales or {}) else None
             results = kind.run(plan.quantizer, names, linears, hessians, plan, global_scales=gscales)
             del hessians
         if world.several:
-            modules = broadcast_quantized([module for module, _ in results], linears, owner, plan.scheme, stats.device)
+            modules = broadcast_quantized([module for module, _ in results], linears, owner, plan.scheme_of(names[0]),
+                                          stats.device)
             results = [(module, linear_notes) for module, (_, linear_notes) in zip(modules, results)]
         for name, linear, (quantized, linear_notes) in zip(names, linears, results):
-            if fp4.has_input_global_scale(plan.scheme):
+            if fp4.has_input_global_scale(plan.scheme_of(name)):
                 quantized.input_global_scale = input_global_scale(stats.channel_max(name), plan.scale_dtype).to(
                     quantized.weight_q.device)
             notes += linear_notes

@@ -100,13 +100,17 @@ class Checkpointer:
             return
         folder = self._hidden_dir(self.start_layer)
         for i, batch in enumerate(batches):  # in place: the batch's buffer keeps its device (and pinning)
-            batch.hidden.copy_(load_file(self._batch_file(folder, i))["hidden"])
+            saved = load_file(self._batch_file(folder, i))
+            batch.hidden.copy_(saved["hidden"])
+            if "float_hidden" in saved:  # AutoRound's targets' inputs (engine/autoround.py)
+                batch.float_hidden = saved["float_hidden"].to(batch.hidden.device)
 
     def save(self, index: int, batches: list[Batch], reports: list[LayerReport]) -> None:
         """After layer `index` is finished and written: start writing the next layer's inputs, then the state that
         points at them, in the background. The batches' hidden states must stay as they are until `wait`."""
         self.wait()
-        hidden = [batch.hidden for batch in batches]
+        hidden = [{"hidden": batch.hidden} | ({} if batch.float_hidden is None else {"float_hidden": batch.float_hidden})
+                  for batch in batches]
         state = {"fingerprint": self.fingerprint, "next_layer": index + 1, "reports": [asdict(r) for r in reports]}
         self._pending = self._saving.submit(self._write_state, index + 1, hidden, state)
 
@@ -116,13 +120,13 @@ class Checkpointer:
         if pending is not None:
             pending.result()
 
-    def _write_state(self, next_layer: int, hidden: list[torch.Tensor], state: dict) -> None:
+    def _write_state(self, next_layer: int, hidden: list[dict[str, torch.Tensor]], state: dict) -> None:
         from safetensors.torch import save_file
 
         folder = self._hidden_dir(next_layer)
         folder.mkdir(exist_ok=True)
-        for i, tensor in enumerate(hidden):  # one batch at a time in CPU memory
-            save_file({"hidden": tensor.detach().to("cpu").contiguous()}, self._batch_file(folder, i))
+        for i, tensors in enumerate(hidden):  # one batch at a time in CPU memory
+            save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, self._batch_file(folder, i))
         if self.ranks > 1:
             (folder / f"r{self.rank}.done").write_text("")
             if self.rank > 0:

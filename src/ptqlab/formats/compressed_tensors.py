@@ -11,8 +11,10 @@ layouts per format (as llm-compressor writes them):
                    float8_e4m3fn [out, in / 16], `weight_global_scale` fp32 [1] (+ `input_global_scale` fp32 [1] with
                    NVFP4 activations);
 - mxfp4-pack-quantized: `weight_packed` uint8 [out, in / 2], `weight_scale` uint8 E8M0 exponents [out, in / 32].
-A quantized KV cache (a recipe's `kv`): `kv_cache_scheme` in the config, and each attention module's `k_scale` /
-`v_scale` ([1] per tensor, [kv_heads, 1, 1] per head, in the model dtype), buffers the engine registered.
+A recipe with `overrides` gets one config group per scheme, each with its own format (`config_groups`); a linear's
+tensors are those of its own scheme. A quantized KV cache (a recipe's `kv`): `kv_cache_scheme` in the config, and
+each attention module's `k_scale` / `v_scale` ([1] per tensor, [kv_heads, 1, 1] per head, in the model dtype), buffers
+the engine registered.
 """
 
 from __future__ import annotations
@@ -66,21 +68,45 @@ def _kv_cache_args(kv: str | None):
                             observer="static_minmax")
 
 
-def quantization_config(recipe: Recipe) -> dict:
-    """The config.json `quantization_config` for a model quantized with `recipe`."""
-    import compressed_tensors
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+def _ct_scheme(scheme, targets: list[str]):
+    from compressed_tensors.quantization import QuantizationScheme
 
-    scheme = recipe.scheme
-    group = QuantizationScheme(
-        targets=["Linear"],
+    return QuantizationScheme(
+        targets=targets,
         weights=_ct_args(scheme.weights),
         input_activations=None if scheme.input_activations is None else _ct_args(scheme.input_activations),
         format=scheme.format,
     )
+
+
+def config_groups(recipe: Recipe) -> dict[str, tuple[list[str], object]]:
+    """The config groups of a checkpoint quantized with `recipe` -> {group name: (targets, Scheme)}: one per distinct
+    scheme of its `overrides`, targeting their names and regexes (which compressed-tensors and vLLM rank above the
+    class `Linear` whatever the order: schemes.claiming_group), then its own scheme for every `Linear`. The overrides
+    come first because compressed-tensors, applying a config, marks a target as used only where it is the first
+    in the config to match a module, and warns of every other ("Could not match"). An override of the recipe's own
+    scheme needs no group."""
+    groups: dict = {}
+    for override in recipe.overrides:
+        if override.scheme != recipe.scheme:
+            targets = groups.setdefault(override.scheme, [])
+            targets += [t for t in override.targets if t not in targets]
+    groups[recipe.scheme] = ["Linear"]
+    return {f"group_{i}": (targets, scheme) for i, (scheme, targets) in enumerate(groups.items())}
+
+
+def quantization_config(recipe: Recipe) -> dict:
+    """The config.json `quantization_config` for a model quantized with `recipe`: one config group per scheme, each
+    with its own format; the config's format is theirs, or `mixed-precision` where they differ (compressed-tensors'
+    rule)."""
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationConfig
+
+    groups = config_groups(recipe)
+    formats = list(dict.fromkeys(scheme.format for _, scheme in groups.values()))
     config = QuantizationConfig(
-        config_groups={"group_0": group},
-        format=scheme.format,
+        config_groups={name: _ct_scheme(scheme, targets) for name, (targets, scheme) in groups.items()},
+        format=formats[0] if len(formats) == 1 else "mixed-precision",
         quantization_status="compressed",
         ignore=list(recipe.ignore),
         kv_cache_scheme=_kv_cache_args(recipe.kv),

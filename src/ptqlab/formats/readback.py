@@ -175,14 +175,21 @@ def _transformers_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tens
     return logits, {"transformers": transformers.__version__, "compressed-tensors": compressed_tensors.__version__}
 
 
-def _format(folder: Path) -> str | None:
-    """The compressed-tensors format config.json declares."""
-    return (json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}).get("format")
+def _formats(folder: Path) -> set[str]:
+    """The compressed-tensors formats config.json declares: the config's and each config group's (a checkpoint of
+    several schemes declares `mixed-precision` and its groups' own)."""
+    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    groups = (qc.get("config_groups") or {}).values()
+    return {qc.get("format"), *(g.get("format") for g in groups if isinstance(g, dict))} - {None}
+
+
+def _has_fp4(folder: Path) -> bool:
+    return bool(_formats(folder) & set(FP4_FORMATS))
 
 
 def _format_bounds(folder: Path) -> dict[str, float]:
-    """Bounds other than BOUNDS for the checkpoint's format (FP4: FP4_TRANSFORMERS_BOUND)."""
-    return {"transformers": FP4_TRANSFORMERS_BOUND} if _format(folder) in FP4_FORMATS else {}
+    """Bounds other than BOUNDS for the checkpoint's formats (any FP4: FP4_TRANSFORMERS_BOUND)."""
+    return {"transformers": FP4_TRANSFORMERS_BOUND} if _has_fp4(folder) else {}
 
 
 def _dequantize_at_load(folder: Path) -> dict:
@@ -190,7 +197,7 @@ def _dequantize_at_load(folder: Path) -> dict:
     first forward, its FP4 decompressor gives bf16 weights, which a float32 model then refuses."""
     from transformers import CompressedTensorsConfig
 
-    return {"quantization_config": CompressedTensorsConfig(dequantize=True)} if _format(folder) in FP4_FORMATS else {}
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)} if _has_fp4(folder) else {}
 
 
 def _runtime_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:

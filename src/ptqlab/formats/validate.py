@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptqlab.errors import PtqlabError
-from ptqlab.schemes import matches
+from ptqlab.schemes import claiming_group, matches
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000
@@ -376,10 +376,8 @@ class Resolution:
 def resolve(name: str, ignore: list[str], groups: list[tuple[list[str], WeightFormat | None]]) -> Resolution:
     if any(matches(name, t) for t in ignore):
         return Resolution(ignored=True)
-    for targets, fmt in groups:
-        if any(matches(name, t) for t in targets):
-            return Resolution(targeted=True, format=fmt)
-    return Resolution()
+    index = claiming_group(name, [targets for targets, _ in groups])  # names and regexes before the class Linear
+    return Resolution() if index is None else Resolution(targeted=True, format=groups[index][1])
 
 
 def scale_shape(fmt: WeightFormat, out: int, inp: int) -> Need:
@@ -427,6 +425,18 @@ def quantized_tensors(fmt: WeightFormat, out: int, inp: int, weight_why: str, fl
             zp_dtype = fmt.zp_dtype or "int8"
             need["weight_zero_point"] = Need(scale.shape, zp_why, (zp_dtype,), zp_why)
     return need
+
+
+def quantized_linear_bytes(scheme, out: int, inp: int, float_dtype: str) -> int:
+    """Bytes of the tensors a linear [out, in] quantized to `scheme` (a schemes.Scheme) stores, its bias aside, in a
+    checkpoint whose float dtype is `float_dtype`: the layouts above, each tensor in the first dtype they allow (the
+    one ptqlab writes). What a sensitivity plan prices keeping a part at another scheme with."""
+    w, acts = scheme.weights, scheme.input_activations
+    fmt = WeightFormat("", scheme.format, w.num_bits, w.type, w.symmetric, w.strategy, w.group_size, w.block_structure,
+                       w.scale_dtype, None, acts is not None and acts.dynamic == "local")
+    itemsize = {name: bits // 8 for name, bits in SAFETENSORS_DTYPES.values()}
+    return sum(math.prod(need.shape) * itemsize[need.dtypes[0]]
+               for need in quantized_tensors(fmt, out, inp, "", float_dtype).values())
 
 
 # ---------------------------------------------------------------- comparing

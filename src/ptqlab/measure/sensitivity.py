@@ -9,9 +9,19 @@ are quantized, so the figures of a set add up (to first order: small perturbatio
 choosing a set needs; the uniform recipe's measured KL calibrates the sum, and the chosen recipe is measured again
 as a variant of its own, never trusted from the prediction.
 
-The mixed recipe keeps the chosen parts 16-bit through the recipe's `ignore` list (one scheme per checkpoint, as
-every preset has), picking parts by KL saved per byte kept until the predicted KL meets the target, or while the
-checkpoint fits a size budget.
+The mixed recipe keeps the chosen parts 16-bit through the recipe's `ignore` list, or (`keep_bits`) at the recipe's
+own scheme with more bits through its `overrides` (e.g. a 2-bit recipe with its most sensitive parts at 4-bit, same
+groups, same quantizer), picking parts by KL saved per byte added until the predicted KL meets the target, or while
+the checkpoint fits a size budget. The bytes a kept part adds are exact: 16-bit, its tensors in the baseline's files
+less in the checkpoint's; at another scheme, its linears' tensors at that scheme less at the recipe's
+(formats/validate.quantized_linear_bytes, from their shapes).
+
+The KL saved by keeping a part at a wider scheme is its measured KL at the recipe's scheme less its KL at the kept
+scheme, which is not measured: it is taken as the measured KL times 4^-(extra bits) (KEPT_KL_PER_BIT). The reasoning:
+one more bit halves the grid step; rounding error per weight scales with the step squared; the KL of a small weight
+perturbation is second order in it. So a 2-bit part kept at 4-bit keeps 1/16 of its KL. Group size, symmetry and
+clipping are the same at both schemes and so left out. This only steers the choice (it ranks parts exactly as their
+measured KL per byte does, since every part's saved share is the same); the chosen recipe is measured again.
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ transform changed is the same in both models, so swapping it too is harmless).""
 
 SENSITIVITY_WINDOWS = 4
 """Evaluation windows per part by default: a ranking of parts needs far fewer tokens than a verdict on a variant."""
+KEPT_KL_PER_BIT = 0.25
+"""The share of a part's KL taken to remain per bit it is kept wider (module docstring): the kept scheme's KL is not
+measured."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,9 @@ class Part:
     """The part's tensors in the checkpoint."""
     dense_bytes: int
     """The same tensors 16-bit, in the baseline's files."""
+    linears: tuple[tuple[int, int], ...] = ()
+    """[out, in] of each of its quantized linears (module order): what prices it at another scheme. Empty in
+    measurements made before it was recorded, or where a quantized module is no linear of the baseline."""
 
     @property
     def name(self) -> str:
@@ -105,8 +121,11 @@ def find_parts(model: nn.Module, quantized_names: set[str], checkpoint_sizes: di
             inside = {n for n in quantized_names if any(n.startswith(f"{prefix}.{c}.") for c in children)}
             if inside:
                 covered |= inside
+                modules = [model.get_submodule(n) for n in sorted(inside)]
+                shapes = tuple(tuple(m.weight.shape) for m in modules) if all(
+                    isinstance(m, nn.Linear) for m in modules) else ()
                 parts.append(Part(index, kind, prefix, children, _bytes_under(checkpoint_sizes, prefix, children),
-                                  _bytes_under(dense_sizes, prefix, children)))
+                                  _bytes_under(dense_sizes, prefix, children), shapes))
     return parts, sorted(quantized_names - covered)
 
 
@@ -126,41 +145,87 @@ def swapped(model: nn.Module, donor: nn.Module, part: Part):
             set_submodule(model, name, module)
 
 
-def predicted_kl(results: list[PartResult], uniform_kl: float, kept: list[Part]) -> float:
+def predicted_kl(results: list[PartResult], uniform_kl: float, kept: list[Part], retained: float = 0.0) -> float:
     """The mixed recipe's KL, predicted: the uniform recipe's measured KL times the share of the parts' summed KL
-    that stays quantized (parts' KLs add to first order; the measured total calibrates their interactions)."""
+    that stays (parts' KLs add to first order; the measured total calibrates their interactions). A kept part keeps
+    the share `retained` of its KL: 0 kept 16-bit, KEPT_KL_PER_BIT per extra bit kept at a wider scheme."""
     total = sum(r.kl_mean for r in results)
     if total <= 0:
         return uniform_kl
     kept_ids = {(p.layer, p.kind) for p in kept}
-    remaining = sum(r.kl_mean for r in results if (r.part.layer, r.part.kind) not in kept_ids)
+    remaining = sum(r.kl_mean * (retained if (r.part.layer, r.part.kind) in kept_ids else 1.0) for r in results)
     return uniform_kl * remaining / total
 
 
 def choose_kept(results: list[PartResult], uniform_kl: float, uniform_bytes: int, target_kl: float | None = None,
-                max_bytes: int | None = None) -> list[Part]:
-    """The parts to keep 16-bit, most KL saved per byte first: until the predicted KL is at most `target_kl` (the
-    fewest bytes that reach it, greedily), or as many as fit in `max_bytes` for the whole checkpoint."""
+                max_bytes: int | None = None, extra_bytes=None, retained: float = 0.0) -> list[Part]:
+    """The parts to keep, most KL saved per byte added first: until the predicted KL is at most `target_kl` (the
+    fewest bytes that reach it, greedily), or as many as fit in `max_bytes` for the whole checkpoint. `extra_bytes`
+    (part -> bytes) and `retained` (the share of its KL a kept part keeps) say how parts are kept: by default
+    16-bit (Part.extra_bytes, none of the KL kept)."""
     if (target_kl is None) == (max_bytes is None):
         raise PtqlabError("give a KL target (--target-kl) or a size budget (--max-size), one of the two")
-    ranked = sorted(results, key=lambda r: r.kl_mean / r.part.extra_bytes, reverse=True)
+    extra = extra_bytes or (lambda part: part.extra_bytes)
+    ranked = sorted(results, key=lambda r: r.kl_mean * (1 - retained) / extra(r.part), reverse=True)
     kept, size = [], uniform_bytes
     for result in ranked:
         if target_kl is not None:
-            if predicted_kl(results, uniform_kl, kept) <= target_kl:
+            if predicted_kl(results, uniform_kl, kept, retained) <= target_kl:
                 break
             kept.append(result.part)
-        elif size + result.part.extra_bytes <= max_bytes and result.kl_mean > 0:
+        elif size + extra(result.part) <= max_bytes and result.kl_mean > 0:
             kept.append(result.part)
-            size += result.part.extra_bytes
+            size += extra(result.part)
     return kept
 
 
-def mixed_recipe(recipe, kept: list[Part]):
-    """`recipe` with the kept parts' linears added to its ignore list, named RECIPE-mixed."""
-    description = f"{recipe.description or recipe.name}; {len(kept)} sensitive parts kept 16-bit (ptqlab sensitivity)"
-    return replace(recipe, name=f"{recipe.name}-mixed", ignore=tuple(recipe.ignore) + tuple(p.ignore_pattern for p in kept),
-                   description=description)
+def kept_scheme(scheme, bits: int):
+    """`scheme` (the recipe's, as applied) with `bits`-bit weights, all else the same: how `keep_bits` keeps parts."""
+    from ptqlab.schemes import INT_BITS, FormatError, QuantArgs
+
+    weights = scheme.weights
+    if weights.type != "int":
+        raise PtqlabError(f"--keep-bits applies to int weights; the recipe's are {weights.type}{weights.num_bits}: "
+                          f"keep parts 16-bit (leave --keep-bits out)")
+    wider = [b for b in INT_BITS if b > weights.num_bits]
+    if bits not in wider:
+        raise PtqlabError(f"--keep-bits {bits}: must be wider than the recipe's {weights.num_bits}-bit weights: one of "
+                          f"{', '.join(map(str, wider)) or 'none (use 16-bit: leave --keep-bits out)'}")
+    try:
+        return replace(scheme, weights=QuantArgs(**{**weights.values(), "num_bits": bits}))
+    except FormatError as e:
+        raise PtqlabError(f"--keep-bits {bits}: {e}") from None
+
+
+def kept_extra_bytes(part: Part, scheme, kept, float_dtype: str) -> int:
+    """What keeping `part` at scheme `kept` instead of `scheme` adds to the checkpoint: its linears' tensors at one
+    less at the other (norms and biases are the same in both)."""
+    from ptqlab.formats.validate import quantized_linear_bytes
+
+    if not part.linears:
+        raise PtqlabError(f"{part.name}: the sensitivity measurement has no shapes of its linears to price it at "
+                          f"another scheme (measured by an older ptqlab, or a fused-expert model): measure again, or "
+                          f"keep parts 16-bit (leave --keep-bits out)")
+    change = sum(quantized_linear_bytes(kept, out, inp, float_dtype)
+                 - quantized_linear_bytes(scheme, out, inp, float_dtype) for out, inp in part.linears)
+    return max(change, 1)
+
+
+def mixed_recipe(recipe, kept: list[Part], scheme=None):
+    """`recipe` named RECIPE-mixed, with the kept parts' linears added to its ignore list (16-bit), or given `scheme`
+    through one more override."""
+    from ptqlab.recipes import SchemeOverride
+
+    patterns = tuple(p.ignore_pattern for p in kept)
+    if scheme is None:
+        description = (f"{recipe.description or recipe.name}; {len(kept)} sensitive parts kept 16-bit "
+                       f"(ptqlab sensitivity)")
+        return replace(recipe, name=f"{recipe.name}-mixed", ignore=tuple(recipe.ignore) + patterns,
+                       description=description)
+    description = (f"{recipe.description or recipe.name}; {len(kept)} sensitive parts kept at {scheme.describe()} "
+                   f"(ptqlab sensitivity)")
+    overrides = recipe.overrides + ((SchemeOverride(patterns, scheme),) if kept else ())
+    return replace(recipe, name=f"{recipe.name}-mixed", overrides=overrides, description=description)
 
 
 def _load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -170,6 +235,13 @@ def _load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype) -> 
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="cpu")
     return nn.Module.to(model, device=device, dtype=dtype).eval()
+
+
+def checkpoint_dtype(folder: Path) -> str:
+    """The float dtype of a checkpoint's unquantized tensors and scales (config.json's), e.g. bfloat16."""
+    from ptqlab.measure.variant import stored_dtype
+
+    return str(stored_dtype(json.loads((Path(folder) / "config.json").read_text()))).removeprefix("torch.")
 
 
 @torch.no_grad()
@@ -212,7 +284,8 @@ def measure_sensitivity(base_path: Path, checkpoint: Path, settings, windows: in
         status["last"] = f"{part.name}: KL {kl['mean']:.4f}"
     record = read_record(checkpoint)
     return {"checkpoint": str(checkpoint), "baseline": str(base_path), "recipe": record.recipe if record else None,
-            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "windows": len(tokens.windows),
+            "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "stored_dtype": checkpoint_dtype(checkpoint), "windows": len(tokens.windows),
             "context": tokens.context, "protocol": tokens.protocol.name, "text": tokens.text.name,
             "measured": "each part alone quantized (the rest 16-bit), KL from the baseline",
             "uniform": {"kl_mean": uniform["mean"], "top1_pct": uniform["top1_agreement_pct"],
@@ -223,16 +296,39 @@ def measure_sensitivity(base_path: Path, checkpoint: Path, settings, windows: in
 def part_results(sensitivity: dict) -> list[PartResult]:
     """The parts of a sensitivity.json, as PartResults."""
     fields = Part.__dataclass_fields__
-    return [PartResult(Part(**{k: (tuple(v) if k == "children" else v) for k, v in p.items() if k in fields}),
+    as_tuple = {"children": tuple, "linears": lambda shapes: tuple(tuple(shape) for shape in shapes)}
+    return [PartResult(Part(**{k: as_tuple.get(k, lambda v: v)(v) for k, v in p.items() if k in fields}),
                        p["kl_mean"], p["kl_p99"], p["top1_pct"]) for p in sensitivity["parts"]]
 
 
-def plan_mixed(sensitivity: dict, recipe, target_kl: float | None, max_bytes: int | None):
-    """(the mixed recipe, what it keeps and predicts) from a sensitivity measurement."""
+def plan_mixed(sensitivity: dict, recipe, target_kl: float | None, max_bytes: int | None,
+               keep_bits: int | None = None):
+    """(the mixed recipe, what it keeps and predicts) from a sensitivity measurement; `keep_bits`: kept parts at
+    the recipe's scheme (as the measured checkpoint applied it) with that many bits, else 16-bit."""
     results = part_results(sensitivity)
     uniform = sensitivity["uniform"]
-    kept = choose_kept(results, uniform["kl_mean"], uniform["weights_bytes"], target_kl, max_bytes)
+    scheme, retained = None, 0.0
+
+    def extra(part: Part) -> int:
+        return part.extra_bytes if scheme is None else kept_extra_bytes(part, applied.scheme, scheme, float_dtype)
+
+    if keep_bits is not None:
+        from ptqlab.recipes import parse_recipe
+
+        applied = parse_recipe(sensitivity["recipe"], "the measured checkpoint's recipe") if sensitivity.get("recipe") \
+            else recipe
+        if applied.overrides:
+            raise PtqlabError(f"{applied.name} has overrides of its own: --keep-bits prices parts at one scheme; keep "
+                              "parts 16-bit (leave --keep-bits out)")
+        float_dtype = sensitivity.get("stored_dtype")
+        if float_dtype is None:
+            raise PtqlabError("the sensitivity measurement does not say the checkpoint's dtype (an older ptqlab's): "
+                              "measure again to price parts at --keep-bits")
+        scheme = kept_scheme(applied.scheme, keep_bits)
+        retained = KEPT_KL_PER_BIT ** (keep_bits - applied.scheme.weights.num_bits)
+    kept = choose_kept(results, uniform["kl_mean"], uniform["weights_bytes"], target_kl, max_bytes, extra, retained)
     plan = {"target_kl": target_kl, "max_bytes": max_bytes, "kept": [p.name for p in kept],
-            "predicted_kl": predicted_kl(results, uniform["kl_mean"], kept),
-            "predicted_weights_bytes": uniform["weights_bytes"] + sum(p.extra_bytes for p in kept)}
-    return mixed_recipe(recipe, kept), plan
+            "kept_as": "16-bit" if scheme is None else f"at {scheme.describe()}", "keep_bits": keep_bits,
+            "kept_kl_share": retained, "predicted_kl": predicted_kl(results, uniform["kl_mean"], kept, retained),
+            "predicted_weights_bytes": uniform["weights_bytes"] + sum(extra(p) for p in kept)}
+    return mixed_recipe(recipe, kept, scheme), plan

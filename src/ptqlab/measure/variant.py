@@ -117,8 +117,9 @@ def device_name(device: torch.device) -> str:
 
 
 def folder_sizes(path: Path) -> dict:
+    """Bytes of the weights (safetensors files, or a GGUF variant's .gguf file) and of the whole folder."""
     files = [p for p in path.rglob("*") if p.is_file()]
-    weights = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+    weights = sum(p.stat().st_size for p in files if p.suffix in (".safetensors", ".gguf"))
     return {"weights_bytes": weights, "folder_bytes": sum(p.stat().st_size for p in files)}
 
 
@@ -127,7 +128,7 @@ def fingerprint(path: Path) -> str:
     very checkpoint it measured."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.suffix in (".safetensors", ".json") and f.is_file():
+        if f.suffix in (".safetensors", ".gguf", ".json") and f.is_file():
             stat = f.stat()
             h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
@@ -159,6 +160,27 @@ def describe_checkpoint(path: Path) -> dict:
     return {"recipe": None, "format": "dense", "scheme": f"{config.get('dtype') or config.get('torch_dtype') or '16-bit'} (not quantized)"}
 
 
+
+
+def check_variant(path: Path) -> None:
+    """One line, before anything is measured, unless the folder is whole: a checkpoint's or 16-bit model's
+    safetensors agree with its config (formats.validate), a GGUF variant's file parses (measure.gguf)."""
+    from ptqlab.formats.validate import validate_checkpoint
+    from ptqlab.measure.gguf import check_gguf_folder, gguf_file
+
+    if gguf_file(path) is not None:
+        check_gguf_folder(path)
+    else:
+        validate_checkpoint(path)
+
+
+def variant_config(path: Path) -> dict:
+    """config.json, or for a GGUF variant the few entries the benchmark reads, from the file's metadata."""
+    from ptqlab.measure.gguf import gguf_config, gguf_file
+
+    if gguf_file(path) is not None:
+        return gguf_config(path)
+    return json.loads((path / "config.json").read_text())
 
 
 def resolve_runtime(name: str, device: torch.device, path: Path) -> tuple[str, str | None]:
@@ -227,10 +249,11 @@ def evaluation_tokens(tokenizer, settings: BenchSettings, config: dict) -> Evalu
 
 
 def load_variant(path: Path, runtime: str, device: torch.device, config: dict, context: int,
-                 generation: int) -> LoadedVariant:
+                 generation: int, gguf: Path | None = None) -> LoadedVariant:
     """Load the folder with `runtime`, timed with the device synchronised at both ends: the load time the report
     gives. The fast runtime's static cache is sized for the longer of a scoring window (`context`) and a generation
-    (`generation`: prompt plus new tokens)."""
+    (`generation`: prompt plus new tokens). `gguf`: the folder's GGUF file, which transformers' reader dequantizes
+    to the compute dtype."""
     from transformers import AutoModelForCausalLM
 
     from ptqlab.measure.speed import FastEngine, TransformersEngine
@@ -246,7 +269,8 @@ def load_variant(path: Path, runtime: str, device: torch.device, config: dict, c
         model = load_runtime(path, device, dtype=compute, max_positions=max(context, generation))
         engine = FastEngine(model, generation)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute).to(device).eval()
+        extra = {"gguf_file": gguf.name} if gguf is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, **extra).to(device).eval()
         engine = TransformersEngine(model)
     sync()
     return LoadedVariant(model, engine, time.perf_counter() - start, stored, compute)
@@ -281,13 +305,15 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
     so that it covers them all."""
     from transformers import AutoTokenizer
 
-    from ptqlab.formats.validate import validate_checkpoint
+    from ptqlab.measure.gguf import QUALITY_NOTE, RUNTIME, SPEED_NOTE, describe_gguf, gguf_file, not_measured_speed
     from ptqlab.measure.speed import SAMPLE_PROMPTS, SPEED_PROMPT, chat_prompt_ids, measure_speed, sample_completions
 
     path = Path(path)
-    check_model_folder(path, "bench takes local folders (checkpoints or 16-bit models)")
-    validate_checkpoint(path)  # a corrupt folder fails here, in one line, and is never measured or ranked
-    identity = describe_checkpoint(path)  # a damaged run record fails here too, not after the measurements
+    gguf = gguf_file(path)
+    if gguf is None:
+        check_model_folder(path, "bench takes local folders (checkpoints, 16-bit models or GGUF variants)")
+    check_variant(path)  # a corrupt folder fails here, in one line, and is never measured or ranked
+    identity = describe_checkpoint(path) if gguf is None else describe_gguf(path)  # so does a damaged run record
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
     if device.type == "cuda":
@@ -297,25 +323,31 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
         if not quiet:
             say(f"{name}: {message}")
 
-    runtime, runtime_note = resolve_runtime(settings.runtime, device, path)
+    if gguf is None:
+        runtime, runtime_note = resolve_runtime(settings.runtime, device, path)
+    else:
+        runtime, runtime_note = "transformers", f"{gguf.name} read by transformers' GGUF reader ({QUALITY_NOTE}); speed {SPEED_NOTE}"
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt_ids = chat_prompt_ids(tokenizer, SPEED_PROMPT)
-    config = json.loads((path / "config.json").read_text())
+    config = variant_config(path)
     tokens = evaluation_tokens(tokenizer, settings, config)
     generation = prompt_ids.shape[1] + max(settings.max_new_tokens, settings.sample_tokens)
-    loaded = load_variant(path, runtime, device, config, tokens.context, generation)
+    loaded = load_variant(path, runtime, device, config, tokens.context, generation, gguf)
 
     phase(f"loaded in {loaded.seconds:.1f} s ({runtime}, computing in {str(loaded.compute).removeprefix('torch.')}); "
           f"perplexity{' and KL' if topk_in else ''} over {len(tokens.windows)} windows of {tokens.context} tokens")
     quality = measure_quality(loaded.model, tokens, settings, topk_in, topk_out, quiet)
 
-    sizes = ", ".join(str(b) for b in sorted({1, settings.batch_size, *settings.batch_sizes}))
-    phase(f"speed: {settings.max_new_tokens} tokens at batch {sizes}, {settings.repeats} timed "
-          f"run{'s' if settings.repeats != 1 else ''} after {settings.warmup} warm-up")
-    speed = measure_speed(loaded.engine, prompt_ids, settings.max_new_tokens, settings.batch_size, settings.repeats,
-                          settings.warmup, settings.batch_sizes)
-
-    phase(f"decode {speed['decode_tok_s']:.1f} tok/s; sample answers to {len(SAMPLE_PROMPTS)} prompts")
+    if gguf is None:
+        sizes = ", ".join(str(b) for b in sorted({1, settings.batch_size, *settings.batch_sizes}))
+        phase(f"speed: {settings.max_new_tokens} tokens at batch {sizes}, {settings.repeats} timed "
+              f"run{'s' if settings.repeats != 1 else ''} after {settings.warmup} warm-up")
+        speed = measure_speed(loaded.engine, prompt_ids, settings.max_new_tokens, settings.batch_size, settings.repeats,
+                              settings.warmup, settings.batch_sizes)
+        phase(f"decode {speed['decode_tok_s']:.1f} tok/s; sample answers to {len(SAMPLE_PROMPTS)} prompts")
+    else:
+        speed = not_measured_speed(settings.batch_size)
+        phase(f"speed {SPEED_NOTE.split(':')[0]} ({RUNTIME}); sample answers to {len(SAMPLE_PROMPTS)} prompts")
     samples = sample_completions(loaded.engine, tokenizer, settings.sample_tokens)
     tasks = None
     if settings.tasks:

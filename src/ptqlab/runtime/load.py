@@ -3,7 +3,8 @@ llm-compressor's: float-quantized, int-quantized, pack-quantized, nvfp4- and mxf
 
 Each linear's tensors say how it is stored (`weight_packed`: pack-quantized; `weight` int8 or float8 with
 `weight_scale`: int- or float-quantized; a float `weight`: 16-bit); its number formats come from the
-`quantization_config` group whose targets match it, as compressed-tensors resolves them (ignore list first).
+`quantization_config` group whose targets match it, as compressed-tensors resolves them (ignore list first; then
+an exact name, a regex, the class Linear: schemes.claiming_group).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ptqlab.runtime.moe import Expert, MoEMLP, stack_experts
 from ptqlab.models import check_model_folder, checkpoint_name, moe_layout
 from ptqlab.quant.kv_cache import format_of_strategy, per_head
 from ptqlab.quant import fp4
-from ptqlab.schemes import QuantArgs, Scheme, is_fp4, matches
+from ptqlab.schemes import QuantArgs, Scheme, claiming_group, is_fp4, matches
 
 STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block", "token")
 PROJECTIONS = {"qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.qkv_proj",)),
@@ -91,7 +92,8 @@ class SchemeResolver:
     def __call__(self, name: str) -> Scheme | None:
         if any(matches(name, t) for t in self.ignore):
             return None
-        return next((scheme for targets, scheme in self.groups if any(matches(name, t) for t in targets)), None)
+        index = claiming_group(name, [targets for targets, _ in self.groups])  # names and regexes before Linear
+        return None if index is None else self.groups[index][1]
 
 
 def _kv_cache_format(raw: dict | None):

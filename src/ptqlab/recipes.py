@@ -1,4 +1,4 @@
-"""Recipes are data: which layers to quantize, to what scheme, through which ordered steps.
+r"""Recipes are data: which layers to quantize, to what scheme, through which ordered steps.
 
 A recipe is a YAML document (the presets live in presets.yaml, parsed by the same code as a user's file):
 

@@ -391,7 +391,7 @@ def test_fused_kernels_match_the_torch_path():
 
 
 @gpu
-@pytest.mark.parametrize("arch,recipe,config", [("qwen2", r, {}) for r in RECIPES + ["fp8-block", "w4a8-rtn"]]
+@pytest.mark.parametrize("arch,recipe,config", [("qwen2", r, {}) for r in RECIPES + ["fp8-block", "w4a8-rtn", "w4a16-asym"]]
                          + [("gemma2", "w4a16-rtn", {"sliding_window": 8})])
 def test_gpu_runtime_matches_reference_and_graphs_match_eager(checkpoint, arch, recipe, config):
     path = checkpoint(arch, recipe, **config)

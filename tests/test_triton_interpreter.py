@@ -175,6 +175,52 @@ def test_int4_matmul_small_m_against_float64(rows, n, k, group, symmetric):
     assert relative(y, x.double() @ weight.double().T) < 1e-3  # x rounded to fp16 on entry; fp16 output
 
 
+def checkpoint_int4_layer(n, k, group, dtype):
+    """An asymmetric int4 layer as the runtime reads it from a compressed-tensors checkpoint (zero points packed along
+    the output dimension, formats/compressed_tensors.py) -> (StoredLinear, its dequantized weight in fp32)."""
+    from ptqlab.formats.compressed_tensors import _linear_tensors
+    from ptqlab.quant.linear import QuantizedLinear
+    from ptqlab.runtime.load import stored_linear
+    from ptqlab.schemes import Scheme
+
+    torch.manual_seed(n + k)
+    scheme = Scheme(QuantArgs(num_bits=4, strategy="group", group_size=group, symmetric=False))
+    layer = QuantizedLinear.from_weight(torch.randn(n, k).to(dtype), None, scheme)
+    stored = stored_linear(_linear_tensors("layer", layer), "layer", scheme)
+    return stored, dequantize(stored.weight, stored.scale, stored.zero_point, scheme.weights, torch.float32)
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [1, 3, 40])  # one-row kernel, tl.dot tiles, dequantize + matmul
+def test_int4_kernels_read_a_checkpoints_zero_points(rows):
+    """An asymmetric int4 layer loaded from a checkpoint (its zero points unpacked along dim 0) computes through
+    Int4Linear what its dequantized weight computes: the kernels must not read the unpacked view's transposed
+    strides as the groups of a row (the 27 int4 parts of the mixed int2 lab once went wrong on the GPU this way)."""
+    from ptqlab.runtime.kernels import RuntimeOptions
+    from ptqlab.runtime.linear import Int4Linear
+
+    stored, weight = checkpoint_int4_layer(48, 512, 128, torch.float16)
+    layer = Int4Linear(stored.weight, stored.scale, stored.zero_point, None, RuntimeOptions.gemv_tile, pdl=False)
+    x = torch.randn(rows, 512, dtype=torch.float16)
+    assert relative(layer(x), x.double() @ weight.double().T) < 1e-3
+
+
+@interpreted
+def test_int4_kernels_refuse_a_transposed_zero_point():
+    from ptqlab.runtime import kernels
+
+    stored, _ = checkpoint_int4_layer(48, 512, 128, torch.float16)
+    planes = kernels.int4_planes(stored.weight, kernels.plane_words(512, 128))
+    transposed = stored.zero_point.T.contiguous().T
+    assert torch.equal(transposed, stored.zero_point) and transposed.stride(-1) != 1
+    for call in (lambda: kernels.int4_dequantize(planes, stored.scale, transposed, 512, torch.float16),
+                 lambda: kernels.int4_gemv(torch.randn(1, 512, dtype=torch.float16), planes, stored.scale, transposed),
+                 lambda: kernels.int4_matmul_small_m(torch.randn(3, 512, dtype=torch.float16), planes, stored.scale,
+                                                     transposed)):
+        with pytest.raises(ValueError, match="row-major zero_point"):
+            call()
+
+
 @interpreted
 @pytest.mark.parametrize("has_bias", [False, True])
 def test_int8_epilogue_scales_the_int32_product(has_bias):

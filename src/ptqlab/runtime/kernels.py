@@ -344,6 +344,15 @@ if triton is not None:
         tl.store(Y + rm[:, None] * stride_ym + rn[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
+def _row_major(scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+    """The int4 kernels step through a row's scales and zero points one element at a time (only the row stride is
+    passed): a transposed view (what unpacking a checkpoint's zero points along dim 0 gives) would be read as other
+    groups' values, silently. ValueError instead."""
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"the int4 kernels need a row-major {name}; got strides {t.stride()} (call .contiguous())")
+
+
 def _group(scale: torch.Tensor, k: int) -> int:
     """Columns per scale: the group size, or K for one scale per row."""
     return k // scale.shape[1]
@@ -434,6 +443,7 @@ def int4_expert_gemv(x: torch.Tensor, experts: torch.Tensor, planes: torch.Tenso
     (int32 [P], on the device: no host sync, so a CUDA graph can hold it) -> [P, N] in x.dtype, or in fp32 times
     weights[p] when `weights` (the router's, summed over a token's experts next). Only the chosen experts' weights
     are read."""
+    _row_major(scale, zero_point)
     block_n, block_kp, num_warps = tile
     k = x.shape[1]
     _, n, row_words = planes.shape
@@ -462,6 +472,7 @@ def int4_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_p
     "gelu"): the rows are a paired gate_up (`pair_gate_up`) and the result is act(gate) * up [1, N / 2], each
     rounded to out_dtype first. pdl: programmatic dependent launch where the GPU has it (RuntimeOptions.pdl).
     x_scale: x holds FP8 grid values and this fp32 [1, 1] its per-token scale (W4A8), applied to the fp32 sums."""
+    _row_major(scale, zero_point)
     block_n, block_kp, num_warps = tile
     out_dtype = out_dtype or x.dtype
     if gated is not None and block_n % (2 * PAIR_ROWS):
@@ -492,6 +503,7 @@ def int4_matmul_small_m(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tens
     """x [2 <= M <= 16, K] @ dequant(planes)ᵀ -> [M, N] in x.dtype. Tiles lie inside one scale group and need 16
     words of it (tensor-core tiles of 128 values). pdl: the split-K sum launches with programmatic dependent launch
     where the GPU has it (RuntimeOptions.pdl)."""
+    _row_major(scale, zero_point)
     m, k = x.shape
     n = planes.shape[0]
     group_words = _group(scale, k) // 8
@@ -512,6 +524,7 @@ def int4_matmul_small_m(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tens
 def int4_dequantize(planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, k: int,
                     dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight in `dtype`."""
+    _row_major(scale, zero_point)
     n = planes.shape[0]
     w = torch.empty((n, k), dtype=dtype, device=planes.device)
     zero = zero_point if zero_point is not None else scale

@@ -157,8 +157,8 @@ def stored_linear(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme | 
             zero_point = unpack_from_int32(zero_point, args.num_bits, torch.Size([shape[0], scale.shape[-1]]), packed_dim=0)
     else:
         take("weight")
-    if zero_point is not None:
-        zero_point = zero_point.to(torch.int8).reshape(scale.shape)
+    if zero_point is not None:  # unpacked along dim 0 it is a transposed view: row-major, as the int4 kernels read it
+        zero_point = zero_point.to(torch.int8).reshape(scale.shape).contiguous()
     return StoredLinear(weight, bias, scheme, scale, zero_point)
 
 

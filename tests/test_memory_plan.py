@@ -12,10 +12,12 @@ import torch
 from typer.testing import CliRunner
 
 from ptqlab import quantize
+from ptqlab.api import memory_plan
 from ptqlab.cli import app
 from ptqlab.data import CalibrationConfig
 from ptqlab.engine.memory import GIB, PROCESS_BYTES, ModelShape, RunShape, check_budgets, estimate, parse_bytes
 from ptqlab.errors import PtqlabError
+from ptqlab.recipes import get_recipe
 from tiny import tiny_config
 
 runner = CliRunner()
@@ -73,6 +75,29 @@ def test_the_placement_is_the_first_that_fits_the_gpu_budget():
     assert estimate(model, run_shape(samples=256, stream=True), 10**12).layers_on_gpu is False  # streamed: on disk
     with pytest.raises(PtqlabError, match=r"^this run needs about .* of GPU memory at its peak"):
         check_budgets(pinned, 1, None, stream=False)
+
+
+def test_an_autoround_plan_holds_its_float_hidden_states_and_a_descent_step(tiny_model_dir):
+    """AutoRound keeps the float model's hidden states and each layer's targets beside the quantized ones (two more
+    copies, on the GPU or pinned in CPU memory) and a step's forward and backward; its time grows with its steps.
+    The recipe's own settings reach the plan."""
+    model = ModelShape.from_config(tiny_config("llama", num_hidden_layers=8))
+    ar = dict(descent_steps=200, descent_samples=8)
+    hidden = 256 * 512 * model.hidden * 2  # samples x seq_len x hidden x compute bytes
+    for budget in (10**12, None):
+        gptq, autoround = estimate(model, run_shape(samples=256), budget), estimate(model, run_shape(samples=256, **ar), budget)
+        assert autoround.parts["the float model's hidden states and the layer's targets (autoround)"] == 2 * hidden
+        assert autoround.gpu_bytes >= gptq.gpu_bytes + 2 * hidden
+    gptq, autoround = estimate(model, run_shape(samples=256), 1), estimate(model, run_shape(samples=256, **ar), 1)
+    assert not autoround.activations_on_gpu
+    assert autoround.parts["calibration hidden states (pinned)"] == 3 * gptq.parts["calibration hidden states (pinned)"]
+    longer = estimate(model, run_shape(descent_steps=400, descent_samples=8))
+    plain = estimate(model, run_shape())
+    assert longer.seconds - plain.seconds == pytest.approx(2 * (estimate(model, run_shape(**ar)).seconds - plain.seconds))
+    plan = memory_plan(str(tiny_model_dir("llama")), get_recipe("w4a16-ar"), device="cpu")
+    assert "the float model's hidden states and the layer's targets (autoround)" in plan.parts
+    assert "the float model's hidden states and the layer's targets (autoround)" not in memory_plan(
+        str(tiny_model_dir("llama")), get_recipe("w4a16"), device="cpu").parts
 
 
 def test_plan_prints_the_estimate_and_does_no_work(tiny_model_dir, tmp_path, monkeypatch):

@@ -324,9 +324,11 @@ def _memory_plan(checked: ModelSource, recipe: Recipe, dtype: str, calibration: 
     compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
     calibration = calibration_of(recipe, calibration, 0) or CalibrationConfig()
     statistics = any("hessian" in kind_of(step).statistics for step in recipe.steps)
+    descent = next((step for step in recipe.steps if kind_of(step).scope == "layer"), None)  # AutoRound
     run = RunShape(calibration.num_samples, calibration.max_seq_len, calib_batch_size, stored.itemsize,
                    compute.itemsize, recipe.calibrated, statistics, recipe.scheme.weights.num_bits,
-                   recipe.scheme.weights.group_size, stream, engine_device.type)
+                   recipe.scheme.weights.group_size, stream, engine_device.type,
+                   descent.iters if descent else 0, min(descent.samples_per_step, calibration.num_samples) if descent else 0)
     return estimate(ModelShape.from_config(checked.config), run, gpu_budget)
 
 

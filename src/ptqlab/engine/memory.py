@@ -5,13 +5,15 @@ refused in seconds (before any weight is read) and `quantize --plan` can say it 
 Peak GPU memory of a calibrated run = the embeddings (moved there for the capture) + the calibration activations
 (every sample's hidden states, position tables and masks) + the decoder layers it holds + the input statistics of
 one layer (one fp32 Hessian per distinct input) + the larger of one batch's forward and one linear's GPTQ work.
+AutoRound adds two more copies of the hidden states (the float model's, and each layer's targets) and one step of
+its descent competes with that forward and GPTQ.
 Where things live is the plan's choice, the first of these that fits the GPU budget: every layer on the GPU; one
 layer at a time with the next one prefetched (layers wait in CPU memory, or on disk when streaming); that, with the
 hidden states in pinned CPU memory, streamed to the GPU a batch at a time. The engine follows the plan
 (`EngineOptions.offload`, `activations_on_gpu`). CPU memory holds the model (or, streaming, the embeddings and head
 and two layers: the current and the prefetched one), the checkpoint being built and, where the plan puts them
-there, the activations. The time is a rough figure: the forwards' and GPTQ's FLOPs at a nominal rate per device
-kind.
+there, the activations. The time is a rough figure: the forwards' (and AutoRound's steps') and GPTQ's FLOPs at a
+nominal rate per device kind.
 """
 
 from __future__ import annotations
@@ -171,6 +173,10 @@ class RunShape:
     stream: bool
     device: str
     """cuda or cpu."""
+    descent_steps: int = 0
+    """A layer-wide quantizer's (AutoRound's) gradient steps per layer; 0: the quantizer works linear by linear."""
+    descent_samples: int = 0
+    """The samples each of those steps computes on."""
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,8 @@ def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) ->
     if run.calibrated:
         work, on_device, layers_on_gpu, activations_on_gpu = _device_work(model, run, gpu_budget)
         if not activations_on_gpu:
-            held["calibration hidden states (pinned)"] = tokens * model.hidden * c
+            copies = 3 if run.descent_steps else 1  # AutoRound's float hidden states and targets live beside them
+            held["calibration hidden states (pinned)"] = copies * tokens * model.hidden * c
         held["one batch's inputs, saved for resume"] = 2 * run.batch_size * run.seq_len * model.hidden * c
     cpu = sum(held.values()) + (on_device if run.device == "cpu" else 0)
     disk = quantized + model.outside_params() * s
@@ -247,7 +254,9 @@ def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) ->
         forward_flops += tokens * model.statistics_flops_per_token() * model.layers
     gptq_flops = sum(2 * o * i * i * n for o, i, n in model.linears().values()) * model.layers if run.statistics else 0
     device = "cuda" if run.device == "cuda" else "cpu"
-    seconds = forward_flops / FLOP_RATE[device] + gptq_flops / GPTQ_RATE[device]
+    # AutoRound: each step a forward and a backward (twice the forward's FLOPs) of its samples through the layer
+    descent_flops = 3 * 2 * run.descent_steps * run.descent_samples * run.seq_len * model.active_layer_params() * model.layers
+    seconds = (forward_flops + descent_flops) / FLOP_RATE[device] + gptq_flops / GPTQ_RATE[device]
     params = model.outside_params() + model.layers * model.layer_params()
     read_back = 0 if run.stream else PROCESS_BYTES[device] + 2 * params * 4
     return MemoryPlan(on_device if run.device == "cuda" else None, cpu, disk, seconds, {**work, **held},
@@ -270,10 +279,14 @@ def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tu
     gptq = (4 * out * inp + 3 * inp * inp) * 4 if run.statistics else 0
     work = {"input statistics": sum(w * w * 4 for w in model.distinct_inputs()) if run.statistics else 0,
             "one batch's forward or one GPTQ": max(forward, gptq)}
+    float_hidden = {}
+    if run.descent_steps:  # AutoRound: a layer's float inputs and outputs beside the quantized inputs, and one step
+        float_hidden = {"the float model's hidden states and the layer's targets (autoround)": 2 * hidden}
+        work["one batch's forward or one GPTQ"] = max(forward, gptq, _descent_bytes(model, run))
     every_layer = {"every decoder layer": model.layers * model.layer_params() * c,
                    "the output head": model.outside_params() * c - embeddings["embeddings (for the capture)"]}
     two_layers = {"two decoder layers (current, prefetched)": 2 * model.layer_params() * c}
-    on_gpu = {"calibration activations": hidden + tables}
+    on_gpu = {"calibration activations": hidden + tables, **float_hidden}
     streamed = {"calibration position tables and masks": tables,
                 "hidden states of three batches (in, next, out)": 3 * run.batch_size * run.seq_len * model.hidden * c}
     choices = [(two_layers, on_gpu, False, True), (two_layers, streamed, False, False)]
@@ -292,6 +305,14 @@ def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tu
         if gpu_budget is None or peak <= gpu_budget:
             break
     return parts, peak, layers_on_gpu, activations_on_gpu
+
+
+def _descent_bytes(model: ModelShape, run: RunShape) -> int:
+    """One AutoRound step (engine/autoround.py): the layer's forward and backward on `descent_samples` samples, with
+    what autograd keeps per token (the inputs of every matmul, attention's output, the MLP's wide activations), and
+    per weight the fp32 offsets, their gradient, the fixed start and the fake-rounded weight with its gradient."""
+    activations = run.descent_samples * run.seq_len * (6 * model.hidden + 4 * model.mlp_width()) * run.compute_bytes
+    return activations + 5 * 4 * model.layer_params()
 
 
 def check_budgets(plan: MemoryPlan, gpu_budget: int | None, cpu_budget: int | None, stream: bool) -> None:

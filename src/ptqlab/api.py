@@ -325,10 +325,10 @@ def _memory_plan(checked: ModelSource, recipe: Recipe, dtype: str, calibration: 
     calibration = calibration_of(recipe, calibration, 0) or CalibrationConfig()
     statistics = any("hessian" in kind_of(step).statistics for step in recipe.steps)
     descent = next((step for step in recipe.steps if kind_of(step).scope == "layer"), None)  # AutoRound
+    steps, samples = (descent.iters, min(descent.samples_per_step, calibration.num_samples)) if descent else (0, 0)
     run = RunShape(calibration.num_samples, calibration.max_seq_len, calib_batch_size, stored.itemsize,
                    compute.itemsize, recipe.calibrated, statistics, recipe.scheme.weights.num_bits,
-                   recipe.scheme.weights.group_size, stream, engine_device.type,
-                   descent.iters if descent else 0, min(descent.samples_per_step, calibration.num_samples) if descent else 0)
+                   recipe.scheme.weights.group_size, stream, engine_device.type, steps, samples)
     return estimate(ModelShape.from_config(checked.config), run, gpu_budget)
 
 

@@ -178,6 +178,12 @@ class RunShape:
     descent_samples: int = 0
     """The samples each of those steps computes on."""
 
+    @property
+    def hidden_copies(self) -> int:
+        """Copies of the calibration hidden states a run holds: the quantized model's, and with AutoRound also the
+        float model's and each layer's targets (engine/autoround.py)."""
+        return 3 if self.descent_steps else 1
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
@@ -244,8 +250,7 @@ def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) ->
     if run.calibrated:
         work, on_device, layers_on_gpu, activations_on_gpu = _device_work(model, run, gpu_budget)
         if not activations_on_gpu:
-            copies = 3 if run.descent_steps else 1  # AutoRound's float hidden states and targets live beside them
-            held["calibration hidden states (pinned)"] = copies * tokens * model.hidden * c
+            held["calibration hidden states (pinned)"] = run.hidden_copies * tokens * model.hidden * c
         held["one batch's inputs, saved for resume"] = 2 * run.batch_size * run.seq_len * model.hidden * c
     cpu = sum(held.values()) + (on_device if run.device == "cpu" else 0)
     disk = quantized + model.outside_params() * s
@@ -277,12 +282,11 @@ def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tu
     forward = run.batch_size * run.seq_len * (3 * model.mlp_width() + 4 * model.hidden) * c
     out, inp, _ = max(model.linears().values(), key=lambda oin: oin[1] * (oin[0] + oin[1]))
     gptq = (4 * out * inp + 3 * inp * inp) * 4 if run.statistics else 0
+    descent = _descent_bytes(model, run) if run.descent_steps else 0  # AutoRound's step
     work = {"input statistics": sum(w * w * 4 for w in model.distinct_inputs()) if run.statistics else 0,
-            "one batch's forward or one GPTQ": max(forward, gptq)}
-    float_hidden = {}
-    if run.descent_steps:  # AutoRound: a layer's float inputs and outputs beside the quantized inputs, and one step
-        float_hidden = {"the float model's hidden states and the layer's targets (autoround)": 2 * hidden}
-        work["one batch's forward or one GPTQ"] = max(forward, gptq, _descent_bytes(model, run))
+            "one batch's forward or one GPTQ": max(forward, gptq, descent)}
+    float_hidden = {"the float model's hidden states and the layer's targets (autoround)":
+                    (run.hidden_copies - 1) * hidden} if run.descent_steps else {}
     every_layer = {"every decoder layer": model.layers * model.layer_params() * c,
                    "the output head": model.outside_params() * c - embeddings["embeddings (for the capture)"]}
     two_layers = {"two decoder layers (current, prefetched)": 2 * model.layer_params() * c}

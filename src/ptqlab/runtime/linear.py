@@ -129,8 +129,8 @@ class Int4Linear(nn.Module):
         self.group_words = self.in_features // scale.shape[1] // 8
         plane = kernels.plane_words(self.in_features, self.group_words * 8)
         self.register_buffer("planes", kernels.int4_planes(q, plane))
-        self.register_buffer("scale", scale.contiguous())  # row-major, as the kernels read them (kernels._row_major)
-        self.register_buffer("zero_point", None if zero_point is None else zero_point.contiguous())
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", bias)
         self.paired = False
         """Rows in kernels.pair_gate_up's order (a gate_up layer whose kernel applies the activation)."""

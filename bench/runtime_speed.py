@@ -331,6 +331,7 @@ def main() -> None:
     import transformers
 
     torch.backends.cuda.matmul.allow_tf32 = False
+    start_run = time.perf_counter()
     ceilings = device_ceilings()
     print(f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 {ceilings['bf16_flops'] / 1e12:.0f} TFLOP/s, "
           f"fp8 {ceilings['fp8_flops'] / 1e12:.0f} TFLOP/s, int8 {ceilings['int8_ops'] / 1e12:.0f} TOP/s", flush=True)
@@ -351,7 +352,16 @@ def main() -> None:
         floor_tok_s = ceilings["copy_bytes_per_s"] / nbytes
         linear, attention = prefill_flops(runtime, args.prefill_tokens)
         floor_prefill_s = linear / ceilings[RATE[scheme]] + attention / ceilings["bf16_flops"]
-        results[scheme] = {**measured, "kernels": runtime.kernels, "options": asdict(options), "decode_bytes": nbytes,
+        if measured.get("sweep"):
+            measured["batch_decode_tok_s"] = {str(p["batch"]): p["decode_tok_s"] for p in measured["sweep"]}
+        choices = getattr(runtime, "kernel_choices", {})
+        if choices:
+            from ptqlab.runtime.choice import print_table
+
+            print(f"{scheme}: kernel choice table (measured once per device and shape, cached)\n{print_table(choices)}",
+                  flush=True)
+        results[scheme] = {**measured, "kernels": runtime.kernels, "kernel_choices": choices, "options": asdict(options),
+                           "decode_bytes": nbytes,
                            "decode_floor_tok_s": floor_tok_s,
                            "decode_fraction_of_floor": measured["decode_tok_s"] / floor_tok_s,
                            "prefill_flops": linear + attention,
@@ -394,7 +404,7 @@ def main() -> None:
         record = {"shape": args.shape, "device": torch.cuda.get_device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "versions": versions, "settings": vars(args) | {"out": str(args.out)}, "ceilings": ceilings,
                   "kernel_table": kernel_rows, "results": results, "transformers_bf16_decode_tok_s": hf,
-                  "crossover": crossover}
+                  "crossover": crossover, "command": " ".join(sys.argv), "seconds": time.perf_counter() - start_run}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
 

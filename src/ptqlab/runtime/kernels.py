@@ -45,6 +45,9 @@ class RuntimeOptions:
     """torch._scaled_mm(use_fast_accum=...): the tensor cores' fast FP8 accumulation, as vLLM's FP8 kernels on
     Hopper use it (their FP8FastAccum schedules). False: accumulation as precise as bf16 cuBLAS, at a slower
     prefill. Benchmarks compare both."""
+    choose_kernels: bool = True
+    """Where two kernels can compute a layer at a decode step's rows, take the one measured faster on this GPU for
+    this shape (runtime/choice.py: measured once per device, cached). False: each layer's default kernel."""
     gemv_tile: tuple[int, int, int] = (8, 512, 4)
     """The one-row int4 kernel's tile: (outputs, words, warps). Each thread holds 8 outputs' words, so each
     activation load serves 8 rows; bench/runtime_speed.py --kernels sweeps others."""

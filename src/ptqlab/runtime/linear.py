@@ -31,7 +31,8 @@ from torch import nn
 from ptqlab import triton_support
 from ptqlab.quant import token_triton
 from ptqlab.quant.primitives import dequantize, fake_quantize
-from ptqlab.runtime import fp8_kernels, kernels
+from ptqlab.runtime import fp8_kernels, kernels, small_batch
+from ptqlab.runtime.choice import bucket
 from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.schemes import Scheme
 
@@ -96,6 +97,41 @@ def concat_linears(parts: list[StoredLinear]) -> StoredLinear | None:
                         cat([p.zero_point for p in parts]), first.weight_global_scale, first.input_global_scale)
 
 
+def _tile_of(kernel: str) -> small_batch.Tile:
+    """The small-batch kernel's tile named in a kernel choice ("small-batch 64x4w")."""
+    return small_batch.TILES[kernel.partition(" ")[2] or next(iter(small_batch.TILES))]
+
+
+class ChoosingLinear(nn.Module):
+    """A layer with more than one kernel for a decode step's rows: it offers them (`candidates`) to
+    runtime/choice.py, which measures them once per device and shape and sets `kernel_by_rows` (bucket of rows ->
+    kernel name); until then, or with RuntimeOptions.choose_kernels off, `default_kernel` decides."""
+
+    kernel_by_rows: dict[int, str] | None = None
+    out_dtype: torch.dtype
+
+    def choice_key(self) -> tuple[str, int, int, int] | None:
+        """(format, N, K, group) that the measured choice depends on; None where there is nothing to choose."""
+        return None
+
+    def candidates(self, rows: int) -> dict:
+        """name -> function of an input of `rows` rows (as example_input makes it), for each kernel that can."""
+        raise NotImplementedError
+
+    def example_input(self, rows: int) -> torch.Tensor:
+        generator = torch.Generator(device=self.weight_tensor.device).manual_seed(rows)
+        return torch.randn((rows, self.in_features), generator=generator, device=self.weight_tensor.device,
+                           dtype=self.out_dtype)
+
+    def kernel_for(self, rows: int) -> str:
+        if self.kernel_by_rows is not None and rows <= small_batch.SMALL_BATCH:
+            return self.kernel_by_rows[bucket(rows)]
+        return self.default_kernel(rows)
+
+    def default_kernel(self, rows: int) -> str:
+        raise NotImplementedError
+
+
 class DequantizedLinear(nn.Module):
     """y = fake_quant(x) @ Wᵀ + b with W dequantized once (or 16-bit as stored)."""
 
@@ -115,25 +151,34 @@ class DequantizedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(ChoosingLinear):
     """W4A16: the weight stays packed (0.5 byte per value, in the planes of `kernels.int4_planes`) and is dequantized
-    inside the kernel. `tile` and `pdl`: RuntimeOptions.gemv_tile and .pdl."""
+    inside the kernel: at one row `kernels.int4_gemv`, at a few the small-batch tensor-core kernel (groups of 128 or
+    more) or the older 16-row kernel, for prefill dequantized into cuBLAS. `tile` and `pdl`: RuntimeOptions.gemv_tile
+    and .pdl."""
 
     kernel = "int4 triton (decode), dequantize + cuBLAS (prefill)"
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                 bias: torch.Tensor | None, tile: tuple[int, int, int], pdl: bool) -> None:
+                 bias: torch.Tensor | None, tile: tuple[int, int, int], pdl: bool, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.tile, self.pdl = tile, pdl
         self.in_features = q.shape[1]
+        self.out_dtype = dtype or (scale.dtype if scale.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+        """The activations' dtype (the choice table times the kernels on such inputs)."""
         self.group_words = self.in_features // scale.shape[1] // 8
         plane = kernels.plane_words(self.in_features, self.group_words * 8)
         self.register_buffer("planes", kernels.int4_planes(q, plane))
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", bias)
+        self.small_batch = small_batch.fits("int4", self.in_features, self.group_words * 8)
         self.paired = False
         """Rows in kernels.pair_gate_up's order (a gate_up layer whose kernel applies the activation)."""
+
+    @property
+    def weight_tensor(self) -> torch.Tensor:
+        return self.planes
 
     def pair_gate_up(self) -> bool:
         """Reorder this gate_up layer's rows so that one-row decode can apply the gated activation inside the matmul
@@ -152,76 +197,139 @@ class Int4Linear(nn.Module):
                               gated="gelu" if gelu else "silu", pdl=self.pdl)
         return y.reshape(*x.shape[:-1], -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] == 1:
+    def choice_key(self):
+        if not self.planes.is_cuda:
+            return None
+        return "int4" + ("-asym" if self.zero_point is not None else ""), self.planes.shape[0], self.in_features, \
+            self.group_words * 8
+
+    def _kernels(self, rows: int) -> list[str]:
+        names = ["gemv"] if rows == 1 else []
+        if self.small_batch and rows <= small_batch.SMALL_BATCH:
+            names += [f"small-batch {tile}" for tile in small_batch.TILES]
+        if 1 < rows <= kernels.SMALL_M and self.group_words >= 16:
+            names.append("small-m")
+        return names + ["dequantize+cublas"]
+
+    def candidates(self, rows: int) -> dict:
+        return {name: (lambda x, name=name: self._compute(x, name)) for name in self._kernels(rows)}
+
+    def default_kernel(self, rows: int) -> str:
+        return self._kernels(rows)[0]
+
+    def _compute(self, rows: torch.Tensor, kernel: str) -> torch.Tensor:
+        if kernel == "gemv":
             y = kernels.int4_gemv(rows, self.planes, self.scale, self.zero_point, self.tile, pdl=self.pdl)
-        elif rows.shape[0] <= kernels.SMALL_M and self.group_words >= 16:  # tensor-core tiles: 16 words of a group
+        elif kernel.startswith("small-batch"):
+            return small_batch.small_batch_matmul("int4", rows, self.planes, self.scale, zero_point=self.zero_point,
+                                                  bias=self.bias, tile=_tile_of(kernel), pdl=self.pdl)
+        elif kernel == "small-m":
             y = kernels.int4_matmul_small_m(rows, self.planes, self.scale, self.zero_point, pdl=self.pdl)
         else:
-            weight = kernels.int4_dequantize(self.planes, self.scale, self.zero_point, self.in_features, x.dtype)
-            return F.linear(rows, weight, self.bias).reshape(*x.shape[:-1], -1)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
+            weight = kernels.int4_dequantize(self.planes, self.scale, self.zero_point, self.in_features, rows.dtype)
+            return F.linear(rows, weight, self.bias)
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        return self._compute(rows, self.kernel_for(rows.shape[0])).reshape(*x.shape[:-1], -1)
 
 
-class TokenQuantizedLinear(nn.Module):
+class TokenQuantizedLinear(ChoosingLinear):
     """What FP8 and INT8 W8A8 share: an 8-bit weight [out, in] with one fp32 scale per output row, and an input put
-    on `input_grid` per token, by this layer or already by the fused norm or activation before it."""
+    on `input_grid` per token, by this layer or already by the fused norm or activation before it. A decode step's
+    rows (up to small_batch.SMALL_BATCH) take the small-batch kernel or cuBLAS, whichever the kernel choice table
+    measured faster; prefill takes cuBLAS."""
 
     input_grid: token_triton.TokenGrid
-    min_rows = 1
-    """Rows the matmul needs at least; fewer are zero-padded up to it."""
+    fmt: str
+    cublas_min_rows = 1
+    """Rows cuBLAS's matmul needs at least; fewer are zero-padded up to it."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 pdl: bool = RuntimeOptions.pdl) -> None:
         super().__init__()
-        self.in_features, self.out_dtype = weight.shape[1], dtype
+        self.in_features, self.out_dtype, self.pdl = weight.shape[1], dtype, pdl
         self.register_buffer("weight", weight)  # row-major: its .t() is the column-major operand the matmuls take
         self.register_buffer("scale", scale.float().reshape(1, -1).contiguous())
         self.register_buffer("bias", bias)
+        self.small_batch = small_batch.fits(self.fmt, self.in_features)
+        self.min_rows = 1 if self.small_batch else self.cublas_min_rows
+        """Rows the fused norm or activation before this layer pads its quantized output to."""
+
+    @property
+    def weight_tensor(self) -> torch.Tensor:
+        return self.weight
 
     def quantized_input(self, x: torch.Tensor | token_triton.QuantizedRows) -> token_triton.QuantizedRows:
         if isinstance(x, token_triton.QuantizedRows):
             return x
         return token_triton.quantize_tokens(x, self.input_grid, rows_out=self.min_rows)
 
+    def choice_key(self):
+        return (self.fmt, self.weight.shape[0], self.in_features, self.in_features) if self.weight.is_cuda else None
+
+    def candidates(self, rows: int) -> dict:
+        names = ([f"small-batch {tile}" for tile in small_batch.TILES] if self.small_batch else []) + ["cublas"]
+        return {name: (lambda x, name=name: self.forward(x, name)) for name in names}
+
+    def default_kernel(self, rows: int) -> str:
+        if self.small_batch and rows <= small_batch.SMALL_BATCH:
+            return f"small-batch {next(iter(small_batch.TILES))}"
+        return "cublas"
+
+    def cublas(self, x: token_triton.QuantizedRows, rows: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor | token_triton.QuantizedRows, kernel: str | None = None) -> torch.Tensor:
+        x = self.quantized_input(x)
+        rows = x.shape.numel() // x.shape[-1]
+        kernel = kernel or self.kernel_for(rows)
+        if kernel.startswith("small-batch"):
+            y = small_batch.small_batch_matmul(self.fmt, x.q[:rows], self.weight, self.scale, x_scale=x.scale[:rows],
+                                               bias=self.bias, out_dtype=self.out_dtype, tile=_tile_of(kernel),
+                                               pdl=self.pdl)
+        else:
+            y = self.cublas(x, rows)
+        return y.reshape(*x.shape[:-1], -1)
+
 
 class Fp8Linear(TokenQuantizedLinear):
-    """FP8 W8A8: x quantized per token to FP8, multiplied by the FP8 weight with fp32 row and column scales.
-    `fast_accum`: RuntimeOptions.fp8_fast_accum."""
+    """FP8 W8A8: x quantized per token to FP8, multiplied by the FP8 weight with fp32 row and column scales: the
+    small-batch kernel or `torch._scaled_mm` (cuBLAS). `fast_accum`: RuntimeOptions.fp8_fast_accum."""
 
-    kernel = "fp8 _scaled_mm"
+    kernel = "fp8 small-batch triton (decode) / _scaled_mm"
     input_grid = token_triton.FP8_TOKENS
+    fmt = "fp8"
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                 fast_accum: bool) -> None:
-        super().__init__(weight, scale, bias, dtype)
+                 fast_accum: bool, pdl: bool = RuntimeOptions.pdl) -> None:
+        super().__init__(weight, scale, bias, dtype, pdl)
         self.fast_accum = fast_accum
 
-    def forward(self, x: torch.Tensor | token_triton.QuantizedRows) -> torch.Tensor:
-        x = self.quantized_input(x)
+    def cublas(self, x: token_triton.QuantizedRows, rows: int) -> torch.Tensor:
         y = torch._scaled_mm(x.q, self.weight.t(), scale_a=x.scale, scale_b=self.scale, out_dtype=self.out_dtype,
                              use_fast_accum=self.fast_accum)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
 
 
 class Int8Linear(TokenQuantizedLinear):
-    """INT8 W8A8: x quantized per token to int8, an exact int32 matmul, then both scales (and bias) in one pass."""
+    """INT8 W8A8: x quantized per token to int8, exact int32 products (the small-batch kernel, or `torch._int_mm`
+    then one pass that applies the scales and bias)."""
 
-    kernel = "int8 _int_mm"
+    kernel = "int8 small-batch triton (decode) / _int_mm"
     input_grid = token_triton.INT8_TOKENS
-    min_rows = 32
-    """torch._int_mm wants more than 16 rows: decode pads its few rows with zeros up to this."""
+    fmt = "int8"
+    cublas_min_rows = 32
+    """torch._int_mm wants more than 16 rows: a few rows are padded with zeros up to this."""
 
-    def forward(self, x: torch.Tensor | token_triton.QuantizedRows) -> torch.Tensor:
-        x = self.quantized_input(x)
-        rows = x.shape.numel() // x.shape[-1]
-        acc = torch._int_mm(x.q, self.weight.t())
-        y = kernels.int8_epilogue(acc, x.scale, self.scale, self.bias, rows, self.out_dtype)
-        return y.reshape(*x.shape[:-1], -1)
+    def cublas(self, x: token_triton.QuantizedRows, rows: int) -> torch.Tensor:
+        q, scale = x.q, x.scale
+        if q.shape[0] < self.cublas_min_rows:  # quantized for the small-batch kernel, unpadded
+            q = F.pad(q, (0, 0, 0, self.cublas_min_rows - q.shape[0]))
+            scale = F.pad(scale, (0, 0, 0, self.cublas_min_rows - scale.shape[0]))
+        acc = torch._int_mm(q, self.weight.t())
+        return kernels.int8_epilogue(acc, scale, self.scale, self.bias, rows, self.out_dtype)
 
 
 def _cublas_blockwise(weight: torch.Tensor, block_rows: int) -> bool:
@@ -360,11 +468,11 @@ def build_linear(layer: StoredLinear, dtype: torch.dtype, options: RuntimeOption
     kernel = _kernel_for(layer)
     layer = _per_channel(layer)  # the kernels take row scales; a per-tensor scale is the same scale on every row
     if kernel == "int4":
-        return Int4Linear(layer.weight, layer.scale, layer.zero_point, bias, options.gemv_tile, options.pdl)
+        return Int4Linear(layer.weight, layer.scale, layer.zero_point, bias, options.gemv_tile, options.pdl, dtype)
     if kernel == "fp8":
-        return Fp8Linear(layer.weight, layer.scale, bias, dtype, options.fp8_fast_accum)
+        return Fp8Linear(layer.weight, layer.scale, bias, dtype, options.fp8_fast_accum, options.pdl)
     if kernel == "int8":
-        return Int8Linear(layer.weight, layer.scale, bias, dtype)
+        return Int8Linear(layer.weight, layer.scale, bias, dtype, options.pdl)
     if kernel == "fp8-block":
         return Fp8BlockLinear(layer.weight, layer.scale, layer.scheme.weights.block_structure[0], bias, dtype,
                               options.fp8_fast_accum, options.pdl)

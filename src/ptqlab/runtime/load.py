@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ptqlab.errors import PtqlabError
+from ptqlab.runtime.choice import choose_kernels
 from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.runtime.linear import StoredLinear, build_linear, concat_linears
 from ptqlab.runtime.model import Architecture, Block, Concat, RuntimeModel
@@ -285,5 +286,7 @@ def build_model(config, arch: Architecture, tensors: dict[str, torch.Tensor], re
     if resolve.kv_cache is not None:  # as vLLM does for a checkpoint with a kv_cache_scheme: an FP8 cache
         model.use_kv_scales()
         kernels["kv_cache"] = f"fp8 ({resolve.kv_cache.strategy} scales)"
+    if options.choose_kernels:
+        model.kernel_choices = choose_kernels(model)
     return model.eval()
 

@@ -306,6 +306,8 @@ class RuntimeModel(nn.Module):
         self.register_buffer("norm", norm)
         self.head = head
         self.kernels = kernels
+        self.kernel_choices: dict = {}
+        """What runtime/choice.py chose for this model's layers (set by build_model on GPUs)."""
         """Which kernel computes each kind of layer (for reports)."""
         device, dtype = embed.device, embed.dtype
         self.rotary = {}

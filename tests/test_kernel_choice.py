@@ -28,7 +28,7 @@ class FakeLayer(torch.nn.Module):
 
 
 def test_bucket_rounds_rows_up():
-    assert [choice.bucket(r) for r in (1, 2, 3, 5, 16, 17, 64, 65)] == [1, 2, 4, 8, 16, 32, 64, 64]
+    assert [choice.bucket(r) for r in (1, 2, 3, 5, 16, 17, 64, 65, 5000)] == [1, 2, 4, 8, 16, 32, 64, 2048, 2048]
 
 
 def test_fastest_kernel_per_bucket_measured_once_then_cached(tmp_path, monkeypatch):
@@ -47,7 +47,7 @@ def test_fastest_kernel_per_bucket_measured_once_then_cached(tmp_path, monkeypat
     monkeypatch.setattr(choice, "_device_of", lambda model: torch.device("cpu"))
     used = choice.choose_kernels(model)
     # small: rows; big: 2 + rows / 10 -> small up to 2 rows (2 < 2.2), big from 4 (4 > 2.4)
-    expected = {1: "small", 2: "small", 4: "big", 8: "big", 16: "big", 32: "big", 64: "big"}
+    expected = {1: "small", 2: "small", 4: "big", 8: "big", 16: "big", 32: "big", 64: "big", 2048: "big"}
     assert model[0].kernel_by_rows == expected and model[1].kernel_by_rows == expected
     assert len(timed) == 2 * 2 * len(choice.ROW_BUCKETS)  # two shapes, two candidates, each bucket: once
     assert len(used) == 2 * len(choice.ROW_BUCKETS)

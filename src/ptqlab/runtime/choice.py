@@ -23,8 +23,8 @@ import torch
 
 from ptqlab.embedded import cache_root
 
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-"""A step of M rows takes the choice measured at the smallest bucket >= M."""
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 2048)
+"""A matmul of M rows takes the choice measured at the smallest bucket >= M; the last (prefill) at any more."""
 
 
 def bucket(rows: int) -> int:

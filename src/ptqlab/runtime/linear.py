@@ -31,7 +31,7 @@ from torch import nn
 from ptqlab import triton_support
 from ptqlab.quant import token_triton
 from ptqlab.quant.primitives import dequantize, fake_quantize
-from ptqlab.runtime import fp8_kernels, kernels, small_batch
+from ptqlab.runtime import fp8_kernels, int8_gemm, kernels, small_batch
 from ptqlab.runtime.choice import bucket
 from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.schemes import Scheme
@@ -124,7 +124,7 @@ class ChoosingLinear(nn.Module):
                            dtype=self.out_dtype)
 
     def kernel_for(self, rows: int) -> str:
-        if self.kernel_by_rows is not None and rows <= small_batch.SMALL_BATCH:
+        if self.kernel_by_rows is not None:
             return self.kernel_by_rows[bucket(rows)]
         return self.default_kernel(rows)
 
@@ -270,8 +270,15 @@ class TokenQuantizedLinear(ChoosingLinear):
         return (self.fmt, self.weight.shape[0], self.in_features, self.in_features) if self.weight.is_cuda else None
 
     def candidates(self, rows: int) -> dict:
-        names = ([f"small-batch {tile}" for tile in small_batch.TILES] if self.small_batch else []) + ["cublas"]
-        return {name: (lambda x, name=name: self.forward(x, name)) for name in names}
+        if rows <= small_batch.SMALL_BATCH:
+            names = [f"small-batch {tile}" for tile in small_batch.TILES] if self.small_batch else []
+        else:
+            names = self.prefill_kernels()
+        return {name: (lambda x, name=name: self.forward(x, name)) for name in names + ["cublas"]}
+
+    def prefill_kernels(self) -> list[str]:
+        """Kernels other than cuBLAS for many rows."""
+        return []
 
     def default_kernel(self, rows: int) -> str:
         if self.small_batch and rows <= small_batch.SMALL_BATCH:
@@ -289,6 +296,8 @@ class TokenQuantizedLinear(ChoosingLinear):
             y = small_batch.small_batch_matmul(self.fmt, x.q[:rows], self.weight, self.scale, x_scale=x.scale[:rows],
                                                bias=self.bias, out_dtype=self.out_dtype, tile=_tile_of(kernel),
                                                pdl=self.pdl)
+        elif kernel == "triton-gemm":
+            y = int8_gemm.int8_gemm(x.q[:rows], x.scale[:rows], self.weight, self.scale, self.bias, self.out_dtype)
         else:
             y = self.cublas(x, rows)
         return y.reshape(*x.shape[:-1], -1)
@@ -314,14 +323,17 @@ class Fp8Linear(TokenQuantizedLinear):
 
 
 class Int8Linear(TokenQuantizedLinear):
-    """INT8 W8A8: x quantized per token to int8, exact int32 products (the small-batch kernel, or `torch._int_mm`
-    then one pass that applies the scales and bias)."""
+    """INT8 W8A8: x quantized per token to int8, exact int32 products: the small-batch kernel, `torch._int_mm` then
+    one pass that applies the scales and bias, or for many rows runtime/int8_gemm.py (scales applied in registers)."""
 
     kernel = "int8 small-batch triton (decode) / _int_mm"
     input_grid = token_triton.INT8_TOKENS
     fmt = "int8"
     cublas_min_rows = 32
     """torch._int_mm wants more than 16 rows: a few rows are padded with zeros up to this."""
+
+    def prefill_kernels(self) -> list[str]:
+        return ["triton-gemm"] if int8_gemm.fits(self.in_features) else []
 
     def cublas(self, x: token_triton.QuantizedRows, rows: int) -> torch.Tensor:
         q, scale = x.q, x.scale

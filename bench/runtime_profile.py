@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_speed import SHAPES
-from runtime_speed import SCHEMES, _copies, build_runtime, device_ceilings, graph_us
+from runtime_speed import SCHEMES, build_runtime, device_ceilings, graph_us
 
 from ptqlab.runtime.kernels import RuntimeOptions
 

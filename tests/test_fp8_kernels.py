@@ -20,23 +20,15 @@ int4 kernel sums biased terms (1 + u/16 and 16 (1 + u/256) times x, then removes
 about 300 |x| s per input instead of |x w|, so its bound is 300 times looser: 3e-3 Σ_k |x_k| s_k.
 """
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from interpreter import interpreted as interpreted_in, run_under_interpreter, starts_interpreter
 
-from ptqlab import triton_support
 from ptqlab.quant.linear import rtn
 from ptqlab.quant.primitives import dequantize, fake_quantize
 from ptqlab.schemes import QuantArgs, Scheme
 
-INTERPRETED = triton_support.interpreted()
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1, in the subprocess of "
-                                                          "test_fp8_kernels_under_the_interpreter")
+interpreted = interpreted_in("test_fp8_kernels_under_the_interpreter")
 ACT_GROUPS = QuantArgs(num_bits=8, type="float", strategy="group", group_size=128, dynamic=True)
 ACT_TOKENS = QuantArgs(num_bits=8, type="float", strategy="token", dynamic=True)
 FP8_BLOCKS = QuantArgs(num_bits=8, type="float", strategy="block", block_structure=(128, 128))
@@ -44,28 +36,10 @@ INT4_GROUPS = QuantArgs(num_bits=4, strategy="group", group_size=128)
 U = 2.0 ** -24
 
 
-def triton_version() -> tuple[int, int] | None:
-    if triton_support.triton is None:
-        return None
-    major, minor = triton_support.triton.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
-@pytest.mark.skipif(triton_version() is None, reason="needs Triton (pip install triton; `make test` installs it)")
-@pytest.mark.skipif((triton_version() or (3, 9)) < (3, 9), reason="needs Triton 3.9's interpreter (see "
-                                                                   "test_triton_interpreter.py)")
-@pytest.mark.skipif(INTERPRETED, reason="this process is the interpreter's run")
+@starts_interpreter
 def test_fp8_kernels_under_the_interpreter(tmp_path):
     """This file's kernel tests, in a fresh process whose Triton interprets the kernels on CPU."""
-    root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-               f"--basetemp={tmp_path / 'interpreted'}"]
-    result = subprocess.run(command, cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
-                            text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-12000:]
-    passed = re.search(r"(\d+) passed", output)
-    assert passed and int(passed.group(1)) > 1, output[-4000:]  # the kernel tests ran, not only skips
+    run_under_interpreter(__file__, tmp_path)
 
 
 # ---- references ------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 FP8 and INT8 W8A8 with per-token activations, int4 W4A16 (symmetric and with zero points); and the runtime's layers
 that take it for a decode step's rows.
 
-As in test_fp8_kernels.py, the kernel tests run in a fresh `python -m pytest` with TRITON_INTERPRET=1:
+The kernel tests run in a fresh `python -m pytest` with TRITON_INTERPRET=1 (tests/interpreter.py):
 `test_small_batch_kernels_under_the_interpreter` starts it, and here they are skipped. To run them directly:
 TRITON_INTERPRET=1 python -m pytest tests/test_small_batch.py
 
@@ -14,46 +14,20 @@ subtraction of zero x Σ x (a term as large as 8 |x| s per input): within (128 +
 plus the output's own rounding. INT8 sums are exact in int32, so their only error is the scaling's.
 """
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from interpreter import interpreted as interpreted_in, run_under_interpreter, starts_interpreter
 
-from ptqlab import triton_support
 from ptqlab.quant.linear import rtn
 from ptqlab.schemes import QuantArgs
 
-INTERPRETED = triton_support.interpreted()
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1, in the subprocess of "
-                                                          "test_small_batch_kernels_under_the_interpreter")
+interpreted = interpreted_in("test_small_batch_kernels_under_the_interpreter")
 
 
-def triton_version() -> tuple[int, int] | None:
-    if triton_support.triton is None:
-        return None
-    major, minor = triton_support.triton.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
-@pytest.mark.skipif(triton_version() is None, reason="needs Triton (pip install triton; `make test` installs it)")
-@pytest.mark.skipif((triton_version() or (3, 9)) < (3, 9), reason="needs Triton 3.9's interpreter (see "
-                                                                   "test_triton_interpreter.py)")
-@pytest.mark.skipif(INTERPRETED, reason="this process is the interpreter's run")
+@starts_interpreter
 def test_small_batch_kernels_under_the_interpreter(tmp_path):
     """This file's kernel tests, in a fresh process whose Triton interprets the kernels on CPU."""
-    root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-               f"--basetemp={tmp_path / 'interpreted'}"]
-    result = subprocess.run(command, cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
-                            text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-12000:]
-    passed = re.search(r"(\d+) passed", output)
-    assert passed and int(passed.group(1)) > 1, output[-4000:]
+    run_under_interpreter(__file__, tmp_path)
 
 
 def activations(rows, k, seed=0):

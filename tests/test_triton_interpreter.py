@@ -36,24 +36,17 @@ indexing, masks and arithmetic, not their speed or the tensor cores' rounding. C
 `torch._int_mm` are not Triton: GPU tests only (tests/test_runtime.py, tests/test_gptq.py).
 """
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ptqlab import triton_support
+from interpreter import interpreted as interpreted_in, run_under_interpreter, starts_interpreter
+
 from ptqlab.quant.linear import rtn
 from ptqlab.quant.primitives import dequantize
 from ptqlab.schemes import QuantArgs
 
-INTERPRETED = triton_support.interpreted()
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1, in the subprocess of "
-                                                          "test_kernels_under_the_interpreter")
+interpreted = interpreted_in("test_kernels_under_the_interpreter")
 FP8_ROUNDING = ("Triton 3.9's interpreter rounds fp32 -> float8e4nv without carrying into the exponent (31.6 becomes "
                 "16, not 32): FP8 grids are tested on the GPU")
 
@@ -62,30 +55,10 @@ def relative(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def triton_version() -> tuple[int, int] | None:
-    if triton_support.triton is None:
-        return None
-    major, minor = triton_support.triton.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
-@pytest.mark.skipif(triton_version() is None, reason="needs Triton (pip install triton; `make test` installs it)")
-@pytest.mark.skipif((triton_version() or (3, 9)) < (3, 9),
-                    reason="needs Triton 3.9 or newer (a CUDA torch may pin an older one): Triton 3.6's interpreter "
-                           "fails on every loop whose bound is a kernel argument ('only 0-dimensional arrays can be "
-                           "converted to Python scalars')")
-@pytest.mark.skipif(INTERPRETED, reason="this process is the interpreter's run")
+@starts_interpreter
 def test_kernels_under_the_interpreter(tmp_path):
     """This file's kernel tests, in a fresh process whose Triton interprets the kernels on CPU."""
-    root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-               f"--basetemp={tmp_path / 'interpreted'}"]
-    result = subprocess.run(command, cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
-                            text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-12000:]
-    passed = re.search(r"(\d+) passed", output)
-    assert passed and int(passed.group(1)) > 1, output[-4000:]  # the kernel tests ran, not only skips
+    run_under_interpreter(__file__, tmp_path)
 
 
 # ---- runtime/kernels.py: int4 weights -----------------------------------------------------------------------------

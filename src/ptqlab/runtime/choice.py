@@ -126,8 +126,17 @@ def choose_kernels(model: torch.nn.Module, rows: tuple[int, ...] = ROW_BUCKETS) 
                     entry = {"kernel": next(iter(candidates)), "us": {}}
                 else:
                     x = layer.example_input(size)
-                    times = {name: _time_us(fn, x) for name, fn in candidates.items()}
+                    times, failed = {}, {}
+                    for name, fn in candidates.items():
+                        try:
+                            times[name] = _time_us(fn, x)
+                        except Exception as e:  # e.g. a tile this Triton cannot compile for this GPU: not a candidate
+                            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    if not times:
+                        raise RuntimeError(f"{key}: no kernel ran ({failed})")
                     entry = {"kernel": min(times, key=times.get), "us": {name: round(t, 2) for name, t in times.items()}}
+                    if failed:
+                        entry["failed"] = failed
                     measured = True
                 table[key] = entry
             chosen[size] = entry["kernel"]

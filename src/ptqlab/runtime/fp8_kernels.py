@@ -35,7 +35,7 @@ BLOCK_K = 128
 """Inputs per K tile: the activation group and weight block width of block-wise FP8, one int4 plane run (W4A8)."""
 
 if triton is not None:
-    from ptqlab.runtime.kernels import await_inputs
+    from ptqlab.runtime.kernels import await_inputs, grouped_tile
 
     _INTERPRETED = tl.constexpr(interpreted())
 
@@ -101,16 +101,8 @@ if triton is not None:
         weight scale of (n, tile t) at row n // w_rows_per_scale, column (t BLOCK_K) // w_cols_per_scale. FP16_DOT:
         the tensor-core product in fp16 (every FP8 and int4 value is exact there; the small-row tiles), else FP8.
         The split (program_id(1)) writes its fp32 partial sums into its own slice of Y; bias goes into split 0's."""
-        pid = tl.program_id(0)
         split = tl.program_id(1)
-        tiles_m = tl.cdiv(M, BLOCK_M)
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        # Grouped order: GROUP_M row tiles share the weight tiles they read while those are in L2.
-        in_group = GROUP_M * tiles_n
-        first_m = (pid // in_group) * GROUP_M
-        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % group_rows
-        pid_n = (pid % in_group) // group_rows
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = rm < M

@@ -15,21 +15,14 @@ import torch
 from ptqlab.triton_support import tl, triton
 
 if triton is not None:
+    from ptqlab.runtime.kernels import grouped_tile
 
     @triton.jit
     def _int8_gemm_kernel(X, XS, W, WS, Bias, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """y[m, n] = xs[m] ws[n] Σ_k x[m, k] w[n, k] (+ bias[n]) over tiles of BLOCK_M x BLOCK_N; K a multiple of
-        BLOCK_K. Programs go in groups of GROUP_M row tiles that share the weight tiles they read while those are in
-        L2."""
-        pid = tl.program_id(0)
-        tiles_m = tl.cdiv(M, BLOCK_M)
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        in_group = GROUP_M * tiles_n
-        first_m = (pid // in_group) * GROUP_M
-        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % group_rows
-        pid_n = (pid % in_group) // group_rows
+        BLOCK_K; programs in kernels.grouped_tile's order."""
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)

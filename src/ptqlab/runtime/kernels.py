@@ -107,6 +107,17 @@ if triton is not None:
             gdc_wait()
 
     @triton.jit
+    def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of program `pid` in grouped order: GROUP_M row tiles share the weight tiles they
+        read while those are in L2."""
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * tiles_n
+        first_m = (pid // in_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        return first_m + (pid % in_group) % group_rows, (pid % in_group) // group_rows
+
+    @triton.jit
     def gated_value(gate, up, GELU: tl.constexpr):
         """act(gate) * up in fp32: SiLU, or GELU's tanh approximation (tanh(u) = 2 sigmoid(2u) - 1)."""
         if GELU:

@@ -13,6 +13,7 @@ it).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -66,11 +67,16 @@ def _graph_us(calls, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+@functools.cache
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    """Twice the L2 cache: writing it evicts whatever a kernel read before."""
+    return torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8, device=device)
+
+
 def _time_us(fn, x: torch.Tensor, calls: int = 10) -> float:
     """GPU time of fn(x) as a decode step sees it: its weight not in L2 (the other layers' weights evicted it), in
     microseconds. Each call follows a write over twice the L2 cache; a graph of the writes alone is subtracted."""
-    flush = torch.empty(2 * torch.cuda.get_device_properties(x.device).L2_cache_size, dtype=torch.uint8,
-                        device=x.device)
+    flush = _flush_buffer(x.device)
 
     def flushed(with_call: bool):
         def calls_():
@@ -144,6 +150,7 @@ def choose_kernels(model: torch.nn.Module, rows: tuple[int, ...] = ROW_BUCKETS) 
         layer.kernel_by_rows = chosen
     if measured:
         _save(path, table)
+        _flush_buffer.cache_clear()
     return used
 
 

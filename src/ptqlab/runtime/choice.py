@@ -37,7 +37,7 @@ def bucket(rows: int) -> int:
 
 def table_path(device: torch.device) -> Path:
     """The cache file of this device kind and these library versions (a new torch or Triton measures again)."""
-    import triton
+    import triton  # optional dependency: only GPU runs (choose_kernels) get here
 
     name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
     versions = f"torch{torch.__version__}-triton{triton.__version__}".replace("+", "_")

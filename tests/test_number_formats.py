@@ -15,6 +15,7 @@ from ptqlab.recipes import PRESETS, parse_recipe
 from ptqlab.schemes import QuantArgs, Scheme
 
 SCHEMES = {name: recipe.scheme for name, recipe in PRESETS.items()} | {
+    "fp8 weight-only per tensor": Scheme(QuantArgs(num_bits=8, type="float", strategy="tensor")),
     "int8 weights, int8 activations per tensor": Scheme(QuantArgs(num_bits=8),
                                                         QuantArgs(num_bits=8, strategy="tensor", dynamic=True)),
     "int4 per channel, weight-only": Scheme(QuantArgs(num_bits=4, strategy="channel")),
@@ -102,3 +103,10 @@ def test_runtime_kernel_names_are_kernels_the_runtime_builds():
     dispatched = {node.comparators[0].value for node in ast.walk(build)
                   if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "kernel"}
     assert {k for f in FORMATS for k in f.runtime_kernels} <= dispatched
+
+
+def test_w8a16_fp8_is_fp8_weights_per_channel_with_16_bit_activations():
+    recipe = get_recipe("w8a16-fp8")
+    assert recipe.scheme == Scheme(QuantArgs(num_bits=8, type="float", strategy="channel"))
+    assert not recipe.calibrated
+    assert recipe.scheme.format == "naive-quantized"  # compressed-tensors' format for FP8 without FP8 activations

@@ -252,8 +252,8 @@ def test_random_recipes_cover_the_allowed_values():
     assert {w.strategy for w in weights} == set(WEIGHT_STRATEGIES) and {a.strategy for a in acts} == set(ACTIVATION_STRATEGIES)
     assert {w.symmetric for w in weights} == {a.symmetric for a in acts} == {True, False}
     assert {w.group_size for w in weights} == {None, *GROUP_SIZES, *(f.group_size for f in FP4_FORMATS)}
-    assert {s.format for s in schemes} == {"pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized",
-                                           "mxfp4-pack-quantized"}
+    assert {s.format for s in schemes} == {"pack-quantized", "int-quantized", "float-quantized", "naive-quantized",
+                                           "nvfp4-pack-quantized", "mxfp4-pack-quantized"}
 
 
 # ---- the full path: a small model, calibration, a checkpoint on disk -------------------------------------------------

@@ -281,8 +281,8 @@ FORMATS: tuple[NumberFormat, ...] = (
         scale_dtype="uint8", scale_words="power-of-two E8M0 scales",
         transformers_bound=FP4_TRANSFORMERS_BOUND, dequantize_at_load=True),
     NumberFormat(
-        # FP8, one value per element.
-        "float-quantized", ("float",), (8,), ("tensor", "channel", "group", "block"), None,
+        # FP8 with quantized activations (weight-only FP8 is naive-quantized: compressed-tensors' rule).
+        "float-quantized", ("float",), (8,), ("tensor", "channel", "group", "block"), True,
         {"float": "float8_e4m3fn", "int": "int8"}, transformers_reads_experts=True, runtime_kernels=("fp8", "fp8-block")),
     NumberFormat(
         # One int8 per weight, even for int4: the layout int8 GEMM kernels (and the W4A8 kernels) read.
@@ -294,10 +294,11 @@ FORMATS: tuple[NumberFormat, ...] = (
         pack=pack_int32, unpack=unpack_int32, packing="packed into int32", stores_shape=True,
         packed_zero_point=True, transformers_reads_experts=True, runtime_kernels=("int4",)),
     NumberFormat(
-        # compressed-tensors' fallback, one value per element: what no row above takes (llm-compressor's; ptqlab's
-        # schemes all land above, so it is read and checked here).
+        # compressed-tensors' fallback, one value per element: what no row above takes, FP8 weight-only (W8A16-FP8)
+        # among ptqlab's schemes.
         "naive-quantized", ("int", "float"), INT_BITS, ALL_WEIGHT_STRATEGIES, None,
-        {"int": "int8", "float": "float8_e4m3fn"}),
+        {"int": "int8", "float": "float8_e4m3fn"},
+        transformers_reads_experts=True),  # FP8 experts: the naive-quantized weights ptqlab writes
 )
 """Every format, first match first: a scheme is stored in the first row that takes it, as compressed-tensors
 picks a compressor (compressors/format.py, COMPRESSION_FORMAT_PRIORITY: the specific formats before naive-quantized;

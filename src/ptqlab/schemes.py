@@ -323,7 +323,7 @@ def check_scheme(scheme: Scheme) -> None:
     if a is not None and is_fp4(w) and not is_fp4(a):
         raise FormatError("input_activations", "FP4 weights take 16-bit activations (no input_activations: NVFP4A16, "
                                                "MXFP4A16) or NVFP4 activations (NVFP4)")
-    if scheme.format == "pack-quantized" and w.strategy == "tensor" and not w.symmetric:
+    if scheme.number_format.packed_zero_point and w.strategy == "tensor" and not w.symmetric:
         raise FormatError("weights.strategy", "'tensor' with symmetric: false is not supported for weight-only schemes "
                                               "(a per-tensor zero point cannot be packed); use channel or group, or "
                                               "symmetric: true")

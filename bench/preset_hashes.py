@@ -7,9 +7,10 @@ check that a refactoring changed no behaviour.
     python bench/preset_hashes.py --compare bench/results/house_hashes_before.json bench/results/house_hashes_after.json
 
 A run takes several minutes: to go on editing meanwhile, run it from a copy of the tree (`git archive HEAD | tar -x
--C COPY`, then `COPY/bench/preset_hashes.py --commit $(git rev-parse HEAD)`). Run both on the same machine (the CPU's float sums decide GPTQ's roundings): then every file's sha256 is equal. Each
-tiny model (tests/tiny.py, seeded, float32) is quantized through `ptqlab.quantize` with each preset; calibrated
-presets draw a few short samples from the tests' offline chats. The files are hashed as written but for the run
+-C COPY`, then `COPY/bench/preset_hashes.py --commit $(git rev-parse HEAD)`). Run both on the same machine (the CPU's
+float sums decide GPTQ's roundings): then every file's sha256 is equal. Each tiny model (tests/tiny.py, seeded,
+float32) is quantized through `ptqlab.quantize` with each preset, with one torch thread; calibrated presets draw a
+few short samples from the tests' offline chats. The files are hashed as written but for the run
 record, ptqlab.json, whose keys that vary from run to run (wall times, the creation time, the command, the memory
 budgets of this moment, the work folder's path) are removed before hashing. A preset that an architecture refuses is
 recorded as refused, with the first line of the error, and that line is compared too.
@@ -140,16 +141,18 @@ def main() -> None:
     if args.commit:
         commit, dirty = args.commit, False
     else:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
-                                    capture_output=True, text=True).stdout.strip())
+        git = ["git", "-C", str(ROOT)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run([*git, "status", "--porcelain", "--", "src"], capture_output=True,
+                                    text=True).stdout.strip())
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="preset_hashes_") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         results = run(presets, args.archs, work)
     seconds = time.perf_counter() - start
-    payload = {"commit": commit + ("-dirty" if dirty else ""), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    payload = {"commit": commit + ("-dirty" if dirty else ""),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "seconds": round(seconds, 1), "settings": {"archs": args.archs, "num_samples": NUM_SAMPLES,
                                                           "max_seq_len": MAX_SEQ_LEN, "dtype": "float32"},
                "results": results}

@@ -157,7 +157,8 @@ class NumberFormat:
     """Largest relative logit error accepted when transformers reads it back, where that reader rounds (None:
     formats/readback.BOUNDS)."""
     dequantize_at_load: bool = False
-    """transformers must dequantize it while loading (CompressedTensorsConfig(dequantize=True)) to compute in float32."""
+    """transformers must dequantize it while loading (CompressedTensorsConfig(dequantize=True)) to compute in
+    float32."""
     transformers_reads_experts: bool = False
     """transformers' loader maps a mixture-of-experts checkpoint's per-expert tensors in this format."""
     runtime_kernels: tuple[str, ...] = ()
@@ -166,7 +167,8 @@ class NumberFormat:
 
     def takes(self, weights: WeightArgs, with_activations: bool | None = None) -> bool:
         """Whether these weights (with or without quantized activations; None: either) are stored in this format."""
-        return (weights.type in self.number_types and weights.num_bits in self.bits and weights.strategy in self.strategies
+        return (weights.type in self.number_types and weights.num_bits in self.bits
+                and weights.strategy in self.strategies
                 and (self.group_size is None or weights.group_size == self.group_size)
                 and (self.scale_dtype is None or weights.scale_dtype == self.scale_dtype)
                 and (with_activations is None or self.with_activations in (None, with_activations)))
@@ -225,7 +227,8 @@ class NumberFormat:
             zp_why = f"asymmetric {kind} weights, {scale.why}"
             if self.packed_zero_point and w.strategy in ("group", "channel"):
                 need["weight_zero_point"] = Layout((math.ceil(out * bits / INT32_BITS), scale.shape[1]),
-                                                   f"{zp_why}, packed into int32 along output {out}", ("int32",), zp_why)
+                                                   f"{zp_why}, packed into int32 along output {out}", ("int32",),
+                                                   zp_why)
             else:
                 need["weight_zero_point"] = Layout(scale.shape, zp_why, (zp_dtype or "int8",), zp_why)
         return need
@@ -283,7 +286,8 @@ FORMATS: tuple[NumberFormat, ...] = (
     NumberFormat(
         # FP8 with quantized activations (weight-only FP8 is naive-quantized: compressed-tensors' rule).
         "float-quantized", ("float",), (8,), ("tensor", "channel", "group", "block"), True,
-        {"float": "float8_e4m3fn", "int": "int8"}, transformers_reads_experts=True, runtime_kernels=("fp8", "fp8-block")),
+        {"float": "float8_e4m3fn", "int": "int8"}, transformers_reads_experts=True,
+        runtime_kernels=("fp8", "fp8-block")),
     NumberFormat(
         # One int8 per weight, even for int4: the layout int8 GEMM kernels (and the W4A8 kernels) read.
         "int-quantized", ("int",), INT_BITS, ("tensor", "channel", "group", "block"), True,

@@ -15,12 +15,10 @@ number_formats); this module compares and says what is wrong.
 What it checks:
 - files: each header parses and its data_offsets tile the data exactly (a truncated or padded file is refused,
   as safetensors itself refuses it); each shard that the index lists exists and holds what the index says;
-- quantized linears of a compressed-tensors checkpoint (every format of number_formats: pack-, int-, float- and
-  naive-quantized, nvfp4- and mxfp4-pack-quantized, the layouts ptqlab.formats.compressed_tensors writes): the weight (`weight_packed` int32
-  [out, ceil(in * bits / 32)] with `weight_shape` [out, in], or uint8 [out, ceil(in / 2)] for FP4, or `weight` int8 /
-  float8_e4m3fn [out, in]), `weight_scale` (per tensor [1], per channel [out, 1], per group [out, ceil(in /
-  group_size)], per block) in the model's float dtype or the config's scale_dtype, `weight_zero_point` wherever the
-  weights are asymmetric, and NVFP4's fp32 `weight_global_scale` (and `input_global_scale`) [1];
+- quantized linears of a compressed-tensors checkpoint, in any format of number_formats: the tensors its row
+  declares (the weight, packed or not, with `weight_shape` where the format stores one; `weight_scale` per tensor,
+  channel, group or block, in the model's float dtype or the config's scale_dtype; `weight_zero_point` wherever the
+  weights are asymmetric; NVFP4's fp32 global scales), each with its shape and dtype;
 - dense tensors under the standard Llama / Mistral / Qwen / Gemma / Phi-3 names: embedding, lm_head, norms and
   projections against vocab_size, hidden_size, intermediate_size, the heads and head_dim; and that each decoder
   layer 0 .. num_hidden_layers - 1 is there.

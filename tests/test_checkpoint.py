@@ -20,7 +20,7 @@ from ptqlab.formats.compressed_tensors import write_checkpoint
 from ptqlab.quant.linear import QuantizedLinear
 from tiny import ARCHS
 
-RECIPES = ["fp8-dynamic", "w4a16-rtn", "w8a8-rtn"]
+RECIPES = ["fp8-dynamic", "w4a16-rtn", "w8a8-rtn", "w8a16-fp8"]
 
 
 def logits(model, seed=0):
@@ -114,6 +114,7 @@ def test_checkpoint_reads_back_through_compressed_tensors(tiny_model_dir, tmp_pa
 @pytest.mark.parametrize("recipe,expected", [
     ("fp8-dynamic", {"weight": (torch.float8_e4m3fn, (256, 256)), "weight_scale": (torch.bfloat16, (256, 1))}),
     ("w8a8-rtn", {"weight": (torch.int8, (256, 256)), "weight_scale": (torch.bfloat16, (256, 1))}),
+    ("w8a16-fp8", {"weight": (torch.float8_e4m3fn, (256, 256)), "weight_scale": (torch.bfloat16, (256, 1))}),
     ("w4a16-rtn", {"weight_packed": (torch.int32, (256, 32)), "weight_scale": (torch.bfloat16, (256, 2)),
                    "weight_shape": (torch.int64, (2,))}),
 ])

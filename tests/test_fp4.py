@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptqlab import get_recipe, load_model, quantize, quantize_model
+from ptqlab import get_recipe, load_model, number_formats, quantize, quantize_model
 from ptqlab.data import CalibrationConfig, load_calibration
 from ptqlab.engine.global_scales import fused_groups, weight_global_scales
 from ptqlab.errors import PtqlabError
@@ -26,7 +26,7 @@ from ptqlab.schemes import MXFP4A16, NVFP4, NVFP4A16, FormatError, QuantArgs
 from test_gptq import correlated_inputs, hessian_of
 from test_primitives import hard_matrix
 
-E2M1 = torch.tensor(fp4.E2M1_VALUES, dtype=torch.float64)
+E2M1 = torch.tensor(number_formats.E2M1_VALUES, dtype=torch.float64)
 EVEN = torch.tensor([0.0, 1.0, 2.0, 4.0], dtype=torch.float64)
 """The E2M1 values with an even mantissa: where a tie goes."""
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -63,11 +63,11 @@ def test_packing_is_compressed_tensors_and_round_trips():
     g = torch.Generator().manual_seed(1)
     values = torch.cat([E2M1, -E2M1]).float()
     q = values[torch.randint(0, len(values), (24, 64), generator=g)]  # -0.0 included: its sign is packed too
-    packed = fp4.pack(q)
+    packed = number_formats.pack_fp4(q)
     assert packed.dtype == torch.uint8 and packed.shape == (24, 32)
     assert torch.equal(packed, pack_fp4_to_uint8(q))
-    assert torch.equal(packed[:, 0] & 0x0F, fp4.pack(q[:, :2])[:, 0] & 0x0F)  # the even column in the low nibble
-    unpacked = fp4.unpack(packed)
+    assert torch.equal(packed[:, 0] & 0x0F, number_formats.pack_fp4(q[:, :2])[:, 0] & 0x0F)  # the even column in the low nibble
+    unpacked = number_formats.unpack_fp4(packed)
     assert unpacked.dtype == torch.float8_e4m3fn
     assert torch.equal(unpacked.float(), q) and torch.equal(torch.signbit(unpacked.float()), torch.signbit(q))
     assert torch.equal(unpacked.float(), unpack_fp4_from_uint8(packed, 24, 64, dtype=torch.float32))
@@ -114,7 +114,7 @@ def test_nvfp4_scales_and_values_are_compressed_tensors_bit_for_bit(dtype):
 
     q, our_scale, _ = rtn(w, NVFP4.weights, dtype, fp4.globals_of(w, dtype))
     assert torch.equal(fp4.globals_of(w, dtype), global_scale)
-    assert torch.equal(our_scale, scale.to(torch.float8_e4m3fn)) and torch.equal(fp4.pack(q), theirs)
+    assert torch.equal(our_scale, scale.to(torch.float8_e4m3fn)) and torch.equal(number_formats.pack_fp4(q), theirs)
 
     x = hard_matrix(10, 256, dtype, seed=2).reshape(2, 5, 256)
     input_global = generate_gparam(-x.abs().amax().reshape(1) / 2, x.abs().amax().reshape(1) / 2)  # some clip at 6
@@ -139,7 +139,7 @@ def test_mxfp4_scales_and_values_are_compressed_tensors_bit_for_bit(dtype):
     scale = scale.to(dtype)
     q, our_scale, _ = rtn(w, MXFP4A16.weights, dtype)
     assert our_scale.dtype == torch.uint8 and torch.equal(our_scale, compress_mx_scale(scale, torch.uint8))
-    assert torch.equal(fp4.pack(q), pack_fp4_to_uint8(ct_quantize(w, scale, zero_point, args)))
+    assert torch.equal(number_formats.pack_fp4(q), pack_fp4_to_uint8(ct_quantize(w, scale, zero_point, args)))
     # a scale is exactly a power of two: 2^(exponent - 127)
     assert torch.equal(fp4.scale_values(our_scale, MXFP4A16.weights, None).double(),
                        2.0 ** (our_scale.double() - 127))
@@ -320,7 +320,7 @@ def test_compressed_tensors_decompressors_give_ptqlabs_dequantized_weights(fp4_c
     for module in modules:
         stored = {k.removeprefix(module + "."): t for k, t in tensors.items() if k.rpartition(".")[0] == module}
         theirs = compressor.decompress(stored, ct_scheme)["weight"]
-        ours = dequantize(fp4.unpack(stored["weight_packed"]), stored["weight_scale"], None, resolve(module).weights,
+        ours = dequantize(number_formats.unpack_fp4(stored["weight_packed"]), stored["weight_scale"], None, resolve(module).weights,
                           theirs.dtype, stored.get("weight_global_scale"))
         assert theirs.dtype == torch.bfloat16 and torch.equal(theirs, ours), module
 

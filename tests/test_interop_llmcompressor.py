@@ -18,16 +18,28 @@ from ptqlab import quantize
 
 pytest.importorskip("llmcompressor")
 
-SCHEMES = [("FP8_DYNAMIC", "fp8-dynamic"), ("W4A16", "w4a16-rtn"), ("W8A8", "w8a8-rtn"), ("W4AFP8", "w4a8-rtn"), ("FP8_BLOCK", "fp8-block")]
+W8A16_FP8 = {"W8A16_FP8": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "symmetric": True,
+                                                                "strategy": "channel", "dynamic": False}}}
+"""FP8 weights per channel, 16-bit activations: no compressed-tensors preset names it, so its config group."""
+SCHEMES = [("FP8_DYNAMIC", "fp8-dynamic"), ("W4A16", "w4a16-rtn"), ("W8A8", "w8a8-rtn"), ("W4AFP8", "w4a8-rtn"),
+           ("FP8_BLOCK", "fp8-block"), (W8A16_FP8, "w8a16-fp8")]
+
+
+def modifier(scheme, ignore):
+    """llm-compressor's QuantizationModifier for a preset scheme's name or a dict of config groups."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    if isinstance(scheme, dict):
+        return QuantizationModifier(config_groups=scheme, ignore=ignore)
+    return QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore)
 
 
 def llmcompressor_checkpoint(src, scheme, out):
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
-    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]))
+    oneshot(model=model, recipe=modifier(scheme, ["lm_head"]))
     model.save_pretrained(out, save_compressed=True)
     return out
 
@@ -96,7 +108,6 @@ def test_moe_checkpoints_hold_what_llmcompressor_writes(tiny_model_dir, tmp_path
     ptqlab keeps the hub checkpoints' w1/w3/w2 (what vLLM's Mixtral loader maps) and llm-compressor 0.14 writes
     gate_proj/up_proj/down_proj."""
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM
 
     from ptqlab.models import MOE_LAYOUTS
@@ -105,7 +116,7 @@ def test_moe_checkpoints_hold_what_llmcompressor_writes(tiny_model_dir, tmp_path
     ours = quantize(str(src), recipe, out=tmp_path / "ours", quiet=True)
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     ignore = ["lm_head", *MOE_LAYOUTS[arch].keep]
-    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore))
+    oneshot(model=model, recipe=modifier(scheme, ignore))
     model.save_pretrained(tmp_path / "theirs", save_compressed=True)
 
     our_config = json.loads((ours / "config.json").read_text())["quantization_config"]

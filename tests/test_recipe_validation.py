@@ -31,7 +31,8 @@ from ptqlab.quant.fp4 import has_input_global_scale
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.quant.primitives import fake_quantize, grid_range
 from ptqlab.recipes import PRESETS, MAX_RECIPE_BYTES, Recipe, get_recipe, load_recipe_file, parse_recipe
-from ptqlab.schemes import ACTIVATION_STRATEGIES, BITS, FP4_FORMATS, WEIGHT_STRATEGIES, QuantArgs, Scheme
+from ptqlab.number_formats import FP4_FORMATS, fp4_format
+from ptqlab.schemes import ACTIVATION_STRATEGIES, BITS, WEIGHT_STRATEGIES, QuantArgs, Scheme
 
 ARG_FIELDS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "block_structure")
 FP4_SCALES = {"tensor_group": torch.float8_e4m3fn, "group": torch.uint8}
@@ -51,10 +52,10 @@ def random_args(rng: random.Random, role: str) -> dict:
     kind = rng.choice(list(BITS))
     bits = rng.choice(BITS[kind])
     if kind == "float" and bits == 4:
-        strategy = "tensor_group" if role == "input_activations" else rng.choice(list(FP4_FORMATS))
-        _, group_size, scale_dtype, _ = FP4_FORMATS[strategy]
-        return {"num_bits": 4, "type": "float", "strategy": strategy, "group_size": group_size,
-                "scale_dtype": scale_dtype, "dynamic": "local" if role == "input_activations" else False}
+        strategy = "tensor_group" if role == "input_activations" else rng.choice([f.strategies[0] for f in FP4_FORMATS])
+        fmt = fp4_format(strategy)
+        return {"num_bits": 4, "type": "float", "strategy": strategy, "group_size": fmt.group_size,
+                "scale_dtype": fmt.scale_dtype, "dynamic": "local" if role == "input_activations" else False}
     strategies = [s for s in (WEIGHT_STRATEGIES if role == "weights" else ACTIVATION_STRATEGIES) if s != "tensor_group"]
     args = {"num_bits": bits, "type": kind, "symmetric": kind == "float" or rng.random() < 0.5,
             "strategy": rng.choice(strategies), "dynamic": role == "input_activations"}
@@ -250,9 +251,9 @@ def test_random_recipes_cover_the_allowed_values():
     assert {(w.type, w.num_bits) for w in weights} == {(t, b) for t, bits in BITS.items() for b in bits}
     assert {w.strategy for w in weights} == set(WEIGHT_STRATEGIES) and {a.strategy for a in acts} == set(ACTIVATION_STRATEGIES)
     assert {w.symmetric for w in weights} == {a.symmetric for a in acts} == {True, False}
-    assert {w.group_size for w in weights} == {None, *GROUP_SIZES, *(size for _, size, _, _ in FP4_FORMATS.values())}
-    assert {s.format for s in schemes} == {"pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized",
-                                           "mxfp4-pack-quantized"}
+    assert {w.group_size for w in weights} == {None, *GROUP_SIZES, *(f.group_size for f in FP4_FORMATS)}
+    assert {s.format for s in schemes} == {"pack-quantized", "int-quantized", "float-quantized", "naive-quantized",
+                                           "nvfp4-pack-quantized", "mxfp4-pack-quantized"}
 
 
 # ---- the full path: a small model, calibration, a checkpoint on disk -------------------------------------------------

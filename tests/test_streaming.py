@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from ptqlab import quantize
 from ptqlab.data import CalibrationConfig
-from ptqlab.engine import memory, stream
+from ptqlab.engine import stream
+from ptqlab.formats import compressed_tensors
 from ptqlab.errors import PtqlabError
 from ptqlab.models import decoder_layers
 
@@ -74,7 +75,7 @@ def test_a_streamed_checkpoint_in_several_shards_loads_and_computes_as_the_in_me
 
     src = tiny_model_dir("llama", num_hidden_layers=3)
     in_memory = quantize(str(src), "w8a8-rtn", out=tmp_path / "memory", quiet=True, device="cpu")
-    monkeypatch.setattr(memory, "STREAM_SHARD_BYTES", 200_000)
+    monkeypatch.setattr(compressed_tensors, "STREAM_SHARD_BYTES", 200_000)
     streamed = quantize(str(src), "w8a8-rtn", out=tmp_path / "stream", quiet=True, device="cpu", stream=True)
     index = json.loads((streamed / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))

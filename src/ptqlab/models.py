@@ -286,7 +286,7 @@ def _weight_shards(index: Path, source: str) -> list[Path]:
 def check_weight_files(folder: Path, source: str) -> None:
     """Before loading a local folder: the weight files transformers will read are there, every shard its index names,
     and their safetensors headers are whole (a truncated or garbled file fails here, in a second)."""
-    from ptqlab.formats.validate import header_tensors
+    from ptqlab.formats.safetensors_files import header_tensors
 
     found = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if found is None:

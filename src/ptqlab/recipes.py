@@ -48,7 +48,7 @@ from ptqlab.quant.autoround import AutoRoundConfig
 from ptqlab.quant.gptq import GPTQConfig
 from ptqlab.quant.kv_cache import kv_cache_format
 from ptqlab.settings import SettingError, check_setting
-from ptqlab.schemes import (FP4_FORMATS, FP8_DYNAMIC, MXFP4A16, NVFP4, NVFP4A16, W4A16, W8A8, FormatError, QuantArgs,
+from ptqlab.schemes import (FP8_DYNAMIC, MXFP4A16, NVFP4, NVFP4A16, W4A16, W8A8, FormatError, QuantArgs,
                              Scheme, brief, check_format, check_scheme, is_fp4)
 
 
@@ -276,7 +276,8 @@ def regrouped(scheme: Scheme, group_size, option: str, recipe: str) -> Scheme:
         raise PtqlabError(f"{option} {brief(group_size)}: must be a positive integer, e.g. 128 (it must divide every "
                           f"layer's input width)")
     if is_fp4(scheme.weights):
-        name, size, _, _ = FP4_FORMATS[scheme.weights.strategy]
+        fmt = scheme.number_format
+        name, size = fmt.label, fmt.group_size
         raise PtqlabError(f"{option} does not apply to {recipe}: {name}'s groups are {size} columns, fixed by the format "
                           f"(what vLLM's FP4 kernels read)")
     if scheme.weights.strategy not in ("group", "block"):

@@ -4,7 +4,9 @@ A `QuantArgs` describes one tensor's number format (bits, int or float, symmetri
 scales); a `Scheme` pairs the weight format with the optional dynamic input-activation format. These map
 one-to-one onto compressed-tensors' `QuantizationArgs` / `QuantizationScheme`, so that what we compute is
 exactly what the checkpoint declares. Hence the checks (check_format, check_scheme): every field has its exact type
-(a bool is never "no", num_bits never 4.0) and only values the arithmetic computes are accepted.
+(a bool is never "no", num_bits never 4.0) and only values the arithmetic computes are accepted. How a scheme is
+stored (its compressed-tensors format, tensors, packing) is its row of number_formats (`Scheme.number_format`); the
+FP4 formats' fixed group sizes and scale dtypes that the checks enforce come from those rows too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import re
 import reprlib
 from dataclasses import dataclass, fields, replace
 from typing import Literal
+
+from ptqlab.number_formats import FP4_FORMATS, NumberFormat, format_of, fp4_format, is_fp4
 
 Strategy = Literal["tensor", "channel", "group", "tensor_group", "block", "token"]
 NumberType = Literal["int", "float"]
@@ -32,10 +36,6 @@ ACTIVATION_STRATEGIES = ("token", "tensor", "group", "tensor_group")
 activations of block-wise FP8), or per group of 16 times a calibrated global scale (NVFP4, `dynamic: local`); a
 channel scale of the input is not computed."""
 EXAMPLE_GROUP_SIZE = 128
-FP4_FORMATS = {"tensor_group": ("NVFP4", 16, "float8_e4m3fn", "FP8 E4M3 group scales"),
-               "group": ("MXFP4", 32, "uint8", "power-of-two E8M0 scales")}
-"""FP4 E2M1 (type float, num_bits 4) by strategy: (name, group_size, scale_dtype, what the scales are). These are
-compressed-tensors' NVFP4 and MXFP4 formats exactly: vLLM's FP4 kernels read groups of 16 (32) and nothing else."""
 LOCAL = "local"
 """`dynamic: local` (NVFP4 input activations): group scales computed from each input, the global scale calibrated."""
 
@@ -183,19 +183,14 @@ def check_format(values: dict, role: Role | None = None) -> None:
         raise FormatError("group_size", f"{brief(group_size)} applies only to strategy group, not {strategy!r}; remove "
                                         f"it or use strategy: group")
     if is_fp4(values):
-        name, size, scale_dtype, _ = FP4_FORMATS[strategy]
+        fmt = fp4_format(strategy)
+        name, size, scale_dtype = fmt.label, fmt.group_size, fmt.scale_dtype
         if group_size != size:
             raise FormatError("group_size", f"{group_size} is not {name}'s: its groups are {size} columns (what vLLM's "
                                             f"FP4 kernels read); use {size}")
         if values.get("scale_dtype") != scale_dtype:
             raise FormatError("scale_dtype", f"{brief(values.get('scale_dtype'))} is not {name}'s: it stores "
-                                             f"{FP4_FORMATS[strategy][3]}; use {scale_dtype}")
-
-
-def is_fp4(values) -> bool:
-    """Whether a format (QuantArgs, or its fields by name) is FP4 E2M1: NVFP4 or MXFP4."""
-    values = values.values() if isinstance(values, QuantArgs) else values
-    return values["type"] == "float" and values["num_bits"] == 4
+                                             f"{fmt.scale_words}; use {scale_dtype}")
 
 
 def _check_fp4(values: dict, role: Role | None) -> None:
@@ -215,7 +210,7 @@ def _check_fp4(values: dict, role: Role | None) -> None:
             raise FormatError("dynamic", "local applies only to NVFP4 input_activations (type float, num_bits 4, "
                                          "strategy tensor_group); use true")
         return
-    allowed = ("tensor_group",) if role == "input_activations" else tuple(FP4_FORMATS)
+    allowed = ("tensor_group",) if role == "input_activations" else tuple(f.strategies[0] for f in FP4_FORMATS)
     if strategy not in allowed:
         formats = "NVFP4: strategy tensor_group, group_size 16, scale_dtype float8_e4m3fn" + (
             "" if role == "input_activations" else "; or MXFP4 weights: strategy group, group_size 32, scale_dtype uint8")
@@ -279,24 +274,23 @@ class Scheme:
     """Dynamic quantization of the layer's input at run time (W8A8); None keeps activations 16-bit (W4A16)."""
 
     @property
+    def number_format(self) -> NumberFormat:
+        """The stored format (number_formats' row) this scheme is saved in."""
+        return format_of(self.weights, self.input_activations is not None)
+
+    @property
     def format(self) -> str:
-        """The compressed-tensors storage format this scheme is saved in."""
-        if is_fp4(self.weights):  # two E2M1 values per byte
-            return "nvfp4-pack-quantized" if self.weights.strategy == "tensor_group" else "mxfp4-pack-quantized"
-        if self.weights.type == "float":
-            return "float-quantized"
-        if self.input_activations is not None:
-            return "int-quantized"  # one int8 per weight: the layout int8 GEMM kernels read
-        return "pack-quantized"  # weight-only: several small ints packed into each int32
+        """The compressed-tensors storage format this scheme is saved in, by name."""
+        return self.number_format.name
 
     def describe(self) -> str:
         w, a = self.weights, self.input_activations
         kind = _number_name(w)
         if is_fp4(w):
-            name, size, _, scales = FP4_FORMATS[w.strategy]
+            fmt = self.number_format
             act = "16-bit activations" if a is None else "fp4 activations in groups of 16 (global scale calibrated)"
-            globally = " times a per-tensor global scale" if w.strategy == "tensor_group" else ""
-            return f"{name}: fp4 (E2M1) weights in groups of {size}, {scales}{globally}; {act}"
+            globally = " times a per-tensor global scale" if fmt.global_scales else ""
+            return f"{fmt.label}: fp4 (E2M1) weights in groups of {fmt.group_size}, {fmt.scale_words}{globally}; {act}"
         detail = (f"group {w.group_size}" if w.strategy == "group" else
                   f"blocks of {w.block_structure[0]} x {w.block_structure[1]}" if w.strategy == "block" else f"per-{w.strategy}")
         per = f"token-group-{a.group_size}" if a is not None and a.strategy == "group" else a.strategy if a else ""
@@ -329,7 +323,7 @@ def check_scheme(scheme: Scheme) -> None:
     if a is not None and is_fp4(w) and not is_fp4(a):
         raise FormatError("input_activations", "FP4 weights take 16-bit activations (no input_activations: NVFP4A16, "
                                                "MXFP4A16) or NVFP4 activations (NVFP4)")
-    if scheme.format == "pack-quantized" and w.strategy == "tensor" and not w.symmetric:
+    if scheme.number_format.packed_zero_point and w.strategy == "tensor" and not w.symmetric:
         raise FormatError("weights.strategy", "'tensor' with symmetric: false is not supported for weight-only schemes "
                                               "(a per-tensor zero point cannot be packed); use channel or group, or "
                                               "symmetric: true")

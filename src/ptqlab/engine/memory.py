@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from ptqlab.errors import PtqlabError
+from ptqlab.formats.safetensors_files import STREAM_SHARD_BYTES
 from ptqlab.models import expert_count, head_dim
 
 GIB = 2**30
@@ -37,9 +38,6 @@ PROCESS_BYTES = {"cuda": 5 * GIB // 2, "cpu": GIB // 2}
 """What the process itself keeps resident besides the tensors: Python, torch, transformers and, on a GPU machine, the
 CUDA libraries and context's host side (set from a streamed run's peak RSS beyond its tensors,
 bench/results/big_models.json)."""
-STREAM_SHARD_BYTES = GIB
-"""A streaming run holds the checkpoint shard it is writing in CPU memory: smaller shards than the in-memory
-writer's keep its peak low."""
 GPTQ_RATE = {"cuda": 7e12, "cpu": 3e10}
 """GPTQ's column sweep runs far below the matmul rate (one column at a time)."""
 

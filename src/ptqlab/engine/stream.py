@@ -15,7 +15,7 @@ from torch import nn
 
 from ptqlab.engine.experts import unfuse
 from ptqlab.errors import PtqlabError
-from ptqlab.formats.validate import header_tensors, weight_files
+from ptqlab.formats.safetensors_files import header_tensors, weight_files
 from ptqlab.models import checkpoint_name, decoder_layer_names, decoder_layers, moe_layout
 
 FIX = "copy or download the model again"

@@ -1,8 +1,9 @@
 """Writing a quantized model as a compressed-tensors checkpoint (what vLLM, SGLang and transformers load).
 
-The `quantization_config` is built with compressed-tensors' own pydantic models and int weights are packed
-with its own `pack_to_int32`, so the output is exactly what that library reads back. Tensor names, dtypes and
-layouts per format (as llm-compressor writes them):
+The `quantization_config` is built with compressed-tensors' own pydantic models and each linear's tensors are
+those of its scheme's stored format (number_formats: int weights packed with compressed-tensors' own
+`pack_to_int32`), so the output is exactly what that library reads back. Tensor names, dtypes and layouts per
+format (as llm-compressor writes them; number_formats.FORMATS is the table the code reads):
 - float-quantized: `weight` float8_e4m3fn [out, in], `weight_scale` [out, 1] in the model dtype;
 - int-quantized:   `weight` int8 [out, in], `weight_scale` [out, 1] (+ `weight_zero_point` int8 if asymmetric);
 - pack-quantized:  `weight_packed` int32 [out, in * bits / 32], `weight_scale` [out, in / group],
@@ -20,24 +21,42 @@ the engine registered.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ptqlab.engine import memory
+from ptqlab.formats.safetensors_files import MAX_SHARD_BYTES, STREAM_SHARD_BYTES
 from ptqlab.models import ExpertLayout, checkpoint_name, moe_layout
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.quant.kv_cache import kv_cache_format
-from ptqlab.recipes import Recipe
 from ptqlab.quant import fp4
-from ptqlab.schemes import QuantArgs, is_fp4
+from ptqlab.schemes import QuantArgs, Scheme
 
-MAX_SHARD_BYTES = 5 * 2**30
+
+
+class Override(Protocol):
+    """Part of a model at a second scheme: the linears its `targets` name (names, `re:` expressions)."""
+
+    scheme: Scheme
+    targets: Sequence[str]
+
+
+class Quantization(Protocol):
+    """What a checkpoint's quantization_config declares, as a recipe (recipes.Recipe) holds it: its scheme, the parts
+    at other schemes, the linears kept 16-bit and the KV cache format."""
+
+    scheme: Scheme
+    overrides: Sequence[Override]
+    ignore: Sequence[str]
+    kv: str | None
 
 
 def _ct_args(args: QuantArgs):
+    # Imported here for start-up time: compressed-tensors loads transformers' machinery.
     from compressed_tensors.quantization import QuantizationArgs
 
     return QuantizationArgs(
@@ -57,6 +76,7 @@ def _ct_args(args: QuantArgs):
 
 def _kv_cache_args(kv: str | None):
     """llm-compressor's `kv_cache_scheme` for a recipe's `kv` (None: a 16-bit cache)."""
+    # Imported here for start-up time: compressed-tensors loads transformers' machinery.
     from compressed_tensors.quantization import QuantizationArgs
 
     fmt = kv_cache_format(kv)
@@ -69,6 +89,7 @@ def _kv_cache_args(kv: str | None):
 
 
 def _ct_scheme(scheme, targets: list[str]):
+    # Imported here for start-up time: compressed-tensors loads transformers' machinery.
     from compressed_tensors.quantization import QuantizationScheme
 
     return QuantizationScheme(
@@ -79,7 +100,7 @@ def _ct_scheme(scheme, targets: list[str]):
     )
 
 
-def config_groups(recipe: Recipe) -> dict[str, tuple[list[str], object]]:
+def config_groups(recipe: Quantization) -> dict[str, tuple[list[str], object]]:
     """The config groups of a checkpoint quantized with `recipe` -> {group name: (targets, Scheme)}: one per distinct
     scheme of its `overrides`, targeting their names and regexes (which compressed-tensors and vLLM rank above the
     class `Linear` whatever the order: schemes.claiming_group), then its own scheme for every `Linear`. The overrides
@@ -95,10 +116,11 @@ def config_groups(recipe: Recipe) -> dict[str, tuple[list[str], object]]:
     return {f"group_{i}": (targets, scheme) for i, (scheme, targets) in enumerate(groups.items())}
 
 
-def quantization_config(recipe: Recipe) -> dict:
+def quantization_config(recipe: Quantization) -> dict:
     """The config.json `quantization_config` for a model quantized with `recipe`: one config group per scheme, each
     with its own format; the config's format is theirs, or `mixed-precision` where they differ (compressed-tensors'
     rule)."""
+    # Imported here for start-up time: compressed-tensors loads transformers' machinery.
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -121,29 +143,19 @@ def quantization_config(recipe: Recipe) -> dict:
 
 
 def _linear_tensors(name: str, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
-    args = layer.scheme.weights
+    """One quantized linear's tensors as its format (number_formats) stores them."""
+    args, fmt = layer.scheme.weights, layer.scheme.number_format
     out = {f"{name}.weight_scale": layer.weight_scale}
-    zero_point = layer.weight_zero_point
-    if is_fp4(args):
-        out[f"{name}.weight_packed"] = fp4.pack(layer.weight_q)
+    out.update({f"{name}.{suffix}": t for suffix, t in fmt.stored_weight(layer.weight_q, args.num_bits).items()})
+    if fmt.global_scales:
         if layer.weight_global_scale is not None:
             out[f"{name}.weight_global_scale"] = layer.weight_global_scale
         if fp4.has_input_global_scale(layer.scheme):
             if layer.input_global_scale is None:
                 raise ValueError(f"{name}: NVFP4 activations without their calibrated input_global_scale")
             out[f"{name}.input_global_scale"] = layer.input_global_scale
-    elif layer.scheme.format == "pack-quantized":
-        out[f"{name}.weight_packed"] = pack_to_int32(layer.weight_q, args.num_bits)
-        out[f"{name}.weight_shape"] = torch.tensor(layer.weight_q.shape, dtype=torch.int64)
-        if zero_point is not None:
-            # Zero points are packed along the output dimension: [out / (32 / bits), groups].
-            zero_point = pack_to_int32(zero_point, args.num_bits, packed_dim=0)
-    else:
-        out[f"{name}.weight"] = layer.weight_q
-    if zero_point is not None:
-        out[f"{name}.weight_zero_point"] = zero_point
+    if layer.weight_zero_point is not None:
+        out[f"{name}.weight_zero_point"] = fmt.stored_zero_point(layer.weight_zero_point, args.num_bits)
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach()
     return out
@@ -199,8 +211,8 @@ class ShardWriter:
 
     @classmethod
     def for_streaming(cls, folder: Path, layout: ExpertLayout | None = None) -> ShardWriter:
-        """A writer with the streaming shard size that the memory plan counts on (engine/memory.py)."""
-        return cls(folder, memory.STREAM_SHARD_BYTES, layout)
+        """A writer with the streaming shard size (STREAM_SHARD_BYTES) that the memory plan counts on."""
+        return cls(folder, STREAM_SHARD_BYTES, layout)
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         """Tensors by their name in the model (an MoE `layout` renames blocks to the checkpoint's names)."""
@@ -242,7 +254,7 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_config(folder: Path, model: nn.Module, tokenizer, recipe: Recipe) -> None:
+def write_config(folder: Path, model: nn.Module, tokenizer, recipe: Quantization) -> None:
     """config.json (with quantization_config), the generation config and the tokenizer."""
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
@@ -256,7 +268,7 @@ def write_config(folder: Path, model: nn.Module, tokenizer, recipe: Recipe) -> N
 
 
 def write_checkpoint(
-    folder: Path, model: nn.Module, tokenizer, recipe: Recipe, max_shard_bytes: int = MAX_SHARD_BYTES
+    folder: Path, model: nn.Module, tokenizer, recipe: Quantization, max_shard_bytes: int = MAX_SHARD_BYTES
 ) -> None:
     """Write config.json (with quantization_config), the safetensors weights, generation config and tokenizer."""
     folder = Path(folder)

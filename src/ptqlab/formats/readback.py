@@ -9,7 +9,8 @@ loading fine and scoring at chance. All sides compute in float32 (the stored val
 quantizing activations (each implementation rounds its dynamic activation scales its own way; the weights are what
 a checkpoint carries), so that what differs is what the reader reads, not rounding. The match is judged on the
 logits' relative error (scale-free, so a tiny random model is judged as a real one), against a bound per reader
-(`BOUNDS`, the same for every scheme but FP4's, which transformers reads rounded to bf16); the KL divergence and
+(`BOUNDS`, the same for every scheme but those whose format declares its own transformers bound: FP4's, which
+transformers reads rounded to bf16, number_formats.FP4_TRANSFORMERS_BOUND); the KL divergence and
 greedy agreement are recorded beside it.
 """
 
@@ -24,7 +25,9 @@ import torch
 from torch import nn
 
 from ptqlab.errors import PtqlabError
+from ptqlab.number_formats import BY_NAME, NumberFormat
 from ptqlab.quant.linear import QuantizedLinear
+from ptqlab.version import __version__
 
 BOUNDS = {"transformers": 1e-3, "ptqlab runtime": 1e-3}
 """Largest ‖Δ logits‖ / ‖logits − their mean‖ accepted from each reader, for every scheme: both dequantize the stored
@@ -33,20 +36,16 @@ MOE_TRANSFORMERS_BOUND = 0.1
 """transformers on a mixture-of-experts checkpoint: it fuses the experts dequantized in the checkpoint's dtype (bf16),
 which a faithful read keeps well below this; experts it did not map (left at their random initialization) land well
 above it, on tiny random models as on real ones."""
-FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
-FP4_TRANSFORMERS_BOUND = 0.1
-"""transformers on an FP4 checkpoint: compressed-tensors' FP4 decompressor rounds each dequantized weight (E2M1 value
-× scale / global scale) to bf16, up to 2^-8 of it, before the float32 model computes; a faithful read stays well below
-this bound, a layout read wrong (a scale of another row, swapped nibbles) lands far above it."""
 SEQUENCES, LENGTH = 2, 32
 IN_MEMORY = "the quantized model"
 
 
 def unreadable_experts(scheme) -> str | None:
     """Why transformers' loader cannot read back an MoE's per-expert tensors in `scheme`, or None when it can: it
-    fuses the experts dequantized, from FP8 `weight` or packed `weight_packed` tensors with their scales, and maps
-    neither INT8 `weight` tensors, nor zero points, nor block-wise scales."""
-    if scheme.format not in ("pack-quantized", "float-quantized"):
+    fuses the experts dequantized, from FP8 `weight` or packed `weight_packed` tensors with their scales (the formats
+    whose row says `transformers_reads_experts`), and maps neither INT8 `weight` tensors, nor zero points, nor
+    block-wise scales."""
+    if not scheme.number_format.transformers_reads_experts:
         return f"{scheme.format} experts"
     if not scheme.weights.symmetric:
         return "experts with zero points (asymmetric)"
@@ -153,6 +152,7 @@ class _NotRead(Exception):
 
 
 def _transformers_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Imported here for start-up time: transformers' model classes and compressed-tensors load slowly.
     import compressed_tensors
     import transformers
     from transformers import AutoModelForCausalLM
@@ -183,28 +183,35 @@ def _formats(folder: Path) -> set[str]:
     return {qc.get("format"), *(g.get("format") for g in groups if isinstance(g, dict))} - {None}
 
 
-def _has_fp4(folder: Path) -> bool:
-    return bool(_formats(folder) & set(FP4_FORMATS))
+def _stored_formats(folder: Path) -> list[NumberFormat]:
+    """The rows of number_formats for the formats config.json declares (those it has)."""
+    return [BY_NAME[name] for name in sorted(_formats(folder)) if name in BY_NAME]
 
 
 def _format_bounds(folder: Path) -> dict[str, float]:
-    """Bounds other than BOUNDS for the checkpoint's formats (any FP4: FP4_TRANSFORMERS_BOUND)."""
-    return {"transformers": FP4_TRANSFORMERS_BOUND} if _has_fp4(folder) else {}
+    """Bounds other than BOUNDS for the checkpoint's formats: the largest `transformers_bound` of theirs (FP4's:
+    transformers reads it rounded to bf16)."""
+    bounds = [f.transformers_bound for f in _stored_formats(folder) if f.transformers_bound is not None]
+    return {"transformers": max(bounds)} if bounds else {}
 
 
 def _dequantize_at_load(folder: Path) -> dict:
-    """from_pretrained's arguments that make compressed-tensors dequantize FP4 checkpoints while loading: left to the
-    first forward, its FP4 decompressor gives bf16 weights, which a float32 model then refuses."""
+    """from_pretrained's arguments that make compressed-tensors dequantize a checkpoint while loading where one of its
+    formats needs it (FP4: left to the first forward, its decompressor gives bf16 weights, which a float32 model then
+    refuses)."""
+    # Imported here for start-up time: transformers' quantizer configs load its integrations.
     from transformers import CompressedTensorsConfig
 
-    return {"quantization_config": CompressedTensorsConfig(dequantize=True)} if _has_fp4(folder) else {}
+    if any(f.dequantize_at_load for f in _stored_formats(folder)):
+        return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    return {}
 
 
 def _runtime_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Imported here for start-up time: the runtime loads Triton and its kernels, which `import ptqlab` does not.
     from ptqlab.runtime import load_runtime
     from ptqlab.runtime.linear import DequantizedLinear
     from ptqlab.runtime.load import check_supported
-    from ptqlab.version import __version__
 
     try:
         check_supported(folder)

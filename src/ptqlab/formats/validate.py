@@ -6,19 +6,19 @@ load, score, be ranked and be recommended; a truncated file fails with a traceba
 `validate_checkpoint` catches both first and says so in one line that names the folder, the tensor and the
 mismatch.
 
-It is cheap: it reads config.json, model.safetensors.index.json and each file's safetensors header (an 8-byte
-little-endian length, then a JSON table of dtype, shape and data_offsets per tensor). Of the tensor data it reads
-only the 16-byte `weight_shape` tensors of pack-quantized layers.
+It is cheap: it reads config.json, model.safetensors.index.json and each file's safetensors header
+(formats/safetensors_files.py). Of the tensor data it reads only the 16-byte `weight_shape` tensors of
+pack-quantized layers. What the config implies comes from formats/model_shapes.py (dense tensors of the standard
+architectures) and formats/quantized_layouts.py (each quantized linear's tensors, from its format's row of
+number_formats); this module compares and says what is wrong.
 
 What it checks:
 - files: each header parses and its data_offsets tile the data exactly (a truncated or padded file is refused,
   as safetensors itself refuses it); each shard that the index lists exists and holds what the index says;
-- quantized linears of a compressed-tensors checkpoint (pack-, int-, float- and naive-quantized, nvfp4- and
-  mxfp4-pack-quantized, the layouts ptqlab.formats.compressed_tensors writes): the weight (`weight_packed` int32
-  [out, ceil(in * bits / 32)] with `weight_shape` [out, in], or uint8 [out, ceil(in / 2)] for FP4, or `weight` int8 /
-  float8_e4m3fn [out, in]), `weight_scale` (per tensor [1], per channel [out, 1], per group [out, ceil(in /
-  group_size)], per block) in the model's float dtype or the config's scale_dtype, `weight_zero_point` wherever the
-  weights are asymmetric, and NVFP4's fp32 `weight_global_scale` (and `input_global_scale`) [1];
+- quantized linears of a compressed-tensors checkpoint, in any format of number_formats: the tensors its row
+  declares (the weight, packed or not, with `weight_shape` where the format stores one; `weight_scale` per tensor,
+  channel, group or block, in the model's float dtype or the config's scale_dtype; `weight_zero_point` wherever the
+  weights are asymmetric; NVFP4's fp32 global scales), each with its shape and dtype;
 - dense tensors under the standard Llama / Mistral / Qwen / Gemma / Phi-3 names: embedding, lm_head, norms and
   projections against vocab_size, hidden_size, intermediate_size, the heads and head_dim; and that each decoder
   layer 0 .. num_hidden_layers - 1 is there.
@@ -28,421 +28,23 @@ Other architectures and quantization methods get the file checks and whichever o
 from __future__ import annotations
 
 import json
-import math
 import re
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from ptqlab.errors import PtqlabError
-from ptqlab.schemes import claiming_group, matches
-
-INDEX_NAME = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100_000_000
-"""safetensors refuses a longer header."""
-
-SAFETENSORS_DTYPES = {
-    "BOOL": ("bool", 8), "U8": ("uint8", 8), "I8": ("int8", 8), "F8_E4M3": ("float8_e4m3fn", 8),
-    "F8_E5M2": ("float8_e5m2", 8), "F8_E8M0": ("float8_e8m0fnu", 8), "I16": ("int16", 16), "U16": ("uint16", 16),
-    "F16": ("float16", 16), "BF16": ("bfloat16", 16), "I32": ("int32", 32), "U32": ("uint32", 32),
-    "F32": ("float32", 32), "I64": ("int64", 64), "U64": ("uint64", 64), "F64": ("float64", 64),
-}
-"""safetensors dtype -> (torch's name for it, bits per element)."""
-
-FLOAT_DTYPES = ("float16", "bfloat16", "float32")
-CHECKED_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "nvfp4-pack-quantized",
-                   "mxfp4-pack-quantized")
-FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
-"""Two E2M1 values per uint8 in `weight_packed` [out, in / 2], no weight_shape."""
-"""compressed-tensors formats whose per-linear tensors are checked (others get the file and dense checks)."""
-
-KNOWN_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-"""model_types whose tensor names and shapes are the standard decoder ones checked against config.json."""
-
-LAYER_PROJECTIONS = ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.qkv_proj",)),
-                     (("self_attn.o_proj",),),
-                     (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",)),
-                     (("mlp.down_proj",),))
-"""Each decoder layer has every one of these projections, stored separately or fused (Phi-3)."""
-LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-               "post_feedforward_layernorm")
-REQUIRED_NORMS = ("input_layernorm", "post_attention_layernorm")
-HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
-QUANT_SUFFIXES = ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx",
-                  "weight_global_scale", "input_global_scale")
-
-
-# ---------------------------------------------------------------- safetensors headers
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """One tensor as a safetensors header describes it."""
-
-    name: str
-    dtype: str
-    """torch's name (float32, int8, float8_e4m3fn, ...); safetensors' own name when torch has none."""
-    shape: tuple[int, ...]
-    file: Path
-    start: int
-    """Where its data begins in the file."""
-    nbytes: int
-
-
-def shape_text(shape) -> str:
-    return "[" + ", ".join(str(n) for n in shape) + "]"
-
-
-def header_length(prefix: bytes, file_size: int) -> int:
-    """The JSON header's length from the first 8 bytes; ValueError when the file cannot hold it."""
-    if file_size < 8:
-        raise ValueError(f"it has {file_size} bytes, fewer than the 8 of the header length")
-    length = struct.unpack("<Q", prefix[:8])[0]
-    if length > file_size - 8 or length > MAX_HEADER_BYTES:
-        raise ValueError(f"its first 8 bytes give a header of {length:,} bytes, the file has {file_size:,}")
-    return length
-
-
-def _stored_tensor(name: str, entry, file: Path, data_start: int) -> StoredTensor:
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-        raise ValueError(f"its header entry for {name} lacks dtype, shape or data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if (not isinstance(dtype, str) or not isinstance(shape, list)
-            or not all(isinstance(n, int) and n >= 0 for n in shape)
-            or not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(n, int) and n >= 0 for n in offsets) or offsets[0] > offsets[1]):
-        raise ValueError(f"its header entry for {name} is malformed ({json.dumps(entry)[:120]})")
-    torch_name, bits = SAFETENSORS_DTYPES.get(dtype, (dtype, None))
-    nbytes = offsets[1] - offsets[0]
-    if bits is not None and math.prod(shape) * bits // 8 != nbytes:
-        raise ValueError(f"its header gives {name} ({torch_name} {shape_text(shape)}, "
-                         f"{math.prod(shape) * bits // 8:,} bytes) {nbytes:,} bytes of data")
-    return StoredTensor(name, torch_name, tuple(shape), file, data_start + offsets[0], nbytes)
-
-
-def parse_header(header: bytes, data_bytes: int, file: Path) -> dict[str, StoredTensor]:
-    """The tensors a safetensors header lists; ValueError unless their data tiles the `data_bytes` after it."""
-    try:
-        table = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"its header is not JSON ({e})") from None
-    if not isinstance(table, dict):
-        raise ValueError("its header is not a JSON object")
-    data_start = 8 + len(header)
-    tensors = {name: _stored_tensor(name, entry, file, data_start) for name, entry in table.items()
-               if name != "__metadata__"}
-    end = data_start
-    for t in sorted(tensors.values(), key=lambda t: (t.start, t.nbytes)):
-        if t.start != end:
-            raise ValueError(f"the data of {t.name} starts at byte {t.start:,}, not where the tensor before it ends "
-                             f"({end:,})")
-        end += t.nbytes
-    if end - data_start > data_bytes:
-        raise ValueError(f"its header says the tensor data takes {end - data_start:,} bytes, the file holds "
-                         f"{data_bytes:,} after the header")
-    if end - data_start < data_bytes:
-        raise ValueError(f"it has {data_bytes - (end - data_start):,} bytes after the last tensor's data")
-    return tensors
-
-
-def corrupt_file(file: Path, detail: str) -> PtqlabError:
-    return PtqlabError(f"{file} is truncated or corrupted: {detail}; re-download or re-create it")
-
-
-def header_tensors(file: Path) -> dict[str, StoredTensor]:
-    """Every tensor of one safetensors file (its header only); ValueError saying what is wrong unless the header
-    parses, its tensors tile the data exactly and safetensors itself opens the file. The one test of a whole
-    safetensors file: loading a model (models.check_weight_files) and validating a checkpoint both use it."""
-    from safetensors import safe_open
-
-    size = file.stat().st_size
-    with file.open("rb") as f:
-        length = header_length(f.read(8), size)
-        tensors = parse_header(f.read(length), size - 8 - length, file)
-    try:
-        with safe_open(file, framework="pt"):
-            pass
-    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
-        raise ValueError(f"safetensors cannot open it ({e})") from None
-    return tensors
-
-
-def read_header(file: Path) -> dict[str, StoredTensor]:
-    """Every tensor of one safetensors file (its header only); PtqlabError for a truncated or corrupted file."""
-    try:
-        return header_tensors(file)
-    except ValueError as e:
-        raise corrupt_file(file, str(e)) from None
-
-
-def read_ints(tensor: StoredTensor) -> list[int] | None:
-    """The values of a small int32 / int64 tensor (a `weight_shape`); None for another dtype."""
-    code = {"int32": "i", "int64": "q"}.get(tensor.dtype)
-    if code is None or tensor.nbytes > 64:
-        return None
-    with tensor.file.open("rb") as f:
-        f.seek(tensor.start)
-        data = f.read(tensor.nbytes)
-    return list(struct.unpack(f"<{tensor.nbytes // struct.calcsize(code)}{code}", data))
-
-
-def weight_files(folder: Path, fix: str) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files holding the weights (those the index lists when there is one) and the index's
-    weight_map; PtqlabError for a broken index or a listed file that is missing."""
-    index = folder / INDEX_NAME
-    if not index.is_file():
-        return sorted(folder.glob("*.safetensors")), None
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not a map from tensor names to file names")
-    except (ValueError, KeyError, TypeError) as e:
-        raise PtqlabError(f"{index} is not a valid safetensors index ({e}): {fix}") from None
-    for name in sorted(set(weight_map.values())):
-        if not (folder / name).is_file():
-            listed = sorted(k for k, v in weight_map.items() if v == name)
-            raise PtqlabError(f"{folder}: {name} is missing; {INDEX_NAME} lists {len(listed)} tensors in it "
-                              f"(e.g. {listed[0]}): {fix}")
-    return [folder / name for name in sorted(set(weight_map.values()))], weight_map
-
-
-def index_problems(weight_map: dict[str, str], tensors: dict[str, StoredTensor]) -> list[str]:
-    """Tensors the index places in a file that does not hold them."""
-    return [f"{INDEX_NAME} puts {name} in {file}, which does not hold it"
-            for name, file in sorted(weight_map.items())
-            if name not in tensors or tensors[name].file.name != file]
-
-
-# ---------------------------------------------------------------- what config.json implies
-
-
-@dataclass(frozen=True)
-class Need:
-    """A tensor's shape (and dtypes) as the config implies them, and which config values imply them."""
-
-    shape: tuple[int, ...]
-    why: str
-    dtypes: tuple[str, ...] = ()
-    """Any of these; empty: any dtype."""
-    dtype_why: str = ""
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The dimensions config.json gives a decoder-only transformer."""
-
-    model_type: str | None
-    hidden_size: int | None
-    intermediate_size: int | None
-    vocab_size: int | None
-    num_hidden_layers: int | None
-    num_attention_heads: int | None
-    num_key_value_heads: int | None
-    head_dim: int | None
-    tie_word_embeddings: bool | None
-
-    @classmethod
-    def from_config(cls, config: dict) -> ModelDims:
-        def number(key):
-            value = config.get(key)
-            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-        hidden, heads = number("hidden_size"), number("num_attention_heads")
-        head_dim = number("head_dim") or (hidden // heads if hidden and heads else None)
-        tied = config.get("tie_word_embeddings")
-        return cls(config.get("model_type"), hidden, number("intermediate_size"), number("vocab_size"),
-                   number("num_hidden_layers"), heads, number("num_key_value_heads") or heads, head_dim,
-                   tied if isinstance(tied, bool) else None)
-
-    @property
-    def standard(self) -> bool:
-        """A known architecture with every dimension given: its tensors' names and shapes are checked."""
-        return self.model_type in KNOWN_ARCHITECTURES and None not in (
-            self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers,
-            self.num_attention_heads, self.num_key_value_heads, self.head_dim)
-
-
-def layer_linears(d: ModelDims) -> dict[str, Need]:
-    """[out, in] of each projection of a decoder layer, by its name in the layer."""
-    hidden, inter, hd = d.hidden_size, d.intermediate_size, d.head_dim
-    q, kv = d.num_attention_heads * hd, d.num_key_value_heads * hd
-    heads = f"num_attention_heads {d.num_attention_heads} x head_dim {hd}"
-    kv_heads = f"num_key_value_heads {d.num_key_value_heads} x head_dim {hd}"
-    h, i = f"hidden_size {hidden}", f"intermediate_size {inter}"
-    return {
-        "self_attn.q_proj": Need((q, hidden), f"{heads}, {h}"),
-        "self_attn.k_proj": Need((kv, hidden), f"{kv_heads}, {h}"),
-        "self_attn.v_proj": Need((kv, hidden), f"{kv_heads}, {h}"),
-        "self_attn.qkv_proj": Need((q + 2 * kv, hidden), f"{heads} + 2 x {kv_heads}, {h}"),
-        "self_attn.o_proj": Need((hidden, q), f"{h}, {heads}"),
-        "mlp.gate_proj": Need((inter, hidden), f"{i}, {h}"),
-        "mlp.up_proj": Need((inter, hidden), f"{i}, {h}"),
-        "mlp.gate_up_proj": Need((2 * inter, hidden), f"2 x {i}, {h}"),
-        "mlp.down_proj": Need((hidden, inter), f"{h}, {i}"),
-    }
-
-
-def standard_linears(d: ModelDims) -> dict[str, Need]:
-    """[out, in] of every linear layer of a standard architecture, by module name (alternatives included)."""
-    per_layer = layer_linears(d)
-    out = {f"model.layers.{n}.{name}": need for n in range(d.num_hidden_layers) for name, need in per_layer.items()}
-    out["lm_head"] = Need((d.vocab_size, d.hidden_size), f"vocab_size {d.vocab_size}, hidden_size {d.hidden_size}")
-    return out
-
-
-def standard_vectors(d: ModelDims) -> dict[str, Need]:
-    """Shapes of the embedding and the norms of a standard architecture, by tensor name."""
-    h = f"hidden_size {d.hidden_size}"
-    out = {"model.embed_tokens.weight": Need((d.vocab_size, d.hidden_size), f"vocab_size {d.vocab_size}, {h}"),
-           "model.norm.weight": Need((d.hidden_size,), h)}
-    for n in range(d.num_hidden_layers):
-        out.update({f"model.layers.{n}.{norm}.weight": Need((d.hidden_size,), h) for norm in LAYER_NORMS})
-        out.update({f"model.layers.{n}.{norm}.weight": Need((d.head_dim,), f"head_dim {d.head_dim}")
-                    for norm in HEAD_NORMS})
-    return out
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """One quantization_config group's weight format, as stored."""
-
-    group: str
-    format: str
-    num_bits: int
-    type: str
-    symmetric: bool
-    strategy: str
-    group_size: int | None = None
-    block_structure: tuple[int, int] | None = None
-    scale_dtype: str | None = None
-    zp_dtype: str | None = None
-    input_global: bool = False
-    """NVFP4 activations (`dynamic: local`): an `input_global_scale` per linear."""
-
-    def describe(self) -> str:
-        kind = f"fp{self.num_bits}" if self.type == "float" else f"int{self.num_bits}"
-        if self.strategy in ("group", "tensor_group"):
-            granularity = f"group size {self.group_size}"
-        elif self.strategy == "block":
-            granularity = "blocks of {}x{}".format(*self.block_structure)
-        else:
-            granularity = f"per-{self.strategy} scales"
-        return f"{self.group}: {'' if self.symmetric else 'asymmetric '}{kind} weights, {granularity}"
-
-
-def _dtype_name(value) -> str | None:
-    return None if value is None else str(value).removeprefix("torch.")
-
-
-def weight_formats(quantization_config: dict) -> list[tuple[list[str], WeightFormat | None]]:
-    """(targets, weight format) per config group; the format is None where it is not one this module checks."""
-    qc = quantization_config
-    compressed = qc.get("quant_method") == "compressed-tensors" and qc.get("quantization_status", "compressed") == "compressed"
-    out = []
-    for key, group in sorted((qc.get("config_groups") or {}).items()):
-        weights = group.get("weights") if isinstance(group, dict) else None
-        if not isinstance(weights, dict):
-            continue
-        fmt = group.get("format") or qc.get("format")
-        block = weights.get("block_structure")
-        acts = group.get("input_activations")
-        try:
-            parsed = WeightFormat(
-                key, fmt, int(weights["num_bits"]), weights.get("type", "int"), bool(weights.get("symmetric", True)),
-                weights.get("strategy"), weights.get("group_size"),
-                tuple(block) if isinstance(block, list) and len(block) == 2 else None,
-                _dtype_name(weights.get("scale_dtype")), _dtype_name(weights.get("zp_dtype")),
-                isinstance(acts, dict) and acts.get("dynamic") == "local")
-        except (KeyError, TypeError, ValueError):
-            parsed = None
-        usable = (compressed and parsed is not None and fmt in CHECKED_FORMATS
-                  and parsed.strategy in ("tensor", "channel", "group", "tensor_group", "block")
-                  and (parsed.strategy not in ("group", "tensor_group")
-                       or isinstance(parsed.group_size, int) and parsed.group_size > 0)
-                  and (parsed.strategy != "block" or parsed.block_structure is not None))
-        out.append((list(group.get("targets") or []), parsed if usable else None))
-    return out
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """What the quantization_config says of one linear layer."""
-
-    ignored: bool = False
-    targeted: bool = False
-    format: WeightFormat | None = None
-
-
-def resolve(name: str, ignore: list[str], groups: list[tuple[list[str], WeightFormat | None]]) -> Resolution:
-    if any(matches(name, t) for t in ignore):
-        return Resolution(ignored=True)
-    index = claiming_group(name, [targets for targets, _ in groups])  # names and regexes before the class Linear
-    return Resolution() if index is None else Resolution(targeted=True, format=groups[index][1])
-
-
-def scale_shape(fmt: WeightFormat, out: int, inp: int) -> Need:
-    if fmt.strategy == "tensor":
-        return Need((1,), "per-tensor scale")
-    if fmt.strategy == "channel":
-        return Need((out, 1), f"per-channel scales, output {out}")
-    if fmt.strategy in ("group", "tensor_group"):
-        return Need((out, math.ceil(inp / fmt.group_size)), f"group size {fmt.group_size}, input {inp}")
-    rows, cols = fmt.block_structure
-    return Need((math.ceil(out / rows), math.ceil(inp / cols)), f"blocks of {rows}x{cols}, weight [{out}, {inp}]")
-
-
-def quantized_tensors(fmt: WeightFormat, out: int, inp: int, weight_why: str, float_dtype: str | None) -> dict[str, Need]:
-    """The tensors a quantized linear [out, in] stores in `fmt`, by suffix, with their shapes and dtypes."""
-    bits, kind = fmt.num_bits, f"fp{fmt.num_bits}" if fmt.type == "float" else f"int{fmt.num_bits}"
-    if fmt.scale_dtype:
-        scale_dtypes, scale_why = (fmt.scale_dtype,), f"scale_dtype {fmt.scale_dtype}"
-    elif float_dtype in FLOAT_DTYPES:
-        scale_dtypes, scale_why = (float_dtype,), f"the model's dtype {float_dtype}"
-    else:
-        scale_dtypes, scale_why = FLOAT_DTYPES, "a 16- or 32-bit float scale"
-    scale = scale_shape(fmt, out, inp)
-    need = {"weight_scale": Need(scale.shape, scale.why, scale_dtypes, scale_why)}
-    if fmt.format in FP4_FORMATS:
-        need["weight_packed"] = Need((out, math.ceil(inp / 2)), f"{kind} packed two per byte, input {inp}", ("uint8",),
-                                     f"{kind} packed two per byte")
-        if fmt.strategy == "tensor_group":
-            need["weight_global_scale"] = Need((1,), "NVFP4's per-tensor global scale", ("float32",), "NVFP4")
-        if fmt.input_global:
-            need["input_global_scale"] = Need((1,), "NVFP4 activations' global scale", ("float32",), "NVFP4")
-    elif fmt.format == "pack-quantized":
-        packed_why = f"{kind} packed into int32, input {inp}"
-        need["weight_packed"] = Need((out, math.ceil(inp * bits / 32)), packed_why, ("int32",), f"{kind} packed into int32")
-        need["weight_shape"] = Need((2,), "pack-quantized", ("int64", "int32"), "pack-quantized")
-    else:
-        weight_dtype = "float8_e4m3fn" if fmt.type == "float" else "int8"
-        need["weight"] = Need((out, inp), weight_why, (weight_dtype,), f"{fmt.format} {kind} weights")
-    if not fmt.symmetric:
-        zp_why = f"asymmetric {kind} weights, {scale.why}"
-        if fmt.format == "pack-quantized" and fmt.strategy in ("group", "channel"):
-            need["weight_zero_point"] = Need((math.ceil(out * bits / 32), scale.shape[1]),
-                                             f"{zp_why}, packed into int32 along output {out}", ("int32",), zp_why)
-        else:
-            zp_dtype = fmt.zp_dtype or "int8"
-            need["weight_zero_point"] = Need(scale.shape, zp_why, (zp_dtype,), zp_why)
-    return need
-
-
-def quantized_linear_bytes(scheme, out: int, inp: int, float_dtype: str) -> int:
-    """Bytes of the tensors a linear [out, in] quantized to `scheme` (a schemes.Scheme) stores, its bias aside, in a
-    checkpoint whose float dtype is `float_dtype`: the layouts above, each tensor in the first dtype they allow (the
-    one ptqlab writes). What a sensitivity plan prices keeping a part at another scheme with."""
-    w, acts = scheme.weights, scheme.input_activations
-    fmt = WeightFormat("", scheme.format, w.num_bits, w.type, w.symmetric, w.strategy, w.group_size, w.block_structure,
-                       w.scale_dtype, None, acts is not None and acts.dynamic == "local")
-    itemsize = {name: bits // 8 for name, bits in SAFETENSORS_DTYPES.values()}
-    return sum(math.prod(need.shape) * itemsize[need.dtypes[0]]
-               for need in quantized_tensors(fmt, out, inp, "", float_dtype).values())
+from ptqlab.formats.model_shapes import (LAYER_PROJECTIONS, REQUIRED_NORMS, ModelDims, layer_linears, standard_linears,
+                                         standard_vectors)
+from ptqlab.formats.quantized_layouts import (QUANT_SUFFIXES, Resolution, WeightFormat, dtype_name, quantized_tensors,
+                                              resolve, weight_formats)
+from ptqlab.formats.safetensors_files import (StoredTensor, index_problems, read_ints, read_tensors, shape_text,
+                                              weight_files)
+from ptqlab.number_formats import FLOAT_DTYPES, Layout
 
 
 # ---------------------------------------------------------------- comparing
 
 
-def mismatch(name: str, tensor: StoredTensor | None, need: Need) -> str | None:
+def mismatch(name: str, tensor: StoredTensor | None, need: Layout) -> str | None:
     """What is wrong with one tensor against what the config needs; None if nothing."""
     if tensor is None:
         return f"{name} is missing, the config ({need.why}) needs it"
@@ -460,7 +62,7 @@ def stored_quantized(module: str, tensors: dict[str, StoredTensor]) -> bool:
             or weight is not None and weight.dtype in ("int8", "float8_e4m3fn"))
 
 
-def quantized_linear_problems(module: str, tensors: dict[str, StoredTensor], fmt: WeightFormat, need: Need | None,
+def quantized_linear_problems(module: str, tensors: dict[str, StoredTensor], fmt: WeightFormat, need: Layout | None,
                               float_dtype: str | None, shape_values: dict[str, list[int] | None]) -> list[str]:
     """A quantized linear's tensors against its format; its [out, in] from the config (`need`) where the
     architecture is a standard one, else from its stored weight_shape or weight."""
@@ -468,34 +70,34 @@ def quantized_linear_problems(module: str, tensors: dict[str, StoredTensor], fmt
         out, inp = need.shape
         why = need.why
     else:
-        packed = tensors.get(f"{module}.weight_packed")
-        stored = (shape_values.get(f"{module}.weight_shape") if fmt.format == "pack-quantized"
-                  else [packed.shape[0], 2 * packed.shape[1]] if fmt.format in FP4_FORMATS and packed is not None
+        row, packed = fmt.number_format, tensors.get(f"{module}.weight_packed")
+        per_word = row.word_bits(fmt.type) // fmt.num_bits  # values per stored element of a packed weight
+        stored = (shape_values.get(f"{module}.weight_shape") if row.stores_shape
+                  else [packed.shape[0], per_word * packed.shape[1]] if row.pack is not None and packed is not None
                   and len(packed.shape) == 2
                   else list(getattr(tensors.get(f"{module}.weight"), "shape", ())))
         if not stored or len(stored) != 2:
-            weight = {"pack-quantized": f"{module}.weight_shape", **dict.fromkeys(FP4_FORMATS, f"{module}.weight_packed")
-                      }.get(fmt.format, f"{module}.weight")
-            return [f"{weight} is missing or not 2-D, the config ({fmt.describe()}) needs it"]
+            weight = "weight_shape" if row.stores_shape else row.weight_tensor
+            return [f"{module}.{weight} is missing or not 2-D, the config ({fmt.describe()}) needs it"]
         out, inp = stored
         why = f"weight [{out}, {inp}]"
     problems = []
     for suffix, tensor_need in quantized_tensors(fmt, out, inp, why, float_dtype).items():
         name = f"{module}.{suffix}"
         if suffix in ("weight_shape", "weight_packed", "weight") and name not in tensors:
-            tensor_need = Need(tensor_need.shape, f"{fmt.describe()}")
+            tensor_need = Layout(tensor_need.shape, f"{fmt.describe()}")
         problem = mismatch(name, tensors.get(name), tensor_need)
         if problem:
             problems.append(problem)
     values = shape_values.get(f"{module}.weight_shape")
-    if fmt.format == "pack-quantized" and values is not None and values != [out, inp]:
+    if fmt.number_format.stores_shape and values is not None and values != [out, inp]:
         problems.append(f"{module}.weight_shape holds {shape_text(values)}, the config ({why}) needs "
                         f"{shape_text((out, inp))}")
     if f"{module}.weight_g_idx" in tensors:
         problems.append(mismatch(f"{module}.weight_g_idx", tensors[f"{module}.weight_g_idx"],
-                                 Need((inp,), f"activation order, input {inp}", ("int32",), "activation order")))
+                                 Layout((inp,), f"activation order, input {inp}", ("int32",), "activation order")))
     if f"{module}.bias" in tensors:
-        problems.append(mismatch(f"{module}.bias", tensors[f"{module}.bias"], Need((out,), f"output {out}")))
+        problems.append(mismatch(f"{module}.bias", tensors[f"{module}.bias"], Layout((out,), f"output {out}")))
     return [p for p in problems if p]
 
 
@@ -528,7 +130,7 @@ def linear_problems(tensors: dict[str, StoredTensor], dims: ModelDims, quantizat
                 problems += quantized_linear_problems(module, tensors, setting.format, need, float_dtype, shape_values)
             continue
         if setting.format is not None and need is not None:
-            weight = "weight_packed" if setting.format.format.endswith("pack-quantized") else "weight_scale"
+            weight = "weight_packed" if setting.format.number_format.pack is not None else "weight_scale"
             problems.append(f"{module}.{weight} is missing, the config ({setting.format.describe()}) needs it")
             continue
         if need is not None:
@@ -539,7 +141,7 @@ def linear_problems(tensors: dict[str, StoredTensor], dims: ModelDims, quantizat
 
 def _bias_problem(module: str, tensors: dict[str, StoredTensor], out: int) -> str | None:
     bias = tensors.get(f"{module}.bias")
-    return None if bias is None else mismatch(bias.name, bias, Need((out,), f"output {out}"))
+    return None if bias is None else mismatch(bias.name, bias, Layout((out,), f"output {out}"))
 
 
 def layer_problems(tensors: dict[str, StoredTensor], dims: ModelDims) -> list[str]:
@@ -603,7 +205,7 @@ def read_config(folder: Path) -> dict:
 
 def model_float_dtype(config: dict) -> str | None:
     """The float dtype config.json declares for the model's unquantized tensors (and scales)."""
-    name = _dtype_name(config.get("dtype") or config.get("torch_dtype"))
+    name = dtype_name(config.get("dtype") or config.get("torch_dtype"))
     return name if name in FLOAT_DTYPES else None
 
 
@@ -626,18 +228,6 @@ def remedy(config: dict) -> tuple[str, str]:
     if isinstance(config.get("quantization_config"), dict):
         return "the checkpoint", "quantize it again"
     return "the model folder", "re-download or re-save it"
-
-
-def read_tensors(files: list[Path]) -> tuple[dict[str, StoredTensor], list[str]]:
-    """Every tensor of every file, by name (headers only), and the names stored in two files."""
-    tensors: dict[str, StoredTensor] = {}
-    twice = []
-    for file in files:
-        for name, tensor in read_header(file).items():
-            if name in tensors:
-                twice.append(f"{name} is stored twice, in {tensors[name].file.name} and {file.name}")
-            tensors[name] = tensor
-    return tensors, twice
 
 
 def one_line(folder: Path, problems: list[str], what: str, fix: str) -> str:

@@ -14,7 +14,7 @@ own scheme with more bits through its `overrides` (e.g. a 2-bit recipe with its 
 groups, same quantizer), picking parts by KL saved per byte added until the predicted KL meets the target, or while
 the checkpoint fits a size budget. The bytes a kept part adds are exact: 16-bit, its tensors in the baseline's files
 less in the checkpoint's; at another scheme, its linears' tensors at that scheme less at the recipe's
-(formats/validate.quantized_linear_bytes, from their shapes).
+(formats/quantized_layouts.quantized_linear_bytes, from their shapes).
 
 The KL saved by keeping a part at a wider scheme is its measured KL at the recipe's scheme less its KL at the kept
 scheme, which is not measured: it is taken as the measured KL times 4^-(extra bits) (KEPT_KL_PER_BIT). The reasoning:
@@ -98,7 +98,7 @@ class PartResult:
 
 def safetensors_bytes(folder: Path) -> dict[str, int]:
     """Bytes of every tensor in a folder's safetensors files, from their headers (nothing is loaded)."""
-    from ptqlab.formats.validate import read_header
+    from ptqlab.formats.safetensors_files import read_header
 
     return {name: tensor.nbytes for file in sorted(folder.glob("*.safetensors"))
             for name, tensor in read_header(file).items()}
@@ -200,7 +200,7 @@ def kept_scheme(scheme, bits: int):
 def kept_extra_bytes(part: Part, scheme, kept, float_dtype: str) -> int:
     """What keeping `part` at scheme `kept` instead of `scheme` adds to the checkpoint: its linears' tensors at one
     less at the other (norms and biases are the same in both)."""
-    from ptqlab.formats.validate import quantized_linear_bytes
+    from ptqlab.formats.quantized_layouts import quantized_linear_bytes
 
     if not part.linears:
         raise PtqlabError(f"{part.name}: the sensitivity measurement has no shapes of its linears to price it at "

@@ -10,7 +10,7 @@ the dtype each intermediate is rounded to (the weight's own: a bf16 model's absm
 the stored scales and grid values are bitwise those llm-compressor writes.
 
 Grid values are held as float8_e4m3fn tensors in memory (every E2M1 value is exact in E4M3: one byte per value, as
-the other formats), and stored two per uint8, the low nibble first (index of |value| in the grid, sign in bit 3).
+the other formats); how they are stored, two per uint8, is the storage formats' (number_formats.pack_fp4).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from ptqlab.schemes import QuantArgs, is_fp4
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 E2M1_MAX = 6.0
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 GLOBAL_RANGE = FP8_MAX * E2M1_MAX
 """NVFP4's global scale is GLOBAL_RANGE / absmax: the tensor's absmax maps onto FP8's largest scale times FP4's
 largest value."""
@@ -52,26 +51,6 @@ def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
     q = torch.where(a <= 0.25, 0.0, torch.where(a < 0.75, 0.5, torch.where(a <= 1.25, 1.0, torch.where(
         a < 1.75, 1.5, torch.where(a <= 2.5, 2.0, torch.where(a < 3.5, 3.0, torch.where(a <= 5.0, 4.0, 6.0)))))))
     return q.to(x.dtype) * torch.sign(x)
-
-
-def pack(q: torch.Tensor) -> torch.Tensor:
-    """E2M1 values [rows, columns] (any float dtype, exact) -> uint8 [rows, columns / 2], two per byte, the even
-    column in the low nibble; each nibble the index of |value| in E2M1_VALUES, the sign in bit 3."""
-    rows, columns = q.shape
-    if columns % 2:
-        raise ValueError(f"FP4 packs two values per byte: the row length {columns} is odd")
-    doubled = (q.float().abs() * 2).round()  # 0, 1, 2, 3, 4, 6, 8, 12
-    index = sum((doubled >= t).to(torch.uint8) for t in (1, 2, 3, 4, 6, 8, 12))
-    codes = index | (torch.signbit(q.float()).to(torch.uint8) << 3)
-    pairs = codes.reshape(rows, columns // 2, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
-
-
-def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack: uint8 [rows, columns / 2] -> E2M1 values [rows, columns] as float8_e4m3fn."""
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
-    values = torch.tensor(E2M1_VALUES, device=packed.device)[(codes & 0x07).long()]
-    return torch.where((codes & 0x08).bool(), -values, values).to(FP8_DTYPE)
 
 
 def groups(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:

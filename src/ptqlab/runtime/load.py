@@ -1,8 +1,9 @@
 """Reading a checkpoint folder into a RuntimeModel: 16-bit models and compressed-tensors checkpoints (ptqlab's and
 llm-compressor's: float-quantized, int-quantized, pack-quantized, nvfp4- and mxfp4-pack-quantized).
 
-Each linear's tensors say how it is stored (`weight_packed`: pack-quantized; `weight` int8 or float8 with
-`weight_scale`: int- or float-quantized; a float `weight`: 16-bit); its number formats come from the
+Each linear's tensors say how it is stored (`weight_packed`: a packed format, unpacked as its row of
+number_formats says; `weight` int8 or float8 with `weight_scale`: int- or float-quantized; a float `weight`:
+16-bit); its number formats come from the
 `quantization_config` group whose targets match it, as compressed-tensors resolves them (ignore list first; then
 an exact name, a regex, the class Linear: schemes.claiming_group).
 """
@@ -23,8 +24,8 @@ from ptqlab.runtime.model import Architecture, Block, Concat, RuntimeModel
 from ptqlab.runtime.moe import Expert, MoEMLP, stack_experts
 from ptqlab.models import check_model_folder, checkpoint_name, moe_layout
 from ptqlab.quant.kv_cache import format_of_strategy, per_head
-from ptqlab.quant import fp4
-from ptqlab.schemes import QuantArgs, Scheme, claiming_group, is_fp4, matches
+from ptqlab.number_formats import is_fp4, packed_format
+from ptqlab.schemes import QuantArgs, Scheme, claiming_group, matches
 
 STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block", "token")
 PROJECTIONS = {"qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.qkv_proj",)),
@@ -57,7 +58,7 @@ def _quant_args(raw: dict | None, where: str) -> QuantArgs | None:
     if strategy not in STRATEGIES:
         raise PtqlabError(f"{where}: quantization strategy {strategy!r} is not supported by the fast runtime "
                           f"(it runs {', '.join(STRATEGIES)}); benchmark with --runtime transformers")
-    float4 = raw.get("type") == "float" and raw.get("num_bits") == 4  # NVFP4, MXFP4: their scales' dtype
+    float4 = is_fp4({"type": raw.get("type"), "num_bits": raw.get("num_bits")})  # NVFP4, MXFP4: their scales' dtype
     try:
         return QuantArgs(num_bits=raw["num_bits"], type=raw.get("type", "int"), symmetric=raw.get("symmetric", True),
                          strategy=strategy, group_size=raw.get("group_size") if "group" in strategy else None,
@@ -129,8 +130,6 @@ def _kv_scales(tensors: dict[str, torch.Tensor], prefix: str, arch: Architecture
 
 def stored_linear(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme | None) -> StoredLinear:
     """Take one linear's tensors out of `tensors` (consumed) as a StoredLinear."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
     def take(suffix):
         return tensors.pop(f"{name}.{suffix}", None)
 
@@ -148,14 +147,15 @@ def stored_linear(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme | 
     if take("weight_g_idx") is not None:
         raise PtqlabError(f"{name}: activation-ordered groups (weight_g_idx) are not supported by the fast runtime; "
                           "benchmark with --runtime transformers")
-    if packed is not None and is_fp4(args):  # two E2M1 values per byte; NVFP4's global scales beside the scales
-        return StoredLinear(fp4.unpack(packed), bias, scheme, scale, zero_point, take("weight_global_scale"),
-                            take("input_global_scale"))
-    if packed is not None:
-        shape = torch.Size(take("weight_shape").tolist())
-        weight = unpack_from_int32(packed, args.num_bits, shape)
+    if packed is not None:  # several values per word, in the format its weights take (number_formats)
+        fmt = packed_format(args)
+        shape = torch.Size(take("weight_shape").tolist()) if fmt.stores_shape else None
+        weight = fmt.unpack(packed, args.num_bits, shape)
+        if fmt.global_scales:  # NVFP4: the group scales are relative to these
+            return StoredLinear(weight, bias, scheme, scale, zero_point, take("weight_global_scale"),
+                                take("input_global_scale"))
         if zero_point is not None:
-            zero_point = unpack_from_int32(zero_point, args.num_bits, torch.Size([shape[0], scale.shape[-1]]), packed_dim=0)
+            zero_point = fmt.read_zero_point(zero_point, args.num_bits, torch.Size([weight.shape[0], scale.shape[-1]]))
     else:
         take("weight")
     if zero_point is not None:  # unpacked along dim 0 it is a transposed view: row-major, as the int4 kernels read it

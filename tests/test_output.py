@@ -1,6 +1,7 @@
 """Where ptqlab writes: the atomic file writer and the one --out check every writer uses (ptqlab/output.py)."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,20 @@ def test_a_run_options_widens_to_a_quantize_options():
     run = RunOptions(dtype="float32", seed=5, quiet=True)
     assert widened(run, QuantizeOptions, overwrite=True) == QuantizeOptions(dtype="float32", seed=5, quiet=True,
                                                                            overwrite=True)
+
+
+def test_the_refusal_names_out_the_folder_and_the_reason(tmp_path, monkeypatch):
+    """As any user, root included (who passes permission bits): the probe file's error is what the line reports."""
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "touch", refuse)
+    with pytest.raises(PtqlabError) as caught:
+        check_can_write(tmp_path / "q")
+    assert str(caught.value) == f"--out {tmp_path / 'q'}: {tmp_path} is not writable (Permission denied): choose another folder"
+
+
+def test_a_results_folder_is_checked_where_its_files_go(tmp_path):
+    (tmp_path / "lab").mkdir()
+    assert check_can_write(tmp_path / "lab", inside=True) == tmp_path / "lab"
+    assert check_can_write(tmp_path / "new" / "lab", inside=True) == tmp_path

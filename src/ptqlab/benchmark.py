@@ -17,7 +17,7 @@ from ptqlab.errors import PtqlabError
 from ptqlab.measure.gguf import gguf_file
 from ptqlab.measure.variant import BenchSettings, check_variant, device_name, fingerprint, run_isolated, variant_config
 from ptqlab.models import check_model_folder, resolve_device
-from ptqlab.output import locked, write_atomically
+from ptqlab.output import check_can_write, locked, write_atomically
 from ptqlab.progress import format_seconds, log_event, say
 from ptqlab.recommend import Budget
 from ptqlab.record import read_record
@@ -93,7 +93,7 @@ class Steps:
     def say(self, message: str) -> None:
         self.done += 1
         say_unless_quiet(f"[bold][{self.done}/{self.total}][/] {message} [dim](at {format_seconds(time.perf_counter() - self.start)})[/]",
-             self.quiet)
+                         self.quiet)
 
 
 def run_benchmarks(baseline: Path | None, variants: list[tuple[str, Path]], out: Path, settings: BenchSettings,
@@ -162,6 +162,7 @@ def bench(paths: list[str], out: str | Path = "ptqlab-bench", baseline: str | No
     base = Path(baseline) if baseline else _infer_baseline(folders)
     variants = [(f.name, f) for f in folders if base is None or f.resolve() != base.resolve()]
     out = Path(out)
+    check_can_write(out, inside=True)
     with locked(out, "bench"):
         results = run_benchmarks(base, variants, out, settings, quiet)
         write_report(out, results, settings, budget, baseline_name="baseline" if base else None)

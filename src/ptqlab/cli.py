@@ -75,7 +75,7 @@ def quantize(
         from ptqlab.launch import launch
 
         try:
-            launch(gpus, device, verbose)
+            launch(workers=gpus, device=device, verbose=verbose)
         except PtqlabError as e:
             _fail(e)
         return
@@ -298,8 +298,11 @@ def bench(
     from ptqlab.benchmark import bench as run
 
     try:
-        settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
-                             runtime, ppl_protocol, batch_sizes, _tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
+        settings = _settings(ppl_quick=ppl_quick, ppl_full=ppl_full, ppl_context=ppl_context, ppl_text=ppl_text,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, repeats=repeats,
+                             sample_tokens=sample_tokens, device=device, seed=seed, quiet=quiet, runtime=runtime,
+                             ppl_protocol=ppl_protocol, batch_sizes=batch_sizes,
+                             tasks=_tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
         folder = run(paths=[str(p) for p in paths], out=out, baseline=str(baseline) if baseline else None,
                      settings=settings, budget=Budget(max_kl, max_ppl_increase), quiet=quiet)
     except PtqlabError as e:
@@ -336,8 +339,11 @@ def lab(
     from ptqlab.suite import lab as run, lab_calibration_size
 
     try:
-        settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
-                             runtime, ppl_protocol, batch_sizes, _tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
+        settings = _settings(ppl_quick=ppl_quick, ppl_full=ppl_full, ppl_context=ppl_context, ppl_text=ppl_text,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, repeats=repeats,
+                             sample_tokens=sample_tokens, device=device, seed=seed, quiet=quiet, runtime=runtime,
+                             ppl_protocol=ppl_protocol, batch_sizes=batch_sizes,
+                             tasks=_tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
         names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
         aim = _aim(target_kl if target_kl is not None or max_size else max_kl, max_size, sensitivity_windows,

@@ -26,11 +26,12 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def check_can_write(out: Path) -> Path:
-    """Refuse, in one line, an --out beside which this process cannot create a file -> the folder checked (the
-    nearest existing folder above `out`): every writer here writes a temporary sibling and renames it. Tried with a
-    real file: permission bits tell neither a root user's answer nor a read-only mount's."""
-    folder = _existing_ancestor(Path(out).absolute().parent)
+def check_can_write(out: Path, inside: bool = False) -> Path:
+    """Refuse, in one line and before any work, an --out where this process cannot create a file -> the folder
+    checked: the nearest existing folder above `out` (a checkpoint or a GGUF file is written as a temporary sibling
+    and renamed into place), or at `out` with `inside` (a results folder, whose files are written in it). Tried with
+    a real file: permission bits tell neither a root user's answer nor a read-only mount's."""
+    folder = _existing_ancestor(Path(out).absolute() if inside else Path(out).absolute().parent)
     probe = folder / f".ptqlab-probe-{os.getpid()}"
     try:
         probe.touch()

@@ -25,7 +25,7 @@ from ptqlab.measure.sensitivity import (SENSITIVITY_WINDOWS, checkpoint_dtype, k
 from ptqlab.measure.variant import BenchSettings, fingerprint
 from ptqlab.models import load_config, load_model, load_tokenizer, resolve_device
 from ptqlab.options import QuantizeOptions, RunOptions, given, widened
-from ptqlab.output import atomic_dir, locked, write_atomically
+from ptqlab.output import atomic_dir, check_can_write, locked, write_atomically
 from ptqlab.progress import log_event
 from ptqlab.recipes import get_recipe
 from ptqlab.record import read_record
@@ -51,7 +51,7 @@ def lab_calibration_size(settings: BenchSettings, num_samples: int | None, max_s
                                                    "max_seq_len": CalibrationConfig.max_seq_len}
     if on_cpu and (num_samples is None or max_seq_len is None):
         say_unless_quiet(f"[yellow]note:[/] no GPU: calibrated recipes use {defaults['num_samples']} samples of at most "
-             f"{defaults['max_seq_len']} tokens; --num-samples and --max-seq-len change them", quiet)
+                         f"{defaults['max_seq_len']} tokens; --num-samples and --max-seq-len change them", quiet)
     return {"num_samples": defaults["num_samples"] if num_samples is None else num_samples,
             "max_seq_len": defaults["max_seq_len"] if max_seq_len is None else max_seq_len}
 
@@ -79,6 +79,7 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
     if sensitivity is not None:
         _check_keep_bits(sensitivity_recipe(chosen), sensitivity)
     out = Path(out)
+    check_can_write(out, inside=True)
     with locked(out, "lab"):
         return _lab(model, chosen, out, settings, budget, options, sensitivity, ggufs)
 
@@ -236,7 +237,7 @@ def _sensitivity(base_path: Path, recipe, checkpoint: Path, out: Path, settings:
         say_unless_quiet(f"[yellow]note:[/] {recipe.name} already meets the aim with every part quantized: no mixed variant", quiet)
         return None
     say_unless_quiet(f"{mixed.name}: {len(plan['kept'])} parts kept {plan['kept_as']} (predicted KL {plan['predicted_kl']:.4f}): "
-         f"{recipe_file}", quiet)
+                     f"{recipe_file}", quiet)
     return mixed
 
 
@@ -249,6 +250,7 @@ def sensitivity(model: str | None, recipe: str, out: str | Path = "ptqlab-sensit
     chosen = get_recipe(recipe)
     _check_keep_bits(chosen, aim)
     out = Path(out)
+    check_can_write(out, inside=True)
     with locked(out, "sensitivity"):
         base_path = _baseline_path(model, out, options.dtype)
         steps = Steps(2, options.quiet)

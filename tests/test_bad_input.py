@@ -105,7 +105,7 @@ def _fast():
 @pytest.mark.slow  # a minute on two cores: make test-all
 def test_bench_with_another_baseline_measures_kl_again(tiny_model_dir, tmp_path):
     from ptqlab import quantize
-    from ptqlab.suite import bench
+    from ptqlab.benchmark import bench
 
     first, second = tmp_path / "first", tmp_path / "second"
     shutil.copytree(tiny_model_dir("llama"), first)
@@ -159,7 +159,7 @@ def test_bench_refuses_a_checkpoint_with_a_damaged_run_record(model_copy, tmp_pa
 def test_a_second_run_on_the_same_out_is_refused(tiny_model_dir, tmp_path):
     from ptqlab.errors import PtqlabError
     from ptqlab.output import locked
-    from ptqlab.suite import bench
+    from ptqlab.benchmark import bench
 
     with locked(tmp_path / "b", "lab"):
         with pytest.raises(PtqlabError, match=r"in use by another ptqlab run \(lab, pid \d+\)"):
@@ -236,7 +236,7 @@ def test_lab_takes_a_recipe_file_by_absolute_path(tiny_model_dir, tmp_path):
 
 
 def test_a_tokenizer_saved_again_by_another_library_version_is_the_same_tokenizer(tiny_model_dir):
-    from ptqlab.suite import tokenizer_identity
+    from ptqlab.benchmark import tokenizer_identity
 
     saved = json.loads((tiny_model_dir("llama") / "tokenizer.json").read_text())
     respelled = json.loads(json.dumps(saved))

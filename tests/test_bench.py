@@ -9,7 +9,7 @@ from ptqlab.measure.quality import PPL_PROTOCOLS, TopK, coarse_kl, evaluate, mak
 from ptqlab.measure.speed import SPEED_PROMPT, TransformersEngine, chat_prompt_ids, greedy_decode, measure_speed, repeat_timed
 from ptqlab.errors import PtqlabError
 from ptqlab.measure.variant import BenchSettings
-from ptqlab.report import recommend
+from ptqlab.recommend import recommend
 from tiny import tiny_model, tiny_tokenizer
 
 
@@ -209,7 +209,7 @@ def variant(name, mib, ppl, kl, decode, throughput):
 
 
 def test_recommendation_picks_within_the_quality_budget():
-    from ptqlab.report import Budget
+    from ptqlab.recommend import Budget
 
     variants = [variant("baseline", 256, 10.0, None, 30, 100), variant("fp8", 160, 10.2, 0.01, 40, 150),
                 variant("w8a8", 160, 10.3, 0.02, 45, 140), variant("w4", 110, 14.0, 0.30, 60, 90)]
@@ -224,7 +224,7 @@ def test_recommendation_picks_within_the_quality_budget():
 
 
 def test_budget_says_whether_a_variant_fits_and_why():
-    from ptqlab.report import Budget
+    from ptqlab.recommend import Budget
 
     budget = Budget(max_kl=0.05, max_ppl_increase=5.0)
     assert budget.verdict(0.05, 5.0) == (True, "KL 0.0500 nats, perplexity +5.00%")  # the limits are inclusive
@@ -237,9 +237,9 @@ def test_ptqlab_bench_is_the_verb_even_after_the_measurement_package_is_imported
     import ptqlab
     import ptqlab.measure.variant
     import ptqlab.measure.worker  # noqa: F401
-    import ptqlab.suite
+    import ptqlab.benchmark
 
-    assert ptqlab.bench is ptqlab.suite.bench and callable(ptqlab.bench)
+    assert ptqlab.bench is ptqlab.benchmark.bench and callable(ptqlab.bench)
 
 
 class ClockEngine:

@@ -189,7 +189,7 @@ def test_bench_refuses_a_corrupt_checkpoint_and_ranks_nothing(checkpoints, copy_
     """bench validates every folder before it measures anything: the error names the tensor, and no report of an
     earlier run in the same folder survives to rank the variant."""
     from ptqlab.measure.variant import BenchSettings
-    from ptqlab.suite import bench
+    from ptqlab.benchmark import bench
 
     fast = BenchSettings(ppl_text="python-docs", ppl_context=64, ppl_windows=4, max_new_tokens=4, batch_size=2,
                          repeats=1, sample_tokens=4, device="cpu")  # as in test_lab.py

@@ -404,7 +404,7 @@ def test_a_checkpoint_is_exported_from_its_dequantized_weights(sharp_model, tmp_
 
 
 def bench_in_process(name, path, settings, result_json, topk_out=None, topk_in=None, quiet=False):
-    """suite.run_isolated without the fresh process (each costs ~15 s of imports on two cores; test_lab.py runs the
+    """benchmark.run_isolated without the fresh process (each costs ~15 s of imports on two cores; test_lab.py runs the
     real one): the same measurement, written where the lab reads it."""
     from ptqlab.measure.variant import bench_variant
 
@@ -417,11 +417,11 @@ def test_lab_measures_gguf_variants_for_quality_and_not_for_speed(sharp_model, t
     """gguf-TYPE in --recipes: exported from the baseline, scored through transformers' GGUF reader on the baseline's
     token ids (Q8_0 within its bound, Q4_K_M further off), sized by the file, its speed not measured and never
     ranked; a second run reuses the files and the measurements."""
-    import ptqlab.suite
+    import ptqlab.benchmark
     from ptqlab.measure.variant import BenchSettings
     from ptqlab.suite import lab
 
-    monkeypatch.setattr(ptqlab.suite, "run_isolated", bench_in_process)
+    monkeypatch.setattr(ptqlab.benchmark, "run_isolated", bench_in_process)
 
     text = tmp_path / "text.txt"  # a short text: tokenizing the whole python-docs fallback takes seconds per variant
     text.write_text("\n".join(english_lines()[:200]))

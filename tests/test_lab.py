@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-import ptqlab.suite
+import ptqlab.benchmark
 from ptqlab.measure.variant import BenchSettings
 from ptqlab.errors import PtqlabError
-from ptqlab.suite import bench, lab
+from ptqlab.benchmark import bench
+from ptqlab.suite import lab
 
 # Small enough for CI: 4 windows of 64 tokens, 4 generated tokens, batch 2, one repeat.
 FAST = BenchSettings(ppl_text="python-docs", ppl_context=64, ppl_windows=4, max_new_tokens=4, batch_size=2, repeats=1,
@@ -65,18 +66,18 @@ def test_rerun_reuses_everything(finished_lab, tiny_model_dir):
 
 
 def test_crash_in_the_third_recipe_does_not_redo_the_first_two(tmp_path, tiny_model_dir, monkeypatch):
-    real = ptqlab.suite.run_isolated
+    real = ptqlab.benchmark.run_isolated
 
     def crash_on_w8a8(name, *args, **kwargs):
         if name == "w8a8-rtn":
             raise PtqlabError("simulated crash")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(ptqlab.suite, "run_isolated", crash_on_w8a8)
+    monkeypatch.setattr(ptqlab.benchmark, "run_isolated", crash_on_w8a8)
     with pytest.raises(PtqlabError, match="simulated crash"):
         lab(str(tiny_model_dir("llama")), ["fp8-dynamic", "w4a16-rtn", "w8a8-rtn"], tmp_path, FAST, quiet=True)
     assert not (tmp_path / "results.json").exists()
-    monkeypatch.setattr(ptqlab.suite, "run_isolated", real)
+    monkeypatch.setattr(ptqlab.benchmark, "run_isolated", real)
     before = len(events(tmp_path))
     lab(str(tiny_model_dir("llama")), ["fp8-dynamic", "w4a16-rtn", "w8a8-rtn"], tmp_path, FAST, quiet=True)
     new = events(tmp_path)[before:]

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from ptqlab import quantize
 from ptqlab.errors import PtqlabError
 from ptqlab.quant.linear import QuantizedLinear
-from ptqlab.recipes import SchemeOverride, get_recipe, parse_recipe
+from ptqlab.recipe import SchemeOverride
+from ptqlab.recipes import get_recipe, parse_recipe
 from ptqlab.schemes import QuantArgs, Scheme, claiming_group
 
 INT2 = {"num_bits": 2, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}

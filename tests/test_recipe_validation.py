@@ -30,8 +30,9 @@ from ptqlab.formats.compressed_tensors import checkpoint_tensors, quantization_c
 from ptqlab.quant.fp4 import has_input_global_scale
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.quant.primitives import fake_quantize, grid_range
-from ptqlab.recipes import PRESETS, MAX_RECIPE_BYTES, Recipe, get_recipe, load_recipe_file, parse_recipe
 from ptqlab.number_formats import FP4_FORMATS, fp4_format
+from ptqlab.recipe import Recipe
+from ptqlab.recipes import PRESETS, MAX_RECIPE_BYTES, get_recipe, load_recipe_file, parse_recipe
 from ptqlab.schemes import ACTIVATION_STRATEGIES, BITS, WEIGHT_STRATEGIES, QuantArgs, Scheme
 
 ARG_FIELDS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "block_structure")

@@ -5,7 +5,10 @@ import yaml
 
 from ptqlab.errors import PtqlabError
 from ptqlab.quant.gptq import GPTQConfig
-from ptqlab.recipes import PRESETS, AWQStep, RTNStep, SmoothQuantStep, get_recipe, load_recipe_file, parse_recipe
+from ptqlab.engine.awq import AWQStep
+from ptqlab.engine.quantize import RTNStep
+from ptqlab.engine.smoothquant import SmoothQuantStep
+from ptqlab.recipes import PRESETS, get_recipe, load_recipe_file, parse_recipe
 
 REQUIRED_PRESETS = ["fp8-dynamic", "w4a16", "w4a16-awq", "w8a8", "w8a8-fp8", "w4a16-rtn", "w8a8-rtn"]
 

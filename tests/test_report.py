@@ -16,8 +16,8 @@ import pytest
 from ptqlab.measure.variant import BenchSettings
 from ptqlab.plots import (MARKER_RADIUS, box_inside, boxes_overlap, fit_text, group_coincident, label_candidates,
                           place_labels, segment_crosses_box, text_width)
-from ptqlab.report import (Budget, completions_by_prompt, first_difference, pareto_front, recommend,
-                           sample_completion_lines, samples_table_html, write_report)
+from ptqlab.recommend import Budget, pareto_front, recommend
+from ptqlab.report import completions_by_prompt, first_difference, sample_completion_lines, samples_table_html, write_report
 
 MiB = 2**20
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
@@ -396,7 +396,7 @@ def _swept(name: str, rates: dict[int, float]) -> dict:
 
 
 def test_the_crossover_names_the_fastest_variant_of_each_stretch_of_batch_sizes():
-    from ptqlab.report import crossover_words, fastest_by_batch
+    from ptqlab.recommend import crossover_words, fastest_by_batch
 
     table = fastest_by_batch([_swept("bf16", {1: 100, 8: 700, 32: 2000}), _swept("w4a16", {1: 220, 8: 1000, 32: 1500}),
                               _swept("fp8", {1: 150, 8: 900, 32: 2400})])

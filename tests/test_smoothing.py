@@ -154,7 +154,8 @@ def test_smoothquant_lowers_w8a8_error_on_a_model_with_activation_outliers(tiny_
 
 def test_smoothquant_all_mappings_reach_v_o_and_up_down_where_exact(tiny_model_dir, tmp_path, calibration_file):
     """mappings: all smooths 4 places per layer without GQA (3 with it), recorded per layer in ptqlab.json."""
-    from ptqlab.recipes import RTNStep, SmoothQuantStep
+    from ptqlab.engine.quantize import RTNStep
+    from ptqlab.engine.smoothquant import SmoothQuantStep
 
     recipe = replace(get_recipe("w8a8-rtn"), name="sq-all", steps=(SmoothQuantStep(0.5, "all"), RTNStep()))
     config = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)

@@ -256,7 +256,7 @@ def test_recovery_is_undefined_for_a_zero_or_metricless_baseline():
 def test_bench_scores_every_variant_on_the_tasks_and_reports_recovery(lm_eval, folder, tmp_path):
     from ptqlab.api import quantize
     from ptqlab.measure.variant import BenchSettings
-    from ptqlab.suite import bench
+    from ptqlab.benchmark import bench
 
     tasks = write_task(tmp_path / "tasks", "ptqlab_facts.yaml", DATA / "facts.jsonl")
     quantized = quantize(str(folder), "w4a16-rtn", out=tmp_path / "w4a16-rtn", quiet=True, device="cpu")

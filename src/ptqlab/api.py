@@ -16,35 +16,37 @@ import torch
 from rich.markup import escape
 
 from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
-from ptqlab.errors import PtqlabError
+from ptqlab.embedded import DEFAULT_MODEL_NAME, cache_root
+from ptqlab.engine import EngineOptions
 from ptqlab.engine.distributed import World, join, leave, peak_gpu_bytes_per_rank, world_from_environment
-from ptqlab.engine.experts import MIN_EXPERT_TOKENS
 from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, check_budgets, estimate, free_cpu_bytes,
                                   parse_bytes, resident_bytes)
 from ptqlab.engine.resume import Checkpointer
 from ptqlab.engine.steps import kind_of
 from ptqlab.engine.stream import StreamedModel
-from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, read_back, unreadable_experts
+from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
-                                              write_config)
+                                               write_config)
+from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, read_back, unreadable_experts
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, load_checked,
                            load_tokenizer, model_dtype, moe_layout, resolve_device, stored_dtype)
+from ptqlab.options import QuantizeOptions, RunOptions, given
 from ptqlab.output import atomic_dir, check_writable, locked, resumable_partial
-from ptqlab.progress import say
 from ptqlab.pipeline import QuantizationResult, quantize_model
-from ptqlab.recipes import Recipe, get_recipe
+from ptqlab.progress import say
+from ptqlab.recipe import Recipe
+from ptqlab.recipes import get_recipe
 from ptqlab.record import RunRecord, versions
 from ptqlab.version import __version__
 
 
-def request_of(model: str | None, recipe: Recipe, dtype: str, seed: int, calibration: CalibrationConfig | None,
-               device: str) -> dict:
+def request_of(model: str | None, recipe: Recipe, options: RunOptions) -> dict:
     """Everything a user asks for that determines a checkpoint's tensors: recorded in it, and compared before a
     checkpoint is reused (`lab`), so that a changed setting never passes for the old result."""
-    calibration = calibration_of(recipe, calibration, seed)
-    return {"model": model, "recipe": recipe.to_dict(), "dtype": dtype, "seed": seed,
+    calibration = calibration_of(recipe, options.calibration, options.seed)
+    return {"model": model, "recipe": recipe.to_dict(), "dtype": options.dtype, "seed": options.seed,
             "calibration": None if calibration is None else dataclasses.asdict(calibration),
-            "device": resolve_device(device).type, "ptqlab": __version__}
+            "device": resolve_device(options.device).type, "ptqlab": __version__}
 
 
 def calibration_of(recipe: Recipe, calibration: CalibrationConfig | None, seed: int) -> CalibrationConfig | None:
@@ -85,8 +87,6 @@ def _source_folders(model: str | None) -> tuple[Path, ...]:
     """The local folder a run reads its model from (the embedded model's cache folder when none is named): what an
     --out must never be or contain."""
     if model is None:
-        from ptqlab.embedded import cache_root
-
         return (cache_root(),)
     path = Path(model).expanduser()
     return (path,) if path.is_dir() else ()
@@ -97,86 +97,68 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def default_out(source: str | None, recipe: str) -> Path:
-    from ptqlab.embedded import DEFAULT_MODEL_NAME
-
     name = Path(source.rstrip("/")).name if source else DEFAULT_MODEL_NAME
     return Path(f"{name}-{recipe}")
 
 
-def quantize(
-    model: str | None = None,
-    recipe: str | Recipe = "fp8-dynamic",
-    out: str | Path | None = None,
-    ignore: list[str] | None = None,
-    group_size: int | None = None,
-    overwrite: bool = False,
-    dtype: str = "auto",
-    seed: int = 0,
-    quiet: bool = False,
-    calibration: CalibrationConfig | None = None,
-    calib_batch_size: int = 16,
-    device: str = "auto",
-    stream: bool = False,
-    max_gpu_memory: str | int | None = None,
-    max_cpu_memory: str | int | None = None,
-    min_expert_tokens: int = MIN_EXPERT_TOKENS,
-    kv_cache: str | None = None,
-) -> Path:
-    """Quantize `model` (hub id, local folder, or None for the embedded default) with `recipe` into `out`.
+def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out: str | Path | None = None,
+             options: QuantizeOptions | None = None, **settings) -> Path:
+    """Quantize `model` (hub id, local folder, or None for the embedded default) with `recipe` into `out`, as
+    `options` say (ptqlab/options.py; keyword arguments set its fields: `quantize(model, recipe, out=..., quiet=True)`).
 
-    Calibrated recipes (GPTQ) draw `calibration` samples (default: ultrachat_200k, offline text without a hub)
-    with `seed` and run the layer-sequential engine on `device` (auto: the GPU if there is one).
+    Calibrated recipes (GPTQ) draw `options.calibration` samples (default: ultrachat_200k, offline text without a
+    hub) with `options.seed` and run the layer-sequential engine on `options.device` (auto: the GPU if there is one).
     Before loading anything the run's memory plan (engine/memory.py) is checked against `max_gpu_memory` and
-    `max_cpu_memory` (bytes or '24GiB'; default: 90 % of what is free now); an explicit GPU budget is also enforced
-    on the allocator. With `stream`, the model is read from its safetensors files one decoder layer at a time and the
-    checkpoint is written as layers finish (engine/stream.py): neither is ever whole in memory; the tensors are the
-    same. A calibrated run keeps its state after every layer and resumes after a crash (engine/resume.py). In a
+    `max_cpu_memory` (default: 90 % of what is free now); an explicit GPU budget is also enforced on the allocator.
+    With `stream`, the model is read from its safetensors files one decoder layer at a time and the checkpoint is
+    written as layers finish (engine/stream.py): neither is ever whole in memory; the tensors are the same. A
+    calibrated run keeps its state after every layer and resumes after a crash (engine/resume.py). In a
     mixture-of-experts model, an expert routed fewer than `min_expert_tokens` calibration tokens in a layer is
     calibrated on all of that layer's tokens (engine/experts.py). `kv_cache` (fp8, fp8-head) sets the recipe's `kv`:
     an FP8 KV cache whose scales are calibrated on the keys and values the quantized layers produce (then even a
     round-to-nearest recipe draws calibration samples).
     Returns the checkpoint folder. The folder appears only when complete (see ptqlab.output).
     """
+    options = given(options, QuantizeOptions, settings)
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
-    recipe = recipe.with_overrides(ignore=ignore, group_size=group_size, kv_cache=kv_cache)
-    request = request_of(model, recipe, dtype, seed, calibration, device)
+    recipe = recipe.with_overrides(ignore=options.ignore, group_size=options.group_size, kv_cache=options.kv_cache)
+    request = request_of(model, recipe, options)
     out = Path(out) if out is not None else default_out(model, recipe.name)
     protect = _source_folders(model)
     # Before the slow part: fail in a second, not after loading.
-    check_writable(out, overwrite, protect)
-    calibration = calibration_of(recipe, calibration, seed)
+    check_writable(out, options.overwrite, protect)
+    calibration = calibration_of(recipe, options.calibration, options.seed)
     if calibration is not None:
-        check_calibration(calibration, batch_size=calib_batch_size)
-    checked = check_source(model, dtype)
-    gpu_budget, cpu_budget = budgets(device, max_gpu_memory, max_cpu_memory)
-    memory = _memory_plan(checked, recipe, dtype, calibration, calib_batch_size, device, stream, gpu_budget)
-    check_budgets(memory, gpu_budget, cpu_budget, stream)
-    check_writable(out, overwrite, protect, memory.disk_bytes)  # free space for the checkpoint the plan sizes
+        check_calibration(calibration, batch_size=options.calib_batch_size)
+    checked = check_source(model, options.dtype)
+    gpu_budget, cpu_budget = budgets(options.device, options.max_gpu_memory, options.max_cpu_memory)
+    memory = _memory_plan(checked, recipe, options, gpu_budget)
+    check_budgets(memory, gpu_budget, cpu_budget, options.stream)
+    check_writable(out, options.overwrite, protect, memory.disk_bytes)  # free space for the checkpoint the plan sizes
     world = world_from_environment()
     if world.rank > 0:  # another rank of a run of several: it calibrates with rank 0, which writes
         if recipe.calibrated:
-            _calibrate_as_helper(world, out, request, checked, recipe, dtype, stream, calibration, calib_batch_size,
-                                 device, seed, memory, min_expert_tokens)
+            _calibrate_as_helper(world, out, request, checked, recipe, options, calibration, memory)
         return out
-    if not quiet:  # once every check has passed: a refused run prints its one line only
+    if not options.quiet:  # once every check has passed: a refused run prints its one line only
         say(escape(memory.lines()[0]))
-    torch.manual_seed(seed)
+    torch.manual_seed(options.seed)
     start = time.perf_counter()
-    with atomic_dir(out, overwrite, protect, resumable=recipe.calibrated) as tmp, locked(tmp, "quantize"), \
-            gpu_memory_limit(device, max_gpu_memory and gpu_budget), joined(world, recipe, device) as engine_device:
-        loaded, streamed = _load(checked, dtype, stream)
+    with atomic_dir(out, options.overwrite, protect, resumable=recipe.calibrated) as tmp, locked(tmp, "quantize"), \
+            gpu_memory_limit(options.device, options.max_gpu_memory and gpu_budget), \
+            joined(world, recipe, options.device) as engine_device:
+        loaded, streamed = _load(checked, options.dtype, options.stream)
         calibration_set = None if calibration is None else load_calibration(loaded.tokenizer, calibration)
         stored = model_dtype(loaded.model)
         compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
-        fingerprint = _fingerprint(request, calib_batch_size, compute, min_expert_tokens, world)
+        fingerprint = _fingerprint(request, options, compute, world)
         checkpoint, writer, write_layer = _layer_writing(tmp, recipe, streamed, fingerprint, world)
-        result = quantize_model(loaded.model, recipe, calibration_set, quiet=quiet, device=engine_device,
-                                batch_size=calib_batch_size, compute_dtype=compute, streamed=streamed,
-                                write_layer=write_layer, resume=checkpoint,
-                                offload=world.several or not memory.layers_on_gpu,
-                                activations_on_gpu=memory.activations_on_gpu, min_expert_tokens=min_expert_tokens,
-                                world=world)
+        engine = EngineOptions(engine_device, options.calib_batch_size, offload=world.several or not memory.layers_on_gpu,
+                               activations_on_gpu=memory.activations_on_gpu, compute_dtype=compute,
+                               min_expert_tokens=options.min_expert_tokens, quiet=options.quiet, world=world,
+                               resume=checkpoint)
+        result = quantize_model(loaded.model, recipe, calibration_set, engine, streamed, write_layer)
         peaks = peak_gpu_bytes_per_rank(world, engine_device) if recipe.calibrated else None
         leave()  # the ranks' last collective: writing and reading back are rank 0's alone
         _write_checkpoint(tmp, loaded, result, streamed, checkpoint, writer)
@@ -193,11 +175,11 @@ def quantize(
         if loaded.tokenizer is None:
             result.notes.append("the model folder has no tokenizer; the checkpoint has none either")
         settings = {"recipe": recipe.name, "dtype": _dtype_name(stored), "compute_dtype": _dtype_name(compute),
-                    "seed": seed, "out": str(out),
+                    "seed": options.seed, "out": str(out),
                     "calibration": None if calibration is None else dataclasses.asdict(calibration),
-                    "calib_batch_size": calib_batch_size, "min_expert_tokens": min_expert_tokens, "device": device,
-                    "kv_cache": recipe.kv,
-                    "stream": stream, "ranks": world.size, "peak_gpu_bytes_per_rank": peaks,
+                    "calib_batch_size": options.calib_batch_size, "min_expert_tokens": options.min_expert_tokens,
+                    "device": options.device, "kv_cache": recipe.kv,
+                    "stream": options.stream, "ranks": world.size, "peak_gpu_bytes_per_rank": peaks,
                     "memory_plan": memory.to_dict(), "gpu_budget_bytes": gpu_budget, "cpu_budget_bytes": cpu_budget}
         _run_record(loaded, result, settings, time.perf_counter() - start, request, verification).write(tmp)
     return out
@@ -220,33 +202,30 @@ def joined(world: World, recipe: Recipe, device: str) -> Iterator[torch.device]:
         leave()
 
 
-def _fingerprint(request: dict, calib_batch_size: int, compute: torch.dtype, min_expert_tokens: int,
-                 world: World) -> dict:
+def _fingerprint(request: dict, options: QuantizeOptions, compute: torch.dtype, world: World) -> dict:
     """What a resumed run must share with the run it continues (engine/resume.py)."""
-    return {**request, "calib_batch_size": calib_batch_size, "compute_dtype": _dtype_name(compute),
-            "min_expert_tokens": min_expert_tokens, "ranks": world.size}
+    return {**request, "calib_batch_size": options.calib_batch_size, "compute_dtype": _dtype_name(compute),
+            "min_expert_tokens": options.min_expert_tokens, "ranks": world.size}
 
 
-def _calibrate_as_helper(world: World, out: Path, request: dict, checked: ModelSource, recipe: Recipe, dtype: str,
-                         stream: bool, calibration: CalibrationConfig, calib_batch_size: int, device: str, seed: int,
-                         memory: MemoryPlan, min_expert_tokens: int) -> None:
+def _calibrate_as_helper(world: World, out: Path, request: dict, checked: ModelSource, recipe: Recipe,
+                         options: QuantizeOptions, calibration: CalibrationConfig, memory: MemoryPlan) -> None:
     """Rank r > 0 of a run of several: load the model (or stream it) as rank 0 does, calibrate its share of the
     batches with the others, keep its share of the resume state in rank 0's partial folder, and write nothing
     else. Like every rank of several, it keeps one decoder layer at a time on its GPU (the next prefetched): never
     a copy of the whole model per GPU."""
-    torch.manual_seed(seed)
-    with joined(world, recipe, device) as engine_device:
-        loaded, streamed = _load(checked, dtype, stream)
+    torch.manual_seed(options.seed)
+    with joined(world, recipe, options.device) as engine_device:
+        loaded, streamed = _load(checked, options.dtype, options.stream)
         calibration_set = load_calibration(loaded.tokenizer, calibration)
         compute = compute_dtype(engine_device, model_dtype(loaded.model))
-        checkpoint = Checkpointer(resumable_partial(out), _fingerprint(request, calib_batch_size, compute,
-                                                                        min_expert_tokens, world),
+        checkpoint = Checkpointer(resumable_partial(out), _fingerprint(request, options, compute, world),
                                   world.rank, world.size)
-        quantize_model(loaded.model, recipe, calibration_set, quiet=True, device=engine_device,
-                       batch_size=calib_batch_size, compute_dtype=compute, streamed=streamed,
-                       write_layer=None if streamed is None else (lambda *layer: None), resume=checkpoint,
-                       offload=True, activations_on_gpu=memory.activations_on_gpu,
-                       min_expert_tokens=min_expert_tokens, world=world)
+        engine = EngineOptions(engine_device, options.calib_batch_size, offload=True,
+                               activations_on_gpu=memory.activations_on_gpu, compute_dtype=compute,
+                               min_expert_tokens=options.min_expert_tokens, quiet=True, world=world, resume=checkpoint)
+        quantize_model(loaded.model, recipe, calibration_set, engine, streamed,
+                       write_layer=None if streamed is None else (lambda *layer: None))
         peak_gpu_bytes_per_rank(world, engine_device)  # rank 0 records every rank's; the last collective
 
 
@@ -307,28 +286,26 @@ def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, r
     return [check.to_dict() for check in checks]
 
 
-def memory_plan(model: str | None, recipe: Recipe, dtype: str = "auto", calibration: CalibrationConfig | None = None,
-                calib_batch_size: int = 16, device: str = "auto", stream: bool = False,
-                max_gpu_memory: str | int | None = None) -> MemoryPlan:
+def memory_plan(model: str | None, recipe: Recipe, options: QuantizeOptions | None = None, **settings) -> MemoryPlan:
     """The run's memory plan from the model's config.json alone (no weight is read): what `quantize --plan` prints
-    and what every run checks against its budgets first."""
-    gpu_budget, _ = budgets(device, max_gpu_memory, None)
-    return _memory_plan(check_source(model, dtype), recipe, dtype, calibration, calib_batch_size, device, stream,
-                        gpu_budget)
+    and what every run checks against its budgets first. `recipe` as the run would apply it (its options' ignore,
+    group size and KV cache already set); keyword arguments set `options`' fields."""
+    options = given(options, QuantizeOptions, settings)
+    gpu_budget, _ = budgets(options.device, options.max_gpu_memory, None)
+    return _memory_plan(check_source(model, options.dtype), recipe, options, gpu_budget)
 
 
-def _memory_plan(checked: ModelSource, recipe: Recipe, dtype: str, calibration: CalibrationConfig | None,
-                 calib_batch_size: int, device: str, stream: bool, gpu_budget: int | None) -> MemoryPlan:
-    stored = stored_dtype(checked.config, dtype)
-    engine_device = resolve_device(device)
+def _memory_plan(checked: ModelSource, recipe: Recipe, options: QuantizeOptions, gpu_budget: int | None) -> MemoryPlan:
+    stored = stored_dtype(checked.config, options.dtype)
+    engine_device = resolve_device(options.device)
     compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
-    calibration = calibration_of(recipe, calibration, 0) or CalibrationConfig()
+    calibration = calibration_of(recipe, options.calibration, 0) or CalibrationConfig()
     statistics = any("hessian" in kind_of(step).statistics for step in recipe.steps)
     descent = next((step for step in recipe.steps if kind_of(step).scope == "layer"), None)  # AutoRound
     steps, samples = (descent.iters, min(descent.samples_per_step, calibration.num_samples)) if descent else (0, 0)
-    run = RunShape(calibration.num_samples, calibration.max_seq_len, calib_batch_size, stored.itemsize,
+    run = RunShape(calibration.num_samples, calibration.max_seq_len, options.calib_batch_size, stored.itemsize,
                    compute.itemsize, recipe.calibrated, statistics, recipe.scheme.weights.num_bits,
-                   recipe.scheme.weights.group_size, stream, engine_device.type, steps, samples)
+                   recipe.scheme.weights.group_size, options.stream, engine_device.type, steps, samples)
     return estimate(ModelShape.from_config(checked.config), run, gpu_budget)
 
 
@@ -396,4 +373,4 @@ def _download(repo: str) -> Path:
                           "first (huggingface-cli download) and give the folder") from None
 
 
-__all__ = ["quantize", "PtqlabError"]
+__all__ = ["quantize", "QuantizeOptions", "PtqlabError"]

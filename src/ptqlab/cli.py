@@ -71,17 +71,20 @@ def quantize(
     --kv-cache or a kv key) draw --num-samples chat-formatted samples of at most --max-seq-len tokens from --dataset with --seed."""
     _start(verbose)
     if gpus > 1:
+        # start-up time: each command imports only what it runs (torch, the engine) when it runs
         from ptqlab.launch import launch
 
         try:
-            launch(gpus, device, verbose)
+            launch(workers=gpus, device=device, verbose=verbose)
         except PtqlabError as e:
             _fail(e)
         return
+    # start-up time: each command imports only what it runs (torch, the engine) when it runs
     from ptqlab.api import quantize as run
     from ptqlab.data import CalibrationConfig
     from ptqlab.engine.distributed import world_from_environment
     from ptqlab.recipes import get_recipe
+    from ptqlab.options import QuantizeOptions
     from ptqlab.record import read_record
 
     try:
@@ -92,18 +95,20 @@ def quantize(
             chosen = chosen.with_gptq(**gptq_changes)
         calibration = CalibrationConfig(dataset=dataset, dataset_config=dataset_config, split=split, num_samples=num_samples,
                                         max_seq_len=max_seq_len, allow_plain_text=allow_plain_text)
+        options = QuantizeOptions(dtype=dtype, seed=seed, device=device, calibration=calibration,
+                                  calib_batch_size=calib_batch_size, overwrite=overwrite, quiet=quiet, ignore=ignore,
+                                  group_size=group_size, kv_cache=kv_cache, stream=stream,
+                                  max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
+                                  min_expert_tokens=min_expert_tokens)
         if plan:
+            # start-up time: each command imports only what it runs (torch, the engine) when it runs
             from ptqlab.api import memory_plan
 
             chosen = chosen.with_overrides(ignore=ignore, group_size=group_size, kv_cache=kv_cache)
-            for line in memory_plan(model, chosen, dtype, calibration, calib_batch_size, device, stream,
-                                    max_gpu_memory).lines():
+            for line in memory_plan(model=model, recipe=chosen, options=options).lines():
                 console.print(line, highlight=False)
             return
-        path = run(model, chosen, out, ignore=ignore, group_size=group_size, overwrite=overwrite, dtype=dtype,
-                   seed=seed, quiet=quiet, calibration=calibration, calib_batch_size=calib_batch_size, device=device,
-                   stream=stream, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
-                   min_expert_tokens=min_expert_tokens, kv_cache=kv_cache)
+        path = run(model=model, recipe=chosen, out=out, options=options)
         if world_from_environment().rank > 0:  # another rank of a run of several: rank 0 writes and says so
             return
         record = read_record(path)
@@ -141,15 +146,18 @@ def export_gguf(
     A ptqlab checkpoint is dequantized first: re-quantizing an already quantized model compounds the two formats'
     errors; export the 16-bit original when you have it. The calibration options apply with --imatrix-from-calibration."""
     _start(verbose)
+    # start-up time: each command imports only what it runs (torch, the engine) when it runs
     from ptqlab.data import CalibrationConfig
     from ptqlab.export_gguf import export_gguf as run
+    from ptqlab.options import RunOptions
 
     try:
         calibration = CalibrationConfig(dataset=dataset, dataset_config=dataset_config, split=split,
                                         num_samples=num_samples, max_seq_len=max_seq_len,
                                         allow_plain_text=allow_plain_text)
-        result = run(model, type, out, imatrix_from_calibration, calibration, seed=seed, overwrite=overwrite,
-                     dtype=dtype, device=device, calib_batch_size=calib_batch_size, quiet=quiet)
+        options = RunOptions(dtype=dtype, seed=seed, device=device, calibration=calibration,
+                             calib_batch_size=calib_batch_size, overwrite=overwrite, quiet=quiet)
+        result = run(model=model, file_type=type, out=out, importance=imatrix_from_calibration, options=options)
     except PtqlabError as e:
         _fail(e)
     for note in result.notes:
@@ -166,7 +174,9 @@ def recipes(
     """List the preset recipes, or print one as YAML. `ptqlab quantize --recipe FILE.yaml` takes your own."""
     import yaml
 
-    from ptqlab.recipes import PRESETS, get_recipe, step_name
+    # start-up time: each command imports only what it runs (torch, the engine) when it runs
+    from ptqlab.recipe import step_name
+    from ptqlab.recipes import PRESETS, get_recipe
 
     if name is not None:
         try:
@@ -191,6 +201,7 @@ def recipes(
 
 def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens,
               device, seed, quiet, runtime, ppl_protocol="gptq", batch_sizes: str | None = None, tasks: dict | None = None):
+    # start-up time: each command imports only what it runs (torch, the engine) when it runs
     from ptqlab.measure.variant import CPU_SPEED, QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings, check_runtime
     from ptqlab.models import resolve_device
 
@@ -282,13 +293,18 @@ def bench(
 ) -> None:
     """Benchmark model folders side by side: size, load time, memory, perplexity, KL, speed, samples; write a report."""
     _start(verbose)
-    from ptqlab.report import Budget
-    from ptqlab.suite import bench as run
+    # start-up time: each command imports only what it runs (torch, the engine) when it runs
+    from ptqlab.recommend import Budget
+    from ptqlab.benchmark import bench as run
 
     try:
-        settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
-                             runtime, ppl_protocol, batch_sizes, _tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
-        folder = run([str(p) for p in paths], out, str(baseline) if baseline else None, settings, Budget(max_kl, max_ppl_increase), quiet)
+        settings = _settings(ppl_quick=ppl_quick, ppl_full=ppl_full, ppl_context=ppl_context, ppl_text=ppl_text,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, repeats=repeats,
+                             sample_tokens=sample_tokens, device=device, seed=seed, quiet=quiet, runtime=runtime,
+                             ppl_protocol=ppl_protocol, batch_sizes=batch_sizes,
+                             tasks=_tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
+        folder = run(paths=[str(p) for p in paths], out=out, baseline=str(baseline) if baseline else None,
+                     settings=settings, budget=Budget(max_kl, max_ppl_increase), quiet=quiet)
     except PtqlabError as e:
         _fail(e)
     _print_summary(folder)
@@ -316,25 +332,33 @@ def lab(
 ) -> None:
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
     _start(verbose)
+    # start-up time: each command imports only what it runs (torch, the engine) when it runs
     from ptqlab.data import CalibrationConfig
-    from ptqlab.report import Budget
+    from ptqlab.options import RunOptions
+    from ptqlab.recommend import Budget
     from ptqlab.suite import lab as run, lab_calibration_size
 
     try:
-        settings = _settings(ppl_quick, ppl_full, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens, device, seed, quiet,
-                             runtime, ppl_protocol, batch_sizes, _tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
+        settings = _settings(ppl_quick=ppl_quick, ppl_full=ppl_full, ppl_context=ppl_context, ppl_text=ppl_text,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, repeats=repeats,
+                             sample_tokens=sample_tokens, device=device, seed=seed, quiet=quiet, runtime=runtime,
+                             ppl_protocol=ppl_protocol, batch_sizes=batch_sizes,
+                             tasks=_tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
         names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
         aim = _aim(target_kl if target_kl is not None or max_size else max_kl, max_size, sensitivity_windows,
                    keep_bits) if sensitivity else None
-        folder = run(model, names, out, settings, Budget(max_kl, max_ppl_increase), dtype, quiet, calibration, calib_batch_size,
-                     aim)
+        options = RunOptions(dtype=dtype, seed=seed, device=device, calibration=calibration,
+                             calib_batch_size=calib_batch_size, quiet=quiet)
+        folder = run(model=model, recipes=names, out=out, settings=settings, budget=Budget(max_kl, max_ppl_increase),
+                     options=options, sensitivity=aim)
     except PtqlabError as e:
         _fail(e)
     _print_summary(folder)
 
 
 def _aim(target_kl: float | None, max_size: str | None, windows: int | None, keep_bits: int | None = None):
+    # start-up time: each command imports only what it runs (torch, the engine) when it runs
     from ptqlab.engine.memory import parse_bytes
     from ptqlab.suite import Sensitivity
 
@@ -362,9 +386,11 @@ def sensitivity(
     keeps the most sensitive parts 16-bit (or at --keep-bits) to meet --target-kl (default 0.05) or --max-size with the
     fewest bytes."""
     _start(verbose)
+    # start-up time: each command imports only what it runs (torch, the engine) when it runs
     from ptqlab.data import CalibrationConfig
     from ptqlab.measure.variant import QUICK_CONTEXT, BenchSettings
-    from ptqlab.report import Budget
+    from ptqlab.options import RunOptions
+    from ptqlab.recommend import Budget
     from ptqlab.suite import lab_calibration_size, sensitivity as run
 
     try:
@@ -372,7 +398,9 @@ def sensitivity(
                                  device=device, seed=seed)
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
         aim = _aim(target_kl if target_kl is not None or max_size else Budget().max_kl, max_size, windows, keep_bits)
-        folder = run(model, recipe, out, aim, settings, dtype, quiet, calibration, calib_batch_size)
+        options = RunOptions(dtype=dtype, seed=seed, device=device, calibration=calibration,
+                             calib_batch_size=calib_batch_size, quiet=quiet)
+        folder = run(model=model, recipe=recipe, out=out, aim=aim, settings=settings, options=options)
     except PtqlabError as e:
         _fail(e)
     _print_sensitivity(folder)

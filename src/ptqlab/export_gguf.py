@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -25,13 +24,20 @@ from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from ptqlab.data import CalibrationConfig, CalibrationSet, check_calibration, load_calibration
+from ptqlab.embedded import DEFAULT_MODEL_NAME
+from ptqlab.engine.capture import capture, make_batches
+from ptqlab.engine.propagate import cast_back, floating_dtypes, propagate
+from ptqlab.engine.statistics import collect
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.gguf_file import (FILE_TYPES, PlannedTensor, architecture_of, gguf_name, gguf_tensors, is_70b,
                                       quantizable, tensor_type, write_gguf, write_metadata)
 from ptqlab.formats.gguf_tokenizer import tokenizer_metadata
 from ptqlab.models import (LoadedModel, check_source, compute_dtype, decoder_layers, load_checked, load_config,
                            load_tokenizer, model_dtype, resolve_device)
+from ptqlab.options import RunOptions, given
+from ptqlab.output import atomic_file, check_can_write
 from ptqlab.progress import say, track
+from ptqlab.quant import gguf_quants
 from ptqlab.version import __version__
 
 GGUF_TYPES = tuple(FILE_TYPES)
@@ -93,8 +99,6 @@ def gguf_variant(name: str) -> GGUFVariant | None:
 
 
 def default_out(source: str | None, file_type: str) -> Path:
-    from ptqlab.embedded import DEFAULT_MODEL_NAME
-
     name = Path(source.rstrip("/")).name if source else DEFAULT_MODEL_NAME
     return Path(f"{name}-{file_type}.gguf")
 
@@ -118,15 +122,7 @@ def check_out(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) -> Non
         if read_record(out) is None:
             raise PtqlabError(f"--out {out} is not a GGUF file ptqlab wrote: --overwrite replaces only ptqlab's own; "
                               "choose another --out")
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    probe = parent / f".ptqlab-probe-{os.getpid()}"  # a real file: permission bits do not tell a root user the answer
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise PtqlabError(f"--out {out}: cannot write in {parent} ({e.strerror or e}): choose another folder") from e
+    check_can_write(out)
 
 
 def read_record(path: Path) -> dict | None:
@@ -184,10 +180,6 @@ def input_importance(model: nn.Module, calibration: CalibrationSet, batch_size: 
     """llama.cpp's importance matrix from ptqlab's calibration: for every linear of every decoder layer and for the
     output head, the mean squared input per input channel over the real calibration tokens -> module name ->
     [in_features] float32 (on the CPU)."""
-    from ptqlab.engine.capture import capture, make_batches
-    from ptqlab.engine.propagate import cast_back, floating_dtypes, propagate
-    from ptqlab.engine.statistics import collect
-
     stored = model_dtype(model)
     compute = compute_dtype(device, stored)
     dtypes = floating_dtypes(model) if compute != stored else None
@@ -254,13 +246,14 @@ def plan_tensors(model: nn.Module, arch, file_type: str, imatrix: dict[str, torc
 
 
 def export_gguf(model: str | None = None, file_type: str = "Q4_K_M", out: str | Path | None = None,
-                importance: bool = False, calibration: CalibrationConfig | None = None, seed: int = 0,
-                overwrite: bool = False, dtype: str = "auto", device: str = "auto", calib_batch_size: int = 16,
-                quiet: bool = False) -> GGUFExport:
+                importance: bool = False, options: RunOptions | None = None, **settings) -> GGUFExport:
     """Write `model` (hub id, folder, a compressed-tensors checkpoint folder, or None for the embedded default) as a
-    GGUF file of llama.cpp's `file_type` mix (Q8_0, Q4_0, Q4_K_M). `importance`: weigh every block's scale search by
-    the importance matrix of `calibration` (drawn with `seed`), as llama.cpp's quantize --imatrix does. A
+    GGUF file of llama.cpp's `file_type` mix (Q8_0, Q4_0, Q4_K_M), loaded, calibrated and written as `options` say
+    (ptqlab/options.py; keyword arguments set its fields). `importance`: weigh every block's scale search by the
+    importance matrix of `options.calibration` (drawn with `options.seed`), as llama.cpp's quantize --imatrix does. A
     checkpoint's weights are dequantized first: quantizing them again adds the new format's error to the old."""
+    options = given(options, RunOptions, settings)
+    dtype, seed, quiet, calibration = options.dtype, options.seed, options.quiet, options.calibration
     file_type = {t.upper(): t for t in FILE_TYPES}.get(str(file_type).upper(), file_type)
     if file_type not in FILE_TYPES:
         raise PtqlabError(f"unknown --type {file_type!r}: choose one of {', '.join(GGUF_TYPES)}")
@@ -274,7 +267,7 @@ def export_gguf(model: str | None = None, file_type: str = "Q4_K_M", out: str | 
     arch = architecture_of(config)
     out = Path(out) if out is not None else default_out(model, file_type)
     protect = (Path(path),) if Path(path).is_dir() else ()
-    check_out(out, overwrite, protect)
+    check_out(out, options.overwrite, protect)
     # the tokenizer is checked before any weight is read: one llama.cpp would split differently is refused at once
     tokens = tokenizer_metadata(load_tokenizer(path), config, _generation_eos(path))
     notes = [note] if note else []
@@ -283,8 +276,8 @@ def export_gguf(model: str | None = None, file_type: str = "Q4_K_M", out: str | 
         notes.append(f"no importance matrix gathered: {file_type} ignores one (as llama.cpp's quantize does)")
     if importance:
         calibration = dataclasses.replace(calibration or CalibrationConfig(), seed=seed)
-        check_calibration(calibration, batch_size=calib_batch_size)
-    engine_device = resolve_device(device)
+        check_calibration(calibration, batch_size=options.calib_batch_size)
+    engine_device = resolve_device(options.device)
     start = time.perf_counter()
     torch.manual_seed(seed)
 
@@ -301,7 +294,7 @@ def export_gguf(model: str | None = None, file_type: str = "Q4_K_M", out: str | 
         if not quiet:
             say(f"importance matrix: {len(calibration_set.samples)} samples, {calibration_set.tokens:,} tokens from "
                 f"{calibration_set.source}")
-        imatrix = input_importance(loaded.model, calibration_set, calib_batch_size, engine_device, quiet)
+        imatrix = input_importance(loaded.model, calibration_set, options.calib_batch_size, engine_device, quiet)
         notes.append(f"importance matrix from {len(calibration_set.samples)} samples ({calibration_set.tokens:,} tokens) "
                      f"of {calibration_set.source}")
 
@@ -322,27 +315,22 @@ def export_gguf(model: str | None = None, file_type: str = "Q4_K_M", out: str | 
     name = Path(str(source).rstrip("/")).name
 
     def data():
-        from ptqlab.quant.gguf_quants import quantize_to_bytes
-
         for planned, (tensor, qw) in zip(plan, weights):
             if planned.qtype.name in ("F32", "F16"):
                 yield tensor.float().numpy().astype("float32" if planned.qtype.name == "F32" else "float16")
             else:
-                yield quantize_to_bytes(tensor.float(), planned.qtype, qw)
+                yield gguf_quants.quantize_to_bytes(tensor.float(), planned.qtype, qw)
 
     status = lambda item: f"{item[0].name} {item[0].qtype.name}"  # noqa: E731
     out_abs = out.absolute()
     out_abs.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_abs.parent / f".{out_abs.name}.partial-{os.getpid()}"
     try:
-        ordered = track(zip(plan, data()), f"export {file_type}", total=len(plan), quiet=quiet, status=status)
-        write_gguf(tmp, arch, lambda writer: write_metadata(writer, loaded.model.config, arch, file_type, name, tokens, extra),
-                   plan, (array for _, array in ordered))
-        os.replace(tmp, out_abs)
+        with atomic_file(out_abs) as tmp:
+            ordered = track(zip(plan, data()), f"export {file_type}", total=len(plan), quiet=quiet, status=status)
+            write_gguf(tmp, arch, lambda writer: write_metadata(writer, loaded.model.config, arch, file_type, name,
+                                                                tokens, extra), plan, (array for _, array in ordered))
     except OSError as e:  # a full disk after the work: one line, and no partial file
         raise PtqlabError(f"cannot write {out}: {e.strerror or e}; free space or choose another --out") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return GGUFExport(out, file_type, {p.name: p.qtype.name for p in plan}, out_abs.stat().st_size,
                       time.perf_counter() - start, imatrix is not None, tuple(notes))
 

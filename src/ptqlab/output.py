@@ -1,10 +1,14 @@
-"""Atomic output folders: a run writes into a hidden temporary sibling and renames it into place when done.
+"""Where ptqlab writes, and how: the one check that an --out may and can be written, and atomic writes. A run writes
+a folder into a hidden temporary sibling (`atomic_dir`) and a file into a temporary sibling (`atomic_file`), and
+renames it into place when done.
 
-A crash or Ctrl-C leaves at most a `.NAME.partial-*` folder, never a folder at `--out` that looks complete.
+A crash or Ctrl-C leaves at most a `.NAME.partial-*` folder or a `NAME.partial-*` file, never a folder or file at
+its name that looks complete but is not.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,6 +24,21 @@ def _existing_ancestor(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def check_can_write(out: Path, inside: bool = False) -> Path:
+    """Refuse, in one line and before any work, an --out where this process cannot create a file -> the folder
+    checked: the nearest existing folder above `out` (a checkpoint or a GGUF file is written as a temporary sibling
+    and renamed into place), or at `out` with `inside` (a results folder, whose files are written in it). Tried with
+    a real file: permission bits tell neither a root user's answer nor a read-only mount's."""
+    folder = _existing_ancestor(Path(out).absolute() if inside else Path(out).absolute().parent)
+    probe = folder / f".ptqlab-probe-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise PtqlabError(f"--out {out}: {folder} is not writable ({e.strerror or e}): choose another folder") from None
+    return folder
 
 
 def check_writable(out: Path, overwrite: bool, protect: tuple[Path, ...] = (), needs_bytes: int = 0) -> None:
@@ -43,10 +62,7 @@ def check_writable(out: Path, overwrite: bool, protect: tuple[Path, ...] = (), n
         if not has_record(out):  # the run record marks a folder that ptqlab wrote, and may replace
             raise PtqlabError(f"--out {out} holds files that ptqlab did not write (no {RECORD_NAME}): --overwrite replaces "
                               "only a ptqlab checkpoint; choose another folder")
-    ancestor = _existing_ancestor(out.parent if not out.exists() else out)
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PtqlabError(f"--out {out}: {ancestor} is not writable (permission denied): choose another folder")
-    free = shutil.disk_usage(ancestor).free
+    free = shutil.disk_usage(check_can_write(out)).free
     if needs_bytes and free < needs_bytes:
         raise PtqlabError(f"--out {out}: {free / 2**30:.2f} GiB free on that disk, the checkpoint needs at least "
                           f"{needs_bytes / 2**30:.2f} GiB: free space or choose another disk")
@@ -79,6 +95,34 @@ def atomic_dir(out: str | Path, overwrite: bool = False, protect: tuple[Path, ..
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write the file at; on success the file is flushed to the disk (fsync)
+    and replaces `path` in one rename, on failure it is removed: a reader of `path` sees the old file or the whole
+    new one, never a part (a crash between the two leaves a `NAME.partial-PID` file, which no reader opens)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """`path.write_text(text)`, atomically (atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def partial_files(path: str | Path) -> list[Path]:
+    """The temporary files atomic_file left beside `path` (a writer killed before its cleanup ran)."""
+    path = Path(path)
+    return [p for p in path.parent.glob(f"{glob.escape(path.name)}.partial-*") if p.is_file()]
 
 
 def resumable_partial(out: str | Path) -> Path:

@@ -16,8 +16,7 @@ from torch import nn
 
 from ptqlab.data import CalibrationSet, check_batch_size
 from ptqlab.engine import EngineOptions, Plan, calibrate
-from ptqlab.engine.distributed import SINGLE, World
-from ptqlab.engine.experts import MIN_EXPERT_TOKENS, unfuse
+from ptqlab.engine.experts import unfuse
 from ptqlab.engine.stream import StreamedModel
 from ptqlab.errors import PtqlabError
 from ptqlab.models import checkpoint_name, decoder_layers, model_dtype, moe_layout, names_by_layer, set_submodule
@@ -26,7 +25,7 @@ from ptqlab.engine.global_scales import weight_global_scales
 from ptqlab.quant import fp4
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.quant.kv_cache import kv_cache_format
-from ptqlab.recipes import Recipe, step_name, with_columns_per_scale
+from ptqlab.recipe import Recipe, step_name, with_columns_per_scale
 from ptqlab.schemes import is_fp4, matches
 
 
@@ -213,20 +212,19 @@ def _layer_hooks(streamed: StreamedModel | None, write_layer: LayerWriter | None
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None = None, quiet: bool = False,
-                   device: torch.device | None = None, batch_size: int = 16, compute_dtype: torch.dtype | None = None,
-                   streamed: StreamedModel | None = None, write_layer: LayerWriter | None = None,
-                   resume=None, offload: bool | None = None, activations_on_gpu: bool = True,
-                   min_expert_tokens: int = MIN_EXPERT_TOKENS, world: World = SINGLE) -> QuantizationResult:
-    """Quantize `model` in place according to `recipe`; calibrated methods need `calibration`, whose forwards compute
-    in `compute_dtype` (default: the model's). With `streamed` (its .model is `model`), decoder layers are read from
-    disk one at a time and handed to `write_layer` when done, then dropped: the model is never whole in memory.
-    `resume` (engine/resume.Checkpointer, calibrated recipes) keeps the engine's state after every layer, and starts
-    where an earlier run of the same settings stopped. `offload` and `activations_on_gpu` place layers and
-    activations as the run's memory plan says (engine/calibrate.EngineOptions). A mixture-of-experts model's fused
+def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None = None,
+                   options: EngineOptions | None = None, streamed: StreamedModel | None = None,
+                   write_layer: LayerWriter | None = None, **engine) -> QuantizationResult:
+    """Quantize `model` in place according to `recipe`; calibrated methods need `calibration`, and run as `options`
+    say (engine/calibrate.EngineOptions; keyword arguments set its fields: device, batch_size, compute_dtype, quiet,
+    resume, offload, activations_on_gpu, min_expert_tokens, world). With `streamed` (its .model is `model`), decoder
+    layers are read from disk one at a time and handed to `write_layer` when done, then dropped: the model is never
+    whole in memory. `options.resume` (engine/resume.Checkpointer, calibrated recipes) keeps the engine's state after
+    every layer, and starts where an earlier run of the same settings stopped. A mixture-of-experts model's fused
     experts become one linear per expert projection first (engine/experts.py); its routers stay 16-bit, and an
-    expert routed fewer than `min_expert_tokens` calibration tokens in a layer is calibrated on all of them.
-    `world`: this process's rank among several that calibrate together (engine/distributed.py)."""
+    expert routed fewer than `options.min_expert_tokens` calibration tokens in a layer is calibrated on all of them.
+    `options.world`: this process's rank among several that calibrate together (engine/distributed.py)."""
+    options = replace(options or EngineOptions(), **engine)
     layout = moe_layout(model.config)
     unfuse(model)
     keep = routers(model, layout)
@@ -256,7 +254,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         steps = " + ".join([step_name(step) for step in recipe.steps] + ([f"kv {recipe.kv}"] if recipe.kv else []))
         if calibration is None:
             raise PtqlabError(f"recipe {recipe.name} ({steps}) needs calibration data")
-        check_batch_size(batch_size)
+        check_batch_size(options.batch_size)
         if outside:
             # The engine calibrates decoder layers; a linear outside them (lm_head) would silently stay 16-bit.
             raise PtqlabError(f"calibrated recipes quantize linears inside decoder layers only, and {', '.join(outside)} "
@@ -265,10 +263,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
             _check_weight(name, linear)
         plan = Plan(recipe.transforms, recipe.quantizer, recipe.scheme, scale_dtype=model_dtype(model),
                     kv=kv_cache_format(recipe.kv), overrides=overrides)
-        options = EngineOptions(device, batch_size, compute_dtype=compute_dtype, quiet=quiet,
-                                label=f"{recipe.name} ({steps})", load_layer=load_layer, finish_layer=finish_layer,
-                                resume=resume, offload=offload, activations_on_gpu=activations_on_gpu,
-                                min_expert_tokens=min_expert_tokens, world=world)
+        options = replace(options, label=f"{recipe.name} ({steps})", load_layer=load_layer, finish_layer=finish_layer)
         reports = calibrate(model, targets, plan, calibration, options)
         result.quantized = list(targets)
         result.layer_reports = reports
@@ -282,7 +277,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
     prefixes = {id(module): name for name, module in model.named_modules()}
     groups = [(i, names) for i, names in enumerate(by_layer)] + ([(None, outside)] if outside else [])
     label = f"{recipe.name} ({recipe.method})"
-    for index, names in track(groups, label, total=len(groups), quiet=quiet, status=lambda g: f"{len(g[1])} linears"):
+    for index, names in track(groups, label, total=len(groups), quiet=options.quiet, status=lambda g: f"{len(g[1])} linears"):
         if index is not None and load_layer is not None:
             load_layer(index)
         global_scales = {}  # NVFP4: one per weight that vLLM fuses (q/k/v, gate/up), before any group scale

@@ -1,4 +1,5 @@
-"""The report: results.json (everything), summary.md (one table), report.html (tables, plots, recommendation).
+"""The report: results.json (everything), summary.md (one table), report.html (tables, plots, recommendation), written
+from the measurements and what recommend.py makes of them.
 
 The HTML is self-contained (inline CSS and SVG, no scripts, no CDN), so it renders offline. Its plots place their
 labels by estimated text boxes (`place_labels`), since no browser measures them at write time; the size-vs-KL
@@ -7,145 +8,16 @@ plot and the recommendation name the Pareto front; sample completions sit side b
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
-import math
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ptqlab.measure.quality import perplexity_change
+from ptqlab.output import write_atomically
 from ptqlab.plots import FRONT_COLOUR, bars as _bars, layer_bars, scatter as _scatter
-from ptqlab.record import versions
-
-SCHEMA = "ptqlab.results/1"
-MiB = 2**20
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """The quality budget a variant must meet to be recommended: how far its next-token distributions and its
-    perplexity may move from the baseline's. It lives here, beside `recommend`, the one place that applies it."""
-
-    max_kl: float = 0.05
-    """Mean KL divergence from the baseline, in nats per token."""
-    max_ppl_increase: float = 5.0
-    """Perplexity increase over the baseline, in percent."""
-
-    def verdict(self, kl: float | None, ppl_increase: float) -> tuple[bool, str]:
-        """(whether a variant with this mean KL and perplexity increase is within the budget, those figures in words).
-        A variant without a KL is not: its distance from the baseline is unknown."""
-        fits = kl is not None and kl <= self.max_kl and ppl_increase <= self.max_ppl_increase
-        kl_words = "KL not measured" if kl is None else f"KL {kl:.4f} nats"
-        return fits, f"{kl_words}, perplexity {ppl_increase:+.2f}%"
-
-    def describe(self) -> str:
-        return f"mean KL at most {self.max_kl:g} nats per token, perplexity at most {self.max_ppl_increase:+g}% over the baseline"
-
-
-def recommend(variants: list[dict], baseline: str | None, budget: Budget) -> dict:
-    """The smallest variant within the quality budget, the fastest decode, the fastest batched throughput."""
-    base = next((v for v in variants if v["name"] == baseline), None)
-
-    def within(v: dict) -> tuple[bool, str]:
-        if base is None:
-            return True, "no baseline to compare with"
-        if v["name"] == baseline:
-            return True, "the baseline"
-        kl = (v.get("kl") or {}).get("mean")
-        return budget.verdict(kl, 100 * (v["perplexity"]["value"] / base["perplexity"]["value"] - 1))
-
-    verdicts = {v["name"]: within(v) for v in variants}
-    eligible = [v for v in variants if verdicts[v["name"]][0]]
-    out = {"budget": dataclasses.asdict(budget), "within_budget": [v["name"] for v in eligible],
-           "verdicts": {k: {"within_budget": ok, "why": why} for k, (ok, why) in verdicts.items()}}
-
-    def pick(key, label: str, unit: str, best=max) -> dict | None:
-        measured = [v for v in eligible if key(v) is not None]  # a GGUF variant has no speed figures of its own
-        if not measured:
-            return None
-        winner = best(measured, key=key)
-        return {"variant": winner["name"], "value": key(winner),
-                "why": f"{label} {key(winner):,.1f} {unit} among the {len(measured)} variants within budget ({verdicts[winner['name']][1]})"}
-
-    out["smallest"] = pick(lambda v: v["size"]["weights_bytes"] / MiB, "weights", "MiB", best=min)
-    out["fastest_decode"] = pick(lambda v: v["speed"]["decode_tok_s"], "decode", "tok/s at batch 1")
-    out["fastest_throughput"] = pick(lambda v: v["speed"]["throughput_tok_s"], "throughput", "tok/s")
-    out["pareto_front"] = pareto_front(size_kl_points(variants, baseline))
-    out["fastest_by_batch"] = fastest_by_batch(eligible)
-    return out
-
-
-def fastest_by_batch(variants: list[dict]) -> list[dict]:
-    """At each batch size of the variants' decode sweep, the variant with the most decode tok/s (all sequences
-    together): [{batch, variant, decode_tok_s, runner_up, runner_up_tok_s}], smallest batch first. A batch size some
-    variant did not run is judged among those that did."""
-    by_batch: dict[int, list[tuple[float, str]]] = {}
-    for v in variants:
-        for point in (v.get("speed") or {}).get("sweep") or []:
-            by_batch.setdefault(point["batch"], []).append((point["decode_tok_s"], v["name"]))
-    table = []
-    for batch in sorted(by_batch):
-        ranked = sorted(by_batch[batch], reverse=True)
-        (rate, name), runner = ranked[0], (ranked[1] if len(ranked) > 1 else (None, None))
-        table.append({"batch": batch, "variant": name, "decode_tok_s": rate, "runner_up": runner[1],
-                      "runner_up_tok_s": runner[0]})
-    return table
-
-
-def crossover_words(table: list[dict]) -> str:
-    """'w4a16 fastest up to 8 sequences, fp8-dynamic from 32' from fastest_by_batch's table: consecutive batch sizes
-    with one winner are one stretch."""
-    if not table:
-        return ""
-    stretches: list[list[dict]] = []
-    for row in table:
-        if stretches and stretches[-1][-1]["variant"] == row["variant"]:
-            stretches[-1].append(row)
-        else:
-            stretches.append([row])
-    if len(stretches) == 1:
-        sizes = ", ".join(str(r["batch"]) for r in table)
-        return f"{table[0]['variant']} fastest at every batch size measured ({sizes})"
-    words = []
-    for i, stretch in enumerate(stretches):
-        first, last = stretch[0]["batch"], stretch[-1]["batch"]
-        if i == 0:
-            where = f"up to {last} sequences" if last != first else f"at batch {first}"
-        elif i == len(stretches) - 1:
-            where = f"from {first}"
-        else:
-            where = f"from {first} to {last}" if first != last else f"at {first}"
-        close = [f"{r['runner_up']} within {100 * (1 - r['runner_up_tok_s'] / r['decode_tok_s']):.0f} % at {r['batch']}"
-                 for r in stretch if r["runner_up"] and r["runner_up_tok_s"] >= (1 - CLOSE_CALL) * r["decode_tok_s"]]
-        words.append(f"{stretch[0]['variant']} fastest {where}" + (f" ({'; '.join(close)})" if close else ""))
-    return ", ".join(words)
-
-
-CLOSE_CALL = 0.05
-"""A runner-up this close (a fraction of the winner's tok/s) is named beside the winner: a difference of a few
-percent can turn with the next driver or the next run."""
-
-
-def size_kl_points(variants: list[dict], baseline: str | None) -> list[tuple[str, float, float | None]]:
-    """(name, weights MiB, mean KL) per variant. The baseline sits at KL 0, its distance from itself; a variant whose
-    KL was not measured has None."""
-    return [(v["name"], v["size"]["weights_bytes"] / MiB,
-             0.0 if v["name"] == baseline else (v.get("kl") or {}).get("mean")) for v in variants]
-
-
-def pareto_front(points: list[tuple[str, float, float | None]]) -> list[str]:
-    """The names of the (name, size, KL) points that no other point dominates (size and KL both no larger, one of
-    them smaller), in order of size: the variants worth considering when trading size against quality. A point
-    without a KL is at an unknown distance from the baseline, so it neither joins the front nor pushes others off;
-    equal points do not dominate each other, so ties stay on the front together."""
-    known = [(name, size, kl) for name, size, kl in points if kl is not None and math.isfinite(kl)]
-
-    def dominated(p: tuple[str, float, float]) -> bool:
-        return any(q[1] <= p[1] and q[2] <= p[2] and (q[1] < p[1] or q[2] < p[2]) for q in known)
-
-    return [name for name, _, _ in sorted((p for p in known if not dominated(p)), key=lambda p: (p[1], p[2]))]
+from ptqlab.recommend import MiB, Budget, build_results, crossover_words, size_kl_points
+from ptqlab.recommend import fastest_by_batch  # noqa: F401 - bench/runtime_speed.py imports it from here
 
 
 def _ppl_change(v: dict, base: dict | None) -> tuple[float | None, float | None]:
@@ -297,7 +169,7 @@ def task_lines(variants: list[dict], baseline: str | None) -> list[str]:
     scored = [v for v in variants if v.get("tasks")]
     if not scored:
         return []
-    from ptqlab.measure.tasks import recovery  # imports lm-eval where installed: only when there are scores
+    from ptqlab.measure.tasks import recovery  # optional dependency: imports lm-eval where installed
     base = next((v for v in scored if v["name"] == baseline), None)
     tasks = sorted({t for v in scored for t in v["tasks"]["tasks"]})
     first = scored[0]["tasks"]
@@ -351,31 +223,6 @@ def sensitivity_lines(sensitivity: dict | None, variants: list[dict]) -> list[st
     return lines
 
 
-def build_results(variants: list[dict], settings, budget: Budget, baseline: str | None, model: str | None = None) -> dict:
-    first = variants[0]
-    model_note = None
-    if model is not None:
-        from ptqlab.embedded import DEFAULT_MODEL_NAME, NOTE
-
-        model_note = NOTE if model == DEFAULT_MODEL_NAME else None
-    return {
-        "schema": SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": model,
-        "model_note": model_note,
-        "device": first["device"],
-        "versions": versions(),
-        "seed": settings.seed,
-        "settings": {**dataclasses.asdict(settings), "protocol": settings.protocol},
-        "text": first["text"],
-        "tokens_scored": first["perplexity"]["tokens_scored"],
-        "context": first["perplexity"]["context"],
-        "baseline": baseline,
-        "variants": variants,
-        "recommendation": recommend(variants, baseline, budget),
-    }
-
-
 def write_report(out: Path, variants: list[dict], settings, budget: Budget, baseline_name: str | None, model: str | None = None,
                  sensitivity: dict | None = None) -> dict:
     """results.json, summary.md and report.html in `out`; `sensitivity`: a sensitivity run's findings to include."""
@@ -383,7 +230,7 @@ def write_report(out: Path, variants: list[dict], settings, budget: Budget, base
     if sensitivity:
         results["sensitivity"] = sensitivity
     rows = _rows(variants, baseline_name)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomically(out / "results.json", json.dumps(results, indent=2) + "\n")
     md = [f"# ptqlab results{f': {model}' if model else ''}", "", f"Device: {results['device']}. Created {results['created']}.", "",
           markdown_table(rows), "", "## Recommendation", ""]
     md += [f"- {line}" for line in _recommendation_lines(results["recommendation"])]
@@ -391,8 +238,8 @@ def write_report(out: Path, variants: list[dict], settings, budget: Budget, base
     md += ["", "## Notes", ""] + [f"- {n}" for n in _notes(results)]
     md += expert_coverage_lines(variants)
     md += ["", "## Sample completions", ""] + sample_completion_lines(variants, baseline_name)
-    (out / "summary.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(render_html(results, rows))
+    write_atomically(out / "summary.md", "\n".join(md) + "\n")
+    write_atomically(out / "report.html", render_html(results, rows))
     return results
 
 

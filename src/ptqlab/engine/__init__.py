@@ -14,4 +14,5 @@ distributed backend belong beside these modules, each in its own.
 """
 
 from ptqlab.engine.calibrate import EngineOptions, LayerReport, calibrate  # noqa: F401
-from ptqlab.engine.steps import STEPS, Plan, kind_of  # noqa: F401
+from ptqlab.engine.plan import Plan  # noqa: F401
+from ptqlab.engine.steps import STEPS, kind_of  # noqa: F401

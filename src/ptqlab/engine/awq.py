@@ -5,19 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
+from ptqlab.engine.plan import Plan
 from ptqlab.engine.smoothing import ResolvedMapping
 from ptqlab.engine.statistics import InputStats
 from ptqlab.quant import fp4
 from ptqlab.quant.linear import rtn
 from ptqlab.quant.primitives import dequantize
 from ptqlab.settings import Interval, setting
-
-if TYPE_CHECKING:
-    from ptqlab.engine.steps import Plan
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ from ptqlab.engine.capture import Batch, capture, make_batches
 from ptqlab.engine.distributed import SINGLE, World, reduce_statistics
 from ptqlab.engine.experts import MIN_EXPERT_TOKENS
 from ptqlab.engine.kv_cache import KVObserver, attention_of, kv_heads_of
+from ptqlab.engine.plan import Plan
 from ptqlab.engine.placement import LayerPrefetcher, to_host
 from ptqlab.engine.propagate import cast_back, floating_dtypes, propagate
 from ptqlab.engine.quantize import quantize_layer
 from ptqlab.engine.statistics import InputStats, collect
-from ptqlab.engine.steps import Plan
+from ptqlab.engine.steps import kind_of, plan_statistics
 from ptqlab.engine.transforms import transform_layer
 from ptqlab.models import decoder_layers, model_device, model_dtype, names_by_layer, synchronizer
 from ptqlab.progress import track
@@ -163,8 +164,9 @@ def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str
     clock = _PhaseClock(device)
     # Statistics of every linear of the layer (a transform may rescale an ignored one); only targets are quantized.
     linears = {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    if plan.statistics:
-        stats = collect(layer, linears, batches, masks, index, device, plan.statistics, prefix, min_expert_tokens,
+    statistics = plan_statistics(plan)
+    if statistics:
+        stats = collect(layer, linears, batches, masks, index, device, statistics, prefix, min_expert_tokens,
                         reduce_statistics if world.several else None)
     else:  # round-to-nearest calibrating only the KV cache: no step reads the inputs' statistics
         stats = InputStats(linears, device, frozenset())
@@ -173,13 +175,13 @@ def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str
     if plan.transforms:
         details, notes = transform_layer(layer, model.config, prefix, plan, stats, first=index == 0)
         clock.lap("transforms")
-    quantizer = plan.kind(plan.quantizer)
+    quantizer = kind_of(plan.quantizer)
     if quantizer.scope == "layer":  # the whole layer at once, from its inputs (engine/autoround.py)
         layer_notes, layer_details = quantizer.run(plan.quantizer, model, layer, targets, plan, batches, index, device,
                                                    world, stats)
         notes, details = notes + layer_notes, details + layer_details
     else:
-        notes += quantize_layer(model, targets, plan, stats, world)
+        notes += quantize_layer(model, targets, plan, quantizer, stats, world)
     stats_coverage = stats.coverage
     del stats
     if stored is not None:  # the values the checkpoint will hold: smoothed norms, layers kept 16-bit

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from ptqlab.errors import PtqlabError
+from ptqlab.quant.linear import QuantizedLinear
 
 if TYPE_CHECKING:
     from ptqlab.engine.statistics import InputStats
-    from ptqlab.quant.linear import QuantizedLinear
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,6 @@ def broadcast_quantized(modules: list[QuantizedLinear | None], likes: list[torch
     """The owner's quantized linears of one group on every rank: their grid values, scales, zero points and NVFP4
     global scales sent from `owner` (their shapes and dtypes first, once for the group); the others build the same
     modules around them (`likes`: the float linears they replace, for their biases)."""
-    from ptqlab.quant.linear import QuantizedLinear
-
     names = ("weight_q", "weight_scale", "weight_zero_point", "weight_global_scale")
     mine = dist.get_rank() == owner
     specs: list = [None]

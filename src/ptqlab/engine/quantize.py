@@ -6,22 +6,18 @@ from the inputs' calibrated absmax."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ptqlab.engine.distributed import SINGLE, World, broadcast_quantized, gather_notes
 from ptqlab.engine.global_scales import input_global_scale, weight_global_scales
+from ptqlab.engine.plan import Plan
 from ptqlab.engine.statistics import InputStats
 from ptqlab.errors import PtqlabError
 from ptqlab.models import set_submodule
 from ptqlab.quant import fp4
 from ptqlab.quant.gptq import GPTQConfig, HessianError, gptq_many
 from ptqlab.quant.linear import QuantizedLinear
-
-if TYPE_CHECKING:
-    from ptqlab.engine.steps import Plan
 
 
 @dataclass(frozen=True)
@@ -95,13 +91,13 @@ def batches(targets: dict[str, nn.Linear], scheme_of=None) -> list[list[str]]:
     return groups
 
 
-def quantize_layer(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, stats: InputStats,
+def quantize_layer(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, kind, stats: InputStats,
                    world: World = SINGLE) -> list[str]:
     """Replace each of `targets` (the linears of one decoder layer) in `model` by its quantized form -> notes. The
     float weights replaced are let go (moved to the meta device): whoever still holds a replaced linear holds no
     memory, so that a run never keeps a model's float and quantized weights both. With several ranks each group of
-    linears is quantized by one owner rank (balanced by cost) and sent to the others."""
-    kind = plan.kind(plan.quantizer)
+    linears is quantized by one owner rank (balanced by cost) and sent to the others. `kind`: the table row of the
+    plan's quantizer (engine/steps.kind_of; that table imports this module's quantizers)."""
     groups = batches(targets, plan.scheme_of)
     owners = world.owners([sum(_cost(targets[name], kind) for name in names) for names in groups])
     notes = []

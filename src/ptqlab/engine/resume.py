@@ -19,7 +19,6 @@ and writes `resume.json` once every rank's are on disk; every rank resumes from 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,16 +29,10 @@ import torch
 
 from ptqlab.engine.capture import Batch
 from ptqlab.engine.calibrate import LayerReport
-from ptqlab.output import RESUME_NAME
+from ptqlab.output import RESUME_NAME, atomic_file, write_atomically
 
 HIDDEN_PREFIX = "hidden-"
 LAYERS_DIR = "layers"
-
-
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class Checkpointer:
@@ -90,7 +83,8 @@ class Checkpointer:
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        _write_atomically(self.layer_file(index), lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        with atomic_file(self.layer_file(index)) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
 
     def restore(self, batches: list[Batch]) -> None:
         """Give every batch the hidden states the next layer reads (saved after the last finished layer)."""
@@ -132,7 +126,7 @@ class Checkpointer:
             if self.rank > 0:
                 return
             self._wait_for_ranks(folder)
-        _write_atomically(self.folder / RESUME_NAME, lambda path: path.write_text(json.dumps(state)))
+        write_atomically(self.folder / RESUME_NAME, json.dumps(state))
         self._drop_hidden(keep=folder)
 
     def _wait_for_ranks(self, folder: Path) -> None:

@@ -4,17 +4,13 @@ quantized (W8A8), s_j = max|X_j|^α / max|W_j|^(1-α) per input channel j."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from ptqlab.engine.plan import Plan
 from ptqlab.engine.smoothing import ResolvedMapping
 from ptqlab.engine.statistics import InputStats
 from ptqlab.settings import Interval, setting
-
-if TYPE_CHECKING:
-    from ptqlab.engine.steps import Plan
 
 MAPPING_CHOICES = ("norms", "all")
 

@@ -13,21 +13,18 @@ model, layer, targets, plan, batches, layer index, device, world, statistics) ->
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
-
-import torch
 
 from ptqlab.engine.autoround import autoround_layer
 from ptqlab.engine.awq import AWQStep, awq
+from ptqlab.engine.plan import Plan
 from ptqlab.engine.quantize import RTNStep, gptq_linears, rtn_linears
 from ptqlab.engine.smoothquant import SmoothQuantStep, smoothquant
 from ptqlab.quant import fp4
 from ptqlab.quant.autoround import AutoRoundConfig
 from ptqlab.quant.gptq import GPTQConfig
-from ptqlab.quant.kv_cache import KVCacheFormat
-from ptqlab.schemes import Scheme
 
 
 @dataclass(frozen=True)
@@ -66,35 +63,8 @@ def kind_of(step) -> StepKind:
     raise TypeError(f"{type(step).__name__} is not a recipe step; known: {', '.join(k.settings.__name__ for k in STEPS)}")
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What the engine does to every decoder layer: a recipe's steps bound to its number format."""
-
-    transforms: tuple
-    """Transform steps' settings, applied in order."""
-    quantizer: object
-    """The quantizer step's settings (GPTQConfig, RTNStep)."""
-    scheme: Scheme
-    """The recipe's scheme: every targeted linear's but those in `overrides`."""
-    scale_dtype: torch.dtype
-    """The dtype scales are stored in: the checkpoint's, whatever the engine computes in."""
-    kv: KVCacheFormat | None = None
-    """The KV cache's format: its scales are calibrated on the keys and values each quantized layer produces
-    (engine/kv_cache.py); None: a 16-bit cache, nothing to calibrate."""
-    overrides: Mapping[str, Scheme] = field(default_factory=dict)
-    """Linears quantized to another scheme, by module name (the recipe's `overrides`, resolved by pipeline.py)."""
-
-    @staticmethod
-    def kind(step) -> StepKind:
-        return kind_of(step)
-
-    def scheme_of(self, name: str) -> Scheme:
-        """The scheme the linear `name` (its module name in the model) is quantized to."""
-        return self.overrides.get(name, self.scheme)
-
-    @property
-    def statistics(self) -> frozenset[str]:
-        """Every input statistic some step of the plan needs."""
-        needed = frozenset().union(*(kind_of(step).statistics for step in (*self.transforms, self.quantizer)))
-        nvfp4_inputs = any(fp4.has_input_global_scale(s) for s in (self.scheme, *self.overrides.values()))
-        return needed | ({"absmax"} if nvfp4_inputs else set())  # NVFP4 input global scales
+def plan_statistics(plan: Plan) -> frozenset[str]:
+    """Every input statistic some step of `plan` needs (engine/statistics.py collects them)."""
+    needed = frozenset().union(*(kind_of(step).statistics for step in (*plan.transforms, plan.quantizer)))
+    nvfp4_inputs = any(fp4.has_input_global_scale(s) for s in (plan.scheme, *plan.overrides.values()))
+    return needed | ({"absmax"} if nvfp4_inputs else set())  # NVFP4 input global scales

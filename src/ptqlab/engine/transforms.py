@@ -8,15 +8,12 @@ forward.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
+from ptqlab.engine.plan import Plan
 from ptqlab.engine.smoothing import apply_scales, resolve_mappings
 from ptqlab.engine.statistics import InputStats
-
-if TYPE_CHECKING:
-    from ptqlab.engine.steps import Plan
+from ptqlab.engine.steps import kind_of
 
 
 def transform_layer(layer: nn.Module, config, prefix: str, plan: Plan, stats: InputStats,
@@ -29,7 +26,7 @@ def transform_layer(layer: nn.Module, config, prefix: str, plan: Plan, stats: In
         notes = [f"smoothing: {reason}" for reason in skipped]
     details = []
     for step in plan.transforms:
-        kind = plan.kind(step)
+        kind = kind_of(step)
         for mapping in mappings:
             input_name = f"{prefix}.{mapping.mapping.balance[0]}"
             chosen = kind.run(step, mapping, stats, input_name, plan)

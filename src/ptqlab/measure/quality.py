@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ptqlab.errors import PtqlabError
 from ptqlab.models import model_device
+from ptqlab.output import atomic_file
 from ptqlab.progress import track
 
 
@@ -113,12 +114,11 @@ class TopK:
     target_logprobs: torch.Tensor | None = None  # [positions] float32
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".partial")
         tensors = {"ids": self.ids.contiguous(), "logprobs": self.logprobs.contiguous()}
         if self.target_logprobs is not None:
             tensors["target_logprobs"] = self.target_logprobs.contiguous()
-        save_file(tensors, tmp, metadata={"digest": self.digest})
-        tmp.rename(path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, tmp, metadata={"digest": self.digest})
 
     @classmethod
     def load(cls, path: Path) -> TopK:

@@ -14,7 +14,7 @@ own scheme with more bits through its `overrides` (e.g. a 2-bit recipe with its 
 groups, same quantizer), picking parts by KL saved per byte added until the predicted KL meets the target, or while
 the checkpoint fits a size budget. The bytes a kept part adds are exact: 16-bit, its tensors in the baseline's files
 less in the checkpoint's; at another scheme, its linears' tensors at that scheme less at the recipe's
-(formats/quantized_layouts.quantized_linear_bytes, from their shapes).
+(formats/validate.quantized_linear_bytes, from their shapes).
 
 The KL saved by keeping a part at a wider scheme is its measured KL at the recipe's scheme less its KL at the kept
 scheme, which is not measured: it is taken as the measured KL times 4^-(extra bits) (KEPT_KL_PER_BIT). The reasoning:
@@ -36,7 +36,16 @@ import torch
 from torch import nn
 
 from ptqlab.errors import PtqlabError
+from ptqlab.formats.quantized_layouts import quantized_linear_bytes
+from ptqlab.formats.safetensors_files import read_header
+from ptqlab.measure.quality import evaluate
+from ptqlab.measure.variant import evaluation_tokens, stored_dtype
+from ptqlab.models import compute_dtype, decoder_layer_names, resolve_device, set_submodule
 from ptqlab.progress import track
+from ptqlab.recipe import SchemeOverride
+from ptqlab.recipes import parse_recipe
+from ptqlab.record import read_record
+from ptqlab.schemes import FormatError, INT_BITS, QuantArgs
 
 PART_CHILDREN = {
     "attention": ("input_layernorm", "self_attn"),
@@ -98,8 +107,6 @@ class PartResult:
 
 def safetensors_bytes(folder: Path) -> dict[str, int]:
     """Bytes of every tensor in a folder's safetensors files, from their headers (nothing is loaded)."""
-    from ptqlab.formats.safetensors_files import read_header
-
     return {name: tensor.nbytes for file in sorted(folder.glob("*.safetensors"))
             for name, tensor in read_header(file).items()}
 
@@ -111,8 +118,6 @@ def _bytes_under(sizes: dict[str, int], prefix: str, children: tuple[str, ...]) 
 def find_parts(model: nn.Module, quantized_names: set[str], checkpoint_sizes: dict[str, int],
                dense_sizes: dict[str, int]) -> tuple[list[Part], list[str]]:
     """The parts holding quantized modules, in layer order, and the quantized modules outside every part."""
-    from ptqlab.models import decoder_layer_names
-
     parts, covered = [], set()
     for index, prefix in enumerate(decoder_layer_names(model)):
         layer = model.get_submodule(prefix)
@@ -132,8 +137,6 @@ def find_parts(model: nn.Module, quantized_names: set[str], checkpoint_sizes: di
 @contextmanager
 def swapped(model: nn.Module, donor: nn.Module, part: Part):
     """`model` with `part`'s children taken from `donor` (the same architecture), restored afterwards."""
-    from ptqlab.models import set_submodule
-
     names = [f"{part.prefix}.{child}" for child in part.children]
     originals = [model.get_submodule(name) for name in names]
     try:
@@ -181,8 +184,6 @@ def choose_kept(results: list[PartResult], uniform_kl: float, uniform_bytes: int
 
 def kept_scheme(scheme, bits: int):
     """`scheme` (the recipe's, as applied) with `bits`-bit weights, all else the same: how `keep_bits` keeps parts."""
-    from ptqlab.schemes import INT_BITS, FormatError, QuantArgs
-
     weights = scheme.weights
     if weights.type != "int":
         raise PtqlabError(f"--keep-bits applies to int weights; the recipe's are {weights.type}{weights.num_bits}: "
@@ -200,8 +201,6 @@ def kept_scheme(scheme, bits: int):
 def kept_extra_bytes(part: Part, scheme, kept, float_dtype: str) -> int:
     """What keeping `part` at scheme `kept` instead of `scheme` adds to the checkpoint: its linears' tensors at one
     less at the other (norms and biases are the same in both)."""
-    from ptqlab.formats.quantized_layouts import quantized_linear_bytes
-
     if not part.linears:
         raise PtqlabError(f"{part.name}: the sensitivity measurement has no shapes of its linears to price it at "
                           f"another scheme (measured by an older ptqlab, or a fused-expert model): measure again, or "
@@ -214,8 +213,6 @@ def kept_extra_bytes(part: Part, scheme, kept, float_dtype: str) -> int:
 def mixed_recipe(recipe, kept: list[Part], scheme=None):
     """`recipe` named RECIPE-mixed, with the kept parts' linears added to its ignore list (16-bit), or given `scheme`
     through one more override."""
-    from ptqlab.recipes import SchemeOverride
-
     patterns = tuple(p.ignore_pattern for p in kept)
     if scheme is None:
         description = (f"{recipe.description or recipe.name}; {len(kept)} sensitive parts kept 16-bit "
@@ -239,8 +236,6 @@ def _load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype) -> 
 
 def checkpoint_dtype(folder: Path) -> str:
     """The float dtype of a checkpoint's unquantized tensors and scales (config.json's), e.g. bfloat16."""
-    from ptqlab.measure.variant import stored_dtype
-
     return str(stored_dtype(json.loads((Path(folder) / "config.json").read_text()))).removeprefix("torch.")
 
 
@@ -251,10 +246,6 @@ def measure_sensitivity(base_path: Path, checkpoint: Path, settings, windows: in
     text (its first `windows` windows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ptqlab.measure.quality import evaluate
-    from ptqlab.measure.variant import evaluation_tokens, stored_dtype
-    from ptqlab.models import compute_dtype, resolve_device
-    from ptqlab.record import read_record
 
     device = resolve_device(settings.device)
     config = json.loads((base_path / "config.json").read_text())
@@ -313,8 +304,6 @@ def plan_mixed(sensitivity: dict, recipe, target_kl: float | None, max_bytes: in
         return part.extra_bytes if scheme is None else kept_extra_bytes(part, applied.scheme, scheme, float_dtype)
 
     if keep_bits is not None:
-        from ptqlab.recipes import parse_recipe
-
         applied = parse_recipe(sensitivity["recipe"], "the measured checkpoint's recipe") if sensitivity.get("recipe") \
             else recipe
         if applied.overrides:

@@ -110,7 +110,7 @@ class FastEngine:
         self.generators = {}
 
     def _generator(self, batch_size: int):
-        from ptqlab.runtime import Generator
+        from ptqlab.runtime import Generator  # start-up time: the runtime imports Triton; only a run of the fast runtime needs it
 
         if batch_size not in self.generators:
             self.generators[batch_size] = Generator(self.model, batch_size, self.max_length)

@@ -17,18 +17,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from ptqlab.errors import PtqlabError
+from ptqlab.formats.validate import validate_checkpoint
+from ptqlab.measure.gguf import (QUALITY_NOTE, RUNTIME, SPEED_NOTE, check_gguf_folder, describe_gguf, gguf_config,
+                                 gguf_file, not_measured_speed)
+from ptqlab.measure.quality import PplProtocol, QualityResult, TopK, evaluate, make_windows, ppl_protocol
+from ptqlab.measure.speed import (FastEngine, SAMPLE_PROMPTS, SPEED_PROMPT, TransformersEngine, chat_prompt_ids,
+                                  measure_speed, sample_completions)
+from ptqlab.measure.text import EvalText, load_eval_text
 from ptqlab.models import check_model_folder, compute_dtype, resolve_device, synchronizer
+from ptqlab.output import partial_files
 from ptqlab.progress import say
 from ptqlab.record import read_record
-
-if TYPE_CHECKING:
-    from ptqlab.measure.quality import PplProtocol, QualityResult
-    from ptqlab.measure.text import EvalText
 
 # The quick probe (the default on CPUs): 10 windows of 512 tokens. A perplexity measured on so few windows carries a
 # standard error of several percent, a change against the baseline (paired on the same windows) far less; the report
@@ -82,8 +84,6 @@ class BenchSettings:
     tasks_fewshot: int | None = None
 
     def __post_init__(self) -> None:
-        from ptqlab.measure.quality import ppl_protocol
-
         check_runtime(self.runtime)
         ppl_protocol(self.ppl_protocol)
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))  # lists when read back from JSON
@@ -165,9 +165,6 @@ def describe_checkpoint(path: Path) -> dict:
 def check_variant(path: Path) -> None:
     """One line, before anything is measured, unless the folder is whole: a checkpoint's or 16-bit model's
     safetensors agree with its config (formats.validate), a GGUF variant's file parses (measure.gguf)."""
-    from ptqlab.formats.validate import validate_checkpoint
-    from ptqlab.measure.gguf import check_gguf_folder, gguf_file
-
     if gguf_file(path) is not None:
         check_gguf_folder(path)
     else:
@@ -176,8 +173,6 @@ def check_variant(path: Path) -> None:
 
 def variant_config(path: Path) -> dict:
     """config.json, or for a GGUF variant the few entries the benchmark reads, from the file's metadata."""
-    from ptqlab.measure.gguf import gguf_config, gguf_file
-
     if gguf_file(path) is not None:
         return gguf_config(path)
     return json.loads((path / "config.json").read_text())
@@ -189,7 +184,7 @@ def resolve_runtime(name: str, device: torch.device, path: Path) -> tuple[str, s
     check_runtime(name)
     if name == "transformers" or (name == "auto" and device.type != "cuda"):
         return "transformers", None
-    from ptqlab.runtime.load import check_supported
+    from ptqlab.runtime.load import check_supported  # start-up time: the runtime imports Triton; only a run of the fast runtime needs it
 
     try:
         check_supported(path)
@@ -236,9 +231,6 @@ class LoadedVariant:
 
 def evaluation_tokens(tokenizer, settings: BenchSettings, config: dict) -> EvaluationTokens:
     """Tokenize the evaluation text and cut it into windows of the protocol's context."""
-    from ptqlab.measure.quality import make_windows, ppl_protocol
-    from ptqlab.measure.text import load_eval_text
-
     protocol = ppl_protocol(settings.ppl_protocol)
     text = load_eval_text(settings.ppl_text)
     token_ids = tokenizer(text.text, return_tensors="pt", verbose=False)["input_ids"][0]
@@ -256,7 +248,6 @@ def load_variant(path: Path, runtime: str, device: torch.device, config: dict, c
     to the compute dtype."""
     from transformers import AutoModelForCausalLM
 
-    from ptqlab.measure.speed import FastEngine, TransformersEngine
 
     stored = stored_dtype(config)
     compute = compute_dtype(device, stored)
@@ -264,7 +255,7 @@ def load_variant(path: Path, runtime: str, device: torch.device, config: dict, c
     sync()
     start = time.perf_counter()
     if runtime == "fast":
-        from ptqlab.runtime import load_runtime
+        from ptqlab.runtime import load_runtime  # start-up time: the runtime imports Triton; only a run of the fast runtime needs it
 
         model = load_runtime(path, device, dtype=compute, max_positions=max(context, generation))
         engine = FastEngine(model, generation)
@@ -280,8 +271,6 @@ def measure_quality(model, tokens: EvaluationTokens, settings: BenchSettings, to
                     topk_out: Path | None, quiet: bool) -> QualityResult:
     """Perplexity over the windows; KL against the baseline's stored top-k when `topk_in` is given. The baseline
     stores its own top-k in `topk_out` for the variants after it."""
-    from ptqlab.measure.quality import TopK, evaluate
-
     baseline = TopK.load(topk_in) if topk_in else None
     quality = evaluate(model, tokens.token_ids, tokens.windows, baseline, settings.topk, quiet=quiet,
                        protocol=tokens.protocol, bos_id=tokens.bos_id)
@@ -305,8 +294,6 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
     so that it covers them all."""
     from transformers import AutoTokenizer
 
-    from ptqlab.measure.gguf import QUALITY_NOTE, RUNTIME, SPEED_NOTE, describe_gguf, gguf_file, not_measured_speed
-    from ptqlab.measure.speed import SAMPLE_PROMPTS, SPEED_PROMPT, chat_prompt_ids, measure_speed, sample_completions
 
     path = Path(path)
     gguf = gguf_file(path)
@@ -351,7 +338,7 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
     samples = sample_completions(loaded.engine, tokenizer, settings.sample_tokens)
     tasks = None
     if settings.tasks:
-        from ptqlab.measure.tasks import evaluate_tasks
+        from ptqlab.measure.tasks import evaluate_tasks  # optional dependency: imports lm-eval where installed
 
         phase(f"task accuracy: {', '.join(settings.tasks)}")
         tasks = evaluate_tasks(loaded.model, tokenizer, list(settings.tasks), limit=settings.tasks_limit,
@@ -396,7 +383,8 @@ def run_isolated(name: str, path: Path, settings: BenchSettings, result_json: Pa
         proc = subprocess.run([sys.executable, "-m", "ptqlab.measure.worker", f.name])
     finally:
         os.unlink(f.name)
-        result_json.with_name(result_json.name + ".partial").unlink(missing_ok=True)
+        for partial in partial_files(result_json):  # a killed worker's
+            partial.unlink(missing_ok=True)
     if proc.returncode != 0 or not result_json.is_file():
         raise PtqlabError(f"benchmarking {name} ({path}) failed with exit status {proc.returncode}; its error is printed above. "
                           "Finished variants are kept: run the same command again to resume")

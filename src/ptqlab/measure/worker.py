@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ptqlab.measure.variant import BenchSettings, bench_variant
 from ptqlab.errors import PtqlabError
+from ptqlab.output import write_atomically
 from ptqlab.progress import VERBOSE_ENV, quiet_libraries
 
 
@@ -25,10 +26,7 @@ def _main(spec_path: str) -> int:
     except PtqlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(spec["result_json"])
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.rename(out)
+    write_atomically(spec["result_json"], json.dumps(result, indent=2) + "\n")
     return 0
 
 

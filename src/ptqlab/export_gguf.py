@@ -21,17 +21,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as T, GGUFReader
 from torch import nn
 
 from ptqlab.data import CalibrationConfig, CalibrationSet, check_calibration, load_calibration
+from ptqlab.embedded import DEFAULT_MODEL_NAME
+from ptqlab.engine.capture import capture, make_batches
+from ptqlab.engine.propagate import cast_back, floating_dtypes, propagate
+from ptqlab.engine.statistics import collect
 from ptqlab.errors import PtqlabError
+from ptqlab.families import FAMILIES
 from ptqlab.formats.gguf_file import (FILE_TYPES, PlannedTensor, architecture_of, gguf_name, gguf_tensors, is_70b,
                                       quantizable, tensor_type, write_gguf, write_metadata)
 from ptqlab.formats.gguf_tokenizer import tokenizer_metadata
 from ptqlab.models import (LoadedModel, check_source, compute_dtype, decoder_layers, load_checked, load_config,
                            load_tokenizer, model_dtype, resolve_device)
 from ptqlab.progress import say, track
+from ptqlab.quant.gguf_quants import quantize_to_bytes
 from ptqlab.version import __version__
 
 GGUF_TYPES = tuple(FILE_TYPES)
@@ -93,8 +99,6 @@ def gguf_variant(name: str) -> GGUFVariant | None:
 
 
 def default_out(source: str | None, file_type: str) -> Path:
-    from ptqlab.embedded import DEFAULT_MODEL_NAME
-
     name = Path(source.rstrip("/")).name if source else DEFAULT_MODEL_NAME
     return Path(f"{name}-{file_type}.gguf")
 
@@ -131,8 +135,6 @@ def check_out(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) -> Non
 
 def read_record(path: Path) -> dict | None:
     """The ptqlab.* metadata of a GGUF file ptqlab wrote, or None (another writer's file, or not a GGUF file)."""
-    from gguf import GGUFReader
-
     try:
         reader = GGUFReader(path)
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
@@ -157,7 +159,7 @@ def _is_checkpoint(path: str) -> bool:
 def _load_checkpoint(path: str, source: str) -> LoadedModel:
     """A compressed-tensors checkpoint with its weights dequantized, as a plain 16-bit model (no quantization left
     on its linears: calibrating it must not fake-quantize activations)."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # start-up time: imported on first use
 
     load_config(path, source)  # its config readable, or one line
     try:
@@ -172,7 +174,8 @@ def _load_checkpoint(path: str, source: str) -> LoadedModel:
     model = AutoModelForCausalLM.from_config(config, dtype=model_dtype(compressed))
     wanted = model.state_dict()
     state = {k: v.to(wanted[k].dtype) for k, v in compressed.state_dict().items() if k in wanted}
-    missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if k != "lm_head.weight"]
+    head = f"{FAMILIES[config.model_type].head}.weight"  # tied to the embeddings where the checkpoint has none
+    missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if k != head]
     if missing:
         raise PtqlabError(f"the checkpoint {source!r} lacks {len(missing)} tensors its config describes (e.g. {missing[0]})")
     return LoadedModel(model=model.eval(), tokenizer=load_tokenizer(path), source=source, path=path)
@@ -184,10 +187,6 @@ def input_importance(model: nn.Module, calibration: CalibrationSet, batch_size: 
     """llama.cpp's importance matrix from ptqlab's calibration: for every linear of every decoder layer and for the
     output head, the mean squared input per input channel over the real calibration tokens -> module name ->
     [in_features] float32 (on the CPU)."""
-    from ptqlab.engine.capture import capture, make_batches
-    from ptqlab.engine.propagate import cast_back, floating_dtypes, propagate
-    from ptqlab.engine.statistics import collect
-
     stored = model_dtype(model)
     compute = compute_dtype(device, stored)
     dtypes = floating_dtypes(model) if compute != stored else None
@@ -211,7 +210,7 @@ def input_importance(model: nn.Module, calibration: CalibrationSet, batch_size: 
             del stats
             propagate(layer, batches, index, device)
         head = model.get_output_embeddings()
-        norm = model.get_decoder().norm
+        norm = model.get_submodule(FAMILIES[model.config.model_type].final_norm)
         total, count = torch.zeros(head.in_features, dtype=torch.float64, device=device), 0
         for batch in batches:
             rows = norm(batch.hidden.to(device))[batch.attention_mask.to(device).bool()].double()
@@ -239,6 +238,7 @@ def plan_tensors(model: nn.Module, arch, file_type: str, imatrix: dict[str, torc
     importance or None))."""
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    head_name = FAMILIES[config.model_type].head
     seventy_b = is_70b(config)
     state = ((n, p.detach()) for n, p in model.state_dict().items() if not n.endswith("inv_freq"))
     plan, weights = [], []
@@ -248,7 +248,7 @@ def plan_tensors(model: nn.Module, arch, file_type: str, imatrix: dict[str, torc
                             seventy_b) if quantizable(name, shape) else T.F32  # norms, biases, rope factors: float32, as llama.cpp keeps them
         plan.append(PlannedTensor(name, shape, qtype))
         # a tied head is token_embd: the importance of what the head reads is its
-        head = "lm_head" if tied and name == "token_embd.weight" else hf_name.removesuffix(".weight")
+        head = head_name if tied and name == "token_embd.weight" else hf_name.removesuffix(".weight")
         weights.append((tensor, None if imatrix is None else imatrix.get(head)))
     return plan, weights
 
@@ -322,8 +322,6 @@ def export_gguf(model: str | None = None, file_type: str = "Q4_K_M", out: str | 
     name = Path(str(source).rstrip("/")).name
 
     def data():
-        from ptqlab.quant.gguf_quants import quantize_to_bytes
-
         for planned, (tensor, qw) in zip(plan, weights):
             if planned.qtype.name in ("F32", "F16"):
                 yield tensor.float().numpy().astype("float32" if planned.qtype.name == "F32" else "float16")

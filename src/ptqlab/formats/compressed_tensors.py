@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ptqlab.engine import memory
-from ptqlab.models import ExpertLayout, checkpoint_name, moe_layout
+from ptqlab.families import ExpertLayout, checkpoint_name, moe_layout
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.quant.kv_cache import kv_cache_format
 from ptqlab.recipes import Recipe

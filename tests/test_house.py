@@ -15,7 +15,7 @@ WINGS: list[tuple[str, tuple[str, ...]]] = [
     # (wing, modules or packages in it), lowest first; a wing may import from the wings above it in this list.
     ("foundation", ("ptqlab.version", "ptqlab.errors", "ptqlab.settings", "ptqlab.schemes", "ptqlab.progress",
                     "ptqlab.triton_support", "ptqlab.record", "ptqlab.output", "ptqlab.embedded", "ptqlab.data",
-                    "ptqlab.families", "ptqlab.models", "ptqlab.formats.validate")),
+                    "ptqlab.safetensors_files", "ptqlab.families", "ptqlab.models", "ptqlab.formats.validate")),
     ("quant", ("ptqlab.quant",)),
     ("engine", ("ptqlab.engine",)),
     ("runtime", ("ptqlab.runtime",)),

@@ -23,6 +23,7 @@ from ptqlab.embedded import DEFAULT_MODEL_NAME, NOTE as EMBEDDED_NOTE, default_m
 from ptqlab.errors import PtqlabError
 from ptqlab.families import FAMILIES, moe_layout
 from ptqlab.record import read_record
+from ptqlab.safetensors_files import header_tensors
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -220,8 +221,6 @@ def _weight_shards(index: Path, source: str) -> list[Path]:
 def check_weight_files(folder: Path, source: str) -> None:
     """Before loading a local folder: the weight files transformers will read are there, every shard its index names,
     and their safetensors headers are whole (a truncated or garbled file fails here, in a second)."""
-    from ptqlab.formats.validate import header_tensors
-
     found = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if found is None:
         raise PtqlabError(f"{source!r} has a config.json but no weights (no model.safetensors or pytorch_model.bin, "

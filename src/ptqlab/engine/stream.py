@@ -16,9 +16,9 @@ from torch import nn
 
 from ptqlab.engine.experts import unfuse
 from ptqlab.errors import PtqlabError
-from ptqlab.formats.validate import header_tensors, weight_files
 from ptqlab.families import checkpoint_name, moe_layout
 from ptqlab.models import decoder_layer_names, decoder_layers
+from ptqlab.safetensors_files import header_tensors, weight_files
 
 FIX = "copy or download the model again"
 

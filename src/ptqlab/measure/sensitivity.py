@@ -37,6 +37,7 @@ from torch import nn
 
 from ptqlab.errors import PtqlabError
 from ptqlab.progress import track
+from ptqlab.safetensors_files import read_header
 
 PART_CHILDREN = {
     "attention": ("input_layernorm", "self_attn"),
@@ -98,8 +99,6 @@ class PartResult:
 
 def safetensors_bytes(folder: Path) -> dict[str, int]:
     """Bytes of every tensor in a folder's safetensors files, from their headers (nothing is loaded)."""
-    from ptqlab.formats.validate import read_header
-
     return {name: tensor.nbytes for file in sorted(folder.glob("*.safetensors"))
             for name, tensor in read_header(file).items()}
 

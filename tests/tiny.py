@@ -1,10 +1,13 @@
-"""Tiny random models of real architectures, built from a config in memory (no downloads), with a tokenizer."""
+"""Tiny random models of every model family (ptqlab.families), built from a config in memory (no downloads), with a
+tokenizer."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from ptqlab.families import FAMILIES
 
 VOCAB = 384
 # Every width is a multiple of 128 so that group 128 (the W4A16 default) divides every layer.
@@ -31,9 +34,7 @@ DERIVED = {"phi3": ("head_dim",)}
 
 def tiny_config(arch: str, **overrides):
     """A tiny config of a family of ptqlab.families.FAMILIES (transformers' config class of that model_type)."""
-    from transformers import AutoConfig
-
-    from ptqlab.families import FAMILIES
+    from transformers import AutoConfig  # start-up time: a test module that needs no model loads quickly
 
     if arch not in FAMILIES:
         raise ValueError(arch)
@@ -61,8 +62,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def _archs(moe: bool) -> list[str]:
-    from ptqlab.families import FAMILIES
-
     return [name for name, family in FAMILIES.items() if (family.experts is not None) == moe]
 
 

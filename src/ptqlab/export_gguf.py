@@ -37,7 +37,7 @@ from ptqlab.formats.gguf_tokenizer import tokenizer_metadata
 from ptqlab.models import (LoadedModel, check_source, compute_dtype, decoder_layers, load_checked, load_config,
                            load_tokenizer, model_dtype, resolve_device)
 from ptqlab.progress import say, track
-from ptqlab.quant.gguf_quants import quantize_to_bytes
+from ptqlab.quant import gguf_quants
 from ptqlab.version import __version__
 
 GGUF_TYPES = tuple(FILE_TYPES)
@@ -326,7 +326,7 @@ def export_gguf(model: str | None = None, file_type: str = "Q4_K_M", out: str | 
             if planned.qtype.name in ("F32", "F16"):
                 yield tensor.float().numpy().astype("float32" if planned.qtype.name == "F32" else "float16")
             else:
-                yield quantize_to_bytes(tensor.float(), planned.qtype, qw)
+                yield gguf_quants.quantize_to_bytes(tensor.float(), planned.qtype, qw)
 
     status = lambda item: f"{item[0].name} {item[0].qtype.name}"  # noqa: E731
     out_abs = out.absolute()

@@ -55,7 +55,8 @@ def write_model(folder: Path, config, device: torch.device, seed: int) -> None:
     from transformers import AutoModelForCausalLM
 
     from ptqlab.engine.experts import unfuse
-    from ptqlab.models import checkpoint_name, decoder_layer_names, moe_layout
+    from ptqlab.families import checkpoint_name, moe_layout
+    from ptqlab.models import decoder_layer_names
 
     folder.mkdir(parents=True, exist_ok=True)
     with init_empty_weights():

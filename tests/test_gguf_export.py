@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from ptqlab.cli import app
 from ptqlab.export_gguf import export_gguf, input_importance, read_record
-from ptqlab.formats.gguf_file import ARCHITECTURES, gguf_tensors, permute_qk, tensor_type
+from ptqlab.formats.gguf_file import ARCHITECTURES, architecture_of, gguf_tensors, permute_qk, tensor_type
 from ptqlab.quant import gguf_quants
-from tiny import CHATS, save_tiny_model, tiny_tokenizer, write_jsonl
+from tiny import CHATS, save_tiny_model, tiny_config, tiny_tokenizer, write_jsonl
 
 REFERENCE_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
 """The types gguf-py quantizes itself (ggml's reference quantizers)."""
@@ -231,7 +231,7 @@ def test_export_reads_back_in_transformers_with_the_source_logits(sharp_model, t
     kl = kl_per_token(source_logits(source), gguf_logits(result.path))
     assert float(kl.mean()) < KL_BOUND[file_type]
     reader = gguf.GGUFReader(result.path)
-    assert reader.fields["general.architecture"].contents() == gguf.MODEL_ARCH_NAMES[ARCHITECTURES[arch].arch]
+    assert reader.fields["general.architecture"].contents() == gguf.MODEL_ARCH_NAMES[architecture_of(tiny_config(arch)).arch]
     assert reader.fields["general.file_type"].contents() == {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}[file_type]
     assert reader.fields["tokenizer.chat_template"].contents() == tiny_tokenizer().chat_template
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"

@@ -18,7 +18,7 @@ WINGS: list[tuple[str, tuple[str, ...]]] = [
     # A package folder sits in one wing whole; a top-level module is named itself (a new one fails until placed).
     ("foundation", ("ptqlab.version", "ptqlab.errors", "ptqlab.settings", "ptqlab.schemes", "ptqlab.progress",
                     "ptqlab.triton_support", "ptqlab.record", "ptqlab.output", "ptqlab.embedded", "ptqlab.data",
-                    "ptqlab.models", "ptqlab.number_formats")),
+                    "ptqlab.safetensors_files", "ptqlab.families", "ptqlab.models", "ptqlab.number_formats")),
     ("quant", ("ptqlab.quant",)),
     ("runtime", ("ptqlab.runtime",)),
     ("formats", ("ptqlab.formats",)),

@@ -110,12 +110,12 @@ def test_moe_checkpoints_hold_what_llmcompressor_writes(tiny_model_dir, tmp_path
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
-    from ptqlab.models import MOE_LAYOUTS
+    from ptqlab.families import FAMILIES
 
     src = tiny_model_dir(arch)
     ours = quantize(str(src), recipe, out=tmp_path / "ours", quiet=True)
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
-    ignore = ["lm_head", *MOE_LAYOUTS[arch].keep]
+    ignore = ["lm_head", *FAMILIES[arch].experts.keep]
     oneshot(model=model, recipe=modifier(scheme, ignore))
     model.save_pretrained(tmp_path / "theirs", save_compressed=True)
 
@@ -196,12 +196,12 @@ def test_fp4_checkpoints_hold_llmcompressors_tensors_bit_for_bit(tiny_model_dir,
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM
 
-    from ptqlab.models import MOE_LAYOUTS
+    from ptqlab.families import FAMILIES
 
     src = tiny_model_dir(arch, dtype)
     ours = quantize(str(src), recipe, out=tmp_path / "ours", quiet=True)
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
-    ignore = ["lm_head", *(MOE_LAYOUTS[arch].keep if arch in MOE_LAYOUTS else [])]
+    ignore = ["lm_head", *(FAMILIES[arch].experts.keep if FAMILIES[arch].experts else [])]
     oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore))
     model.save_pretrained(tmp_path / "theirs", save_compressed=True)
 

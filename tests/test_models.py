@@ -76,5 +76,5 @@ def test_architecture_without_findable_layers_is_refused():
             self.config = type("Config", (), {"model_type": "oddnet", "num_hidden_layers": 3})()
             self.blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
 
-    with pytest.raises(PtqlabError, match=r"cannot find the decoder layers of this oddnet model.*DECODER_LAYERS"):
+    with pytest.raises(PtqlabError, match=r"cannot find the decoder layers of this oddnet model.*ptqlab.families.FAMILIES"):
         decoder_layers(Odd())

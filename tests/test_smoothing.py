@@ -14,7 +14,7 @@ from ptqlab.quant.linear import rtn
 from ptqlab.quant.primitives import dequantize, fake_quantize
 from ptqlab.schemes import W8A8, QuantArgs
 from ptqlab.engine.awq import awq_scales
-from ptqlab.engine.smoothing import MAPPINGS, apply_scales, resolve_mappings
+from ptqlab.engine.smoothing import apply_scales, resolve_mappings
 from ptqlab.engine.smoothquant import smoothquant_scales
 from tiny import ARCHS, tiny_model
 
@@ -43,15 +43,9 @@ def test_smoothed_float_model_computes_the_same_function(arch, kv_heads):
     assert (after - before).norm() / before.norm() < 1e-5
 
 
-def test_every_decoder_architecture_has_a_mapping_row():
-    from ptqlab.models import DECODER_LAYERS
-
-    assert set(DECODER_LAYERS) == set(MAPPINGS)
-
-
 def test_unknown_architecture_is_refused_with_the_table_to_extend():
     config = type("Config", (), {"model_type": "gpt2"})()
-    with pytest.raises(PtqlabError, match="gpt2.*MAPPINGS"):
+    with pytest.raises(PtqlabError, match="gpt2.*ptqlab.families.FAMILIES"):
         resolve_mappings(torch.nn.Module(), config)
 
 

@@ -1,10 +1,13 @@
-"""Tiny random models of real architectures, built from a config in memory (no downloads), with a tokenizer."""
+"""Tiny random models of every model family (ptqlab.families), built from a config in memory (no downloads), with a
+tokenizer."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from ptqlab.families import FAMILIES
 
 VOCAB = 384
 # Every width is a multiple of 128 so that group 128 (the W4A16 default) divides every layer.
@@ -15,33 +18,35 @@ COMMON = dict(
 )
 
 
-def tiny_config(arch: str, **overrides):
-    import transformers as tf
+TINY_EXPERTS = dict(count=8, top_k=2, width=128, shared_width=256)
+"""A tiny mixture of experts, set through the config keys its family row names (ptqlab.families.ExpertLayout);
+COMMON's keys come first (Mixtral's experts, sized by intermediate_size, are COMMON's width)."""
+EXTRA = {
+    "mistral": {"sliding_window": None},
+    "gemma2": {"query_pre_attn_scalar": 64},
+    "gemma3_text": {"query_pre_attn_scalar": 64},
+    "qwen3_moe": {"norm_topk_prob": True},
+}
+"""Per architecture, settings beyond COMMON and the experts (a new family needs none to get a tiny model)."""
+DERIVED = {"phi3": ("head_dim",)}
+"""COMMON keys that a config class derives itself and must not be given."""
 
-    params = {**COMMON, **overrides}
-    if arch == "llama":
-        return tf.LlamaConfig(**params)
-    if arch == "mistral":
-        return tf.MistralConfig(**params, sliding_window=None)
-    if arch == "qwen2":
-        return tf.Qwen2Config(**params)
-    if arch == "qwen3":
-        return tf.Qwen3Config(**params)
-    if arch == "gemma2":
-        return tf.Gemma2Config(**params, query_pre_attn_scalar=64)
-    if arch == "gemma3_text":
-        return tf.Gemma3TextConfig(**params, query_pre_attn_scalar=64)
-    if arch == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**{"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-                                    "norm_topk_prob": True, **params})
-    if arch == "qwen2_moe":
-        return tf.Qwen2MoeConfig(**{"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-                                    "shared_expert_intermediate_size": 256, **params})
-    if arch == "mixtral":
-        return tf.MixtralConfig(**{"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 128, **params})
-    if arch == "phi3":
-        return tf.Phi3Config(**{k: v for k, v in params.items() if k != "head_dim"})
-    raise ValueError(arch)
+
+def tiny_config(arch: str, **overrides):
+    """A tiny config of a family of ptqlab.families.FAMILIES (transformers' config class of that model_type)."""
+    from transformers import AutoConfig  # start-up time: a test module that needs no model loads quickly
+
+    if arch not in FAMILIES:
+        raise ValueError(arch)
+    layout = FAMILIES[arch].experts
+    experts = {}
+    if layout is not None:
+        experts = {layout.count_key: TINY_EXPERTS["count"], layout.top_k_key: TINY_EXPERTS["top_k"],
+                   layout.width_key: TINY_EXPERTS["width"]}
+        if layout.shared_width_key:
+            experts[layout.shared_width_key] = TINY_EXPERTS["shared_width"]
+    params = {**experts, **COMMON, **EXTRA.get(arch, {}), **overrides}
+    return AutoConfig.for_model(arch, **{k: v for k, v in params.items() if k not in DERIVED.get(arch, ())})
 
 
 CHATS = [{"messages": [{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
@@ -56,7 +61,14 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+def _archs(moe: bool) -> list[str]:
+    return [name for name, family in FAMILIES.items() if (family.experts is not None) == moe]
+
+
+ARCHS = _archs(moe=False)
+"""Every dense family, in the registry's order."""
+MOE_ARCHS = _archs(moe=True)
+"""Every mixture-of-experts family."""
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

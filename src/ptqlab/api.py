@@ -27,9 +27,10 @@ from ptqlab.engine.stream import StreamedModel
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
                                                write_config)
+from ptqlab.families import moe_layout
 from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, read_back, unreadable_experts
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, load_checked,
-                           load_tokenizer, model_dtype, moe_layout, resolve_device, stored_dtype)
+                           load_tokenizer, model_dtype, resolve_device, stored_dtype)
 from ptqlab.options import QuantizeOptions, RunOptions, given
 from ptqlab.output import atomic_dir, check_writable, locked, resumable_partial
 from ptqlab.pipeline import QuantizationResult, quantize_model

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as T, GGUFReader
 from torch import nn
 
 from ptqlab.data import CalibrationConfig, CalibrationSet, check_calibration, load_calibration
@@ -29,6 +29,7 @@ from ptqlab.engine.capture import capture, make_batches
 from ptqlab.engine.propagate import cast_back, floating_dtypes, propagate
 from ptqlab.engine.statistics import collect
 from ptqlab.errors import PtqlabError
+from ptqlab.families import FAMILIES
 from ptqlab.formats.gguf_file import (FILE_TYPES, PlannedTensor, architecture_of, gguf_name, gguf_tensors, is_70b,
                                       quantizable, tensor_type, write_gguf, write_metadata)
 from ptqlab.formats.gguf_tokenizer import tokenizer_metadata
@@ -127,8 +128,6 @@ def check_out(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) -> Non
 
 def read_record(path: Path) -> dict | None:
     """The ptqlab.* metadata of a GGUF file ptqlab wrote, or None (another writer's file, or not a GGUF file)."""
-    from gguf import GGUFReader
-
     try:
         reader = GGUFReader(path)
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
@@ -153,7 +152,7 @@ def _is_checkpoint(path: str) -> bool:
 def _load_checkpoint(path: str, source: str) -> LoadedModel:
     """A compressed-tensors checkpoint with its weights dequantized, as a plain 16-bit model (no quantization left
     on its linears: calibrating it must not fake-quantize activations)."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # start-up time: imported on first use
 
     load_config(path, source)  # its config readable, or one line
     try:
@@ -168,7 +167,8 @@ def _load_checkpoint(path: str, source: str) -> LoadedModel:
     model = AutoModelForCausalLM.from_config(config, dtype=model_dtype(compressed))
     wanted = model.state_dict()
     state = {k: v.to(wanted[k].dtype) for k, v in compressed.state_dict().items() if k in wanted}
-    missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if k != "lm_head.weight"]
+    head = f"{FAMILIES[config.model_type].head}.weight"  # tied to the embeddings where the checkpoint has none
+    missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if k != head]
     if missing:
         raise PtqlabError(f"the checkpoint {source!r} lacks {len(missing)} tensors its config describes (e.g. {missing[0]})")
     return LoadedModel(model=model.eval(), tokenizer=load_tokenizer(path), source=source, path=path)
@@ -203,7 +203,7 @@ def input_importance(model: nn.Module, calibration: CalibrationSet, batch_size: 
             del stats
             propagate(layer, batches, index, device)
         head = model.get_output_embeddings()
-        norm = model.get_decoder().norm
+        norm = model.get_submodule(FAMILIES[model.config.model_type].final_norm)
         total, count = torch.zeros(head.in_features, dtype=torch.float64, device=device), 0
         for batch in batches:
             rows = norm(batch.hidden.to(device))[batch.attention_mask.to(device).bool()].double()
@@ -231,6 +231,7 @@ def plan_tensors(model: nn.Module, arch, file_type: str, imatrix: dict[str, torc
     importance or None))."""
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    head_name = FAMILIES[config.model_type].head
     seventy_b = is_70b(config)
     state = ((n, p.detach()) for n, p in model.state_dict().items() if not n.endswith("inv_freq"))
     plan, weights = [], []
@@ -240,7 +241,7 @@ def plan_tensors(model: nn.Module, arch, file_type: str, imatrix: dict[str, torc
                             seventy_b) if quantizable(name, shape) else T.F32  # norms, biases, rope factors: float32, as llama.cpp keeps them
         plan.append(PlannedTensor(name, shape, qtype))
         # a tied head is token_embd: the importance of what the head reads is its
-        head = "lm_head" if tied and name == "token_embd.weight" else hf_name.removesuffix(".weight")
+        head = head_name if tied and name == "token_embd.weight" else hf_name.removesuffix(".weight")
         weights.append((tensor, None if imatrix is None else imatrix.get(head)))
     return plan, weights
 

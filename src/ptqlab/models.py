@@ -1,8 +1,8 @@
 """Loading a causal LM (hub id, local folder, or the embedded default) and finding its decoder layers.
 
-Architecture differences are data: `DECODER_LAYERS` maps a config's `model_type` to the dotted path of its
-decoder-layer list. A new architecture is a new row; an unlisted one works if it has exactly one ModuleList of
-`num_hidden_layers` blocks, and is refused with a clear message otherwise.
+Where an architecture keeps its decoder layers is its family row's (ptqlab.families); an architecture without a
+row works here if it has exactly one ModuleList of `num_hidden_layers` blocks, and is refused with a clear message
+otherwise.
 """
 
 from __future__ import annotations
@@ -16,74 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ptqlab.embedded import DEFAULT_MODEL_NAME, NOTE as EMBEDDED_NOTE, default_model_path
 from ptqlab.errors import PtqlabError
+from ptqlab.families import FAMILIES, moe_layout
 from ptqlab.record import read_record
-
-# model_type -> where the decoder layers live. Tested with a tiny random model of each in tests/.
-DECODER_LAYERS: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma2": "model.layers",
-    "gemma3_text": "model.layers",
-    "phi3": "model.layers",
-    "qwen2_moe": "model.layers",
-    "qwen3_moe": "model.layers",
-    "mixtral": "model.layers",
-}
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """How one MoE architecture names what ptqlab needs."""
-
-    projections: tuple[str, str, str]
-    """An expert's gate, up and down projection, as the checkpoint names them."""
-    keep: tuple[str, ...]
-    """What stays 16-bit (the routers), as ignore patterns over checkpoint names."""
-    renames: tuple[tuple[str, str], ...] = ()
-    """(transformers' module-name part, the checkpoint's): where transformers renamed a block."""
-
-
-# model_type -> layout. Each row is tested with a tiny random model in tests/test_moe.py (engine/experts.py gives them
-# per-expert linears).
-MOE_LAYOUTS: dict[str, ExpertLayout] = {
-    "qwen3_moe": ExpertLayout(("gate_proj", "up_proj", "down_proj"), (r"re:.*mlp\.gate$",)),
-    "qwen2_moe": ExpertLayout(("gate_proj", "up_proj", "down_proj"),
-                              (r"re:.*mlp\.gate$", r"re:.*mlp\.shared_expert_gate$")),
-    "mixtral": ExpertLayout(("w1", "w3", "w2"), (r"re:.*block_sparse_moe\.gate$",), ((".mlp.", ".block_sparse_moe."),)),
-}
-
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-"""Config keys whose presence marks a mixture-of-experts model."""
-
-
-def expert_count(config) -> int:
-    """Routed experts per MoE layer, from whichever key the architecture's config uses; 0 for a dense model."""
-    return next((n for n in (getattr(config, key, None) for key in EXPERT_COUNT_KEYS) if n), 0)
-
-
-def moe_layout(config) -> ExpertLayout | None:
-    """The layout of a supported MoE architecture; None for a dense model; one line refusing an unsupported MoE."""
-    model_type = getattr(config, "model_type", None)
-    if model_type in MOE_LAYOUTS:
-        return MOE_LAYOUTS[model_type]
-    if expert_count(config):
-        raise PtqlabError(f"{model_type} is a mixture-of-experts architecture ptqlab does not support yet (supported: "
-                          f"{', '.join(sorted(MOE_LAYOUTS))}): add a row to ptqlab.models.MOE_LAYOUTS")
-    return None
-
-
-def checkpoint_name(name: str, layout: ExpertLayout | None) -> str:
-    """A tensor's name in the checkpoint, from its name in the (unfused) model."""
-    for ours, theirs in () if layout is None else layout.renames:
-        name = name.replace(ours, theirs)
-    return name
-
+from ptqlab.safetensors_files import header_tensors
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -186,7 +126,7 @@ def synchronizer(device: torch.device):
 
 def _read_config_json(folder: Path, source: str) -> dict:
     """A local folder's config.json as a dict, refused in one line when it is not a JSON object of a known model type."""
-    from transformers import CONFIG_MAPPING, __version__
+    from transformers import CONFIG_MAPPING, __version__  # start-up time: imported on first use
 
     file = folder / "config.json"
     try:
@@ -210,14 +150,9 @@ def check_model_folder(folder: Path, purpose: str) -> None:
         raise PtqlabError(f"{folder}: not a model folder (no config.json); {purpose}")
 
 
-def head_dim(config) -> int:
-    """The width of one attention head: the config's head_dim where it sets one (Gemma, Qwen3), else hidden / heads."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def load_config(path: str, source: str):
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
+    from huggingface_hub.errors import StrictDataclassError  # start-up time: imported on first use
+    from transformers import AutoConfig  # start-up time: imported on first use
 
     is_local = os.path.isdir(path)
     if os.path.exists(path) and not is_local:
@@ -286,8 +221,6 @@ def _weight_shards(index: Path, source: str) -> list[Path]:
 def check_weight_files(folder: Path, source: str) -> None:
     """Before loading a local folder: the weight files transformers will read are there, every shard its index names,
     and their safetensors headers are whole (a truncated or garbled file fails here, in a second)."""
-    from ptqlab.formats.safetensors_files import header_tensors
-
     found = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if found is None:
         raise PtqlabError(f"{source!r} has a config.json but no weights (no model.safetensors or pytorch_model.bin, "
@@ -306,8 +239,7 @@ def check_weight_files(folder: Path, source: str) -> None:
 def _load_weights(path: str, source: str, dtype: str):
     """AutoModelForCausalLM.from_pretrained, refusing weights that do not match the config instead of initializing
     the difference at random."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # start-up time: imported on first use
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), output_loading_info=True,
@@ -331,7 +263,7 @@ CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")
 
 
 def _check_causal_lm(config, source: str) -> None:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING  # start-up time: imported on first use
 
     architectures = getattr(config, "architectures", None) or []
     # BERT-like configs sit in the causal-LM mapping too (as LM heads for decoders): trust the checkpoint's
@@ -375,7 +307,7 @@ def check_source(source: str | None, dtype: str = "auto") -> ModelSource:
 
 def load_tokenizer(path: str):
     """The model's tokenizer, or None when the folder has none."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # start-up time: imported on first use
 
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -418,9 +350,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder layers (one entry per transformer block)."""
     config = model.config
     model_type = getattr(config, "model_type", "?")
-    dotted = DECODER_LAYERS.get(model_type)
-    if dotted is not None:
-        layers = _get_submodule(model, dotted)
+    family = FAMILIES.get(model_type)
+    if family is not None:
+        layers = _get_submodule(model, family.layers)
         if isinstance(layers, nn.ModuleList):
             return layers
     n_layers = getattr(config, "num_hidden_layers", None) or getattr(getattr(config, "text_config", None), "num_hidden_layers", None)
@@ -429,7 +361,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         return candidates[0]
     raise PtqlabError(
         f"cannot find the decoder layers of this {model_type} model ({type(model).__name__}): supported are "
-        f"{', '.join(sorted(DECODER_LAYERS))}; add a row for {model_type!r} to ptqlab.models.DECODER_LAYERS "
+        f"{', '.join(sorted(FAMILIES))}; add a row for {model_type!r} to ptqlab.families.FAMILIES "
         "with the dotted path of its layer list"
     )
 

@@ -19,7 +19,8 @@ from ptqlab.engine import EngineOptions, Plan, calibrate
 from ptqlab.engine.experts import unfuse
 from ptqlab.engine.stream import StreamedModel
 from ptqlab.errors import PtqlabError
-from ptqlab.models import checkpoint_name, decoder_layers, model_dtype, moe_layout, names_by_layer, set_submodule
+from ptqlab.families import checkpoint_name, moe_layout
+from ptqlab.models import decoder_layers, model_dtype, names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.engine.global_scales import weight_global_scales
 from ptqlab.quant import fp4

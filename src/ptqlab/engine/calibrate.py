@@ -189,7 +189,7 @@ def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str
     clock.lap("quantize")
     if saved is not None:
         saved()
-    kv = None if plan.kv is None else KVObserver(attention_of(layer), kv_heads_of(model.config))
+    kv = None if plan.kv is None else KVObserver(attention_of(layer, model.config), kv_heads_of(model.config))
     propagate(layer, batches, index, device, kv)
     if kv is not None:
         absmax = kv.attach_scales(plan.kv, plan.scale_dtype, reduce=world.several)

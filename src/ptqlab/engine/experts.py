@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ptqlab.models import moe_layout
+from ptqlab.families import moe_layout
 
 MIN_EXPERT_TOKENS = 128
 """Default: an expert routed fewer real calibration tokens than this in a layer is calibrated on all of that

@@ -1,7 +1,7 @@
 """NVFP4's global scales as a run sets them: one per fused weight, one per layer input.
 
-vLLM runs q/k/v (and gate/up, an expert's w1/w3, DeepSeek's q_a/kv_a) as one matmul whose weight has one global
-scale, so the layers it fuses share one here: computed from their largest |weight| together, before any group scale
+vLLM runs q/k/v (and gate/up, an expert's w1/w3) as one matmul whose weight has one global scale, so the layers it
+fuses share one here: computed from their largest |weight| together, before any group scale
 (llm-compressor's fused weight observers; it is the smallest of the parts' own global scales). Input global scales
 need nothing of the kind: layers fused there read the same input, whose calibration statistics they share.
 """
@@ -11,10 +11,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ptqlab.families import FAMILIES
 from ptqlab.quant import fp4
 
-FUSED_LAYERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("q_a_proj", "kv_a_proj_with_mqa"))
-"""Sibling linears that vLLM fuses into one weight (llm-compressor's FUSED_LAYER_NAMES)."""
+
+def _siblings(names) -> tuple[str, ...]:
+    return tuple(name.rpartition(".")[2] for name in names)
+
+
+FUSED_LAYERS = tuple(dict.fromkeys(
+    group for family in FAMILIES.values()
+    for group in (_siblings(family.linears.qkv), _siblings(family.linears.gate_up),
+                  family.experts.projections[:2] if family.experts else ())
+    if len(group) > 1))
+"""Sibling linears that vLLM fuses into one weight, by their names (as llm-compressor's FUSED_LAYER_NAMES): every
+family's separate q/k/v and gate/up, and its experts' gate/up."""
 
 
 def fused_groups(names: list[str]) -> list[list[str]]:

@@ -17,15 +17,17 @@ import torch
 from torch import nn
 
 from ptqlab.errors import PtqlabError
+from ptqlab.families import family_of
 from ptqlab.quant.kv_cache import KVCacheFormat, kv_absmax, kv_scale
 
 
-def attention_of(layer: nn.Module) -> nn.Module:
-    """A decoder layer's attention module (`self_attn` in every supported architecture)."""
-    attention = getattr(layer, "self_attn", None)
+def attention_of(layer: nn.Module, config) -> nn.Module:
+    """A decoder layer's attention module, where its family's row says it is (ModelFamily.attention)."""
+    name = family_of(config, "KV-cache quantization (kv:)").attention
+    attention = getattr(layer, name, None)
     if attention is None:
-        raise PtqlabError(f"{type(layer).__name__} has no self_attn module: KV-cache quantization (kv:) supports "
-                          "decoder layers whose attention is `self_attn`; remove kv from the recipe")
+        raise PtqlabError(f"{type(layer).__name__} has no {name} module: KV-cache quantization (kv:) supports "
+                          f"decoder layers whose attention is `{name}`; remove kv from the recipe")
     return attention
 
 

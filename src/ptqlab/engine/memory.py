@@ -23,8 +23,8 @@ import re
 from dataclasses import dataclass, field
 
 from ptqlab.errors import PtqlabError
-from ptqlab.formats.safetensors_files import STREAM_SHARD_BYTES
-from ptqlab.models import expert_count, head_dim
+from ptqlab.families import family_of, head_dim
+from ptqlab.safetensors_files import STREAM_SHARD_BYTES
 
 GIB = 2**30
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -100,14 +100,17 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
+        """The shape of a model of a known family: a mixture of experts is read through its layout row's config
+        keys (ptqlab.families); a model_type without a row is refused, since its keys are unknown."""
+        layout = family_of(config, "the memory plan").experts
         heads = config.num_attention_heads
-        experts = expert_count(config)
-        intermediate = getattr(config, "moe_intermediate_size", None) if experts else None
-        return cls(config.hidden_size, intermediate or config.intermediate_size, config.num_hidden_layers, heads,
+        experts = layout.count(config) if layout is not None else 0
+        intermediate = getattr(config, layout.width_key) if experts else config.intermediate_size
+        return cls(config.hidden_size, intermediate, config.num_hidden_layers, heads,
                    getattr(config, "num_key_value_heads", None) or heads, head_dim(config), config.vocab_size,
                    bool(getattr(config, "tie_word_embeddings", False)), experts,
-                   getattr(config, "num_experts_per_tok", 0) if experts else 0,
-                   getattr(config, "shared_expert_intermediate_size", 0) if experts else 0)
+                   getattr(config, layout.top_k_key) if experts else 0,
+                   getattr(config, layout.shared_width_key) if experts and layout.shared_width_key else 0)
 
     def linears(self) -> dict[str, tuple[int, int, int]]:
         """(out, in, how many) of one decoder layer's linears; an expert's projections come `experts` times."""

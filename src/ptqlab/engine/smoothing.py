@@ -6,31 +6,23 @@ model is unchanged; only what quantization sees changes. SmoothQuant picks s to 
 activations are quantized too); AWQ picks s to enlarge the weight columns of salient inputs (W4A16: their rounding
 error shrinks relative to them).
 
-`MAPPINGS` says, per architecture and inside one decoder layer, which module's output is divided by s (`smooth`: a
-norm, or some output rows of a linear) and which linears read it (`balance`: their columns multiplied by s):
+`mappings` says, inside one decoder layer, which module's output is divided by s (`smooth`: a norm, or some output
+rows of a linear) and which linears read it (`balance`: their columns multiplied by s), derived from the roles of the
+model's family row (ptqlab.families):
 
-| model_type                 | smooth                          | balance                          |
-|----------------------------|---------------------------------|----------------------------------|
-| llama, mistral, qwen2/3    | input_layernorm                 | q_proj, k_proj, v_proj           |
-|                            | self_attn.v_proj                | o_proj  (only without GQA)       |
-|                            | post_attention_layernorm        | gate_proj, up_proj               |
-|                            | mlp.up_proj                     | down_proj                        |
-| gemma2, gemma3_text        | input_layernorm (1 + w)         | q_proj, k_proj, v_proj           |
-|                            | self_attn.v_proj                | o_proj  (only without GQA)       |
-|                            | pre_feedforward_layernorm (1+w) | gate_proj, up_proj               |
-|                            | mlp.up_proj                     | down_proj                        |
-| phi3                       | input_layernorm                 | qkv_proj                         |
-|                            | self_attn.qkv_proj (v rows)     | o_proj  (only without GQA)       |
-|                            | post_attention_layernorm        | gate_up_proj                     |
-|                            | mlp.gate_up_proj (up rows)      | down_proj                        |
-| qwen2_moe, qwen3_moe,      | input_layernorm                 | q_proj, k_proj, v_proj           |
-| mixtral (MoE layers)       | self_attn.v_proj                | o_proj  (only without GQA)       |
-|                            | each expert's up (w3)           | its down (w2)                    |
-|                            | mlp.shared_expert.up_proj       | mlp.shared_expert.down_proj      |
+| smooth                                   | balance                                  |
+|------------------------------------------|------------------------------------------|
+| the attention's input norm               | q, k, v (Phi-3: qkv)                     |
+| v (Phi-3: qkv's v rows)                  | o  (only without GQA)                    |
+| the MLP's input norm (Gemma: pre-FF)     | gate, up (Phi-3: gate_up)                |
+| up (Phi-3: gate_up's up half)            | down                                     |
+| MoE layers: each expert's up (w3)        | its down (w2)                            |
+|             the shared expert's up       | its down                                 |
 
 v -> o is exact only when every o_proj input channel comes from its own v channel, i.e. without grouped-query
 attention (one v head per query head); otherwise it is skipped. up -> down is exact because the MLP multiplies
-act(gate) by up elementwise. Gemma's norms compute x̂·(1 + w), so w' = (1 + w)/s - 1.
+act(gate) by up elementwise. In an MoE layer the MLP's input norm feeds the router too, which stays 16-bit: that
+pair is skipped. Gemma's norms compute x̂·(1 + w), so w' = (1 + w)/s - 1.
 """
 
 from __future__ import annotations
@@ -42,8 +34,7 @@ import torch
 from torch import nn
 
 from ptqlab.engine.experts import routed_experts
-from ptqlab.errors import PtqlabError
-from ptqlab.models import head_dim
+from ptqlab.families import TRANSFORMERS_MLP, ModelFamily, family_of, head_dim
 
 
 @dataclass(frozen=True)
@@ -57,32 +48,13 @@ class Mapping:
     gate_up."""
 
 
-_LLAMA = (
-    Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
-    Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    Mapping("mlp.up_proj", ("mlp.down_proj",)),
-)
-_GEMMA = (
-    Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
-    Mapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    Mapping("mlp.up_proj", ("mlp.down_proj",)),
-)
-_PHI3 = (
-    Mapping("input_layernorm", ("self_attn.qkv_proj",)),
-    Mapping("self_attn.qkv_proj", ("self_attn.o_proj",), rows="v"),
-    Mapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
-    Mapping("mlp.gate_up_proj", ("mlp.down_proj",), rows="up"),
-)
-MAPPINGS: dict[str, tuple[Mapping, ...]] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "gemma2": _GEMMA, "gemma3_text": _GEMMA,
-    "phi3": _PHI3,
-    "qwen2_moe": _LLAMA, "qwen3_moe": _LLAMA, "mixtral": _LLAMA,  # their dense layers; MoE layers: _moe_mappings
-}
-NORM_OFFSET = {"gemma2": 1.0, "gemma3_text": 1.0}
-"""Norms that scale by (offset + weight) rather than weight."""
+def mappings(family: ModelFamily) -> tuple[Mapping, ...]:
+    """A dense decoder layer's mappings, from its family's roles (the table above)."""
+    linears, norms = family.linears, family.norms
+    return (Mapping(norms.attention_input, linears.qkv),
+            Mapping(linears.v, (linears.o,), rows="v" if linears.fused_qkv else "all"),
+            Mapping(norms.mlp_input, linears.gate_up),
+            Mapping(linears.up, (linears.down,), rows="up" if linears.fused_gate_up else "all"))
 
 
 @dataclass
@@ -98,18 +70,15 @@ class ResolvedMapping:
 
 def resolve_mappings(layer: nn.Module, config) -> tuple[list[ResolvedMapping], list[str]]:
     """The mappings of `config.model_type` that apply exactly to this layer, and why any others were skipped."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in MAPPINGS:
-        raise PtqlabError(f"smoothing (SmoothQuant/AWQ) has no mappings for model_type {model_type!r}; supported: "
-                          f"{', '.join(MAPPINGS)} (add a row to ptqlab.engine.smoothing.MAPPINGS)")
+    family = family_of(config, "smoothing (SmoothQuant/AWQ)")
     resolved, skipped = [], []
-    mappings = MAPPINGS[model_type]
+    layer_mappings = mappings(family)
     experts = routed_experts(layer)
     if experts:
-        mappings = _moe_mappings(layer, experts)
-        skipped.append("post_attention_layernorm -> the experts' gate/up: the router reads it too and stays 16-bit, "
+        layer_mappings = _moe_mappings(layer, family, experts)
+        skipped.append(f"{family.norms.mlp_input} -> the experts' gate/up: the router reads it too and stays 16-bit, "
                        "so smoothing it would change the routing: skipped")
-    for mapping in mappings:
+    for mapping in layer_mappings:
         smooth = layer.get_submodule(mapping.smooth)
         balance = {name: layer.get_submodule(name) for name in mapping.balance}
         rows = _rows(mapping, smooth, config)
@@ -119,20 +88,22 @@ def resolve_mappings(layer: nn.Module, config) -> tuple[list[ResolvedMapping], l
             skipped.append(f"{mapping.smooth} -> {', '.join(mapping.balance)}: {width} smoothed channels but "
                            f"{bad[0]} reads {balance[bad[0]].in_features} (grouped-query attention): not exact, skipped")
             continue
-        resolved.append(ResolvedMapping(mapping, smooth, rows, balance, NORM_OFFSET.get(model_type, 0.0)))
+        resolved.append(ResolvedMapping(mapping, smooth, rows, balance, family.norms.offset))
     return resolved, skipped
 
 
-def _moe_mappings(layer: nn.Module, experts: dict) -> list[Mapping]:
+def _moe_mappings(layer: nn.Module, family: ModelFamily, experts: dict) -> list[Mapping]:
     """An MoE layer: the attention's mappings, and up -> down inside each expert (and a shared expert)."""
-    out = list(_LLAMA[:2])
+    out = list(mappings(family)[:2])
     for name, module in experts.items():
         for index, expert in enumerate(module):
             _, up, down = expert.names
             out.append(Mapping(f"{name}.{index}.{up}", (f"{name}.{index}.{down}",)))
-    shared = next((n for n, _ in layer.named_modules() if n.endswith("shared_expert")), None)
-    if shared is not None:
-        out.append(Mapping(f"{shared}.up_proj", (f"{shared}.down_proj",)))
+    layout = family.experts
+    shared = f"{TRANSFORMERS_MLP}.{layout.shared_expert}" if layout and layout.shared_expert else None
+    if shared is not None and shared in dict(layer.named_modules()):
+        _, up, down = layout.shared_projections
+        out.append(Mapping(f"{shared}.{up}", (f"{shared}.{down}",)))
     return out
 
 

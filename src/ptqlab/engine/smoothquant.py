@@ -23,7 +23,7 @@ class SmoothQuantStep:
     """α in [0, 1]: 0 leaves activations as they are, 1 moves all of their range into the weights."""
     mappings: str = setting("norms", MAPPING_CHOICES)
     """`norms`: into the norms before q/k/v and gate/up (llm-compressor's default); `all`: also v -> o and up -> down
-    where exact (engine/smoothing.MAPPINGS). `all` made SmolLM2 w8a8 worse (README, "Recipes are data"): the
+    where exact (engine/smoothing.mappings). `all` made SmolLM2 w8a8 worse (README, "Recipes are data"): the
     down_proj weights take on the activations' outliers, which per-channel int8 weights then round badly."""
 
     def smooths_linears(self) -> bool:

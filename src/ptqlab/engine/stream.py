@@ -11,12 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ptqlab.engine.experts import unfuse
 from ptqlab.errors import PtqlabError
-from ptqlab.formats.safetensors_files import header_tensors, weight_files
-from ptqlab.models import checkpoint_name, decoder_layer_names, decoder_layers, moe_layout
+from ptqlab.families import checkpoint_name, moe_layout
+from ptqlab.models import decoder_layer_names, decoder_layers
+from ptqlab.safetensors_files import header_tensors, weight_files
 
 FIX = "copy or download the model again"
 
@@ -37,8 +39,6 @@ class DiskTensors:
     def read(self, names, dtypes: dict[str, torch.dtype], stored=lambda name: name) -> dict[str, torch.Tensor]:
         """The tensors `names` (as the model names them; `stored` gives the file's name), each cast to its dtype in
         `dtypes` (the model's parameter dtype) where it has one."""
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[stored(name)], []).append(name)
@@ -75,8 +75,8 @@ class StreamedModel:
     """A causal LM whose decoder layers are read from disk one at a time (see the module docstring)."""
 
     def __init__(self, folder: Path, config, dtype: torch.dtype, source: str):
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
+        from accelerate import init_empty_weights  # start-up time: imported on first use
+        from transformers import AutoModelForCausalLM  # start-up time: imported on first use
 
         self.folder, self.source = Path(folder), source
         self.disk = DiskTensors(self.folder)

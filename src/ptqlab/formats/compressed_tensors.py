@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ptqlab.formats.safetensors_files import MAX_SHARD_BYTES, STREAM_SHARD_BYTES
-from ptqlab.models import ExpertLayout, checkpoint_name, moe_layout
+from ptqlab.families import ExpertLayout, checkpoint_name, moe_layout
+from ptqlab.safetensors_files import MAX_SHARD_BYTES, STREAM_SHARD_BYTES
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.quant.kv_cache import kv_cache_format
 from ptqlab.quant import fp4

@@ -2,10 +2,10 @@
 tokenizer and chat template (formats/gguf_tokenizer.py), tensors under llama.cpp's names, q/k rows permuted for llama's rotary layout) with the
 tensor types llama.cpp's quantize picks for a file type (llama_tensor_get_type: its Q8_0, Q4_0 and Q4_K_M mixes).
 
-Architecture differences are data: `ARCHITECTURES` maps a config's model_type to the GGUF architecture and whether
-its q/k rows are permuted. Names come from gguf-py's own tensor map. The file is written tensor by tensor
-(`write_gguf`): the header first, then each tensor's data as its bytes are made, so that at most one quantized
-tensor is in memory at a time.
+Architecture differences are data: a model family's row (ptqlab.families) names its llama.cpp architecture, and
+`ARCHITECTURES` says per llama.cpp architecture whether q/k rows are permuted. Names come from gguf-py's own tensor
+map. The file is written tensor by tensor (`write_gguf`): the header first, then each tensor's data as its bytes
+are made, so that at most one quantized tensor is in memory at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from gguf import GGMLQuantizationType as T, LlamaFileType
 
 from ptqlab.errors import PtqlabError
+from ptqlab.families import FAMILIES, head_dim
 from ptqlab.formats.gguf_tokenizer import TokenizerMetadata
 from ptqlab.quant.gguf_quants import BLOCK
 
@@ -36,9 +37,9 @@ class GGUFArchitecture:
 
 ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "llama": GGUFArchitecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "mistral": GGUFArchitecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),  # convert_hf_to_gguf: MistralForCausalLM is llama
     "qwen2": GGUFArchitecture(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
 }
+"""llama.cpp's architectures ptqlab writes, by the name a family row gives (ModelFamily.gguf_architecture)."""
 
 FILE_TYPES: dict[str, tuple[LlamaFileType, T]] = {
     "Q8_0": (LlamaFileType.MOSTLY_Q8_0, T.Q8_0),
@@ -55,14 +56,17 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 def architecture_of(config) -> GGUFArchitecture:
     """The GGUF architecture of a supported config; one line refusing anything else, before any weight is read."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise PtqlabError(f"GGUF export supports {', '.join(sorted(ARCHITECTURES))} models; this one is {model_type!r}: "
-                          "add a row to ptqlab.formats.gguf_file.ARCHITECTURES (and check llama.cpp runs it)")
+    family = FAMILIES.get(model_type)
+    if family is None or family.gguf_architecture not in ARCHITECTURES:
+        supported = sorted(name for name, row in FAMILIES.items() if row.gguf_architecture in ARCHITECTURES)
+        raise PtqlabError(f"GGUF export supports {', '.join(supported)} models; this one is {model_type!r}: "
+                          "name its llama.cpp architecture in its row of ptqlab.families.FAMILIES (gguf_architecture; "
+                          "and check llama.cpp runs it)")
     rope_type = _rope(config).get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
         raise PtqlabError(f"GGUF export: rope type {rope_type!r} of this {model_type} model is not one ptqlab writes "
                           f"(supported: {', '.join(ROPE_TYPES)})")
-    return ARCHITECTURES[model_type]
+    return ARCHITECTURES[family.gguf_architecture]
 
 
 def gguf_name(arch: GGUFArchitecture) -> str:
@@ -72,10 +76,6 @@ def gguf_name(arch: GGUFArchitecture) -> str:
 
 def _rope(config) -> dict:
     return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 # ---------------------------------------------------------------- tensors
@@ -92,16 +92,18 @@ def gguf_tensors(named: Iterator[tuple[str, torch.Tensor]], config, arch: GGUFAr
     architecture wants it, the tied lm_head left out (llama.cpp reads token_embd for the output then)."""
     names = gguf.get_tensor_name_map(arch.arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    family = FAMILIES[config.model_type]
+    q, k = family.linears.qkv[:2]
     for name, tensor in named:
-        if name == "lm_head.weight" and tied:
+        if name == f"{family.head}.weight" and tied:
             continue
         mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise PtqlabError(f"GGUF export: the tensor {name} has no llama.cpp name for architecture "
                               f"{gguf_name(arch)}; this model has parts llama.cpp would not run")
-        if arch.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if arch.permute_qk and name.endswith((f"{q}.weight", f"{q}.bias")):
             tensor = permute_qk(tensor, config.num_attention_heads)
-        elif arch.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif arch.permute_qk and name.endswith((f"{k}.weight", f"{k}.bias")):
             tensor = permute_qk(tensor, config.num_key_value_heads)
         yield name, mapped, tensor
     freqs = llama3_rope_factors(config)
@@ -151,7 +153,8 @@ def is_70b(config) -> bool:
     Q4_K_M mix gives such a model's attn_v Q5_K where others get Q4_K (8 heads share each attn_v row)."""
     if config.num_hidden_layers != 80:
         return False
-    return config.model_type == "qwen2" or config.num_attention_heads != getattr(config, "num_key_value_heads", None)
+    return architecture_of(config).arch == gguf.MODEL_ARCH.QWEN2 or \
+        config.num_attention_heads != getattr(config, "num_key_value_heads", None)
 
 
 def tensor_type(gguf_name: str, columns: int, file_type: str, n_layers: int, tied: bool, importance: bool,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ptqlab.formats.safetensors_files import SAFETENSORS_DTYPES
+from ptqlab.safetensors_files import SAFETENSORS_DTYPES
 from ptqlab.number_formats import BY_NAME, Layout, NumberFormat
 from ptqlab.schemes import claiming_group, matches
 

@@ -7,7 +7,7 @@ load, score, be ranked and be recommended; a truncated file fails with a traceba
 mismatch.
 
 It is cheap: it reads config.json, model.safetensors.index.json and each file's safetensors header
-(formats/safetensors_files.py). Of the tensor data it reads only the 16-byte `weight_shape` tensors of
+(safetensors_files.py). Of the tensor data it reads only the 16-byte `weight_shape` tensors of
 pack-quantized layers. What the config implies comes from formats/model_shapes.py (dense tensors of the standard
 architectures) and formats/quantized_layouts.py (each quantized linear's tensors, from its format's row of
 number_formats); this module compares and says what is wrong.
@@ -36,8 +36,8 @@ from ptqlab.formats.model_shapes import (LAYER_PROJECTIONS, REQUIRED_NORMS, Mode
                                          standard_vectors)
 from ptqlab.formats.quantized_layouts import (QUANT_SUFFIXES, Resolution, WeightFormat, dtype_name, quantized_tensors,
                                               resolve, weight_formats)
-from ptqlab.formats.safetensors_files import (StoredTensor, index_problems, read_ints, read_tensors, shape_text,
-                                              weight_files)
+from ptqlab.safetensors_files import (StoredTensor, index_problems, read_ints, read_tensors, shape_text,
+                                      weight_files)
 from ptqlab.number_formats import FLOAT_DTYPES, Layout
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.quantized_layouts import quantized_linear_bytes
-from ptqlab.formats.safetensors_files import read_header
+from ptqlab.safetensors_files import read_header
 from ptqlab.measure.quality import evaluate
 from ptqlab.measure.variant import evaluation_tokens, stored_dtype
 from ptqlab.models import compute_dtype, decoder_layer_names, resolve_device, set_submodule

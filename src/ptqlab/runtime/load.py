@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ptqlab.errors import PtqlabError
 from ptqlab.runtime.choice import choose_kernels
@@ -22,24 +23,22 @@ from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.runtime.linear import StoredLinear, build_linear, concat_linears
 from ptqlab.runtime.model import Architecture, Block, Concat, RuntimeModel
 from ptqlab.runtime.moe import Expert, MoEMLP, stack_experts
-from ptqlab.models import check_model_folder, checkpoint_name, moe_layout
+from ptqlab.families import ModelFamily
+from ptqlab.models import check_model_folder
 from ptqlab.quant.kv_cache import format_of_strategy, per_head
 from ptqlab.number_formats import is_fp4, packed_format
 from ptqlab.schemes import QuantArgs, Scheme, claiming_group, matches
 
 STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block", "token")
-PROJECTIONS = {"qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.qkv_proj",)),
-               "o": (("self_attn.o_proj",),),
-               "gate_up": (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",)),
-               "down": (("mlp.down_proj",),)}
-"""Per decoder layer: the runtime's four matmuls and the checkpoint layers each is made of (separate or fused)."""
-NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
-         "self_attn.q_norm", "self_attn.k_norm")
+
+
+def projections(family: ModelFamily) -> dict[str, tuple[str, ...]]:
+    """Per decoder layer: the runtime's four matmuls and the checkpoint layers each is made of (separate or fused)."""
+    linears = family.linears
+    return {"qkv": linears.qkv, "o": (linears.o,), "gate_up": linears.gate_up, "down": (linears.down,)}
 
 
 def read_tensors(folder: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise PtqlabError(f"{folder}: no .safetensors weights (the runtime reads safetensors checkpoints)")
@@ -116,14 +115,15 @@ def _kv_cache_format(raw: dict | None):
 def _kv_scales(tensors: dict[str, torch.Tensor], prefix: str, arch: Architecture, resolve: SchemeResolver):
     """Decoder layer `prefix`'s (k_scale, v_scale) as float32 [kv_heads] (consumed from `tensors`), or None for a
     checkpoint without a quantized KV cache (scales it does not declare are left unused, as vLLM leaves them)."""
-    k, v = (tensors.pop(f"{prefix}self_attn.{name}", None) for name in ("k_scale", "v_scale"))
+    attention = f"{prefix}{arch.family.attention}"
+    k, v = (tensors.pop(f"{attention}.{name}", None) for name in ("k_scale", "v_scale"))
     if resolve.kv_cache is None:
         return None
     expected = resolve.kv_cache.scale_shape(arch.num_kv_heads)
     for name, scale in (("k_scale", k), ("v_scale", v)):
         if scale is None or scale.numel() != math.prod(expected):
             got = "nothing" if scale is None else f"shape {list(scale.shape)}"
-            raise PtqlabError(f"{prefix}self_attn.{name}: the kv_cache_scheme ({resolve.kv_cache.strategy}) needs "
+            raise PtqlabError(f"{attention}.{name}: the kv_cache_scheme ({resolve.kv_cache.strategy}) needs "
                               f"shape {list(expected)}, the checkpoint has {got}; quantize it again")
     return per_head(k, arch.num_kv_heads), per_head(v, arch.num_kv_heads)
 
@@ -163,13 +163,10 @@ def stored_linear(tensors: dict[str, torch.Tensor], name: str, scheme: Scheme | 
     return StoredLinear(weight, bias, scheme, scale, zero_point)
 
 
-def _projection(tensors, prefix: str, choices, resolve: SchemeResolver, dtype: torch.dtype,
+def _projection(tensors, prefix: str, names: tuple[str, ...], resolve: SchemeResolver, dtype: torch.dtype,
                 options: RuntimeOptions) -> tuple[torch.nn.Module, str]:
-    """One of the runtime's matmuls from whichever of `choices` (separate or already fused layers) the checkpoint
-    has: (module, the kernel it runs)."""
-    names = next((c for c in choices if f"{prefix}{c[0]}.weight" in tensors or f"{prefix}{c[0]}.weight_packed" in tensors), None)
-    if names is None:
-        raise PtqlabError(f"the checkpoint has none of {', '.join(prefix + c[0] for c in choices)}")
+    """One of the runtime's matmuls from the checkpoint layers it is made of (one, or several that read the same
+    input, side by side): (module, the kernel it runs)."""
     parts = [stored_linear(tensors, prefix + n, resolve(prefix + n)) for n in names]
     stacked = concat_linears(parts)
     if stacked is not None:
@@ -183,28 +180,28 @@ def _moe_mlp(config, arch: Architecture, tensors, prefix: str, resolve: SchemeRe
              options: RuntimeOptions, kernels: dict[str, str]) -> MoEMLP | None:
     """Decoder layer `prefix`'s MoE MLP from its router, per-expert and shared-expert tensors (None: a dense
     layer, as in a model whose MoE layers are interleaved with dense ones)."""
-    layout = moe_layout(config)
+    layout = arch.family.experts
     if arch.routing is None or layout is None:
         return None
-    block = checkpoint_name(".mlp.", layout).strip(".")
-    router = tensors.pop(f"{prefix}{block}.gate.weight", None)
+    block = layout.block
+    router = tensors.pop(f"{prefix}{block}.{layout.router}.weight", None)
     if router is None:
         return None
-    from transformers.activations import ACT2FN
+    from transformers.activations import ACT2FN  # start-up time: imported on first use
 
     act = ACT2FN[arch.activation]
     gate, up, down = layout.projections
 
     def expert(name: str, projections: tuple[str, str, str]) -> Expert:
         g, u, d = (f"{name}.{p}" for p in projections)
-        gate_up, kernels["experts"] = _projection(tensors, "", ((g, u),), resolve, dtype, options)
-        return Expert(gate_up, _projection(tensors, "", ((d,),), resolve, dtype, options)[0], act)
+        gate_up, kernels["experts"] = _projection(tensors, "", (g, u), resolve, dtype, options)
+        return Expert(gate_up, _projection(tensors, "", (d,), resolve, dtype, options)[0], act)
 
     experts = [expert(f"{prefix}{block}.experts.{e}", (gate, up, down)) for e in range(arch.routing.experts)]
     shared = shared_gate = None
-    if f"{prefix}{block}.shared_expert_gate.weight" in tensors:
-        shared = expert(f"{prefix}{block}.shared_expert", ("gate_proj", "up_proj", "down_proj"))
-        shared_gate = tensors.pop(f"{prefix}{block}.shared_expert_gate.weight").to(dtype)
+    if layout.shared_expert and f"{prefix}{block}.{layout.shared_expert_gate}.weight" in tensors:
+        shared = expert(f"{prefix}{block}.{layout.shared_expert}", layout.shared_projections)
+        shared_gate = tensors.pop(f"{prefix}{block}.{layout.shared_expert_gate}.weight").to(dtype)
     stacked = stack_experts(experts, arch.activation, options)
     if stacked is not None:
         kernels["experts"] += f"; decode: stacked {stacked.format} experts"
@@ -214,7 +211,7 @@ def _moe_mlp(config, arch: Architecture, tensors, prefix: str, resolve: SchemeRe
 def read_config(folder: Path) -> tuple[object, Architecture, SchemeResolver]:
     """A model folder's HF config, its Architecture and its layers' schemes; PtqlabError for what the runtime
     cannot run."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # start-up time: imported on first use
 
     check_model_folder(folder, "the fast runtime runs local checkpoint folders")
     config = AutoConfig.from_pretrained(folder)
@@ -224,8 +221,6 @@ def read_config(folder: Path) -> tuple[object, Architecture, SchemeResolver]:
 
 def check_supported(path: str | Path) -> None:
     """Raise PtqlabError, saying why, if the fast runtime cannot run this folder (reads config and tensor names only)."""
-    from safetensors import safe_open
-
     folder = Path(path)
     read_config(folder)
     for file in sorted(folder.glob("*.safetensors")):
@@ -258,31 +253,32 @@ def build_model(config, arch: Architecture, tensors: dict[str, torch.Tensor], re
                 device: torch.device, dtype: torch.dtype | None = None, max_positions: int | None = None,
                 options: RuntimeOptions = RuntimeOptions()) -> RuntimeModel:
     """A RuntimeModel from checkpoint tensors by name (consumed), e.g. what `checkpoint_tensors` gives in memory."""
-    embed = tensors.pop("model.embed_tokens.weight", None)
+    family = arch.family
+    embed = tensors.pop(f"{family.embeddings}.weight", None)
     if embed is None:
-        raise PtqlabError("the checkpoint has no model.embed_tokens.weight")
+        raise PtqlabError(f"the checkpoint has no {family.embeddings}.weight")
     dtype = dtype or embed.dtype
     blocks, kernels = [], {}
     for i in range(arch.num_layers):
-        prefix = f"model.layers.{i}."
+        prefix = f"{family.layers}.{i}."
         moe = _moe_mlp(config, arch, tensors, prefix, resolve, dtype, options, kernels)
         modules = {}
-        for role, choices in PROJECTIONS.items():
+        for role, names in projections(family).items():
             if moe is None or role in ("qkv", "o"):
-                modules[role], kernels[role] = _projection(tensors, prefix, choices, resolve, dtype, options)
-        norms = {n.rpartition(".")[2]: tensors.pop(prefix + n + ".weight").to(dtype)
-                 for n in NORMS if prefix + n + ".weight" in tensors}
+                modules[role], kernels[role] = _projection(tensors, prefix, names, resolve, dtype, options)
+        norms = {role: tensors.pop(prefix + name + ".weight").to(dtype)
+                 for role, name in family.norms.by_role().items() if prefix + name + ".weight" in tensors}
         blocks.append(Block(arch, i, modules["qkv"], modules["o"], modules.get("gate_up"), modules.get("down"), norms,
                             moe))
-    norm = tensors.pop("model.norm.weight").to(dtype)
-    if "lm_head.weight" in tensors or "lm_head.weight_packed" in tensors:
-        head, kernels["lm_head"] = _projection(tensors, "", (("lm_head",),), resolve, dtype, options)
+    norm = tensors.pop(f"{family.final_norm}.weight").to(dtype)
+    if f"{family.head}.weight" in tensors or f"{family.head}.weight_packed" in tensors:
+        head, kernels["lm_head"] = _projection(tensors, "", (family.head,), resolve, dtype, options)
     else:  # tied to the embedding
         head = build_linear(StoredLinear(embed), dtype, options)
         kernels["lm_head"] = head.kernel
     positions = max_positions or min(getattr(config, "max_position_embeddings", 8192) or 8192, 8192)
     model = RuntimeModel(config, arch, embed.to(dtype), blocks, norm, head, positions, kernels, options)
-    model.kv_scales = [_kv_scales(tensors, f"model.layers.{i}.", arch, resolve) for i in range(arch.num_layers)]
+    model.kv_scales = [_kv_scales(tensors, f"{family.layers}.{i}.", arch, resolve) for i in range(arch.num_layers)]
     if resolve.kv_cache is not None:  # as vLLM does for a checkpoint with a kv_cache_scheme: an FP8 cache
         model.use_kv_scales()
         kernels["kv_cache"] = f"fp8 ({resolve.kv_cache.strategy} scales)"

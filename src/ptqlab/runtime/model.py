@@ -2,11 +2,11 @@
 and the mixture-of-experts Qwen2-MoE, Qwen3-MoE and Mixtral, runtime/moe.py) written out plainly, with fused
 projections and a static KV cache.
 
-What differs between the families is data (`Architecture`, read from the config; sandwich and q/k norms from the
-tensors present): Gemma's 1 + w norms, embedding scale, softcaps and query scaling; sliding-window layers; Qwen2's
-projection biases; Phi-3's already fused qkv / gate_up. Rotary tables come from the architecture's own Hugging Face
-rotary module, so every rope variant (Llama 3 scaling, Gemma 3's local base, Phi-3's partial rotary) is computed by
-the code that defines it. The arithmetic follows the Hugging Face modules op for op (norms in fp32, softmax in fp32),
+What differs between the families is data (`Architecture`, read from the config and the family's row,
+ptqlab.families; norms by role, as the row names them): Gemma's 1 + w norms, sandwich norms, embedding scale,
+softcaps and query scaling; Qwen3's q/k norms; sliding-window layers; Qwen2's projection biases; Phi-3's already
+fused qkv / gate_up. Rotary tables come from the architecture's own Hugging Face rotary module, so every rope
+variant (Llama 3 scaling, Gemma 3's local base, Phi-3's partial rotary) is computed by the code that defines it. The arithmetic follows the Hugging Face modules op for op (norms in fp32, softmax in fp32),
 so that in fp32 the logits agree to rounding with `AutoModelForCausalLM` on the same checkpoint.
 
 q, k, v (and gate, up) are one matmul when their formats agree, which halves the number of launches at decode.
@@ -24,15 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqlab.errors import PtqlabError
-from ptqlab.models import head_dim as config_head_dim
+from ptqlab.families import FAMILIES, ModelFamily, head_dim as config_head_dim
 from ptqlab import triton_support
 from ptqlab.runtime import fused
 from ptqlab.quant.kv_cache import dequantize_kv, fake_quantize_kv, quantize_kv
 from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.runtime.moe import MoEMLP, Routing
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe", "mixtral")
-GEMMA = ("gemma2", "gemma3_text")
+SUPPORTED = tuple(name for name, family in FAMILIES.items() if family.fast_runtime)
 FUSED_ACTIVATIONS = fused.ACTIVATIONS
 
 
@@ -41,6 +40,8 @@ class Architecture:
     """The numbers and switches that define a decoder of one of the supported families."""
 
     model_type: str
+    family: ModelFamily
+    """Where the checkpoint keeps each part (runtime/load.py reads the layers' linears and norms by role)."""
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -67,25 +68,26 @@ class Architecture:
         if model_type not in SUPPORTED:
             raise PtqlabError(f"the fast runtime does not run {model_type!r} models (it runs {', '.join(SUPPORTED)}); "
                               "benchmark this one with --runtime transformers")
+        family = FAMILIES[model_type]
         heads = config.num_attention_heads
         head_dim = config_head_dim(config)
-        gemma = model_type in GEMMA
         window = getattr(config, "sliding_window", None)
         types = getattr(config, "layer_types", None)
         if types is None:
             types = ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers
         if "sliding_attention" not in types:
             window = None
-        scalar = getattr(config, "query_pre_attn_scalar", None) if gemma else None
+        scalar = getattr(config, "query_pre_attn_scalar", None)  # this and the softcaps: Gemma's config keys
         return cls(
-            model_type=model_type, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+            model_type=model_type, family=family, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
             num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
             vocab_size=config.vocab_size, eps=config.rms_norm_eps,
             activation=getattr(config, "hidden_activation", None) or config.hidden_act,
-            norm_offset=1.0 if gemma else 0.0, embed_scale=config.hidden_size ** 0.5 if gemma else None,
+            norm_offset=family.norms.offset,
+            embed_scale=config.hidden_size ** 0.5 if family.scaled_embeddings else None,
             attn_scale=(scalar or head_dim) ** -0.5,
-            attn_softcap=getattr(config, "attn_logit_softcapping", None) if gemma else None,
-            final_softcap=getattr(config, "final_logit_softcapping", None) if gemma else None,
+            attn_softcap=getattr(config, "attn_logit_softcapping", None),
+            final_softcap=getattr(config, "final_logit_softcapping", None),
             layer_types=tuple(types), sliding_window=window, routing=Routing.from_config(config),
         )
 
@@ -128,7 +130,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def rotary_tables(config, positions: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """cos, sin [positions, rotary dims] (fp32) per layer type, from the architecture's own HF rotary module."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING  # start-up time: imported on first use
 
     module = sys.modules[MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__module__]
     rotary_cls = next(v for k, v in vars(module).items() if k.endswith("RotaryEmbedding") and isinstance(v, type))
@@ -176,6 +178,8 @@ class Block(nn.Module):
 
     def __init__(self, arch: Architecture, index: int, qkv: nn.Module, o: nn.Module, gate_up: nn.Module | None,
                  down: nn.Module | None, norms: dict[str, torch.Tensor], moe: MoEMLP | None = None) -> None:
+        """norms: weights by role (families.Norms: attention_input, mlp_input, and where the family has them
+        attention_output, mlp_output, query, key)."""
         super().__init__()
         self.arch, self.layer_type = arch, arch.layer_types[index]
         self.window = arch.sliding_window if self.layer_type == "sliding_attention" else None
@@ -185,7 +189,7 @@ class Block(nn.Module):
         for name, weight in norms.items():
             self.register_buffer(name, weight)
         self.norm_names = set(norms)
-        from transformers.activations import ACT2FN
+        from transformers.activations import ACT2FN  # start-up time: imported on first use
 
         self.act = ACT2FN[arch.activation]
         self.k_cache: torch.Tensor | None = None
@@ -207,14 +211,15 @@ class Block(nn.Module):
                 allowed: torch.Tensor | None, fresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output h', the residual stream x') with x' + h' the layer's result: the last add is left to
         the next norm, which does it in the same kernel."""
-        n, x = self._norm("input_layernorm", h, residual, consumer=self.qkv)
+        n, x = self._norm("attention_input", h, residual, consumer=self.qkv)
         h = self.attention(n, pos, rotary, allowed, fresh)
-        if "pre_feedforward_layernorm" in self.norm_names:  # Gemma's sandwich norms
-            h = self._norm("post_attention_layernorm", h)[0]
-            m, x = self._norm("pre_feedforward_layernorm", h, residual=x, consumer=self.gate_up)
-            return self._norm("post_feedforward_layernorm", self.mlp(m))[0], x
-        m, x = self._norm("post_attention_layernorm", h, residual=x, consumer=self.gate_up)
-        return self.mlp(m), x
+        if "attention_output" in self.norm_names:  # Gemma's sandwich norms
+            h = self._norm("attention_output", h)[0]
+        m, x = self._norm("mlp_input", h, residual=x, consumer=self.gate_up)
+        h = self.mlp(m)
+        if "mlp_output" in self.norm_names:
+            h = self._norm("mlp_output", h)[0]
+        return h, x
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.moe is not None:
@@ -258,8 +263,8 @@ class Block(nn.Module):
             if scales is not None:  # what the kernel stored (the same division and rounding), read back
                 k, v = fake_quantize_kv(k, scales[0]), fake_quantize_kv(v, scales[1])
         else:
-            if "q_norm" in self.norm_names:
-                q, k = self._norm("q_norm", q)[0], self._norm("k_norm", k)[0]
+            if "query" in self.norm_names:
+                q, k = self._norm("query", q)[0], self._norm("key", k)[0]
             q, k = rope(q, cos[pos], sin[pos]).transpose(1, 2), rope(k, cos[pos], sin[pos]).transpose(1, 2)
             if scales is not None:
                 k_stored, v_stored = quantize_kv(k, scales[0]), quantize_kv(v, scales[1])
@@ -321,7 +326,7 @@ class RuntimeModel(nn.Module):
         for block in self.blocks:
             block.fused, block.pdl = self.fused, options.pdl
             block.fused_rope = (self.fused and rotary_dims == arch.head_dim and arch.head_dim & (arch.head_dim - 1) == 0
-                                and "q_norm" not in block.norm_names)
+                                and "query" not in block.norm_names)
             if block.fused and arch.activation in FUSED_ACTIVATIONS and hasattr(block.gate_up, "pair_gate_up"):
                 block.gate_up.pair_gate_up()
         self.max_positions = max_positions

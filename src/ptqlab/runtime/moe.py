@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqlab import triton_support
-from ptqlab.models import expert_count
+from ptqlab.families import FAMILIES
 from ptqlab.quant import token_triton
 from ptqlab.runtime import fused, kernels, moe_kernels
 from ptqlab.runtime.kernels import RuntimeOptions
@@ -43,12 +43,13 @@ class Routing:
 
     @classmethod
     def from_config(cls, config) -> Routing | None:
-        experts = expert_count(config)
+        """The routing of a mixture-of-experts family (its layout row, ptqlab.families); None for a dense model."""
+        layout = FAMILIES[config.model_type].experts
+        experts = layout.count(config) if layout is not None else 0
         if not experts:
             return None
-        mixtral = config.model_type == "mixtral"
-        return cls(experts, config.num_experts_per_tok, mixtral or bool(getattr(config, "norm_topk_prob", False)),
-                   mixtral)
+        return cls(experts, getattr(config, layout.top_k_key), layout.renormalizes(config),
+                   layout.fp32_routing_weights)
 
 
 class Expert(nn.Module):

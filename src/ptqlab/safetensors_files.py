@@ -1,9 +1,10 @@
 """A checkpoint's safetensors files read without their data: each file's header (an 8-byte little-endian length,
 then a JSON table of dtype, shape and data_offsets per tensor), the shard index, and the shard sizes ptqlab writes.
 
-Why its own module: the header is the one test of a whole safetensors file, used wherever a folder is read before
-its weights are (loading a model, streaming one layer by layer, validating a checkpoint, pricing a sensitivity
-plan). A truncated or padded file is refused here, as safetensors itself refuses it, in a line that says so.
+Why its own module, below the formats: the header is the one test of a whole safetensors file, used wherever a
+folder is read before its weights are (loading a model, streaming one layer by layer, validating a checkpoint, pricing
+a sensitivity plan). A truncated or padded file is refused here, as safetensors itself refuses it, in a line that
+says so.
 """
 
 from __future__ import annotations

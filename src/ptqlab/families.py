@@ -1,0 +1,213 @@
+"""Model families: one row per architecture (a config's `model_type`) saying where its decoder layers live, which
+linears play which role (q/k/v/o, gate/up/down, the experts and their router), which norms it has and, for a
+mixture of experts, how its MoE block is laid out and which config keys size it.
+
+Everything that differs between architectures reads its row here: the engine (decoder layers, per-expert linears,
+the checkpoint's names), the smoothing mappings (engine/smoothing.py derives them from the roles), the memory
+plan's shape, the fast runtime, the GGUF export and the tests' tiny models. A new architecture is one row of
+`FAMILIES` and a tiny-model test (tests/test_families.py checks every row against a tiny model of its family).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ptqlab.errors import PtqlabError
+
+
+@dataclass(frozen=True)
+class Linears:
+    """A decoder layer's linears by role, as module names inside the layer (what the checkpoint names them too)."""
+
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    """q, k and v; or the one linear that computes them side by side, rows [q | k | v] (Phi-3)."""
+    o: str = "self_attn.o_proj"
+    gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    """The MLP's gate and up; or the one linear that computes both, rows [gate | up] (Phi-3). A mixture of experts
+    has these per expert (`ExpertLayout`)."""
+    down: str = "mlp.down_proj"
+
+    @property
+    def v(self) -> str:
+        """The linear whose output rows o reads: v, or the fused qkv (its v rows)."""
+        return self.qkv[-1]
+
+    @property
+    def up(self) -> str:
+        """The linear whose output rows multiply act(gate): up, or the fused gate_up (its up half)."""
+        return self.gate_up[-1]
+
+    @property
+    def fused_qkv(self) -> bool:
+        return len(self.qkv) == 1
+
+    @property
+    def fused_gate_up(self) -> bool:
+        return len(self.gate_up) == 1
+
+
+@dataclass(frozen=True)
+class Norms:
+    """A decoder layer's RMSNorms by role, as module names inside the layer."""
+
+    attention_input: str = "input_layernorm"
+    mlp_input: str = "post_attention_layernorm"
+    attention_output: str | None = None
+    """Gemma's sandwich norms: the attention's output is normed before the residual add (and `mlp_output` too)."""
+    mlp_output: str | None = None
+    query: str | None = None
+    """A per-head norm of q and of k before the rotary embedding (Qwen3, Gemma 3)."""
+    key: str | None = None
+    offset: float = 0.0
+    """Gemma's norms scale by (1 + w) where others scale by w."""
+
+    def by_role(self) -> dict[str, str]:
+        """Every norm the layer has: role -> module name."""
+        roles = ("attention_input", "attention_output", "mlp_input", "mlp_output", "query", "key")
+        return {role: getattr(self, role) for role in roles if getattr(self, role) is not None}
+
+
+TRANSFORMERS_MLP = "mlp"
+"""What transformers 5 calls every decoder layer's MLP block, an MoE one included."""
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """A mixture-of-experts MLP block: its experts' and router's names in the checkpoint, and the config keys that
+    size and route it."""
+
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    """An expert's gate, up and down projection, as the checkpoint names them (block.experts.E.<name>)."""
+    block: str = TRANSFORMERS_MLP
+    """The MoE block's name in the checkpoint (Mixtral: block_sparse_moe, which transformers renamed mlp)."""
+    router: str = "gate"
+    """The router's linear inside the block; it stays 16-bit."""
+    shared_expert: str | None = None
+    """A dense MLP beside the routed experts inside the block (Qwen2-MoE)."""
+    shared_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    """The shared expert's gate, up and down projection."""
+    shared_expert_gate: str | None = None
+    """The shared expert's gate inside the block (a linear to one output; it stays 16-bit)."""
+    count_key: str = "num_experts"
+    """The config key giving the routed experts per MoE layer."""
+    width_key: str = "moe_intermediate_size"
+    """The config key giving one expert's MLP width."""
+    shared_width_key: str | None = None
+    """The config key giving the shared expert's MLP width."""
+    top_k_key: str = "num_experts_per_tok"
+    """The config key giving how many experts each token is routed to."""
+    normalize: bool | str = "norm_topk_prob"
+    """Whether the top-k routing probabilities are renormalized to sum to one: always (True), or as this config key
+    says."""
+    fp32_routing_weights: bool = False
+    """The routing weights stay fp32 (Mixtral) instead of being cast to the model dtype."""
+
+    @property
+    def keep(self) -> tuple[str, ...]:
+        """What stays 16-bit (the router, a shared expert's gate), as ignore patterns over checkpoint names."""
+        kept = (self.router,) + ((self.shared_expert_gate,) if self.shared_expert_gate else ())
+        return tuple(rf"re:.*{self.block}\.{name}$" for name in kept)
+
+    @property
+    def renames(self) -> tuple[tuple[str, str], ...]:
+        """(transformers' module-name part, the checkpoint's): where transformers renamed the block."""
+        return () if self.block == TRANSFORMERS_MLP else ((f".{TRANSFORMERS_MLP}.", f".{self.block}."),)
+
+    def count(self, config) -> int:
+        return getattr(config, self.count_key, None) or 0
+
+    def renormalizes(self, config) -> bool:
+        return self.normalize if isinstance(self.normalize, bool) else bool(getattr(config, self.normalize, False))
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One architecture: everything ptqlab needs to know about its modules and config that differs between them."""
+
+    layers: str = "model.layers"
+    """The dotted path of the decoder-layer list."""
+    attention: str = "self_attn"
+    """The attention module inside a decoder layer (where a quantized KV cache's k_scale and v_scale live)."""
+    linears: Linears = field(default_factory=Linears)
+    norms: Norms = field(default_factory=Norms)
+    experts: ExpertLayout | None = None
+    """The MoE block of a mixture-of-experts family (its MLP linears are then per expert); None: a dense MLP."""
+    embeddings: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
+    scaled_embeddings: bool = False
+    """The embeddings are multiplied by sqrt(hidden_size) (Gemma)."""
+    fast_runtime: bool = True
+    """runtime/model.py runs it (a decoder in these roles, with the config's rotary, window and softcap keys)."""
+    gguf_architecture: str | None = None
+    """llama.cpp's architecture for it (its general.architecture: llama, qwen2; formats/gguf_file.ARCHITECTURES);
+    None: no GGUF export."""
+
+
+_GEMMA_NORMS = dict(mlp_input="pre_feedforward_layernorm", attention_output="post_attention_layernorm",
+                    mlp_output="post_feedforward_layernorm", offset=1.0)
+_HEAD_NORMS = dict(query="self_attn.q_norm", key="self_attn.k_norm")
+
+# model_type -> its family. Each row is checked against a tiny random model of its family (tests/tiny.py).
+FAMILIES: dict[str, ModelFamily] = {
+    "llama": ModelFamily(gguf_architecture="llama"),
+    "mistral": ModelFamily(gguf_architecture="llama"),  # convert_hf_to_gguf: MistralForCausalLM is llama
+    "qwen2": ModelFamily(gguf_architecture="qwen2"),
+    "qwen3": ModelFamily(norms=Norms(**_HEAD_NORMS)),
+    "gemma2": ModelFamily(norms=Norms(**_GEMMA_NORMS), scaled_embeddings=True),
+    "gemma3_text": ModelFamily(norms=Norms(**_GEMMA_NORMS, **_HEAD_NORMS), scaled_embeddings=True),
+    "phi3": ModelFamily(linears=Linears(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",))),
+    "qwen2_moe": ModelFamily(experts=ExpertLayout(shared_expert="shared_expert", shared_expert_gate="shared_expert_gate",
+                                                  shared_width_key="shared_expert_intermediate_size")),
+    "qwen3_moe": ModelFamily(norms=Norms(**_HEAD_NORMS), experts=ExpertLayout()),
+    "mixtral": ModelFamily(experts=ExpertLayout(("w1", "w3", "w2"), block="block_sparse_moe",
+                                                count_key="num_local_experts", width_key="intermediate_size",
+                                                normalize=True, fp32_routing_weights=True)),
+}
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+"""Config keys whose presence marks a mixture-of-experts model (of a family without a row, to refuse it)."""
+
+
+def family_of(config, purpose: str = "ptqlab") -> ModelFamily:
+    """The family row of `config`'s model_type; one line refusing a model_type without one (`purpose`: what needs
+    it, for the message)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise PtqlabError(f"{purpose} needs the model family of {model_type!r}, which ptqlab does not know (known: "
+                          f"{', '.join(FAMILIES)}): add a row to ptqlab.families.FAMILIES")
+    return FAMILIES[model_type]
+
+
+def expert_count(config) -> int:
+    """Routed experts per MoE layer, from the family's count key (or, for a family without a row, whichever known
+    key the config has); 0 for a dense model."""
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is not None:
+        return family.experts.count(config) if family.experts else 0
+    return next((n for n in (getattr(config, key, None) for key in EXPERT_COUNT_KEYS) if n), 0)
+
+
+def moe_layout(config) -> ExpertLayout | None:
+    """The MoE layout of a supported MoE family; None for a dense model; one line refusing an MoE without a row."""
+    model_type = getattr(config, "model_type", None)
+    family = FAMILIES.get(model_type)
+    if family is not None and family.experts is not None:
+        return family.experts
+    if family is None and expert_count(config):
+        supported = sorted(name for name, row in FAMILIES.items() if row.experts is not None)
+        raise PtqlabError(f"{model_type} is a mixture-of-experts architecture ptqlab does not support yet (supported: "
+                          f"{', '.join(supported)}): add a row to ptqlab.families.FAMILIES")
+    return None
+
+
+def checkpoint_name(name: str, layout: ExpertLayout | None) -> str:
+    """A tensor's name in the checkpoint, from its name in the (unfused) model."""
+    for ours, theirs in () if layout is None else layout.renames:
+        name = name.replace(ours, theirs)
+    return name
+
+
+def head_dim(config) -> int:
+    """The width of one attention head: the config's head_dim where it sets one (Gemma, Qwen3), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

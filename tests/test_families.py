@@ -1,0 +1,92 @@
+"""The model-family registry (ptqlab.families): every row names exactly the modules a tiny model of its family has,
+its MoE layout keeps the routers 16-bit under the checkpoint's names, and what reads config keys (the memory plan)
+reads the row's and refuses a family without one."""
+
+import pytest
+import torch
+
+from ptqlab.engine.experts import unfuse
+from ptqlab.engine.memory import ModelShape
+from ptqlab.errors import PtqlabError
+from ptqlab.families import FAMILIES, TRANSFORMERS_MLP, checkpoint_name, moe_layout
+from ptqlab.models import decoder_layers
+from ptqlab.schemes import matches
+from tiny import ARCHS, MOE_ARCHS, tiny_config, tiny_model
+
+
+def row_linears(arch: str, experts: int) -> set[str]:
+    """The linears (and routers) one decoder layer has according to its family's row, by module name inside the layer (the
+    experts unfused, engine/experts.py)."""
+    family = FAMILIES[arch]
+    linears = {*family.linears.qkv, family.linears.o}
+    layout = family.experts
+    if layout is None:
+        return linears | {*family.linears.gate_up, family.linears.down}
+    block = TRANSFORMERS_MLP
+    linears |= {f"{block}.{layout.router}"}
+    linears |= {f"{block}.experts.{e}.{p}" for e in range(experts) for p in layout.projections}
+    if layout.shared_expert:
+        linears |= {f"{block}.{layout.shared_expert}.{p}" for p in layout.shared_projections}
+        linears |= {f"{block}.{layout.shared_expert_gate}"}
+    return linears
+
+
+def test_the_tiny_factory_builds_every_family():
+    assert ARCHS + MOE_ARCHS == list(FAMILIES)
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_each_row_names_exactly_the_modules_of_its_family(arch):
+    model = tiny_model(arch, num_hidden_layers=1)
+    unfuse(model)
+    family = FAMILIES[arch]
+    assert decoder_layers(model) is model.get_submodule(family.layers)
+    layer = decoder_layers(model)[0]
+    # a linear or a router (some transformers routers are modules of their own): a module with a 2-D weight
+    linears = {name for name, module in layer.named_modules()
+               if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2}
+    norms = {name for name, module in layer.named_modules() if type(module).__name__.endswith("RMSNorm")}
+    assert linears == row_linears(arch, model.config.num_local_experts if arch == "mixtral" else
+                                  getattr(model.config, "num_experts", 0))
+    assert norms == set(family.norms.by_role().values())
+    assert {model.get_submodule(family.embeddings), model.get_submodule(family.final_norm),
+            model.get_submodule(family.head)} == {model.get_input_embeddings(), model.get_decoder().norm,
+                                                  model.get_output_embeddings()}
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_an_moe_row_keeps_its_routers_16_bit_under_the_checkpoint_names(arch):
+    layout = FAMILIES[arch].experts
+    kept = [f"{TRANSFORMERS_MLP}.{layout.router}"]
+    if layout.shared_expert_gate:
+        kept.append(f"{TRANSFORMERS_MLP}.{layout.shared_expert_gate}")
+    for name in kept:
+        stored = checkpoint_name(f"model.layers.3.{name}", layout)
+        assert stored.startswith(f"model.layers.3.{layout.block}.")
+        assert any(matches(stored, pattern) for pattern in layout.keep)
+    expert = checkpoint_name(f"model.layers.3.{TRANSFORMERS_MLP}.experts.0.{layout.projections[0]}", layout)
+    assert not any(matches(expert, pattern) for pattern in layout.keep)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_the_memory_plan_reads_an_moe_shape_through_its_row(arch):
+    config = tiny_config(arch)
+    layout = FAMILIES[arch].experts
+    shape = ModelShape.from_config(config)
+    assert (shape.experts, shape.active_experts, shape.intermediate) == (
+        getattr(config, layout.count_key), getattr(config, layout.top_k_key), getattr(config, layout.width_key))
+    assert shape.shared_intermediate == (getattr(config, layout.shared_width_key) if layout.shared_width_key else 0)
+
+
+def test_a_family_without_a_row_is_refused_by_the_memory_plan():
+    """A new MoE's config keys are unknown until its row names them: the plan refuses rather than guess."""
+    config = tiny_config("qwen3_moe")
+    config.model_type = "qwen9_moe"
+    with pytest.raises(PtqlabError, match="memory plan.*'qwen9_moe'.*ptqlab.families.FAMILIES"):
+        ModelShape.from_config(config)
+    with pytest.raises(PtqlabError, match="qwen9_moe is a mixture-of-experts architecture.*ptqlab.families.FAMILIES"):
+        moe_layout(config)
+
+
+def test_a_dense_model_has_no_moe_layout():
+    assert all(moe_layout(tiny_config(arch)) is None for arch in ARCHS)

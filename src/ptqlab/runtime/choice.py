@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import statistics
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ptqlab.embedded import cache_root
+from ptqlab.output import write_atomically
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 2048)
 """A matmul of M rows takes the choice measured at the smallest bucket >= M; the last (prefill) at any more."""
@@ -97,12 +97,10 @@ def _load(path: Path) -> dict:
 
 
 def _save(path: Path, table: dict) -> None:
-    """Write-then-rename, so that a run killed mid-write or a concurrent run never leaves half a table."""
+    """Atomically, so that a run killed mid-write or a concurrent run never leaves half a table."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
     except OSError:  # a read-only cache: the choices hold for this process only
         pass
 

@@ -388,7 +388,7 @@ def main() -> None:
         print(f"transformers bf16 decode (plain generate loop): {hf:.1f} tok/s")
     crossover = None
     if batch_sizes:
-        from ptqlab.report import fastest_by_batch, crossover_words
+        from ptqlab.recommend import crossover_words, fastest_by_batch
 
         swept = [{"name": scheme, "speed": {"sweep": r["sweep"]}} for scheme, r in results.items()]
         crossover = {"fastest_by_batch": fastest_by_batch(swept), "words": crossover_words(fastest_by_batch(swept))}

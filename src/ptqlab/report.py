@@ -17,7 +17,6 @@ from ptqlab.measure.quality import perplexity_change
 from ptqlab.output import write_atomically
 from ptqlab.plots import FRONT_COLOUR, bars as _bars, layer_bars, scatter as _scatter
 from ptqlab.recommend import MiB, Budget, build_results, crossover_words, size_kl_points
-from ptqlab.recommend import fastest_by_batch  # noqa: F401 - bench/runtime_speed.py imports it from here
 
 
 def _ppl_change(v: dict, base: dict | None) -> tuple[float | None, float | None]:

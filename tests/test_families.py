@@ -88,5 +88,13 @@ def test_a_family_without_a_row_is_refused_by_the_memory_plan():
         moe_layout(config)
 
 
+def test_a_dense_model_without_a_row_is_planned_from_the_standard_keys():
+    """A new dense architecture (a Llama-like model_type ptqlab has no row for) keeps being planned as it was."""
+    config = tiny_config("llama")
+    known = ModelShape.from_config(config)
+    config.model_type = "llama9"
+    assert ModelShape.from_config(config) == known
+
+
 def test_a_dense_model_has_no_moe_layout():
     assert all(moe_layout(tiny_config(arch)) is None for arch in ARCHS)

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from ptqlab.errors import PtqlabError
-from ptqlab.families import family_of, head_dim
+from ptqlab.families import FAMILIES, expert_count, family_of, head_dim
 from ptqlab.safetensors_files import STREAM_SHARD_BYTES
 
 GIB = 2**30
@@ -100,9 +100,13 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
-        """The shape of a model of a known family: a mixture of experts is read through its layout row's config
-        keys (ptqlab.families); a model_type without a row is refused, since its keys are unknown."""
-        layout = family_of(config, "the memory plan").experts
+        """The shape of a model: a mixture of experts is read through its family row's config keys
+        (ptqlab.families); an MoE without a row is refused, since its keys are unknown; a dense model without one
+        is read from the standard keys every decoder config has."""
+        family = FAMILIES.get(getattr(config, "model_type", None))
+        if family is None and expert_count(config):
+            family_of(config, "the memory plan")  # refuses, in one line that says what to add
+        layout = family.experts if family is not None else None
         heads = config.num_attention_heads
         experts = layout.count(config) if layout is not None else 0
         intermediate = getattr(config, layout.width_key) if experts else config.intermediate_size

@@ -48,7 +48,7 @@ from runtime_speed import build_runtime, graph_us, measure, median_ms  # noqa: E
 from ptqlab.quant import token_triton  # noqa: E402
 from ptqlab.quant.linear import rtn  # noqa: E402
 from ptqlab.quant.primitives import dequantize, fake_quantize  # noqa: E402
-from ptqlab.runtime import fp8_kernels, kernels  # noqa: E402
+from ptqlab.runtime import fp8_kernels, int4_kernels, kernels# noqa: E402
 from ptqlab.runtime.kernels import RuntimeOptions  # noqa: E402
 from ptqlab.runtime.linear import StoredLinear, build_linear  # noqa: E402
 from ptqlab.schemes import QuantArgs, Scheme  # noqa: E402
@@ -137,7 +137,7 @@ def probe_torch_blockwise() -> dict:
     for name, block_rows in (("fp8-block", 128), ("w4a8", 1)):
         stored, weight = layer_weights(n, k, seed=5)[name]
         if name == "w4a8":
-            w8 = fp8_kernels.int4_to_fp8(kernels.int4_planes(stored.weight, 16), k)
+            w8 = fp8_kernels.int4_to_fp8(int4_kernels.int4_planes(stored.weight, 16), k)
             if not torch.equal(w8.float(), stored.weight.float()):
                 fail("int4_to_fp8 does not give the int4 grid values")
         else:
@@ -182,7 +182,7 @@ def check() -> dict:
         weights = layer_weights(n, k, seed=n)
         (fp8_block, w_fp8), (w4a8, w_int4) = weights["fp8-block"], weights["w4a8"]
         w_scale = fp8_block.scale.float()
-        planes = kernels.int4_planes(w4a8.weight, 16)
+        planes = int4_kernels.int4_planes(w4a8.weight, 16)
         for rows in (1, 3, 16, 17, 64, 300):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             q, x_scale = fp8_kernels.quantize_groups(x)
@@ -202,7 +202,7 @@ def check() -> dict:
                 if ratio > 1:
                     fail(f"{name} at {rows} x {k} -> {n}: {ratio:.3g} x the bound")
             if rows == 1:  # the one-row int4 kernel on the FP8 grid (its sums are biased: a looser bound)
-                y = kernels.int4_gemv(tokens.q[:1], planes, w4a8.scale, None, x_scale=tokens.scale,
+                y = int4_kernels.int4_gemv(tokens.q[:1], planes, w4a8.scale, None, x_scale=tokens.scale,
                                       out_dtype=torch.float32)
                 magnitude = token_inputs.abs() @ w4a8.scale.double().repeat_interleave(128, -1).T
                 ratio = excess(y, token_inputs @ w_int4.T, magnitude, 3e-3)

@@ -141,7 +141,7 @@ def kernel_table(shape: str, rows: int = 1) -> list[dict]:
     prefill path's extra pass)."""
     from ptqlab.quant.linear import rtn
     from ptqlab.recipes import get_recipe
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
 
     _, p = SHAPES[shape]
     h, i = p["hidden_size"], p["intermediate_size"]
@@ -151,7 +151,7 @@ def kernel_table(shape: str, rows: int = 1) -> list[dict]:
     for n, k in [(h + 2 * kv, h), (h, h), (2 * i, h), (h, i)]:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q, scale, _ = rtn(w, args, torch.bfloat16)
-        planes = kernels.int4_planes(q, kernels.plane_words(k, 128))
+        planes = int4_kernels.int4_planes(q, int4_kernels.plane_words(k, 128))
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ (q.double().unflatten(1, (-1, 128)) * scale.double().unsqueeze(-1)).flatten(1).T
         copies = _copies(planes)
@@ -165,11 +165,11 @@ def kernel_table(shape: str, rows: int = 1) -> list[dict]:
 
         if rows == 1:
             for bn, bkp, warps in GEMV_CONFIGS:
-                timed(f"int4_{bn}x{bkp}w{warps}", lambda x, p, c=(bn, bkp, warps): kernels.int4_gemv(x, p, scale, None, c))
+                timed(f"int4_{bn}x{bkp}w{warps}", lambda x, p, c=(bn, bkp, warps): int4_kernels.int4_gemv(x, p, scale, None, c))
         else:
-            timed("int4_tensor_cores", lambda x, p: kernels.int4_matmul_small_m(x, p, scale, None))
+            timed("int4_tensor_cores", lambda x, p: int4_kernels.int4_matmul_small_m(x, p, scale, None))
         row["load_only_us"] = graph_us([partial(load_only, c) for c in copies])
-        row["dequant_us"] = graph_us([partial(kernels.int4_dequantize, c, scale, None, k, torch.bfloat16) for c in copies])
+        row["dequant_us"] = graph_us([partial(int4_kernels.int4_dequantize, c, scale, None, k, torch.bfloat16) for c in copies])
         try:
             u = q.to(torch.int32) + 8
             tiny = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8)

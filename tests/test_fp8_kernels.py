@@ -77,12 +77,12 @@ def fp8_block_layer(n, k, seed=1):
 
 
 def int4_layer(n, k, group, seed=2):
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
 
     torch.manual_seed(seed)
     args = QuantArgs(num_bits=4, strategy="group", group_size=group) if group else QuantArgs(num_bits=4)
     q, scale, _ = rtn(torch.randn(n, k) * 0.05, args, torch.float16)
-    return kernels.int4_planes(q, 16), scale, dequantize(q, scale, None, args, torch.float64)
+    return int4_kernels.int4_planes(q, 16), scale, dequantize(q, scale, None, args, torch.float64)
 
 
 def relative(a, b):
@@ -190,10 +190,10 @@ def test_w4a8_matmul_against_float64(rows, n, k, group, out_dtype):
 @interpreted
 def test_int4_planes_become_their_fp8_grid_values():
     """The prefill path's scratch weight: every int4 value of the planes as FP8, exactly, in input order."""
-    from ptqlab.runtime import fp8_kernels, kernels
+    from ptqlab.runtime import fp8_kernels, int4_kernels
 
     q = torch.randint(-8, 8, (24, 384), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
-    weight = fp8_kernels.int4_to_fp8(kernels.int4_planes(q, 16), 384)
+    weight = fp8_kernels.int4_to_fp8(int4_kernels.int4_planes(q, 16), 384)
     assert weight.dtype == torch.float8_e4m3fn and torch.equal(weight.float(), q.float())
 
 
@@ -204,7 +204,7 @@ def test_one_row_int4_kernel_on_the_fp8_grid_is_the_fake_quantized_product(n, k,
     scale. That is W4A16's kernel on the fake-quantized row q s (primitives.fake_quantize's per-token grid), up to
     fp32 rounding: both within the int4 kernel's bound of the float64 product (a tile across two groups; tiles
     inside a group, K split in 2, at 8 x 1024)."""
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
 
     x = activations(1, k, seed=n)
     planes, w_scale, weight = int4_layer(n, k, 128)
@@ -212,8 +212,8 @@ def test_one_row_int4_kernel_on_the_fp8_grid_is_the_fake_quantized_product(n, k,
     inputs = exact(q, scale, k)
     reference = inputs @ weight.T
     magnitude = inputs.abs() @ w_scale.double().repeat_interleave(128, -1).T
-    on_grid = kernels.int4_gemv(q, planes, w_scale, None, tile, x_scale=scale, out_dtype=torch.float32)
-    fake = kernels.int4_gemv(inputs.float(), planes, w_scale, None, tile)
+    on_grid = int4_kernels.int4_gemv(q, planes, w_scale, None, tile, x_scale=scale, out_dtype=torch.float32)
+    fake = int4_kernels.int4_gemv(inputs.float(), planes, w_scale, None, tile)
     assert on_grid.dtype == torch.float32 and on_grid.shape == (1, n)
     for y in (on_grid, fake):
         ok, worst = within(y, reference, magnitude, 3e-3)

@@ -174,13 +174,13 @@ def test_reads_llmcompressor_checkpoints(tiny_model_dir, tmp_path):
 def test_int4_planes_put_each_value_where_the_kernels_read_it(k, group, plane):
     """Value v of a row: nibble (v mod 8P) // P of word (v // 8P) P + v mod P (P = plane width); the packing is
     lossless and a word's 8 values share one scale group."""
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
 
-    assert kernels.plane_words(k, group) == plane
+    assert int4_kernels.plane_words(k, group) == plane
     if plane is None:
         return
     q = torch.randint(-8, 8, (5, k), dtype=torch.int8)
-    planes = kernels.int4_planes(q, plane)
+    planes = int4_kernels.int4_planes(q, plane)
     assert planes.dtype == torch.int32 and planes.shape == (5, k // 8)
     v = torch.arange(k)
     word = (v // (8 * plane)) * plane + v % plane
@@ -204,26 +204,26 @@ def test_int4_kernels_against_float64(rows, n, k, group, symmetric):
     planes), tiles inside a group (4096), one scale per row, zero points."""
     from ptqlab.quant.linear import rtn
     from ptqlab.quant.primitives import dequantize
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
     from ptqlab.schemes import QuantArgs
 
     torch.manual_seed(n + k + rows)
     args = QuantArgs(num_bits=4, strategy="group" if group else "channel", group_size=group, symmetric=symmetric)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     q, scale, zero = rtn(w, args, torch.bfloat16)
-    planes = kernels.int4_planes(q, kernels.plane_words(k, group or k))
+    planes = int4_kernels.int4_planes(q, int4_kernels.plane_words(k, group or k))
     reference_w = dequantize(q, scale, zero, args, torch.bfloat16)
-    assert torch.equal(kernels.int4_dequantize(planes, scale, zero, k, torch.bfloat16), reference_w)
+    assert torch.equal(int4_kernels.int4_dequantize(planes, scale, zero, k, torch.bfloat16), reference_w)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     exact = x.double() @ reference_w.double().T
     if rows == 1:
-        outputs = [kernels.int4_gemv(x, planes, scale, zero, tile) for tile in [(8, 256, 2), (16, 64, 4), (4, 512, 2)]]
+        outputs = [int4_kernels.int4_gemv(x, planes, scale, zero, tile) for tile in [(8, 256, 2), (16, 64, 4), (4, 512, 2)]]
     elif (group or k) < 128:  # tensor-core tiles need 128 values of one group; Int4Linear dequantizes
         with pytest.raises(ValueError, match="16 packed words"):
-            kernels.int4_matmul_small_m(x, planes, scale, zero)
+            int4_kernels.int4_matmul_small_m(x, planes, scale, zero)
         return
     else:
-        outputs = [kernels.int4_matmul_small_m(x, planes, scale, zero)]
+        outputs = [int4_kernels.int4_matmul_small_m(x, planes, scale, zero)]
     for y in outputs:
         assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
         assert relative(y, exact) < 4e-3  # fp32 accumulation, one bf16 rounding of the output

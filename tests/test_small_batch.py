@@ -90,7 +90,7 @@ def test_eight_bit_matmul_against_float64(grid, rows, n, k, out_dtype):
 def int4_layer(n, k, group, symmetric, seed=2):
     """Int4 grid values of a random weight in the runtime's planes, scales (and zero points), float64 weight."""
     from ptqlab.quant.primitives import dequantize
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
 
     torch.manual_seed(seed)
     args = QuantArgs(num_bits=4, strategy="group", group_size=group, symmetric=symmetric) if group else \
@@ -98,7 +98,7 @@ def int4_layer(n, k, group, symmetric, seed=2):
     q, scale, zero = rtn(torch.randn(n, k) * 0.05, args, torch.float16)
     weight = dequantize(q, scale, zero, args, torch.float64)
     zero = None if zero is None else zero.float()
-    return kernels.int4_planes(q, 16), scale, zero, q, weight
+    return int4_kernels.int4_planes(q, 16), scale, zero, q, weight
 
 
 @interpreted

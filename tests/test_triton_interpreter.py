@@ -9,7 +9,7 @@ here they are skipped. To run them directly: TRITON_INTERPRET=1 python -m pytest
 
 Every ptqlab kernel runs under the interpreter of Triton 3.9, FP8 grids aside (below); older interpreters stop
 earlier (Triton 3.6 on any loop whose bound is a kernel argument), so the test skips itself below 3.9:
-- runtime/kernels.py: the one-row int4 matmul (plain and gated, split K, tiles across and inside scale groups), the
+- runtime/int4_kernels.py: the one-row int4 matmul (plain and gated, split K, tiles across and inside scale groups), the
   split-K sum (plain and gated), the 2-16-row int4 matmul (tl.dot), int4 dequantization, the INT8 epilogue;
 - runtime/fused.py: RMSNorm (residual add, Gemma's offset, INT8 output), rotary + cache write, the gated activation
   (plain, paired, INT8 output), decode attention (softcap, window, fused rotary), greedy argmax;
@@ -61,17 +61,17 @@ def test_kernels_under_the_interpreter(tmp_path):
     run_under_interpreter(__file__, tmp_path)
 
 
-# ---- runtime/kernels.py: int4 weights -----------------------------------------------------------------------------
+# ---- runtime/int4_kernels.py: int4 weights ------------------------------------------------------------------------
 
 def int4_layer(n, k, group, symmetric, dtype, seed=0):
     """An RTN-quantized int4 layer, its runtime planes, and its dequantized weight in fp32 (exact: small integers
     times fp16 scales)."""
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
 
     torch.manual_seed(seed)
     args = QuantArgs(num_bits=4, strategy="group" if group else "channel", group_size=group, symmetric=symmetric)
     q, scale, zero = rtn(torch.randn(n, k), args, dtype)
-    planes = kernels.int4_planes(q, kernels.plane_words(k, group or k))
+    planes = int4_kernels.int4_planes(q, int4_kernels.plane_words(k, group or k))
     return q, scale, zero, planes, dequantize(q, scale, zero, args, torch.float32), args
 
 
@@ -85,10 +85,10 @@ words, zero points."""
 @pytest.mark.parametrize("n,k,group,symmetric", INT4_LAYERS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_int4_dequantize_is_primitives_dequantize(n, k, group, symmetric, dtype):
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
 
     q, scale, zero, planes, _, args = int4_layer(n, k, group, symmetric, dtype)
-    assert torch.equal(kernels.int4_dequantize(planes, scale, zero, k, dtype), dequantize(q, scale, zero, args, dtype))
+    assert torch.equal(int4_kernels.int4_dequantize(planes, scale, zero, k, dtype), dequantize(q, scale, zero, args, dtype))
 
 
 @interpreted
@@ -97,20 +97,20 @@ def test_int4_dequantize_is_primitives_dequantize(n, k, group, symmetric, dtype)
 def test_int4_gemv_against_float64(n, k, group, symmetric, tile):
     """One row. The tiles cover whole groups, lie inside one (8 words of a 16-word group), or cover K at once; with
     one multiprocessor (CPU) the narrow layers also split K across programs and sum the splits."""
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
 
     _, scale, zero, planes, weight, _ = int4_layer(n, k, group, symmetric, torch.float16)
     words = min(tile[1], 1 << (k // 8 - 1).bit_length())  # a tile's words, as int4_gemv narrows them to the row
     group_words = (group or k) // 8
     if group_words < k // 8 and words % group_words and group_words % words:
         with pytest.raises(ValueError, match="do not line up"):
-            kernels.int4_gemv(torch.randn(1, k), planes, scale, zero, tile)
+            int4_kernels.int4_gemv(torch.randn(1, k), planes, scale, zero, tile)
         return
     # fp32: the kernel sums 1 + u/16 and 1 + u/256 (no int-to-float conversion) and subtracts the offsets per
     # group, which costs a few bits of fp32; fp16: the output's rounding.
     for dtype, tolerance in ((torch.float32, 1e-4), (torch.float16, 1e-3)):
         x = torch.randn(1, k, dtype=dtype)
-        y = kernels.int4_gemv(x, planes, scale, zero, tile)
+        y = int4_kernels.int4_gemv(x, planes, scale, zero, tile)
         assert y.dtype == dtype and y.shape == (1, n)
         assert relative(y, x.double() @ weight.double().T) < tolerance
 
@@ -123,14 +123,14 @@ def test_int4_gemv_against_float64(n, k, group, symmetric, tile):
 def test_int4_gemv_applies_the_gated_activation(inner, k, tile, gelu):
     """Paired gate_up rows: act(gate) * up of the matmul's output, each half rounded to the activation dtype first,
     in the one-row kernel or (when K is split: 8 x 512 here) in the split-sum kernel."""
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels, kernels
 
     _, scale, zero, planes, weight, _ = int4_layer(2 * inner, k, 128, False, torch.float16, seed=inner)
     x = torch.randn(1, k, dtype=torch.float16)
     gate, up = (x.double() @ weight.double().T).to(torch.float16).float().chunk(2, -1)
     expected = (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
     paired = [kernels.pair_gate_up(t) for t in (planes, scale, zero)]
-    y = kernels.int4_gemv(x, *paired, tile, gated="gelu" if gelu else "silu")
+    y = int4_kernels.int4_gemv(x, *paired, tile, gated="gelu" if gelu else "silu")
     assert y.shape == (1, inner) and relative(y, expected) < 2e-3  # fp16 rounding of gate, up and the result
 
 
@@ -139,11 +139,11 @@ def test_int4_gemv_applies_the_gated_activation(inner, k, tile, gelu):
 @pytest.mark.parametrize("n,k,group,symmetric", [(24, 512, 128, True), (40, 256, 128, False), (8, 1024, None, True)])
 def test_int4_matmul_small_m_against_float64(rows, n, k, group, symmetric):
     """2-16 rows on tl.dot tiles of 16 words of a group; K split in two or more (one multiprocessor)."""
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
 
     _, scale, zero, planes, weight, _ = int4_layer(n, k, group, symmetric, torch.float16)
     x = torch.randn(rows, k, dtype=torch.float16)
-    y = kernels.int4_matmul_small_m(x, planes, scale, zero)
+    y = int4_kernels.int4_matmul_small_m(x, planes, scale, zero)
     assert y.dtype == torch.float16 and y.shape == (rows, n)
     assert relative(y, x.double() @ weight.double().T) < 1e-3  # x rounded to fp16 on entry; fp16 output
 
@@ -180,15 +180,15 @@ def test_int4_kernels_read_a_checkpoints_zero_points(rows):
 
 @interpreted
 def test_int4_kernels_refuse_a_transposed_zero_point():
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
 
     stored, _ = checkpoint_int4_layer(48, 512, 128, torch.float16)
-    planes = kernels.int4_planes(stored.weight, kernels.plane_words(512, 128))
+    planes = int4_kernels.int4_planes(stored.weight, int4_kernels.plane_words(512, 128))
     transposed = stored.zero_point.T.contiguous().T
     assert torch.equal(transposed, stored.zero_point) and transposed.stride(-1) != 1
-    for call in (lambda: kernels.int4_dequantize(planes, stored.scale, transposed, 512, torch.float16),
-                 lambda: kernels.int4_gemv(torch.randn(1, 512, dtype=torch.float16), planes, stored.scale, transposed),
-                 lambda: kernels.int4_matmul_small_m(torch.randn(3, 512, dtype=torch.float16), planes, stored.scale,
+    for call in (lambda: int4_kernels.int4_dequantize(planes, stored.scale, transposed, 512, torch.float16),
+                 lambda: int4_kernels.int4_gemv(torch.randn(1, 512, dtype=torch.float16), planes, stored.scale, transposed),
+                 lambda: int4_kernels.int4_matmul_small_m(torch.randn(3, 512, dtype=torch.float16), planes, stored.scale,
                                                      transposed)):
         with pytest.raises(ValueError, match="row-major zero_point"):
             call()
@@ -626,7 +626,7 @@ def test_expert_gemv_multiplies_each_pair_by_its_expert(rows_per_input, weighted
 @pytest.mark.parametrize("n,k,group,symmetric", [(24, 256, 128, True), (20, 96, 32, False)])
 def test_int4_expert_gemv_reads_each_pairs_expert(n, k, group, symmetric):
     """The one-row int4 kernel in expert mode: stacked planes, scales and zero points, one expert per pair."""
-    from ptqlab.runtime import kernels
+    from ptqlab.runtime import int4_kernels
 
     layers = [int4_layer(n, k, group, symmetric, torch.float32, seed=s) for s in range(5)]
     planes, scale = torch.stack([layer[3] for layer in layers]), torch.stack([layer[1] for layer in layers])
@@ -635,7 +635,7 @@ def test_int4_expert_gemv_reads_each_pairs_expert(n, k, group, symmetric):
     x = torch.randn(3, k)
     for rows_per_input, weights in ((2, None), (1, route_weights)):
         inputs = x if rows_per_input == 2 else torch.randn(6, k)
-        y = kernels.int4_expert_gemv(inputs, experts, planes, scale, zero, rows_per_input, weights)
+        y = int4_kernels.int4_expert_gemv(inputs, experts, planes, scale, zero, rows_per_input, weights)
         expected = torch.stack([layers[experts[p]][4].double() @ inputs[p // rows_per_input].double()
                                 for p in range(6)])
         if weights is not None:

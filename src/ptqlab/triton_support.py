@@ -1,5 +1,5 @@
-"""Triton, when it is installed: the one place the kernel modules (runtime/kernels.py, runtime/fused.py,
-quant/gptq_triton.py, quant/search_triton.py, quant/token_triton.py) import it from.
+"""Triton, when it is installed: the one place the kernel modules (runtime/kernels.py, runtime/int4_kernels.py,
+runtime/fused.py, quant/gptq_triton.py, quant/search_triton.py, quant/token_triton.py) import it from.
 
 `triton`, `tl`, `libdevice`, `gdc_wait` and `gdc_launch_dependents` are None where Triton is absent (CPU-only
 installs), so that those modules define their kernels under `if triton is not None:` and still import. Triton's

@@ -7,7 +7,7 @@ One matmul kernel serves both formats from 2 rows up: for each K tile of BLOCK_K
 weight scale column) it multiplies grid values on the tensor cores in fp32 and adds the product times its scales
 into an fp32 accumulator, as DeepSeek-V3's kernels do (Hopper's FP8 tensor cores accumulate a tile with reduced
 precision; promoting each tile to fp32 keeps that error to one tile). Int4 weights arrive as the runtime's packed
-planes (kernels.int4_planes, 16 words per run of 128 inputs) and become FP8 in registers: -8..7 are exact in E4M3.
+planes (int4_kernels.int4_planes, 16 words per run of 128 inputs) and become FP8 in registers: -8..7 are exact in E4M3.
 Up to SMALL_M rows (decode) tiles have 16 rows and K is split across programs so that the weight streams from every
 multiprocessor; one row of block-wise FP8 has its own kernel on CUDA cores (`fp8_block_gemv`). Every kernel takes
 activations already on their grid: `quantize_groups` (one small kernel per matmul, launched with programmatic
@@ -27,7 +27,7 @@ import functools
 import torch
 
 from ptqlab.quant.token_triton import FP8_TOKENS
-from ptqlab.runtime import kernels
+from ptqlab.runtime import int4_kernels
 from ptqlab.runtime.kernels import SMALL_M, _split_k, _sum_splits, pdl_launch
 from ptqlab.triton_support import interpreted, libdevice, tl, triton
 
@@ -82,7 +82,7 @@ if triton is not None:
     def _int4_tile(words, BLOCK_N: tl.constexpr):
         """A run of 16 plane words per row [BLOCK_N, 16] (int32) -> its 128 values q = u - 8 [BLOCK_N, 128] in fp32,
         in input order: nibble j of word w is input 16 j + w. The nibble goes into the mantissa of 2^23 (no
-        int-to-float conversion), as kernels._nibble does."""
+        int-to-float conversion), as int4_kernels._nibble does."""
         shifts = 4 * tl.arange(0, 8)
         u = (words[:, None, :] >> shifts[None, :, None]) & 0xF
         values = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
@@ -260,7 +260,7 @@ def fp8_block_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
 def w4a8_matmul(x: torch.Tensor, x_scale: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None, out_dtype: torch.dtype, pdl: bool = True) -> torch.Tensor:
     """W4A8: x [M, K] FP8 grid values with x_scale [M, 1] (per token) @ (int4 planes [N, K / 8] as
-    kernels.int4_planes packs them with planes of 16 words, symmetric, scale [N, K / group])ᵀ -> [M, N] in
+    int4_kernels.int4_planes packs them with planes of 16 words, symmetric, scale [N, K / group])ᵀ -> [M, N] in
     out_dtype (+ bias). K and the group: multiples of 128."""
     k = x.shape[1]
     return _matmul(x, x_scale, planes, scale, 1, k // scale.shape[1], bias, out_dtype, int4=True, x_groups=False,
@@ -271,7 +271,7 @@ def int4_to_fp8(planes: torch.Tensor, k: int) -> torch.Tensor:
     """The int4 grid values q [N, K] of `planes` (planes of 16 words) as float8_e4m3fn, unscaled (-8..7 are exact):
     the int4 dequantization kernel with a scale of one per group."""
     ones = torch.ones((1, k // BLOCK_K), dtype=torch.float32, device=planes.device).expand(planes.shape[0], -1)
-    return kernels.int4_dequantize(planes, ones, None, k, torch.float8_e4m3fn)
+    return int4_kernels.int4_dequantize(planes, ones, None, k, torch.float8_e4m3fn)
 
 
 def cublas_weight_scale(weight_scale: torch.Tensor, block_rows: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 from ptqlab import triton_support
 from ptqlab.quant import token_triton
 from ptqlab.quant.primitives import dequantize, fake_quantize
-from ptqlab.runtime import fp8_kernels, int8_gemm, kernels, small_batch
+from ptqlab.runtime import fp8_kernels, int4_kernels, int8_gemm, kernels, small_batch
 from ptqlab.runtime.choice import bucket
 from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.schemes import Scheme
@@ -152,8 +152,8 @@ class DequantizedLinear(nn.Module):
 
 
 class Int4Linear(ChoosingLinear):
-    """W4A16: the weight stays packed (0.5 byte per value, in the planes of `kernels.int4_planes`) and is dequantized
-    inside the kernel: at one row `kernels.int4_gemv`, at a few the small-batch tensor-core kernel (groups of 128 or
+    """W4A16: the weight stays packed (0.5 byte per value, in the planes of `int4_kernels.int4_planes`) and is dequantized
+    inside the kernel: at one row `int4_kernels.int4_gemv`, at a few the small-batch tensor-core kernel (groups of 128 or
     more) or the older 16-row kernel, for prefill dequantized into cuBLAS. `tile` and `pdl`: RuntimeOptions.gemv_tile
     and .pdl."""
 
@@ -167,8 +167,8 @@ class Int4Linear(ChoosingLinear):
         self.out_dtype = dtype or (scale.dtype if scale.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
         """The activations' dtype (the choice table times the kernels on such inputs)."""
         self.group_words = self.in_features // scale.shape[1] // 8
-        plane = kernels.plane_words(self.in_features, self.group_words * 8)
-        self.register_buffer("planes", kernels.int4_planes(q, plane))
+        plane = int4_kernels.plane_words(self.in_features, self.group_words * 8)
+        self.register_buffer("planes", int4_kernels.int4_planes(q, plane))
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", bias)
@@ -193,7 +193,7 @@ class Int4Linear(ChoosingLinear):
 
     def gated(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         """act(gate) * up of this paired gate_up layer for one row x [..., K] -> [..., N / 2]."""
-        y = kernels.int4_gemv(x.reshape(1, self.in_features), self.planes, self.scale, self.zero_point, self.tile,
+        y = int4_kernels.int4_gemv(x.reshape(1, self.in_features), self.planes, self.scale, self.zero_point, self.tile,
                               gated="gelu" if gelu else "silu", pdl=self.pdl)
         return y.reshape(*x.shape[:-1], -1)
 
@@ -219,14 +219,14 @@ class Int4Linear(ChoosingLinear):
 
     def _compute(self, rows: torch.Tensor, kernel: str) -> torch.Tensor:
         if kernel == "gemv":
-            y = kernels.int4_gemv(rows, self.planes, self.scale, self.zero_point, self.tile, pdl=self.pdl)
+            y = int4_kernels.int4_gemv(rows, self.planes, self.scale, self.zero_point, self.tile, pdl=self.pdl)
         elif kernel.startswith("small-batch"):
             return small_batch.small_batch_matmul("int4", rows, self.planes, self.scale, zero_point=self.zero_point,
                                                   bias=self.bias, tile=_tile_of(kernel), pdl=self.pdl)
         elif kernel == "small-m":
-            y = kernels.int4_matmul_small_m(rows, self.planes, self.scale, self.zero_point, pdl=self.pdl)
+            y = int4_kernels.int4_matmul_small_m(rows, self.planes, self.scale, self.zero_point, pdl=self.pdl)
         else:
-            weight = kernels.int4_dequantize(self.planes, self.scale, self.zero_point, self.in_features, rows.dtype)
+            weight = int4_kernels.int4_dequantize(self.planes, self.scale, self.zero_point, self.in_features, rows.dtype)
             return F.linear(rows, weight, self.bias)
         return y if self.bias is None else y + self.bias
 
@@ -393,7 +393,7 @@ class Fp8BlockLinear(nn.Module):
 
 class W4A8Linear(nn.Module):
     """W4A8: int4 weights, symmetric, one scale per group of a multiple of 128 inputs (packed in the planes of
-    `kernels.int4_planes`, 0.5 byte per value), and the input on the per-token FP8 grid, put there by this layer or
+    `int4_kernels.int4_planes`, 0.5 byte per value), and the input on the per-token FP8 grid, put there by this layer or
     already by the fused norm or activation before it. One row: the one-row int4 kernel on the FP8 grid values,
     its sums times the token's scale; up to kernels.SMALL_M rows: `fp8_kernels.w4a8_matmul` (int4 turned FP8 in
     registers); prefill: the same, or where torch has cuBLAS's block-wise FP8 matmul the weight turned FP8 into a
@@ -408,10 +408,10 @@ class W4A8Linear(nn.Module):
                  tile: tuple[int, int, int], pdl: bool) -> None:
         super().__init__()
         self.in_features, self.out_dtype, self.tile, self.pdl = q.shape[1], dtype, tile, pdl
-        self.register_buffer("planes", kernels.int4_planes(q, kernels.plane_words(q.shape[1], fp8_kernels.BLOCK_K)))
+        self.register_buffer("planes", int4_kernels.int4_planes(q, int4_kernels.plane_words(q.shape[1], fp8_kernels.BLOCK_K)))
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
-        self.one_row = kernels.int4_tiles_fit(self.in_features, scale, tile)
+        self.one_row = int4_kernels.int4_tiles_fit(self.in_features, scale, tile)
         self.cublas_prefill = _cublas_blockwise(q, 1)
         if self.cublas_prefill:  # one scale per row and 128 inputs, as cuBLAS reads it
             per_tile = scale.float().repeat_interleave(self.in_features // scale.shape[1] // fp8_kernels.BLOCK_K, 1)
@@ -423,7 +423,7 @@ class W4A8Linear(nn.Module):
             x = token_triton.quantize_tokens(x, self.input_grid)
         rows = x.shape.numel() // x.shape[-1]
         if rows == 1 and self.one_row:
-            y = kernels.int4_gemv(x.q[:1], self.planes, self.scale, None, self.tile, pdl=self.pdl, x_scale=x.scale,
+            y = int4_kernels.int4_gemv(x.q[:1], self.planes, self.scale, None, self.tile, pdl=self.pdl, x_scale=x.scale,
                                   out_dtype=self.out_dtype)
             if self.bias is not None:
                 y = y + self.bias
@@ -449,7 +449,7 @@ def _kernel_for(layer: StoredLinear) -> str | None:
     group = w.group_size if w.strategy == "group" else in_features
     power_of_two_groups = w.strategy in ("channel", "tensor") or group & (group - 1) == 0
     if a is None and w.type == "int" and w.num_bits == 4 and power_of_two_groups \
-            and kernels.plane_words(in_features, group) is not None:
+            and int4_kernels.plane_words(in_features, group) is not None:
         return "int4"
     per_token = a is not None and a.strategy == "token" and a.symmetric and a.dynamic
     symmetric_rows = w.strategy in ("channel", "tensor") and w.symmetric

@@ -25,7 +25,7 @@ from torch import nn
 from ptqlab import triton_support
 from ptqlab.families import FAMILIES
 from ptqlab.quant import token_triton
-from ptqlab.runtime import fused, kernels, moe_kernels
+from ptqlab.runtime import fused, int4_kernels, kernels, moe_kernels
 from ptqlab.runtime.kernels import RuntimeOptions
 from ptqlab.runtime.linear import DequantizedLinear, Fp8Linear, Int4Linear, Int8Linear
 
@@ -88,7 +88,7 @@ class StackedExperts(nn.Module):
         t = {name: getattr(self, f"{prefix}_{name}") for name in ("weight", "planes", "scale", "zero_point")
              if hasattr(self, f"{prefix}_{name}")}
         if self.format == "int4":
-            return kernels.int4_expert_gemv(x, experts, t["planes"], t["scale"], t["zero_point"], rows_per_input,
+            return int4_kernels.int4_expert_gemv(x, experts, t["planes"], t["scale"], t["zero_point"], rows_per_input,
                                             weights, self.options.gemv_tile, self.options.pdl)
         return moe_kernels.expert_gemv(x, experts, t["weight"], t.get("scale"), x_scale, rows_per_input, weights,
                                        dtype, pdl=self.options.pdl)
@@ -127,7 +127,7 @@ def stack_experts(experts: list[Expert], activation: str, options: RuntimeOption
                 for m in modules):
             return None
         fmt, names = STACKED[kind]
-        if fmt == "int4" and not kernels.int4_tiles_fit(modules[0].in_features, modules[0].scale, options.gemv_tile):
+        if fmt == "int4" and not int4_kernels.int4_tiles_fit(modules[0].in_features, modules[0].scale, options.gemv_tile):
             return None
         tensors = {}
         for name in names:

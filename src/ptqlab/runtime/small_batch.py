@@ -11,7 +11,7 @@ rows (at least 16, the product's smallest width, masked), and K is split across 
 multiprocessor streams weight; the format's arithmetic stays exact:
 - FP8 x FP8 and INT8 x INT8 tiles multiply grid values on the tensor cores (fp32 / int32 sums), then both scales
   (the token's and the row's) and the bias apply once at the end;
-- int4 tiles arrive as the runtime's packed planes (kernels.int4_planes, 16 words per 128 inputs), become their
+- int4 tiles arrive as the runtime's packed planes (int4_kernels.int4_planes, 16 words per 128 inputs), become their
   values q = u - 8 in registers (exact in bf16 and fp16), and multiply the 16-bit activations on the tensor cores;
   each 128-input tile's sum times its group's scale (minus zero point x Σ x for asymmetric groups) adds into fp32.
 With K split, each split writes fp32 partial sums and `kernels._sum_splits` adds them (the same as the other
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqlab.runtime.kernels import _multiprocessors, _row_major, _sum_splits, pdl_launch
+from ptqlab.runtime.int4_kernels import _row_major
+from ptqlab.runtime.kernels import _multiprocessors, _sum_splits, pdl_launch
 from ptqlab.triton_support import interpreted, tl, triton
 
 SMALL_BATCH = 64

@@ -278,3 +278,21 @@ def test_kernel_choice_follows_the_format(monkeypatch):
     q, scale, _ = rtn(torch.randn(256, 384) * 0.05, FP8_BLOCKS, torch.float16)
     built = linear.build_linear(linear.StoredLinear(q, None, fp8_block, scale), torch.bfloat16)
     assert isinstance(built, linear.Fp8BlockLinear) and built.kernel == "fp8-block triton"
+
+
+def test_the_stored_formats_row_decides_which_kernels_may_run(monkeypatch):
+    """A kernel runs a layer only where its stored format's row (number_formats.FORMATS) lists it: with the
+    pack-quantized row's `runtime_kernels` emptied, an int4 layer that fits the int4 kernel is dequantized instead."""
+    from dataclasses import replace
+
+    from ptqlab import number_formats
+    from ptqlab.runtime import linear
+
+    monkeypatch.setattr(linear.triton_support, "available", lambda tensor: True)
+    scheme = Scheme(QuantArgs(num_bits=4, strategy="group", group_size=128))
+    q, scale, zero = rtn(torch.randn(256, 384) * 0.05, scheme.weights, torch.float16)
+    layer = linear.StoredLinear(q, None, scheme, scale, zero)
+    assert linear._kernel_for(layer) == "int4"
+    rows = tuple(replace(f, runtime_kernels=()) if "int4" in f.runtime_kernels else f for f in number_formats.FORMATS)
+    monkeypatch.setattr(number_formats, "FORMATS", rows)
+    assert linear._kernel_for(layer) is None

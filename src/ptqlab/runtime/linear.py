@@ -440,10 +440,18 @@ class W4A8Linear(nn.Module):
 
 
 def _kernel_for(layer: StoredLinear) -> str | None:
-    """Which fast kernel computes with this layer on a GPU (None: dequantized)."""
+    """Which fast kernel computes with this layer on a GPU (None: dequantized): one its stored format's row allows
+    (number_formats' `runtime_kernels`) whose tiles this layer's shapes and scales fit."""
     scheme = layer.scheme
     if scheme is None or not triton_support.available(layer.weight):
         return None
+    kernel = _fitting_kernel(layer)
+    return kernel if kernel in scheme.number_format.runtime_kernels else None
+
+
+def _fitting_kernel(layer: StoredLinear) -> str | None:
+    """The kernel whose arithmetic and tiles fit the layer's scheme and shapes."""
+    scheme = layer.scheme
     w, a = scheme.weights, scheme.input_activations
     out_features, in_features = layer.weight.shape
     group = w.group_size if w.strategy == "group" else in_features

@@ -169,7 +169,7 @@ def assert_tensor_layout(stored: dict[str, torch.Tensor], scheme: Scheme, rows: 
         assert stored["weight_packed"].dtype == torch.int32 and stored["weight_shape"].tolist() == [rows, columns]
     else:
         expected["weight"] = (rows, columns)
-        assert stored["weight"].dtype == (torch.float8_e4m3fn if fmt == "float-quantized" else torch.int8)
+        assert stored["weight"].dtype == (torch.float8_e4m3fn if w.type == "float" else torch.int8)
     if fmt == "int-quantized":
         qmin, qmax = grid_range(w)
         assert qmin <= int(stored["weight"].min()) and int(stored["weight"].max()) <= qmax

@@ -137,7 +137,7 @@ def _ptqlab_impls(w: torch.Tensor) -> dict:
     for kernel in ("gemv", *tiled, "small-m", "dequantize+cublas"):
         def make(kernel=kernel):
             layer = Int4Linear(q, scale, None, None, opts.gemv_tile, opts.pdl, torch.bfloat16)
-            return lambda x: layer._compute(x, kernel)
+            return lambda x: layer(x, kernel)
         out[f"ptqlab int4 {kernel}"] = (make, ref4, serves.get(kernel))
     amax = w.float().abs().amax(1, keepdim=True)
     s8 = (amax / 448).float()

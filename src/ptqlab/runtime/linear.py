@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -97,39 +98,47 @@ def concat_linears(parts: list[StoredLinear]) -> StoredLinear | None:
                         cat([p.zero_point for p in parts]), first.weight_global_scale, first.input_global_scale)
 
 
+SMALL_BATCH_KERNELS = tuple(f"small-batch {tile}" for tile in small_batch.TILES)
+"""The small-batch kernel at each of its tiles, as kernel choices name them; the first is the default."""
+
+
 def _tile_of(kernel: str) -> small_batch.Tile:
     """The small-batch kernel's tile named in a kernel choice ("small-batch 64x4w")."""
-    return small_batch.TILES[kernel.partition(" ")[2] or next(iter(small_batch.TILES))]
+    return small_batch.TILES[kernel.partition(" ")[2]]
 
 
 class ChoosingLinear(nn.Module):
-    """A layer with more than one kernel for a decode step's rows: it offers them (`candidates`) to
-    runtime/choice.py, which measures them once per device and shape and sets `kernel_by_rows` (bucket of rows ->
-    kernel name); until then, or with RuntimeOptions.choose_kernels off, `default_kernel` decides."""
+    """A layer with more than one kernel for a given number of rows: it names them (`kernels_for`, the default
+    first) and computes with any of them (`forward(x, kernel)`); runtime/choice.py times them once per device and
+    shape and sets `kernel_by_rows` (bucket of rows -> kernel name). Until then, or with
+    RuntimeOptions.choose_kernels off, the first named kernel computes."""
 
     kernel_by_rows: dict[int, str] | None = None
+    in_features: int
     out_dtype: torch.dtype
+    scale: torch.Tensor
 
     def choice_key(self) -> tuple[str, int, int, int] | None:
         """(format, N, K, group) that the measured choice depends on; None where there is nothing to choose."""
         return None
 
-    def candidates(self, rows: int) -> dict:
-        """name -> function of an input of `rows` rows (as example_input makes it), for each kernel that can."""
+    def kernels_for(self, rows: int) -> list[str]:
+        """The kernels that can compute `rows` rows of this layer, its default first."""
         raise NotImplementedError
 
+    def candidates(self, rows: int) -> dict:
+        """name -> function of an input of `rows` rows (as example_input makes it), for each kernel that can."""
+        return {name: functools.partial(self.forward, kernel=name) for name in self.kernels_for(rows)}
+
     def example_input(self, rows: int) -> torch.Tensor:
-        generator = torch.Generator(device=self.weight_tensor.device).manual_seed(rows)
-        return torch.randn((rows, self.in_features), generator=generator, device=self.weight_tensor.device,
-                           dtype=self.out_dtype)
+        device = self.scale.device
+        generator = torch.Generator(device=device).manual_seed(rows)
+        return torch.randn((rows, self.in_features), generator=generator, device=device, dtype=self.out_dtype)
 
     def kernel_for(self, rows: int) -> str:
         if self.kernel_by_rows is not None:
             return self.kernel_by_rows[bucket(rows)]
-        return self.default_kernel(rows)
-
-    def default_kernel(self, rows: int) -> str:
-        raise NotImplementedError
+        return self.kernels_for(rows)[0]
 
 
 class DequantizedLinear(nn.Module):
@@ -176,10 +185,6 @@ class Int4Linear(ChoosingLinear):
         self.paired = False
         """Rows in kernels.pair_gate_up's order (a gate_up layer whose kernel applies the activation)."""
 
-    @property
-    def weight_tensor(self) -> torch.Tensor:
-        return self.planes
-
     def pair_gate_up(self) -> bool:
         """Reorder this gate_up layer's rows so that one-row decode can apply the gated activation inside the matmul
         (`gated`); outputs then come in that order. False (unchanged) when it cannot: odd halves, a bias."""
@@ -203,19 +208,13 @@ class Int4Linear(ChoosingLinear):
         return "int4" + ("-asym" if self.zero_point is not None else ""), self.planes.shape[0], self.in_features, \
             self.group_words * 8
 
-    def _kernels(self, rows: int) -> list[str]:
+    def kernels_for(self, rows: int) -> list[str]:
         names = ["gemv"] if rows == 1 else []
         if self.small_batch and rows <= small_batch.SMALL_BATCH:
-            names += [f"small-batch {tile}" for tile in small_batch.TILES]
+            names += SMALL_BATCH_KERNELS
         if 1 < rows <= kernels.SMALL_M and self.group_words >= 16:
             names.append("small-m")
         return names + ["dequantize+cublas"]
-
-    def candidates(self, rows: int) -> dict:
-        return {name: (lambda x, name=name: self._compute(x, name)) for name in self._kernels(rows)}
-
-    def default_kernel(self, rows: int) -> str:
-        return self._kernels(rows)[0]
 
     def _compute(self, rows: torch.Tensor, kernel: str) -> torch.Tensor:
         if kernel == "gemv":
@@ -230,9 +229,9 @@ class Int4Linear(ChoosingLinear):
             return F.linear(rows, weight, self.bias)
         return y if self.bias is None else y + self.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        return self._compute(rows, self.kernel_for(rows.shape[0])).reshape(*x.shape[:-1], -1)
+        return self._compute(rows, kernel or self.kernel_for(rows.shape[0])).reshape(*x.shape[:-1], -1)
 
 
 class TokenQuantizedLinear(ChoosingLinear):
@@ -257,10 +256,6 @@ class TokenQuantizedLinear(ChoosingLinear):
         self.min_rows = 1 if self.small_batch else self.cublas_min_rows
         """Rows the fused norm or activation before this layer pads its quantized output to."""
 
-    @property
-    def weight_tensor(self) -> torch.Tensor:
-        return self.weight
-
     def quantized_input(self, x: torch.Tensor | token_triton.QuantizedRows) -> token_triton.QuantizedRows:
         if isinstance(x, token_triton.QuantizedRows):
             return x
@@ -269,21 +264,14 @@ class TokenQuantizedLinear(ChoosingLinear):
     def choice_key(self):
         return (self.fmt, self.weight.shape[0], self.in_features, self.in_features) if self.weight.is_cuda else None
 
-    def candidates(self, rows: int) -> dict:
+    def kernels_for(self, rows: int) -> list[str]:
         if rows <= small_batch.SMALL_BATCH:
-            names = [f"small-batch {tile}" for tile in small_batch.TILES] if self.small_batch else []
-        else:
-            names = self.prefill_kernels()
-        return {name: (lambda x, name=name: self.forward(x, name)) for name in names + ["cublas"]}
+            return [*(SMALL_BATCH_KERNELS if self.small_batch else ()), "cublas"]
+        return ["cublas", *self.prefill_kernels()]
 
     def prefill_kernels(self) -> list[str]:
         """Kernels other than cuBLAS for many rows."""
         return []
-
-    def default_kernel(self, rows: int) -> str:
-        if self.small_batch and rows <= small_batch.SMALL_BATCH:
-            return f"small-batch {next(iter(small_batch.TILES))}"
-        return "cublas"
 
     def cublas(self, x: token_triton.QuantizedRows, rows: int) -> torch.Tensor:
         raise NotImplementedError

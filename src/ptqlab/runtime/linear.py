@@ -98,8 +98,10 @@ def concat_linears(parts: list[StoredLinear]) -> StoredLinear | None:
                         cat([p.zero_point for p in parts]), first.weight_global_scale, first.input_global_scale)
 
 
-SMALL_BATCH_KERNELS = tuple(f"small-batch {tile}" for tile in small_batch.TILES)
-"""The small-batch kernel at each of its tiles, as kernel choices name them; the first is the default."""
+def small_batch_kernels(fmt: str) -> tuple[str, ...]:
+    """The small-batch kernel at each of its tiles for `fmt`, as kernel choices name them; the first is the
+    default."""
+    return tuple(f"small-batch {tile}" for tile in small_batch.tiles_for(fmt))
 
 
 def _tile_of(kernel: str) -> small_batch.Tile:
@@ -211,7 +213,7 @@ class Int4Linear(ChoosingLinear):
     def kernels_for(self, rows: int) -> list[str]:
         names = ["gemv"] if rows == 1 else []
         if self.small_batch and rows <= small_batch.SMALL_BATCH:
-            names += SMALL_BATCH_KERNELS
+            names += small_batch_kernels("int4")
         if 1 < rows <= kernels.SMALL_M and self.group_words >= 16:
             names.append("small-m")
         return names + ["dequantize+cublas"]
@@ -266,7 +268,7 @@ class TokenQuantizedLinear(ChoosingLinear):
 
     def kernels_for(self, rows: int) -> list[str]:
         if rows <= small_batch.SMALL_BATCH:
-            return [*(SMALL_BATCH_KERNELS if self.small_batch else ()), "cublas"]
+            return [*(small_batch_kernels(self.fmt) if self.small_batch else ()), "cublas"]
         return ["cublas", *self.prefill_kernels()]
 
     def prefill_kernels(self) -> list[str]:

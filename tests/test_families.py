@@ -8,47 +8,61 @@ import torch
 from ptqlab.engine.experts import unfuse
 from ptqlab.engine.memory import ModelShape
 from ptqlab.errors import PtqlabError
-from ptqlab.families import FAMILIES, TRANSFORMERS_MLP, checkpoint_name, moe_layout
+from ptqlab.families import FAMILIES, checkpoint_name, module_name, moe_layout
 from ptqlab.models import decoder_layers
 from ptqlab.schemes import matches
 from tiny import ARCHS, MOE_ARCHS, tiny_config, tiny_model
 
 
-def row_linears(arch: str, experts: int) -> set[str]:
-    """The linears (and routers) one decoder layer has according to its family's row, by module name inside the layer (the
-    experts unfused, engine/experts.py)."""
+def row_linears(arch: str, experts: int, moe: bool = True, attention: bool = True) -> set[str]:
+    """The linears (and routers) one decoder layer has according to its family's row, by module name inside the layer
+    (the experts unfused, engine/experts.py): a layer with the experts (`moe`) or the row's dense MLP, and the row's
+    attention or (`attention` False) none of its roles (a linear-attention layer, whose linears the row keeps)."""
     family = FAMILIES[arch]
-    linears = {*family.linears.qkv, family.linears.o}
+    linears = {*family.linears.qkv, family.linears.o,
+               *(reader for _, readers in family.norms.low_rank for reader in readers)} if attention else set()
     layout = family.experts
-    if layout is None:
+    if layout is None or not moe:
         return linears | {*family.linears.gate_up, family.linears.down}
-    block = TRANSFORMERS_MLP
+    block = layout.module
     linears |= {f"{block}.{layout.router}"}
     linears |= {f"{block}.experts.{e}.{p}" for e in range(experts) for p in layout.projections}
     if layout.shared_expert:
         linears |= {f"{block}.{layout.shared_expert}.{p}" for p in layout.shared_projections}
-        linears |= {f"{block}.{layout.shared_expert_gate}"}
+        if layout.shared_expert_gate:
+            linears |= {f"{block}.{layout.shared_expert_gate}"}
     return linears
 
 
 def test_the_tiny_factory_builds_every_family():
-    assert ARCHS + MOE_ARCHS == list(FAMILIES)
+    assert sorted(ARCHS + MOE_ARCHS) == sorted(FAMILIES)
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_each_row_names_exactly_the_modules_of_its_family(arch):
-    model = tiny_model(arch, num_hidden_layers=1)
+    """Every layer has the linears and norms of the row's roles for its kind; a family of several layer kinds (the
+    first dense layers of an MoE, linear attention) shows each kind in its two-layer tiny model."""
+    model = tiny_model(arch)
     unfuse(model)
     family = FAMILIES[arch]
     assert decoder_layers(model) is model.get_submodule(family.layers)
-    layer = decoder_layers(model)[0]
-    # a linear or a router (some transformers routers are modules of their own): a module with a 2-D weight
-    linears = {name for name, module in layer.named_modules()
-               if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2}
-    norms = {name for name, module in layer.named_modules() if type(module).__name__.endswith("RMSNorm")}
-    assert linears == row_linears(arch, model.config.num_local_experts if arch == "mixtral" else
-                                  getattr(model.config, "num_experts", 0))
-    assert norms == set(family.norms.by_role().values())
+    kinds = set()
+    for layer in decoder_layers(model):
+        modules = dict(layer.named_modules())
+        kept = {name for name in modules if any(matches(name, entry.pattern) for entry in family.keep)}
+        # a linear or a router (some transformers routers are modules of their own): a module with a 2-D weight
+        linears = {name for name, module in modules.items()
+                   if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2}
+        norms = {name for name, module in modules.items()
+                 if type(module).__name__.endswith(("RMSNorm", "LayerNorm")) and name not in kept}
+        moe = any(".experts." in name for name in linears)
+        attention = family.linears.o in modules
+        kinds.add((moe, attention))
+        experts = family.experts.count(model.config) if family.experts else 0
+        assert linears - kept == row_linears(arch, experts, moe, attention)
+        roles = family.norms.by_role().values()
+        assert norms == ({*roles} if attention else {*roles} - {family.norms.query, family.norms.key})
+    assert len(kinds) == 1 + len(family.layer_kinds)
     assert {model.get_submodule(family.embeddings), model.get_submodule(family.final_norm),
             model.get_submodule(family.head)} == {model.get_input_embeddings(), model.get_decoder().norm,
                                                   model.get_output_embeddings()}
@@ -57,14 +71,13 @@ def test_each_row_names_exactly_the_modules_of_its_family(arch):
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_an_moe_row_keeps_its_routers_16_bit_under_the_checkpoint_names(arch):
     layout = FAMILIES[arch].experts
-    kept = [f"{TRANSFORMERS_MLP}.{layout.router}"]
+    kept = [f"{layout.module}.{layout.router}"]
     if layout.shared_expert_gate:
-        kept.append(f"{TRANSFORMERS_MLP}.{layout.shared_expert_gate}")
+        kept.append(f"{layout.module}.{layout.shared_expert_gate}")
     for name in kept:
-        stored = checkpoint_name(f"model.layers.3.{name}", layout)
-        assert stored.startswith(f"model.layers.3.{layout.block}.")
-        assert any(matches(stored, pattern) for pattern in layout.keep)
-    expert = checkpoint_name(f"model.layers.3.{TRANSFORMERS_MLP}.experts.0.{layout.projections[0]}", layout)
+        assert checkpoint_name(f"model.layers.3.{name}.weight", layout).startswith(f"model.layers.3.{layout.block}.")
+        assert any(matches(module_name(f"model.layers.3.{name}", layout), pattern) for pattern in layout.keep)
+    expert = module_name(f"model.layers.3.{layout.module}.experts.0.{layout.projections[0]}", layout)
     assert not any(matches(expert, pattern) for pattern in layout.keep)
 
 

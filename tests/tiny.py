@@ -26,9 +26,16 @@ EXTRA = {
     "gemma2": {"query_pre_attn_scalar": 64},
     "gemma3_text": {"query_pre_attn_scalar": 64},
     "qwen3_moe": {"norm_topk_prob": True},
+    # multi-head latent attention (its low ranks wide enough for group 128), one dense layer then the experts
+    "deepseek_v2": {"num_key_value_heads": 4, "q_lora_rank": 128, "kv_lora_rank": 128, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64,
+                    "v_head_dim": 64, "first_k_dense_replace": 1, "n_shared_experts": 1, "n_group": 1, "topk_group": 1},
+    "glm4_moe": {"first_k_dense_replace": 1, "n_shared_experts": 1, "n_group": 1, "topk_group": 1},
+    "qwen3_next": {"layer_types": ["linear_attention", "full_attention"], "linear_num_key_heads": 2,
+                   "linear_num_value_heads": 4, "linear_key_head_dim": 64, "linear_value_head_dim": 64},
 }
+EXTRA["deepseek_v3"] = EXTRA["deepseek_v2"]
 """Per architecture, settings beyond COMMON and the experts (a new family needs none to get a tiny model)."""
-DERIVED = {"phi3": ("head_dim",)}
+DERIVED = {"phi3": ("head_dim",), "deepseek_v2": ("head_dim",), "deepseek_v3": ("head_dim",)}
 """COMMON keys that a config class derives itself and must not be given."""
 
 

@@ -277,9 +277,13 @@ def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, r
                             "copies), more than is free or allowed")
         return []
     skip, bounds = {}, {}
-    if moe_layout(loaded.model.config) is not None:
+    layout = moe_layout(loaded.model.config)
+    if layout is not None:
         bounds["transformers"] = MOE_TRANSFORMERS_BOUND
         unreadable = next(filter(None, map(unreadable_experts, result.recipe.schemes)), None)
+        if not layout.transformers_reads:
+            unreadable = f"{loaded.model.config.model_type}'s experts one tensor per expert (it reads only the hub's " \
+                         "fused expert tensors of this architecture)"
         if unreadable is not None:
             skip["transformers"] = f"it does not read {unreadable}"
     checks, notes = read_back(folder, loaded.model, skip, bounds, in_memory=not resumed)

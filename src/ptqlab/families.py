@@ -26,6 +26,9 @@ class Linears:
     """The MLP's gate and up; or the one linear that computes both, rows [gate | up] (Phi-3). A mixture of experts
     has these per expert (`ExpertLayout`)."""
     down: str = "mlp.down_proj"
+    o_reads_v: bool = True
+    """o's input channels are v's output channels, head by head (False for multi-head latent attention, whose values
+    come out of kv_b_proj interleaved with the keys' no-rope part)."""
 
     @property
     def v(self) -> str:
@@ -50,8 +53,9 @@ class Linears:
 class Norms:
     """A decoder layer's RMSNorms by role, as module names inside the layer."""
 
-    attention_input: str = "input_layernorm"
-    mlp_input: str = "post_attention_layernorm"
+    attention_input: str | None = "input_layernorm"
+    """None: the block is normed after it, not before (OLMo 2), so no norm feeds the attention's input linears."""
+    mlp_input: str | None = "post_attention_layernorm"
     attention_output: str | None = None
     """Gemma's sandwich norms: the attention's output is normed before the residual add (and `mlp_output` too)."""
     mlp_output: str | None = None
@@ -59,12 +63,16 @@ class Norms:
     """A per-head norm of q and of k before the rotary embedding (Qwen3, Gemma 3)."""
     key: str | None = None
     offset: float = 0.0
-    """Gemma's norms scale by (1 + w) where others scale by w."""
+    """Gemma's (and Qwen3-Next's) norms scale by (1 + w) where others scale by w."""
+    low_rank: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Norms inside the attention between a low-rank projection and the linear that expands it (multi-head latent
+    attention: q_a_layernorm -> q_b_proj, kv_a_layernorm -> kv_b_proj), as (norm, the linears that read it)."""
 
     def by_role(self) -> dict[str, str]:
         """Every norm the layer has: role -> module name."""
         roles = ("attention_input", "attention_output", "mlp_input", "mlp_output", "query", "key")
-        return {role: getattr(self, role) for role in roles if getattr(self, role) is not None}
+        named = {role: getattr(self, role) for role in roles if getattr(self, role) is not None}
+        return named | {norm: norm for norm, _ in self.low_rank}
 
 
 TRANSFORMERS_MLP = "mlp"
@@ -81,7 +89,15 @@ class ExpertLayout:
     block: str = TRANSFORMERS_MLP
     """The MoE block's name in the checkpoint (Mixtral: block_sparse_moe, which transformers renamed mlp)."""
     router: str = "gate"
-    """The router's linear inside the block; it stays 16-bit."""
+    """The router's linear inside the block, as transformers names it; it stays 16-bit."""
+    stored_router: str | None = None
+    """The router's name inside the block in the checkpoint where the hub's differs from transformers' (Phi-3.5-MoE:
+    gate for transformers' router; Granite MoE: router.layer)."""
+    module: str = TRANSFORMERS_MLP
+    """The MoE block's name in transformers' model (Granite MoE keeps block_sparse_moe)."""
+    transformers_reads: bool = True
+    """transformers' loader maps one tensor per expert projection back into its fused experts (its conversion mapping
+    for the architecture knows them); Granite MoE's knows only the hub's fused input_linear / output_linear."""
     shared_expert: str | None = None
     """A dense MLP beside the routed experts inside the block (Qwen2-MoE)."""
     shared_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
@@ -104,20 +120,37 @@ class ExpertLayout:
 
     @property
     def keep(self) -> tuple[str, ...]:
-        """What stays 16-bit (the router, a shared expert's gate), as ignore patterns over checkpoint names."""
+        """What stays 16-bit (the router, a shared expert's gate), as ignore patterns over the names `module_name`
+        gives."""
         kept = (self.router,) + ((self.shared_expert_gate,) if self.shared_expert_gate else ())
         return tuple(rf"re:.*{self.block}\.{name}$" for name in kept)
 
     @property
+    def block_renames(self) -> tuple[tuple[str, str], ...]:
+        """(transformers' module-name part, the checkpoint's) where transformers renamed the block: the names an
+        `ignore` list gives modules (llm-compressor's: the hub's block, transformers' router)."""
+        return () if self.block == self.module else ((f".{self.module}.", f".{self.block}."),)
+
+    @property
     def renames(self) -> tuple[tuple[str, str], ...]:
-        """(transformers' module-name part, the checkpoint's): where transformers renamed the block."""
-        return () if self.block == TRANSFORMERS_MLP else ((f".{TRANSFORMERS_MLP}.", f".{self.block}."),)
+        """The same for tensor names, which also take the hub's name of a renamed router."""
+        router = ((f".{self.module}.{self.router}.", f".{self.module}.{self.stored_router}."),) if self.stored_router \
+            else ()
+        return router + self.block_renames
 
     def count(self, config) -> int:
         return getattr(config, self.count_key, None) or 0
 
     def renormalizes(self, config) -> bool:
         return self.normalize if isinstance(self.normalize, bool) else bool(getattr(config, self.normalize, False))
+
+
+@dataclass(frozen=True)
+class KeptModules:
+    """Linears a family keeps 16-bit in every recipe: a pattern over their names (as an `ignore` entry) and why."""
+
+    pattern: str
+    why: str
 
 
 @dataclass(frozen=True)
@@ -142,8 +175,25 @@ class ModelFamily:
     gguf_architecture: str | None = None
     """llama.cpp's architecture for it (its general.architecture: llama, qwen2; formats/gguf_file.ARCHITECTURES);
     None: no GGUF export."""
+    keep: tuple[KeptModules, ...] = ()
+    """Linears of the decoder layers that stay 16-bit in every recipe, and why (besides an MoE's routers)."""
+    layer_kinds: tuple[str, ...] = ()
+    """What the decoder layers' linears may differ in, one phrase each (the first dense layers of an MoE, linear
+    attention beside full attention): the row's roles name the modules of each kind, a layer has those of its kind."""
 
 
+_MLA = dict(linears=Linears(qkv=("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), o_reads_v=False),
+            norms=Norms(low_rank=(("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+                                  ("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)))))
+"""Multi-head latent attention (DeepSeek-V2/V3): q and the compressed kv read the input norm; each low-rank part is
+normed before the linear that expands it. (Without q_lora_rank, q_proj reads the input norm in q_a_proj's place.)"""
+_SHARED_EXPERTS = dict(count_key="n_routed_experts", shared_expert="shared_experts")
+"""DeepSeek's MoE block and its descendants': n_routed_experts, and n_shared_experts shared ones as one MLP."""
+_FIRST_DENSE = ("the first first_k_dense_replace layers have a dense MLP (the row's gate_up and down), the others "
+                "the experts",)
+_LINEAR_ATTENTION = KeptModules(r"re:.*linear_attn\..*", "the gated delta-net linear attention stays 16-bit (as "
+                                "llm-compressor's and Qwen's own recipes keep it): its recurrent state carries each "
+                                "projection's error through the whole sequence")
 _GEMMA_NORMS = dict(mlp_input="pre_feedforward_layernorm", attention_output="post_attention_layernorm",
                     mlp_output="post_feedforward_layernorm", offset=1.0)
 _HEAD_NORMS = dict(query="self_attn.q_norm", key="self_attn.k_norm")
@@ -163,6 +213,33 @@ FAMILIES: dict[str, ModelFamily] = {
     "mixtral": ModelFamily(experts=ExpertLayout(("w1", "w3", "w2"), block="block_sparse_moe",
                                                 count_key="num_local_experts", width_key="intermediate_size",
                                                 normalize=True, fp32_routing_weights=True)),
+    "deepseek_v2": ModelFamily(**_MLA, experts=ExpertLayout(**_SHARED_EXPERTS),
+                               layer_kinds=_FIRST_DENSE, fast_runtime=False),
+    "deepseek_v3": ModelFamily(**_MLA, experts=ExpertLayout(**_SHARED_EXPERTS), layer_kinds=_FIRST_DENSE,
+                               fast_runtime=False),
+    "glm4_moe": ModelFamily(experts=ExpertLayout(**_SHARED_EXPERTS), layer_kinds=_FIRST_DENSE, fast_runtime=False),
+    "olmo2": ModelFamily(norms=Norms(attention_input=None, mlp_input=None, attention_output="post_attention_layernorm",
+                                     mlp_output="post_feedforward_layernorm", **_HEAD_NORMS), fast_runtime=False),
+    "olmoe": ModelFamily(norms=Norms(**_HEAD_NORMS), experts=ExpertLayout(width_key="intermediate_size"),
+                         fast_runtime=False),
+    "granite": ModelFamily(fast_runtime=False),  # its embedding, residual, attention and logit multipliers
+    "granitemoe": ModelFamily(experts=ExpertLayout(block="block_sparse_moe", module="block_sparse_moe",
+                                                   router="router", stored_router="router.layer",
+                                                   count_key="num_local_experts", width_key="intermediate_size",
+                                                   normalize=True, transformers_reads=False),
+                              fast_runtime=False),  # experts under llm-compressor's names
+    "phimoe": ModelFamily(experts=ExpertLayout(("w1", "w3", "w2"), block="block_sparse_moe", router="router",
+                                               stored_router="gate", count_key="num_local_experts",
+                                               width_key="intermediate_size", normalize=True),
+                          fast_runtime=False),  # LayerNorms with bias, sparsemixer routing
+    "smollm3": ModelFamily(fast_runtime=False),  # no rotary embedding in every fourth layer
+    "qwen3_next": ModelFamily(norms=Norms(**_HEAD_NORMS, offset=1.0),
+                              experts=ExpertLayout(shared_expert="shared_expert",
+                                                   shared_expert_gate="shared_expert_gate",
+                                                   shared_width_key="shared_expert_intermediate_size"),
+                              keep=(_LINEAR_ATTENTION,), layer_kinds=("linear attention (linear_attn) or full "
+                                                                      "attention (the row's q, k, v, o)",),
+                              fast_runtime=False),
 }
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -204,6 +281,13 @@ def moe_layout(config) -> ExpertLayout | None:
 def checkpoint_name(name: str, layout: ExpertLayout | None) -> str:
     """A tensor's name in the checkpoint, from its name in the (unfused) model."""
     for ours, theirs in () if layout is None else layout.renames:
+        name = name.replace(ours, theirs)
+    return name
+
+
+def module_name(name: str, layout: ExpertLayout | None) -> str:
+    """A module's name in the checkpoint's quantization_config (its `ignore` list), from its name in the model."""
+    for ours, theirs in () if layout is None else layout.block_renames:
         name = name.replace(ours, theirs)
     return name
 

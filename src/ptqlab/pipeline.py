@@ -19,7 +19,7 @@ from ptqlab.engine import EngineOptions, Plan, calibrate
 from ptqlab.engine.experts import unfuse
 from ptqlab.engine.stream import StreamedModel
 from ptqlab.errors import PtqlabError
-from ptqlab.families import checkpoint_name, moe_layout
+from ptqlab.families import FAMILIES, module_name
 from ptqlab.models import decoder_layers, model_dtype, names_by_layer, set_submodule
 from ptqlab.progress import track
 from ptqlab.engine.global_scales import weight_global_scales
@@ -44,13 +44,17 @@ class QuantizationResult:
 
 
 def target_linears(model: nn.Module, ignore: tuple[str, ...]) -> tuple[dict[str, nn.Linear], list[str], list[str]]:
-    """-> (targets by name, ignored names, ignore patterns that matched nothing). The patterns are checked where a
-    Recipe is made."""
+    """-> (targets by name, ignored names, ignore patterns that matched nothing). A pattern matches a linear's name in
+    the model or in the checkpoint's config (an MoE block transformers renamed: `families.module_name`). The patterns
+    are checked where a Recipe is made."""
+    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    layout = family.experts if family is not None else None
     targets, ignored, used = {}, [], set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        hit = [p for p in ignore if matches(name, p)]
+        stored = module_name(name, layout)
+        hit = [p for p in ignore if matches(name, p) or matches(stored, p)]
         if hit:
             ignored.append(name)
             used.update(hit)
@@ -59,12 +63,27 @@ def target_linears(model: nn.Module, ignore: tuple[str, ...]) -> tuple[dict[str,
     return targets, ignored, [p for p in ignore if p not in used]
 
 
-def routers(model: nn.Module, layout) -> list[str]:
-    """The checkpoint names of the modules an MoE layout keeps 16-bit (its routers), in module order."""
-    if layout is None:
-        return []
-    names = (checkpoint_name(name, layout) for name, _ in model.named_modules())
-    return [name for name in names if any(matches(name, pattern) for pattern in layout.keep)]
+def kept_16_bit(model: nn.Module) -> tuple[list[str], list[str]]:
+    """The modules `model`'s family keeps 16-bit in every recipe (an MoE's routers, the row's `keep`), by their names
+    in the checkpoint's config, in module order -> (names, one note per row entry that kept some, saying why).
+
+    A router is named as llm-compressor names it (the hub's block, transformers' router), except one that is an
+    nn.Linear in transformers (Phi-3.5-MoE's): transformers' loader quantizes every linear its `ignore` does not name,
+    so that one keeps transformers' own name."""
+    family = FAMILIES.get(getattr(model.config, "model_type", None))
+    if family is None:
+        return [], []
+    layout, kept, counts = family.experts, [], dict.fromkeys(family.keep, 0)
+    for name, module in model.named_modules():
+        stored = module_name(name, layout)
+        if layout is not None and any(matches(stored, pattern) for pattern in layout.keep):
+            kept.append(name if isinstance(module, nn.Linear) else stored)
+        entry = next((e for e in family.keep if isinstance(module, nn.Linear) and matches(name, e.pattern)), None)
+        if entry is not None:
+            kept.append(name)
+            counts[entry] += 1
+    notes = [f"{n} linears kept 16-bit ({entry.pattern!r}): {entry.why}" for entry, n in counts.items() if n]
+    return kept, notes
 
 
 def coverage_note(coverage: list[dict]) -> str:
@@ -226,9 +245,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
     expert routed fewer than `options.min_expert_tokens` calibration tokens in a layer is calibrated on all of them.
     `options.world`: this process's rank among several that calibrate together (engine/distributed.py)."""
     options = replace(options or EngineOptions(), **engine)
-    layout = moe_layout(model.config)
     unfuse(model)
-    keep = routers(model, layout)
+    keep, kept_notes = kept_16_bit(model)
     if keep:  # named one by one, in module order, as llm-compressor's configs name them
         recipe = recipe.with_overrides(ignore=[*keep, *(p for p in recipe.ignore if p not in keep)])
     targets, ignored, unused = target_linears(model, recipe.ignore)
@@ -236,7 +254,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
     if not targets:
         raise PtqlabError(f"the ignore list {list(recipe.ignore)} leaves no linear layer to quantize")
     recipe, note = resolve_group_size(recipe, targets)
-    result = QuantizationResult(recipe=recipe, ignored=ignored)
+    result = QuantizationResult(recipe=recipe, ignored=ignored, notes=kept_notes)
     if note:
         result.notes.append(note)
     for pattern in unused:

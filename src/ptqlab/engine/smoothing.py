@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ptqlab.engine.experts import routed_experts
-from ptqlab.families import TRANSFORMERS_MLP, ModelFamily, family_of, head_dim
+from ptqlab.families import ModelFamily, family_of, head_dim
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,21 @@ class Mapping:
     gate_up."""
 
 
+def attention_mappings(family: ModelFamily) -> tuple[Mapping, ...]:
+    """The attention's mappings, from its family's roles (the table above): those whose roles the family has."""
+    linears, norms = family.linears, family.norms
+    out = [] if norms.attention_input is None else [Mapping(norms.attention_input, linears.qkv)]
+    if linears.o_reads_v:
+        out.append(Mapping(linears.v, (linears.o,), rows="v" if linears.fused_qkv else "all"))
+    return tuple(out) + tuple(Mapping(norm, readers) for norm, readers in norms.low_rank)
+
+
 def mappings(family: ModelFamily) -> tuple[Mapping, ...]:
     """A dense decoder layer's mappings, from its family's roles (the table above)."""
     linears, norms = family.linears, family.norms
-    return (Mapping(norms.attention_input, linears.qkv),
-            Mapping(linears.v, (linears.o,), rows="v" if linears.fused_qkv else "all"),
-            Mapping(norms.mlp_input, linears.gate_up),
-            Mapping(linears.up, (linears.down,), rows="up" if linears.fused_gate_up else "all"))
+    mlp = () if norms.mlp_input is None else (Mapping(norms.mlp_input, linears.gate_up),)
+    return attention_mappings(family) + mlp + (
+        Mapping(linears.up, (linears.down,), rows="up" if linears.fused_gate_up else "all"),)
 
 
 @dataclass
@@ -78,9 +86,12 @@ def resolve_mappings(layer: nn.Module, config) -> tuple[list[ResolvedMapping], l
         layer_mappings = _moe_mappings(layer, family, experts)
         skipped.append(f"{family.norms.mlp_input} -> the experts' gate/up: the router reads it too and stays 16-bit, "
                        "so smoothing it would change the routing: skipped")
+    modules = dict(layer.named_modules())
     for mapping in layer_mappings:
-        smooth = layer.get_submodule(mapping.smooth)
-        balance = {name: layer.get_submodule(name) for name in mapping.balance}
+        if not all(name in modules for name in (mapping.smooth, *mapping.balance)):
+            continue  # a layer of another kind than the row's roles describe (a dense layer of an MoE, linear attention)
+        smooth = modules[mapping.smooth]
+        balance = {name: modules[name] for name in mapping.balance}
         rows = _rows(mapping, smooth, config)
         width = _width(smooth, rows)
         bad = [name for name, linear in balance.items() if linear.in_features != width]
@@ -94,13 +105,13 @@ def resolve_mappings(layer: nn.Module, config) -> tuple[list[ResolvedMapping], l
 
 def _moe_mappings(layer: nn.Module, family: ModelFamily, experts: dict) -> list[Mapping]:
     """An MoE layer: the attention's mappings, and up -> down inside each expert (and a shared expert)."""
-    out = list(mappings(family)[:2])
+    out = list(attention_mappings(family))
     for name, module in experts.items():
         for index, expert in enumerate(module):
             _, up, down = expert.names
             out.append(Mapping(f"{name}.{index}.{up}", (f"{name}.{index}.{down}",)))
     layout = family.experts
-    shared = f"{TRANSFORMERS_MLP}.{layout.shared_expert}" if layout and layout.shared_expert else None
+    shared = f"{layout.module}.{layout.shared_expert}" if layout and layout.shared_expert else None
     if shared is not None and shared in dict(layer.named_modules()):
         _, up, down = layout.shared_projections
         out.append(Mapping(f"{shared}.{up}", (f"{shared}.{down}",)))

@@ -176,8 +176,8 @@ def billions(n: int) -> float:
 
 
 TWO_DIGITS = 0.02
-"""The tolerance of a figure published to two significant digits (37B, 17B, 3.3B): it is only known to half its
-last digit, up to 1.5 %; figures with three digits are held to 1 %."""
+"""The tolerance of a figure published to two significant digits (37B, 17B, 3.3B), which is only known to half its
+last digit (1.4 % of 37B, 2.9 % of 17B, 1.5 % of 3.3B); figures with three digits are held to 1 %."""
 
 
 DEEPSEEK_V3 = dict(  # deepseek-ai/DeepSeek-V3, config.json: the keys that size and route it
@@ -228,8 +228,8 @@ def test_deepseek_v3_is_671b_with_37b_active():
 
 def test_qwen3_30b_a3b_is_30_5b_with_3_3b_active():
     """Qwen3-30B-A3B: 30.5B in total, 29.9B without the embedding table and the head (its model card). Its "3.3B
-    activated" counts the table and the head too (without them the count is 3.04B, 8 % short): 3.35B, 1.6 % above
-    the two-digit 3.3B."""
+    activated" counts the table and the head too (without the table the count is 3.04B, 8 % short): 3.35B, 1.6 %
+    above the two-digit 3.3B."""
     shape = ModelShape.from_config(AutoConfig.for_model("qwen3_moe", **QWEN3_30B_A3B))
     embeddings_and_head = 2 * shape.vocab * shape.hidden
     assert billions(shape.params()) == pytest.approx(30.5, rel=0.01)

@@ -82,13 +82,17 @@ def test_an_moe_row_keeps_its_routers_16_bit_under_the_checkpoint_names(arch):
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_the_memory_plan_reads_an_moe_shape_through_its_row(arch):
+def test_the_memory_plan_counts_the_experts_its_row_names(arch):
+    """The plan counts the model transformers builds (tests/test_memory_families.py); its experts are the ones the
+    row's config keys size."""
     config = tiny_config(arch)
     layout = FAMILIES[arch].experts
-    shape = ModelShape.from_config(config)
-    assert (shape.experts, shape.active_experts, shape.intermediate) == (
-        getattr(config, layout.count_key), getattr(config, layout.top_k_key), getattr(config, layout.width_key))
-    assert shape.shared_intermediate == (getattr(config, layout.shared_width_key) if layout.shared_width_key else 0)
+    layer = ModelShape.from_config(config).layers[0]
+    width, top_k = getattr(config, layout.width_key), getattr(config, layout.top_k_key)
+    assert (layer.experts, layer.active_experts, layer.expert_inputs) == (
+        getattr(config, layout.count_key), top_k, (config.hidden_size, width))
+    shared = getattr(config, layout.shared_width_key) if layout.shared_width_key else 0
+    assert layer.mlp_width == top_k * width + shared
 
 
 def test_a_family_without_a_row_is_refused_by_the_memory_plan():

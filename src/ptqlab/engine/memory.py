@@ -14,16 +14,23 @@ hidden states in pinned CPU memory, streamed to the GPU a batch at a time. The e
 and two layers: the current and the prefetched one), the checkpoint being built and, where the plan puts them
 there, the activations. The time is a rough figure: the forwards' (and AutoRound's steps') and GPTQ's FLOPs at a
 nominal rate per device kind.
+What the model holds (`ModelShape`) is counted on the model transformers builds from the config on the meta device,
+layer by layer: every family's parameters as they are (latent attention, fused experts, hybrid layers, a
+vision-language model's vision tower), without a formula per family.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass, field
 
+import torch
+from torch import nn
+
 from ptqlab.errors import PtqlabError
-from ptqlab.families import FAMILIES, expert_count, family_of, head_dim
+from ptqlab.families import expert_count, family_of, head_dim
 from ptqlab.safetensors_files import STREAM_SHARD_BYTES
 
 GIB = 2**30
@@ -80,83 +87,200 @@ def format_bytes(n: int | None) -> str:
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """What memory depends on in a decoder-only transformer's config."""
+class LayerShape:
+    """One decoder layer as transformers builds it: what the plan counts in it."""
 
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
+    params: int
+    """Every tensor of the layer: linears, biases, norms, routers, persistent buffers."""
+    linears: dict[str, tuple[int, int, int]]
+    """(out, in, how many) of each linear the engine quantizes, by module name in the layer; a routed experts'
+    projection (a 3-D [experts, ., .] parameter) comes `experts` times. An MoE block's own linears (a router, a
+    shared expert's gate) stay 16-bit and are not listed."""
+    inputs: tuple[int, ...]
+    """Widths of the distinct inputs of its linears but the routed experts' (q/k/v share one, gate/up share one)."""
+    mlp_width: int
+    """The MLP width one token's forward computes (its routed experts' and the shared one's): the weights a token
+    reads in the layer's widest block, as a gated MLP's width."""
     experts: int = 0
-    """Routed experts per layer (0: a dense model, whose MLP is `intermediate` wide); each `intermediate` wide."""
+    """Routed experts (0: a dense layer)."""
     active_experts: int = 0
     """Experts each token is routed to (top-k)."""
-    shared_intermediate: int = 0
-    """Width of a shared expert's MLP (0: none)."""
+    expert_params: int = 0
+    """Parameters of all its routed experts (weights and biases)."""
+    expert_inputs: tuple[int, ...] = ()
+    """Widths of one routed expert's distinct inputs (its gate/up's, its down's)."""
+
+    def active_params(self) -> int:
+        """The parameters one token's forward through the layer reads (its routed experts only)."""
+        return self.params - self.expert_params + self.expert_params * self.active_experts // max(self.experts, 1)
+
+    def distinct_inputs(self, experts: int | None = None) -> list[int]:
+        """Widths of the inputs whose statistics the layer keeps: of all `experts` (default: every one)."""
+        return list(self.inputs) + list(self.expert_inputs) * (self.experts if experts is None else experts)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on in a decoder-only transformer (or a vision-language model's decoder): its
+    parameters counted layer by layer as transformers builds them (`from_config`)."""
+
+    hidden: int
+    head_dim: int
+    vocab: int
+    outside: int
+    """Every tensor outside the decoder layers: the embeddings, the final norm, the untied head and a
+    vision-language model's vision tower and projector (all of which stay 16-bit)."""
+    layers: tuple[LayerShape, ...]
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
-        """The shape of a model: a mixture of experts is read through its family row's config keys
-        (ptqlab.families); an MoE without a row is refused, since its keys are unknown; a dense model without one
-        is read from the standard keys every decoder config has."""
-        family = FAMILIES.get(getattr(config, "model_type", None))
-        if family is None and expert_count(config):
-            family_of(config, "the memory plan")  # refuses, in one line that says what to add
-        layout = family.experts if family is not None else None
-        heads = config.num_attention_heads
-        experts = layout.count(config) if layout is not None else 0
-        intermediate = getattr(config, layout.width_key) if experts else config.intermediate_size
-        return cls(config.hidden_size, intermediate, config.num_hidden_layers, heads,
-                   getattr(config, "num_key_value_heads", None) or heads, head_dim(config), config.vocab_size,
-                   bool(getattr(config, "tie_word_embeddings", False)), experts,
-                   getattr(config, layout.top_k_key) if experts else 0,
-                   getattr(config, layout.shared_width_key) if experts and layout.shared_width_key else 0)
+        """The shape of the model transformers builds from `config`, counted on the meta device (no memory, no
+        weights read; DeepSeek-V3's 671B in well under a second, its experts being one 3-D tensor per projection)
+        and kept per config, since a run's checks and `quantize --plan` ask for it more than once. A model_type
+        transformers does not know is planned, when dense, as the Llama its standard keys describe; an MoE of that
+        kind is refused, since its layout is unknown."""
+        from transformers import CONFIG_MAPPING  # start-up time: imported on first use
 
-    def linears(self) -> dict[str, tuple[int, int, int]]:
-        """(out, in, how many) of one decoder layer's linears; an expert's projections come `experts` times."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        mlp = max(self.experts, 1)
-        out = {"q": (q, self.hidden, 1), "k": (kv, self.hidden, 1), "v": (kv, self.hidden, 1), "o": (self.hidden, q, 1),
-               "gate": (self.intermediate, self.hidden, mlp), "up": (self.intermediate, self.hidden, mlp),
-               "down": (self.hidden, self.intermediate, mlp)}
-        if self.experts:
-            out["router"] = (self.experts, self.hidden, 1)
-        if self.shared_intermediate:
-            out |= {"shared gate": (self.shared_intermediate, self.hidden, 1),
-                    "shared up": (self.shared_intermediate, self.hidden, 1),
-                    "shared down": (self.hidden, self.shared_intermediate, 1)}
-        return out
+        if getattr(config, "model_type", None) not in CONFIG_MAPPING:
+            if expert_count(config):
+                family_of(config, "the memory plan")  # refuses, in one line that says what to add
+            config = _standard_config(config)
+        key = f"{type(config).__name__}:{config.to_json_string(use_diff=False)}"
+        if key not in _SHAPES:
+            _SHAPES[key] = _counted(config)
+        return _SHAPES[key]
 
     def layer_params(self) -> int:
-        return sum(o * i * n for o, i, n in self.linears().values()) + 4 * self.hidden
+        """Every decoder layer's parameters together."""
+        return sum(layer.params for layer in self.layers)
+
+    def largest_layer_params(self) -> int:
+        """The parameters of the largest decoder layer (what one layer held at a time needs room for)."""
+        return max(layer.params for layer in self.layers)
 
     def active_layer_params(self) -> int:
-        """The parameters one token's forward through a layer reads (its routed experts only)."""
-        routed = (self.active_experts - self.experts) * 3 * self.intermediate * self.hidden if self.experts else 0
-        return self.layer_params() + routed
+        """The parameters one token's forward through every decoder layer reads (its routed experts only)."""
+        return sum(layer.active_params() for layer in self.layers)
+
+    def params(self) -> int:
+        return self.outside + self.layer_params()
+
+    def linears(self) -> list[tuple[int, int, int]]:
+        """(out, in, how many) of every decoder layer's quantized linears."""
+        return [shape for layer in self.layers for shape in layer.linears.values()]
 
     def mlp_width(self) -> int:
-        """The MLP width one token's forward computes (its routed experts and the shared one)."""
-        return self.intermediate * max(self.active_experts, 1) + self.shared_intermediate
+        """The widest MLP one token's forward computes in a layer."""
+        return max(layer.mlp_width for layer in self.layers)
 
-    def outside_params(self) -> int:
-        """Embeddings, the final norm and (untied) the output head."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
-
-    def distinct_inputs(self, experts: int | None = None) -> list[int]:
-        """Widths of the distinct inputs whose statistics a layer keeps (q/k/v share one, an MLP's gate/up share one;
-        each expert has its own): of all `experts` (default: every one of the layer)."""
-        mlp = [self.hidden, self.intermediate] * max(self.experts if experts is None else experts, 1)
-        shared = [self.hidden, self.shared_intermediate] if self.shared_intermediate else []
-        return [self.hidden, self.heads * self.head_dim] + mlp + shared
+    def statistics_bytes(self) -> int:
+        """The fp32 input statistics (one Hessian per distinct input) of the layer that keeps the most."""
+        return max(sum(w * w * 4 for w in layer.distinct_inputs()) for layer in self.layers)
 
     def statistics_flops_per_token(self) -> int:
-        """FLOPs of Σ XᵀX per calibration token and layer: every input a token reaches (its routed experts' only)."""
-        return 2 * sum(w * w for w in self.distinct_inputs(self.active_experts))
+        """FLOPs of Σ XᵀX per calibration token over every layer: every input a token reaches (its routed experts'
+        only)."""
+        return sum(2 * w * w for layer in self.layers for w in layer.distinct_inputs(layer.active_experts))
+
+
+_SHAPES: dict[str, ModelShape] = {}
+"""ModelShape.from_config's count per config (its class and JSON)."""
+
+STANDARD_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "tie_word_embeddings")
+"""The keys every decoder config has, which describe a Llama."""
+
+
+def _standard_config(config):
+    """A Llama config of `config`'s standard keys: how a dense model_type transformers does not know is planned."""
+    from transformers import LlamaConfig  # start-up time: imported on first use
+
+    return LlamaConfig(**{key: getattr(config, key) for key in STANDARD_KEYS if getattr(config, key, None) is not None})
+
+
+def _counted(config) -> ModelShape:
+    """Build the model of `config` on the meta device (a vision-language model with its vision tower) and count
+    it: every tensor, and per decoder layer its linears, inputs and experts."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText  # start-up time: on first use
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    text = config.get_text_config()
+    vision = getattr(config, "vision_config", None) is not None
+    auto = AutoModelForImageTextToText if vision and config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES \
+        else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(copy.deepcopy(config))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise PtqlabError(f"the memory plan cannot build {config.model_type!r} from its config in transformers: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    embeddings = model.get_input_embeddings()
+    owner = next(m for m in model.modules() if any(child is embeddings for child in m.children()))
+    layers = next((c for c in owner.children() if isinstance(c, nn.ModuleList) and len(c) == text.num_hidden_layers),
+                  None)
+    if layers is None:
+        raise PtqlabError(f"the memory plan cannot find the {text.num_hidden_layers} decoder layers of "
+                          f"{config.model_type!r} beside its embeddings ({type(owner).__name__})")
+    hidden = text.hidden_size
+    top_k = getattr(text, "num_experts_per_tok", None) or 0
+    shapes = tuple(_layer_shape(layer, hidden, top_k) for layer in layers)
+    routed = [layer for layer in shapes if layer.experts]
+    if (expert_count(text) and not routed) or (routed and not top_k):
+        raise PtqlabError(f"the memory plan cannot count the experts of {config.model_type!r}: transformers builds "
+                          "no fused experts module for it (a 3-D down_proj [experts, ., .]), or its config has no "
+                          "num_experts_per_tok")
+    return ModelShape(hidden, head_dim(text), embeddings.weight.shape[0], _tensor_count(model) - sum(
+        _tensor_count(layer) for layer in layers), shapes)
+
+
+def _tensor_count(module: nn.Module) -> int:
+    """Values of every tensor `module` stores (its state dict: parameters and persistent buffers, a tied one once)."""
+    return sum(t.numel() for t in {id(t): t for t in module.state_dict(keep_vars=True).values()}.values())
+
+
+def _fused_experts(module: nn.Module) -> torch.Tensor | None:
+    """The down projection of transformers' fused experts module ([experts, ., .]: the experts interface's
+    gate_up_proj or up_proj, and down_proj); None for any other module."""
+    down = getattr(module, "down_proj", None)
+    return down if isinstance(down, torch.Tensor) and down.dim() == 3 else None
+
+
+def _layer_shape(layer: nn.Module, hidden: int, top_k: int) -> LayerShape:
+    """Count one decoder layer. A block reads the residual stream (`hidden` wide) and writes back to it through its
+    output projection: of its linears `hidden` wide out, the one that reads another width (o, down, a delta net's
+    out_proj), or where all read `hidden` (a square o or down), the last. The block's other linears that read
+    `hidden` share its input (q/k/v; gate/up; MLA's q_a and kv_a; a delta net's in_proj); every other linear (the
+    output projection, MLA's q_b and kv_b) reads an input of its own. Each routed expert reads the tokens routed to
+    it."""
+    linears, inputs, expert_inputs, blocks = {}, [], (), {}
+    experts = expert_params = 0
+    for name, module in layer.named_modules():
+        down = _fused_experts(module)
+        if down is not None:
+            experts, width = down.shape[0], down[0].numel() // hidden
+            for part, p in module.named_parameters(recurse=False):
+                expert_params += p.numel()
+                if p.dim() == 3:  # [E, out, in] or [E, in, out] (gpt-oss, Llama 4): the non-hidden side is the width
+                    side = p[0].numel() // hidden
+                    linears[f"{name}.{part}"] = (hidden, side, experts) if p is down else (side, hidden, experts)
+            expert_inputs = (hidden, width)
+            continue
+        children = [(f"{name}.{n}" if name else n, c) for n, c in module.named_children() if isinstance(c, nn.Linear)]
+        if not children or any(_fused_experts(c) is not None for c in module.children()):
+            continue  # an MoE block's own linears route tokens (a router, a shared expert's gate): 16-bit
+        writes = [(n, c) for n, c in children if c.out_features == hidden]
+        out = ([n for n, c in writes if c.in_features != hidden] or [n for n, c in writes])[-1:]
+        shared = [n for n, c in children if c.in_features == hidden and n not in out]
+        inputs += [hidden] * bool(shared) + [c.in_features for n, c in children if n not in shared]
+        linears |= {n: (c.out_features, c.in_features, 1) for n, c in children}
+    for n, (o, i, count) in linears.items():  # each block's weights one token reads
+        block = n.split(".")[0]
+        blocks[block] = blocks.get(block, 0) + o * i * (top_k if count > 1 else 1)
+    # a gated MLP of width I holds 3 * hidden * I weights: the widest block read as one, which the MLP is (attention
+    # rarely outweighs it; where it does, the forward's figure errs high)
+    mlp_width = max(blocks.values(), default=0) // (3 * hidden)
+    return LayerShape(_tensor_count(layer), linears, tuple(inputs), mlp_width, experts, top_k if experts else 0,
+                      expert_params, expert_inputs)
 
 
 @dataclass(frozen=True)
@@ -236,19 +360,19 @@ def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) ->
     that fits `gpu_budget` (None: one layer at a time, activations on the GPU)."""
     c, s = run.compute_bytes, run.stored_bytes
     tokens = run.samples * run.seq_len if run.calibrated else 0
-    scales = model.layers * model.layer_params() // run.group_size * s if run.group_size else 0
-    quantized = model.layers * model.layer_params() * run.weight_bits // 8 + scales  # packed, on disk
-    unpacked = model.layers * model.layer_params() + scales  # in memory: one byte per value (QuantizedLinear)
+    scales = model.layer_params() // run.group_size * s if run.group_size else 0
+    quantized = model.layer_params() * run.weight_bits // 8 + scales  # packed, on disk
+    unpacked = model.layer_params() + scales  # in memory: one byte per value (QuantizedLinear)
     held: dict[str, int] = {"the process (Python, torch, CUDA libraries)": PROCESS_BYTES[
         "cuda" if run.device == "cuda" else "cpu"]}
     in_memory = c if run.calibrated else s  # a calibrated run holds the model in its compute dtype (engine/calibrate.py)
     if run.stream:
-        held["embeddings and head (streaming)"] = model.outside_params() * in_memory
+        held["embeddings and head (streaming)"] = model.outside * in_memory
         read = s + (c if run.calibrated and c != s else 0)  # as stored, and its cast to the compute dtype
-        held["two layers read from disk (current, prefetched)"] = 2 * model.layer_params() * read
+        held["two layers read from disk (current, prefetched)"] = 2 * model.largest_layer_params() * read
         held["checkpoint shard being written"] = min(quantized, STREAM_SHARD_BYTES)
     else:
-        held["the model"] = (model.outside_params() + model.layers * model.layer_params()) * in_memory
+        held["the model"] = model.params() * in_memory
         if not run.calibrated:  # the engine lets each float layer go as its quantized form replaces it
             held["the quantized layers"] = unpacked
     work, on_device, layers_on_gpu, activations_on_gpu = {}, 0, False, True
@@ -258,17 +382,16 @@ def estimate(model: ModelShape, run: RunShape, gpu_budget: int | None = None) ->
             held["calibration hidden states (pinned)"] = run.hidden_copies * tokens * model.hidden * c
         held["one batch's inputs, saved for resume"] = 2 * run.batch_size * run.seq_len * model.hidden * c
     cpu = sum(held.values()) + (on_device if run.device == "cpu" else 0)
-    disk = quantized + model.outside_params() * s
-    forward_flops = 2 * 2 * tokens * model.active_layer_params() * model.layers  # two passes: statistics, propagate
+    disk = quantized + model.outside * s
+    forward_flops = 2 * 2 * tokens * model.active_layer_params()  # two passes: statistics, propagate
     if run.statistics:  # Σ XᵀX of every distinct input
-        forward_flops += tokens * model.statistics_flops_per_token() * model.layers
-    gptq_flops = sum(2 * o * i * i * n for o, i, n in model.linears().values()) * model.layers if run.statistics else 0
+        forward_flops += tokens * model.statistics_flops_per_token()
+    gptq_flops = sum(2 * o * i * i * n for o, i, n in model.linears()) if run.statistics else 0
     device = "cuda" if run.device == "cuda" else "cpu"
     # AutoRound: each step a forward and a backward (twice the forward's FLOPs) of its samples through the layer
-    descent_flops = 3 * 2 * run.descent_steps * run.descent_samples * run.seq_len * model.active_layer_params() * model.layers
+    descent_flops = 3 * 2 * run.descent_steps * run.descent_samples * run.seq_len * model.active_layer_params()
     seconds = (forward_flops + descent_flops) / FLOP_RATE[device] + gptq_flops / GPTQ_RATE[device]
-    params = model.outside_params() + model.layers * model.layer_params()
-    read_back = 0 if run.stream else PROCESS_BYTES[device] + 2 * params * 4
+    read_back = 0 if run.stream else PROCESS_BYTES[device] + 2 * model.params() * 4
     return MemoryPlan(on_device if run.device == "cuda" else None, cpu, disk, seconds, {**work, **held},
                       layers_on_gpu, activations_on_gpu, read_back)
 
@@ -285,16 +408,16 @@ def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tu
     tables = tokens * 2 * model.head_dim * c + batches * run.batch_size * run.seq_len ** 2  # rotary tables, masks
     embeddings = {"embeddings (for the capture)": model.vocab * model.hidden * c}
     forward = run.batch_size * run.seq_len * (3 * model.mlp_width() + 4 * model.hidden) * c
-    out, inp, _ = max(model.linears().values(), key=lambda oin: oin[1] * (oin[0] + oin[1]))
+    out, inp, _ = max(model.linears(), key=lambda oin: oin[1] * (oin[0] + oin[1]))
     gptq = (4 * out * inp + 3 * inp * inp) * 4 if run.statistics else 0
     descent = _descent_bytes(model, run) if run.descent_steps else 0  # AutoRound's step
-    work = {"input statistics": sum(w * w * 4 for w in model.distinct_inputs()) if run.statistics else 0,
+    work = {"input statistics": model.statistics_bytes() if run.statistics else 0,
             "one batch's forward or one GPTQ": max(forward, gptq, descent)}
     float_hidden = {"the float model's hidden states and the layer's targets (autoround)":
                     (run.hidden_copies - 1) * hidden} if run.descent_steps else {}
-    every_layer = {"every decoder layer": model.layers * model.layer_params() * c,
-                   "the output head": model.outside_params() * c - embeddings["embeddings (for the capture)"]}
-    two_layers = {"two decoder layers (current, prefetched)": 2 * model.layer_params() * c}
+    every_layer = {"every decoder layer": model.layer_params() * c,
+                   "the output head": model.outside * c - embeddings["embeddings (for the capture)"]}
+    two_layers = {"two decoder layers (current, prefetched)": 2 * model.largest_layer_params() * c}
     on_gpu = {"calibration activations": hidden + tables, **float_hidden}
     streamed = {"calibration position tables and masks": tables,
                 "hidden states of three batches (in, next, out)": 3 * run.batch_size * run.seq_len * model.hidden * c}
@@ -302,7 +425,7 @@ def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tu
     if not run.stream and run.device == "cuda":
         choices.insert(0, (every_layer, on_gpu, True, True))
     if run.device != "cuda":  # the model is in CPU memory already: the layer computing is its compute-dtype copy
-        choices = [({"one decoder layer": model.layer_params() * c}, on_gpu, False, True)]
+        choices = [({"one decoder layer": model.largest_layer_params() * c}, on_gpu, False, True)]
     elif gpu_budget is None:
         choices = [(two_layers, on_gpu, False, True)]
     for layers, activations, layers_on_gpu, activations_on_gpu in choices:
@@ -321,7 +444,7 @@ def _descent_bytes(model: ModelShape, run: RunShape) -> int:
     what autograd keeps per token (the inputs of every matmul, attention's output, the MLP's wide activations), and
     per weight the fp32 offsets, their gradient, the fixed start and the fake-rounded weight with its gradient."""
     activations = run.descent_samples * run.seq_len * (6 * model.hidden + 4 * model.mlp_width()) * run.compute_bytes
-    return activations + 5 * 4 * model.layer_params()
+    return activations + 5 * 4 * model.largest_layer_params()
 
 
 def check_budgets(plan: MemoryPlan, gpu_budget: int | None, cpu_budget: int | None, stream: bool) -> None:

@@ -5,10 +5,10 @@ reads the row's and refuses a family without one."""
 import pytest
 import torch
 
-from ptqlab.engine.experts import unfuse
+from ptqlab.engine.experts import routed_experts, unfuse
 from ptqlab.engine.memory import ModelShape
 from ptqlab.errors import PtqlabError
-from ptqlab.families import FAMILIES, TRANSFORMERS_MLP, checkpoint_name, moe_layout
+from ptqlab.families import FAMILIES, checkpoint_name, moe_layout
 from ptqlab.models import decoder_layers
 from ptqlab.schemes import matches
 from tiny import ARCHS, MOE_ARCHS, tiny_config, tiny_model
@@ -16,17 +16,19 @@ from tiny import ARCHS, MOE_ARCHS, tiny_config, tiny_model
 
 def row_linears(arch: str, experts: int) -> set[str]:
     """The linears (and routers) one decoder layer has according to its family's row, by module name inside the layer (the
-    experts unfused, engine/experts.py)."""
+    experts unfused, engine/experts.py); `experts` 0: a dense layer (of a family whose MoE layers are interleaved with
+    dense ones too, Llama 4)."""
     family = FAMILIES[arch]
     linears = {*family.linears.qkv, family.linears.o}
     layout = family.experts
-    if layout is None:
+    if layout is None or not experts:
         return linears | {*family.linears.gate_up, family.linears.down}
-    block = TRANSFORMERS_MLP
+    block = layout.module
     linears |= {f"{block}.{layout.router}"}
     linears |= {f"{block}.experts.{e}.{p}" for e in range(experts) for p in layout.projections}
     if layout.shared_expert:
         linears |= {f"{block}.{layout.shared_expert}.{p}" for p in layout.shared_projections}
+    if layout.shared_expert_gate:
         linears |= {f"{block}.{layout.shared_expert_gate}"}
     return linears
 
@@ -37,34 +39,38 @@ def test_the_tiny_factory_builds_every_family():
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_each_row_names_exactly_the_modules_of_its_family(arch):
-    model = tiny_model(arch, num_hidden_layers=1)
+    model = tiny_model(arch)
     unfuse(model)
     family = FAMILIES[arch]
     assert decoder_layers(model) is model.get_submodule(family.layers)
-    layer = decoder_layers(model)[0]
-    # a linear or a router (some transformers routers are modules of their own): a module with a 2-D weight
-    linears = {name for name, module in layer.named_modules()
-               if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2}
-    norms = {name for name, module in layer.named_modules() if type(module).__name__.endswith("RMSNorm")}
-    assert linears == row_linears(arch, model.config.num_local_experts if arch == "mixtral" else
-                                  getattr(model.config, "num_experts", 0))
-    assert norms == set(family.norms.by_role().values())
+    kinds = set()
+    for layer in decoder_layers(model):
+        # a linear or a router (some transformers routers are modules of their own): a module with a 2-D weight
+        linears = {name for name, module in layer.named_modules()
+                   if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2}
+        norms = {name for name, module in layer.named_modules() if type(module).__name__.endswith("RMSNorm")}
+        experts = family.experts.count(model.config) if routed_experts(layer) else 0
+        kinds.add(bool(experts))
+        assert linears == row_linears(arch, experts)
+        assert norms == set(family.norms.by_role().values())
+    assert kinds == {family.experts is not None} | ({False} if arch == "llama4_text" else set())  # tiny.EXTRA
+    decoder = model.get_submodule(family.layers.rpartition(".")[0])  # Llama 4's get_decoder() is the model itself
     assert {model.get_submodule(family.embeddings), model.get_submodule(family.final_norm),
-            model.get_submodule(family.head)} == {model.get_input_embeddings(), model.get_decoder().norm,
+            model.get_submodule(family.head)} == {model.get_input_embeddings(), decoder.norm,
                                                   model.get_output_embeddings()}
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_an_moe_row_keeps_its_routers_16_bit_under_the_checkpoint_names(arch):
     layout = FAMILIES[arch].experts
-    kept = [f"{TRANSFORMERS_MLP}.{layout.router}"]
+    kept = [f"{layout.module}.{layout.router}"]
     if layout.shared_expert_gate:
-        kept.append(f"{TRANSFORMERS_MLP}.{layout.shared_expert_gate}")
+        kept.append(f"{layout.module}.{layout.shared_expert_gate}")
     for name in kept:
         stored = checkpoint_name(f"model.layers.3.{name}", layout)
         assert stored.startswith(f"model.layers.3.{layout.block}.")
         assert any(matches(stored, pattern) for pattern in layout.keep)
-    expert = checkpoint_name(f"model.layers.3.{TRANSFORMERS_MLP}.experts.0.{layout.projections[0]}", layout)
+    expert = checkpoint_name(f"model.layers.3.{layout.module}.experts.0.{layout.projections[0]}", layout)
     assert not any(matches(expert, pattern) for pattern in layout.keep)
 
 

@@ -26,6 +26,12 @@ EXTRA = {
     "gemma2": {"query_pre_attn_scalar": 64},
     "gemma3_text": {"query_pre_attn_scalar": 64},
     "qwen3_moe": {"norm_topk_prob": True},
+    # Llama 4: every other layer MoE (Maverick's interleave; vLLM decides by the step, transformers by moe_layers),
+    # so layer 0 is dense, layer 1 MoE.
+    "llama4_text": {"intermediate_size_mlp": 512, "interleave_moe_layer_step": 2},
+    # gpt-oss: YaRN's original context a 32nd of the tiny one, as the hub config's (its factor 32 agrees).
+    "gpt_oss": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 8}},
 }
 """Per architecture, settings beyond COMMON and the experts (a new family needs none to get a tiny model)."""
 DERIVED = {"phi3": ("head_dim",)}
@@ -105,7 +111,7 @@ def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, **o
     # a bug that drops them shows in the logits.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+            if "norm" in name or name.endswith((".bias", "_bias")):  # gpt-oss: experts.gate_up_proj_bias
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
 

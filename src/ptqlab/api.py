@@ -28,7 +28,7 @@ from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
                                                write_config)
 from ptqlab.families import moe_layout
-from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, read_back, unreadable_experts
+from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, expert_reading, read_back, unreadable_experts
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, load_checked,
                            load_tokenizer, model_dtype, resolve_device, stored_dtype)
 from ptqlab.options import QuantizeOptions, RunOptions, given
@@ -279,8 +279,12 @@ def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, r
     skip, bounds = {}, {}
     if moe_layout(loaded.model.config) is not None:
         bounds["transformers"] = MOE_TRANSFORMERS_BOUND
+        reading = expert_reading(loaded.model)
         unreadable = next(filter(None, map(unreadable_experts, result.recipe.schemes)), None)
-        if unreadable is not None:
+        if reading is None:
+            skip["transformers"] = (f"it does not read {loaded.model.config.model_type}'s per-expert tensors (no "
+                                    "conversion mapping merges them into its fused experts)")
+        elif reading == "merged" and unreadable is not None:
             skip["transformers"] = f"it does not read {unreadable}"
     checks, notes = read_back(folder, loaded.model, skip, bounds, in_memory=not resumed)
     result.notes += [check.note() for check in checks] + notes

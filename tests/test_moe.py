@@ -230,6 +230,84 @@ def test_llama4_and_gpt_oss_quantize_every_expert_and_keep_routers_and_sinks(arc
         assert "checkpoint not read back by transformers: it does not read gpt_oss's per-expert tensors" in notes
 
 
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def to_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., rows, columns] -> the hub's MXFP4 (gpt-oss): blocks uint8 [..., rows, columns / 32, 16], two E2M1 codes a
+    byte (the even column in the low nibble, sign in bit 3), and scales uint8 [..., rows, columns / 32], the E8M0
+    exponent (bias 127) that brings each group's largest |value| into [4, 8) (rounded to the nearest E2M1 value)."""
+    groups = weight.double().unflatten(-1, (-1, 32))
+    exponent = torch.floor(torch.log2(groups.abs().amax(-1).clamp_min(2.0 ** -100))) - 2
+    scaled = groups / torch.exp2(exponent)[..., None]
+    codes = (scaled.abs()[..., None] - E2M1.double()).abs().argmin(-1) | ((scaled < 0).long() << 3)
+    return (codes[..., 0::2] | codes[..., 1::2] << 4).to(torch.uint8), (exponent + 127).to(torch.uint8)
+
+
+def from_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The values MXFP4 encodes, in float64: E2M1 value times 2^(scale - 127)."""
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()
+    values = E2M1.double()[codes & 7] * torch.where(codes & 8 > 0, -1.0, 1.0)
+    return (values * torch.exp2(scales.double() - 127)[..., None]).flatten(-2)  # [..., rows, groups, 32] -> columns
+
+
+def save_mxfp4_gpt_oss(folder) -> dict[str, torch.Tensor]:
+    """A tiny gpt-oss checkpoint as the hub ships gpt-oss (bf16, experts in MXFP4: `<fused>_blocks` and `_scales`
+    per expert [out, in] row, biases bf16, quantization_config mxfp4) -> the expert weights it encodes, by their name
+    in transformers' model ([E, in, out], float64)."""
+    from safetensors.torch import load_file, save_file
+
+    from tiny import save_tiny_model
+
+    save_tiny_model(folder, "gpt_oss", torch.bfloat16)
+    tensors, encoded = load_file(folder / "model.safetensors"), {}
+    g = torch.Generator().manual_seed(5)
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        weight = tensors.pop(key).transpose(1, 2)  # [E, out, in], as the hub stores them
+        weight = weight * torch.exp2(torch.randint(-8, 4, weight.shape[:2], generator=g))[..., None]  # scales spread
+        blocks, scales = to_mxfp4(weight)
+        tensors[f"{key}_blocks"], tensors[f"{key}_scales"] = blocks, scales
+        encoded[key] = from_mxfp4(blocks, scales).transpose(1, 2)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    return encoded
+
+
+def test_gpt_oss_shipped_in_mxfp4_is_decoded_exactly_and_quantized_again(calibration_file, tmp_path):
+    """gpt-oss as the hub ships it: its MXFP4 experts load as exactly the values they encode (E2M1 times
+    2^(scale - 127), in bf16), the run says so in one line, and the checkpoint holds them quantized by the recipe
+    (compressed-tensors, one tensor per expert projection), no MXFP4 left. float16, which cannot hold every such
+    value, is refused."""
+    from ptqlab.models import load_model
+
+    src = tmp_path / "gpt-oss-mxfp4"
+    encoded = save_mxfp4_gpt_oss(src)
+    model = load_model(str(src)).model
+    assert len(encoded) == 4 and model.dtype == torch.bfloat16
+    for name, values in encoded.items():
+        decoded = model.get_parameter(name)
+        assert decoded.dtype == torch.bfloat16 and torch.equal(decoded.double(), values), name
+        assert len(torch.unique(values.abs())) > 3 * len(E2M1)  # E2M1 magnitudes under many scales: no trivial encoding
+
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+    out = quantize(str(src), "w4a16", out=tmp_path / "q", calibration=calibration, quiet=True, device="cpu")
+    record = json.loads((out / "ptqlab.json").read_text())
+    assert [n for n in record["notes"] if "MXFP4" in n] == [
+        "gpt_oss experts shipped in MXFP4: decoded exactly to bfloat16 and re-quantized as int4 symmetric weights "
+        "(group 128), 16-bit activations"]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    keys = checkpoint_keys(out)
+    assert "model.layers.1.mlp.experts.7.down_proj.weight_packed" in keys
+    assert not any(key.endswith(("_blocks", "_scales")) for key in keys)
+    with pytest.raises(PtqlabError, match=r"ships its experts in MXFP4, whose power-of-two scales reach beyond "
+                                          r"float16's range: use --dtype bfloat16 or float32"):
+        quantize(str(src), "w4a16-rtn", out=tmp_path / "fp16", dtype="float16", quiet=True, device="cpu")
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_a_streamed_moe_run_writes_the_in_memory_checkpoint(arch, tiny_model_dir, calibration_file, tmp_path):
     src = tiny_model_dir(arch)

@@ -29,8 +29,8 @@ from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, 
                                                write_config)
 from ptqlab.families import moe_layout
 from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, expert_reading, read_back, unreadable_experts
-from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, load_checked,
-                           load_tokenizer, model_dtype, resolve_device, stored_dtype)
+from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, decoding_note,
+                           load_checked, load_tokenizer, model_dtype, resolve_device, stored_dtype)
 from ptqlab.options import QuantizeOptions, RunOptions, given
 from ptqlab.output import atomic_dir, check_writable, locked, resumable_partial
 from ptqlab.pipeline import QuantizationResult, quantize_model
@@ -167,6 +167,9 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
         verification = _verify(tmp, loaded, streamed, result, resumed, memory.read_back_bytes, cpu_budget)
         if checkpoint is not None and checkpoint.note:
             result.notes.append(checkpoint.note)
+        decoded = decoding_note(checked.config, stored, result.recipe.scheme.describe())
+        if decoded is not None:
+            result.notes.insert(0, decoded)
         if compute != stored:
             result.notes.append(f"calibration computed in {_dtype_name(compute)}: this CPU has no native "
                                 f"{_dtype_name(stored)} arithmetic; the checkpoint keeps {_dtype_name(stored)}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -61,8 +62,6 @@ def expert_reading(model: nn.Module) -> str | None:
     dequantized and merged into its fused experts by the model type's conversion mapping (Qwen-MoE, Mixtral:
     `unreadable_experts` says which formats that takes); None, neither (gpt-oss in transformers 5.17): it would leave
     the experts at their random initialization."""
-    import sys
-
     # Imported here for start-up time: transformers' quantizers and conversion mappings load its integrations.
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION

@@ -110,9 +110,8 @@ class RoutedExperts(nn.ModuleList):
             weights = top_k_weights[token, slot, None]
             expert = self[index]
             if index in self.all_tokens:  # its input: every real token; its output still goes to the routed ones
-                rows = torch.arange(len(hidden_states), device=token.device) if real is None else real.nonzero().flatten()
-                position = token if real is None else torch.cumsum(real, 0)[token] - 1  # of each routed token in rows
-                x = hidden_states[rows]
+                x = hidden_states if real is None else hidden_states[real.nonzero().flatten()]
+                position = token if real is None else torch.cumsum(real, 0)[token] - 1  # of each routed token in x
                 if self.weight_on_input:  # the routed tokens at their weight, the others at full weight
                     x = x.index_put((position,), x[position] * weights)
                 result = expert(x, self.combine)[position]

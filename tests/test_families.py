@@ -63,8 +63,9 @@ def test_each_row_names_exactly_the_modules_of_its_family(arch):
         roles = family.norms.by_role().values()
         assert norms == ({*roles} if attention else {*roles} - {family.norms.query, family.norms.key})
     assert len(kinds) == 1 + len(family.layer_kinds)
+    decoder = model.get_submodule(family.layers.rpartition(".")[0])  # Llama 4's get_decoder() is the model itself
     assert {model.get_submodule(family.embeddings), model.get_submodule(family.final_norm),
-            model.get_submodule(family.head)} == {model.get_input_embeddings(), model.get_decoder().norm,
+            model.get_submodule(family.head)} == {model.get_input_embeddings(), decoder.norm,
                                                   model.get_output_embeddings()}
 
 

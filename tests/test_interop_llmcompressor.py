@@ -100,13 +100,31 @@ def test_same_tensors_and_config_as_llmcompressor(tiny_model_dir, tmp_path, sche
         assert 0 < differing < 0.15 * total
 
 
+def llama4_with_vision(src, out):
+    """The full Llama 4 (Llama4ForConditionalGeneration, a tiny random vision tower) whose language model is the tiny
+    Llama4ForCausalLM in `src`: llm-compressor 0.14 linearizes Llama 4's experts only there (its Llama4 module reads
+    config.text_config)."""
+    from transformers import AutoModelForCausalLM, Llama4Config, Llama4ForConditionalGeneration
+
+    text = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=56,
+                  patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)
+    torch.manual_seed(0)
+    full = Llama4ForConditionalGeneration(Llama4Config(text_config=text.config.to_dict(), vision_config=vision))
+    full.language_model.load_state_dict(text.state_dict())
+    full.save_pretrained(out)  # oneshot reads the model's config from its folder
+    return Llama4ForConditionalGeneration.from_pretrained(out, dtype="auto")
+
+
 @pytest.mark.parametrize("scheme,recipe", SCHEMES)
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "llama4_text"])
 def test_moe_checkpoints_hold_what_llmcompressor_writes(tiny_model_dir, tmp_path, scheme, recipe, arch):
     """Mixture-of-experts models (fp32): every expert's tensors bitwise equal and the same quantization_config, with
     llm-compressor told to keep the routers 16-bit as ptqlab does. The names agree but for Mixtral's experts, where
     ptqlab keeps the hub checkpoints' w1/w3/w2 (what vLLM's Mixtral loader maps) and llm-compressor 0.14 writes
-    gate_proj/up_proj/down_proj."""
+    gate_proj/up_proj/down_proj. gpt-oss: the experts' biases too, and the attention sinks as they were. Llama 4:
+    llm-compressor runs on the full model (llama4_with_vision), whose language model's tensors and ignore list are
+    ptqlab's under the prefix `language_model.`."""
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
@@ -114,20 +132,32 @@ def test_moe_checkpoints_hold_what_llmcompressor_writes(tiny_model_dir, tmp_path
 
     src = tiny_model_dir(arch)
     ours = quantize(str(src), recipe, out=tmp_path / "ours", quiet=True)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     ignore = ["lm_head", *FAMILIES[arch].experts.keep]
+    if arch == "llama4_text":
+        model = llama4_with_vision(src, tmp_path / "full")
+        ignore = ["re:.*lm_head$", *FAMILIES[arch].experts.keep, "re:vision_model.*", "re:multi_modal_projector.*"]
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     oneshot(model=model, recipe=modifier(scheme, ignore))
     model.save_pretrained(tmp_path / "theirs", save_compressed=True)
 
     our_config = json.loads((ours / "config.json").read_text())["quantization_config"]
     their_config = json.loads((tmp_path / "theirs" / "config.json").read_text())["quantization_config"]
-    assert our_config == their_config
     a, b = load_file(ours / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    if arch == "llama4_text":
+        their_config["ignore"] = [n.removeprefix("language_model.") for n in their_config["ignore"]
+                                  if n.startswith("language_model.")]
+        b = {key.removeprefix("language_model."): t for key, t in b.items() if key.startswith("language_model.")}
+        assert any(".feed_forward.experts.7.down_proj." in key for key in a)
+        assert any(".feed_forward.shared_expert.up_proj." in key for key in a)
+    assert our_config == their_config
     if arch == "mixtral":
         assert any(".experts.0.w1." in key for key in a)
         hub = {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."}
         b = {next((key.replace(theirs, ours) for theirs, ours in hub.items() if ".experts." in key and theirs in key),
                   key): tensor for key, tensor in b.items()}
+    if arch == "gpt_oss":
+        assert {"model.layers.1.mlp.experts.7.up_proj.bias", "model.layers.1.self_attn.sinks"} <= set(a)
     assert sorted(a) == sorted(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key

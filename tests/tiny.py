@@ -32,6 +32,12 @@ EXTRA = {
     "glm4_moe": {"first_k_dense_replace": 1, "n_shared_experts": 1, "n_group": 1, "topk_group": 1},
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"], "linear_num_key_heads": 2,
                    "linear_num_value_heads": 4, "linear_key_head_dim": 64, "linear_value_head_dim": 64},
+    # Llama 4: every other layer MoE (Maverick's interleave; vLLM decides by the step, transformers by moe_layers),
+    # so layer 0 is dense, layer 1 MoE.
+    "llama4_text": {"intermediate_size_mlp": 512, "interleave_moe_layer_step": 2},
+    # gpt-oss: YaRN's original context a 32nd of the tiny one, as the hub config's (its factor 32 agrees).
+    "gpt_oss": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 8}},
 }
 EXTRA["deepseek_v3"] = EXTRA["deepseek_v2"]
 """Per architecture, settings beyond COMMON and the experts (a new family needs none to get a tiny model)."""
@@ -112,7 +118,7 @@ def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, **o
     # a bug that drops them shows in the logits.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+            if "norm" in name or name.endswith((".bias", "_bias")):  # gpt-oss: experts.gate_up_proj_bias
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
 

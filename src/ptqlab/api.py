@@ -28,9 +28,9 @@ from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
                                                write_config)
 from ptqlab.families import moe_layout
-from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, read_back, unreadable_experts
-from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, load_checked,
-                           load_tokenizer, model_dtype, resolve_device, stored_dtype)
+from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, expert_reading, read_back, unreadable_experts
+from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, decoding_note,
+                           load_checked, load_tokenizer, model_dtype, resolve_device, stored_dtype)
 from ptqlab.options import QuantizeOptions, RunOptions, given
 from ptqlab.output import atomic_dir, check_writable, locked, resumable_partial
 from ptqlab.pipeline import QuantizationResult, quantize_model
@@ -167,6 +167,9 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
         verification = _verify(tmp, loaded, streamed, result, resumed, memory.read_back_bytes, cpu_budget)
         if checkpoint is not None and checkpoint.note:
             result.notes.append(checkpoint.note)
+        decoded = decoding_note(checked.config, stored, result.recipe.scheme.describe())
+        if decoded is not None:
+            result.notes.insert(0, decoded)
         if compute != stored:
             result.notes.append(f"calibration computed in {_dtype_name(compute)}: this CPU has no native "
                                 f"{_dtype_name(stored)} arithmetic; the checkpoint keeps {_dtype_name(stored)}")
@@ -277,14 +280,14 @@ def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, r
                             "copies), more than is free or allowed")
         return []
     skip, bounds = {}, {}
-    layout = moe_layout(loaded.model.config)
-    if layout is not None:
+    if moe_layout(loaded.model.config) is not None:
         bounds["transformers"] = MOE_TRANSFORMERS_BOUND
+        reading = expert_reading(loaded.model)
         unreadable = next(filter(None, map(unreadable_experts, result.recipe.schemes)), None)
-        if not layout.transformers_reads:
-            unreadable = f"{loaded.model.config.model_type}'s experts one tensor per expert (it reads only the hub's " \
-                         "fused expert tensors of this architecture)"
-        if unreadable is not None:
+        if reading is None:
+            skip["transformers"] = (f"it does not read {loaded.model.config.model_type}'s per-expert tensors (no "
+                                    "conversion mapping merges them into its fused experts)")
+        elif reading == "merged" and unreadable is not None:
             skip["transformers"] = f"it does not read {unreadable}"
     checks, notes = read_back(folder, loaded.model, skip, bounds, in_memory=not resumed)
     result.notes += [check.note() for check in checks] + notes

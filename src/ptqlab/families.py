@@ -93,11 +93,6 @@ class ExpertLayout:
     stored_router: str | None = None
     """The router's name inside the block in the checkpoint where the hub's differs from transformers' (Phi-3.5-MoE:
     gate for transformers' router; Granite MoE: router.layer)."""
-    module: str = TRANSFORMERS_MLP
-    """The MoE block's name in transformers' model (Granite MoE keeps block_sparse_moe)."""
-    transformers_reads: bool = True
-    """transformers' loader maps one tensor per expert projection back into its fused experts (its conversion mapping
-    for the architecture knows them); Granite MoE's knows only the hub's fused input_linear / output_linear."""
     shared_expert: str | None = None
     """A dense MLP beside the routed experts inside the block (Qwen2-MoE)."""
     shared_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
@@ -117,6 +112,25 @@ class ExpertLayout:
     says."""
     fp32_routing_weights: bool = False
     """The routing weights stay fp32 (Mixtral) instead of being cast to the model dtype."""
+    module: str = TRANSFORMERS_MLP
+    """The MoE block's module name in transformers' model (Llama 4: feed_forward, as its checkpoints name it; Granite
+    MoE keeps block_sparse_moe)."""
+    transposed: bool = False
+    """transformers' fused experts compute x @ W: gate_up_proj [E, H, 2I], down_proj [E, I, H] (Llama 4, gpt-oss),
+    not x @ W.T from [E, 2I, H] and [E, H, I]."""
+    interleaved: bool = False
+    """gate and up alternate along the fused 2I axis (gpt-oss: gate = gate_up_proj[..., ::2]) instead of being its
+    halves."""
+    activation: str = "gated"
+    """How an expert combines gate and up: "gated", act(gate) * up with the config's activation; "clamped_swiglu",
+    gpt-oss's (clamp(up) + 1) * g * sigmoid(alpha * g), g = gate clamped from above, alpha and the clamp the fused
+    module's (up does not reach down linearly)."""
+    router_weight_on_input: bool = False
+    """The routing weight scales an expert's input, not its output (Llama 4: x * sigmoid(top-k logit), vLLM's
+    apply_router_weight_on_input)."""
+    decoded_formats: tuple[str, ...] = ()
+    """quantization_config quant_methods a source checkpoint may ship its experts in (gpt-oss: mxfp4), which
+    transformers decodes exactly to 16-bit on loading and ptqlab then quantizes with the recipe."""
 
     @property
     def keep(self) -> tuple[str, ...]:
@@ -226,7 +240,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "granitemoe": ModelFamily(experts=ExpertLayout(block="block_sparse_moe", module="block_sparse_moe",
                                                    router="router", stored_router="router.layer",
                                                    count_key="num_local_experts", width_key="intermediate_size",
-                                                   normalize=True, transformers_reads=False),
+                                                   normalize=True),
                               fast_runtime=False),  # experts under llm-compressor's names
     "phimoe": ModelFamily(experts=ExpertLayout(("w1", "w3", "w2"), block="block_sparse_moe", router="router",
                                                stored_router="gate", count_key="num_local_experts",
@@ -240,6 +254,23 @@ FAMILIES: dict[str, ModelFamily] = {
                               keep=(_LINEAR_ATTENTION,), layer_kinds=("linear attention (linear_attn) or full "
                                                                       "attention (the row's q, k, v, o)",),
                               fast_runtime=False),
+    # Llama 4 (text): MoE layers (moe_layers) interleaved with dense ones, whose MLP is feed_forward.{gate,up,down}_proj;
+    # attention's NoPE layers, chunked attention and sigmoid routing are not the fast runtime's.
+    "llama4_text": ModelFamily(
+        linears=Linears(gate_up=("feed_forward.gate_proj", "feed_forward.up_proj"), down="feed_forward.down_proj"),
+        experts=ExpertLayout(block="feed_forward", module="feed_forward", router="router", shared_expert="shared_expert",
+                             count_key="num_local_experts", width_key="intermediate_size",
+                             shared_width_key="intermediate_size", normalize=False, transposed=True,
+                             router_weight_on_input=True),
+        layer_kinds=("MoE layers every interleave_moe_layer_step, dense ones between",), fast_runtime=False),
+    # gpt-oss: q/k/v/o and the experts have biases; self_attn.sinks (one logit per head) is no linear and stays as it is;
+    # its router (a module with weight and bias) stays 16-bit. Sinks, biases and the clamped SwiGLU are not the fast
+    # runtime's.
+    "gpt_oss": ModelFamily(
+        experts=ExpertLayout(router="router", count_key="num_local_experts", width_key="intermediate_size",
+                             normalize=True, transposed=True, interleaved=True, activation="clamped_swiglu",
+                             decoded_formats=("mxfp4",)),
+        fast_runtime=False),
 }
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")

@@ -178,13 +178,44 @@ def _first_line(error: Exception) -> str:
     return " ".join(lines[:2]) if lines else type(error).__name__
 
 
-def check_not_quantized(config, source: str, path: str) -> None:
-    """ptqlab quantizes 16-bit models: a checkpoint whose config carries a quantization_config is refused."""
+def _quant_method(config) -> str | None:
+    """The quant_method of a config's quantization_config (a dict or transformers' object), None without one."""
     quantization = getattr(config, "quantization_config", None)
-    if quantization is None:
-        return
     method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-    method = f" ({getattr(method, 'value', method)})" if method else ""
+    return getattr(method, "value", method)
+
+
+def decoded_format(config) -> str | None:
+    """The quant_method of a source checkpoint whose experts ship in a format that loading decodes exactly to 16-bit
+    (its family row's `decoded_formats`: gpt-oss's mxfp4), else None."""
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    layout = family.experts if family is not None else None
+    method = _quant_method(config)
+    return method if layout is not None and method in layout.decoded_formats else None
+
+
+def decoding_note(config, dtype: torch.dtype, scheme: str) -> str | None:
+    """The run's one line on experts decoded at loading (None when none were), `scheme` what they became."""
+    method = decoded_format(config)
+    if method is None:
+        return None
+    return (f"{config.model_type} experts shipped in {method.upper()}: decoded exactly to "
+            f"{str(dtype).removeprefix('torch.')} and re-quantized as {scheme}")
+
+
+def check_not_quantized(config, source: str, path: str, dtype: str = "auto") -> None:
+    """ptqlab quantizes 16-bit models: a checkpoint whose config carries a quantization_config is refused, but for
+    experts in a format its family row says loading decodes exactly (gpt-oss's MXFP4), into a dtype that holds its
+    values (bf16 or fp32: E2M1 values times powers of two beyond float16's range)."""
+    if getattr(config, "quantization_config", None) is None:
+        return
+    if decoded_format(config) is not None:
+        if dtype == "float16":
+            raise PtqlabError(f"{source!r} ships its experts in {decoded_format(config).upper()}, whose power-of-two "
+                              "scales reach beyond float16's range: use --dtype bfloat16 or float32 (or auto)")
+        return
+    method = _quant_method(config)
+    method = f" ({method})" if method else ""
     origin = ""
     if os.path.isdir(path):
         try:
@@ -236,14 +267,17 @@ def check_weight_files(folder: Path, source: str) -> None:
                               "copy or download the model again") from e
 
 
-def _load_weights(path: str, source: str, dtype: str):
+def _load_weights(path: str, source: str, dtype: str, decode: str | None = None):
     """AutoModelForCausalLM.from_pretrained, refusing weights that do not match the config instead of initializing
-    the difference at random."""
-    from transformers import AutoModelForCausalLM  # start-up time: imported on first use
+    the difference at random. `decode` mxfp4: transformers decodes the MXFP4 experts to 16-bit while loading (E2M1
+    values from a table, times 2^(scale - 127) by ldexp: exact in bf16 and fp32) instead of keeping them packed for
+    its Triton kernels."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config  # start-up time: imported on first use
 
+    decoding = {"quantization_config": Mxfp4Config(dequantize=True)} if decode == "mxfp4" else {}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), output_loading_info=True,
-                                                           ignore_mismatched_sizes=True)
+                                                           ignore_mismatched_sizes=True, **decoding)
     except (OSError, SafetensorError) as e:
         raise PtqlabError(f"cannot load the weights of {source!r}: {_first_line(e)}") from e
     mismatched = sorted(info.get("mismatched_keys") or ())
@@ -298,8 +332,8 @@ def check_source(source: str | None, dtype: str = "auto") -> ModelSource:
     config = load_config(path, source)
     _check_causal_lm(config, source)
     moe_layout(config)  # an MoE architecture without a layout row is refused here, in one line
-    check_not_quantized(config, source, path)
     resolve_dtype(dtype)
+    check_not_quantized(config, source, path, dtype)
     if os.path.isdir(path):
         check_weight_files(Path(path), source)
     return ModelSource(path, source, note, config)
@@ -332,7 +366,7 @@ def load_model(source: str | None = None, dtype: str = "auto") -> LoadedModel:
 
 def load_checked(checked: ModelSource, dtype: str = "auto") -> LoadedModel:
     """Load the model check_source has checked (its weights, then its tokenizer)."""
-    model = _load_weights(checked.path, checked.source, dtype)
+    model = _load_weights(checked.path, checked.source, dtype, decoded_format(checked.config))
     model.eval()
     decoder_layers(model)  # fail now, not half-way through quantization
     return LoadedModel(model=model, tokenizer=load_tokenizer(checked.path), source=checked.source, path=checked.path,

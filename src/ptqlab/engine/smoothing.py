@@ -104,13 +104,14 @@ def resolve_mappings(layer: nn.Module, config) -> tuple[list[ResolvedMapping], l
 
 
 def _moe_mappings(layer: nn.Module, family: ModelFamily, experts: dict) -> list[Mapping]:
-    """An MoE layer: the attention's mappings, and up -> down inside each expert (and a shared expert)."""
+    """An MoE layer: the attention's mappings, and up -> down inside each expert where down reads act(gate) * up (not
+    gpt-oss's clamped (up + 1) * ..., which scaling up would change), and in a shared expert."""
     out = list(attention_mappings(family))
-    for name, module in experts.items():
+    layout = family.experts
+    for name, module in experts.items() if layout is None or layout.activation == "gated" else ():
         for index, expert in enumerate(module):
             _, up, down = expert.names
             out.append(Mapping(f"{name}.{index}.{up}", (f"{name}.{index}.{down}",)))
-    layout = family.experts
     shared = f"{layout.module}.{layout.shared_expert}" if layout and layout.shared_expert else None
     if shared is not None and shared in dict(layer.named_modules()):
         _, up, down = layout.shared_projections

@@ -93,6 +93,10 @@ class StreamedModel:
         head = next(n for n, m in self.model.named_modules() if m is self.model.get_output_embeddings())
         missing = sorted(name for name in expected - ({f"{head}.weight"} if tied else set())
                          if self.stored(name) not in self.disk.files)
+        fused = next((name for name in self.disk.files if ".experts.gate_up_proj" in name), None)
+        if fused is not None and any(".experts." in name for name in missing):
+            raise PtqlabError(f"{source!r} stores its experts fused ({fused}), and --stream reads one tensor per "
+                              "expert projection: quantize it without --stream")
         if missing:
             raise PtqlabError(f"the weights of {source!r} lack {len(missing)} tensors its config.json describes (e.g. "
                               f"{missing[0]}); the config.json belongs to another model or the weights are incomplete: "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -51,6 +52,28 @@ def unreadable_experts(scheme) -> str | None:
         return "experts with zero points (asymmetric)"
     if scheme.weights.strategy == "block":
         return "experts with block-wise scales"
+    return None
+
+
+def expert_reading(model: nn.Module) -> str | None:
+    """How transformers reads a compressed-tensors checkpoint's per-expert tensors back into `model`'s architecture:
+    "linears", kept as one linear per expert projection (what its quantizers patch in for Llama 4:
+    quantizers/base.MODULES_TO_PATCH_FOR_QUANTIZATION), which reads every format compressed-tensors reads; "merged",
+    dequantized and merged into its fused experts by the model type's conversion mapping (Qwen-MoE, Mixtral:
+    `unreadable_experts` says which formats that takes); None, neither (gpt-oss in transformers 5.17): it would leave
+    the experts at their random initialization."""
+    # Imported here for start-up time: transformers' quantizers and conversion mappings load its integrations.
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    modeling = sys.modules[type(model).__module__]
+    if any(hasattr(modeling, name) and QuantizationMethod.COMPRESSED_TENSORS in patch["quantization_methods"]
+           for name, patch in MODULES_TO_PATCH_FOR_QUANTIZATION.items()):
+        return "linears"
+    mapping = get_checkpoint_conversion_mapping(model.config.model_type) or []
+    if any(".experts." in target for converter in mapping for target in getattr(converter, "target_patterns", ())):
+        return "merged"
     return None
 
 

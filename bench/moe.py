@@ -1,11 +1,14 @@
-"""Mixture-of-experts quantization and decode (issue 16): a Qwen3-30B-A3B-shaped model with random bf16 weights.
+"""Mixture-of-experts quantization and decode (issues 16 and 34): a Qwen3-30B-A3B-shaped or a DeepSeek-V3-shaped
+model (the real widths and 256 experts, 4 layers: one dense, three MoE) with random bf16 weights.
 
     python bench/moe.py --part quantize        # ptqlab GPTQ W4A16 of the whole model, 256 x 1024 tokens
     python bench/moe.py --part llmcompressor   # llm-compressor's GPTQ W4A16 on the first --lc-layers layers
     python bench/moe.py --part decode          # batch-1 decode tok/s of bf16, w4a16 and fp8-dynamic, ptqlab's runtime
+    python bench/moe.py --shape deepseek-v3 --part quantize   # and --part llmcompressor --lc-layers 2 (a dense and an
+                                                              # MoE layer: its seconds per MoE layer are the second's)
 
 Each part runs in a child process that reports its own peak RSS (VmHWM) and peak GPU memory, and merges its keys
-into bench/results/moe_qwen3-30b-a3b.json (`ptqlab_seconds`, `ptqlab_seconds_per_layer`,
+into bench/results/moe_<shape>.json (`ptqlab_seconds`, `ptqlab_seconds_per_layer`,
 `llmcompressor_seconds_per_layer`, `peak_gpu_bytes`, `peak_cpu_rss_bytes`, `decode_tok_s`), with the device,
 versions, date and command. Speed does not depend on weight values, so random weights of the real shape measure it
 faithfully; the routing of random weights spreads tokens over the experts as a trained router roughly does.
@@ -34,11 +37,23 @@ sys.path.insert(0, str(ROOT / "bench"))
 from big_models import peak_rss, random_tensors  # noqa: E402
 
 SHAPES = {
-    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
                           num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
                           head_dim=128, vocab_size=151936, norm_topk_prob=True, max_position_embeddings=40960,
                           rope_theta=1e6, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+    # DeepSeek-V3's config.json but for its layer count (61, the first 3 dense): 4 layers, the first dense.
+    "deepseek-v3": dict(model_type="deepseek_v3", hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+                        first_k_dense_replace=1, num_hidden_layers=4, num_attention_heads=128,
+                        num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                        qk_rope_head_dim=64, v_head_dim=128, routed_scaling_factor=2.5, norm_topk_prob=True,
+                        vocab_size=129280, max_position_embeddings=4096, tie_word_embeddings=False),
+    "deepseek-tiny": dict(model_type="deepseek_v3", hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                          n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                          first_k_dense_replace=1, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                          q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                          vocab_size=1000, max_position_embeddings=2048, tie_word_embeddings=False),
+    "tiny": dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1000,
                  norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=False),
 }
@@ -47,15 +62,16 @@ HBM_BYTES_PER_S = {"NVIDIA H200": 4.8e12}
 
 
 def config_of(shape: str, layers: int | None = None):
-    from transformers import Qwen3MoeConfig
+    from transformers import AutoConfig
 
     params = dict(SHAPES[shape])
     if layers:
         params["num_hidden_layers"] = layers
-    return Qwen3MoeConfig(**params, dtype="bfloat16", bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    return AutoConfig.for_model(params.pop("model_type"), **params, dtype="bfloat16", bos_token_id=None, eos_token_id=1,
+                                pad_token_id=0)
 
 
-def random_model(config, device: torch.device, seed: int, keep_on_device: bool = False):
+def random_model(config, device: torch.device, seed: int, keep_on_device: bool = False, unfused: bool = True):
     """A random bf16 model of `config` (big_models.random_tensors: drawn on `device` one tensor at a time), in CPU
     memory or, `keep_on_device`, on the device; its experts unfused (one linear per expert projection, views of the
     fused tensors)."""
@@ -67,8 +83,14 @@ def random_model(config, device: torch.device, seed: int, keep_on_device: bool =
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     place = device if keep_on_device else torch.device("cpu")
-    model.load_state_dict({n: t.to(place) for n, t in random_tensors(config, device, seed)}, assign=True)
-    unfuse(model)
+    missing = model.load_state_dict({n: t.to(place) for n, t in random_tensors(config, device, seed)}, assign=True,
+                                    strict=False).missing_keys
+    for name in missing:  # persistent buffers (DeepSeek's e_score_correction_bias): zeros, as transformers starts them
+        parent, _, leaf = name.rpartition(".")
+        buffer = model.get_submodule(parent).get_buffer(leaf)
+        model.get_submodule(parent).register_buffer(leaf, torch.zeros(buffer.shape, dtype=buffer.dtype, device=place))
+    if unfused:
+        unfuse(model)
     return model.eval()
 
 
@@ -114,9 +136,7 @@ def part_llmcompressor(args, device: torch.device) -> dict:
     bound of its time."""
     import tempfile
 
-    from accelerate import init_empty_weights
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
 
     config = config_of(args.shape)
     tokens = calibration_tokens(args, config)
@@ -126,10 +146,7 @@ def part_llmcompressor(args, device: torch.device) -> dict:
     except ImportError as e:
         return {"llmcompressor_seconds_per_layer": None, "llmcompressor_error": str(e)}
     small = config_of(args.shape, args.lc_layers)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(small, dtype=torch.bfloat16)
-    model.load_state_dict({n: t.to(device) for n, t in random_tensors(small, device, args.seed)}, assign=True)
-    model.eval()
+    model = random_model(small, device, args.seed, keep_on_device=True, unfused=False)
     data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
     recipe = [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])]
     with tempfile.TemporaryDirectory() as folder:
@@ -237,8 +254,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "moe_qwen3-30b-a3b.json")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/moe_<shape>.json")
+    args = parser.parse_args(argv)
+    args.out = args.out or ROOT / "bench" / "results" / f"moe_{args.shape}.json"
+    return args
 
 
 def versions() -> dict:

@@ -88,11 +88,11 @@ def test_the_memory_plan_counts_the_experts_its_row_names(arch):
     row's config keys size."""
     config = tiny_config(arch)
     layout = FAMILIES[arch].experts
-    layer = ModelShape.from_config(config).layers[0]
+    layer = next(layer for layer in ModelShape.from_config(config).layers if layer.experts)  # past any dense ones
     width, top_k = getattr(config, layout.width_key), getattr(config, layout.top_k_key)
     assert (layer.experts, layer.active_experts, layer.expert_inputs) == (
         getattr(config, layout.count_key), top_k, (config.hidden_size, width))
-    shared = getattr(config, layout.shared_width_key) if layout.shared_width_key else 0
+    shared = layout.shared_width(config)
     assert layer.mlp_width == top_k * width + shared
 
 

@@ -340,15 +340,16 @@ def test_every_recipe_quantizes_every_expert(recipe, tiny_model_dir, calibration
 
 
 def test_an_unsupported_moe_architecture_is_refused_in_one_line(tmp_path):
-    from transformers import OlmoeConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = OlmoeConfig(vocab_size=300, hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=4, num_experts=4, num_experts_per_tok=2)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "olmoe")
+    config = AutoConfig.for_model("ernie4_5_moe", vocab_size=300, hidden_size=64, intermediate_size=32,
+                                  moe_intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=4, moe_num_experts=4, moe_k=2, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "ernie")
     supported = ", ".join(sorted(name for name, row in FAMILIES.items() if row.experts is not None))
-    with pytest.raises(PtqlabError, match=r"^olmoe is a mixture-of-experts architecture ptqlab does not support yet "
-                                          rf"\(supported: {re.escape(supported)}\)"):
-        quantize(str(tmp_path / "olmoe"), "w4a16-rtn", out=tmp_path / "q", quiet=True, device="cpu")
+    with pytest.raises(PtqlabError, match=r"^ernie4_5_moe is a mixture-of-experts architecture ptqlab does not support "
+                                          rf"yet \(supported: {re.escape(supported)}\)"):
+        quantize(str(tmp_path / "ernie"), "w4a16-rtn", out=tmp_path / "q", quiet=True, device="cpu")
     assert not (tmp_path / "q").exists()
 
 

@@ -105,6 +105,8 @@ class ExpertLayout:
     """The config key giving one expert's MLP width."""
     shared_width_key: str | None = None
     """The config key giving the shared expert's MLP width."""
+    shared_count_key: str | None = None
+    """Instead, the config key giving how many experts' widths the shared MLP has (DeepSeek: n_shared_experts)."""
     top_k_key: str = "num_experts_per_tok"
     """The config key giving how many experts each token is routed to."""
     normalize: bool | str = "norm_topk_prob"
@@ -155,6 +157,12 @@ class ExpertLayout:
     def count(self, config) -> int:
         return getattr(config, self.count_key, None) or 0
 
+    def shared_width(self, config) -> int:
+        """The shared expert's MLP width (0: none)."""
+        if self.shared_count_key:
+            return (getattr(config, self.shared_count_key, None) or 0) * getattr(config, self.width_key)
+        return (getattr(config, self.shared_width_key, None) or 0) if self.shared_width_key else 0
+
     def renormalizes(self, config) -> bool:
         return self.normalize if isinstance(self.normalize, bool) else bool(getattr(config, self.normalize, False))
 
@@ -201,7 +209,7 @@ _MLA = dict(linears=Linears(qkv=("self_attn.q_a_proj", "self_attn.kv_a_proj_with
                                   ("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)))))
 """Multi-head latent attention (DeepSeek-V2/V3): q and the compressed kv read the input norm; each low-rank part is
 normed before the linear that expands it. (Without q_lora_rank, q_proj reads the input norm in q_a_proj's place.)"""
-_SHARED_EXPERTS = dict(count_key="n_routed_experts", shared_expert="shared_experts")
+_SHARED_EXPERTS = dict(count_key="n_routed_experts", shared_expert="shared_experts", shared_count_key="n_shared_experts")
 """DeepSeek's MoE block and its descendants': n_routed_experts, and n_shared_experts shared ones as one MLP."""
 _FIRST_DENSE = ("the first first_k_dense_replace layers have a dense MLP (the row's gate_up and down), the others "
                 "the experts",)

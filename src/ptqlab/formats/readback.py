@@ -60,8 +60,8 @@ def expert_reading(model: nn.Module) -> str | None:
     "linears", kept as one linear per expert projection (what its quantizers patch in for Llama 4:
     quantizers/base.MODULES_TO_PATCH_FOR_QUANTIZATION), which reads every format compressed-tensors reads; "merged",
     dequantized and merged into its fused experts by the model type's conversion mapping (Qwen-MoE, Mixtral:
-    `unreadable_experts` says which formats that takes); None, neither (gpt-oss in transformers 5.17): it would leave
-    the experts at their random initialization."""
+    `unreadable_experts` says which formats that takes); None, neither (gpt-oss and Granite MoE in transformers 5.17):
+    it would leave the experts at their random initialization."""
     # Imported here for start-up time: transformers' quantizers and conversion mappings load its integrations.
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
@@ -72,8 +72,8 @@ def expert_reading(model: nn.Module) -> str | None:
            for name, patch in MODULES_TO_PATCH_FOR_QUANTIZATION.items()):
         return "linears"
     mapping = get_checkpoint_conversion_mapping(model.config.model_type) or []
-    if any(".experts." in target for converter in mapping for target in getattr(converter, "target_patterns", ())):
-        return "merged"
+    if any(".experts.*." in source for converter in mapping for source in getattr(converter, "source_patterns", ())):
+        return "merged"  # one source tensor per expert (Granite MoE's mapping renames only the hub's fused ones)
     return None
 
 

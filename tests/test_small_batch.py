@@ -144,7 +144,8 @@ def test_small_batch_refuses_what_it_does_not_compute():
 @interpreted
 @pytest.mark.parametrize("rows,n,k", [(70, 200, 256), (130, 136, 384)])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
-def test_int8_prefill_gemm_against_float64(rows, n, k, out_dtype):
+@pytest.mark.parametrize("tile", ["128x128", "128x256", "256x128"])
+def test_int8_prefill_gemm_against_float64(rows, n, k, out_dtype, tile):
     """INT8 W8A8's prefill matmul (runtime/int8_gemm.py): exact int32 sums, both scales and the bias applied in
     registers; rows and N off the 128-row tiles."""
     from ptqlab.runtime.int8_gemm import int8_gemm
@@ -154,7 +155,7 @@ def test_int8_prefill_gemm_against_float64(rows, n, k, out_dtype):
     w_q, w_scale, weight = eight_bit_layer(n, k, "int8")
     bias = torch.randn(n, dtype=out_dtype)
     inputs = q.double() * x_scale.double()
-    y = int8_gemm(q, x_scale, w_q, w_scale, bias, out_dtype)
+    y = int8_gemm(q, x_scale, w_q, w_scale, bias, out_dtype, tile)
     assert y.dtype == out_dtype and y.shape == (rows, n)
     ok, worst = within(y, inputs @ weight.T + bias.double(), inputs.abs() @ weight.abs().T + bias.double().abs(), 1e-5,
                        out_dtype)

@@ -45,6 +45,9 @@ if triton is not None:
 
 
 BLOCK_K = 128
+TILES = {"128x128": (128, 128, 8, 4), "128x256": (128, 256, 8, 3), "256x128": (256, 128, 8, 3)}
+"""(BLOCK_M, BLOCK_N, warps, stages) by name: the tiles the kernel choice table (runtime/choice.py) tries at many
+rows; the first is the default. (A few rows take a 64-row tile.)"""
 
 
 def fits(k: int) -> bool:
@@ -52,14 +55,14 @@ def fits(k: int) -> bool:
 
 
 def int8_gemm(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
-              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+              bias: torch.Tensor | None, out_dtype: torch.dtype, tile: str = "128x128") -> torch.Tensor:
     """x [M, K] int8 with x_scale [M, 1] fp32 per token @ (weight [N, K] int8 with w_scale [N] or [1, N] fp32 per
     row)ᵀ -> [M, N] in out_dtype (+ bias [N]). K: a multiple of 128."""
     m, k = x.shape
     n = weight.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    block_m, block_n, warps, stages = (128, 128, 8, 4) if m > 64 else (64, 128, 4, 4)
+    block_m, block_n, warps, stages = TILES[tile] if m > 64 else (64, 128, 4, 4)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     ws = w_scale.reshape(-1)
     _int8_gemm_kernel[grid](x, x_scale, weight, ws, bias if bias is not None else ws, y, m, n, k, x.stride(0),

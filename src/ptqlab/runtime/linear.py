@@ -286,8 +286,9 @@ class TokenQuantizedLinear(ChoosingLinear):
             y = small_batch.small_batch_matmul(self.fmt, x.q[:rows], self.weight, self.scale, x_scale=x.scale[:rows],
                                                bias=self.bias, out_dtype=self.out_dtype, tile=_tile_of(kernel),
                                                pdl=self.pdl)
-        elif kernel == "triton-gemm":
-            y = int8_gemm.int8_gemm(x.q[:rows], x.scale[:rows], self.weight, self.scale, self.bias, self.out_dtype)
+        elif kernel.startswith("triton-gemm"):
+            y = int8_gemm.int8_gemm(x.q[:rows], x.scale[:rows], self.weight, self.scale, self.bias, self.out_dtype,
+                                    kernel.partition(" ")[2] or "128x128")
         else:
             y = self.cublas(x, rows)
         return y.reshape(*x.shape[:-1], -1)
@@ -323,7 +324,7 @@ class Int8Linear(TokenQuantizedLinear):
     """torch._int_mm wants more than 16 rows: a few rows are padded with zeros up to this."""
 
     def prefill_kernels(self) -> list[str]:
-        return ["triton-gemm"] if int8_gemm.fits(self.in_features) else []
+        return [f"triton-gemm {tile}" for tile in int8_gemm.TILES] if int8_gemm.fits(self.in_features) else []
 
     def cublas(self, x: token_triton.QuantizedRows, rows: int) -> torch.Tensor:
         q, scale = x.q, x.scale

@@ -10,8 +10,9 @@ from ptqlab.engine.memory import ModelShape
 from ptqlab.errors import PtqlabError
 from ptqlab.families import FAMILIES, checkpoint_name, module_name, moe_layout
 from ptqlab.models import decoder_layers
+from ptqlab.pipeline import kept_16_bit
 from ptqlab.schemes import matches
-from tiny import ARCHS, MOE_ARCHS, tiny_config, tiny_model
+from tiny import ARCHS, MOE_ARCHS, VLM_ARCHS, tiny_config, tiny_model
 
 
 def row_linears(arch: str, experts: int, moe: bool = True, attention: bool = True) -> set[str]:
@@ -35,7 +36,7 @@ def row_linears(arch: str, experts: int, moe: bool = True, attention: bool = Tru
 
 
 def test_the_tiny_factory_builds_every_family():
-    assert sorted(ARCHS + MOE_ARCHS) == sorted(FAMILIES)
+    assert sorted(ARCHS + MOE_ARCHS + VLM_ARCHS) == sorted(FAMILIES)
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
@@ -67,6 +68,21 @@ def test_each_row_names_exactly_the_modules_of_its_family(arch):
     assert {model.get_submodule(family.embeddings), model.get_submodule(family.final_norm),
             model.get_submodule(family.head)} == {model.get_input_embeddings(), decoder.norm,
                                                   model.get_output_embeddings()}
+
+
+@pytest.mark.parametrize("arch", VLM_ARCHS)
+def test_a_vlm_row_keeps_every_linear_outside_its_text_decoder(arch):
+    """A vision-language row's `vision` names the modules beside the text decoder: the linears its row keeps 16-bit are
+    exactly the model's linears outside the decoder layers but the output head, and its auto class builds the whole
+    model."""
+    model = tiny_model(arch)
+    family = FAMILIES[arch]
+    assert type(model).__name__.endswith("ForConditionalGeneration") and family.auto_class == "AutoModelForImageTextToText"
+    assert all(isinstance(model.get_submodule(name), torch.nn.Module) for name in family.vision)
+    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    outside = [name for name in linears if not name.startswith(f"{family.layers}.") and name != family.head]
+    kept, notes = kept_16_bit(model)
+    assert kept == outside and outside and len(notes) == 1
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)

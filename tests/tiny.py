@@ -38,11 +38,31 @@ EXTRA = {
     # gpt-oss: YaRN's original context a 32nd of the tiny one, as the hub config's (its factor 32 agrees).
     "gpt_oss": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 8}},
+    # A vision-language model's text config: multimodal rotary sections (t, h, w) that fill head_dim // 2.
+    "qwen2_5_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}},
+    "qwen3_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}},
+    "gemma3": {"query_pre_attn_scalar": 64},
+    "mistral3": {"model_type": "mistral", "sliding_window": None},
 }
 EXTRA["deepseek_v3"] = EXTRA["deepseek_v2"]
-"""Per architecture, settings beyond COMMON and the experts (a new family needs none to get a tiny model)."""
+"""Per architecture, settings beyond COMMON and the experts (a new family needs none to get a tiny model); a
+vision-language model's go to its text config, with COMMON's."""
 DERIVED = {"phi3": ("head_dim",), "deepseek_v2": ("head_dim",), "deepseek_v3": ("head_dim",)}
 """COMMON keys that a config class derives itself and must not be given."""
+VISION = {
+    "qwen2_5_vl": ({"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                    "out_hidden_size": COMMON["hidden_size"], "fullatt_block_indexes": [0]}, {}),
+    "qwen3_vl": ({"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                  "out_hidden_size": COMMON["hidden_size"], "deepstack_visual_indexes": [0],
+                  "num_position_embeddings": 64}, {}),
+    "gemma3": ({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "image_size": 28, "patch_size": 14, "vision_use_head": False},
+               {"mm_tokens_per_image": 4, "tie_word_embeddings": True}),  # Gemma 3 ties its head, as the real ones
+    "mistral3": ({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "head_dim": 32, "image_size": 56, "patch_size": 14}, {}),
+}
+"""Per vision-language family: (its vision config, settings of the top-level config). The vision tower is a sliver:
+ptqlab keeps it 16-bit, and only its names and the linears it holds matter to the tests."""
 
 
 def tiny_config(arch: str, **overrides):
@@ -59,7 +79,12 @@ def tiny_config(arch: str, **overrides):
         if layout.shared_width_key:
             experts[layout.shared_width_key] = TINY_EXPERTS["shared_width"]
     params = {**experts, **COMMON, **EXTRA.get(arch, {}), **overrides}
-    return AutoConfig.for_model(arch, **{k: v for k, v in params.items() if k not in DERIVED.get(arch, ())})
+    params = {k: v for k, v in params.items() if k not in DERIVED.get(arch, ())}
+    if arch in VISION:  # the text decoder's settings go to its text config
+        vision, top = VISION[arch]
+        return AutoConfig.for_model(arch, text_config=params, vision_config=vision,
+                                    **{"tie_word_embeddings": params["tie_word_embeddings"], **top})
+    return AutoConfig.for_model(arch, **params)
 
 
 CHATS = [{"messages": [{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
@@ -74,14 +99,17 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def _archs(moe: bool) -> list[str]:
-    return [name for name, family in FAMILIES.items() if (family.experts is not None) == moe]
+def _archs(moe: bool, vision: bool = False) -> list[str]:
+    return [name for name, family in FAMILIES.items()
+            if (family.experts is not None) == moe and bool(family.vision) == vision]
 
 
 ARCHS = _archs(moe=False)
-"""Every dense family, in the registry's order."""
+"""Every dense family of text-only models, in the registry's order."""
 MOE_ARCHS = _archs(moe=True)
 """Every mixture-of-experts family."""
+VLM_ARCHS = _archs(moe=False, vision=True)
+"""Every vision-language family (a dense text decoder beside a vision tower)."""
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -110,10 +138,12 @@ def tiny_tokenizer():
 
 
 def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
-    from transformers import AutoModelForCausalLM
+    import transformers
 
+    config = tiny_config(arch, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=dtype)
+    auto_class = getattr(transformers, FAMILIES[arch].auto_class)  # a vision-language model's builds its vision part
+    model = auto_class.from_config(config, dtype=dtype)
     # Random init gives std-0.02 weights everywhere; give norms and biases non-trivial values too so that
     # a bug that drops them shows in the logits.
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Model families: one row per architecture (a config's `model_type`) saying where its decoder layers live, which
-linears play which role (q/k/v/o, gate/up/down, the experts and their router), which norms it has and, for a
-mixture of experts, how its MoE block is laid out and which config keys size it.
+linears play which role (q/k/v/o, gate/up/down, the experts and their router), which norms it has, for a
+mixture of experts how its MoE block is laid out and which config keys size it, and for a vision-language model
+which modules beside its text decoder stay 16-bit.
 
 Everything that differs between architectures reads its row here: the engine (decoder layers, per-expert linears,
 the checkpoint's names), the smoothing mappings (engine/smoothing.py derives them from the roles), the memory
@@ -10,6 +11,7 @@ plan's shape, the fast runtime, the GGUF export and the tests' tiny models. A ne
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ptqlab.errors import PtqlabError
@@ -202,6 +204,14 @@ class ModelFamily:
     layer_kinds: tuple[str, ...] = ()
     """What the decoder layers' linears may differ in, one phrase each (the first dense layers of an MoE, linear
     attention beside full attention): the row's roles name the modules of each kind, a layer has those of its kind."""
+    vision: tuple[str, ...] = ()
+    """A vision-language model's modules beside its text decoder (the vision tower, the projector), by module name;
+    () for a text-only model. Its row keeps their linears 16-bit (`keep`, from `vision_language`)."""
+
+    @property
+    def auto_class(self) -> str:
+        """transformers' auto class that loads the whole model (a vision-language model with its vision part)."""
+        return "AutoModelForImageTextToText" if self.vision else "AutoModelForCausalLM"
 
 
 _MLA = dict(linears=Linears(qkv=("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), o_reads_v=False),
@@ -216,6 +226,19 @@ _FIRST_DENSE = ("the first first_k_dense_replace layers have a dense MLP (the ro
 _LINEAR_ATTENTION = KeptModules(r"re:.*linear_attn\..*", "the gated delta-net linear attention stays 16-bit (as "
                                 "llm-compressor's and Qwen's own recipes keep it): its recurrent state carries each "
                                 "projection's error through the whole sequence")
+VISION_KEPT = ("as llm-compressor's vision-language recipes keep them: calibration is text only and never reaches "
+               "them, and image understanding rests on them for a small share of the weights")
+
+
+def vision_language(*vision: str) -> dict:
+    """A transformers 5 vision-language model's row settings: its text decoder under model.language_model (the head at
+    the top), and the modules `vision` names beside it (vision tower, projector) kept 16-bit, with why."""
+    pattern = "re:(" + "|".join(re.escape(name) for name in vision) + r")\..*"
+    return dict(layers="model.language_model.layers", embeddings="model.language_model.embed_tokens",
+                final_norm="model.language_model.norm", vision=vision, fast_runtime=False,
+                keep=(KeptModules(pattern, f"the vision tower and projector stay 16-bit, {VISION_KEPT}"),))
+
+
 _GEMMA_NORMS = dict(mlp_input="pre_feedforward_layernorm", attention_output="post_attention_layernorm",
                     mlp_output="post_feedforward_layernorm", offset=1.0)
 _HEAD_NORMS = dict(query="self_attn.q_norm", key="self_attn.k_norm")
@@ -279,6 +302,12 @@ FAMILIES: dict[str, ModelFamily] = {
                              normalize=True, transposed=True, interleaved=True, activation="clamped_swiglu",
                              decoded_formats=("mxfp4",)),
         fast_runtime=False),
+    # Vision-language models: their text decoder is quantized, their vision tower and projector stay 16-bit.
+    "qwen2_5_vl": ModelFamily(**vision_language("model.visual")),
+    "qwen3_vl": ModelFamily(**vision_language("model.visual"), norms=Norms(**_HEAD_NORMS)),
+    "gemma3": ModelFamily(**vision_language("model.vision_tower", "model.multi_modal_projector"),
+                          norms=Norms(**_GEMMA_NORMS, **_HEAD_NORMS), scaled_embeddings=True),
+    "mistral3": ModelFamily(**vision_language("model.vision_tower", "model.multi_modal_projector")),
 }
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")

@@ -27,7 +27,7 @@ from ptqlab.engine.stream import StreamedModel
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
                                                write_config)
-from ptqlab.families import moe_layout
+from ptqlab.families import FAMILIES, moe_layout
 from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, expert_reading, read_back, unreadable_experts
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, decoding_note,
                            load_checked, load_tokenizer, model_dtype, resolve_device, stored_dtype)
@@ -133,6 +133,7 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
     if calibration is not None:
         check_calibration(calibration, batch_size=options.calib_batch_size)
     checked = check_source(model, options.dtype)
+    _check_streamable(checked, options.stream)
     gpu_budget, cpu_budget = budgets(options.device, options.max_gpu_memory, options.max_cpu_memory)
     memory = _memory_plan(checked, recipe, options, gpu_budget)
     check_budgets(memory, gpu_budget, cpu_budget, options.stream)
@@ -187,6 +188,15 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
                     "memory_plan": memory.to_dict(), "gpu_budget_bytes": gpu_budget, "cpu_budget_bytes": cpu_budget}
         _run_record(loaded, result, settings, time.perf_counter() - start, request, verification).write(tmp)
     return out
+
+
+def _check_streamable(checked: ModelSource, stream: bool) -> None:
+    """--stream reads text-only models: a vision-language model's files name its modules as the hub does (visual.*,
+    language_model.model.*), not as transformers 5 builds them, which the streamed reader does not map yet."""
+    family = FAMILIES.get(checked.config.model_type)
+    if stream and family is not None and family.vision:
+        raise PtqlabError(f"--stream does not read vision-language models yet ({checked.source!r} is a "
+                          f"{checked.config.model_type} model): quantize it without --stream, loaded whole")
 
 
 @contextmanager
@@ -251,7 +261,7 @@ def _write_checkpoint(folder: Path, loaded: LoadedModel, result: QuantizationRes
                       checkpoint: Checkpointer | None, writer: ShardWriter | None) -> None:
     """The checkpoint's weights (what the layers left, then the rest of the model), config and tokenizer."""
     if checkpoint is None and writer is None:
-        write_checkpoint(folder, loaded.model, loaded.tokenizer, result.recipe)
+        write_checkpoint(folder, loaded.model, loaded.tokenizer, result.recipe, source=loaded.path)
         return
     if checkpoint is not None:  # the finished layers, from their files, into the checkpoint's shards
         layout = moe_layout(loaded.model.config)
@@ -260,7 +270,7 @@ def _write_checkpoint(folder: Path, loaded: LoadedModel, result: QuantizationRes
             writer.add(tensors)
     writer.add(checkpoint_tensors(loaded.model, skip=tuple(decoder_layer_names(loaded.model))))
     writer.close()
-    write_config(folder, loaded.model, loaded.tokenizer, result.recipe)
+    write_config(folder, loaded.model, loaded.tokenizer, result.recipe, source=loaded.path)
     if checkpoint is not None:
         checkpoint.clear()
 

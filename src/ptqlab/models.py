@@ -267,17 +267,32 @@ def check_weight_files(folder: Path, source: str) -> None:
                               "copy or download the model again") from e
 
 
-def _load_weights(path: str, source: str, dtype: str, decode: str | None = None):
-    """AutoModelForCausalLM.from_pretrained, refusing weights that do not match the config instead of initializing
-    the difference at random. `decode` mxfp4: transformers decodes the MXFP4 experts to 16-bit while loading (E2M1
-    values from a table, times 2^(scale - 127) by ldexp: exact in bf16 and fp32) instead of keeping them packed for
-    its Triton kernels."""
-    from transformers import AutoModelForCausalLM, Mxfp4Config  # start-up time: imported on first use
+def auto_model_class(config):
+    """transformers' auto class that loads a model of `config` (a config object, or config.json as a dict) whole: its
+    family row's (a vision-language model's loads its vision part too), else AutoModelForCausalLM."""
+    import transformers  # start-up time: imported on first use
 
-    decoding = {"quantization_config": Mxfp4Config(dequantize=True)} if decode == "mxfp4" else {}
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    family = FAMILIES.get(model_type)
+    return getattr(transformers, family.auto_class if family is not None else "AutoModelForCausalLM")
+
+
+def text_config(config):
+    """The text decoder's config: a vision-language model's text_config, else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _load_weights(path: str, source: str, dtype: str, config):
+    """from_pretrained of the auto class for `config` (auto_model_class), refusing weights that do not match the config
+    instead of initializing the difference at random. Experts shipped in MXFP4 (decoded_format): transformers decodes
+    them to 16-bit while loading (E2M1 values from a table, times 2^(scale - 127) by ldexp: exact in bf16 and fp32)
+    instead of keeping them packed for its Triton kernels."""
+    from transformers import Mxfp4Config  # start-up time: imported on first use
+
+    decoding = {"quantization_config": Mxfp4Config(dequantize=True)} if decoded_format(config) == "mxfp4" else {}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), output_loading_info=True,
-                                                           ignore_mismatched_sizes=True, **decoding)
+        model, info = auto_model_class(config).from_pretrained(path, dtype=resolve_dtype(dtype), output_loading_info=True,
+                                                               ignore_mismatched_sizes=True, **decoding)
     except (OSError, SafetensorError) as e:
         raise PtqlabError(f"cannot load the weights of {source!r}: {_first_line(e)}") from e
     mismatched = sorted(info.get("mismatched_keys") or ())
@@ -299,6 +314,9 @@ CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")
 def _check_causal_lm(config, source: str) -> None:
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING  # start-up time: imported on first use
 
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is not None and family.vision:  # a vision-language model whose text decoder ptqlab quantizes
+        return
     architectures = getattr(config, "architectures", None) or []
     # BERT-like configs sit in the causal-LM mapping too (as LM heads for decoders): trust the checkpoint's
     # own declared head when it has one.
@@ -307,7 +325,8 @@ def _check_causal_lm(config, source: str) -> None:
         arch = ", ".join(architectures) or config.model_type
         raise PtqlabError(
             f"{source!r} is a {arch} model, not a causal language model: ptqlab quantizes decoder-only LMs "
-            "that AutoModelForCausalLM loads (Llama, Qwen, Mistral, Gemma, Phi-3, ...)"
+            "that AutoModelForCausalLM loads (Llama, Qwen, Mistral, Gemma, Phi-3, ...) and the text decoder of the "
+            f"vision-language models it has a family row for ({', '.join(n for n, f in FAMILIES.items() if f.vision)})"
         )
 
 
@@ -366,7 +385,7 @@ def load_model(source: str | None = None, dtype: str = "auto") -> LoadedModel:
 
 def load_checked(checked: ModelSource, dtype: str = "auto") -> LoadedModel:
     """Load the model check_source has checked (its weights, then its tokenizer)."""
-    model = _load_weights(checked.path, checked.source, dtype, decoded_format(checked.config))
+    model = _load_weights(checked.path, checked.source, dtype, checked.config)
     model.eval()
     decoder_layers(model)  # fail now, not half-way through quantization
     return LoadedModel(model=model, tokenizer=load_tokenizer(checked.path), source=checked.source, path=checked.path,

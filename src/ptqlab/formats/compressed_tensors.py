@@ -21,6 +21,7 @@ the engine registered.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -29,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ptqlab.families import ExpertLayout, checkpoint_name, moe_layout
+from ptqlab.families import FAMILIES, ExpertLayout, checkpoint_name, moe_layout
 from ptqlab.safetensors_files import MAX_SHARD_BYTES, STREAM_SHARD_BYTES
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.quant.kv_cache import kv_cache_format
@@ -254,8 +255,35 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_config(folder: Path, model: nn.Module, tokenizer, recipe: Quantization) -> None:
-    """config.json (with quantization_config), the generation config and the tokenizer."""
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")
+"""A vision-language model's processor files (how images and videos become inputs, the processor's chat template):
+its checkpoint reads the same inputs, so they are copied from the source unchanged."""
+
+
+def copy_processor_files(source: str | Path, folder: Path) -> list[str]:
+    """Copy the PROCESSOR_FILES that `source` (a local folder or a hub id in the local cache) has into `folder` ->
+    their names."""
+    # Imported here for start-up time: transformers' hub helpers load its machinery.
+    from transformers.utils import cached_file
+
+    copied = []
+    for name in PROCESSOR_FILES:
+        local = Path(source) / name
+        found = local if local.is_file() else None
+        if found is None and not Path(source).is_dir():
+            found = cached_file(str(source), name, _raise_exceptions_for_missing_entries=False,
+                                _raise_exceptions_for_connection_errors=False)
+        if found is not None:
+            shutil.copyfile(found, Path(folder) / name)
+            copied.append(name)
+    return copied
+
+
+def write_config(folder: Path, model: nn.Module, tokenizer, recipe: Quantization,
+                 source: str | Path | None = None) -> None:
+    """config.json (with quantization_config), the generation config and the tokenizer; for a vision-language model
+    the processor files of `source` (the model's folder or hub id) too."""
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
     config["tie_word_embeddings"] = _head_is_tied(model)
@@ -265,14 +293,19 @@ def write_config(folder: Path, model: nn.Module, tokenizer, recipe: Quantization
         model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    family = FAMILIES.get(model.config.model_type)
+    if source is not None and family is not None and family.vision:  # after the tokenizer: the source's template wins
+        copy_processor_files(source, folder)
 
 
 def write_checkpoint(
-    folder: Path, model: nn.Module, tokenizer, recipe: Quantization, max_shard_bytes: int = MAX_SHARD_BYTES
+    folder: Path, model: nn.Module, tokenizer, recipe: Quantization, max_shard_bytes: int = MAX_SHARD_BYTES,
+    source: str | Path | None = None,
 ) -> None:
-    """Write config.json (with quantization_config), the safetensors weights, generation config and tokenizer."""
+    """Write config.json (with quantization_config), the safetensors weights, generation config and tokenizer (and a
+    vision-language model's processor files from `source`)."""
     folder = Path(folder)
     writer = ShardWriter(folder, max_shard_bytes, moe_layout(model.config))
     writer.add(checkpoint_tensors(model))
     writer.close()
-    write_config(folder, model, tokenizer, recipe)
+    write_config(folder, model, tokenizer, recipe, source)

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ptqlab.errors import PtqlabError
+from ptqlab.families import FAMILIES
+from ptqlab.models import auto_model_class, text_config
 from ptqlab.number_formats import BY_NAME, NumberFormat
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.version import __version__
@@ -132,7 +134,7 @@ def read_back(folder: Path, model: nn.Module, skip: dict[str, str] | None = None
     False (a resumed run: the layers done before it are not quantized in memory): the readers are compared with
     each other instead, the first that reads being the reference. PtqlabError when a reader reads something else."""
     skip, bounds = dict(skip or {}), {**BOUNDS, **_format_bounds(folder), **(bounds or {})}
-    tokens = probe_tokens(model.config.vocab_size)
+    tokens = probe_tokens(text_config(model.config).vocab_size)
     expected, against = None, IN_MEMORY
     if in_memory:
         model.to("cpu", torch.float32)  # quantized layers keep their grid values (QuantizedLinear._apply)
@@ -178,14 +180,15 @@ def _transformers_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tens
     # Imported here for start-up time: transformers' model classes and compressed-tensors load slowly.
     import compressed_tensors
     import transformers
-    from transformers import AutoModelForCausalLM
 
+    config = json.loads((Path(folder) / "config.json").read_text())
     try:
         # In the checkpoint's dtype, then float32 (nn.Module's cast: transformers refuses to cast a quantized model,
         # whose weights it has dequantized here): asked for float32, it fuses dequantized experts in the
         # checkpoint's dtype anyway and then fails on the dtype mismatch.
-        reloaded = nn.Module.float(AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="cpu",
-                                                                        **_dequantize_at_load(folder)))
+        reloaded, info = auto_model_class(config).from_pretrained(folder, dtype="auto", device_map="cpu",
+                                                                  output_loading_info=True, **_dequantize_at_load(folder))
+        reloaded = nn.Module.float(reloaded)
         for module in reloaded.modules():  # compressed-tensors' schemes on the reader's linears
             scheme = getattr(module, "quantization_scheme", None)
             if scheme is not None:
@@ -195,7 +198,27 @@ def _transformers_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tens
         first = " ".join(str(e).split())[:200]
         raise PtqlabError(f"transformers cannot read back the checkpoint written to {folder} ({type(e).__name__}: "
                           f"{first}): nothing was written; please report this with the model's config.json") from e
+    _check_vision_read(folder, reloaded, info)
     return logits, {"transformers": transformers.__version__, "compressed-tensors": compressed_tensors.__version__}
+
+
+def _check_vision_read(folder: Path, reloaded: nn.Module, info: dict) -> None:
+    """A vision-language model's vision part, which the text probe's logits never reach: transformers must read it
+    16-bit and whole. A quantization_config whose ignore list names it otherwise than transformers names its modules
+    (llm-compressor 0.14 writes the hub's older names there) makes transformers quantize those linears and initialize
+    the scales the checkpoint lacks."""
+    family = FAMILIES.get(reloaded.config.model_type)
+    if family is None or not family.vision:
+        return
+    inside = tuple(f"{name}." for name in family.vision)
+    quantized = [name for name, module in reloaded.named_modules()
+                 if name.startswith(inside) and getattr(module, "quantization_scheme", None) is not None]
+    missing = sorted(name for name in info.get("missing_keys") or () if name.startswith(inside))
+    if quantized or missing:
+        what = (f"quantizes {len(quantized)} of its 16-bit linears (e.g. {quantized[0]})" if quantized else
+                f"initializes {len(missing)} of its tensors that the checkpoint lacks (e.g. {missing[0]})")
+        raise PtqlabError(f"transformers does not read the vision part of the checkpoint written to {folder} as it was "
+                          f"written: it {what}; nothing was written; please report this with the model's config.json")
 
 
 def _formats(folder: Path) -> set[str]:

@@ -27,7 +27,7 @@ from ptqlab.measure.quality import PplProtocol, QualityResult, TopK, evaluate, m
 from ptqlab.measure.speed import (FastEngine, SAMPLE_PROMPTS, SPEED_PROMPT, TransformersEngine, chat_prompt_ids,
                                   measure_speed, sample_completions)
 from ptqlab.measure.text import EvalText, load_eval_text
-from ptqlab.models import check_model_folder, compute_dtype, resolve_device, synchronizer
+from ptqlab.models import auto_model_class, check_model_folder, compute_dtype, resolve_device, synchronizer
 from ptqlab.output import partial_files
 from ptqlab.progress import say
 from ptqlab.record import read_record
@@ -246,9 +246,6 @@ def load_variant(path: Path, runtime: str, device: torch.device, config: dict, c
     gives. The fast runtime's static cache is sized for the longer of a scoring window (`context`) and a generation
     (`generation`: prompt plus new tokens). `gguf`: the folder's GGUF file, which transformers' reader dequantizes
     to the compute dtype."""
-    from transformers import AutoModelForCausalLM
-
-
     stored = stored_dtype(config)
     compute = compute_dtype(device, stored)
     sync = synchronizer(device)
@@ -261,7 +258,7 @@ def load_variant(path: Path, runtime: str, device: torch.device, config: dict, c
         engine = FastEngine(model, generation)
     else:
         extra = {"gguf_file": gguf.name} if gguf is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, **extra).to(device).eval()
+        model = auto_model_class(config).from_pretrained(path, dtype=compute, **extra).to(device).eval()
         engine = TransformersEngine(model)
     sync()
     return LoadedVariant(model, engine, time.perf_counter() - start, stored, compute)

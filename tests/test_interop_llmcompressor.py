@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ptqlab import quantize
+from tiny import VLM_ARCHS
 
 pytest.importorskip("llmcompressor")
 
@@ -300,3 +301,63 @@ def test_nvfp4_weights_and_input_global_scales_as_llmcompressor_writes_them(tiny
     assert len(compared) == 7
     for key in compared:
         assert torch.allclose(a[key], b[key], rtol=1e-6, atol=0), (key, a[key], b[key])
+
+
+VLM_SCHEMES = [("FP8_DYNAMIC", "fp8-dynamic"), ("W4A16", "w4a16-rtn"), ("W8A8", "w8a8-rtn")]
+
+
+def module_names(model, names: list[str]) -> list[str]:
+    """Checkpoint names as transformers 5 names the modules: the renamings it applied loading `model`
+    (from_pretrained's `_weight_conversions`), applied to `names`."""
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [c for c in getattr(model, "_weight_conversions", None) or () if isinstance(c, WeightRenaming)]
+    out = []
+    for name in names:
+        for renaming in renamings:
+            name, _ = renaming.rename_source_key(name)
+        out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("scheme,recipe", VLM_SCHEMES)
+@pytest.mark.parametrize("arch", VLM_ARCHS)
+def test_vlm_checkpoints_hold_what_llmcompressor_writes(tiny_model_dir, tmp_path, scheme, recipe, arch):
+    """Vision-language models (fp32), llm-compressor told to keep the vision tower and projector 16-bit with the
+    patterns ptqlab's row gives: the same quantization_config and every tensor bitwise equal, under the same names as
+    transformers 5 names the modules. llm-compressor 0.14 writes them through save_pretrained, which turns them back
+    into the hub's older layout (Qwen2.5-VL: model.layers.*, visual.*; Gemma 3, Mistral 3: language_model.model.*,
+    vision_tower.*, multi_modal_projector.*; Qwen3-VL has one layout), and compressed-tensors names its ignore list
+    the same way. ptqlab keeps transformers 5's names (model.language_model.*, model.visual.*, ...), in tensors and
+    ignore list alike: vLLM's loaders for these models map both layouts, but transformers matches the ignore list
+    against its module names only, so it reads llm-compressor's vision part as quantized
+    (test_vlm.test_read_back_refuses_a_vision_part_transformers_would_quantize) and ptqlab's as written."""
+    from llmcompressor import oneshot
+    from transformers import AutoModelForImageTextToText
+
+    from ptqlab.families import FAMILIES
+
+    src = tiny_model_dir(arch)
+    ours = quantize(str(src), recipe, out=tmp_path / "ours", quiet=True)
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype="auto")
+    oneshot(model=model, recipe=modifier(scheme, ["lm_head", *(kept.pattern for kept in FAMILIES[arch].keep)]))
+    model.save_pretrained(tmp_path / "theirs", save_compressed=True)
+
+    our_config = json.loads((ours / "config.json").read_text())["quantization_config"]
+    their_config = json.loads((tmp_path / "theirs" / "config.json").read_text())["quantization_config"]
+    our_ignore, their_ignore = our_config.pop("ignore"), their_config.pop("ignore")
+    assert our_config == their_config
+    assert our_ignore == module_names(model, their_ignore)
+    a, stored = load_file(ours / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    b = dict(zip(module_names(model, list(stored)), stored.values()))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        if FAMILIES[arch].norms.offset and key.endswith("norm.weight") and not torch.equal(a[key], b[key]):
+            # llm-compressor 0.14 turns Gemma's offset norms, x̂·(1 + w), into standard ones and back in fp32 around
+            # every oneshot (llmcompressor/modeling/offset_norm.py), which moves a weight by an ulp here and there,
+            # the projector's norm included; ptqlab keeps them as the source has them.
+            assert torch.equal(b[key], (1.0 + a[key]) - 1.0), key
+            continue
+        assert torch.equal(a[key], b[key]), key
+    assert (sorted(a) == sorted(stored)) == (arch == "qwen3_vl")  # the names differ where the layouts do

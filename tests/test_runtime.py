@@ -19,12 +19,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import ARCHS
 
 from ptqlab import quantize
+from ptqlab.families import FAMILIES
 from ptqlab.errors import PtqlabError
 from ptqlab.runtime import Generator, RuntimeOptions, load_runtime
 from ptqlab.runtime.model import grouped_attention
+from tiny import ARCHS
+
+FAST = [arch for arch in ARCHS if FAMILIES[arch].fast_runtime]
+"""The dense families ptqlab's runtime runs (the others are benchmarked through transformers)."""
 
 ACTIVATION_QUANTIZED = ("fp8-dynamic", "w8a8-rtn", "fp8-block", "w4a8-rtn")
 RECIPES = [None, "fp8-dynamic", "w4a16-rtn", "w8a8-rtn"]
@@ -65,7 +69,7 @@ def checkpoint(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FAST)
 def test_logits_match_transformers(checkpoint, arch, recipe):
     path = checkpoint(arch, recipe)
     ids = token_ids()
@@ -76,7 +80,7 @@ def test_logits_match_transformers(checkpoint, arch, recipe):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FAST)
 def test_greedy_generation_matches_reference(checkpoint, arch, recipe):
     path = checkpoint(arch, recipe)
     prompt = token_ids(1, 8, seed=1)

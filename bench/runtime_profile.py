@@ -131,9 +131,10 @@ def _ptqlab_impls(w: torch.Tensor) -> dict:
     ref4 = (q.double().unflatten(1, (-1, 128)) * scale.double().unsqueeze(-1)).flatten(1)
     opts = RuntimeOptions()
     serves = {"gemv": (1,), "small-m": tuple(range(2, 17))}
-    from ptqlab.runtime.linear import small_batch_kernels
+    from ptqlab.runtime.small_batch import TILES
 
-    for kernel in ("gemv", *small_batch_kernels("int4"), "small-m", "dequantize+cublas"):
+    tiled = [f"small-batch {tile}" for tile in TILES]
+    for kernel in ("gemv", *tiled, "small-m", "dequantize+cublas"):
         def make(kernel=kernel):
             layer = Int4Linear(q, scale, None, None, opts.gemv_tile, opts.pdl, torch.bfloat16)
             return lambda x: layer(x, kernel)
@@ -143,7 +144,7 @@ def _ptqlab_impls(w: torch.Tensor) -> dict:
     w8 = (w.float() / s8).to(torch.float8_e4m3fn)
     si = (amax / 127).float()
     wi = torch.round(w.float() / si).clamp(-128, 127).to(torch.int8)
-    for kernel in (*small_batch_kernels("fp8"), "cublas"):
+    for kernel in (*tiled, "cublas"):
         def make8(kernel=kernel):
             layer = Fp8Linear(w8, s8, None, torch.bfloat16, True)
             return lambda x: layer(x, kernel)

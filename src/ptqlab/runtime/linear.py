@@ -98,10 +98,8 @@ def concat_linears(parts: list[StoredLinear]) -> StoredLinear | None:
                         cat([p.zero_point for p in parts]), first.weight_global_scale, first.input_global_scale)
 
 
-def small_batch_kernels(fmt: str) -> tuple[str, ...]:
-    """The small-batch kernel at each of its tiles for `fmt`, as kernel choices name them; the first is the
-    default."""
-    return tuple(f"small-batch {tile}" for tile in small_batch.tiles_for(fmt))
+SMALL_BATCH_KERNELS = tuple(f"small-batch {tile}" for tile in small_batch.TILES)
+"""The small-batch kernel at each of its tiles, as kernel choices name them; the first is the default."""
 
 
 def _tile_of(kernel: str) -> small_batch.Tile:
@@ -213,7 +211,7 @@ class Int4Linear(ChoosingLinear):
     def kernels_for(self, rows: int) -> list[str]:
         names = ["gemv"] if rows == 1 else []
         if self.small_batch and rows <= small_batch.SMALL_BATCH:
-            names += small_batch_kernels("int4")
+            names += SMALL_BATCH_KERNELS
         if 1 < rows <= kernels.SMALL_M and self.group_words >= 16:
             names.append("small-m")
         return names + ["dequantize+cublas"]
@@ -268,7 +266,7 @@ class TokenQuantizedLinear(ChoosingLinear):
 
     def kernels_for(self, rows: int) -> list[str]:
         if rows <= small_batch.SMALL_BATCH:
-            return [*(small_batch_kernels(self.fmt) if self.small_batch else ()), "cublas"]
+            return [*(SMALL_BATCH_KERNELS if self.small_batch else ()), "cublas"]
         return ["cublas", *self.prefill_kernels()]
 
     def prefill_kernels(self) -> list[str]:

@@ -44,20 +44,10 @@ class Tile:
     warps: int = 4
     stages: int = 4
     programs_per_sm: int = 4
-    gather: bool = False
-    """int4 only: each of a tile's 128 values loads its own plane word (the same 16 words of the row, from L1) and
-    shifts its nibble out, so the values come out in the product's [BLOCK_N, 128] shape without the reshape of
-    [BLOCK_N, 8, 16] unpacked nibbles, which costs a pass through shared memory."""
 
 
-TILES = {"64x4w": Tile(64, 4, 4, 4), "128x4w": Tile(128, 4, 3, 2), "32x2w": Tile(32, 2, 4, 8),
-         "64x4w-gather": Tile(64, 4, 4, 4, gather=True), "32x2w-gather": Tile(32, 2, 4, 8, gather=True)}
+TILES = {"64x4w": Tile(64, 4, 4, 4), "128x4w": Tile(128, 4, 3, 2), "32x2w": Tile(32, 2, 4, 8)}
 """The tiles the kernel choice table (runtime/choice.py) tries, by name; the first is the default."""
-
-
-def tiles_for(fmt: str) -> list[str]:
-    """The names of the tiles that differ for `fmt` (a gathering tile differs from its plain one only for int4)."""
-    return [name for name, tile in TILES.items() if fmt == "int4" or not tile.gather]
 
 if triton is not None:
     from ptqlab.runtime.fp8_kernels import _int4_tile
@@ -69,7 +59,7 @@ if triton is not None:
     def _small_batch_kernel(X, XS, W, WS, Z, Bias, Y, M, N, k_tiles, tiles_per_split, tiles_per_group, stride_xm,
                             stride_wn, stride_wsn, stride_zn, stride_ys, stride_ym, FORMAT: tl.constexpr,
                             HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr, PDL: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """y[m, n] over this split's K tiles, computed as (W x^T)[n, m]. FORMAT 0: FP8 weights and FP8 grid values of
         x with per-token scales XS [M]; 1: the same in INT8; 2: int4 planes [N, K / 8] with scales WS per group of
         tiles_per_group tiles (zero points Z when HAS_ZERO) and 16-bit x."""
@@ -91,18 +81,12 @@ if triton is not None:
         for t in range(first, last):
             x = tl.load(x_cols + t * BLOCK_K, mask=m_mask[None, :], other=0.0)
             if FORMAT == 2:
-                if GATHER:  # input 16 j + w is nibble j of word w of the tile's 16-word run
-                    words = tl.load(w_rows + (t * (BLOCK_K // 8) + rk % 16)[None, :], mask=n_mask[:, None], other=0)
-                    u = (words >> (4 * (rk // 16))[None, :]) & 0xF
-                    values = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q = u - 8, as _int4_tile
-                else:
-                    words = tl.load(w_rows + (t * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8))[None, :],
-                                    mask=n_mask[:, None], other=0, eviction_policy="evict_first")
-                    values = _int4_tile(words, BLOCK_N)
+                words = tl.load(w_rows + (t * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8))[None, :],
+                                mask=n_mask[:, None], other=0, eviction_policy="evict_first")
                 if _INTERPRETED:  # the interpreter's bf16 products are wrong: the same exact values in fp32
-                    part = tl.dot(values, x.to(tl.float32))
+                    part = tl.dot(_int4_tile(words, BLOCK_N), x.to(tl.float32))
                 else:
-                    part = tl.dot(values.to(x.dtype), x)
+                    part = tl.dot(_int4_tile(words, BLOCK_N).to(x.dtype), x)
                 group = t // tiles_per_group
                 scale = tl.load(WS + rn * stride_wsn + group, mask=n_mask, other=0.0).to(tl.float32)
                 if HAS_ZERO:
@@ -174,7 +158,6 @@ def small_batch_matmul(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: t
         x, xs, weight, scale, zero, bias if bias is not None else scale, out, m, n, k_tiles, tiles_per_split,
         tiles_per_group, x.stride(0), weight.stride(0), scale.stride(0), zero.stride(0), out.stride(0),
         out.stride(1), FORMAT=FORMATS.index(fmt), HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=tile.block_n, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K, GATHER=tile.gather,
-        num_warps=tile.warps,
+        BLOCK_N=tile.block_n, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K, num_warps=tile.warps,
         num_stages=tile.stages, **pdl_launch(x.device, pdl))
     return _sum_splits(out, out_dtype, None, pdl)

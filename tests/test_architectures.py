@@ -17,7 +17,7 @@ from ptqlab.families import FAMILIES
 from tiny import tiny_model
 
 DENSE = ["olmo2", "granite", "smollm3"]
-MOE = ["deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "granitemoe", "phimoe", "qwen3_next"]
+MOE = ["deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "granitemoe", "phimoe", "qwen3_next", "qwen3_5_moe"]
 CORE = ["fp8-dynamic", "w4a16", "w8a8"]
 CALIBRATED_IN_DEFAULT_RUN = {("deepseek_v3", "w4a16"), ("qwen3_next", "w8a8"), ("olmo2", "w8a8"), ("phimoe", "w4a16")}
 """The calibrated recipes run by default on a layout of each kind (MLA with shared experts and dense first layers,
@@ -44,7 +44,8 @@ def tensors(folder) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("arch", MOE)
 def test_unfused_experts_compute_what_the_fused_ones_compute(arch):
     model = tiny_model(arch)
-    tokens = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(3, model.config.get_text_config().vocab_size, (2, 24),
+                           generator=torch.Generator().manual_seed(0))
     fused = model(tokens).logits
     assert unfuse(model) >= 1
     torch.testing.assert_close(model(tokens).logits, fused, rtol=1e-5, atol=1e-5)
@@ -61,17 +62,18 @@ def test_each_new_family_quantizes_with_the_core_recipes(arch, recipe, tiny_mode
     family = FAMILIES[arch]
     config = json.loads((out / "config.json").read_text())
     ignore = config["quantization_config"]["ignore"]
-    layers = config["num_hidden_layers"]
+    text = config.get("text_config", config)  # a vision-language model's decoder keys (Qwen3.5)
+    layers, prefix = text["num_hidden_layers"], family.layers
     if family.experts is not None:
         layout = family.experts
-        count = config[layout.count_key]
-        moe_layers = [i for i in range(layers) if f"model.layers.{i}.{layout.block}.experts.0.{layout.projections[0]}"
+        count = text[layout.count_key]
+        moe_layers = [i for i in range(layers) if f"{prefix}.{i}.{layout.block}.experts.0.{layout.projections[0]}"
                       in quantized]
         assert moe_layers, sorted(quantized)[:5]
         for i in moe_layers:  # every expert projection quantized, the routers not and named in ignore
-            assert {f"model.layers.{i}.{layout.block}.experts.{e}.{p}" for e in range(count)
+            assert {f"{prefix}.{i}.{layout.block}.experts.{e}.{p}" for e in range(count)
                     for p in layout.projections} <= quantized
-            assert any(name.startswith(f"model.layers.{i}.") and name.endswith(layout.router) for name in ignore)
+            assert any(name.startswith(f"{prefix}.{i}.") and name.endswith(layout.router) for name in ignore)
         assert not any(name.endswith((f".{layout.router}", f".{layout.stored_router}")) for name in quantized)
         coverage = [entry for layer in record["layers"] for entry in layer.get("experts", [])] if record.get("layers") \
             else []
@@ -81,7 +83,7 @@ def test_each_new_family_quantizes_with_the_core_recipes(arch, recipe, tiny_mode
         assert not any("linear_attn" in name for name in quantized)
         assert any("linear_attn" in name for name in ignore)
         assert any(entry.why in note for note in record["notes"])
-    assert any(f"model.layers.{i}.self_attn.o_proj" in quantized for i in range(layers))
+    assert any(f"{prefix}.{i}.self_attn.o_proj" in quantized for i in range(layers))
     readers = [note for note in record["notes"] if note.startswith("checkpoint read back by")]
     not_read = [note for note in record["notes"] if note.startswith("checkpoint not read back by transformers")]
     assert readers or not_read  # read back, or the run says in one line why transformers does not read it
@@ -98,13 +100,13 @@ def test_checkpoints_hold_what_llmcompressor_writes(arch, scheme, recipe, tiny_m
     pytest.importorskip("llmcompressor")
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     family = FAMILIES[arch]
     src = tiny_model_dir(arch)
     ours = quantize(str(src), recipe, out=tmp_path / "ours", quiet=True, device="cpu")
     our_config = json.loads((ours / "config.json").read_text())["quantization_config"]
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    model = getattr(transformers, family.auto_class).from_pretrained(src, dtype="auto")
     ignore = our_config["ignore"]  # what ptqlab kept 16-bit, by name
     oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore))
     model.save_pretrained(tmp_path / "theirs", save_compressed=True)

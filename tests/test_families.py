@@ -105,9 +105,10 @@ def test_the_memory_plan_counts_the_experts_its_row_names(arch):
     config = tiny_config(arch)
     layout = FAMILIES[arch].experts
     layer = next(layer for layer in ModelShape.from_config(config).layers if layer.experts)  # past any dense ones
-    width, top_k = getattr(config, layout.width_key), getattr(config, layout.top_k_key)
+    text = config.get_text_config()  # a vision-language model's decoder keys (Qwen3.5)
+    width, top_k = getattr(text, layout.width_key), getattr(text, layout.top_k_key)
     assert (layer.experts, layer.active_experts, layer.expert_inputs) == (
-        getattr(config, layout.count_key), top_k, (config.hidden_size, width))
+        getattr(text, layout.count_key), top_k, (text.hidden_size, width))
     shared = layout.shared_width(config)
     assert layer.mlp_width == top_k * width + shared
 

@@ -42,6 +42,10 @@ EXTRA = {
     "qwen2_5_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}},
     "qwen3_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}},
     "gemma3": {"query_pre_attn_scalar": 64},
+    "qwen3_5_moe": {"layer_types": ["linear_attention", "full_attention"], "linear_num_key_heads": 2,
+                    "linear_num_value_heads": 4, "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                        "mrope_section": [2, 3, 3]}},
     "mistral3": {"model_type": "mistral", "sliding_window": None},
 }
 EXTRA["deepseek_v3"] = EXTRA["deepseek_v2"]
@@ -58,6 +62,8 @@ VISION = {
     "gemma3": ({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
                 "image_size": 28, "patch_size": 14, "vision_use_head": False},
                {"mm_tokens_per_image": 4, "tie_word_embeddings": True}),  # Gemma 3 ties its head, as the real ones
+    "qwen3_5_moe": ({"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                     "out_hidden_size": COMMON["hidden_size"], "num_position_embeddings": 64}, {}),
     "mistral3": ({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
                   "head_dim": 32, "image_size": 56, "patch_size": 14}, {}),
 }
@@ -106,8 +112,8 @@ def _archs(moe: bool, vision: bool = False) -> list[str]:
 
 ARCHS = _archs(moe=False)
 """Every dense family of text-only models, in the registry's order."""
-MOE_ARCHS = _archs(moe=True)
-"""Every mixture-of-experts family."""
+MOE_ARCHS = _archs(moe=True) + _archs(moe=True, vision=True)
+"""Every mixture-of-experts family (Qwen3.5's beside a vision tower too)."""
 VLM_ARCHS = _archs(moe=False, vision=True)
 """Every vision-language family (a dense text decoder beside a vision tower)."""
 

@@ -157,16 +157,22 @@ class ExpertLayout:
         return router + self.block_renames
 
     def count(self, config) -> int:
-        return getattr(config, self.count_key, None) or 0
+        return getattr(_text(config), self.count_key, None) or 0
 
     def shared_width(self, config) -> int:
         """The shared expert's MLP width (0: none)."""
+        config = _text(config)
         if self.shared_count_key:
             return (getattr(config, self.shared_count_key, None) or 0) * getattr(config, self.width_key)
         return (getattr(config, self.shared_width_key, None) or 0) if self.shared_width_key else 0
 
     def renormalizes(self, config) -> bool:
-        return self.normalize if isinstance(self.normalize, bool) else bool(getattr(config, self.normalize, False))
+        return self.normalize if isinstance(self.normalize, bool) else bool(getattr(_text(config), self.normalize, False))
+
+
+def _text(config):
+    """The config that holds a decoder's keys: a vision-language model's text config, else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,12 @@ def vision_language(*vision: str) -> dict:
                 keep=(KeptModules(pattern, f"the vision tower and projector stay 16-bit, {VISION_KEPT}"),))
 
 
+_QWEN_NEXT_EXPERTS = ExpertLayout(shared_expert="shared_expert", shared_expert_gate="shared_expert_gate",
+                                  shared_width_key="shared_expert_intermediate_size")
+_HYBRID_ATTENTION = ("linear attention (linear_attn) or full attention (the row's q, k, v, o)",)
+_QWEN3_5 = vision_language("model.visual")
+"""Qwen3.5 (MoE): Qwen3-Next's decoder (linear attention beside gated full attention, (1 + w) norms, experts with a
+gated shared expert) as the text model of a vision-language model."""
 _GEMMA_NORMS = dict(mlp_input="pre_feedforward_layernorm", attention_output="post_attention_layernorm",
                     mlp_output="post_feedforward_layernorm", offset=1.0)
 _HEAD_NORMS = dict(query="self_attn.q_norm", key="self_attn.k_norm")
@@ -278,13 +290,8 @@ FAMILIES: dict[str, ModelFamily] = {
                                                width_key="intermediate_size", normalize=True),
                           fast_runtime=False),  # LayerNorms with bias, sparsemixer routing
     "smollm3": ModelFamily(fast_runtime=False),  # no rotary embedding in every fourth layer
-    "qwen3_next": ModelFamily(norms=Norms(**_HEAD_NORMS, offset=1.0),
-                              experts=ExpertLayout(shared_expert="shared_expert",
-                                                   shared_expert_gate="shared_expert_gate",
-                                                   shared_width_key="shared_expert_intermediate_size"),
-                              keep=(_LINEAR_ATTENTION,), layer_kinds=("linear attention (linear_attn) or full "
-                                                                      "attention (the row's q, k, v, o)",),
-                              fast_runtime=False),
+    "qwen3_next": ModelFamily(norms=Norms(**_HEAD_NORMS, offset=1.0), experts=_QWEN_NEXT_EXPERTS,
+                              keep=(_LINEAR_ATTENTION,), layer_kinds=_HYBRID_ATTENTION, fast_runtime=False),
     # Llama 4 (text): MoE layers (moe_layers) interleaved with dense ones, whose MLP is feed_forward.{gate,up,down}_proj;
     # attention's NoPE layers, chunked attention and sigmoid routing are not the fast runtime's.
     "llama4_text": ModelFamily(
@@ -308,6 +315,9 @@ FAMILIES: dict[str, ModelFamily] = {
     "gemma3": ModelFamily(**vision_language("model.vision_tower", "model.multi_modal_projector"),
                           norms=Norms(**_GEMMA_NORMS, **_HEAD_NORMS), scaled_embeddings=True),
     "mistral3": ModelFamily(**vision_language("model.vision_tower", "model.multi_modal_projector")),
+    "qwen3_5_moe": ModelFamily(**{**_QWEN3_5, "keep": _QWEN3_5["keep"] + (_LINEAR_ATTENTION,)},
+                               norms=Norms(**_HEAD_NORMS, offset=1.0), experts=_QWEN_NEXT_EXPERTS,
+                               layer_kinds=_HYBRID_ATTENTION),
 }
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -330,7 +340,7 @@ def expert_count(config) -> int:
     family = FAMILIES.get(getattr(config, "model_type", None))
     if family is not None:
         return family.experts.count(config) if family.experts else 0
-    return next((n for n in (getattr(config, key, None) for key in EXPERT_COUNT_KEYS) if n), 0)
+    return next((n for n in (getattr(_text(config), key, None) for key in EXPERT_COUNT_KEYS) if n), 0)
 
 
 def moe_layout(config) -> ExpertLayout | None:

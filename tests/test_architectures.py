@@ -116,3 +116,25 @@ def test_checkpoints_hold_what_llmcompressor_writes(arch, scheme, recipe, tiny_m
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
         else:
             assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next"])
+def test_a_streamed_run_writes_the_in_memory_checkpoint(arch, tiny_model_dir, calibration_file, tmp_path):
+    src = tiny_model_dir(arch)
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+    common = dict(calibration=calibration, quiet=True, device="cpu")
+    in_memory = tensors(quantize(str(src), "w4a16", out=tmp_path / "memory", **common))
+    streamed = tensors(quantize(str(src), "w4a16", out=tmp_path / "stream", stream=True, **common))
+    assert sorted(in_memory) == sorted(streamed)
+    assert all(torch.equal(in_memory[key], streamed[key]) for key in in_memory)
+
+
+@pytest.mark.parametrize("arch", ["granitemoe", "llama4_text"])
+def test_streaming_experts_stored_fused_is_refused_in_one_line(arch, tiny_model_dir, tmp_path):
+    """The hub stores these experts in one tensor per layer (input_linear, gate_up_proj); --stream reads one tensor per
+    expert projection."""
+    from ptqlab.errors import PtqlabError
+
+    with pytest.raises(PtqlabError, match="stores its experts fused .* quantize it without --stream"):
+        quantize(str(tiny_model_dir(arch)), "w4a16-rtn", out=tmp_path / "q", quiet=True, device="cpu", stream=True)
+    assert not (tmp_path / "q").exists()

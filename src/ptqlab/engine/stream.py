@@ -71,6 +71,10 @@ def _assign(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], so
                           "files") from None
 
 
+FUSED_EXPERTS = (".experts.gate_up_proj", ".block_sparse_moe.input_linear.")
+"""Tensor names of the hub checkpoints that store a layer's experts in one tensor (Llama 4, gpt-oss; Granite MoE)."""
+
+
 class StreamedModel:
     """A causal LM whose decoder layers are read from disk one at a time (see the module docstring)."""
 
@@ -93,7 +97,7 @@ class StreamedModel:
         head = next(n for n, m in self.model.named_modules() if m is self.model.get_output_embeddings())
         missing = sorted(name for name in expected - ({f"{head}.weight"} if tied else set())
                          if self.stored(name) not in self.disk.files)
-        fused = next((name for name in self.disk.files if ".experts.gate_up_proj" in name), None)
+        fused = next((name for name in self.disk.files if any(part in name for part in FUSED_EXPERTS)), None)
         if fused is not None and any(".experts." in name for name in missing):
             raise PtqlabError(f"{source!r} stores its experts fused ({fused}), and --stream reads one tensor per "
                               "expert projection: quantize it without --stream")

@@ -268,17 +268,22 @@ def check_calibration(config: CalibrationConfig, batch_size: int | None = None) 
     """Fail fast on settings and data that cannot work, before any model is loaded: the sizes, and a local file's
     every record (its format; the chat template is checked once the tokenizer is loaded). `batch_size`: the
     sequences per calibration forward (--calib-batch-size), when known."""
-    if config.num_samples < 1:
-        raise PtqlabError(f"--num-samples {config.num_samples}: must be at least 1")
-    if config.max_seq_len < 2:
-        raise PtqlabError(f"--max-seq-len {config.max_seq_len}: must be at least 2 (tokens per calibration sample)")
-    if batch_size is not None:
-        check_batch_size(batch_size)
+    check_sizes(config.num_samples, config.max_seq_len, batch_size)
     if _is_file_source(config.dataset):
         path = Path(config.dataset)
         _check_enough(len(_records_from_file(path)), config.num_samples, f"file {path}", "calibration records")
     elif config.dataset not in (AUTO, OFFLINE) and Path(config.dataset).is_dir():
         _check_dataset_folder(Path(config.dataset))
+
+
+def check_sizes(num_samples: int, max_seq_len: int, batch_size: int | None = None) -> None:
+    """The calibration's sizes, each in one line naming its option (`batch_size` when known)."""
+    if num_samples < 1:
+        raise PtqlabError(f"--num-samples {num_samples}: must be at least 1")
+    if max_seq_len < 2:
+        raise PtqlabError(f"--max-seq-len {max_seq_len}: must be at least 2 (tokens per calibration sample)")
+    if batch_size is not None:
+        check_batch_size(batch_size)
 
 
 def check_batch_size(batch_size: int) -> None:

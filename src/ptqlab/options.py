@@ -57,6 +57,14 @@ class QuantizeOptions(RunOptions):
     """Mixture-of-experts models: an expert routed fewer calibration tokens than this in a layer is calibrated on all
     of that layer's tokens (engine/experts.py)."""
 
+    def __post_init__(self) -> None:
+        # A budget that cannot be read is refused on every run, not only where it applies (a GPU one on a GPU)
+        from ptqlab.engine.memory import parse_bytes  # start-up time: imported on first use
+
+        for option, value in (("--max-gpu-memory", self.max_gpu_memory), ("--max-cpu-memory", self.max_cpu_memory)):
+            if isinstance(value, str):
+                parse_bytes(value, option)
+
 
 Options = TypeVar("Options", bound=RunOptions)
 

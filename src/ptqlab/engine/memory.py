@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ptqlab.data import check_sizes
 from ptqlab.errors import PtqlabError
 from ptqlab.families import expert_count, family_of, head_dim
 from ptqlab.safetensors_files import STREAM_SHARD_BYTES
@@ -36,6 +37,8 @@ from ptqlab.safetensors_files import STREAM_SHARD_BYTES
 GIB = 2**30
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
          "tib": 2**40}
+MAX_BYTES = 2**70
+"""No size given in bytes is this large (a zebibyte): a larger one is a typo or an overflow."""
 MARGIN = 0.9
 """Defaults take this share of what is free now: the rest is left to the allocator's fragmentation and to others."""
 FLOP_RATE = {"cuda": 2e14, "cpu": 1e11}
@@ -54,7 +57,13 @@ def parse_bytes(text: str, option: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in UNITS or float(match.group(1)) <= 0:
         raise PtqlabError(f"{option} {text!r}: give a size such as 24GiB, 8GB or 12000MiB")
-    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * UNITS[match.group(2).lower()]
+    if not size < MAX_BYTES:  # 1e400 reads as infinity, which no int holds
+        raise PtqlabError(f"{option} {text!r}: larger than any machine's memory or disk; give a size such as 24GiB, "
+                          "8GB or 12000MiB")
+    if size < 1:
+        raise PtqlabError(f"{option} {text!r}: less than a byte; give a size such as 24GiB, 8GB or 12000MiB")
+    return int(size)
 
 
 def _proc_kib(path: str, key: str) -> int | None:
@@ -224,6 +233,12 @@ def _counted(config) -> ModelShape:
     hidden = text.hidden_size
     top_k = getattr(text, "num_experts_per_tok", None) or 0
     shapes = tuple(_layer_shape(layer, hidden, top_k) for layer in layers)
+    if not any(layer.linears for layer in shapes):  # GPT-2's Conv1D, for one: nothing the engine quantizes
+        kinds = sorted({type(m).__name__ for m in layers[0].modules() if m is not layers[0] and not list(m.children())
+                        and any(True for _ in m.parameters(recurse=False))})
+        raise PtqlabError(f"{config.model_type!r} models are not supported: their decoder layers hold no torch Linear "
+                          f"layers (they hold {', '.join(kinds) or 'no weights'}), and ptqlab quantizes Linear layers; "
+                          "give a model of a supported architecture (Llama, Qwen, Mistral, Gemma, Phi-3, OPT, ...)")
     routed = [layer for layer in shapes if layer.experts]
     if (expert_count(text) and not routed) or (routed and not top_k):
         raise PtqlabError(f"the memory plan cannot count the experts of {config.model_type!r}: transformers builds "
@@ -306,6 +321,10 @@ class RunShape:
     """A layer-wide quantizer's (AutoRound's) gradient steps per layer; 0: the quantizer works linear by linear."""
     descent_samples: int = 0
     """The samples each of those steps computes on."""
+
+    def __post_init__(self) -> None:
+        if self.calibrated:  # the plan divides by them (`quantize` has checked them already; `--plan` has not)
+            check_sizes(self.samples, self.seq_len, self.batch_size)
 
     @property
     def hidden_copies(self) -> int:

@@ -96,6 +96,6 @@ def test_streaming_needs_safetensors_weights(tiny_model_dir, tmp_path):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (src / name).write_bytes((original / name).read_bytes())
     torch.save(AutoModelForCausalLM.from_pretrained(original).state_dict(), src / "pytorch_model.bin")
-    with pytest.raises(PtqlabError, match=r"no \.safetensors weights; streaming reads safetensors models only"):
+    with pytest.raises(PtqlabError, match=r"holds its weights only as a PyTorch pickle \(pytorch_model\.bin\)"):
         quantize(str(src), "w4a16-rtn", out=tmp_path / "out", quiet=True, device="cpu", stream=True)
     assert not (tmp_path / "out").exists()

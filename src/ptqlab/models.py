@@ -256,15 +256,26 @@ def check_weight_files(folder: Path, source: str) -> None:
     if found is None:
         raise PtqlabError(f"{source!r} has a config.json but no weights (no model.safetensors or pytorch_model.bin, "
                           "whole or sharded): give the folder that holds the model's weight files too")
+    if not found.name.startswith("model.safetensors"):
+        # a pickle runs whatever code it holds when loaded: ptqlab reads safetensors only
+        raise PtqlabError(f"{source!r} holds its weights only as a PyTorch pickle ({found.name}), which ptqlab does not "
+                          "load (loading a pickle can run any code in it): give the model's safetensors files, or "
+                          "convert a copy you trust with transformers (from_pretrained, then save_pretrained)")
     files = _weight_shards(found, source) if found.name.endswith(".index.json") else [found]
+    held = {}
     for file in files:
-        if file.suffix != ".safetensors":
-            continue
         try:
-            header_tensors(file)
+            held[file] = header_tensors(file)
         except (ValueError, OSError) as e:
             raise PtqlabError(f"{file}: not a complete safetensors file ({_first_line(e)}): it is truncated or damaged; "
                               "copy or download the model again") from e
+    if found.name.endswith(".index.json"):
+        weight_map = json.loads(found.read_text(encoding="utf-8"))["weight_map"]
+        misplaced = sorted(name for name, file in weight_map.items() if name not in held[found.parent / str(file)])
+        if misplaced:
+            raise PtqlabError(f"{found}: puts {misplaced[0]} in {weight_map[misplaced[0]]}, which does not hold it "
+                              f"({len(misplaced)} tensor{'s' if len(misplaced) > 1 else ''} misplaced): the index "
+                              "belongs to other weight files; copy or download the model again")
 
 
 def auto_model_class(config):
@@ -330,6 +341,22 @@ def _check_causal_lm(config, source: str) -> None:
         )
 
 
+def _check_experts(config, source: str) -> None:
+    """An MoE architecture without a layout row, or routing each token to more experts than a layer has, is refused
+    here, in one line (the latter fails in top-k, in the first forward, otherwise)."""
+    layout = moe_layout(config)
+    if layout is None:
+        return
+    text = text_config(config)
+    experts, top_k = layout.count(config), getattr(text, layout.top_k_key, None)
+    if experts and isinstance(top_k, int) and not 1 <= top_k <= experts:
+        stored = getattr(type(text), "attribute_map", {})  # config.json's key where transformers renamed it
+        top_k_key, count_key = (stored.get(key, key) for key in (layout.top_k_key, layout.count_key))
+        raise PtqlabError(f"{source!r}: its config.json routes each token to {top_k} experts ({top_k_key}) of the "
+                          f"{experts} each layer has ({count_key}): {top_k_key} must be 1 to {experts}; restore the "
+                          "model's own config.json")
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """A model to load, checked: where it is, what the user called it, and its config."""
@@ -350,7 +377,7 @@ def check_source(source: str | None, dtype: str = "auto") -> ModelSource:
         path = os.path.expanduser(source)
     config = load_config(path, source)
     _check_causal_lm(config, source)
-    moe_layout(config)  # an MoE architecture without a layout row is refused here, in one line
+    _check_experts(config, source)
     resolve_dtype(dtype)
     check_not_quantized(config, source, path, dtype)
     if os.path.isdir(path):

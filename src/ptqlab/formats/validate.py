@@ -209,6 +209,23 @@ def model_float_dtype(config: dict) -> str | None:
     return name if name in FLOAT_DTYPES else None
 
 
+def format_problems(quantization_config: dict | None) -> list[str]:
+    """Compression formats a compressed-tensors config names that compressed-tensors does not know: its reader (vLLM's,
+    transformers', a benchmark's) fails on them before any tensor is read."""
+    from compressed_tensors.config import CompressionFormat  # start-up time: imported on first use
+
+    qc = quantization_config or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        return []
+    known = [f.value for f in CompressionFormat]
+    groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
+    named = [("quantization_config.format", qc.get("format"))] + [
+        (f"quantization_config.config_groups.{key}.format", group.get("format"))
+        for key, group in sorted(groups.items()) if isinstance(group, dict)]
+    return [f"{where} is {fmt!r}, a format compressed-tensors does not know (it knows {', '.join(known)})"
+            for where, fmt in named if fmt is not None and fmt not in known]
+
+
 def checkpoint_problems(config: dict, tensors: dict[str, StoredTensor],
                         shape_values: dict[str, list[int] | None]) -> list[str]:
     """Everything in `tensors` that disagrees with config.json, in the order a reader would check it."""
@@ -216,7 +233,7 @@ def checkpoint_problems(config: dict, tensors: dict[str, StoredTensor],
     qc = config.get("quantization_config")
     qc = qc if isinstance(qc, dict) else None
     known = linear_layout_known(qc)
-    problems = layer_problems(tensors, dims)
+    problems = format_problems(qc) + layer_problems(tensors, dims)
     problems += dense_problems(tensors, dims, linears_known=known)
     if known:
         problems += linear_problems(tensors, dims, qc, model_float_dtype(config), shape_values)

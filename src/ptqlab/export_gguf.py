@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from gguf import GGMLQuantizationType as T, GGUFReader
+from rich.markup import escape
 from torch import nn
 
 from ptqlab.data import CalibrationConfig, CalibrationSet, check_calibration, load_calibration
@@ -294,7 +295,7 @@ def export_gguf(model: str | None = None, file_type: str = "Q4_K_M", out: str | 
         calibration_set = load_calibration(loaded.tokenizer, calibration)
         if not quiet:
             say(f"importance matrix: {len(calibration_set.samples)} samples, {calibration_set.tokens:,} tokens from "
-                f"{calibration_set.source}")
+                f"{escape(calibration_set.source)}")
         imatrix = input_importance(loaded.model, calibration_set, options.calib_batch_size, engine_device, quiet)
         notes.append(f"importance matrix from {len(calibration_set.samples)} samples ({calibration_set.tokens:,} tokens) "
                      f"of {calibration_set.source}")

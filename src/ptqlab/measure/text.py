@@ -57,6 +57,12 @@ def python_docs_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+def check_eval_text(name: str) -> None:
+    """Before any work: a --ppl-text file that exists and is UTF-8 text (the built-in texts are read when measured)."""
+    if name not in ("wikitext-2", "python-docs"):
+        load_eval_text(name)
+
+
 def load_eval_text(name: str = "wikitext-2") -> EvalText:
     """`wikitext-2` (with the offline fallback), `python-docs`, or a path to a UTF-8 .txt file."""
     if name == "wikitext-2":
@@ -72,4 +78,9 @@ def load_eval_text(name: str = "wikitext-2") -> EvalText:
     path = Path(name)
     if not path.is_file():
         raise PtqlabError(f"--ppl-text {name!r}: use wikitext-2, python-docs, or the path of a UTF-8 text file")
-    return EvalText(path.name, path.read_text(encoding="utf-8"), f"local file {path.resolve()}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PtqlabError(f"--ppl-text {name!r}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                          "give a plain-text file, or wikitext-2 or python-docs") from None
+    return EvalText(path.name, text, f"local file {path.resolve()}")

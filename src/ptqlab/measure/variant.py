@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
+from rich.markup import escape
 
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.validate import validate_checkpoint
@@ -305,7 +306,7 @@ def bench_variant(name: str, path: str | Path, settings: BenchSettings, topk_out
 
     def phase(message: str) -> None:
         if not quiet:
-            say(f"{name}: {message}")
+            say(escape(f"{name}: {message}"))
 
     if gguf is None:
         runtime, runtime_note = resolve_runtime(settings.runtime, device, path)

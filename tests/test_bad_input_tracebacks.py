@@ -1,0 +1,215 @@
+"""Inputs that printed a Python or rich traceback get one line naming the problem and the fix (issue 37's sweep).
+
+Each case runs the command through the CLI and asserts: exit status 2, exactly one non-empty output line, it starts
+with "error:", it holds the case's key phrase, no traceback, nothing written. The table of cases, with what each did
+before, is tests/BAD_INPUT.md's last section.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from ptqlab.cli import app
+
+DATA_FREE = ["--recipe", "w8a8-rtn", "--device", "cpu"]
+CALIBRATED = ["--recipe", "w4a16", "--num-samples", "4", "--max-seq-len", "16", "--calib-batch-size", "2",
+              "--device", "cpu"]
+
+
+def run(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def assert_one_line(code: int, output: str, phrase: str) -> None:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 2, output
+    assert len(lines) == 1 and lines[0].startswith("error:"), output
+    assert phrase in lines[0], output
+    assert "Traceback" not in output
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if quantize loads the model: these inputs are refused before."""
+    import ptqlab.api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ptqlab.api, "load_checked", refuse)
+
+
+def _hub_model(folder, config):
+    """A tiny random model of a transformers config class, saved as a hub folder (config + safetensors)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+# 1. architectures the memory plan cannot count
+
+
+@pytest.mark.parametrize("plan", [False, True], ids=["quantize", "plan"])
+def test_gpt2_is_not_supported_in_one_line(plan, tmp_path, no_loading):
+    from transformers import GPT2Config
+
+    model = _hub_model(tmp_path / "gpt2", GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=384, n_positions=64))
+    code, output = run("quantize", model, *DATA_FREE, *(["--plan"] if plan else []), "--out", tmp_path / "out")
+    assert_one_line(code, output, "'gpt2' models are not supported: their decoder layers hold no torch Linear layers "
+                                  "(they hold Conv1D")
+    assert not (tmp_path / "out").exists()
+
+
+def test_opt_is_planned_without_intermediate_size(tmp_path):
+    """OPT's config names its MLP width ffn_dim: the plan counts the model transformers builds, not config keys."""
+    from transformers import OPTConfig
+
+    config = OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=128, vocab_size=384,
+                       max_position_embeddings=64, word_embed_proj_dim=64)
+    model = _hub_model(tmp_path / "opt", config)
+    assert "intermediate_size" not in json.loads((model / "config.json").read_text())
+    for recipe in (DATA_FREE, CALIBRATED):
+        result = CliRunner().invoke(app, ["quantize", str(model), *recipe, "--plan"])
+        assert result.exit_code == 0 and result.output.startswith("memory plan: peak CPU"), result.output
+
+
+# 2-4. option values
+
+
+@pytest.mark.parametrize("gpus", ["0", "-1"])
+def test_gpus_below_one_is_one_line(gpus, tiny_model_dir, tmp_path):
+    code, output = run("quantize", tiny_model_dir("llama"), *DATA_FREE, "--gpus", gpus, "--out", tmp_path / "out")
+    assert_one_line(code, output, f"--gpus {gpus}: must be at least 1")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--max-cpu-memory", "--max-gpu-memory"])
+def test_a_size_past_any_float_is_one_line(option, tiny_model_dir, tmp_path):
+    code, output = run("quantize", tiny_model_dir("llama"), *DATA_FREE, option, "1e400", "--out", tmp_path / "out")
+    assert_one_line(code, output, f"{option} '1e400': larger than any machine's memory or disk")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option,value,phrase", [
+    ("--calib-batch-size", "0", "--calib-batch-size 0: must be at least 1"),
+    ("--num-samples", "-5", "--num-samples -5: must be at least 1"),
+    ("--max-seq-len", "1", "--max-seq-len 1: must be at least 2"),
+])
+def test_plan_refuses_calibration_sizes_quantize_refuses(option, value, phrase, tiny_model_dir):
+    code, output = run("quantize", tiny_model_dir("llama"), *CALIBRATED, "--plan", option, value)
+    assert_one_line(code, output, phrase)
+
+
+def test_a_gpu_budget_that_cannot_be_read_is_refused_on_a_cpu_run(tiny_model_dir, tmp_path, no_loading):
+    code, output = run("quantize", tiny_model_dir("llama"), *DATA_FREE, "--max-gpu-memory", "abc",
+                       "--out", tmp_path / "out")
+    assert_one_line(code, output, "--max-gpu-memory 'abc': give a size such as 24GiB")
+    assert not (tmp_path / "out").exists()
+
+
+# 5-6, 10. model folders
+
+
+@pytest.mark.parametrize("plan", [False, True], ids=["quantize", "plan"])
+def test_more_experts_per_token_than_experts_is_refused_before_loading(plan, tiny_model_dir, tmp_path, no_loading):
+    model = tmp_path / "moe"
+    shutil.copytree(tiny_model_dir("qwen3_moe"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["num_experts_per_tok"] = config["num_local_experts"] + 1
+    (model / "config.json").write_text(json.dumps(config))
+    code, output = run("quantize", model, *DATA_FREE, *(["--plan"] if plan else []), "--out", tmp_path / "out")
+    assert_one_line(code, output, f"routes each token to {config['num_local_experts'] + 1} experts "
+                                  f"(num_experts_per_tok) of the {config['num_local_experts']} each layer has "
+                                  "(num_local_experts): num_experts_per_tok must be 1 to")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "loaded"])
+def test_an_index_that_puts_a_tensor_in_the_wrong_shard_is_one_line(stream, tiny_model_dir, tmp_path, no_loading):
+    model = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    tensors = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, held in shards.items():
+        save_file({name: tensors[name] for name in held}, model / shard, metadata={"format": "pt"})
+    weight_map = {name: shard for shard, held in shards.items() for name in held}
+    moved = names[0]
+    weight_map[moved] = "model-00002-of-00002.safetensors"  # it is in the first shard
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    code, output = run("quantize", model, *DATA_FREE, *(["--stream"] if stream else []), "--out", tmp_path / "out")
+    assert_one_line(code, output, f"puts {moved} in model-00002-of-00002.safetensors, which does not hold it")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_with_only_a_pickle_is_refused_without_unpickling(tiny_model_dir, tmp_path, monkeypatch):
+    model = tmp_path / "pickled"
+    model.mkdir()
+    source = tiny_model_dir("llama")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, model / name)
+    torch.save(load_file(source / "model.safetensors"), model / "pytorch_model.bin")
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    for plan in ([], ["--plan"]):
+        code, output = run("quantize", model, *DATA_FREE, *plan, "--out", tmp_path / "out")
+        assert_one_line(code, output, "holds its weights only as a PyTorch pickle (pytorch_model.bin), which ptqlab "
+                                      "does not load")
+    assert not (tmp_path / "out").exists()
+
+
+# 7-8. bench
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("checkpoint") / "q"
+    code, output = run("quantize", tiny_model_dir("llama"), *DATA_FREE, "--out", out, "--quiet")
+    assert code == 0, output
+    return out
+
+
+def test_bench_refuses_a_format_compressed_tensors_does_not_know(checkpoint, tmp_path):
+    bad = tmp_path / "bad-format"
+    shutil.copytree(checkpoint, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["format"] = "frob-quantized"
+    (bad / "config.json").write_text(json.dumps(config))
+    code, output = run("bench", bad, "--out", tmp_path / "bench", "--device", "cpu", "--quiet")
+    assert_one_line(code, output, "quantization_config.config_groups.group_0.format is 'frob-quantized', a format "
+                                  "compressed-tensors does not know (it knows dense, ")
+    assert not (tmp_path / "bench" / "results.json").exists()
+
+
+@pytest.mark.parametrize("command", ["bench", "sensitivity"])
+def test_a_binary_ppl_text_is_one_line_before_any_work(command, tiny_model_dir, tmp_path):
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    code, output = run(command, tiny_model_dir("llama"), "--out", tmp_path / "out", "--device", "cpu", "--quiet",
+                       "--ppl-text", binary)
+    assert_one_line(code, output, f"--ppl-text {str(binary)!r}: not UTF-8 text (byte 0x89 at offset 0)")
+    assert not (tmp_path / "out").exists()
+
+
+# 9. rich markup in paths
+
+
+def test_square_brackets_in_out_are_printed_as_they_are(tiny_model_dir, tmp_path):
+    out = tmp_path / "runs" / "a[" / "]b"
+    code, output = run("quantize", tiny_model_dir("llama"), *DATA_FREE, "--out", out, "--quiet")
+    assert code == 0, output
+    assert "Traceback" not in output and "MarkupError" not in output
+    assert f"wrote {out} (int-quantized" in " ".join(output.split())
+    assert (out / "config.json").is_file()

@@ -213,3 +213,28 @@ def test_square_brackets_in_out_are_printed_as_they_are(tiny_model_dir, tmp_path
     assert "Traceback" not in output and "MarkupError" not in output
     assert f"wrote {out} (int-quantized" in " ".join(output.split())
     assert (out / "config.json").is_file()
+
+
+# values accepted silently before
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
+def test_a_target_kl_that_is_not_positive_is_one_line(value, tiny_model_dir, tmp_path):
+    code, output = run("sensitivity", tiny_model_dir("llama"), "--target-kl", value, "--out", tmp_path / "out",
+                       "--device", "cpu")
+    assert_one_line(code, output, f"--target-kl {float(value)}: must be a positive number of nats per token")
+    assert not (tmp_path / "out").exists()
+
+
+def test_lab_with_no_recipe_named_is_one_line(tiny_model_dir, tmp_path):
+    code, output = run("lab", tiny_model_dir("llama"), "--recipes", " , ", "--out", tmp_path / "out", "--device", "cpu")
+    assert_one_line(code, output, "--recipes ' , ' names no recipe")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without a GPU")
+def test_gpus_on_a_machine_without_a_gpu_needs_device_cpu(tiny_model_dir, tmp_path):
+    code, output = run("quantize", tiny_model_dir("llama"), "--recipe", "w8a8-rtn", "--gpus", "2",
+                       "--out", tmp_path / "out")
+    assert_one_line(code, output, "--gpus 2: this machine has no GPU visible to torch; add --device cpu")
+    assert not (tmp_path / "out").exists()

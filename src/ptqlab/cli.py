@@ -344,15 +344,18 @@ def lab(
     from ptqlab.suite import lab as run, lab_calibration_size
 
     try:
+        names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes is not None else None
+        if names == []:  # before the notes below: a mistake fails in its one line
+            raise PtqlabError(f"--recipes {recipes!r} names no recipe: give presets or recipe files, comma-separated "
+                              "(e.g. fp8-dynamic,w4a16), or leave --recipes out for the default three")
+        aim = _aim(target_kl if target_kl is not None or max_size else max_kl, max_size, sensitivity_windows,
+                   keep_bits) if sensitivity else None
         settings = _settings(ppl_quick=ppl_quick, ppl_full=ppl_full, ppl_context=ppl_context, ppl_text=ppl_text,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, repeats=repeats,
                              sample_tokens=sample_tokens, device=device, seed=seed, quiet=quiet, runtime=runtime,
                              ppl_protocol=ppl_protocol, batch_sizes=batch_sizes,
                              tasks=_tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
-        names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
-        aim = _aim(target_kl if target_kl is not None or max_size else max_kl, max_size, sensitivity_windows,
-                   keep_bits) if sensitivity else None
         options = RunOptions(dtype=dtype, seed=seed, device=device, calibration=calibration,
                              calib_batch_size=calib_batch_size, quiet=quiet)
         folder = run(model=model, recipes=names, out=out, settings=settings, budget=Budget(max_kl, max_ppl_increase),
@@ -369,6 +372,9 @@ def _aim(target_kl: float | None, max_size: str | None, windows: int | None, kee
 
     if target_kl is not None and max_size:
         raise PtqlabError("--target-kl and --max-size exclude each other: give one")
+    if target_kl is not None and not 0 < target_kl < float("inf"):  # nan fails every comparison
+        raise PtqlabError(f"--target-kl {target_kl}: must be a positive number of nats per token, e.g. 0.05 (the "
+                          "mean KL from the baseline the mixed recipe aims at)")
     return Sensitivity(target_kl=target_kl, max_bytes=parse_bytes(max_size, "--max-size") if max_size else None,
                        keep_bits=keep_bits, **({} if windows is None else {"windows": windows}))
 
@@ -401,10 +407,10 @@ def sensitivity(
 
     try:
         check_eval_text(ppl_text)
+        aim = _aim(target_kl if target_kl is not None or max_size else Budget().max_kl, max_size, windows, keep_bits)
         settings = BenchSettings(ppl_text=ppl_text, ppl_context=ppl_context or QUICK_CONTEXT, ppl_protocol=ppl_protocol,
                                  device=device, seed=seed)
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
-        aim = _aim(target_kl if target_kl is not None or max_size else Budget().max_kl, max_size, windows, keep_bits)
         options = RunOptions(dtype=dtype, seed=seed, device=device, calibration=calibration,
                              calib_batch_size=calib_batch_size, quiet=quiet)
         folder = run(model=model, recipe=recipe, out=out, aim=aim, settings=settings, options=options)

@@ -37,6 +37,9 @@ def launch(workers: int, device: str, verbose: bool = False) -> None:
         raise PtqlabError("--gpus starts its own workers: under torchrun, leave it out (torchrun's --nproc-per-node "
                           "says how many)")
     on_gpus = device not in ("cpu",) and torch.cuda.is_available()
+    if not on_gpus and device != "cpu":  # CPU processes are asked for by name, never fallen into
+        raise PtqlabError(f"--gpus {workers}: this machine has no GPU visible to torch; add --device cpu to calibrate "
+                          f"in {workers} CPU processes, or leave --gpus out")
     if on_gpus and workers > torch.cuda.device_count():
         raise PtqlabError(f"--gpus {workers}: this machine has {torch.cuda.device_count()} GPU(s) visible to torch; "
                           f"use --gpus {torch.cuda.device_count()} or fewer")

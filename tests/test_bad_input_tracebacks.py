@@ -238,3 +238,32 @@ def test_gpus_on_a_machine_without_a_gpu_needs_device_cpu(tiny_model_dir, tmp_pa
                        "--out", tmp_path / "out")
     assert_one_line(code, output, "--gpus 2: this machine has no GPU visible to torch; add --device cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_to_a_gpus_launcher_is_one_line(tiny_model_dir, calibration_file, tmp_path):
+    """`timeout`, Slurm or `docker stop` ending a run of several processes: the launcher stops its workers and says so
+    in one line (it printed torch's SignalException traceback)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ptqlab", "quantize", str(tiny_model_dir("llama")), "--recipe", "w4a16",
+               "--dataset", str(calibration_file), "--num-samples", "40", "--max-seq-len", "256",
+               "--calib-batch-size", "4", "--device", "cpu", "--gpus", "2", "--quiet", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "COLUMNS": "200"}
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    partial = tmp_path / ".out.partial"
+    deadline = time.monotonic() + 60
+    while not partial.exists() and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.2)  # the workers have started once rank 0 made its partial folder
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=60)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert launcher.returncode != 0, output
+    assert "Traceback" not in output, output
+    assert lines == ["error: stopped by SIGTERM: every worker of 2 was stopped; run the same command again to go on"], output
+    assert not out.exists()

@@ -46,6 +46,7 @@ def launch(workers: int, device: str, verbose: bool = False) -> None:
     if device.startswith("cuda:"):
         raise PtqlabError(f"--gpus {workers} with --device {device}: worker r uses GPU r; use --device cuda (or auto), "
                           "and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -62,6 +63,9 @@ def launch(workers: int, device: str, verbose: bool = False) -> None:
         rank, failure = e.get_first_failure()
         raise PtqlabError(f"worker {rank} of {workers} {_ended(failure.exitcode)}: the run stopped on every worker "
                           "(the worker's own message, if any, is above)") from None
+    except SignalException as e:  # the launcher's own handler: it has stopped the workers already
+        raise PtqlabError(f"stopped by {signal.Signals(e.sigval).name}: every worker of {workers} was stopped; run the "
+                          "same command again to go on") from None
 
 
 def _ended(exitcode: int) -> str:

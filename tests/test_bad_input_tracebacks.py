@@ -267,3 +267,15 @@ def test_sigterm_to_a_gpus_launcher_is_one_line(tiny_model_dir, calibration_file
     assert "Traceback" not in output, output
     assert lines == ["error: stopped by SIGTERM: every worker of 2 was stopped; run the same command again to go on"], output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["bench", "lab"])
+@pytest.mark.parametrize("option,value,phrase", [
+    ("--max-kl", "-1", "--max-kl -1.0: must be a positive number of nats per token"),
+    ("--max-kl", "nan", "--max-kl nan: must be a positive number of nats per token"),
+    ("--max-ppl-increase", "-5", "--max-ppl-increase -5.0: must be a percentage of at least 0"),
+])
+def test_a_quality_budget_that_no_variant_can_meet_is_one_line(command, option, value, phrase, tiny_model_dir, tmp_path):
+    code, output = run(command, tiny_model_dir("llama"), option, value, "--out", tmp_path / "out", "--device", "cpu")
+    assert_one_line(code, output, phrase)
+    assert not (tmp_path / "out").exists()

@@ -299,17 +299,17 @@ def bench(
     """Benchmark model folders side by side: size, load time, memory, perplexity, KL, speed, samples; write a report."""
     _start(verbose)
     # start-up time: each command imports only what it runs (torch, the engine) when it runs
-    from ptqlab.recommend import Budget
     from ptqlab.benchmark import bench as run
 
     try:
+        budget = _budget(max_kl, max_ppl_increase)
         settings = _settings(ppl_quick=ppl_quick, ppl_full=ppl_full, ppl_context=ppl_context, ppl_text=ppl_text,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, repeats=repeats,
                              sample_tokens=sample_tokens, device=device, seed=seed, quiet=quiet, runtime=runtime,
                              ppl_protocol=ppl_protocol, batch_sizes=batch_sizes,
                              tasks=_tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
         folder = run(paths=[str(p) for p in paths], out=out, baseline=str(baseline) if baseline else None,
-                     settings=settings, budget=Budget(max_kl, max_ppl_increase), quiet=quiet)
+                     settings=settings, budget=budget, quiet=quiet)
     except PtqlabError as e:
         _fail(e)
     _print_summary(folder)
@@ -340,10 +340,10 @@ def lab(
     # start-up time: each command imports only what it runs (torch, the engine) when it runs
     from ptqlab.data import CalibrationConfig
     from ptqlab.options import RunOptions
-    from ptqlab.recommend import Budget
     from ptqlab.suite import lab as run, lab_calibration_size
 
     try:
+        budget = _budget(max_kl, max_ppl_increase)
         names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes is not None else None
         if names == []:  # before the notes below: a mistake fails in its one line
             raise PtqlabError(f"--recipes {recipes!r} names no recipe: give presets or recipe files, comma-separated "
@@ -358,11 +358,23 @@ def lab(
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
         options = RunOptions(dtype=dtype, seed=seed, device=device, calibration=calibration,
                              calib_batch_size=calib_batch_size, quiet=quiet)
-        folder = run(model=model, recipes=names, out=out, settings=settings, budget=Budget(max_kl, max_ppl_increase),
-                     options=options, sensitivity=aim)
+        folder = run(model=model, recipes=names, out=out, settings=settings, budget=budget, options=options,
+                     sensitivity=aim)
     except PtqlabError as e:
         _fail(e)
     _print_summary(folder)
+
+
+def _budget(max_kl: float, max_ppl_increase: float):
+    """The quality budget, each figure a finite number (nan fails every comparison, so it would pass no variant)."""
+    # start-up time: each command imports only what it runs (torch, the engine) when it runs
+    from ptqlab.recommend import Budget
+
+    if not 0 < max_kl < float("inf"):
+        raise PtqlabError(f"--max-kl {max_kl}: must be a positive number of nats per token, e.g. 0.05")
+    if not 0 <= max_ppl_increase < float("inf"):
+        raise PtqlabError(f"--max-ppl-increase {max_ppl_increase}: must be a percentage of at least 0, e.g. 5")
+    return Budget(max_kl, max_ppl_increase)
 
 
 def _aim(target_kl: float | None, max_size: str | None, windows: int | None, keep_bits: int | None = None):

@@ -288,3 +288,31 @@ def test_a_ppl_context_past_the_models_positions_is_one_line(tiny_model_dir, tmp
                        "--quiet")
     assert_one_line(code, output, f"--ppl-context {positions * 2}: longer than the {positions} positions baseline has")
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_an_override_that_splits_q_k_v_between_schemes_is_noted(tiny_model_dir, tmp_path):
+    """vLLM loads q/k/v (and gate/up) as one fused linear of one scheme: an override that takes only some of them
+    makes a checkpoint vLLM cannot load, said in the run's notes."""
+    import yaml
+
+    recipe = tmp_path / "split.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "split", "scheme": "W4A16", "steps": ["rtn"],
+                                      "overrides": [{"targets": ["re:.*self_attn\\.q_proj$"], "scheme": "W8A16"}]}))
+    code, output = run("quantize", tiny_model_dir("llama"), "--recipe", recipe, "--device", "cpu", "--quiet",
+                       "--out", tmp_path / "out")
+    assert code == 0, output
+    text = " ".join(output.split())
+    assert ("note: overrides split 2 groups of linears that vLLM fuses into one between schemes (e.g. "
+            "model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj)") in text
+
+
+def test_an_override_of_whole_groups_is_not_noted(tiny_model_dir, tmp_path):
+    import yaml
+
+    recipe = tmp_path / "whole.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "whole", "scheme": "W4A16", "steps": ["rtn"],
+                                      "overrides": [{"targets": ["re:.*self_attn\\.[qkv]_proj$"], "scheme": "W8A16"}]}))
+    code, output = run("quantize", tiny_model_dir("llama"), "--recipe", recipe, "--device", "cpu", "--quiet",
+                       "--out", tmp_path / "out")
+    assert code == 0, output
+    assert "vLLM fuses" not in output

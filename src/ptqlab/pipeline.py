@@ -127,6 +127,20 @@ def columns_that_must_divide(scheme) -> int | None:
     return scheme.weights.group_size if scheme.weights.strategy in ("group", "tensor_group") else None
 
 
+def fused_groups_split(model: nn.Module, targets, overrides: dict, scheme) -> list[list[str]]:
+    """The q/k/v and gate/up groups of the quantized linears (by the family's roles; a model without a row, by
+    Llama's names) whose members get different schemes."""
+    family = FAMILIES.get(getattr(model.config, "model_type", None))
+    linears = family.linears if family is not None else FAMILIES["llama"].linears
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for name in targets:
+        for roles in (linears.qkv, linears.gate_up):
+            member = next((m for m in roles if len(roles) > 1 and name.endswith("." + m)), None)
+            if member is not None:
+                groups.setdefault((name[: -len(member)], roles), []).append(name)
+    return [names for names in groups.values() if len({repr(overrides.get(n, scheme)) for n in names}) > 1]
+
+
 def override_claims(targets: dict[str, nn.Linear], recipe: Recipe) -> tuple[dict[str, int], list[str]]:
     """-> (the index of the recipe override that claims each target it claims, by name; override targets that matched
     no linear). A linear that overrides of different schemes claim is an error: compressed-tensors and vLLM would pick
@@ -266,6 +280,11 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         result.notes.append(f"overrides[{i}]: {count} linears quantized as {override.scheme.describe()}")
     for pattern in unclaimed:
         result.notes.append(f"override target {pattern!r} matched no quantized linear layer")
+    split = fused_groups_split(model, targets, overrides, recipe.scheme)
+    if split:
+        result.notes.append(f"overrides split {len(split)} groups of linears that vLLM fuses into one between schemes (e.g. "
+                            f"{', '.join(split[0])}): vLLM loads q/k/v and gate/up as one linear of one scheme and "
+                            "cannot load this checkpoint; give an override all of a group's linears")
 
     by_layer, outside = names_by_layer(model, targets)
     load_layer, finish_layer = _layer_hooks(streamed, write_layer, targets, by_layer)

@@ -281,15 +281,6 @@ def test_a_quality_budget_that_no_variant_can_meet_is_one_line(command, option, 
     assert not (tmp_path / "out").exists()
 
 
-def test_a_ppl_context_past_the_models_positions_is_one_line(tiny_model_dir, tmp_path):
-    model = tiny_model_dir("llama")
-    positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
-    code, output = run("bench", model, "--ppl-context", positions * 2, "--out", tmp_path / "out", "--device", "cpu",
-                       "--quiet")
-    assert_one_line(code, output, f"--ppl-context {positions * 2}: longer than the {positions} positions baseline has")
-    assert not (tmp_path / "out" / "results.json").exists()
-
-
 def test_an_override_that_splits_q_k_v_between_schemes_is_noted(tiny_model_dir, tmp_path):
     """vLLM loads q/k/v (and gate/up) as one fused linear of one scheme: an override that takes only some of them
     makes a checkpoint vLLM cannot load, said in the run's notes."""

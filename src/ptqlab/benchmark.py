@@ -98,17 +98,6 @@ class Steps:
                          self.quiet)
 
 
-def _check_context(name: str, path: Path, context: int | None) -> None:
-    """A --ppl-context past the positions a model was trained for scores tokens where its attention is not the
-    model's: refused before anything is measured."""
-    config = variant_config(path)
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    positions = text.get("max_position_embeddings") or config.get("max_position_embeddings")
-    if context and isinstance(positions, int) and context > positions:
-        raise PtqlabError(f"--ppl-context {context}: longer than the {positions} positions {name} has "
-                          f"(max_position_embeddings in {path / 'config.json'}): use --ppl-context {positions} or less")
-
-
 def run_benchmarks(baseline: Path | None, variants: list[tuple[str, Path]], out: Path, settings: BenchSettings,
                    quiet: bool = False, steps: Steps | None = None) -> list[dict]:
     """Benchmark the baseline (if any) then each variant, each in its own process, reusing finished ones."""
@@ -123,7 +112,6 @@ def run_benchmarks(baseline: Path | None, variants: list[tuple[str, Path]], out:
         (out / report).unlink(missing_ok=True)
     for name, path in jobs:  # a corrupt folder is reported as such before anything is measured, never ranked
         check_variant(path)
-        _check_context(name, path, settings.ppl_context)
     if baseline is not None:
         for name, path in variants:
             _check_same_vocabulary(baseline, name, path)

@@ -258,8 +258,8 @@ def check_weight_files(folder: Path, source: str) -> None:
                           "whole or sharded): give the folder that holds the model's weight files too")
     if not found.name.startswith("model.safetensors"):
         # a pickle runs whatever code it holds when loaded: ptqlab reads safetensors only
-        raise PtqlabError(f"{source!r} holds its weights only as a PyTorch pickle ({found.name}), which ptqlab does not "
-                          "load (loading a pickle can run any code in it): give the model's safetensors files, or "
+        raise PtqlabError(f"{source!r} holds its weights only as a PyTorch pickle ({found.name}), which ptqlab does "
+                          "not load (loading a pickle can run any code in it): give the model's safetensors files, or "
                           "convert a copy you trust with transformers (from_pretrained, then save_pretrained)")
     files = _weight_shards(found, source) if found.name.endswith(".index.json") else [found]
     held = {}

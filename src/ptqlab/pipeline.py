@@ -282,9 +282,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
         result.notes.append(f"override target {pattern!r} matched no quantized linear layer")
     split = fused_groups_split(model, targets, overrides, recipe.scheme)
     if split:
-        result.notes.append(f"overrides split {len(split)} groups of linears that vLLM fuses into one between schemes (e.g. "
-                            f"{', '.join(split[0])}): vLLM loads q/k/v and gate/up as one linear of one scheme and "
-                            "cannot load this checkpoint; give an override all of a group's linears")
+        result.notes.append(f"overrides split {len(split)} groups of linears that vLLM fuses into one between "
+                            f"schemes (e.g. {', '.join(split[0])}): vLLM loads q/k/v and gate/up as one linear of "
+                            "one scheme and cannot load this checkpoint; give an override all of a group's linears")
 
     by_layer, outside = names_by_layer(model, targets)
     load_layer, finish_layer = _layer_hooks(streamed, write_layer, targets, by_layer)

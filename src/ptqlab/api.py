@@ -32,7 +32,7 @@ from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, expert_reading, read
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, decoding_note,
                            load_checked, load_tokenizer, model_dtype, resolve_device, stored_dtype)
 from ptqlab.options import QuantizeOptions, RunOptions, given
-from ptqlab.output import atomic_dir, check_writable, locked, resumable_partial
+from ptqlab.output import atomic_dir, check_writable, resumable_partial
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.progress import say
 from ptqlab.recipe import Recipe
@@ -45,9 +45,28 @@ def request_of(model: str | None, recipe: Recipe, options: RunOptions) -> dict:
     """Everything a user asks for that determines a checkpoint's tensors: recorded in it, and compared before a
     checkpoint is reused (`lab`), so that a changed setting never passes for the old result."""
     calibration = calibration_of(recipe, options.calibration, options.seed)
-    return {"model": model, "recipe": recipe.to_dict(), "dtype": options.dtype, "seed": options.seed,
+    folder = Path(model).expanduser() if model is not None else None
+    local = folder is not None and folder.is_dir()
+    return {"model": str(folder.resolve()) if local else model, "weights": model_files_stamp(folder) if local else None,
+            "recipe": recipe.to_dict(), "dtype": options.dtype, "seed": options.seed,
             "calibration": None if calibration is None else dataclasses.asdict(calibration),
             "device": resolve_device(options.device).type, "ptqlab": __version__}
+
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken")
+"""The files of a model folder a checkpoint is made from: weights, index, config and tokenizer."""
+
+
+def model_files_stamp(folder: Path) -> list[list]:
+    """[[name, bytes, mtime_ns], ...] for the model files in `folder`: the weights replaced at the same path (a
+    fine-tune saved again, a download of another revision) change it, so a partial run or a checkpoint made from the
+    old files is never taken for one of the new. From the file system alone: no file is read."""
+    stamp = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix in MODEL_FILE_SUFFIXES and not path.name.startswith(".") and path.is_file():
+            status = path.stat()  # through a link: the hub cache's blob
+            stamp.append([path.name, status.st_size, status.st_mtime_ns])
+    return stamp
 
 
 def calibration_of(recipe: Recipe, calibration: CalibrationConfig | None, seed: int) -> CalibrationConfig | None:
@@ -147,7 +166,7 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
         say(escape(memory.lines()[0]))
     torch.manual_seed(options.seed)
     start = time.perf_counter()
-    with atomic_dir(out, options.overwrite, protect, resumable=recipe.calibrated) as tmp, locked(tmp, "quantize"), \
+    with atomic_dir(out, options.overwrite, protect, resumable=recipe.calibrated, what="quantize") as tmp, \
             gpu_memory_limit(options.device, options.max_gpu_memory and gpu_budget), \
             joined(world, recipe, options.device) as engine_device:
         loaded, streamed = _load(checked, options.dtype, options.stream)

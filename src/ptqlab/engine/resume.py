@@ -35,6 +35,15 @@ HIDDEN_PREFIX = "hidden-"
 LAYERS_DIR = "layers"
 
 
+def why_not_resumed(saved: dict, wanted: dict) -> str:
+    """What differs between a partial run's fingerprint and this run's, for people."""
+    if saved.get("resume.json") == "damaged":
+        return "its resume.json is damaged"
+    keys = [key for key in {**saved, **wanted} if saved.get(key) != wanted.get(key)]
+    named = {"weights": "the model's files changed since (size or modification time)"}
+    return "; ".join(named.get(key, key) for key in keys)
+
+
 class Checkpointer:
     """The resume state of one run in its partial folder (of rank `rank` of `ranks`)."""
 
@@ -54,6 +63,8 @@ class Checkpointer:
                 state = json.loads(state_file.read_text())
             except (OSError, ValueError):
                 state = None
+            if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict):
+                state = {"fingerprint": {"resume.json": "damaged"}}  # set aside below, with a note
         if state is not None and state.get("fingerprint") == self.fingerprint:
             self.start_layer = int(state["next_layer"])
             self.reports = [LayerReport(**r) for r in state["reports"]]
@@ -67,7 +78,8 @@ class Checkpointer:
         else:
             stale = [p for p in self.folder.iterdir() if not p.name.startswith(".")]
             if state is not None:
-                self.note = "discarded an unfinished run of other settings in this --out's partial folder"
+                self.note = ("discarded an unfinished run of other settings in this --out's partial folder "
+                             f"({why_not_resumed(state['fingerprint'], self.fingerprint)}): started over")
             for path in stale:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         if rank == 0:

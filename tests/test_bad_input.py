@@ -315,3 +315,12 @@ def test_a_tokenizer_saved_again_by_another_library_version_is_the_same_tokenize
     first, second = list(other["model"]["vocab"])[:2]
     other["model"]["vocab"][first], other["model"]["vocab"][second] = other["model"]["vocab"][second], other["model"]["vocab"][first]
     assert tokenizer_identity(other) != tokenizer_identity(saved)
+
+
+@pytest.mark.parametrize("command", ["lab", "sensitivity"])
+@pytest.mark.parametrize("target", ["models/tiny", "models"], ids=["the-model-itself", "folder-holding-the-model"])
+def test_a_lab_out_never_is_or_holds_the_model(model_copy, tmp_path, command, target):
+    before = tree(model_copy)
+    code, output = run(command, model_copy / "tiny", "--out", tmp_path / target, "--device", "cpu", "--quiet")
+    assert code == 2 and "the model's folder" in one_error_line(output)
+    assert tree(model_copy) == before and not list(model_copy.rglob(".ptqlab*"))

@@ -151,3 +151,42 @@ def test_a_resume_state_that_is_not_an_object_starts_over_and_says_so(run, tmp_p
     out = run(tmp_path / "out")
     notes = " ".join(json.loads((out / "ptqlab.json").read_text())["notes"])
     assert "its resume.json is damaged" in notes and not partial.exists()
+
+
+def test_a_stopped_run_says_what_it_kept_and_how_to_resume(run, tmp_path, monkeypatch, capsys):
+    """SIGTERM (`timeout`, Slurm, `docker stop`: the CLI's handler raises SystemExit(143)) after layer 1: one line
+    names the kept layers, where, and that the same command resumes."""
+    save = resume_module.Checkpointer.save
+
+    def save_then_stop(self, index, batches, reports):
+        save(self, index, batches, reports)
+        if index == 1:
+            raise SystemExit(143)
+
+    monkeypatch.setattr(resume_module.Checkpointer, "save", save_then_stop)
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [f"stopped: decoder layers 0-1 are kept in {tmp_path / '.out.partial'}; the same command resumes "
+                     "from layer 2"]
+
+
+@pytest.mark.parametrize("damaged", ["layers/00001.safetensors", "hidden-00003/b00000.safetensors"],
+                         ids=["finished-layer", "hidden-states"])
+def test_a_truncated_resume_state_is_set_aside_and_the_run_starts_over(run, tmp_path, monkeypatch, damaged):
+    """A kept file cut short (a full disk, a kill mid-write): checked before it is trusted, the state is set aside
+    with one note and the run starts over, instead of a SafetensorError on every retry."""
+    out = tmp_path / "out"
+    computed = kill_after(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(out)
+    file = tmp_path / ".out.partial" / damaged
+    file.write_bytes(file.read_bytes()[:-100])
+    computed.clear()
+    monkeypatch.undo()
+    counting(monkeypatch, computed)
+    run(out)
+    assert computed == list(range(LAYERS))
+    notes = " ".join(json.loads((out / "ptqlab.json").read_text())["notes"])
+    assert f"resume state damaged ({damaged}:" in notes and "resumed" not in notes
+    assert files(out) == files(run(tmp_path / "fresh"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -32,7 +33,7 @@ from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, expert_reading, read
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, decoding_note,
                            load_checked, load_tokenizer, model_dtype, resolve_device, stored_dtype)
 from ptqlab.options import QuantizeOptions, RunOptions, given
-from ptqlab.output import atomic_dir, check_writable, resumable_partial
+from ptqlab.output import RESUME_NAME, atomic_dir, check_writable, resumable_partial
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.progress import say
 from ptqlab.recipe import Recipe
@@ -103,7 +104,7 @@ def _run_record(loaded, result: QuantizationResult, settings: dict, seconds: flo
     )
 
 
-def _source_folders(model: str | None) -> tuple[Path, ...]:
+def source_folders(model: str | None) -> tuple[Path, ...]:
     """The local folder a run reads its model from (the embedded model's cache folder when none is named): what an
     --out must never be or contain."""
     if model is None:
@@ -145,7 +146,7 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
     recipe = recipe.with_overrides(ignore=options.ignore, group_size=options.group_size, kv_cache=options.kv_cache)
     request = request_of(model, recipe, options)
     out = Path(out) if out is not None else default_out(model, recipe.name)
-    protect = _source_folders(model)
+    protect = source_folders(model)
     # Before the slow part: fail in a second, not after loading.
     check_writable(out, options.overwrite, protect)
     calibration = calibration_of(recipe, options.calibration, options.seed)
@@ -166,7 +167,8 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
         say(escape(memory.lines()[0]))
     torch.manual_seed(options.seed)
     start = time.perf_counter()
-    with atomic_dir(out, options.overwrite, protect, resumable=recipe.calibrated, what="quantize") as tmp, \
+    with saying_what_is_kept(out, recipe.calibrated), \
+            atomic_dir(out, options.overwrite, protect, resumable=recipe.calibrated, what="quantize") as tmp, \
             gpu_memory_limit(options.device, options.max_gpu_memory and gpu_budget), \
             joined(world, recipe, options.device) as engine_device:
         loaded, streamed = _load(checked, options.dtype, options.stream)
@@ -207,6 +209,27 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
                     "memory_plan": memory.to_dict(), "gpu_budget_bytes": gpu_budget, "cpu_budget_bytes": cpu_budget}
         _run_record(loaded, result, settings, time.perf_counter() - start, request, verification).write(tmp)
     return out
+
+
+@contextmanager
+def saying_what_is_kept(out: Path, resumable: bool) -> Iterator[None]:
+    """A run stopped by SIGTERM (`timeout`, Slurm, `docker stop`) or Ctrl-C says in one line what it kept and how to
+    go on, even with --quiet: a batch job's log is where its user looks for it."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        partial = resumable_partial(out)
+        try:
+            next_layer = int(json.loads((partial / RESUME_NAME).read_text())["next_layer"]) if resumable else 0
+        except (OSError, ValueError, TypeError, KeyError):
+            next_layer = 0
+        if next_layer > 0:
+            say(escape(f"stopped: decoder layers 0-{next_layer - 1} are kept in {partial}; the same command resumes "
+                       f"from layer {next_layer}"))
+        else:
+            say(escape(f"stopped before any layer was finished: nothing kept, no {out} written; the same command "
+                       "starts over"))
+        raise
 
 
 def _check_streamable(checked: ModelSource, stream: bool) -> None:

@@ -96,6 +96,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, protect: tuple[Path, ..
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         (tmp / LOCK_NAME).unlink(missing_ok=True)  # an older ptqlab locked inside the partial folder
+        _give_umask_permissions(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.replaced-{os.getpid()}"
             out.rename(old)
@@ -103,6 +104,25 @@ def atomic_dir(out: str | Path, overwrite: bool = False, protect: tuple[Path, ..
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+
+
+def _umask() -> int:
+    """This process's umask (read once: setting it to read it back is not safe once threads write files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def _give_umask_permissions(folder: Path) -> None:
+    """The files of a finished folder as any program's new files are (0644 under umask 022): safetensors writes
+    its files 0600, which other users of a shared model store could not read."""
+    mode = 0o666 & ~_UMASK
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def _check_partial(tmp: Path, out: Path) -> None:

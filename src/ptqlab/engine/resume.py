@@ -65,6 +65,11 @@ class Checkpointer:
                 state = None
             if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict):
                 state = {"fingerprint": {"resume.json": "damaged"}}  # set aside below, with a note
+        damage = None
+        if state is not None and state.get("fingerprint") == self.fingerprint:
+            damage = self._damage(int(state["next_layer"]))
+            if damage is not None:
+                state = {"fingerprint": {"damaged": damage}}
         if state is not None and state.get("fingerprint") == self.fingerprint:
             self.start_layer = int(state["next_layer"])
             self.reports = [LayerReport(**r) for r in state["reports"]]
@@ -77,13 +82,32 @@ class Checkpointer:
             state = None
         else:
             stale = [p for p in self.folder.iterdir() if not p.name.startswith(".")]
-            if state is not None:
+            if damage is not None:
+                self.note = f"resume state damaged ({damage}): set aside, started over from layer 0"
+            elif state is not None:
                 self.note = ("discarded an unfinished run of other settings in this --out's partial folder "
                              f"({why_not_resumed(state['fingerprint'], self.fingerprint)}): started over")
             for path in stale:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         if rank == 0:
             (self.folder / LAYERS_DIR).mkdir(exist_ok=True)
+
+    def _damage(self, next_layer: int) -> str | None:
+        """What is wrong with the kept state of a run that stopped before `next_layer` (a file cut short by a full
+        disk or a kill mid-write, a file gone), or None: checked from the files' headers and sizes before any is
+        trusted, so a damaged state is set aside once instead of failing every retry."""
+        from ptqlab.safetensors_files import header_tensors
+
+        hidden = sorted(self._hidden_dir(next_layer).glob("*.safetensors"))
+        if not hidden:
+            return f"layer {next_layer}'s input hidden states are missing"
+        layers = [self.layer_file(i) for i in range(next_layer)] if self.rank == 0 else []
+        for file in layers + hidden:
+            try:
+                header_tensors(file)
+            except (OSError, ValueError) as e:
+                return f"{file.relative_to(self.folder)}: {getattr(e, 'strerror', None) or e}"
+        return None
 
     def _batch_file(self, folder: Path, i: int) -> Path:
         return folder / (f"b{i:05d}.safetensors" if self.ranks == 1 else f"r{self.rank}-b{i:05d}.safetensors")

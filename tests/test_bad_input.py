@@ -324,3 +324,12 @@ def test_a_lab_out_never_is_or_holds_the_model(model_copy, tmp_path, command, ta
     code, output = run(command, model_copy / "tiny", "--out", tmp_path / target, "--device", "cpu", "--quiet")
     assert code == 2 and "the model's folder" in one_error_line(output)
     assert tree(model_copy) == before and not list(model_copy.rglob(".ptqlab*"))
+
+
+def test_a_link_where_the_lock_goes_is_never_written_through(model_copy, tmp_path):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    (tmp_path / ".q.lock").symlink_to(mine)
+    code, output = run("quantize", model_copy / "tiny", "--recipe", "w8a8-rtn", "--out", tmp_path / "q", "--quiet")
+    assert code == 2 and "cannot use" in one_error_line(output)
+    assert mine.read_text() == "mine" and not (tmp_path / "q").exists()

@@ -196,7 +196,11 @@ def _held(lock_file: Path, out: Path, what: str, remove: bool = False) -> Iterat
         yield
         return
     while True:
-        handle = open(lock_file, "a+")
+        try:  # never through a link: the lock file's text would be written into whatever it points at
+            handle = os.fdopen(os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666), "r+")
+        except OSError as e:
+            raise PtqlabError(f"--out {out}: cannot use {lock_file} as its lock ({e.strerror or e}; a link or a folder "
+                              "there?): remove it or choose another --out") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -3,7 +3,8 @@ a folder into a hidden temporary sibling (`atomic_dir`) and a file into a tempor
 renames it into place when done.
 
 A crash or Ctrl-C leaves at most a `.NAME.partial-*` folder or a `NAME.partial-*` file, never a folder or file at
-its name that looks complete but is not.
+its name that looks complete but is not; a hard kill (SIGKILL) also leaves the run's lock file `.NAME.lock`,
+which the next run takes over.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ layer, the finished layers' reports), written last and atomically; the older hid
 hidden states are written on a background thread while the next layer gathers its statistics and is quantized
 (`wait` is called before anything changes them), so that saving them costs a run little of its time. A partial
 folder whose fingerprint differs (another recipe, seed, calibration set, batch size, compute dtype, expert-token
-threshold, ptqlab version, number of ranks) is discarded, never resumed.
+threshold, ptqlab version, number of ranks, the model folder's files as the file system describes them) is
+discarded, never resumed; so is one whose files are damaged (each file's safetensors header and size are checked
+before any is trusted), with a note saying which.
 
 Several ranks (engine/distributed.py): each keeps its own batches' hidden states (`rR-bNNNNN`) in the one partial
 folder (so --out must be on a filesystem every rank sees) and marks them done (`rR.done`); rank 0 keeps the layers
@@ -101,7 +103,7 @@ class Checkpointer:
         hidden = sorted(self._hidden_dir(next_layer).glob("*.safetensors"))
         if not hidden:
             return f"layer {next_layer}'s input hidden states are missing"
-        layers = [self.layer_file(i) for i in range(next_layer)] if self.rank == 0 else []
+        layers = [self.layer_file(i) for i in range(next_layer)]  # rank 0's, checked by every rank: one verdict
         for file in layers + hidden:
             try:
                 header_tensors(file)

@@ -167,6 +167,72 @@ def test_a_second_run_on_the_same_out_is_refused(tiny_model_dir, tmp_path):
     bench([str(tiny_model_dir("llama"))], tmp_path / "b", settings=_fast(), quiet=True)  # free again afterwards
 
 
+CALIBRATED = ["--recipe", "w4a16", "--num-samples", "4", "--max-seq-len", "16", "--calib-batch-size", "2",
+              "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.parametrize("what", ["link", "file"])
+def test_the_partial_folder_is_never_a_link_or_a_file(model_copy, tmp_path, calibration_file, what):
+    """The hidden `.OUT.partial` a calibrated run keeps its state in: a link there is never followed (the folder it
+    points at is the user's), a file there is never replaced; both are one line."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    partial = tmp_path / ".q.partial"
+    partial.symlink_to(mine, target_is_directory=True) if what == "link" else partial.write_text("mine")
+    code, output = run("quantize", model_copy / "tiny", *CALIBRATED, "--dataset", calibration_file, "--out", tmp_path / "q")
+    assert code == 2 and ("is a symbolic link" if what == "link" else "is a file") in one_error_line(output)
+    assert (mine / "thesis.tex").read_text() == "mine" and sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+    assert partial.is_symlink() if what == "link" else partial.read_text() == "mine"
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.lock").exists()
+
+
+@pytest.mark.parametrize("calibrated", [True, False], ids=["calibrated", "data-free"])
+def test_a_refused_second_run_touches_nothing_of_the_first(model_copy, tmp_path, calibration_file, calibrated):
+    """Two runs on one --out, the second started while the first works: the second is refused in one line before it
+    touches anything (the first's partial folder stays, its finished checkpoint is never replaced)."""
+    from ptqlab.output import atomic_dir
+
+    out = tmp_path / "q"
+    recipe = [*CALIBRATED, "--dataset", calibration_file] if calibrated else ["--recipe", "w8a8-rtn", "--quiet"]
+    with atomic_dir(out, resumable=calibrated, what="quantize") as first:  # the first run, at work
+        (first / "layers").mkdir()
+        (first / "layers" / "00000.safetensors").write_text("layer 0")
+        code, output = run("quantize", model_copy / "tiny", *recipe, "--out", out)
+        assert code == 2 and "in use by another ptqlab run (quantize, pid" in one_error_line(output)
+        assert (first / "layers" / "00000.safetensors").read_text() == "layer 0"
+        (first / "ptqlab.json").write_text("{}")
+    assert (out / "layers" / "00000.safetensors").read_text() == "layer 0"  # the first's, renamed into place
+    code, output = run("quantize", model_copy / "tiny", *recipe, "--out", out)  # after it: not over it unasked
+    assert code == 2 and "exists and is not empty" in one_error_line(output)
+    assert not (tmp_path / ".q.lock").exists()
+
+
+def test_a_run_held_up_before_its_lock_never_replaces_a_checkpoint_finished_meanwhile(model_copy, tmp_path,
+                                                                                       monkeypatch):
+    """The second of two data-free runs passes its first check while --out is still free; the first finishes before
+    the second takes the lock: the check made again under the lock refuses it."""
+    from ptqlab import output
+    from ptqlab.errors import PtqlabError
+
+    out = tmp_path / "q"
+    checks = []
+    check = output.check_writable
+
+    def first_finishes_between(path, overwrite, protect=(), needs_bytes=0):
+        checks.append(path)
+        check(path, overwrite, protect, needs_bytes)
+        if len(checks) == 1:  # the run's last check before its lock: the other run completes now
+            path.mkdir()
+            (path / "ptqlab.json").write_text("{}")
+
+    monkeypatch.setattr(output, "check_writable", first_finishes_between)
+    from ptqlab import quantize
+    with pytest.raises(PtqlabError, match="exists and is not empty"):
+        quantize(str(model_copy / "tiny"), "w8a8-rtn", out=out, quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["ptqlab.json"]
+
+
 def _processes_mentioning(text: str) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -249,3 +315,21 @@ def test_a_tokenizer_saved_again_by_another_library_version_is_the_same_tokenize
     first, second = list(other["model"]["vocab"])[:2]
     other["model"]["vocab"][first], other["model"]["vocab"][second] = other["model"]["vocab"][second], other["model"]["vocab"][first]
     assert tokenizer_identity(other) != tokenizer_identity(saved)
+
+
+@pytest.mark.parametrize("command", ["lab", "sensitivity"])
+@pytest.mark.parametrize("target", ["models/tiny", "models"], ids=["the-model-itself", "folder-holding-the-model"])
+def test_a_lab_out_never_is_or_holds_the_model(model_copy, tmp_path, command, target):
+    before = tree(model_copy)
+    code, output = run(command, model_copy / "tiny", "--out", tmp_path / target, "--device", "cpu", "--quiet")
+    assert code == 2 and "the model's folder" in one_error_line(output)
+    assert tree(model_copy) == before and not list(model_copy.rglob(".ptqlab*"))
+
+
+def test_a_link_where_the_lock_goes_is_never_written_through(model_copy, tmp_path):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    (tmp_path / ".q.lock").symlink_to(mine)
+    code, output = run("quantize", model_copy / "tiny", "--recipe", "w8a8-rtn", "--out", tmp_path / "q", "--quiet")
+    assert code == 2 and "cannot use" in one_error_line(output)
+    assert mine.read_text() == "mine" and not (tmp_path / "q").exists()

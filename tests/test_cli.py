@@ -176,8 +176,8 @@ def test_interrupted_run_leaves_no_folder_that_looks_complete(tiny_model_dir, tm
     leftovers = [p.name for p in tmp_path.iterdir()]
     if sig == signal.SIGINT:  # a clean interrupt removes its temporary folder
         assert leftovers == []
-    else:  # a hard kill can only leave the hidden temporary folder, never --out
-        assert all(name.startswith(".q.partial-") for name in leftovers)
+    else:  # a hard kill can only leave the hidden temporary folder and the run's lock file, never --out
+        assert all(name.startswith(".q.partial-") or name == ".q.lock" for name in leftovers)
 
 
 def test_gptq_recipe_from_the_command_line(tiny_model_dir, tmp_path):

@@ -143,3 +143,28 @@ def test_unknown_runtime_is_refused():
 
     with pytest.raises(PtqlabError, match="unknown --runtime 'vllm'"):
         resolve_runtime("vllm", None, None)
+
+
+def test_a_lab_checkpoint_of_weights_since_replaced_is_made_again(tiny_model_dir, tmp_path):
+    """The model's weights replaced at the same path (same config): the checkpoint the lab made from the old ones
+    is made again, not reused (the fingerprint a resumed quantize run checks: the model files' sizes and times)."""
+    import shutil
+
+    from ptqlab.api import model_files_stamp
+    from ptqlab.benchmark import Steps
+    from ptqlab.options import RunOptions
+    from ptqlab.recipes import get_recipe
+    from ptqlab.suite import _quantized
+
+    model, out = tmp_path / "model", tmp_path / "lab"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    out.mkdir()
+    recipe, options = get_recipe("fp8-dynamic"), RunOptions(quiet=True, device="cpu")
+    for _ in range(2):
+        _quantized(model, recipe, out, options, Steps(1, quiet=True))
+    shutil.copy(tiny_model_dir("llama", seed=1) / "model.safetensors", model / "model.safetensors")
+    _quantized(model, recipe, out, options, Steps(1, quiet=True))
+    assert [e["event"] for e in events(out) if e["event"] != "quantize.done"] == [
+        "quantize.start", "quantize.reused", "quantize.start"]
+    record = json.loads((out / "checkpoints" / "fp8-dynamic" / "ptqlab.json").read_text())
+    assert record["request"]["weights"] == model_files_stamp(model)

@@ -7,7 +7,7 @@ import pytest
 
 from ptqlab.errors import PtqlabError
 from ptqlab.options import QuantizeOptions, RunOptions, given, widened
-from ptqlab.output import atomic_file, check_can_write, partial_files, write_atomically
+from ptqlab.output import atomic_dir, atomic_file, check_can_write, partial_files, write_atomically
 
 
 def test_an_atomic_write_replaces_the_file_whole(tmp_path):
@@ -80,3 +80,20 @@ def test_a_results_folder_is_checked_where_its_files_go(tmp_path):
     (tmp_path / "lab").mkdir()
     assert check_can_write(tmp_path / "lab", inside=True) == tmp_path / "lab"
     assert check_can_write(tmp_path / "new" / "lab", inside=True) == tmp_path
+
+
+def test_a_finished_folders_files_get_the_umask_permissions(tmp_path):
+    """safetensors writes 0600; a checkpoint's files are as any new file under the process's umask (0644 under 022),
+    so that the other users of a shared model store can read them."""
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ptqlab import output
+
+    with atomic_dir(tmp_path / "q") as tmp:
+        save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")
+        (tmp / "config.json").write_text("{}")
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / "q" / name).stat().st_mode) == 0o666 & ~output._UMASK

@@ -95,3 +95,98 @@ def test_other_settings_never_resume_a_partial_run(run, tmp_path, monkeypatch):
     notes = " ".join(json.loads((out / "ptqlab.json").read_text())["notes"])
     assert "discarded an unfinished run of other settings" in notes and "resumed" not in notes
     assert files(out) == files(run(tmp_path / "fresh", seed=1))
+
+
+def test_weights_replaced_at_the_same_path_start_over_and_say_why(tiny_model_dir, calibration_file, tmp_path,
+                                                                  monkeypatch):
+    """A killed run, then the model folder's weights replaced (same path, same config): the fingerprint covers the
+    model's files (sizes and modification times), so the run starts over, says why, and writes what a clean run on
+    the new weights writes."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama", torch.bfloat16, num_hidden_layers=LAYERS), model)
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+
+    def go(out):
+        return quantize(str(model), "w4a16", out=out, calibration=calibration, quiet=True, device="cpu")
+
+    out = tmp_path / "out"
+    computed = kill_after(monkeypatch, 1)
+    with pytest.raises(Killed):
+        go(out)
+    shutil.copy(tiny_model_dir("llama", torch.bfloat16, num_hidden_layers=LAYERS, seed=1) / "model.safetensors",
+                model / "model.safetensors")  # another model's weights, same config
+    computed.clear()
+    monkeypatch.undo()
+    counting(monkeypatch, computed)
+    go(out)
+    assert computed == list(range(LAYERS))
+    notes = " ".join(json.loads((out / "ptqlab.json").read_text())["notes"])
+    assert "the model's files changed since" in notes and "resumed" not in notes
+    assert files(out) == files(go(tmp_path / "fresh"))
+
+
+def test_the_model_by_absolute_or_relative_path_resumes(tiny_model_dir, calibration_file, tmp_path, monkeypatch):
+    """The same model folder named relatively, then absolutely: the same run, resumed."""
+    src = tiny_model_dir("llama", torch.bfloat16, num_hidden_layers=LAYERS)
+    calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
+    monkeypatch.chdir(src.parent)
+    out = tmp_path / "out"
+    computed = kill_after(monkeypatch, 1)
+    with pytest.raises(Killed):
+        quantize(src.name, "w4a16", out=out, calibration=calibration, quiet=True, device="cpu")
+    computed.clear()
+    monkeypatch.undo()
+    counting(monkeypatch, computed)
+    quantize(str(src.resolve()), "w4a16", out=out, calibration=calibration, quiet=True, device="cpu")
+    assert computed == list(range(2, LAYERS))
+
+
+@pytest.mark.parametrize("state", ["[1, 2]", "null", '{"fingerprint": 3}'])
+def test_a_resume_state_that_is_not_an_object_starts_over_and_says_so(run, tmp_path, state):
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    (partial / "resume.json").write_text(state)
+    out = run(tmp_path / "out")
+    notes = " ".join(json.loads((out / "ptqlab.json").read_text())["notes"])
+    assert "its resume.json is damaged" in notes and not partial.exists()
+
+
+def test_a_stopped_run_says_what_it_kept_and_how_to_resume(run, tmp_path, monkeypatch, capsys):
+    """SIGTERM (`timeout`, Slurm, `docker stop`: the CLI's handler raises SystemExit(143)) after layer 1: one line
+    names the kept layers, where, and that the same command resumes."""
+    save = resume_module.Checkpointer.save
+
+    def save_then_stop(self, index, batches, reports):
+        save(self, index, batches, reports)
+        if index == 1:
+            raise SystemExit(143)
+
+    monkeypatch.setattr(resume_module.Checkpointer, "save", save_then_stop)
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "stopped" in line]  # not transformers' bars
+    assert lines == [f"stopped: decoder layers 0-1 are kept in {tmp_path / '.out.partial'}; the same command resumes "
+                     "from layer 2"]
+
+
+@pytest.mark.parametrize("damaged", ["layers/00001.safetensors", "hidden-00003/b00000.safetensors"],
+                         ids=["finished-layer", "hidden-states"])
+def test_a_truncated_resume_state_is_set_aside_and_the_run_starts_over(run, tmp_path, monkeypatch, damaged):
+    """A kept file cut short (a full disk, a kill mid-write): checked before it is trusted, the state is set aside
+    with one note and the run starts over, instead of a SafetensorError on every retry."""
+    out = tmp_path / "out"
+    computed = kill_after(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(out)
+    file = tmp_path / ".out.partial" / damaged
+    file.write_bytes(file.read_bytes()[:-100])
+    computed.clear()
+    monkeypatch.undo()
+    counting(monkeypatch, computed)
+    run(out)
+    assert computed == list(range(LAYERS))
+    notes = " ".join(json.loads((out / "ptqlab.json").read_text())["notes"])
+    assert f"resume state damaged ({damaged}:" in notes and "resumed" not in notes
+    assert files(out) == files(run(tmp_path / "fresh"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -32,7 +33,7 @@ from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, expert_reading, read
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, decoding_note,
                            load_checked, load_tokenizer, model_dtype, resolve_device, stored_dtype)
 from ptqlab.options import QuantizeOptions, RunOptions, given
-from ptqlab.output import atomic_dir, check_writable, locked, resumable_partial
+from ptqlab.output import RESUME_NAME, atomic_dir, check_writable, resumable_partial
 from ptqlab.pipeline import QuantizationResult, quantize_model
 from ptqlab.progress import say
 from ptqlab.recipe import Recipe
@@ -45,9 +46,28 @@ def request_of(model: str | None, recipe: Recipe, options: RunOptions) -> dict:
     """Everything a user asks for that determines a checkpoint's tensors: recorded in it, and compared before a
     checkpoint is reused (`lab`), so that a changed setting never passes for the old result."""
     calibration = calibration_of(recipe, options.calibration, options.seed)
-    return {"model": model, "recipe": recipe.to_dict(), "dtype": options.dtype, "seed": options.seed,
+    folder = Path(model).expanduser() if model is not None else None
+    local = folder is not None and folder.is_dir()
+    return {"model": str(folder.resolve()) if local else model, "weights": model_files_stamp(folder) if local else None,
+            "recipe": recipe.to_dict(), "dtype": options.dtype, "seed": options.seed,
             "calibration": None if calibration is None else dataclasses.asdict(calibration),
             "device": resolve_device(options.device).type, "ptqlab": __version__}
+
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken")
+"""The files of a model folder a checkpoint is made from: weights, index, config and tokenizer."""
+
+
+def model_files_stamp(folder: Path) -> list[list]:
+    """[[name, bytes, mtime_ns], ...] for the model files in `folder`: the weights replaced at the same path (a
+    fine-tune saved again, a download of another revision) change it, so a partial run or a checkpoint made from the
+    old files is never taken for one of the new. From the file system alone: no file is read."""
+    stamp = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix in MODEL_FILE_SUFFIXES and not path.name.startswith(".") and path.is_file():
+            status = path.stat()  # through a link: the hub cache's blob
+            stamp.append([path.name, status.st_size, status.st_mtime_ns])
+    return stamp
 
 
 def calibration_of(recipe: Recipe, calibration: CalibrationConfig | None, seed: int) -> CalibrationConfig | None:
@@ -84,7 +104,7 @@ def _run_record(loaded, result: QuantizationResult, settings: dict, seconds: flo
     )
 
 
-def _source_folders(model: str | None) -> tuple[Path, ...]:
+def source_folders(model: str | None) -> tuple[Path, ...]:
     """The local folder a run reads its model from (the embedded model's cache folder when none is named): what an
     --out must never be or contain."""
     if model is None:
@@ -126,7 +146,7 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
     recipe = recipe.with_overrides(ignore=options.ignore, group_size=options.group_size, kv_cache=options.kv_cache)
     request = request_of(model, recipe, options)
     out = Path(out) if out is not None else default_out(model, recipe.name)
-    protect = _source_folders(model)
+    protect = source_folders(model)
     # Before the slow part: fail in a second, not after loading.
     check_writable(out, options.overwrite, protect)
     calibration = calibration_of(recipe, options.calibration, options.seed)
@@ -147,7 +167,8 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
         say(escape(memory.lines()[0]))
     torch.manual_seed(options.seed)
     start = time.perf_counter()
-    with atomic_dir(out, options.overwrite, protect, resumable=recipe.calibrated) as tmp, locked(tmp, "quantize"), \
+    with saying_what_is_kept(out, recipe.calibrated), \
+            atomic_dir(out, options.overwrite, protect, resumable=recipe.calibrated, what="quantize") as tmp, \
             gpu_memory_limit(options.device, options.max_gpu_memory and gpu_budget), \
             joined(world, recipe, options.device) as engine_device:
         loaded, streamed = _load(checked, options.dtype, options.stream)
@@ -188,6 +209,27 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
                     "memory_plan": memory.to_dict(), "gpu_budget_bytes": gpu_budget, "cpu_budget_bytes": cpu_budget}
         _run_record(loaded, result, settings, time.perf_counter() - start, request, verification).write(tmp)
     return out
+
+
+@contextmanager
+def saying_what_is_kept(out: Path, resumable: bool) -> Iterator[None]:
+    """A run stopped by SIGTERM (`timeout`, Slurm, `docker stop`) or Ctrl-C says in one line what it kept and how to
+    go on, even with --quiet: a batch job's log is where its user looks for it."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        partial = resumable_partial(out)
+        try:
+            next_layer = int(json.loads((partial / RESUME_NAME).read_text())["next_layer"]) if resumable else 0
+        except (OSError, ValueError, TypeError, KeyError):
+            next_layer = 0
+        if next_layer > 0:
+            say(escape(f"stopped: decoder layers 0-{next_layer - 1} are kept in {partial}; the same command resumes "
+                       f"from layer {next_layer}"))
+        else:
+            say(escape(f"stopped before any layer was finished: nothing kept, no {out} written; the same command "
+                       "starts over"))
+        raise
 
 
 def _check_streamable(checked: ModelSource, stream: bool) -> None:

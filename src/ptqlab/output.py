@@ -3,7 +3,8 @@ a folder into a hidden temporary sibling (`atomic_dir`) and a file into a tempor
 renames it into place when done.
 
 A crash or Ctrl-C leaves at most a `.NAME.partial-*` folder or a `NAME.partial-*` file, never a folder or file at
-its name that looks complete but is not.
+its name that looks complete but is not; a hard kill (SIGKILL) also leaves the run's lock file `.NAME.lock`,
+which the next run takes over.
 """
 
 from __future__ import annotations
@@ -70,31 +71,70 @@ def check_writable(out: Path, overwrite: bool, protect: tuple[Path, ...] = (), n
 
 @contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False, protect: tuple[Path, ...] = (),
-               resumable: bool = False) -> Iterator[Path]:
+               resumable: bool = False, what: str = "ptqlab") -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `out`, on failure it is removed. `resumable`: the folder is
     `.NAME.partial` (the same for every run), and a failure keeps it when it holds a resume state, so that the same
-    run started again continues where this one stopped (engine/resume.py)."""
+    run started again continues where this one stopped (engine/resume.py).
+
+    The run holds `out` (`.NAME.lock` beside it, `what` naming the run) before it touches anything: a second run on
+    the same --out, calibrated or data-free, is refused in one line and leaves the first's files alone; and `out` is
+    checked again once held, so a run never replaces a checkpoint another run finished meanwhile without
+    --overwrite."""
     out = Path(out).absolute()
     check_writable(out, overwrite, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = resumable_partial(out) if resumable else out.parent / f".{out.name}.partial-{os.getpid()}"
-    if not resumable:
-        shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(exist_ok=True)
-    try:
-        yield tmp
-    except BaseException:
-        if not (resumable and (tmp / RESUME_NAME).is_file()):
+    with _held(out.parent / f".{out.name}.lock", out, what, remove=True):
+        check_writable(out, overwrite, protect)
+        tmp = resumable_partial(out) if resumable else out.parent / f".{out.name}.partial-{os.getpid()}"
+        _check_partial(tmp, out)
+        if not resumable:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    (tmp / LOCK_NAME).unlink(missing_ok=True)
-    if out.exists():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+        tmp.mkdir(exist_ok=True)
+        try:
+            yield tmp
+        except BaseException:
+            if not (resumable and (tmp / RESUME_NAME).is_file()):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        (tmp / LOCK_NAME).unlink(missing_ok=True)  # an older ptqlab locked inside the partial folder
+        _give_umask_permissions(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+
+
+def _umask() -> int:
+    """This process's umask (read once: setting it to read it back is not safe once threads write files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def _give_umask_permissions(folder: Path) -> None:
+    """The files of a finished folder as any program's new files are (0644 under umask 022): safetensors writes
+    its files 0600, which other users of a shared model store could not read."""
+    mode = 0o666 & ~_UMASK
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+def _check_partial(tmp: Path, out: Path) -> None:
+    """Refuse a partial folder path that is not ptqlab's to use: a symbolic link (deleting or writing through it
+    would reach whatever it points at, the user's files) or something other than a folder."""
+    if tmp.is_symlink():
+        raise PtqlabError(f"--out {out}: {tmp} is a symbolic link, where ptqlab keeps its unfinished work; it never "
+                          "follows a link there: remove the link (not what it points to) or choose another --out")
+    if tmp.exists() and not tmp.is_dir():
+        raise PtqlabError(f"--out {out}: {tmp} is a file, where ptqlab keeps its unfinished work in a folder: move "
+                          "or remove that file, or choose another --out")
 
 
 @contextmanager
@@ -140,21 +180,44 @@ LOCK_NAME = ".ptqlab.lock"
 def locked(folder: Path, what: str) -> Iterator[None]:
     """Hold `folder` for this run: a second run on it refuses in one line instead of mixing its files and timings
     in. The lock is the kernel's (flock), so it goes with the process, however that ends."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _held(folder / LOCK_NAME, folder, what):
+        yield
+
+
+@contextmanager
+def _held(lock_file: Path, out: Path, what: str, remove: bool = False) -> Iterator[None]:
+    """Hold `lock_file` (flock, non-blocking: refused in one line naming `out` and the holder). `remove`: the file
+    goes when the run ends; a run that locked it just before it went sees another file at the path and tries again,
+    so two runs never both hold `out`."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no lock
         yield
         return
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_NAME, "a+") as handle:
+    while True:
+        try:  # never through a link: the lock file's text would be written into whatever it points at
+            handle = os.fdopen(os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666), "r+")
+        except OSError as e:
+            raise PtqlabError(f"--out {out}: cannot use {lock_file} as its lock ({e.strerror or e}; a link or a folder "
+                              "there?): remove it or choose another --out") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise PtqlabError(f"--out {folder} is in use by another ptqlab run ({holder}): wait for it to finish or "
+            handle.close()
+            raise PtqlabError(f"--out {out} is in use by another ptqlab run ({holder}): wait for it to finish or "
                               "choose another --out") from None
+        try:
+            same = os.stat(lock_file).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # the holder removed it as we locked it: lock the new one
+    with handle:
         handle.seek(0)
         handle.truncate()
         handle.write(f"{what}, pid {os.getpid()}")
@@ -162,6 +225,8 @@ def locked(folder: Path, what: str) -> Iterator[None]:
         try:
             yield
         finally:
+            if remove:
+                Path(lock_file).unlink(missing_ok=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ptqlab.api import quantize, request_of
+from ptqlab.api import quantize, request_of, source_folders
 from ptqlab.benchmark import Steps, run_benchmarks, say_unless_quiet
 from ptqlab.data import CalibrationConfig
 from ptqlab.embedded import DEFAULT_MODEL_NAME, default_model_path
@@ -79,9 +79,22 @@ def lab(model: str | None = None, recipes: list[str] | None = None, out: str | P
     if sensitivity is not None:
         _check_keep_bits(sensitivity_recipe(chosen), sensitivity)
     out = Path(out)
-    check_can_write(out, inside=True)
+    check_results_folder(out, model)
     with locked(out, "lab"):
         return _lab(model, chosen, out, settings, budget, options, sensitivity, ggufs)
+
+
+def check_results_folder(out: Path, model: str | None) -> None:
+    """Refuse, before any work, a lab's --out that is (or holds) the model's own folder: its results, checkpoints and
+    lock would be written among the model's files; and one where this process cannot write."""
+    resolved = out.resolve()
+    for source in source_folders(model):
+        source = source.resolve()
+        if source == resolved or resolved in source.parents:
+            what = "is" if source == resolved else "contains"
+            raise PtqlabError(f"--out {out} {what} the model's folder {source}: ptqlab never writes among its input's "
+                              "files; choose another --out")
+    check_can_write(out, inside=True)
 
 
 def _lab_options(options: RunOptions, settings: BenchSettings) -> RunOptions:
@@ -250,7 +263,7 @@ def sensitivity(model: str | None, recipe: str, out: str | Path = "ptqlab-sensit
     chosen = get_recipe(recipe)
     _check_keep_bits(chosen, aim)
     out = Path(out)
-    check_can_write(out, inside=True)
+    check_results_folder(out, model)
     with locked(out, "sensitivity"):
         base_path = _baseline_path(model, out, options.dtype)
         steps = Steps(2, options.quiet)

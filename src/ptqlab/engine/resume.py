@@ -9,7 +9,9 @@ layer, the finished layers' reports), written last and atomically; the older hid
 hidden states are written on a background thread while the next layer gathers its statistics and is quantized
 (`wait` is called before anything changes them), so that saving them costs a run little of its time. A partial
 folder whose fingerprint differs (another recipe, seed, calibration set, batch size, compute dtype, expert-token
-threshold, ptqlab version, number of ranks) is discarded, never resumed.
+threshold, ptqlab version, number of ranks, the model folder's files as the file system describes them) is
+discarded, never resumed; so is one whose files are damaged (each file's safetensors header and size are checked
+before any is trusted), with a note saying which.
 
 Several ranks (engine/distributed.py): each keeps its own batches' hidden states (`rR-bNNNNN`) in the one partial
 folder (so --out must be on a filesystem every rank sees) and marks them done (`rR.done`); rank 0 keeps the layers
@@ -35,6 +37,15 @@ HIDDEN_PREFIX = "hidden-"
 LAYERS_DIR = "layers"
 
 
+def why_not_resumed(saved: dict, wanted: dict) -> str:
+    """What differs between a partial run's fingerprint and this run's, for people."""
+    if saved.get("resume.json") == "damaged":
+        return "its resume.json is damaged"
+    keys = [key for key in {**saved, **wanted} if saved.get(key) != wanted.get(key)]
+    named = {"weights": "the model's files changed since (size or modification time)"}
+    return "; ".join(named.get(key, key) for key in keys)
+
+
 class Checkpointer:
     """The resume state of one run in its partial folder (of rank `rank` of `ranks`)."""
 
@@ -54,6 +65,13 @@ class Checkpointer:
                 state = json.loads(state_file.read_text())
             except (OSError, ValueError):
                 state = None
+            if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict):
+                state = {"fingerprint": {"resume.json": "damaged"}}  # set aside below, with a note
+        damage = None
+        if state is not None and state.get("fingerprint") == self.fingerprint:
+            damage = self._damage(int(state["next_layer"]))
+            if damage is not None:
+                state = {"fingerprint": {"damaged": damage}}
         if state is not None and state.get("fingerprint") == self.fingerprint:
             self.start_layer = int(state["next_layer"])
             self.reports = [LayerReport(**r) for r in state["reports"]]
@@ -66,12 +84,32 @@ class Checkpointer:
             state = None
         else:
             stale = [p for p in self.folder.iterdir() if not p.name.startswith(".")]
-            if state is not None:
-                self.note = "discarded an unfinished run of other settings in this --out's partial folder"
+            if damage is not None:
+                self.note = f"resume state damaged ({damage}): set aside, started over from layer 0"
+            elif state is not None:
+                self.note = ("discarded an unfinished run of other settings in this --out's partial folder "
+                             f"({why_not_resumed(state['fingerprint'], self.fingerprint)}): started over")
             for path in stale:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         if rank == 0:
             (self.folder / LAYERS_DIR).mkdir(exist_ok=True)
+
+    def _damage(self, next_layer: int) -> str | None:
+        """What is wrong with the kept state of a run that stopped before `next_layer` (a file cut short by a full
+        disk or a kill mid-write, a file gone), or None: checked from the files' headers and sizes before any is
+        trusted, so a damaged state is set aside once instead of failing every retry."""
+        from ptqlab.safetensors_files import header_tensors
+
+        hidden = sorted(self._hidden_dir(next_layer).glob("*.safetensors"))
+        if not hidden:
+            return f"layer {next_layer}'s input hidden states are missing"
+        layers = [self.layer_file(i) for i in range(next_layer)]  # rank 0's, checked by every rank: one verdict
+        for file in layers + hidden:
+            try:
+                header_tensors(file)
+            except (OSError, ValueError) as e:
+                return f"{file.relative_to(self.folder)}: {getattr(e, 'strerror', None) or e}"
+        return None
 
     def _batch_file(self, folder: Path, i: int) -> Path:
         return folder / (f"b{i:05d}.safetensors" if self.ranks == 1 else f"r{self.rank}-b{i:05d}.safetensors")

@@ -32,6 +32,7 @@ import torch
 from ptqlab.engine.capture import Batch
 from ptqlab.engine.calibrate import LayerReport
 from ptqlab.output import RESUME_NAME, atomic_file, write_atomically
+from ptqlab.safetensors_files import header_tensors
 
 HIDDEN_PREFIX = "hidden-"
 LAYERS_DIR = "layers"
@@ -98,8 +99,6 @@ class Checkpointer:
         """What is wrong with the kept state of a run that stopped before `next_layer` (a file cut short by a full
         disk or a kill mid-write, a file gone), or None: checked from the files' headers and sizes before any is
         trusted, so a damaged state is set aside once instead of failing every retry."""
-        from ptqlab.safetensors_files import header_tensors
-
         hidden = sorted(self._hidden_dir(next_layer).glob("*.safetensors"))
         if not hidden:
             return f"layer {next_layer}'s input hidden states are missing"

@@ -157,20 +157,20 @@ class ExpertLayout:
         return router + self.block_renames
 
     def count(self, config) -> int:
-        return getattr(_text(config), self.count_key, None) or 0
+        return getattr(text_config(config), self.count_key, None) or 0
 
     def shared_width(self, config) -> int:
         """The shared expert's MLP width (0: none)."""
-        config = _text(config)
+        config = text_config(config)
         if self.shared_count_key:
             return (getattr(config, self.shared_count_key, None) or 0) * getattr(config, self.width_key)
         return (getattr(config, self.shared_width_key, None) or 0) if self.shared_width_key else 0
 
     def renormalizes(self, config) -> bool:
-        return self.normalize if isinstance(self.normalize, bool) else bool(getattr(_text(config), self.normalize, False))
+        return self.normalize if isinstance(self.normalize, bool) else bool(getattr(text_config(config), self.normalize, False))
 
 
-def _text(config):
+def text_config(config):
     """The config that holds a decoder's keys: a vision-language model's text config, else the config itself."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -340,7 +340,7 @@ def expert_count(config) -> int:
     family = FAMILIES.get(getattr(config, "model_type", None))
     if family is not None:
         return family.experts.count(config) if family.experts else 0
-    return next((n for n in (getattr(_text(config), key, None) for key in EXPERT_COUNT_KEYS) if n), 0)
+    return next((n for n in (getattr(text_config(config), key, None) for key in EXPERT_COUNT_KEYS) if n), 0)
 
 
 def moe_layout(config) -> ExpertLayout | None:

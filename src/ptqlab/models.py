@@ -21,7 +21,7 @@ from torch import nn
 
 from ptqlab.embedded import DEFAULT_MODEL_NAME, NOTE as EMBEDDED_NOTE, default_model_path
 from ptqlab.errors import PtqlabError
-from ptqlab.families import FAMILIES, moe_layout
+from ptqlab.families import FAMILIES, moe_layout, text_config
 from ptqlab.record import read_record
 from ptqlab.safetensors_files import header_tensors
 
@@ -286,11 +286,6 @@ def auto_model_class(config):
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     family = FAMILIES.get(model_type)
     return getattr(transformers, family.auto_class if family is not None else "AutoModelForCausalLM")
-
-
-def text_config(config):
-    """The text decoder's config: a vision-language model's text_config, else the config itself."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _load_weights(path: str, source: str, dtype: str, config):

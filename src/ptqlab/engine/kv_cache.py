@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ptqlab.errors import PtqlabError
-from ptqlab.families import family_of
+from ptqlab.families import family_of, text_config
 from ptqlab.quant.kv_cache import KVCacheFormat, kv_absmax, kv_scale
 
 
@@ -92,5 +92,5 @@ class KVObserver:
 
 
 def kv_heads_of(config) -> int:
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ptqlab.errors import PtqlabError
-from ptqlab.families import FAMILIES
-from ptqlab.models import auto_model_class, text_config
+from ptqlab.families import FAMILIES, text_config
+from ptqlab.models import auto_model_class
 from ptqlab.number_formats import BY_NAME, NumberFormat
 from ptqlab.quant.linear import QuantizedLinear
 from ptqlab.version import __version__

@@ -283,16 +283,20 @@ def test_a_quality_budget_that_no_variant_can_meet_is_one_line(command, option, 
     assert not (tmp_path / "out").exists()
 
 
+def quantize_with_override(model, tmp_path, target: str):
+    """`quantize` of a W4A16 recipe whose override takes the linears `target` names to W8A16 -> (exit code, output)."""
+    import yaml
+
+    recipe = tmp_path / "override.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "override", "scheme": "W4A16", "steps": ["rtn"],
+                                      "overrides": [{"targets": [target], "scheme": "W8A16"}]}))
+    return run("quantize", model, "--recipe", recipe, "--device", "cpu", "--quiet", "--out", tmp_path / "out")
+
+
 def test_an_override_that_splits_q_k_v_between_schemes_is_noted(tiny_model_dir, tmp_path):
     """vLLM loads q/k/v (and gate/up) as one fused linear of one scheme: an override that takes only some of them
     makes a checkpoint vLLM cannot load, said in the run's notes."""
-    import yaml
-
-    recipe = tmp_path / "split.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "split", "scheme": "W4A16", "steps": ["rtn"],
-                                      "overrides": [{"targets": ["re:.*self_attn\\.q_proj$"], "scheme": "W8A16"}]}))
-    code, output = run("quantize", tiny_model_dir("llama"), "--recipe", recipe, "--device", "cpu", "--quiet",
-                       "--out", tmp_path / "out")
+    code, output = quantize_with_override(tiny_model_dir("llama"), tmp_path, "re:.*self_attn\\.q_proj$")
     assert code == 0, output
     text = " ".join(output.split())
     assert ("note: overrides split 2 groups of linears that vLLM fuses into one between schemes (e.g. "
@@ -300,12 +304,6 @@ def test_an_override_that_splits_q_k_v_between_schemes_is_noted(tiny_model_dir, 
 
 
 def test_an_override_of_whole_groups_is_not_noted(tiny_model_dir, tmp_path):
-    import yaml
-
-    recipe = tmp_path / "whole.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "whole", "scheme": "W4A16", "steps": ["rtn"],
-                                      "overrides": [{"targets": ["re:.*self_attn\\.[qkv]_proj$"], "scheme": "W8A16"}]}))
-    code, output = run("quantize", tiny_model_dir("llama"), "--recipe", recipe, "--device", "cpu", "--quiet",
-                       "--out", tmp_path / "out")
+    code, output = quantize_with_override(tiny_model_dir("llama"), tmp_path, "re:.*self_attn\\.[qkv]_proj$")
     assert code == 0, output
     assert "vLLM fuses" not in output

@@ -45,6 +45,19 @@ def kill_after(monkeypatch, layer: int) -> list[int]:
     return computed
 
 
+def killed_then_rerun(monkeypatch, layer: int, first, second) -> list[int]:
+    """Run `first()` until it dies once the state after `layer` is saved, undo the test's patches, then run
+    `second()` (which may change the kept state or the model first) -> the layers `second` computes."""
+    computed = kill_after(monkeypatch, layer)
+    with pytest.raises(Killed):
+        first()
+    computed.clear()
+    monkeypatch.undo()
+    counting(monkeypatch, computed)
+    second()
+    return computed
+
+
 def files(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".safetensors" or
             p.name in ("config.json", "model.safetensors.index.json")}
@@ -55,14 +68,12 @@ def files(folder) -> dict[str, bytes]:
 def test_a_killed_run_resumes_and_writes_the_uninterrupted_files(run, tmp_path, monkeypatch, stream, killed_after):
     whole = run(tmp_path / "whole", stream=stream)
     out = tmp_path / "resumed"
-    computed = kill_after(monkeypatch, killed_after)
-    with pytest.raises(Killed):
+
+    def resume():
+        assert not out.exists() and (tmp_path / ".resumed.partial" / "resume.json").is_file()
         run(out, stream=stream)
-    assert not out.exists() and (tmp_path / ".resumed.partial" / "resume.json").is_file()
-    computed.clear()
-    monkeypatch.undo()
-    counting(monkeypatch, computed)
-    run(out, stream=stream)
+
+    computed = killed_then_rerun(monkeypatch, killed_after, lambda: run(out, stream=stream), resume)
     assert computed == list(range(killed_after + 1, LAYERS))  # only the layers not done before
     assert files(out) == files(whole)
     record = json.loads((out / "ptqlab.json").read_text())
@@ -84,13 +95,8 @@ def counting(monkeypatch, computed: list[int]) -> None:
 
 def test_other_settings_never_resume_a_partial_run(run, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    computed = kill_after(monkeypatch, 1)
-    with pytest.raises(Killed):
-        run(out, seed=0)
-    computed.clear()
-    monkeypatch.undo()
-    counting(monkeypatch, computed)
-    run(out, seed=1)  # another seed: another calibration draw
+    # another seed: another calibration draw
+    computed = killed_then_rerun(monkeypatch, 1, lambda: run(out, seed=0), lambda: run(out, seed=1))
     assert computed == list(range(LAYERS))
     notes = " ".join(json.loads((out / "ptqlab.json").read_text())["notes"])
     assert "discarded an unfinished run of other settings" in notes and "resumed" not in notes
@@ -112,15 +118,13 @@ def test_weights_replaced_at_the_same_path_start_over_and_say_why(tiny_model_dir
         return quantize(str(model), "w4a16", out=out, calibration=calibration, quiet=True, device="cpu")
 
     out = tmp_path / "out"
-    computed = kill_after(monkeypatch, 1)
-    with pytest.raises(Killed):
+
+    def replaced_then_go():
+        shutil.copy(tiny_model_dir("llama", torch.bfloat16, num_hidden_layers=LAYERS, seed=1) / "model.safetensors",
+                    model / "model.safetensors")  # another model's weights, same config
         go(out)
-    shutil.copy(tiny_model_dir("llama", torch.bfloat16, num_hidden_layers=LAYERS, seed=1) / "model.safetensors",
-                model / "model.safetensors")  # another model's weights, same config
-    computed.clear()
-    monkeypatch.undo()
-    counting(monkeypatch, computed)
-    go(out)
+
+    computed = killed_then_rerun(monkeypatch, 1, lambda: go(out), replaced_then_go)
     assert computed == list(range(LAYERS))
     notes = " ".join(json.loads((out / "ptqlab.json").read_text())["notes"])
     assert "the model's files changed since" in notes and "resumed" not in notes
@@ -133,13 +137,9 @@ def test_the_model_by_absolute_or_relative_path_resumes(tiny_model_dir, calibrat
     calibration = CalibrationConfig(dataset=str(calibration_file), num_samples=8, max_seq_len=32)
     monkeypatch.chdir(src.parent)
     out = tmp_path / "out"
-    computed = kill_after(monkeypatch, 1)
-    with pytest.raises(Killed):
-        quantize(src.name, "w4a16", out=out, calibration=calibration, quiet=True, device="cpu")
-    computed.clear()
-    monkeypatch.undo()
-    counting(monkeypatch, computed)
-    quantize(str(src.resolve()), "w4a16", out=out, calibration=calibration, quiet=True, device="cpu")
+    computed = killed_then_rerun(  # undoing the patches leaves src's parent: the second names it absolutely anyway
+        monkeypatch, 1, lambda: quantize(src.name, "w4a16", out=out, calibration=calibration, quiet=True, device="cpu"),
+        lambda: quantize(str(src.resolve()), "w4a16", out=out, calibration=calibration, quiet=True, device="cpu"))
     assert computed == list(range(2, LAYERS))
 
 
@@ -177,15 +177,13 @@ def test_a_truncated_resume_state_is_set_aside_and_the_run_starts_over(run, tmp_
     """A kept file cut short (a full disk, a kill mid-write): checked before it is trusted, the state is set aside
     with one note and the run starts over, instead of a SafetensorError on every retry."""
     out = tmp_path / "out"
-    computed = kill_after(monkeypatch, 2)
-    with pytest.raises(Killed):
+
+    def truncated_then_run():
+        file = tmp_path / ".out.partial" / damaged
+        file.write_bytes(file.read_bytes()[:-100])
         run(out)
-    file = tmp_path / ".out.partial" / damaged
-    file.write_bytes(file.read_bytes()[:-100])
-    computed.clear()
-    monkeypatch.undo()
-    counting(monkeypatch, computed)
-    run(out)
+
+    computed = killed_then_rerun(monkeypatch, 2, lambda: run(out), truncated_then_run)
     assert computed == list(range(LAYERS))
     notes = " ".join(json.loads((out / "ptqlab.json").read_text())["notes"])
     assert f"resume state damaged ({damaged}:" in notes and "resumed" not in notes

@@ -102,15 +102,17 @@ def int4_layer(n, k, group, symmetric, seed=2):
 
 
 @interpreted
-@pytest.mark.parametrize("rows,n,k,group,symmetric", [(1, 72, 1024, 128, True), (5, 136, 256, 128, False),
-                                                      (16, 200, 512, 256, True), (40, 64, 384, None, False),
-                                                      (64, 128, 256, 128, False)])
+@pytest.mark.parametrize("rows,n,k,group,symmetric,tile", [
+    (1, 72, 1024, 128, True, None), (5, 136, 256, 128, False, None), (16, 200, 512, 256, True, None),
+    (40, 64, 384, None, False, None), (64, 128, 256, 128, False, None),
+    (130, 136, 256, 128, False, "64x128"), (200, 136, 512, 256, True, "128x128")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_int4_matmul_against_float64(rows, n, k, group, symmetric, dtype):
-    """Int4 planes turned into their values in registers, times 16-bit x on the tensor cores, each 128-input tile
-    times its group's scale (less zero point x Σ x): groups of 128, 256 and one per row, with and without zero
-    points, K split (1 x 72 x 1024), rows off the product width, N off the tiles."""
-    from ptqlab.runtime.small_batch import small_batch_matmul
+def test_int4_matmul_against_float64(rows, n, k, group, symmetric, tile, dtype):
+    """Int4 planes turned into their values in registers, one plane of 16 inputs per tensor-core product, times
+    16-bit x, each 128-input tile times its group's scale (less zero point x Σ x): groups of 128, 256 and one per
+    row, with and without zero points, K split (1 x 72 x 1024), rows off the product width, N off the tiles; and
+    the prefill tiles over several tiles of rows (the last one partial)."""
+    from ptqlab.runtime.small_batch import PREFILL_TILES, small_batch_matmul
 
     x = activations(rows, k, seed=rows).to(dtype)
     planes, scale, zero, q, weight = int4_layer(n, k, group, symmetric)
@@ -122,7 +124,8 @@ def test_int4_matmul_against_float64(rows, n, k, group, symmetric, dtype):
                                     + expanded_scale * zeros.repeat_interleave(groups, 1).abs()).T
     # The interpreter stores bf16 by truncation, not rounding: bf16 rows give fp32 outputs here.
     out_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
-    y = small_batch_matmul("int4", x, planes, scale, zero_point=zero, bias=bias, out_dtype=out_dtype)
+    y = small_batch_matmul("int4", x, planes, scale, zero_point=zero, bias=bias, out_dtype=out_dtype,
+                           tile=PREFILL_TILES[tile] if tile else None)
     assert y.dtype == out_dtype and y.shape == (rows, n)
     ok, worst = within(y, x.double() @ weight.T + bias.double(), magnitude + bias.double().abs(), 1e-5, out_dtype)
     assert ok, worst

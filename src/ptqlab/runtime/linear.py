@@ -102,9 +102,14 @@ SMALL_BATCH_KERNELS = tuple(f"small-batch {tile}" for tile in small_batch.TILES)
 """The small-batch kernel at each of its tiles, as kernel choices name them; the first is the default."""
 
 
+INT4_GEMM_KERNELS = tuple(f"int4-gemm {tile}" for tile in small_batch.PREFILL_TILES)
+"""The same kernel over tiles of rows, for int4 at many rows (prefill), as kernel choices name them."""
+
+
 def _tile_of(kernel: str) -> small_batch.Tile:
-    """The small-batch kernel's tile named in a kernel choice ("small-batch 64x4w")."""
-    return small_batch.TILES[kernel.partition(" ")[2]]
+    """The small-batch kernel's tile named in a kernel choice ("small-batch 64x4w", "int4-gemm 128x128")."""
+    family, _, name = kernel.partition(" ")
+    return (small_batch.PREFILL_TILES if family == "int4-gemm" else small_batch.TILES)[name]
 
 
 class ChoosingLinear(nn.Module):
@@ -214,12 +219,15 @@ class Int4Linear(ChoosingLinear):
             names += SMALL_BATCH_KERNELS
         if 1 < rows <= kernels.SMALL_M and self.group_words >= 16:
             names.append("small-m")
-        return names + ["dequantize+cublas"]
+        names.append("dequantize+cublas")
+        if self.small_batch and rows > small_batch.SMALL_BATCH:
+            names += INT4_GEMM_KERNELS
+        return names
 
     def _compute(self, rows: torch.Tensor, kernel: str) -> torch.Tensor:
         if kernel == "gemv":
             y = int4_kernels.int4_gemv(rows, self.planes, self.scale, self.zero_point, self.tile, pdl=self.pdl)
-        elif kernel.startswith("small-batch"):
+        elif kernel.startswith(("small-batch", "int4-gemm")):
             return small_batch.small_batch_matmul("int4", rows, self.planes, self.scale, zero_point=self.zero_point,
                                                   bias=self.bias, tile=_tile_of(kernel), pdl=self.pdl)
         elif kernel == "small-m":

@@ -38,22 +38,39 @@ FORMATS = ("fp8", "int8", "int4")
 @dataclass(frozen=True)
 class Tile:
     """How one launch cuts the work: outputs per program (the product's long side), warps, software-pipelining
-    stages, and how many programs per multiprocessor the split of K aims for."""
+    stages, how many programs per multiprocessor the split of K aims for, and rows per program (0: all the rows,
+    at least 16, in one; a number: tiles of that many rows over any number of rows, the int4 prefill matmul)."""
 
     block_n: int = 64
     warps: int = 4
     stages: int = 4
     programs_per_sm: int = 4
+    block_m: int = 0
 
 
 TILES = {"64x4w": Tile(64, 4, 4, 4), "128x4w": Tile(128, 4, 3, 2), "32x2w": Tile(32, 2, 4, 8)}
 """The tiles the kernel choice table (runtime/choice.py) tries, by name; the first is the default."""
+PREFILL_TILES = {"128x128": Tile(128, 8, 3, 1, 128), "64x128": Tile(64, 4, 3, 2, 128)}
+"""Tiles of outputs x rows for int4 at many rows (prefill): the same kernel over a grid of row tiles, a matmul with
+the weight dequantized in registers instead of into a scratch copy for cuBLAS."""
 
 if triton is not None:
-    from ptqlab.runtime.fp8_kernels import _int4_tile
     from ptqlab.runtime.kernels import await_inputs
 
     _INTERPRETED = tl.constexpr(interpreted())
+
+    @triton.jit
+    def _plane_values(words, j: tl.constexpr, DTYPE: tl.constexpr):
+        """Nibble j of int4 plane words [BLOCK_N, 16] as the values q = u - 8 [BLOCK_N, 16] in DTYPE, elementwise
+        (so the words' registers stay in the tensor-core operand's layout): u goes into the mantissa of 128
+        (bf16) or 1024 (fp16), and one subtraction leaves u - 8 exactly, two values per packed instruction."""
+        u = (words >> (4 * j)) & 0xF
+        if DTYPE == tl.bfloat16:
+            return (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
+        elif DTYPE == tl.float16:
+            return (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+        else:
+            return u.to(DTYPE) - 8.0
 
     @triton.jit
     def _small_batch_kernel(X, XS, W, WS, Z, Bias, Y, M, N, k_tiles, tiles_per_split, tiles_per_group, stride_xm,
@@ -67,11 +84,13 @@ if triton is not None:
         split = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < N
-        rm = tl.arange(0, BLOCK_M)
+        rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = rm < M
         rk = tl.arange(0, BLOCK_K)
         w_rows = W + rn[:, None].to(tl.int64) * stride_wn
         x_cols = X + rm[None, :].to(tl.int64) * stride_xm + rk[:, None]  # x^T tile [BLOCK_K, BLOCK_M]
+        r16 = tl.arange(0, 16)
+        x_planes = X + rm[None, :].to(tl.int64) * stride_xm + r16[:, None]  # x^T of one int4 plane [16, BLOCK_M]
         first = split * tiles_per_split
         last = tl.minimum(first + tiles_per_split, k_tiles)
         if FORMAT == 1:
@@ -79,25 +98,32 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         await_inputs(PDL)
         for t in range(first, last):
-            x = tl.load(x_cols + t * BLOCK_K, mask=m_mask[None, :], other=0.0)
             if FORMAT == 2:
-                words = tl.load(w_rows + (t * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8))[None, :],
-                                mask=n_mask[:, None], other=0, eviction_policy="evict_first")
-                if _INTERPRETED:  # the interpreter's bf16 products are wrong: the same exact values in fp32
-                    part = tl.dot(_int4_tile(words, BLOCK_N), x.to(tl.float32))
-                else:
-                    part = tl.dot(_int4_tile(words, BLOCK_N).to(x.dtype), x)
+                words = tl.load(w_rows + (t * (BLOCK_K // 8) + r16)[None, :], mask=n_mask[:, None], other=0,
+                                eviction_policy="evict_first")
+                part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for j in tl.static_range(8):  # plane j: inputs 16 j .. 16 j + 15 of the tile
+                    x = tl.load(x_planes + t * BLOCK_K + 16 * j, mask=m_mask[None, :], other=0.0)
+                    if _INTERPRETED:  # the interpreter's bf16 products are wrong: the same exact values in fp32
+                        part = tl.dot(_plane_values(words, j, tl.float32), x.to(tl.float32), part)
+                    else:
+                        part = tl.dot(_plane_values(words, j, x.dtype), x, part)
+                    if HAS_ZERO:
+                        x_sum += tl.sum(x.to(tl.float32), axis=0)
                 group = t // tiles_per_group
                 scale = tl.load(WS + rn * stride_wsn + group, mask=n_mask, other=0.0).to(tl.float32)
                 if HAS_ZERO:
                     zero = tl.load(Z + rn * stride_zn + group, mask=n_mask, other=0).to(tl.float32)
-                    part -= zero[:, None] * tl.sum(x.to(tl.float32), axis=0)[None, :]
+                    part -= zero[:, None] * x_sum[None, :]
                 acc += part * scale[:, None]
             elif FORMAT == 1:
+                x = tl.load(x_cols + t * BLOCK_K, mask=m_mask[None, :], other=0.0)
                 w = tl.load(w_rows + (t * BLOCK_K + rk)[None, :], mask=n_mask[:, None], other=0,
                             eviction_policy="evict_first")
                 acc_int += tl.dot(w, x, out_dtype=tl.int32)
             else:
+                x = tl.load(x_cols + t * BLOCK_K, mask=m_mask[None, :], other=0.0)
                 w = tl.load(w_rows + (t * BLOCK_K + rk)[None, :], mask=n_mask[:, None], other=0.0,
                             eviction_policy="evict_first")
                 acc += tl.dot(w, x)
@@ -126,17 +152,21 @@ def small_batch_matmul(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: t
                        x_scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                        tile: Tile | None = None, pdl: bool = True) -> torch.Tensor:
-    """x [M <= SMALL_BATCH, K] @ Wᵀ -> [M, N] in out_dtype (default x.dtype), computed in the format's arithmetic.
+    """x [M <= SMALL_BATCH, K] @ Wᵀ -> [M, N] in out_dtype (default x.dtype), computed in the format's arithmetic;
+    int4 with a tile of PREFILL_TILES takes any number of rows.
 
     fmt "fp8" / "int8": x holds grid values (float8_e4m3fn / int8) with x_scale [M, 1] fp32 per token, weight
     [N, K] of the same dtype with scale [N, 1] (or [N]) fp32 per row. fmt "int4": x 16-bit, weight the int4 planes
     [N, K / 8] (16 words per plane), scale and zero_point [N, K / group] (group a multiple of 128). bias [N]."""
     m, k = x.shape
-    if m > SMALL_BATCH:
-        raise ValueError(f"{m} rows: the small-batch matmul takes at most {SMALL_BATCH}")
+    tile = tile or next(iter(TILES.values()))
+    if m > SMALL_BATCH and not (tile.block_m and fmt == "int4"):
+        raise ValueError(f"{m} rows: the small-batch matmul takes at most {SMALL_BATCH} (int4: more with a tile of "
+                         f"PREFILL_TILES)")
     x = x if x.stride(1) == 1 else x.contiguous()
     n = weight.shape[0]
-    tile = tile or next(iter(TILES.values()))
+    block_m = tile.block_m or max(16, triton.next_power_of_2(m))
+    tiles_m = triton.cdiv(m, block_m)
     k_tiles = k // BLOCK_K
     if fmt == "int4":
         _row_major(scale, zero_point)
@@ -148,16 +178,16 @@ def small_batch_matmul(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: t
         tiles_per_group = k_tiles
         out_dtype = out_dtype or torch.bfloat16
     tiles_n = triton.cdiv(n, tile.block_n)
-    splits = max(1, min(triton.cdiv(tile.programs_per_sm * _multiprocessors(x.device), tiles_n), k_tiles))
+    splits = max(1, min(triton.cdiv(tile.programs_per_sm * _multiprocessors(x.device), tiles_n * tiles_m), k_tiles))
     tiles_per_split = triton.cdiv(k_tiles, splits)
     splits = triton.cdiv(k_tiles, tiles_per_split)
     out = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else out_dtype, device=x.device)
     zero = zero_point if zero_point is not None else scale
     xs = x_scale if x_scale is not None else scale
-    _small_batch_kernel[(tiles_n, splits)](
+    _small_batch_kernel[(tiles_n, splits, tiles_m)](
         x, xs, weight, scale, zero, bias if bias is not None else scale, out, m, n, k_tiles, tiles_per_split,
         tiles_per_group, x.stride(0), weight.stride(0), scale.stride(0), zero.stride(0), out.stride(0),
         out.stride(1), FORMAT=FORMATS.index(fmt), HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=tile.block_n, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K, num_warps=tile.warps,
+        BLOCK_N=tile.block_n, BLOCK_M=block_m, BLOCK_K=BLOCK_K, num_warps=tile.warps,
         num_stages=tile.stages, **pdl_launch(x.device, pdl))
     return _sum_splits(out, out_dtype, None, pdl)

@@ -199,6 +199,37 @@ def test_int4_planes_put_each_value_where_the_kernels_read_it(k, group, plane):
 # ---- GPU: kernels and CUDA graphs -------------------------------------------------------------------------------
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group,symmetric", [(1000, 1024, 128, False), (384, 2048, 256, True),
+                                                   (136, 512, None, True)])
+def test_every_int4_kernel_choice_against_float64(dtype, n, k, group, symmetric):
+    """Each kernel the choice table may pick for an Int4Linear (one-row GEMV, the small-batch tiles, the 16-row
+    kernel, dequantize + cuBLAS, the prefill tiles) at the rows of each bucket and off them, in both 16-bit dtypes
+    (each has its own unpacking), with zero points and a bias: all within one 16-bit rounding of float64."""
+    from ptqlab.quant.linear import rtn
+    from ptqlab.quant.primitives import dequantize
+    from ptqlab.runtime.linear import Int4Linear
+    from ptqlab.schemes import QuantArgs
+
+    torch.manual_seed(n + k)
+    args = QuantArgs(num_bits=4, strategy="group" if group else "channel", group_size=group, symmetric=symmetric)
+    q, scale, zero = rtn(torch.randn(n, k, device="cuda", dtype=dtype), args, dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    layer = Int4Linear(q, scale, zero, bias, RuntimeOptions.gemv_tile, pdl=True, dtype=dtype)
+    weight = dequantize(q, scale, zero, args, torch.float64)
+    seen = set()
+    for rows in (1, 5, 16, 40, 64, 300):
+        x = torch.randn(rows, k, device="cuda", dtype=dtype)
+        exact = x.double() @ weight.T + bias.double()
+        for kernel in layer.kernels_for(rows):
+            y = layer(x, kernel=kernel)
+            assert y.dtype == dtype and y.shape == (rows, n), kernel
+            assert relative(y, exact) < 4e-3, (kernel, rows, relative(y, exact))
+            seen.add(kernel.split(" ")[0])
+    assert {"gemv", "small-batch", "dequantize+cublas", "int4-gemm"} <= seen
+
+
+@gpu
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("n,k,group,symmetric", [(96, 256, 128, True), (200, 512, 64, False), (64, 4096, 128, True),
                                                    (1152, 896, 128, True), (100, 4864, 128, False), (256, 384, None, True),

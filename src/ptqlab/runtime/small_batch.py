@@ -59,18 +59,44 @@ if triton is not None:
 
     _INTERPRETED = tl.constexpr(interpreted())
 
+    def _unpack_asm(magic: int, offset: int, one: int, fma: str) -> str:
+        """PTX for two plane words (the operand's neighbouring inputs w, w + 1 of one row) -> the 8 planes' values at
+        both, packed in pairs: the words' low halves (nibbles 0-3) and high halves (4-7) are interleaved (prmt), so
+        one lop3 puts nibble j of both words into the mantissas of two 16-bit magic numbers (128 in bf16, 1024 in
+        fp16) and one packed fma subtracts magic + 8 from both, exactly. Marlin's unpacking, for Triton's registers."""
+        planes = []
+        for half in ("lo", "hi"):
+            for j in range(4):
+                shift = f"shr.u32 {half}, {half}, 4; " if j else ""
+                planes.append(f"{shift}lop3.b32 t, {half}, 0x000F000F, m, 0xEA; "
+                              f"fma.rn.{fma} ${len(planes)}, t, one, c;")
+        return ("{ .reg .b32 lo, hi, t, m, c, one; "
+                f"mov.b32 m, {magic:#x}; mov.b32 c, {offset:#x}; mov.b32 one, {one:#x}; "
+                "prmt.b32 lo, $8, $9, 0x5410; prmt.b32 hi, $8, $9, 0x7632; " + " ".join(planes) + " }")
+
+    _UNPACK_BF16 = tl.constexpr(_unpack_asm(0x43004300, 0xC308C308, 0x3F803F80, "bf16x2"))  # 128, -136, 1
+    _UNPACK_FP16 = tl.constexpr(_unpack_asm(0x64006400, 0xE408E408, 0x3C003C00, "f16x2"))  # 1024, -1032, 1
+
     @triton.jit
-    def _plane_values(words, j: tl.constexpr, DTYPE: tl.constexpr):
-        """Nibble j of int4 plane words [BLOCK_N, 16] as the values q = u - 8 [BLOCK_N, 16] in DTYPE, elementwise
-        (so the words' registers stay in the tensor-core operand's layout): u goes into the mantissa of 128
-        (bf16) or 1024 (fp16), and one subtraction leaves u - 8 exactly, two values per packed instruction."""
-        u = (words >> (4 * j)) & 0xF
-        if DTYPE == tl.bfloat16:
-            return (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
-        elif DTYPE == tl.float16:
-            return (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+    def _plane_values(words, j: tl.constexpr):
+        """Nibble j of int4 plane words as the values q = u - 8 in fp32 (the interpreter's form of `_planes`)."""
+        return ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0
+
+    @triton.jit
+    def _planes(words, DTYPE: tl.constexpr):
+        """Int4 plane words [BLOCK_N, 16] -> the 8 planes' values q = u - 8, each [BLOCK_N, 16] in DTYPE (fp32 under
+        the interpreter), computed elementwise so that the words, loaded straight into the tensor-core operand's
+        registers, never pass through shared memory again as 16-bit values."""
+        if _INTERPRETED:
+            return (_plane_values(words, 0), _plane_values(words, 1), _plane_values(words, 2),
+                    _plane_values(words, 3), _plane_values(words, 4), _plane_values(words, 5),
+                    _plane_values(words, 6), _plane_values(words, 7))
+        elif DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(_UNPACK_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
+                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
         else:
-            return u.to(DTYPE) - 8.0
+            return tl.inline_asm_elementwise(_UNPACK_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=2)
 
     @triton.jit
     def _small_batch_kernel(X, XS, W, WS, Z, Bias, Y, M, N, k_tiles, tiles_per_split, tiles_per_group, stride_xm,
@@ -101,14 +127,14 @@ if triton is not None:
             if FORMAT == 2:
                 words = tl.load(w_rows + (t * (BLOCK_K // 8) + r16)[None, :], mask=n_mask[:, None], other=0,
                                 eviction_policy="evict_first")
+                values = _planes(words, X.dtype.element_ty)
                 part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for j in tl.static_range(8):  # plane j: inputs 16 j .. 16 j + 15 of the tile
                     x = tl.load(x_planes + t * BLOCK_K + 16 * j, mask=m_mask[None, :], other=0.0)
                     if _INTERPRETED:  # the interpreter's bf16 products are wrong: the same exact values in fp32
-                        part = tl.dot(_plane_values(words, j, tl.float32), x.to(tl.float32), part)
-                    else:
-                        part = tl.dot(_plane_values(words, j, x.dtype), x, part)
+                        x = x.to(tl.float32)
+                    part = tl.dot(values[j], x, part)
                     if HAS_ZERO:
                         x_sum += tl.sum(x.to(tl.float32), axis=0)
                 group = t // tiles_per_group

@@ -16,7 +16,9 @@ arithmetic. For a gate_up layer whose rows are paired (kernels.pair_gate_up) it 
 so a decode step skips the activation kernel. 2-16 rows (`int4_matmul_small_m`) dequantize each nibble's tile and
 use the tensor cores (small_batch.py serves 2-64 rows where the groups hold 128 inputs). Prefill (many rows) is
 compute-bound: the weight is dequantized once into a scratch buffer (`int4_dequantize`) and multiplied by cuBLAS,
-which costs little next to the matmul itself.
+which costs little next to the matmul itself, or small_batch.py's kernel runs over tiles of rows (the kernel choice
+table times both). `_planes` turns two plane words into their 16 values in 16-bit with a few packed instructions;
+the tensor-core kernels and the 16-plane dequantization use it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,45 @@ if triton is not None:
         per word): the nibble is or-ed into the mantissa of 2^23, whose float value minus 2^23 is exactly it."""
         bits = ((packed >> (4 * j)) & 0xF) | 0x4B000000
         return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+    def _unpack_asm(magic: int, offset: int, one: int, fma: str) -> str:
+        """PTX for two plane words (the operand's neighbouring inputs w, w + 1 of one row) -> the 8 planes' values at
+        both, packed in pairs: the words' low halves (nibbles 0-3) and high halves (4-7) are interleaved (prmt), so
+        one lop3 puts nibble j of both words into the mantissas of two 16-bit magic numbers (128 in bf16, 1024 in
+        fp16) and one packed fma subtracts magic + 8 from both, exactly. Marlin's unpacking, for Triton's registers."""
+        planes = []
+        for half in ("lo", "hi"):
+            for j in range(4):
+                shift = f"shr.u32 {half}, {half}, 4; " if j else ""
+                planes.append(f"{shift}lop3.b32 t, {half}, 0x000F000F, m, 0xEA; "
+                              f"fma.rn.{fma} ${len(planes)}, t, one, c;")
+        return ("{ .reg .b32 lo, hi, t, m, c, one; "
+                f"mov.b32 m, {magic:#x}; mov.b32 c, {offset:#x}; mov.b32 one, {one:#x}; "
+                "prmt.b32 lo, $8, $9, 0x5410; prmt.b32 hi, $8, $9, 0x7632; " + " ".join(planes) + " }")
+
+    _UNPACK_BF16 = tl.constexpr(_unpack_asm(0x43004300, 0xC308C308, 0x3F803F80, "bf16x2"))  # 128, -136, 1
+    _UNPACK_FP16 = tl.constexpr(_unpack_asm(0x64006400, 0xE408E408, 0x3C003C00, "f16x2"))  # 1024, -1032, 1
+
+    @triton.jit
+    def _plane_values(words, j: tl.constexpr):
+        """Nibble j of int4 plane words as the values q = u - 8 in fp32 (the interpreter's form of `_planes`)."""
+        return ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0
+
+    @triton.jit
+    def _planes(words, DTYPE: tl.constexpr):
+        """Int4 plane words [BLOCK_N, 16] -> the 8 planes' values q = u - 8, each [BLOCK_N, 16] in DTYPE (fp32 under
+        the interpreter), computed elementwise so that the words, loaded straight into the tensor-core operand's
+        registers, never pass through shared memory again as 16-bit values."""
+        if _INTERPRETED:
+            return (_plane_values(words, 0), _plane_values(words, 1), _plane_values(words, 2),
+                    _plane_values(words, 3), _plane_values(words, 4), _plane_values(words, 5),
+                    _plane_values(words, 6), _plane_values(words, 7))
+        elif DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(_UNPACK_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
+                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(_UNPACK_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=2)
 
     @triton.jit
     def _int4_gemv_kernel(X, P, S, Z, Y, N, row_words, tiles_per_split, stride_pn, stride_sn, stride_zn, stride_ys,
@@ -225,6 +266,31 @@ if triton is not None:
         tl.store(W + rn[:, None] * stride_wn + k[None, :], value.to(W.dtype.element_ty), mask=mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _int4_dequant_planes_kernel(P, S, Z, W, N, K, stride_pn, stride_sn, stride_zn, stride_wn, GROUP: tl.constexpr,
+                                    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Planes of 16 words into a 16-bit weight, one 128-input run per program column: the 8 planes' values come
+        from `_planes` (two values per instruction), each plane's 16 inputs are stored as one contiguous run."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        run = tl.program_id(1)
+        r16 = tl.arange(0, 16)
+        n_mask = rn < N
+        words = tl.load(P + rn[:, None] * stride_pn + (run * 16 + r16)[None, :], mask=n_mask[:, None], other=0)
+        group = (run * 128) // GROUP
+        scale = tl.load(S + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        if HAS_ZERO:
+            zero = tl.load(Z + rn * stride_zn + group, mask=n_mask, other=0).to(tl.float32)[:, None]
+        values = _planes(words, W.dtype.element_ty)
+        for j in tl.static_range(8):
+            q = values[j].to(tl.float32)
+            if HAS_ZERO:
+                q = q - zero
+            tl.store(W + rn[:, None] * stride_wn + (run * 128 + 16 * j + r16)[None, :], (q * scale).to(W.dtype.element_ty),
+                     mask=n_mask[:, None])
+
+
 def _row_major(scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
     """The int4 kernels step through a row's scales and zero points one element at a time (only the row stride is
     passed): a transposed view (what unpacking a checkpoint's zero points along dim 0 gives) would be read as other
@@ -381,6 +447,11 @@ def int4_dequantize(planes: torch.Tensor, scale: torch.Tensor, zero_point: torch
     w = torch.empty((n, k), dtype=dtype, device=planes.device)
     zero = zero_point if zero_point is not None else scale
     group = _group(scale, k)
+    if plane_words(k, group) == 16 and dtype in (torch.bfloat16, torch.float16):
+        _int4_dequant_planes_kernel[(triton.cdiv(n, 64), k // 128)](
+            planes, scale, zero, w, n, k, planes.stride(0), scale.stride(0), zero.stride(0), w.stride(0), GROUP=group,
+            HAS_ZERO=zero_point is not None, BLOCK_N=64, num_warps=4)
+        return w
     block_n, block_k = 16, 256
     _int4_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         planes, scale, zero, w, n, k, planes.stride(0), scale.stride(0), zero.stride(0), w.stride(0),

@@ -55,48 +55,10 @@ PREFILL_TILES = {"128x128": Tile(128, 8, 3, 1, 128), "64x128": Tile(64, 4, 3, 2,
 the weight dequantized in registers instead of into a scratch copy for cuBLAS."""
 
 if triton is not None:
+    from ptqlab.runtime.int4_kernels import _planes
     from ptqlab.runtime.kernels import await_inputs
 
     _INTERPRETED = tl.constexpr(interpreted())
-
-    def _unpack_asm(magic: int, offset: int, one: int, fma: str) -> str:
-        """PTX for two plane words (the operand's neighbouring inputs w, w + 1 of one row) -> the 8 planes' values at
-        both, packed in pairs: the words' low halves (nibbles 0-3) and high halves (4-7) are interleaved (prmt), so
-        one lop3 puts nibble j of both words into the mantissas of two 16-bit magic numbers (128 in bf16, 1024 in
-        fp16) and one packed fma subtracts magic + 8 from both, exactly. Marlin's unpacking, for Triton's registers."""
-        planes = []
-        for half in ("lo", "hi"):
-            for j in range(4):
-                shift = f"shr.u32 {half}, {half}, 4; " if j else ""
-                planes.append(f"{shift}lop3.b32 t, {half}, 0x000F000F, m, 0xEA; "
-                              f"fma.rn.{fma} ${len(planes)}, t, one, c;")
-        return ("{ .reg .b32 lo, hi, t, m, c, one; "
-                f"mov.b32 m, {magic:#x}; mov.b32 c, {offset:#x}; mov.b32 one, {one:#x}; "
-                "prmt.b32 lo, $8, $9, 0x5410; prmt.b32 hi, $8, $9, 0x7632; " + " ".join(planes) + " }")
-
-    _UNPACK_BF16 = tl.constexpr(_unpack_asm(0x43004300, 0xC308C308, 0x3F803F80, "bf16x2"))  # 128, -136, 1
-    _UNPACK_FP16 = tl.constexpr(_unpack_asm(0x64006400, 0xE408E408, 0x3C003C00, "f16x2"))  # 1024, -1032, 1
-
-    @triton.jit
-    def _plane_values(words, j: tl.constexpr):
-        """Nibble j of int4 plane words as the values q = u - 8 in fp32 (the interpreter's form of `_planes`)."""
-        return ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0
-
-    @triton.jit
-    def _planes(words, DTYPE: tl.constexpr):
-        """Int4 plane words [BLOCK_N, 16] -> the 8 planes' values q = u - 8, each [BLOCK_N, 16] in DTYPE (fp32 under
-        the interpreter), computed elementwise so that the words, loaded straight into the tensor-core operand's
-        registers, never pass through shared memory again as 16-bit values."""
-        if _INTERPRETED:
-            return (_plane_values(words, 0), _plane_values(words, 1), _plane_values(words, 2),
-                    _plane_values(words, 3), _plane_values(words, 4), _plane_values(words, 5),
-                    _plane_values(words, 6), _plane_values(words, 7))
-        elif DTYPE == tl.bfloat16:
-            return tl.inline_asm_elementwise(_UNPACK_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
-                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-        else:
-            return tl.inline_asm_elementwise(_UNPACK_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
-                                             dtype=(tl.float16,) * 8, is_pure=True, pack=2)
 
     @triton.jit
     def _small_batch_kernel(X, XS, W, WS, Z, Bias, Y, M, N, k_tiles, tiles_per_split, tiles_per_group, stride_xm,

@@ -215,3 +215,79 @@ def test_keep_bits_must_be_a_wider_int_grid(measured_int2, bits, message, tmp_pa
     fp8 = {**result, "recipe": get_recipe("fp8-dynamic").to_dict()}
     with pytest.raises(PtqlabError, match=r"--keep-bits applies to int weights; the recipe's are float8"):
         plan_mixed(fp8, get_recipe("fp8-dynamic"), target, None, keep_bits=4)
+
+
+W2_SYMMETRIC = {"name": "w2-sym", "scheme": {"weights": {"num_bits": 2, "type": "int", "symmetric": True,
+                                                          "strategy": "group", "group_size": 64}}, "steps": ["rtn"]}
+"""A 2-bit recipe whose experts transformers reads back (symmetric: it maps no zero points into fused experts)."""
+
+
+@pytest.fixture(scope="module")
+def measured_moe(tiny_model_dir, tmp_path_factory):
+    """A tiny Qwen3-MoE measured part by part at 2 bits, planned with its parts kept at 4 bits."""
+    import yaml
+
+    base = tiny_model_dir("qwen3_moe")
+    out = tmp_path_factory.mktemp("sensitivity-moe")
+    recipe_file = out / "w2-sym.yaml"
+    recipe_file.write_text(yaml.safe_dump(W2_SYMMETRIC))
+    sensitivity(str(base), str(recipe_file), out, Sensitivity(target_kl=1e-9, windows=2, keep_bits=4), SETTINGS,
+                quiet=True)
+    return base, out, json.loads((out / "sensitivity.json").read_text())
+
+
+def test_an_moe_layers_experts_are_one_measured_part_and_the_mixed_recipe_covers_them(measured_moe):
+    import math
+
+    _, _, result = measured_moe
+    assert result["not_measured"] == []
+    assert [(p["layer"], p["kind"]) for p in result["parts"]] == [(i, k) for i in range(2) for k in ("attention", "experts")]
+    experts = [p for p in result["parts"] if p["kind"] == "experts"]
+    assert all(math.isfinite(p["kl_mean"]) and p["kl_mean"] > 0 for p in experts)
+    assert all(len(p["linears"]) == 3 * 8 for p in experts)  # gate, up and down of each of the 8 experts
+    from ptqlab.measure.sensitivity import part_results
+
+    written = get_recipe(result["mixed"]["recipe_file"])  # the target 1e-9 keeps every part, the experts too
+    (override,) = written.overrides
+    assert {r.part.ignore_pattern for r in part_results(result) if r.part.kind == "experts"} <= set(override.targets)
+
+
+@pytest.mark.parametrize("keep_bits", [None, 4], ids=["16-bit", "4-bit"])
+def test_the_mixed_recipe_of_an_moe_keeps_a_layers_experts_and_quantizes_the_others(measured_moe, keep_bits, tmp_path):
+    """One layer's experts kept (16-bit, or at 4 bits): that layer's experts and no other linear change scheme, the
+    routers stay 16-bit, and the checkpoint weighs what the plan prices."""
+    from ptqlab.api import quantize
+    from ptqlab.measure.sensitivity import kept_extra_bytes, kept_scheme, mixed_recipe, part_results, safetensors_bytes
+    from ptqlab.recipes import parse_recipe
+
+    base, _, result = measured_moe
+    recipe = parse_recipe(W2_SYMMETRIC)
+    part = next(r.part for r in part_results(result) if r.part.name == "layer 1 experts")
+    scheme = None if keep_bits is None else kept_scheme(recipe.scheme, keep_bits)
+    folder = quantize(str(base), mixed_recipe(recipe, [part], scheme), out=tmp_path / "mixed", quiet=True, device="cpu")
+    schemes = dict(_quantized_schemes(folder))
+    expert = {f"model.layers.{i}.mlp.experts.{e}.{p}" for i in range(2) for e in range(8)
+              for p in ("gate_proj", "up_proj", "down_proj")}
+    kept = {name for name in expert if name.startswith("model.layers.1.")}
+    if keep_bits is None:
+        assert set(schemes) & kept == set() and expert - kept <= set(schemes)
+    else:
+        assert {schemes[name] for name in kept} == {4} and {schemes[name] for name in expert - kept} == {2}
+    assert {bits for name, bits in schemes.items() if name not in kept} == {2}
+    assert not any(name.endswith("mlp.gate") for name in schemes)  # the routers stay 16-bit
+    extra = part.extra_bytes if scheme is None else kept_extra_bytes(part, recipe.scheme, scheme, result["stored_dtype"])
+    assert sum(safetensors_bytes(folder).values()) == result["uniform"]["weights_bytes"] + extra
+    notes = read_record(folder).notes  # transformers merges every expert on one grid: ptqlab's runtime verifies it
+    assert any(note.startswith("checkpoint not read back by transformers: it does not read experts of several schemes")
+               for note in notes), notes
+    assert any(note.startswith("checkpoint read back by ptqlab's runtime") for note in notes), notes
+
+
+def test_an_moe_whose_experts_transformers_does_not_read_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    """Sensitivity measures the checkpoint as transformers reads it; it does not map INT8 experts into its fused
+    ones (they would stay random), so the run stops before scoring anything."""
+    with pytest.raises(PtqlabError, match=r"^sensitivity measures the checkpoint as transformers reads it, and "
+                                          r"transformers does not read int-quantized experts: choose a recipe"):
+        sensitivity(str(tiny_model_dir("qwen3_moe")), "w8a8-rtn", tmp_path / "out", Sensitivity(target_kl=0.01),
+                    SETTINGS, quiet=True)
+    assert not (tmp_path / "out" / "sensitivity.json").exists()

@@ -57,6 +57,18 @@ def unreadable_experts(scheme) -> str | None:
     return None
 
 
+def several_expert_schemes(schemes) -> str | None:
+    """Why transformers' merged reading (`expert_reading`) cannot read an MoE checkpoint whose expert linears are of
+    several schemes, given each one's scheme (None: 16-bit), or None when they share one: its conversion mapping
+    dequantizes every expert with the scheme of the config group targeting `Linear` (an expert at another scheme
+    comes out wrong) and does not map a 16-bit expert's `weight` at all (it stays at its random initialization)."""
+    distinct = list(dict.fromkeys(schemes))
+    if len(distinct) <= 1:
+        return None
+    names = ["16-bit" if s is None else f"{s.weights.type}{s.weights.num_bits}" for s in distinct]
+    return f"experts of several schemes in one checkpoint ({', '.join(dict.fromkeys(names))})"
+
+
 def expert_reading(model: nn.Module) -> str | None:
     """How transformers reads a compressed-tensors checkpoint's per-expert tensors back into `model`'s architecture:
     "linears", kept as one linear per expert projection (what its quantizers patch in for Llama 4:

@@ -307,3 +307,23 @@ def test_an_override_of_whole_groups_is_not_noted(tiny_model_dir, tmp_path):
     code, output = quantize_with_override(tiny_model_dir("llama"), tmp_path, "re:.*self_attn\\.[qkv]_proj$")
     assert code == 0, output
     assert "vLLM fuses" not in output
+
+
+@pytest.mark.parametrize("command", ["bench", "sensitivity"])
+def test_a_ppl_context_past_the_models_positions_is_clamped_with_one_note(command, tiny_model_dir, tmp_path):
+    """Past its trained positions a model scores its position encoding's extrapolation, not the quantization: the
+    windows are cut to the model's positions, and one line says so (once, not once per variant)."""
+    model = tiny_model_dir("llama", max_position_embeddings=32)
+    common = ["--out", tmp_path / "out", "--device", "cpu", "--ppl-text", "python-docs", "--ppl-context", "64"]
+    extra = (["--ppl-quick", "--max-new-tokens", "2", "--repeats", "1", "--sample-tokens", "2", "--batch-sizes", "1",
+              "--batch-size", "1"] if command == "bench" else ["--recipe", "w4a16-rtn", "--windows", "1"])
+    code, output = run(command, model, *common, *extra)
+    assert code == 0, output
+    note = "note: --ppl-context 64 is past the model's 32 positions (max_position_embeddings): scored in windows of 32 tokens"
+    assert [line for line in output.splitlines() if "--ppl-context 64" in line] == [
+        note + "; give --ppl-context 32 or less"], output
+    if command == "bench":
+        result = json.loads((tmp_path / "out" / "variants" / "baseline.json").read_text())
+        assert result["perplexity"]["context"] == 32
+    else:
+        assert json.loads((tmp_path / "out" / "sensitivity.json").read_text())["context"] == 32

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ptqlab.api import quantize, request_of, source_folders
-from ptqlab.benchmark import Steps, run_benchmarks, say_unless_quiet
+from ptqlab.benchmark import Steps, run_benchmarks, say_context_note, say_unless_quiet
 from ptqlab.data import CalibrationConfig
 from ptqlab.embedded import DEFAULT_MODEL_NAME, default_model_path
 from ptqlab.errors import PtqlabError
@@ -138,6 +138,7 @@ def _lab(model, recipes, out: Path, settings: BenchSettings, budget: Budget, opt
     source = model or DEFAULT_MODEL_NAME
     quiet = options.quiet
     base_path = _baseline_path(model, out, options.dtype)
+    say_context_note(settings, base_path, quiet)
     manifest = out / "lab.json"
     if manifest.is_file():
         previous = json.loads(manifest.read_text())
@@ -266,6 +267,7 @@ def sensitivity(model: str | None, recipe: str, out: str | Path = "ptqlab-sensit
     check_results_folder(out, model)
     with locked(out, "sensitivity"):
         base_path = _baseline_path(model, out, options.dtype)
+        say_context_note(settings, base_path, options.quiet)
         steps = Steps(2, options.quiet)
         checkpoint = _quantized(base_path, chosen, out, options, steps)
         _sensitivity(base_path, chosen, checkpoint, out, settings, aim, options.quiet, steps)

@@ -57,7 +57,8 @@ class BenchSettings:
     ppl_text: str = "wikitext-2"
     """Evaluation text: wikitext-2 (offline fallback: python-docs), python-docs, or a .txt path."""
     ppl_context: int | None = None
-    """Window length; None: the protocol's (2,048 for gptq, 512 for llama.cpp), at most the model's context."""
+    """Window length; None: the protocol's (2,048 for gptq, 512 for llama.cpp), QUICK_CONTEXT for the quick probe
+    (`ppl_windows` set); at most the model's positions either way (`scoring_context`)."""
     ppl_protocol: str = "gptq"
     """How windows are scored: gptq (every token but each window's first) or llama.cpp (BOS first, the second half
     scored), measure.quality.PPL_PROTOCOLS."""
@@ -230,12 +231,33 @@ class LoadedVariant:
     """The dtype it computes in: float32 on a CPU without native arithmetic in the stored dtype."""
 
 
+def model_positions(config: dict) -> int | None:
+    """The positions a model was trained for: config.json's max_position_embeddings (a vision-language model's text
+    config's); None where it does not say."""
+    return config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+
+
+def scoring_context(settings: BenchSettings, config: dict) -> tuple[int, str | None]:
+    """(the scoring window's length, the note saying --ppl-context was clamped, or None). At most the model's
+    positions: past them, learned position embeddings do not exist and rotary ones extrapolate, so the score would
+    measure that, not the quantization."""
+    positions = model_positions(config)
+    default = QUICK_CONTEXT if settings.ppl_windows is not None else ppl_protocol(settings.ppl_protocol).context
+    asked = settings.ppl_context or default
+    if positions is None or asked <= positions:
+        return asked, None
+    if not settings.ppl_context:  # a default window: fitted to the model without a word
+        return positions, None
+    return positions, (f"--ppl-context {asked} is past the model's {positions} positions (max_position_embeddings): "
+                       f"scored in windows of {positions} tokens; give --ppl-context {positions} or less")
+
+
 def evaluation_tokens(tokenizer, settings: BenchSettings, config: dict) -> EvaluationTokens:
-    """Tokenize the evaluation text and cut it into windows of the protocol's context."""
+    """Tokenize the evaluation text and cut it into windows of the protocol's context (`scoring_context`)."""
     protocol = ppl_protocol(settings.ppl_protocol)
     text = load_eval_text(settings.ppl_text)
     token_ids = tokenizer(text.text, return_tensors="pt", verbose=False)["input_ids"][0]
-    context = settings.ppl_context or min(protocol.context, config.get("max_position_embeddings") or protocol.context)
+    context, _ = scoring_context(settings, config)
     bos_id = tokenizer.bos_token_id if protocol.bos and adds_bos(tokenizer) else None
     return EvaluationTokens(text, token_ids, context, make_windows(len(token_ids), context, settings.ppl_windows), protocol,
                             bos_id)

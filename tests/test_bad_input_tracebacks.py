@@ -327,3 +327,22 @@ def test_a_ppl_context_past_the_models_positions_is_clamped_with_one_note(comman
         assert result["perplexity"]["context"] == 32
     else:
         assert json.loads((tmp_path / "out" / "sensitivity.json").read_text())["context"] == 32
+
+
+@pytest.mark.parametrize("size", ["1b", "1MiB"])
+def test_a_max_size_below_the_uniform_checkpoint_is_one_line_naming_the_smallest(size, tiny_model_dir, tmp_path):
+    """Keeping parts wider only adds bytes: a budget below the recipe's uniform checkpoint has no mixed recipe, and
+    the line names the smallest size there is (which --max-size then accepts), before any part is measured."""
+    from ptqlab.measure.sensitivity import safetensors_bytes
+
+    model = tiny_model_dir("llama")
+    common = ["--recipe", "w4a16-rtn", "--out", tmp_path / "out", "--device", "cpu", "--ppl-text", "python-docs",
+              "--ppl-context", "64", "--windows", "1", "--quiet"]
+    code, output = run("sensitivity", model, "--max-size", size, *common)
+    smallest = sum(safetensors_bytes(tmp_path / "out" / "checkpoints" / "w4a16-rtn").values())
+    assert smallest > 2**20  # both sizes are below it
+    assert_one_line(code, output, f"is below the smallest checkpoint w4a16-rtn makes of this model: {smallest:,} bytes")
+    assert not (tmp_path / "out" / "sensitivity.json").exists()  # refused before measuring
+    fix = output.split("give --max-size ")[1].split()[0]
+    code, output = run("sensitivity", model, "--max-size", fix, *common)
+    assert code == 0 and "mixed recipe:" in output, output

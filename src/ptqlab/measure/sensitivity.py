@@ -28,6 +28,7 @@ measured KL per byte does, since every part's saved share is the same); the chos
 from __future__ import annotations
 
 import json
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -245,6 +246,22 @@ def choose_kept(results: list[PartResult], uniform_kl: float, uniform_bytes: int
     return kept
 
 
+def check_max_bytes(max_bytes: int | None, uniform_bytes: int, recipe_name: str) -> None:
+    """Refuse a size budget below the uniform checkpoint's weights: keeping parts wider only adds bytes, so no mixed
+    recipe fits it (and keeping none would pass for meeting it)."""
+    if max_bytes is not None and max_bytes < uniform_bytes:
+        raise PtqlabError(f"--max-size of {max_bytes:,} byte{'s' if max_bytes != 1 else ''} is below the smallest checkpoint {recipe_name} makes of this "
+                          f"model: {uniform_bytes:,} bytes of weights with every part quantized, which keeping parts "
+                          f"wider only grows: give --max-size {_size_at_least(uniform_bytes)} or more, or a recipe of "
+                          f"fewer bits")
+
+
+def _size_at_least(n: int) -> str:
+    """`n` bytes as a --max-size that --max-size reads back as at least `n`: MiB (GiB from 1 GiB), rounded up."""
+    unit, scale, step = ("GiB", 2**30, 100) if n >= 2**30 else ("MiB", 2**20, 10)
+    return f"{math.ceil(n / scale * step) / step:g}{unit}"
+
+
 def kept_scheme(scheme, bits: int):
     """`scheme` (the recipe's, as applied) with `bits`-bit weights, all else the same: how `keep_bits` keeps parts."""
     weights = scheme.weights
@@ -384,6 +401,7 @@ def plan_mixed(sensitivity: dict, recipe, target_kl: float | None, max_bytes: in
                               "measure again to price parts at --keep-bits")
         scheme = kept_scheme(applied.scheme, keep_bits)
         retained = KEPT_KL_PER_BIT ** (keep_bits - applied.scheme.weights.num_bits)
+    check_max_bytes(max_bytes, uniform["weights_bytes"], recipe.name)
     kept = choose_kept(results, uniform["kl_mean"], uniform["weights_bytes"], target_kl, max_bytes, extra, retained)
     plan = {"target_kl": target_kl, "max_bytes": max_bytes, "kept": [p.name for p in kept],
             "kept_as": "16-bit" if scheme is None else f"at {scheme.describe()}", "keep_bits": keep_bits,

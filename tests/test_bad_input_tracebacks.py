@@ -215,6 +215,19 @@ def test_square_brackets_in_out_are_printed_as_they_are(tiny_model_dir, tmp_path
     assert (out / "config.json").is_file()
 
 
+def test_square_brackets_in_a_sensitivity_runs_out_are_printed_as_they_are(tiny_model_dir, tmp_path):
+    """The lines the sensitivity run prints with the --out path in them (the mixed recipe it wrote, the summary)
+    show it verbatim."""
+    out = tmp_path / "runs" / "a[" / "]b"
+    code, output = run("sensitivity", tiny_model_dir("llama"), "--recipe", "w4a16-rtn", "--out", out, "--target-kl",
+                       "1e-9", "--windows", "1", "--ppl-text", "python-docs", "--ppl-context", "64", "--device", "cpu")
+    assert code == 0, output
+    assert "Traceback" not in output and "MarkupError" not in output
+    text = " ".join(output.split())
+    assert f"w4a16-rtn-mixed: 4 parts kept 16-bit (predicted KL 0.0000): {out / 'w4a16-rtn-mixed.yaml'}" in text
+    assert f"mixed recipe: {out / 'w4a16-rtn-mixed.yaml'}: 4 parts kept 16-bit" in text
+
+
 # values accepted silently before
 
 

@@ -255,8 +255,8 @@ def _sensitivity(base_path: Path, recipe, checkpoint: Path, out: Path, settings:
                " already meets the aim with every part quantized")
         say_unless_quiet(f"[yellow]note:[/] {escape(recipe.name)}{why}: no mixed variant", quiet)
         return None
-    say_unless_quiet(f"{mixed.name}: {len(plan['kept'])} parts kept {plan['kept_as']} (predicted KL {plan['predicted_kl']:.4f}): "
-                     f"{recipe_file}", quiet)
+    say_unless_quiet(escape(f"{mixed.name}: {len(plan['kept'])} parts kept {plan['kept_as']} (predicted KL "
+                            f"{plan['predicted_kl']:.4f}): {recipe_file}"), quiet)
     return mixed
 
 

@@ -2,6 +2,7 @@
 recipe keeps what it says and weighs what it predicts, and keeping the worst parts 16-bit lowers the KL."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -246,7 +247,10 @@ def test_an_moe_layers_experts_are_one_measured_part_and_the_mixed_recipe_covers
     assert all(math.isfinite(p["kl_mean"]) and p["kl_mean"] > 0 for p in experts)
     assert all(len(p["linears"]) == 3 * 8 for p in experts)  # gate, up and down of each of the 8 experts
     from ptqlab.measure.sensitivity import part_results
+    from ptqlab.measure.variant import resolve_runtime
 
+    _, out, _ = measured_moe  # experts of one scheme: transformers reads them as stored
+    assert resolve_runtime("auto", torch.device("cpu"), out / "checkpoints" / "w2-sym") == ("transformers", None)
     written = get_recipe(result["mixed"]["recipe_file"])  # the target 1e-9 keeps every part, the experts too
     (override,) = written.overrides
     assert {r.part.ignore_pattern for r in part_results(result) if r.part.kind == "experts"} <= set(override.targets)
@@ -258,6 +262,7 @@ def test_the_mixed_recipe_of_an_moe_keeps_a_layers_experts_and_quantizes_the_oth
     routers stay 16-bit, and the checkpoint weighs what the plan prices."""
     from ptqlab.api import quantize
     from ptqlab.measure.sensitivity import kept_extra_bytes, kept_scheme, mixed_recipe, part_results, safetensors_bytes
+    from ptqlab.measure.variant import resolve_runtime
     from ptqlab.recipes import parse_recipe
 
     base, _, result = measured_moe
@@ -281,6 +286,12 @@ def test_the_mixed_recipe_of_an_moe_keeps_a_layers_experts_and_quantizes_the_oth
     assert any(note.startswith("checkpoint not read back by transformers: it does not read experts of several schemes")
                for note in notes), notes
     assert any(note.startswith("checkpoint read back by ptqlab's runtime") for note in notes), notes
+    misread = "experts of several schemes in one checkpoint (int2, " + ("16-bit)" if keep_bits is None else "int4)")
+    assert resolve_runtime("auto", torch.device("cpu"), folder) == ("fast", f"transformers not used: it does not read "
+                                                                            f"{misread}")  # its scores: wrong experts
+    with pytest.raises(PtqlabError, match=rf"transformers does not read {re.escape(misread)}; benchmark it with "
+                                          r"--runtime fast or auto"):
+        resolve_runtime("transformers", torch.device("cpu"), folder)
 
 
 def test_an_moe_whose_experts_transformers_does_not_read_is_refused_in_one_line(tiny_model_dir, tmp_path):

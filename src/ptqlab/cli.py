@@ -438,9 +438,9 @@ def _print_sensitivity(folder: Path, worst: int = 10) -> None:
     for note in result.get("notes", []):
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if result.get("not_measured"):
-        console.print(f"[yellow]note:[/] {len(result['not_measured'])} quantized linears belong to no part and were not "
-                      f"measured (e.g. {escape(result['not_measured'][0])}); the mixed recipe keeps them quantized",
-                      highlight=False)
+        outside = result["not_measured"]
+        console.print(f"[yellow]note:[/] {len(outside)} quantized linears belong to no part and were not measured "
+                      f"(e.g. {escape(outside[0])}); the mixed recipe keeps them quantized", highlight=False)
     console.print(f"uniform {escape(Path(result['checkpoint']).name)}: KL {result['uniform']['kl_mean']:.4f}, "
                   f"weights {result['uniform']['weights_bytes'] / 2**20:.1f} MiB; the {len(parts)} most sensitive parts "
                   f"(alone quantized):", highlight=False)

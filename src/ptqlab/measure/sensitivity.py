@@ -1,10 +1,12 @@
 """Which parts of a model a recipe hurts, and the mixed-precision recipe that spares them.
 
 A part is one decoder layer's attention or its MLP (with the norm in front of it, which SmoothQuant and AWQ fold
-their scales into); a mixture of experts' MLP block is one part, "experts": all of the layer's routed experts and its
-shared expert, beside its router, which stays 16-bit in every recipe and so is the same in both models. Its sensitivity is the KL from the baseline when that part alone is quantized: the baseline
-model, in memory, with that part's modules swapped for the checkpoint's (read by transformers, the official
-compressed-tensors reader, so weights and activations are quantized exactly as the checkpoint says). "Alone
+their scales into); a mixture of experts' MLP block is one part, "experts": the layer's routed experts and its shared
+expert, beside its router (16-bit in every recipe, so the same in both models). Its sensitivity is the KL from the
+baseline when that part alone is quantized: the baseline model, in memory, with that part's modules swapped for the
+checkpoint's (read by transformers, the official compressed-tensors reader, so weights and activations are quantized
+exactly as the checkpoint says; routed experts transformers merges into its fused experts dequantized, their
+activations 16-bit, which the measurement then notes where the recipe quantizes activations). "Alone
 quantized" rather than "alone restored to 16-bit": each figure then belongs to its part and not to which others
 are quantized, so the figures of a set add up (to first order: small perturbations add their KL), which is what
 choosing a set needs; the uniform recipe's measured KL calibrates the sum, and the chosen recipe is measured again
@@ -40,7 +42,7 @@ from torch import nn
 from ptqlab.errors import PtqlabError
 from ptqlab.families import ExpertLayout, moe_layout
 from ptqlab.formats.quantized_layouts import quantized_linear_bytes
-from ptqlab.formats.readback import expert_reading, several_expert_schemes, unreadable_experts
+from ptqlab.formats.readback import experts_misread, expert_reading, stored_expert_schemes
 from ptqlab.safetensors_files import read_header
 from ptqlab.measure.quality import evaluate
 from ptqlab.measure.variant import evaluation_tokens, stored_dtype
@@ -60,8 +62,6 @@ transform changed is the same in both models, so swapping it too is harmless).""
 
 SENSITIVITY_WINDOWS = 4
 """Evaluation windows per part by default: a ranking of parts needs far fewer tokens than a verdict on a variant."""
-EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.[^.]+\.weight(_packed)?$")
-"""A per-expert linear's stored weight, 16-bit or quantized (its name less the last part: the linear's)."""
 MERGED_EXPERTS_NOTE = ("the experts are measured with their weights as the checkpoint stores them and 16-bit "
                        "activations: transformers reads them dequantized into its fused experts, which do not quantize "
                        "activations")
@@ -137,29 +137,23 @@ def model_names(stored: dict, layout: ExpertLayout | None) -> dict:
     return renamed
 
 
-def merged_experts(baseline: nn.Module, checkpoint: Path, checkpoint_sizes: dict[str, int]) -> dict:
+def merged_experts(baseline: nn.Module, checkpoint: Path) -> dict:
     """The per-expert linears a checkpoint of `baseline`'s architecture quantizes that transformers merges,
     dequantized, into its fused experts (so no module of the model it loads carries their scheme), by the model's
     names, with their schemes; one line refusing, before transformers loads it, a checkpoint whose experts it does not
     read as stored (it fails, leaves them at their random initialization, or dequantizes them on another scheme's
     grid)."""
-    # Imported here for start-up time: the runtime's loader imports its kernels.
-    from ptqlab.runtime.load import SchemeResolver
-
     layout = moe_layout(baseline.config)
-    reading = expert_reading(baseline) if layout is not None else None
-    if layout is None or reading == "linears":  # none, or kept as linears of their own, which carry their schemes
+    if layout is None:
         return {}
-    resolve = SchemeResolver(json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config"))
-    stored = {name.rpartition(".")[0] for name in checkpoint_sizes if EXPERT_WEIGHT.search(name)}
-    schemes = model_names({name: resolve(name) for name in sorted(stored)}, layout)
-    why = None if reading == "merged" else f"{baseline.config.model_type}'s per-expert tensors"
-    why = why or next(filter(None, map(unreadable_experts, filter(None, schemes.values()))), None) \
-        or several_expert_schemes(schemes.values())
+    stored = stored_expert_schemes(checkpoint)
+    why = experts_misread(baseline, stored.values())
     if why is not None:
         raise PtqlabError(f"sensitivity measures the checkpoint as transformers reads it, and transformers does not "
                           f"read {why}: choose a recipe with symmetric int4 or FP8 experts (e.g. w4a16)")
-    return {name: scheme for name, scheme in schemes.items() if scheme is not None}
+    if expert_reading(baseline) == "linears":  # kept as linears of their own, which carry their schemes
+        return {}
+    return {name: scheme for name, scheme in model_names(stored, layout).items() if scheme is not None}
 
 
 def _bytes_under(sizes: dict[str, int], prefix: str, children: tuple[str, ...]) -> int:
@@ -250,10 +244,11 @@ def check_max_bytes(max_bytes: int | None, uniform_bytes: int, recipe_name: str)
     """Refuse a size budget below the uniform checkpoint's weights: keeping parts wider only adds bytes, so no mixed
     recipe fits it (and keeping none would pass for meeting it)."""
     if max_bytes is not None and max_bytes < uniform_bytes:
-        raise PtqlabError(f"--max-size of {max_bytes:,} byte{'s' if max_bytes != 1 else ''} is below the smallest checkpoint {recipe_name} makes of this "
-                          f"model: {uniform_bytes:,} bytes of weights with every part quantized, which keeping parts "
-                          f"wider only grows: give --max-size {_size_at_least(uniform_bytes)} or more, or a recipe of "
-                          f"fewer bits")
+        given = f"{max_bytes:,} byte{'s' if max_bytes != 1 else ''}"
+        raise PtqlabError(f"--max-size of {given} is below the smallest checkpoint {recipe_name} makes of this model: "
+                          f"{uniform_bytes:,} bytes of weights with every part quantized, which keeping parts wider "
+                          f"only grows: give --max-size {_size_at_least(uniform_bytes)} or more, or a recipe of fewer "
+                          "bits")
 
 
 def _size_at_least(n: int) -> str:
@@ -334,7 +329,7 @@ def measure_sensitivity(base_path: Path, checkpoint: Path, settings, windows: in
     tokens = evaluation_tokens(tokenizer, replace(settings, ppl_windows=windows), config)
     baseline = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device).eval()
     sizes = safetensors_bytes(checkpoint)
-    merged = merged_experts(baseline, checkpoint, sizes)  # before transformers reads the checkpoint: it may refuse
+    merged = merged_experts(baseline, checkpoint)  # before transformers reads the checkpoint: it may refuse
     quantized = _load_checkpoint(checkpoint, device, dtype)
 
     def score(model, reference=None):

@@ -21,6 +21,8 @@ import torch
 from rich.markup import escape
 
 from ptqlab.errors import PtqlabError
+from ptqlab.families import FAMILIES
+from ptqlab.formats.readback import experts_misread, stored_expert_schemes
 from ptqlab.formats.validate import validate_checkpoint
 from ptqlab.measure.gguf import (QUALITY_NOTE, RUNTIME, SPEED_NOTE, check_gguf_folder, describe_gguf, gguf_config,
                                  gguf_file, not_measured_speed)
@@ -182,10 +184,17 @@ def variant_config(path: Path) -> dict:
 
 def resolve_runtime(name: str, device: torch.device, path: Path) -> tuple[str, str | None]:
     """(runtime to use, a note when auto fell back). auto: the fast runtime on a GPU when it runs this checkpoint;
-    transformers on a CPU (where the fast runtime computes with dequantized weights, so it shows no speed-up)."""
+    transformers on a CPU (where the fast runtime computes with dequantized weights, so it shows no speed-up), unless
+    transformers does not read the checkpoint's experts as stored (`transformers_misreads`): its scores would be a
+    model with wrong experts."""
     check_runtime(name)
+    misread = None
     if name == "transformers" or (name == "auto" and device.type != "cuda"):
-        return "transformers", None
+        misread = transformers_misreads(path)
+        if misread is None:
+            return "transformers", None
+        if name == "transformers":
+            raise PtqlabError(f"{path}: transformers does not read {misread}; benchmark it with --runtime fast or auto")
     from ptqlab.runtime.load import check_supported  # start-up time: the runtime imports Triton; only a run of the fast runtime needs it
 
     try:
@@ -193,8 +202,27 @@ def resolve_runtime(name: str, device: torch.device, path: Path) -> tuple[str, s
     except PtqlabError as e:
         if name == "fast":
             raise
+        if misread is not None:
+            raise PtqlabError(f"{path}: transformers does not read {misread}, and ptqlab's runtime does not run it "
+                              f"({e}): it cannot be benchmarked") from None
         return "transformers", f"fast runtime not used: {e}"
-    return "fast", None
+    return "fast", None if misread is None else f"transformers not used: it does not read {misread}"
+
+
+def transformers_misreads(path: Path) -> str | None:
+    """Why transformers does not read a mixture-of-experts checkpoint's experts as stored (formats/readback
+    `experts_misread`: e.g. experts of several schemes, which it dequantizes on one grid), or None."""
+    # Imported here for start-up time: transformers' config classes load slowly.
+    from transformers import AutoConfig
+
+    raw = json.loads((Path(path) / "config.json").read_text())
+    family = FAMILIES.get(raw.get("model_type"))
+    if not raw.get("quantization_config") or family is None or family.experts is None:
+        return None
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):  # the architecture, not its weights: which modules transformers builds
+        model = auto_model_class(config).from_config(config)
+    return experts_misread(model, stored_expert_schemes(path).values())
 
 
 @dataclass(frozen=True)

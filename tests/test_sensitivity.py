@@ -302,3 +302,23 @@ def test_an_moe_whose_experts_transformers_does_not_read_is_refused_in_one_line(
         sensitivity(str(tiny_model_dir("qwen3_moe")), "w8a8-rtn", tmp_path / "out", Sensitivity(target_kl=0.01),
                     SETTINGS, quiet=True)
     assert not (tmp_path / "out" / "sensitivity.json").exists()
+
+
+@pytest.mark.parametrize("arch, block, linears", [("qwen2_moe", "mlp", 3 * 8 + 3), ("mixtral", "block_sparse_moe", 3 * 8)])
+def test_an_moe_experts_part_holds_its_shared_expert_and_weighs_the_checkpoints_names(arch, block, linears,
+                                                                                     tiny_model_dir, tmp_path):
+    """Qwen2-MoE's shared expert is in its layer's experts part; Mixtral's checkpoint names the block
+    block_sparse_moe where transformers names it mlp, and the part's bytes are its tensors under either name."""
+    from ptqlab.measure.sensitivity import safetensors_bytes
+
+    base = tiny_model_dir(arch)
+    sensitivity(str(base), "w4a16-rtn", tmp_path, Sensitivity(target_kl=1e-9, windows=1), SETTINGS, quiet=True)
+    result = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert result["not_measured"] == []
+    experts = [p for p in result["parts"] if p["kind"] == "experts"]
+    assert [p["layer"] for p in experts] == [0, 1] and all(len(p["linears"]) == linears for p in experts)
+    for folder, key in [(base, "dense_bytes"), (tmp_path / "checkpoints" / "w4a16-rtn", "quantized_bytes")]:
+        sizes = safetensors_bytes(folder)
+        for p in experts:
+            inside = (f"model.layers.{p['layer']}.post_attention_layernorm.", f"model.layers.{p['layer']}.{block}.")
+            assert p[key] == sum(size for name, size in sizes.items() if name.startswith(inside)), key

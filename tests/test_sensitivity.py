@@ -131,6 +131,28 @@ def test_the_command_prints_the_worst_parts_and_the_mixed_recipe(measured):
 
 
 
+def test_a_measurement_of_another_version_of_parts_is_made_again(measured, tmp_path, monkeypatch):
+    """A sensitivity.json whose parts are not today's (one made before an MoE's experts were a part records no
+    parts_version) is measured again, not reused; today's is reused."""
+    import shutil
+
+    import ptqlab.suite
+
+    base, out, _ = measured
+    copy = shutil.copytree(out, tmp_path / "copy")
+    calls = []
+    measure = ptqlab.suite.measure_sensitivity
+    monkeypatch.setattr(ptqlab.suite, "measure_sensitivity", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    aim = Sensitivity(target_kl=1e-9, windows=2)
+    sensitivity(str(base), "w4a16-rtn", copy, aim, SETTINGS, quiet=True)
+    assert calls == []
+    older = json.loads((copy / "sensitivity.json").read_text())
+    del older["parts_version"]
+    (copy / "sensitivity.json").write_text(json.dumps(older))
+    sensitivity(str(base), "w4a16-rtn", copy, aim, SETTINGS, quiet=True)
+    assert calls == [1] and json.loads((copy / "sensitivity.json").read_text())["parts_version"] == 2
+
+
 def test_keeping_parts_at_more_bits_ranks_them_by_kl_saved_per_byte_added():
     """Kept at a wider scheme, a part adds its bytes at that scheme less at the recipe's (not its 16-bit bytes) and
     keeps a share of its KL: the ranking and the prediction follow."""

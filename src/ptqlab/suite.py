@@ -22,8 +22,8 @@ from ptqlab.data import CalibrationConfig
 from ptqlab.embedded import DEFAULT_MODEL_NAME, default_model_path
 from ptqlab.errors import PtqlabError
 from ptqlab.export_gguf import export_gguf, gguf_variant, read_record as read_gguf_record
-from ptqlab.measure.sensitivity import (SENSITIVITY_WINDOWS, check_max_bytes, checkpoint_dtype, kept_scheme,
-                                        measure_sensitivity, plan_mixed, safetensors_bytes)
+from ptqlab.measure.sensitivity import (PARTS_VERSION, SENSITIVITY_WINDOWS, check_max_bytes, checkpoint_dtype,
+                                        kept_scheme, measure_sensitivity, plan_mixed, safetensors_bytes)
 from ptqlab.measure.variant import BenchSettings, fingerprint
 from ptqlab.models import load_config, load_model, load_tokenizer, resolve_device
 from ptqlab.options import QuantizeOptions, RunOptions, given, widened
@@ -234,6 +234,7 @@ def _sensitivity(base_path: Path, recipe, checkpoint: Path, out: Path, settings:
     check_max_bytes(aim.max_bytes, sum(safetensors_bytes(checkpoint).values()), recipe.name)  # before measuring
     result_json = out / "sensitivity.json"
     identity = {"checkpoint_fingerprint": fingerprint(checkpoint), "windows_asked": aim.windows,
+                "parts_version": PARTS_VERSION,
                 "scoring": {k: getattr(settings, k) for k in SENSITIVITY_SETTINGS}}
     if aim.keep_bits is not None:  # pricing parts at another scheme needs what older measurements did not record
         identity["stored_dtype"] = checkpoint_dtype(checkpoint)

@@ -60,6 +60,9 @@ PART_CHILDREN = {
 """The children of a decoder layer that make up each part: the block and the norm(s) in front of it (a norm that no
 transform changed is the same in both models, so swapping it too is harmless)."""
 
+PARTS_VERSION = 2
+"""What a part is, as a number a sensitivity.json records: a measurement of another (1, none recorded: an MoE's
+experts were in no part) is made again, not reused."""
 SENSITIVITY_WINDOWS = 4
 """Evaluation windows per part by default: a ranking of parts needs far fewer tokens than a verdict on a variant."""
 MERGED_EXPERTS_NOTE = ("the experts are measured with their weights as the checkpoint stores them and 16-bit "

@@ -344,3 +344,15 @@ def test_an_moe_experts_part_holds_its_shared_expert_and_weighs_the_checkpoints_
         for p in experts:
             inside = (f"model.layers.{p['layer']}.post_attention_layernorm.", f"model.layers.{p['layer']}.{block}.")
             assert p[key] == sum(size for name, size in sizes.items() if name.startswith(inside)), key
+
+
+def test_llama4s_dense_and_moe_feed_forwards_are_measured(tiny_model_dir, tmp_path):
+    """Llama 4 names its MLP block feed_forward, a dense MLP in layer 0 and the experts in layer 1 (tests/tiny.py);
+    transformers keeps its experts as linears of their own: every one is in a measured part."""
+    sensitivity(str(tiny_model_dir("llama4_text")), "w4a16-rtn", tmp_path, Sensitivity(target_kl=1e-9, windows=1),
+                SETTINGS, quiet=True)
+    result = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert result["not_measured"] == []
+    assert [(p["layer"], p["kind"]) for p in result["parts"]] == [(0, "attention"), (0, "mlp"), (1, "attention"),
+                                                                  (1, "experts")]
+    assert all(p["kl_mean"] > 0 for p in result["parts"])

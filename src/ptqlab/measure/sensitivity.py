@@ -55,7 +55,7 @@ from ptqlab.schemes import FormatError, INT_BITS, QuantArgs
 
 PART_CHILDREN = {
     "attention": ("input_layernorm", "self_attn"),
-    "mlp": ("post_attention_layernorm", "pre_feedforward_layernorm", "mlp", "block_sparse_moe"),
+    "mlp": ("post_attention_layernorm", "pre_feedforward_layernorm", "mlp", "block_sparse_moe", "feed_forward"),
 }
 """The children of a decoder layer that make up each part: the block and the norm(s) in front of it (a norm that no
 transform changed is the same in both models, so swapping it too is harmless)."""

@@ -260,22 +260,24 @@ def measured_moe(tiny_model_dir, tmp_path_factory):
 
 
 def test_an_moe_layers_experts_are_one_measured_part_and_the_mixed_recipe_covers_them(measured_moe):
+    """Each layer's experts (transformers merges them into one fused module) are one part with a finite KL and the
+    shapes that price them at --keep-bits, and the written recipe's override takes them in."""
     import math
 
-    _, _, result = measured_moe
+    from ptqlab.measure.sensitivity import part_results
+    from ptqlab.measure.variant import resolve_runtime
+
+    _, out, result = measured_moe
     assert result["not_measured"] == []
     assert [(p["layer"], p["kind"]) for p in result["parts"]] == [(i, k) for i in range(2) for k in ("attention", "experts")]
     experts = [p for p in result["parts"] if p["kind"] == "experts"]
     assert all(math.isfinite(p["kl_mean"]) and p["kl_mean"] > 0 for p in experts)
     assert all(len(p["linears"]) == 3 * 8 for p in experts)  # gate, up and down of each of the 8 experts
-    from ptqlab.measure.sensitivity import part_results
-    from ptqlab.measure.variant import resolve_runtime
-
-    _, out, _ = measured_moe  # experts of one scheme: transformers reads them as stored
-    assert resolve_runtime("auto", torch.device("cpu"), out / "checkpoints" / "w2-sym") == ("transformers", None)
     written = get_recipe(result["mixed"]["recipe_file"])  # the target 1e-9 keeps every part, the experts too
     (override,) = written.overrides
     assert {r.part.ignore_pattern for r in part_results(result) if r.part.kind == "experts"} <= set(override.targets)
+    # experts of one scheme: transformers reads them as stored, and the bench takes it on a CPU
+    assert resolve_runtime("auto", torch.device("cpu"), out / "checkpoints" / "w2-sym") == ("transformers", None)
 
 
 @pytest.mark.parametrize("keep_bits", [None, 4], ids=["16-bit", "4-bit"])

@@ -215,6 +215,19 @@ def test_square_brackets_in_out_are_printed_as_they_are(tiny_model_dir, tmp_path
     assert (out / "config.json").is_file()
 
 
+def test_square_brackets_in_a_sensitivity_runs_out_are_printed_as_they_are(tiny_model_dir, tmp_path):
+    """The lines the sensitivity run prints with the --out path in them (the mixed recipe it wrote, the summary)
+    show it verbatim."""
+    out = tmp_path / "runs" / "a[" / "]b"
+    code, output = run("sensitivity", tiny_model_dir("llama"), "--recipe", "w4a16-rtn", "--out", out, "--target-kl",
+                       "1e-9", "--windows", "1", "--ppl-text", "python-docs", "--ppl-context", "64", "--device", "cpu")
+    assert code == 0, output
+    assert "Traceback" not in output and "MarkupError" not in output
+    text = " ".join(output.split())
+    assert f"w4a16-rtn-mixed: 4 parts kept 16-bit (predicted KL 0.0000): {out / 'w4a16-rtn-mixed.yaml'}" in text
+    assert f"mixed recipe: {out / 'w4a16-rtn-mixed.yaml'}: 4 parts kept 16-bit" in text
+
+
 # values accepted silently before
 
 
@@ -307,3 +320,42 @@ def test_an_override_of_whole_groups_is_not_noted(tiny_model_dir, tmp_path):
     code, output = quantize_with_override(tiny_model_dir("llama"), tmp_path, "re:.*self_attn\\.[qkv]_proj$")
     assert code == 0, output
     assert "vLLM fuses" not in output
+
+
+@pytest.mark.parametrize("command", ["bench", "sensitivity"])
+def test_a_ppl_context_past_the_models_positions_is_clamped_with_one_note(command, tiny_model_dir, tmp_path):
+    """Past its trained positions a model scores its position encoding's extrapolation, not the quantization: the
+    windows are cut to the model's positions, and one line says so (once, not once per variant)."""
+    model = tiny_model_dir("llama", max_position_embeddings=32)
+    common = ["--out", tmp_path / "out", "--device", "cpu", "--ppl-text", "python-docs", "--ppl-context", "64"]
+    extra = (["--ppl-quick", "--max-new-tokens", "2", "--repeats", "1", "--sample-tokens", "2", "--batch-sizes", "1",
+              "--batch-size", "1"] if command == "bench" else ["--recipe", "w4a16-rtn", "--windows", "1"])
+    code, output = run(command, model, *common, *extra)
+    assert code == 0, output
+    note = "note: --ppl-context 64 is past the model's 32 positions (max_position_embeddings): scored in windows of 32 tokens"
+    assert [line for line in output.splitlines() if "--ppl-context 64" in line] == [
+        note + "; give --ppl-context 32 or less"], output
+    if command == "bench":
+        result = json.loads((tmp_path / "out" / "variants" / "baseline.json").read_text())
+        assert result["perplexity"]["context"] == 32
+    else:
+        assert json.loads((tmp_path / "out" / "sensitivity.json").read_text())["context"] == 32
+
+
+@pytest.mark.parametrize("size", ["1b", "1MiB"])
+def test_a_max_size_below_the_uniform_checkpoint_is_one_line_naming_the_smallest(size, tiny_model_dir, tmp_path):
+    """Keeping parts wider only adds bytes: a budget below the recipe's uniform checkpoint has no mixed recipe, and
+    the line names the smallest size there is (which --max-size then accepts), before any part is measured."""
+    from ptqlab.measure.sensitivity import safetensors_bytes
+
+    model = tiny_model_dir("llama")
+    common = ["--recipe", "w4a16-rtn", "--out", tmp_path / "out", "--device", "cpu", "--ppl-text", "python-docs",
+              "--ppl-context", "64", "--windows", "1", "--quiet"]
+    code, output = run("sensitivity", model, "--max-size", size, *common)
+    smallest = sum(safetensors_bytes(tmp_path / "out" / "checkpoints" / "w4a16-rtn").values())
+    assert smallest > 2**20  # both sizes are below it
+    assert_one_line(code, output, f"is below the smallest checkpoint w4a16-rtn makes of this model: {smallest:,} bytes")
+    assert not (tmp_path / "out" / "sensitivity.json").exists()  # refused before measuring
+    fix = output.split("give --max-size ")[1].split()[0]
+    code, output = run("sensitivity", model, "--max-size", fix, *common)
+    assert code == 0 and "mixed recipe:" in output, output

@@ -2,6 +2,7 @@
 recipe keeps what it says and weighs what it predicts, and keeping the worst parts 16-bit lowers the KL."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -130,6 +131,28 @@ def test_the_command_prints_the_worst_parts_and_the_mixed_recipe(measured):
 
 
 
+def test_a_measurement_of_another_version_of_parts_is_made_again(measured, tmp_path, monkeypatch):
+    """A sensitivity.json whose parts are not today's (one made before an MoE's experts were a part records no
+    parts_version) is measured again, not reused; today's is reused."""
+    import shutil
+
+    import ptqlab.suite
+
+    base, out, _ = measured
+    copy = shutil.copytree(out, tmp_path / "copy")
+    calls = []
+    measure = ptqlab.suite.measure_sensitivity
+    monkeypatch.setattr(ptqlab.suite, "measure_sensitivity", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    aim = Sensitivity(target_kl=1e-9, windows=2)
+    sensitivity(str(base), "w4a16-rtn", copy, aim, SETTINGS, quiet=True)
+    assert calls == []
+    older = json.loads((copy / "sensitivity.json").read_text())
+    del older["parts_version"]
+    (copy / "sensitivity.json").write_text(json.dumps(older))
+    sensitivity(str(base), "w4a16-rtn", copy, aim, SETTINGS, quiet=True)
+    assert calls == [1] and json.loads((copy / "sensitivity.json").read_text())["parts_version"] == 2
+
+
 def test_keeping_parts_at_more_bits_ranks_them_by_kl_saved_per_byte_added():
     """Kept at a wider scheme, a part adds its bytes at that scheme less at the recipe's (not its 16-bit bytes) and
     keeps a share of its KL: the ranking and the prediction follow."""
@@ -215,3 +238,123 @@ def test_keep_bits_must_be_a_wider_int_grid(measured_int2, bits, message, tmp_pa
     fp8 = {**result, "recipe": get_recipe("fp8-dynamic").to_dict()}
     with pytest.raises(PtqlabError, match=r"--keep-bits applies to int weights; the recipe's are float8"):
         plan_mixed(fp8, get_recipe("fp8-dynamic"), target, None, keep_bits=4)
+
+
+W2_SYMMETRIC = {"name": "w2-sym", "scheme": {"weights": {"num_bits": 2, "type": "int", "symmetric": True,
+                                                          "strategy": "group", "group_size": 64}}, "steps": ["rtn"]}
+"""A 2-bit recipe whose experts transformers reads back (symmetric: it maps no zero points into fused experts)."""
+
+
+@pytest.fixture(scope="module")
+def measured_moe(tiny_model_dir, tmp_path_factory):
+    """A tiny Qwen3-MoE measured part by part at 2 bits, planned with its parts kept at 4 bits."""
+    import yaml
+
+    base = tiny_model_dir("qwen3_moe")
+    out = tmp_path_factory.mktemp("sensitivity-moe")
+    recipe_file = out / "w2-sym.yaml"
+    recipe_file.write_text(yaml.safe_dump(W2_SYMMETRIC))
+    sensitivity(str(base), str(recipe_file), out, Sensitivity(target_kl=1e-9, windows=2, keep_bits=4), SETTINGS,
+                quiet=True)
+    return base, out, json.loads((out / "sensitivity.json").read_text())
+
+
+def test_an_moe_layers_experts_are_one_measured_part_and_the_mixed_recipe_covers_them(measured_moe):
+    """Each layer's experts (transformers merges them into one fused module) are one part with a finite KL and the
+    shapes that price them at --keep-bits, and the written recipe's override takes them in."""
+    import math
+
+    from ptqlab.measure.sensitivity import part_results
+    from ptqlab.measure.variant import resolve_runtime
+
+    _, out, result = measured_moe
+    assert result["not_measured"] == []
+    assert [(p["layer"], p["kind"]) for p in result["parts"]] == [(i, k) for i in range(2) for k in ("attention", "experts")]
+    experts = [p for p in result["parts"] if p["kind"] == "experts"]
+    assert all(math.isfinite(p["kl_mean"]) and p["kl_mean"] > 0 for p in experts)
+    assert all(len(p["linears"]) == 3 * 8 for p in experts)  # gate, up and down of each of the 8 experts
+    written = get_recipe(result["mixed"]["recipe_file"])  # the target 1e-9 keeps every part, the experts too
+    (override,) = written.overrides
+    assert {r.part.ignore_pattern for r in part_results(result) if r.part.kind == "experts"} <= set(override.targets)
+    # experts of one scheme: transformers reads them as stored, and the bench takes it on a CPU
+    assert resolve_runtime("auto", torch.device("cpu"), out / "checkpoints" / "w2-sym") == ("transformers", None)
+
+
+@pytest.mark.parametrize("keep_bits", [None, 4], ids=["16-bit", "4-bit"])
+def test_the_mixed_recipe_of_an_moe_keeps_a_layers_experts_and_quantizes_the_others(measured_moe, keep_bits, tmp_path):
+    """One layer's experts kept (16-bit, or at 4 bits): that layer's experts and no other linear change scheme, the
+    routers stay 16-bit, and the checkpoint weighs what the plan prices."""
+    from ptqlab.api import quantize
+    from ptqlab.measure.sensitivity import kept_extra_bytes, kept_scheme, mixed_recipe, part_results, safetensors_bytes
+    from ptqlab.measure.variant import resolve_runtime
+    from ptqlab.recipes import parse_recipe
+
+    base, _, result = measured_moe
+    recipe = parse_recipe(W2_SYMMETRIC)
+    part = next(r.part for r in part_results(result) if r.part.name == "layer 1 experts")
+    scheme = None if keep_bits is None else kept_scheme(recipe.scheme, keep_bits)
+    folder = quantize(str(base), mixed_recipe(recipe, [part], scheme), out=tmp_path / "mixed", quiet=True, device="cpu")
+    schemes = dict(_quantized_schemes(folder))
+    expert = {f"model.layers.{i}.mlp.experts.{e}.{p}" for i in range(2) for e in range(8)
+              for p in ("gate_proj", "up_proj", "down_proj")}
+    kept = {name for name in expert if name.startswith("model.layers.1.")}
+    if keep_bits is None:
+        assert set(schemes) & kept == set() and expert - kept <= set(schemes)
+    else:
+        assert {schemes[name] for name in kept} == {4} and {schemes[name] for name in expert - kept} == {2}
+    assert {bits for name, bits in schemes.items() if name not in kept} == {2}
+    assert not any(name.endswith("mlp.gate") for name in schemes)  # the routers stay 16-bit
+    extra = part.extra_bytes if scheme is None else kept_extra_bytes(part, recipe.scheme, scheme, result["stored_dtype"])
+    assert sum(safetensors_bytes(folder).values()) == result["uniform"]["weights_bytes"] + extra
+    notes = read_record(folder).notes  # transformers merges every expert on one grid: ptqlab's runtime verifies it
+    assert any(note.startswith("checkpoint not read back by transformers: it does not read experts of several schemes")
+               for note in notes), notes
+    assert any(note.startswith("checkpoint read back by ptqlab's runtime") for note in notes), notes
+    misread = "experts of several schemes in one checkpoint (int2, " + ("16-bit)" if keep_bits is None else "int4)")
+    assert resolve_runtime("auto", torch.device("cpu"), folder) == ("fast", f"transformers not used: it does not read "
+                                                                            f"{misread}")  # its scores: wrong experts
+    with pytest.raises(PtqlabError, match=rf"transformers does not read {re.escape(misread)}; benchmark it with "
+                                          r"--runtime fast or auto"):
+        resolve_runtime("transformers", torch.device("cpu"), folder)
+
+
+def test_an_moe_whose_experts_transformers_does_not_read_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    """Sensitivity measures the checkpoint as transformers reads it; it does not map INT8 experts into its fused
+    ones (they would stay random), so the run stops before scoring anything."""
+    with pytest.raises(PtqlabError, match=r"^sensitivity measures the checkpoint as transformers reads it, and "
+                                          r"transformers does not read int-quantized experts: choose a recipe"):
+        sensitivity(str(tiny_model_dir("qwen3_moe")), "w8a8-rtn", tmp_path / "out", Sensitivity(target_kl=0.01),
+                    SETTINGS, quiet=True)
+    assert not (tmp_path / "out" / "sensitivity.json").exists()
+
+
+@pytest.mark.parametrize("arch, block, linears", [("qwen2_moe", "mlp", 3 * 8 + 3), ("mixtral", "block_sparse_moe", 3 * 8)])
+def test_an_moe_experts_part_holds_its_shared_expert_and_weighs_the_checkpoints_names(arch, block, linears,
+                                                                                     tiny_model_dir, tmp_path):
+    """Qwen2-MoE's shared expert is in its layer's experts part; Mixtral's checkpoint names the block
+    block_sparse_moe where transformers names it mlp, and the part's bytes are its tensors under either name."""
+    from ptqlab.measure.sensitivity import safetensors_bytes
+
+    base = tiny_model_dir(arch)
+    sensitivity(str(base), "w4a16-rtn", tmp_path, Sensitivity(target_kl=1e-9, windows=1), SETTINGS, quiet=True)
+    result = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert result["not_measured"] == []
+    experts = [p for p in result["parts"] if p["kind"] == "experts"]
+    assert [p["layer"] for p in experts] == [0, 1] and all(len(p["linears"]) == linears for p in experts)
+    for folder, key in [(base, "dense_bytes"), (tmp_path / "checkpoints" / "w4a16-rtn", "quantized_bytes")]:
+        sizes = safetensors_bytes(folder)
+        for p in experts:
+            inside = (f"model.layers.{p['layer']}.post_attention_layernorm.", f"model.layers.{p['layer']}.{block}.")
+            assert p[key] == sum(size for name, size in sizes.items() if name.startswith(inside)), key
+
+
+def test_llama4s_dense_and_moe_feed_forwards_are_measured(tiny_model_dir, tmp_path):
+    """Llama 4 names its MLP block feed_forward, a dense MLP in layer 0 and the experts in layer 1 (tests/tiny.py);
+    transformers keeps its experts as linears of their own: every one is in a measured part."""
+    sensitivity(str(tiny_model_dir("llama4_text")), "w4a16-rtn", tmp_path, Sensitivity(target_kl=1e-9, windows=1),
+                SETTINGS, quiet=True)
+    result = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert result["not_measured"] == []
+    assert [(p["layer"], p["kind"]) for p in result["parts"]] == [(0, "attention"), (0, "mlp"), (1, "attention"),
+                                                                  (1, "experts")]
+    assert all(p["kl_mean"] > 0 for p in result["parts"])

@@ -20,6 +20,7 @@ from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.embedded import DEFAULT_MODEL_NAME, cache_root
 from ptqlab.engine import EngineOptions
 from ptqlab.engine.distributed import World, join, leave, peak_gpu_bytes_per_rank, world_from_environment
+from ptqlab.engine.experts import routed_experts
 from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, check_budgets, estimate, free_cpu_bytes,
                                   parse_bytes, resident_bytes)
 from ptqlab.engine.resume import Checkpointer
@@ -29,7 +30,8 @@ from ptqlab.errors import PtqlabError
 from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
                                                write_config)
 from ptqlab.families import FAMILIES, moe_layout
-from ptqlab.formats.readback import MOE_TRANSFORMERS_BOUND, expert_reading, read_back, unreadable_experts
+from ptqlab.formats.readback import (MOE_TRANSFORMERS_BOUND, expert_reading, read_back, several_expert_schemes,
+                                     unreadable_experts)
 from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype, decoder_layer_names, decoding_note,
                            load_checked, load_tokenizer, model_dtype, resolve_device, stored_dtype)
 from ptqlab.options import QuantizeOptions, RunOptions, given
@@ -335,7 +337,8 @@ def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, r
     if moe_layout(loaded.model.config) is not None:
         bounds["transformers"] = MOE_TRANSFORMERS_BOUND
         reading = expert_reading(loaded.model)
-        unreadable = next(filter(None, map(unreadable_experts, result.recipe.schemes)), None)
+        unreadable = next(filter(None, map(unreadable_experts, result.recipe.schemes)), None) \
+            or several_expert_schemes(_expert_schemes(loaded.model))
         if reading is None:
             skip["transformers"] = (f"it does not read {loaded.model.config.model_type}'s per-expert tensors (no "
                                     "conversion mapping merges them into its fused experts)")
@@ -344,6 +347,12 @@ def _verify(folder: Path, loaded: LoadedModel, streamed: StreamedModel | None, r
     checks, notes = read_back(folder, loaded.model, skip, bounds, in_memory=not resumed)
     result.notes += [check.note() for check in checks] + notes
     return [check.to_dict() for check in checks]
+
+
+def _expert_schemes(model: torch.nn.Module) -> list:
+    """The scheme of every expert linear of a quantized model in memory, its experts unfused (None: kept 16-bit)."""
+    return [getattr(linear, "scheme", None) for experts in routed_experts(model).values() for expert in experts
+            for linear in expert.children()]
 
 
 def memory_plan(model: str | None, recipe: Recipe, options: QuantizeOptions | None = None, **settings) -> MemoryPlan:

@@ -17,7 +17,8 @@ from rich.markup import escape
 
 from ptqlab.errors import PtqlabError
 from ptqlab.measure.gguf import gguf_file
-from ptqlab.measure.variant import BenchSettings, check_variant, device_name, fingerprint, run_isolated, variant_config
+from ptqlab.measure.variant import (BenchSettings, check_variant, device_name, fingerprint, run_isolated,
+                                    scoring_context, variant_config)
 from ptqlab.models import check_model_folder, resolve_device
 from ptqlab.output import check_can_write, locked, write_atomically
 from ptqlab.progress import format_seconds, log_event, say
@@ -81,6 +82,13 @@ def _check_same_vocabulary(baseline: Path, name: str, path: Path) -> None:
 def _context(baseline: Path | None, is_baseline: bool, settings: BenchSettings) -> dict:
     against = None if baseline is None or is_baseline else {"path": str(baseline.resolve()), "fingerprint": fingerprint(baseline)}
     return {"kl_against": against, "ptqlab": __version__, "device": device_name(resolve_device(settings.device))}
+
+
+def say_context_note(settings: BenchSettings, model: Path, quiet: bool) -> None:
+    """One line where --ppl-context asks for more positions than `model` has (measure/variant.scoring_context)."""
+    note = scoring_context(settings, variant_config(model))[1]
+    if note is not None:
+        say_unless_quiet(f"[yellow]note:[/] {escape(note)}", quiet)
 
 
 REPORT_FILES = ("results.json", "summary.md", "report.html")
@@ -165,6 +173,7 @@ def bench(paths: list[str], out: str | Path = "ptqlab-bench", baseline: str | No
     variants = [(f.name, f) for f in folders if base is None or f.resolve() != base.resolve()]
     out = Path(out)
     check_can_write(out, inside=True)
+    say_context_note(settings, base or folders[0], quiet)  # once, not by each variant's process
     with locked(out, "bench"):
         results = run_benchmarks(base, variants, out, settings, quiet)
         write_report(out, results, settings, budget, baseline_name="baseline" if base else None)

@@ -231,8 +231,7 @@ def _settings(ppl_quick: bool, ppl_full: bool, ppl_context, ppl_text, max_new_to
                       "--max-new-tokens, --repeats, --batch-sizes and --sample-tokens change them", highlight=False)
     speed = {k: defaults[k] if v is None else v for k, v in speed.items()}
     windows = QUICK_WINDOWS if ppl_quick else None
-    context = ppl_context or (QUICK_CONTEXT if ppl_quick else None)
-    return BenchSettings(ppl_text=ppl_text, ppl_context=context, ppl_windows=windows, ppl_protocol=ppl_protocol,
+    return BenchSettings(ppl_text=ppl_text, ppl_context=ppl_context, ppl_windows=windows, ppl_protocol=ppl_protocol,
                          batch_size=batch_size, device=device, seed=seed, runtime=runtime, **speed, **(tasks or {}))
 
 
@@ -412,7 +411,7 @@ def sensitivity(
     # start-up time: each command imports only what it runs (torch, the engine) when it runs
     from ptqlab.data import CalibrationConfig
     from ptqlab.measure.text import check_eval_text
-    from ptqlab.measure.variant import QUICK_CONTEXT, BenchSettings
+    from ptqlab.measure.variant import BenchSettings
     from ptqlab.options import RunOptions
     from ptqlab.recommend import Budget
     from ptqlab.suite import lab_calibration_size, sensitivity as run
@@ -420,7 +419,7 @@ def sensitivity(
     try:
         check_eval_text(ppl_text)
         aim = _aim(target_kl if target_kl is not None or max_size else Budget().max_kl, max_size, windows, keep_bits)
-        settings = BenchSettings(ppl_text=ppl_text, ppl_context=ppl_context or QUICK_CONTEXT, ppl_protocol=ppl_protocol,
+        settings = BenchSettings(ppl_text=ppl_text, ppl_context=ppl_context, ppl_protocol=ppl_protocol,
                                  device=device, seed=seed)
         calibration = CalibrationConfig(dataset=dataset, seed=seed, **lab_calibration_size(settings, num_samples, max_seq_len, quiet))
         options = RunOptions(dtype=dtype, seed=seed, device=device, calibration=calibration,
@@ -436,6 +435,12 @@ def _print_sensitivity(folder: Path, worst: int = 10) -> None:
 
     result = json.loads((folder / "sensitivity.json").read_text())
     parts = sorted(result["parts"], key=lambda p: p["kl_mean"], reverse=True)[:worst]
+    for note in result.get("notes", []):
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    if result.get("not_measured"):
+        outside = result["not_measured"]
+        console.print(f"[yellow]note:[/] {len(outside)} quantized linears belong to no part and were not measured "
+                      f"(e.g. {escape(outside[0])}); the mixed recipe keeps them quantized", highlight=False)
     console.print(f"uniform {escape(Path(result['checkpoint']).name)}: KL {result['uniform']['kl_mean']:.4f}, "
                   f"weights {result['uniform']['weights_bytes'] / 2**20:.1f} MiB; the {len(parts)} most sensitive parts "
                   f"(alone quantized):", highlight=False)

@@ -275,7 +275,7 @@ def bars(values: list[tuple[str, float]], label: str, width=520, bar_height=24) 
     return "".join(parts)
 
 
-PART_COLOURS = {"attention": "#3366cc", "mlp": "#dc8a33"}
+PART_COLOURS = {"attention": "#3366cc", "mlp": "#dc8a33", "experts": "#2f9e6b"}
 
 
 def layer_bars(rows: list[tuple[int, str, float]], label: str, width: int = 720, height: int = 240) -> str:

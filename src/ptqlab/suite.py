@@ -14,14 +14,16 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from rich.markup import escape
+
 from ptqlab.api import quantize, request_of, source_folders
-from ptqlab.benchmark import Steps, run_benchmarks, say_unless_quiet
+from ptqlab.benchmark import Steps, run_benchmarks, say_context_note, say_unless_quiet
 from ptqlab.data import CalibrationConfig
 from ptqlab.embedded import DEFAULT_MODEL_NAME, default_model_path
 from ptqlab.errors import PtqlabError
 from ptqlab.export_gguf import export_gguf, gguf_variant, read_record as read_gguf_record
-from ptqlab.measure.sensitivity import (SENSITIVITY_WINDOWS, checkpoint_dtype, kept_scheme, measure_sensitivity,
-                                        plan_mixed)
+from ptqlab.measure.sensitivity import (PARTS_VERSION, SENSITIVITY_WINDOWS, check_max_bytes, checkpoint_dtype,
+                                        kept_scheme, measure_sensitivity, plan_mixed, safetensors_bytes)
 from ptqlab.measure.variant import BenchSettings, fingerprint
 from ptqlab.models import load_config, load_model, load_tokenizer, resolve_device
 from ptqlab.options import QuantizeOptions, RunOptions, given, widened
@@ -138,6 +140,7 @@ def _lab(model, recipes, out: Path, settings: BenchSettings, budget: Budget, opt
     source = model or DEFAULT_MODEL_NAME
     quiet = options.quiet
     base_path = _baseline_path(model, out, options.dtype)
+    say_context_note(settings, base_path, quiet)
     manifest = out / "lab.json"
     if manifest.is_file():
         previous = json.loads(manifest.read_text())
@@ -228,8 +231,10 @@ def _sensitivity(base_path: Path, recipe, checkpoint: Path, out: Path, settings:
     import yaml
 
 
+    check_max_bytes(aim.max_bytes, sum(safetensors_bytes(checkpoint).values()), recipe.name)  # before measuring
     result_json = out / "sensitivity.json"
     identity = {"checkpoint_fingerprint": fingerprint(checkpoint), "windows_asked": aim.windows,
+                "parts_version": PARTS_VERSION,
                 "scoring": {k: getattr(settings, k) for k in SENSITIVITY_SETTINGS}}
     if aim.keep_bits is not None:  # pricing parts at another scheme needs what older measurements did not record
         identity["stored_dtype"] = checkpoint_dtype(checkpoint)
@@ -247,10 +252,12 @@ def _sensitivity(base_path: Path, recipe, checkpoint: Path, out: Path, settings:
     log_event(out / "log.jsonl", "sensitivity.done", recipe=recipe.name, kept=len(plan["kept"]),
               predicted_kl=plan["predicted_kl"])
     if not plan["kept"]:
-        say_unless_quiet(f"[yellow]note:[/] {recipe.name} already meets the aim with every part quantized: no mixed variant", quiet)
+        why = (": no part can be kept wider within --max-size" if aim.max_bytes is not None else
+               " already meets the aim with every part quantized")
+        say_unless_quiet(f"[yellow]note:[/] {escape(recipe.name)}{why}: no mixed variant", quiet)
         return None
-    say_unless_quiet(f"{mixed.name}: {len(plan['kept'])} parts kept {plan['kept_as']} (predicted KL {plan['predicted_kl']:.4f}): "
-                     f"{recipe_file}", quiet)
+    say_unless_quiet(escape(f"{mixed.name}: {len(plan['kept'])} parts kept {plan['kept_as']} (predicted KL "
+                            f"{plan['predicted_kl']:.4f}): {recipe_file}"), quiet)
     return mixed
 
 
@@ -266,6 +273,7 @@ def sensitivity(model: str | None, recipe: str, out: str | Path = "ptqlab-sensit
     check_results_folder(out, model)
     with locked(out, "sensitivity"):
         base_path = _baseline_path(model, out, options.dtype)
+        say_context_note(settings, base_path, options.quiet)
         steps = Steps(2, options.quiet)
         checkpoint = _quantized(base_path, chosen, out, options, steps)
         _sensitivity(base_path, chosen, checkpoint, out, settings, aim, options.quiet, steps)

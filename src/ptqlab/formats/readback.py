@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from ptqlab.families import FAMILIES, text_config
 from ptqlab.models import auto_model_class
 from ptqlab.number_formats import BY_NAME, NumberFormat
 from ptqlab.quant.linear import QuantizedLinear
+from ptqlab.safetensors_files import read_header
 from ptqlab.version import __version__
 
 BOUNDS = {"transformers": 1e-3, "ptqlab runtime": 1e-3}
@@ -55,6 +57,46 @@ def unreadable_experts(scheme) -> str | None:
     if scheme.weights.strategy == "block":
         return "experts with block-wise scales"
     return None
+
+
+def several_expert_schemes(schemes) -> str | None:
+    """Why transformers' merged reading (`expert_reading`) cannot read an MoE checkpoint whose expert linears are of
+    several schemes, given each one's scheme (None: 16-bit), or None when they share one: its conversion mapping
+    dequantizes every expert with the scheme of the config group targeting `Linear` (an expert at another scheme
+    comes out wrong) and does not map a 16-bit expert's `weight` at all (it stays at its random initialization)."""
+    distinct = list(dict.fromkeys(schemes))
+    if len(distinct) <= 1:
+        return None
+    names = ["16-bit" if s is None else f"{s.weights.type}{s.weights.num_bits}" for s in distinct]
+    return f"experts of several schemes in one checkpoint ({', '.join(dict.fromkeys(names))})"
+
+
+EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.[^.]+\.weight(_packed)?$")
+"""A per-expert linear's stored weight, 16-bit or quantized (its name less the last part: the linear's)."""
+
+
+def stored_expert_schemes(folder: Path) -> dict:
+    """Each per-expert linear of a checkpoint, by its name in the checkpoint, with the scheme its quantization_config
+    gives it (None: 16-bit), from config.json and the safetensors headers (nothing is loaded)."""
+    # Imported here for start-up time: the runtime's loader imports its kernels.
+    from ptqlab.runtime.load import SchemeResolver
+
+    resolve = SchemeResolver(json.loads((Path(folder) / "config.json").read_text()).get("quantization_config"))
+    names = {name.rpartition(".")[0] for file in sorted(Path(folder).glob("*.safetensors")) for name in read_header(file)
+             if EXPERT_WEIGHT.search(name)}
+    return {name: resolve(name) for name in sorted(names)}
+
+
+def experts_misread(model: nn.Module, schemes) -> str | None:
+    """Why transformers does not read a checkpoint's per-expert linears (`schemes`: each one's, None for 16-bit) into
+    `model`'s architecture as they are stored, or None where it does (or there are none)."""
+    schemes = list(schemes)
+    reading = expert_reading(model) if schemes else "linears"
+    if reading == "linears":
+        return None
+    if reading is None:
+        return f"{model.config.model_type}'s per-expert tensors"
+    return next(filter(None, map(unreadable_experts, filter(None, schemes))), None) or several_expert_schemes(schemes)
 
 
 def expert_reading(model: nn.Module) -> str | None:

@@ -1,9 +1,12 @@
 """Which parts of a model a recipe hurts, and the mixed-precision recipe that spares them.
 
 A part is one decoder layer's attention or its MLP (with the norm in front of it, which SmoothQuant and AWQ fold
-their scales into). Its sensitivity is the KL from the baseline when that part alone is quantized: the baseline
-model, in memory, with that part's modules swapped for the checkpoint's (read by transformers, the official
-compressed-tensors reader, so weights and activations are quantized exactly as the checkpoint says). "Alone
+their scales into); a mixture of experts' MLP block is one part, "experts": the layer's routed experts and its shared
+expert, beside its router (16-bit in every recipe, so the same in both models). Its sensitivity is the KL from the
+baseline when that part alone is quantized: the baseline model, in memory, with that part's modules swapped for the
+checkpoint's (read by transformers, the official compressed-tensors reader, so weights and activations are quantized
+exactly as the checkpoint says; routed experts transformers merges into its fused experts dequantized, their
+activations 16-bit, which the measurement then notes where the recipe quantizes activations). "Alone
 quantized" rather than "alone restored to 16-bit": each figure then belongs to its part and not to which others
 are quantized, so the figures of a set add up (to first order: small perturbations add their KL), which is what
 choosing a set needs; the uniform recipe's measured KL calibrates the sum, and the chosen recipe is measured again
@@ -27,6 +30,7 @@ measured KL per byte does, since every part's saved share is the same); the chos
 from __future__ import annotations
 
 import json
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -36,7 +40,9 @@ import torch
 from torch import nn
 
 from ptqlab.errors import PtqlabError
+from ptqlab.families import ExpertLayout, moe_layout
 from ptqlab.formats.quantized_layouts import quantized_linear_bytes
+from ptqlab.formats.readback import experts_misread, expert_reading, stored_expert_schemes
 from ptqlab.safetensors_files import read_header
 from ptqlab.measure.quality import evaluate
 from ptqlab.measure.variant import evaluation_tokens, stored_dtype
@@ -49,13 +55,21 @@ from ptqlab.schemes import FormatError, INT_BITS, QuantArgs
 
 PART_CHILDREN = {
     "attention": ("input_layernorm", "self_attn"),
-    "mlp": ("post_attention_layernorm", "pre_feedforward_layernorm", "mlp", "block_sparse_moe"),
+    "mlp": ("post_attention_layernorm", "pre_feedforward_layernorm", "mlp", "block_sparse_moe", "feed_forward"),
 }
 """The children of a decoder layer that make up each part: the block and the norm(s) in front of it (a norm that no
 transform changed is the same in both models, so swapping it too is harmless)."""
 
+PARTS_VERSION = 2
+"""What a part is, as a number a sensitivity.json records: a measurement of another (1, none recorded: an MoE's
+experts were in no part) is made again, not reused."""
 SENSITIVITY_WINDOWS = 4
 """Evaluation windows per part by default: a ranking of parts needs far fewer tokens than a verdict on a variant."""
+MERGED_EXPERTS_NOTE = ("the experts are measured with their weights as the checkpoint stores them and 16-bit "
+                       "activations: transformers reads them dequantized into its fused experts, which do not quantize "
+                       "activations")
+"""What a measurement of experts transformers merged leaves out, said beside it where the recipe quantizes
+activations."""
 KEPT_KL_PER_BIT = 0.25
 """The share of a part's KL taken to remain per bit it is kept wider (module docstring): the kept scheme's KL is not
 measured."""
@@ -65,7 +79,7 @@ measured."""
 class Part:
     layer: int
     kind: str
-    """attention or mlp."""
+    """attention, mlp, or experts (a mixture of experts' MLP block)."""
     prefix: str
     """The decoder layer's module name, e.g. model.layers.3."""
     children: tuple[str, ...]
@@ -107,8 +121,42 @@ class PartResult:
 
 def safetensors_bytes(folder: Path) -> dict[str, int]:
     """Bytes of every tensor in a folder's safetensors files, from their headers (nothing is loaded)."""
-    return {name: tensor.nbytes for file in sorted(folder.glob("*.safetensors"))
-            for name, tensor in read_header(file).items()}
+    return {name: tensor.nbytes for name, tensor in _stored_tensors(folder).items()}
+
+
+def _stored_tensors(folder: Path) -> dict:
+    return {name: tensor for file in sorted(folder.glob("*.safetensors")) for name, tensor in read_header(file).items()}
+
+
+def model_names(stored: dict, layout: ExpertLayout | None) -> dict:
+    """`stored` (tensor name -> anything) keyed by the model's names: where transformers renamed an MoE block or its
+    router (Mixtral's block_sparse_moe is its mlp), the checkpoint's names are the hub's (families.checkpoint_name)."""
+    renames = () if layout is None else layout.renames[::-1]  # undone in the reverse order of their doing
+    renamed = {}
+    for name, value in stored.items():
+        for ours, theirs in renames:
+            name = name.replace(theirs, ours)
+        renamed[name] = value
+    return renamed
+
+
+def merged_experts(baseline: nn.Module, checkpoint: Path) -> dict:
+    """The per-expert linears a checkpoint of `baseline`'s architecture quantizes that transformers merges,
+    dequantized, into its fused experts (so no module of the model it loads carries their scheme), by the model's
+    names, with their schemes; one line refusing, before transformers loads it, a checkpoint whose experts it does not
+    read as stored (it fails, leaves them at their random initialization, or dequantizes them on another scheme's
+    grid)."""
+    layout = moe_layout(baseline.config)
+    if layout is None:
+        return {}
+    stored = stored_expert_schemes(checkpoint)
+    why = experts_misread(baseline, stored.values())
+    if why is not None:
+        raise PtqlabError(f"sensitivity measures the checkpoint as transformers reads it, and transformers does not "
+                          f"read {why}: choose a recipe with symmetric int4 or FP8 experts (e.g. w4a16)")
+    if expert_reading(baseline) == "linears":  # kept as linears of their own, which carry their schemes
+        return {}
+    return {name: scheme for name, scheme in model_names(stored, layout).items() if scheme is not None}
 
 
 def _bytes_under(sizes: dict[str, int], prefix: str, children: tuple[str, ...]) -> int:
@@ -116,8 +164,11 @@ def _bytes_under(sizes: dict[str, int], prefix: str, children: tuple[str, ...]) 
 
 
 def find_parts(model: nn.Module, quantized_names: set[str], checkpoint_sizes: dict[str, int],
-               dense_sizes: dict[str, int]) -> tuple[list[Part], list[str]]:
-    """The parts holding quantized modules, in layer order, and the quantized modules outside every part."""
+               dense_sizes: dict[str, int], dense_shapes: dict[str, tuple] | None = None
+               ) -> tuple[list[Part], list[str]]:
+    """The parts holding quantized modules, in layer order, and the quantized modules outside every part.
+    `dense_shapes` (tensor -> shape, the baseline's files, by the model's names) shape the linears `model` holds
+    fused (an MoE's experts, one parameter for all), which it has no module for."""
     parts, covered = [], set()
     for index, prefix in enumerate(decoder_layer_names(model)):
         layer = model.get_submodule(prefix)
@@ -126,12 +177,22 @@ def find_parts(model: nn.Module, quantized_names: set[str], checkpoint_sizes: di
             inside = {n for n in quantized_names if any(n.startswith(f"{prefix}.{c}.") for c in children)}
             if inside:
                 covered |= inside
-                modules = [model.get_submodule(n) for n in sorted(inside)]
-                shapes = tuple(tuple(m.weight.shape) for m in modules) if all(
-                    isinstance(m, nn.Linear) for m in modules) else ()
+                shapes = [_linear_shape(model, n, dense_shapes or {}) for n in sorted(inside)]
+                kind = "experts" if kind == "mlp" and any(".experts." in n for n in inside) else kind
                 parts.append(Part(index, kind, prefix, children, _bytes_under(checkpoint_sizes, prefix, children),
-                                  _bytes_under(dense_sizes, prefix, children), shapes))
+                                  _bytes_under(dense_sizes, prefix, children),
+                                  tuple(shapes) if None not in shapes else ()))
     return parts, sorted(quantized_names - covered)
+
+
+def _linear_shape(model: nn.Module, name: str, dense_shapes: dict[str, tuple]) -> tuple[int, int] | None:
+    """[out, in] of the linear `name`: its module's, else (held fused) its weight's in the baseline's files."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        shape = dense_shapes.get(f"{name}.weight")
+        return tuple(shape) if shape is not None and len(shape) == 2 else None
+    return tuple(module.weight.shape) if isinstance(module, nn.Linear) else None
 
 
 @contextmanager
@@ -180,6 +241,23 @@ def choose_kept(results: list[PartResult], uniform_kl: float, uniform_bytes: int
             kept.append(result.part)
             size += extra(result.part)
     return kept
+
+
+def check_max_bytes(max_bytes: int | None, uniform_bytes: int, recipe_name: str) -> None:
+    """Refuse a size budget below the uniform checkpoint's weights: keeping parts wider only adds bytes, so no mixed
+    recipe fits it (and keeping none would pass for meeting it)."""
+    if max_bytes is not None and max_bytes < uniform_bytes:
+        given = f"{max_bytes:,} byte{'s' if max_bytes != 1 else ''}"
+        raise PtqlabError(f"--max-size of {given} is below the smallest checkpoint {recipe_name} makes of this model: "
+                          f"{uniform_bytes:,} bytes of weights with every part quantized, which keeping parts wider "
+                          f"only grows: give --max-size {_size_at_least(uniform_bytes)} or more, or a recipe of fewer "
+                          "bits")
+
+
+def _size_at_least(n: int) -> str:
+    """`n` bytes as a --max-size that --max-size reads back as at least `n`: MiB (GiB from 1 GiB), rounded up."""
+    unit, scale, step = ("GiB", 2**30, 100) if n >= 2**30 else ("MiB", 2**20, 10)
+    return f"{math.ceil(n / scale * step) / step:g}{unit}"
 
 
 def kept_scheme(scheme, bits: int):
@@ -253,17 +331,23 @@ def measure_sensitivity(base_path: Path, checkpoint: Path, settings, windows: in
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     tokens = evaluation_tokens(tokenizer, replace(settings, ppl_windows=windows), config)
     baseline = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device).eval()
+    sizes = safetensors_bytes(checkpoint)
+    merged = merged_experts(baseline, checkpoint)  # before transformers reads the checkpoint: it may refuse
     quantized = _load_checkpoint(checkpoint, device, dtype)
 
     def score(model, reference=None):
         return evaluate(model, tokens.token_ids, tokens.windows, reference, settings.topk, quiet=True,
                         protocol=tokens.protocol, bos_id=tokens.bos_id)
 
+    layout = moe_layout(quantized.config)
+    names = {n for n, m in quantized.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+    names |= set(merged)
+    notes = [MERGED_EXPERTS_NOTE] if any(s.input_activations is not None for s in merged.values()) else []
     reference = score(baseline).topk
     uniform = score(quantized, reference).summary()["kl"]
-    names = {n for n, m in quantized.named_modules() if getattr(m, "quantization_scheme", None) is not None}
-    sizes = safetensors_bytes(checkpoint)
-    parts, outside = find_parts(baseline, names, sizes, safetensors_bytes(base_path))
+    dense = model_names(_stored_tensors(base_path), layout)
+    parts, outside = find_parts(baseline, names, model_names(sizes, layout), {k: t.nbytes for k, t in dense.items()},
+                                {k: t.shape for k, t in dense.items()})
     if not parts:
         raise PtqlabError(f"{checkpoint} has no quantized decoder layer to measure")
     results = []
@@ -281,7 +365,7 @@ def measure_sensitivity(base_path: Path, checkpoint: Path, settings, windows: in
             "measured": "each part alone quantized (the rest 16-bit), KL from the baseline",
             "uniform": {"kl_mean": uniform["mean"], "top1_pct": uniform["top1_agreement_pct"],
                         "weights_bytes": sum(sizes.values())},
-            "parts": [r.to_dict() for r in results], "not_measured": outside}
+            "parts": [r.to_dict() for r in results], "not_measured": outside, "notes": notes}
 
 
 def part_results(sensitivity: dict) -> list[PartResult]:
@@ -315,6 +399,7 @@ def plan_mixed(sensitivity: dict, recipe, target_kl: float | None, max_bytes: in
                               "measure again to price parts at --keep-bits")
         scheme = kept_scheme(applied.scheme, keep_bits)
         retained = KEPT_KL_PER_BIT ** (keep_bits - applied.scheme.weights.num_bits)
+    check_max_bytes(max_bytes, uniform["weights_bytes"], recipe.name)
     kept = choose_kept(results, uniform["kl_mean"], uniform["weights_bytes"], target_kl, max_bytes, extra, retained)
     plan = {"target_kl": target_kl, "max_bytes": max_bytes, "kept": [p.name for p in kept],
             "kept_as": "16-bit" if scheme is None else f"at {scheme.describe()}", "keep_bits": keep_bits,

@@ -21,6 +21,8 @@ import torch
 from rich.markup import escape
 
 from ptqlab.errors import PtqlabError
+from ptqlab.families import FAMILIES
+from ptqlab.formats.readback import experts_misread, stored_expert_schemes
 from ptqlab.formats.validate import validate_checkpoint
 from ptqlab.measure.gguf import (QUALITY_NOTE, RUNTIME, SPEED_NOTE, check_gguf_folder, describe_gguf, gguf_config,
                                  gguf_file, not_measured_speed)
@@ -57,7 +59,8 @@ class BenchSettings:
     ppl_text: str = "wikitext-2"
     """Evaluation text: wikitext-2 (offline fallback: python-docs), python-docs, or a .txt path."""
     ppl_context: int | None = None
-    """Window length; None: the protocol's (2,048 for gptq, 512 for llama.cpp), at most the model's context."""
+    """Window length; None: the protocol's (2,048 for gptq, 512 for llama.cpp), QUICK_CONTEXT for the quick probe
+    (`ppl_windows` set); at most the model's positions either way (`scoring_context`)."""
     ppl_protocol: str = "gptq"
     """How windows are scored: gptq (every token but each window's first) or llama.cpp (BOS first, the second half
     scored), measure.quality.PPL_PROTOCOLS."""
@@ -181,10 +184,17 @@ def variant_config(path: Path) -> dict:
 
 def resolve_runtime(name: str, device: torch.device, path: Path) -> tuple[str, str | None]:
     """(runtime to use, a note when auto fell back). auto: the fast runtime on a GPU when it runs this checkpoint;
-    transformers on a CPU (where the fast runtime computes with dequantized weights, so it shows no speed-up)."""
+    transformers on a CPU (where the fast runtime computes with dequantized weights, so it shows no speed-up), unless
+    transformers does not read the checkpoint's experts as stored (`transformers_misreads`): its scores would be a
+    model with wrong experts."""
     check_runtime(name)
+    misread = None
     if name == "transformers" or (name == "auto" and device.type != "cuda"):
-        return "transformers", None
+        misread = transformers_misreads(path)
+        if misread is None:
+            return "transformers", None
+        if name == "transformers":
+            raise PtqlabError(f"{path}: transformers does not read {misread}; benchmark it with --runtime fast or auto")
     from ptqlab.runtime.load import check_supported  # start-up time: the runtime imports Triton; only a run of the fast runtime needs it
 
     try:
@@ -192,8 +202,27 @@ def resolve_runtime(name: str, device: torch.device, path: Path) -> tuple[str, s
     except PtqlabError as e:
         if name == "fast":
             raise
+        if misread is not None:
+            raise PtqlabError(f"{path}: transformers does not read {misread}, and ptqlab's runtime does not run it "
+                              f"({e}): it cannot be benchmarked") from None
         return "transformers", f"fast runtime not used: {e}"
-    return "fast", None
+    return "fast", None if misread is None else f"transformers not used: it does not read {misread}"
+
+
+def transformers_misreads(path: Path) -> str | None:
+    """Why transformers does not read a mixture-of-experts checkpoint's experts as stored (formats/readback
+    `experts_misread`: e.g. experts of several schemes, which it dequantizes on one grid), or None."""
+    # Imported here for start-up time: transformers' config classes load slowly.
+    from transformers import AutoConfig
+
+    raw = json.loads((Path(path) / "config.json").read_text())
+    family = FAMILIES.get(raw.get("model_type"))
+    if not raw.get("quantization_config") or family is None or family.experts is None:
+        return None
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):  # the architecture, not its weights: which modules transformers builds
+        model = auto_model_class(config).from_config(config)
+    return experts_misread(model, stored_expert_schemes(path).values())
 
 
 @dataclass(frozen=True)
@@ -230,12 +259,33 @@ class LoadedVariant:
     """The dtype it computes in: float32 on a CPU without native arithmetic in the stored dtype."""
 
 
+def model_positions(config: dict) -> int | None:
+    """The positions a model was trained for: config.json's max_position_embeddings (a vision-language model's text
+    config's); None where it does not say."""
+    return config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+
+
+def scoring_context(settings: BenchSettings, config: dict) -> tuple[int, str | None]:
+    """(the scoring window's length, the note saying --ppl-context was clamped, or None). At most the model's
+    positions: past them, learned position embeddings do not exist and rotary ones extrapolate, so the score would
+    measure that, not the quantization."""
+    positions = model_positions(config)
+    default = QUICK_CONTEXT if settings.ppl_windows is not None else ppl_protocol(settings.ppl_protocol).context
+    asked = settings.ppl_context or default
+    if positions is None or asked <= positions:
+        return asked, None
+    if not settings.ppl_context:  # a default window: fitted to the model without a word
+        return positions, None
+    return positions, (f"--ppl-context {asked} is past the model's {positions} positions (max_position_embeddings): "
+                       f"scored in windows of {positions} tokens; give --ppl-context {positions} or less")
+
+
 def evaluation_tokens(tokenizer, settings: BenchSettings, config: dict) -> EvaluationTokens:
-    """Tokenize the evaluation text and cut it into windows of the protocol's context."""
+    """Tokenize the evaluation text and cut it into windows of the protocol's context (`scoring_context`)."""
     protocol = ppl_protocol(settings.ppl_protocol)
     text = load_eval_text(settings.ppl_text)
     token_ids = tokenizer(text.text, return_tensors="pt", verbose=False)["input_ids"][0]
-    context = settings.ppl_context or min(protocol.context, config.get("max_position_embeddings") or protocol.context)
+    context, _ = scoring_context(settings, config)
     bos_id = tokenizer.bos_token_id if protocol.bos and adds_bos(tokenizer) else None
     return EvaluationTokens(text, token_ids, context, make_windows(len(token_ids), context, settings.ppl_windows), protocol,
                             bos_id)

@@ -161,3 +161,59 @@ def test_int8_prefill_gemm_against_float64(rows, n, k, out_dtype, tile):
     ok, worst = within(y, inputs @ weight.T + bias.double(), inputs.abs() @ weight.abs().T + bias.double().abs(), 1e-5,
                        out_dtype)
     assert ok, worst
+
+
+def _run_unpack_ptx(ptx: str, a: int, b: int, dtype: torch.dtype) -> list[tuple[float, float]]:
+    """The unpacking PTX on two words, by a model of the five instructions it uses (mov, prmt, shr.u32, lop3 with
+    the (x & y) | z table 0xEA, fma.rn of 16-bit pairs), as the PTX ISA defines them: its 8 outputs, each as the
+    pair (low half, high half) of 16-bit values."""
+    regs = {"$8": a, "$9": b}
+
+    def val(token):
+        return regs[token] if token in regs else int(token, 0)
+
+    def halves(word):
+        packed = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16)
+        return packed.view(dtype).float()
+
+    for statement in filter(None, (s.strip(" {}") for s in ptx.split(";"))):
+        op, _, args = statement.partition(" ")
+        args = [t.strip() for t in args.split(",")]
+        if op == ".reg":
+            continue
+        if op == "mov.b32":
+            regs[args[0]] = val(args[1])
+        elif op == "prmt.b32":
+            source = val(args[1]) | val(args[2]) << 32
+            regs[args[0]] = sum(((source >> (8 * ((val(args[3]) >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op == "shr.u32":
+            regs[args[0]] = val(args[1]) >> val(args[2])
+        elif op == "lop3.b32":
+            assert args[4] == "0xEA"
+            regs[args[0]] = (val(args[1]) & val(args[2])) | val(args[3])
+        elif op.startswith("fma.rn."):
+            x, y, z = (halves(val(t)) for t in args[1:])
+            low, high = ((x.double() * y.double() + z.double()).to(dtype)  # one rounding, as fma
+                         .view(torch.int16).to(torch.int32).tolist())
+            regs[args[0]] = (low & 0xFFFF) | (high & 0xFFFF) << 16
+        else:
+            raise AssertionError(f"an instruction the model does not know: {statement}")
+    return [tuple(halves(regs[f"${j}"]).tolist()) for j in range(8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_unpacking_ptx_gives_every_nibble_of_both_words_as_its_value(dtype):
+    """The PTX the GPU runs to turn two plane words into their 16 values (the interpreter runs the plain form): for
+    words holding every nibble in every position, output j holds nibble j of the first word in its low half and of
+    the second in its high half, as u - 8, exactly."""
+    from ptqlab.runtime import int4_kernels
+    from ptqlab.triton_support import triton
+
+    if triton is None:
+        pytest.skip("needs Triton")
+    ptx = (int4_kernels._UNPACK_BF16 if dtype == torch.bfloat16 else int4_kernels._UNPACK_FP16).value
+    for shift in range(16):
+        a = sum(((shift + j) % 16) << (4 * j) for j in range(8))
+        b = sum(((shift + 3 * j + 5) % 16) << (4 * j) for j in range(8))
+        got = _run_unpack_ptx(ptx, a, b, dtype)
+        assert got == [((a >> 4 * j & 15) - 8, (b >> 4 * j & 15) - 8) for j in range(8)], (shift, got)

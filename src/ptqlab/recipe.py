@@ -30,6 +30,13 @@ def step_name(step: Step) -> str:
 
 
 QUANTIZERS = ", ".join(kind.name for kind in STEP_KINDS.values() if kind.role == "quantizer")
+_AUTOROUND_TUNES = "autoround tunes int weights with per-group or per-channel scales"
+
+
+def _autoround_tunes(weights) -> bool:
+    """Whether AutoRound's tuning (rounding offsets and clipping of int grids per group or channel) applies to these
+    weights: the recipe's scheme and every override's must pass."""
+    return weights.type == "int" and weights.strategy in ("group", "channel")
 
 
 @dataclass(frozen=True)
@@ -87,10 +94,10 @@ class Recipe:
         if any(role != "transform" for role in roles[:-1]):
             raise PtqlabError(f"recipe {self.name}: only smoothquant and awq may come before the quantizer, "
                               f"and only one quantizer ({QUANTIZERS}) is allowed, last")
-        weights = self.scheme.weights
-        if step_name(self.steps[-1]) == "autoround" and (weights.type != "int" or weights.strategy not in ("group", "channel")):
-            raise PtqlabError(f"recipe {self.name}: autoround tunes int weights with per-group or per-channel scales, "
-                              f"not {weights.type} {weights.strategy}; use gptq or rtn for this scheme")
+        tuned = step_name(self.steps[-1]) == "autoround"
+        if tuned and not _autoround_tunes(self.scheme.weights):
+            raise PtqlabError(f"recipe {self.name}: {_AUTOROUND_TUNES}, not {self.scheme.weights.type} "
+                              f"{self.scheme.weights.strategy}; use gptq or rtn for this scheme")
         if any(s.weights.strategy == "block" for s in self.schemes) and any(step_name(s) in ("gptq", "awq")
                                                                             for s in self.steps):
             raise PtqlabError(f"recipe {self.name}: block-wise weights (strategy block) are quantized by rtn, optionally "
@@ -100,10 +107,9 @@ class Recipe:
             if problem:
                 raise PtqlabError(f"recipe {self.name}: overrides[{i}]{problem}")
             weights = override.scheme.weights
-            if step_name(self.steps[-1]) == "autoround" and (weights.type != "int" or
-                                                             weights.strategy not in ("group", "channel")):
-                raise PtqlabError(f"recipe {self.name}: overrides[{i}]: autoround tunes int weights with per-group or "
-                                  f"per-channel scales, not {weights.type} {weights.strategy}")
+            if tuned and not _autoround_tunes(weights):
+                raise PtqlabError(f"recipe {self.name}: overrides[{i}]: {_AUTOROUND_TUNES}, not {weights.type} "
+                                  f"{weights.strategy}")
 
     @property
     def schemes(self) -> tuple[Scheme, ...]:

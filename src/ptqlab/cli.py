@@ -179,6 +179,7 @@ def recipes(
 
     # start-up time: each command imports only what it runs (torch, the engine) when it runs
     from ptqlab.recipe import step_name
+    from ptqlab.number_formats import GPU_GENERATIONS, VLLM_011
     from ptqlab.recipes import PRESETS, get_recipe
 
     if name is not None:
@@ -187,18 +188,26 @@ def recipes(
         except PtqlabError as e:
             _fail(e)
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        if (deployment := recipe.scheme.deployment) is not None:  # comments: the YAML still loads as a recipe
+            print(f"# deployment: {deployment.family}; {deployment.source}")
+            print("".join(f"#   {gpu}: {path}\n" for gpu, path in zip(GPU_GENERATIONS, deployment.paths)), end="")
         return
     columns = ("recipe", "steps", "format", "keeps 16-bit", "what it does")
     rows = [(r.name, " → ".join(step_name(s) for s in r.steps), r.scheme.format, ", ".join(r.ignore), r.description)
             for r in PRESETS.values()]
+    paths = [(r.name, *r.scheme.deployment.paths) for r in PRESETS.values()]  # tests: every preset has a row
     if not console.is_terminal:  # a script reads it: one tab-separated line per recipe, whatever the width
-        print("\t".join(columns))
-        for row in rows:
-            print("\t".join(row))
+        print("\t".join(columns + GPU_GENERATIONS))
+        for row, path in zip(rows, paths):
+            print("\t".join(row + path[1:]))
         return
     table = Table(*columns)
     for row in rows:
         table.add_row(*row)
+    console.print(table)
+    table = Table("recipe", *GPU_GENERATIONS, title="Deployment paths (" + VLLM_011 + "; ptqlab recipes NAME: sources)")
+    for path in paths:
+        table.add_row(*path)
     console.print(table)
 
 

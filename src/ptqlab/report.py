@@ -162,6 +162,23 @@ def sweep_lines(variants: list[dict]) -> list[str]:
     return lines
 
 
+def deployment_lines(variants: list[dict]) -> list[str]:
+    """A markdown table of the engine path that serves each quantized variant on each GPU generation (a row per
+    config group family; the 16-bit baseline and GGUF variants have none), with the versions it was read from: the
+    fastest variant on this machine may have no fast path on the reader's GPU."""
+    rows = [(v["name"], d) for v in variants for d in v.get("deployment") or []]
+    if not rows:
+        return []
+    generations = list(rows[0][1]["paths"])
+    sources = list(dict.fromkeys(d["source"] for _, d in rows))
+    lines = ["", "## Deployment paths", "", "Which serving kernel runs each variant, per GPU generation. Read from: "
+             + "; ".join(sources) + ".", "",
+             "| variant | family | " + " | ".join(generations) + " |", "|---|---|" + "---|" * len(generations)]
+    lines += [f"| {name} | {d['family']} | " + " | ".join(d["paths"].get(g, "–") for g in generations) + " |"
+              for name, d in rows]
+    return lines
+
+
 def task_lines(variants: list[dict], baseline: str | None) -> list[str]:
     """A markdown table of task accuracy (lm-eval): each task's main metric per variant, and the variant's recovery
     (its score / the baseline's, in percent) beside it."""
@@ -233,7 +250,8 @@ def write_report(out: Path, variants: list[dict], settings, budget: Budget, base
     md = [f"# ptqlab results{f': {model}' if model else ''}", "", f"Device: {results['device']}. Created {results['created']}.", "",
           markdown_table(rows), "", "## Recommendation", ""]
     md += [f"- {line}" for line in _recommendation_lines(results["recommendation"])]
-    md += sweep_lines(variants) + task_lines(variants, baseline_name) + sensitivity_lines(sensitivity, variants)
+    md += deployment_lines(variants) + sweep_lines(variants) + task_lines(variants, baseline_name)
+    md += sensitivity_lines(sensitivity, variants)
     md += ["", "## Notes", ""] + [f"- {n}" for n in _notes(results)]
     md += expert_coverage_lines(variants)
     md += ["", "## Sample completions", ""] + sample_completion_lines(variants, baseline_name)
@@ -393,7 +411,7 @@ def render_html(results: dict, rows: list[dict]) -> str:
     plots.append(_bars([(v["name"], v["speed"]["throughput_tok_s"]) for v in timed],
                        f"throughput tok/s (batch {variants[0]['speed']['batch_size']})"))
     sensitivity = results.get("sensitivity")
-    sections = markdown_html(sweep_lines(variants) + task_lines(variants, baseline))
+    sections = markdown_html(deployment_lines(variants) + sweep_lines(variants) + task_lines(variants, baseline))
     if sensitivity:  # the findings, the per-layer plot, then the table of the worst parts
         lines = sensitivity_lines(sensitivity, variants)
         table = next(i for i, line in enumerate(lines) if line.startswith("|"))

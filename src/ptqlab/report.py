@@ -402,7 +402,8 @@ def render_html(results: dict, rows: list[dict]) -> str:
     esc = html.escape
     front = results["recommendation"]["pareto_front"]
     size = [(v["name"], v["size"]["weights_bytes"] / MiB) for v in variants]
-    plots = [_scatter([(n, s, v["perplexity"]["value"]) for (n, s), v in zip(size, variants)], "weights (MiB)", "perplexity")]
+    plots = [_scatter([(n, s, v["perplexity"]["value"]) for (n, s), v in zip(size, variants)], "weights (MiB)", "perplexity",
+                      baseline=baseline)]
     if any(v.get("kl") for v in variants):
         kl_points = [p for p in size_kl_points(variants, baseline) if p[2] is not None]
         plots.append(_scatter(kl_points, "weights (MiB)", "mean KL (nats)", front=front))

@@ -342,6 +342,7 @@ def lab(
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also measure each decoder layer's attention and MLP alone quantized with the recipe of fewest weight bits, and add its mixed-precision version (the most sensitive parts kept 16-bit, or at --keep-bits, to meet --target-kl or --max-size) as one more variant.")] = False,
     target_kl: TargetKl = None, max_size: MaxSize = None, sensitivity_windows: SensitivityWindows = None,
     keep_bits: KeepBits = None,
+    export_md: Annotated[bool, typer.Option("--export-md", help="Also write the results table as Markdown (results.md beside the report, with the protocol and deployment paths) and print it to stdout, for a model card or an issue.")] = False,
 ) -> None:
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
     _start(verbose)
@@ -371,6 +372,12 @@ def lab(
     except PtqlabError as e:
         _fail(e)
     _print_summary(folder)
+    if export_md:
+        from ptqlab.report import write_results_markdown
+
+        markdown = write_results_markdown(folder)
+        console.print(f"[green]markdown:[/] {escape(str(markdown))}", highlight=False)
+        print(markdown.read_text(), end="")  # stdout: `ptqlab lab --export-md > card.md` keeps only the table
 
 
 def _budget(max_kl: float, max_ppl_increase: float):

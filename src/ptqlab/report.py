@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from ptqlab.errors import PtqlabError
 from ptqlab.measure.quality import perplexity_change
 from ptqlab.output import write_atomically
 from ptqlab.plots import FRONT_COLOUR, bars as _bars, layer_bars, scatter as _scatter
@@ -68,6 +69,35 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 PARETO_LABEL = "Pareto front (size vs KL)"
+CARD_COLUMNS = ("variant", "format", "weights MiB", "perplexity", "ppl Δ%", "KL mean", "top-1 %", "decode tok/s")
+"""The results table's columns a model card or an issue needs (with the throughput column, named by its batch size);
+the rest (load time, memory, tail KL) stay in summary.md and report.html."""
+RESULTS_MD = "results.md"
+
+
+def results_markdown(results: dict) -> str:
+    """The results table as Markdown, from results.json alone (so an old lab folder exports too), with the protocol
+    beside it, since perplexities from different tools and settings are not comparable, and the deployment paths."""
+    rows = [{k: v for k, v in row.items() if k in CARD_COLUMNS or k.startswith("batch-")}
+            for row in _rows(results["variants"], results.get("baseline"))]
+    text = results["text"]
+    versions = results.get("versions") or {}
+    protocol = (f"Perplexity: {text['name']} ({text.get('source', '')}), {results['settings']['protocol']}, context "
+                f"{results['context']}, {results['tokens_scored']} tokens scored; KL against {results.get('baseline')}. "
+                f"Device: {results['device']}. ptqlab {versions.get('ptqlab', '?')}, transformers "
+                f"{versions.get('transformers', '?')}, torch {versions.get('torch', '?')}.")
+    lines = [markdown_table(rows), "", protocol] + deployment_lines(results["variants"])
+    return "\n".join(lines) + "\n"
+
+
+def write_results_markdown(folder: Path) -> Path:
+    """results.md beside the report, from its results.json; a folder without one is refused in one line."""
+    source = Path(folder) / "results.json"
+    if not source.is_file():
+        raise PtqlabError(f"{folder}: no results.json to export; run the lab there first (or name its folder with --out)")
+    path = Path(folder) / RESULTS_MD
+    write_atomically(path, results_markdown(json.loads(source.read_text())))
+    return path
 
 
 def _recommendation_lines(rec: dict) -> list[str]:

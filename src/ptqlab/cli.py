@@ -303,11 +303,15 @@ def bench(
     tasks_fewshot: TasksFewshot = None,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
     runtime: Runtime = "auto", verbose: Verbose = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout and nothing else there (progress and notes go to stderr), for scripts.")] = False,
 ) -> None:
     """Benchmark model folders side by side: size, load time, memory, perplexity, KL, speed, samples; write a report."""
     _start(verbose)
     # start-up time: each command imports only what it runs (torch, the engine) when it runs
+    from contextlib import nullcontext
+
     from ptqlab.benchmark import bench as run
+    from ptqlab.progress import stdout_to_stderr
 
     try:
         budget = _budget(max_kl, max_ppl_increase)
@@ -316,11 +320,14 @@ def bench(
                              sample_tokens=sample_tokens, device=device, seed=seed, quiet=quiet, runtime=runtime,
                              ppl_protocol=ppl_protocol, batch_sizes=batch_sizes,
                              tasks=_tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
-        folder = run(paths=[str(p) for p in paths], out=out, baseline=str(baseline) if baseline else None,
-                     settings=settings, budget=budget, quiet=quiet)
+        with stdout_to_stderr() if json_out else nullcontext():
+            folder = run(paths=[str(p) for p in paths], out=out, baseline=str(baseline) if baseline else None,
+                         settings=settings, budget=budget, quiet=quiet)
     except PtqlabError as e:
         _fail(e)
     _print_summary(folder)
+    if json_out:
+        print((folder / "results.json").read_text(), end="")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from ptqlab.errors import PtqlabError
 from ptqlab.output import end_on_sigterm
-from ptqlab.progress import console, quiet_libraries
+from ptqlab.progress import console, quiet_libraries, stdout_to_stderr
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Quantize Hugging Face causal LMs and prove what it cost.")
 
@@ -308,10 +309,7 @@ def bench(
     """Benchmark model folders side by side: size, load time, memory, perplexity, KL, speed, samples; write a report."""
     _start(verbose)
     # start-up time: each command imports only what it runs (torch, the engine) when it runs
-    from contextlib import nullcontext
-
     from ptqlab.benchmark import bench as run
-    from ptqlab.progress import stdout_to_stderr
 
     try:
         budget = _budget(max_kl, max_ppl_increase)
@@ -380,7 +378,7 @@ def lab(
         _fail(e)
     _print_summary(folder)
     if export_md:
-        from ptqlab.report import write_results_markdown
+        from ptqlab.report import write_results_markdown  # start-up time, as above
 
         markdown = write_results_markdown(folder)
         console.print(f"[green]markdown:[/] {escape(str(markdown))}", highlight=False)

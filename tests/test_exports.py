@@ -114,3 +114,11 @@ def test_bench_json_prints_only_results_json_on_stdout(finished_lab, tmp_path):
     assert printed == json.loads((out / "results.json").read_text())
     assert [v["name"] for v in printed["variants"]] == ["baseline", "w4a16-rtn"]
     assert "results.json" in run.stderr  # the summary and notes still reach the user, on stderr
+
+
+def test_bench_json_that_fails_prints_nothing_on_stdout_and_one_line_on_stderr(tmp_path):
+    result = runner.invoke(app, ["bench", str(tmp_path / "missing"), "--out", str(tmp_path / "b"), "--device", "cpu",
+                                 "--quiet", "--json"])
+    assert result.exit_code == 2 and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr

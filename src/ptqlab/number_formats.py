@@ -134,6 +134,7 @@ class Deployment:
     """Weight scale granularities it covers; empty: any the format takes."""
 
     def covers(self, weights: WeightArgs, activations: str | None) -> bool:
+        """Whether a scheme with these weights and activations (activation_kind's key) belongs to this family."""
         return (weights.num_bits in self.bits and activations == self.activations
                 and (not self.strategies or weights.strategy in self.strategies))
 
@@ -366,7 +367,7 @@ FORMATS: tuple[NumberFormat, ...] = (
                        ("vLLM CUTLASS int8 scaled_mm (sm80)", "vLLM CUTLASS int8 scaled_mm (sm89)",
                         "vLLM CUTLASS int8 scaled_mm (sm90)",
                         "no vLLM kernel: the sm100/sm120 CUTLASS scaled_mm is FP8-only; serve fp8-dynamic"),
-                       VLLM_SCALED_MM),
+                       f"{VLLM_SCALED_MM}; scaled_mm_c3x_sm100.cu: int8 not supported on SM100"),
             Deployment("int4 weights, dynamic FP8 activations (w4a8, w4a8-rtn)", (4,), "fp8",
                        ("no vLLM kernel: serve w4a16 (Marlin)", "no vLLM kernel: serve w4a16 (Marlin)",
                         "vLLM CUTLASS W4A8 mixed-input GEMM",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from ptqlab.errors import PtqlabError
 from ptqlab.output import end_on_sigterm
-from ptqlab.progress import console, quiet_libraries
+from ptqlab.progress import console, quiet_libraries, stdout_to_stderr
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Quantize Hugging Face causal LMs and prove what it cost.")
 
@@ -179,6 +180,7 @@ def recipes(
 
     # start-up time: each command imports only what it runs (torch, the engine) when it runs
     from ptqlab.recipe import step_name
+    from ptqlab.number_formats import GPU_GENERATIONS, VLLM_011
     from ptqlab.recipes import PRESETS, get_recipe
 
     if name is not None:
@@ -187,18 +189,26 @@ def recipes(
         except PtqlabError as e:
             _fail(e)
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        if (deployment := recipe.scheme.deployment) is not None:  # comments: the YAML still loads as a recipe
+            print(f"# deployment: {deployment.family}; {deployment.source}")
+            print("".join(f"#   {gpu}: {path}\n" for gpu, path in zip(GPU_GENERATIONS, deployment.paths)), end="")
         return
     columns = ("recipe", "steps", "format", "keeps 16-bit", "what it does")
     rows = [(r.name, " → ".join(step_name(s) for s in r.steps), r.scheme.format, ", ".join(r.ignore), r.description)
             for r in PRESETS.values()]
+    paths = [(r.name, *r.scheme.deployment.paths) for r in PRESETS.values()]  # tests: every preset has a row
     if not console.is_terminal:  # a script reads it: one tab-separated line per recipe, whatever the width
-        print("\t".join(columns))
-        for row in rows:
-            print("\t".join(row))
+        print("\t".join(columns + GPU_GENERATIONS))
+        for row, path in zip(rows, paths):
+            print("\t".join(row + path[1:]))
         return
     table = Table(*columns)
     for row in rows:
         table.add_row(*row)
+    console.print(table)
+    table = Table("recipe", *GPU_GENERATIONS, title="Deployment paths (" + VLLM_011 + "; ptqlab recipes NAME: sources)")
+    for path in paths:
+        table.add_row(*path)
     console.print(table)
 
 
@@ -294,6 +304,7 @@ def bench(
     tasks_fewshot: TasksFewshot = None,
     device: Device = "auto", seed: int = 0, max_kl: MaxKl = 0.05, max_ppl_increase: MaxPplIncrease = 5.0, quiet: Quiet = False,
     runtime: Runtime = "auto", verbose: Verbose = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout and nothing else there (progress and notes go to stderr), for scripts.")] = False,
 ) -> None:
     """Benchmark model folders side by side: size, load time, memory, perplexity, KL, speed, samples; write a report."""
     _start(verbose)
@@ -307,11 +318,14 @@ def bench(
                              sample_tokens=sample_tokens, device=device, seed=seed, quiet=quiet, runtime=runtime,
                              ppl_protocol=ppl_protocol, batch_sizes=batch_sizes,
                              tasks=_tasks(tasks, tasks_path, tasks_limit, tasks_fewshot))
-        folder = run(paths=[str(p) for p in paths], out=out, baseline=str(baseline) if baseline else None,
-                     settings=settings, budget=budget, quiet=quiet)
+        with stdout_to_stderr() if json_out else nullcontext():
+            folder = run(paths=[str(p) for p in paths], out=out, baseline=str(baseline) if baseline else None,
+                         settings=settings, budget=budget, quiet=quiet)
     except PtqlabError as e:
         _fail(e)
     _print_summary(folder)
+    if json_out:
+        print((folder / "results.json").read_text(), end="")
 
 
 @app.command()
@@ -333,6 +347,7 @@ def lab(
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also measure each decoder layer's attention and MLP alone quantized with the recipe of fewest weight bits, and add its mixed-precision version (the most sensitive parts kept 16-bit, or at --keep-bits, to meet --target-kl or --max-size) as one more variant.")] = False,
     target_kl: TargetKl = None, max_size: MaxSize = None, sensitivity_windows: SensitivityWindows = None,
     keep_bits: KeepBits = None,
+    export_md: Annotated[bool, typer.Option("--export-md", help="Also write the results table as Markdown (results.md beside the report, with the protocol and deployment paths) and print it to stdout, for a model card or an issue.")] = False,
 ) -> None:
     """Quantize MODEL with each recipe, benchmark every variant next to the 16-bit baseline, and report."""
     _start(verbose)
@@ -362,6 +377,12 @@ def lab(
     except PtqlabError as e:
         _fail(e)
     _print_summary(folder)
+    if export_md:
+        from ptqlab.report import write_results_markdown  # start-up time, as above
+
+        markdown = write_results_markdown(folder)
+        console.print(f"[green]markdown:[/] {escape(str(markdown))}", highlight=False)
+        print(markdown.read_text(), end="")  # stdout: `ptqlab lab --export-md > card.md` keeps only the table
 
 
 def _budget(max_kl: float, max_ppl_increase: float):

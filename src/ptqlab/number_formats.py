@@ -111,6 +111,46 @@ class Layout:
     dtype_why: str = ""
 
 
+GPU_GENERATIONS = ("Ampere sm80", "Ada sm89", "Hopper sm90", "Blackwell sm100/120")
+"""The NVIDIA GPU generations a Deployment names a path for, in its `paths` order."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Which serving engine's kernel runs one family of schemes stored in a format, per GPU generation: what a user
+    picking a variant for their GPU needs to know, and what the engine's kernel selection decides (not ptqlab)."""
+
+    family: str
+    """The family in words, with the preset names it covers."""
+    bits: tuple[int, ...]
+    """Weight bits it covers."""
+    activations: str | None
+    """Quantized input activations it covers, `int8`, `fp8` or `fp4`; None: 16-bit activations (weight-only)."""
+    paths: tuple[str, str, str, str]
+    """The path per GPU_GENERATIONS entry."""
+    source: str
+    """The engine version and code the paths were read from: they change with each release."""
+    strategies: tuple[str, ...] = ()
+    """Weight scale granularities it covers; empty: any the format takes."""
+
+    def covers(self, weights: WeightArgs, activations: str | None) -> bool:
+        """Whether a scheme with these weights and activations (activation_kind's key) belongs to this family."""
+        return (weights.num_bits in self.bits and activations == self.activations
+                and (not self.strategies or weights.strategy in self.strategies))
+
+    def to_dict(self) -> dict:
+        """As results.json records it: a report written later still says what this version of ptqlab read."""
+        return {"family": self.family, "paths": dict(zip(GPU_GENERATIONS, self.paths)), "source": self.source}
+
+
+VLLM_011 = "vLLM 0.11 kernel selection"
+VLLM_MP = f"{VLLM_011} (mixed_precision/__init__.py: Machete, AllSpark, Marlin; Machete sm90 only, no zero points)"
+VLLM_SCALED_MM = f"{VLLM_011} (cutlass scaled_mm_entry.cu: sm80/sm89/sm90/sm100/sm120 dispatch)"
+NO_VLLM_KERNEL = "no vLLM kernel: ptqlab's runtime, or llama.cpp via ptqlab export-gguf"
+WNA16_PATHS = ("vLLM Marlin", "vLLM Marlin", "vLLM Machete (symmetric); Marlin (zero points)", "vLLM Marlin")
+FP8_MARLIN = "vLLM Marlin FP8, weight-only (activations stay 16-bit)"
+FP4_MARLIN = "vLLM Marlin FP4, weight-only (activations stay 16-bit)"
+
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 """The float dtypes a checkpoint keeps its unquantized tensors (and the scales of most formats) in."""
 
@@ -164,6 +204,8 @@ class NumberFormat:
     runtime_kernels: tuple[str, ...] = ()
     """The fast runtime's kernels (runtime/linear.py's names) a layer stored in this format may run on; empty: it
     is dequantized to 16-bit at load (emulated)."""
+    deployments: tuple[Deployment, ...] = ()
+    """Which engine path serves each family of schemes stored in this format, per GPU generation (`deployment`)."""
 
     def takes(self, weights: WeightArgs, with_activations: bool | None = None) -> bool:
         """Whether these weights (with or without quantized activations; None: either) are stored in this format."""
@@ -172,6 +214,11 @@ class NumberFormat:
                 and (self.group_size is None or weights.group_size == self.group_size)
                 and (self.scale_dtype is None or weights.scale_dtype == self.scale_dtype)
                 and (with_activations is None or self.with_activations in (None, with_activations)))
+
+    def deployment(self, weights: WeightArgs, activations: str | None) -> Deployment | None:
+        """The row of `deployments` for these weights and activations (`int8`, `fp8`, `fp4`; None: 16-bit); None
+        where no engine path is recorded."""
+        return next((d for d in self.deployments if d.covers(weights, activations)), None)
 
     @property
     def weight_tensor(self) -> str:
@@ -277,32 +324,76 @@ FORMATS: tuple[NumberFormat, ...] = (
         "nvfp4-pack-quantized", ("float",), (4,), ("tensor_group",), None, {"float": "uint8"},
         pack=pack_fp4, unpack=unpack_fp4, packing="packed two per byte", label="NVFP4", group_size=16,
         scale_dtype="float8_e4m3fn", scale_words="FP8 E4M3 group scales", global_scales=True,
-        transformers_bound=FP4_TRANSFORMERS_BOUND, dequantize_at_load=True),
+        transformers_bound=FP4_TRANSFORMERS_BOUND, dequantize_at_load=True,
+        deployments=(
+            Deployment("NVFP4 weights and activations (nvfp4)", (4,), "fp4",
+                       (FP4_MARLIN, FP4_MARLIN, FP4_MARLIN,
+                        "vLLM CUTLASS FP4 tensor-core GEMM (cutlass_scaled_fp4_mm)"),
+                       f"{VLLM_011} (compressed_tensors_w4a4_nvfp4.py: FP4 GEMM on sm100+, else Marlin FP4)"),
+            Deployment("NVFP4 weight-only (nvfp4a16)", (4,), None, (FP4_MARLIN,) * 4,
+                       f"{VLLM_011} (compressed_tensors_w4a16_nvfp4.py: Marlin FP4 on every generation)"))),
     NumberFormat(
         "mxfp4-pack-quantized", ("float",), (4,), ("group",), None, {"float": "uint8"},
         pack=pack_fp4, unpack=unpack_fp4, packing="packed two per byte", label="MXFP4", group_size=32,
         scale_dtype="uint8", scale_words="power-of-two E8M0 scales",
-        transformers_bound=FP4_TRANSFORMERS_BOUND, dequantize_at_load=True),
+        transformers_bound=FP4_TRANSFORMERS_BOUND, dequantize_at_load=True,
+        deployments=(
+            Deployment("MXFP4 weight-only (mxfp4a16)", (4,), None, (FP4_MARLIN,) * 4,
+                       "vLLM after 0.11 (compressed_tensors_w4a16_mxfp4.py, Marlin MXFP4); 0.11 itself has no "
+                       "compressed-tensors MXFP4 scheme"),)),
     NumberFormat(
         # FP8 with quantized activations (weight-only FP8 is naive-quantized: compressed-tensors' rule).
         "float-quantized", ("float",), (8,), ("tensor", "channel", "group", "block"), True,
         {"float": "float8_e4m3fn", "int": "int8"}, transformers_reads_experts=True,
-        runtime_kernels=("fp8", "fp8-block")),
+        runtime_kernels=("fp8", "fp8-block"),
+        deployments=(
+            Deployment("FP8 per-channel or per-tensor weights, dynamic FP8 activations (fp8-dynamic, w8a8-fp8)", (8,),
+                       "fp8", (FP8_MARLIN, "vLLM CUTLASS FP8 scaled_mm (sm89)", "vLLM CUTLASS FP8 scaled_mm (sm90)",
+                               "vLLM CUTLASS FP8 scaled_mm (sm100/sm120)"),
+                       f"{VLLM_SCALED_MM}; below sm89 compressed_tensors_w8a8_fp8.py falls back to Marlin FP8",
+                       strategies=("tensor", "channel")),
+            Deployment("FP8 128 x 128 block weights, FP8 activations per 128 columns (fp8-block)", (8,), "fp8",
+                       (FP8_MARLIN, "vLLM Triton block-FP8 GEMM (w8a8_block_fp8_matmul)",
+                        "vLLM CUTLASS block-scaled FP8 (DeepGEMM where installed)",
+                        "vLLM CUTLASS block-scaled FP8 (sm100)"),
+                       f"{VLLM_011} (cutlass_scaled_mm_supports_block_fp8: sm90+; Triton below; Marlin below sm89)",
+                       strategies=("block",)))),
     NumberFormat(
         # One int8 per weight, even for int4: the layout int8 GEMM kernels (and the W4A8 kernels) read.
         "int-quantized", ("int",), INT_BITS, ("tensor", "channel", "group", "block"), True,
-        {"int": "int8", "float": "float8_e4m3fn"}, runtime_kernels=("int8", "w4a8")),
+        {"int": "int8", "float": "float8_e4m3fn"}, runtime_kernels=("int8", "w4a8"),
+        deployments=(
+            Deployment("int8 weights, dynamic int8 activations (w8a8, w8a8-rtn)", (8,), "int8",
+                       ("vLLM CUTLASS int8 scaled_mm (sm80)", "vLLM CUTLASS int8 scaled_mm (sm89)",
+                        "vLLM CUTLASS int8 scaled_mm (sm90)",
+                        "no vLLM kernel: the sm100/sm120 CUTLASS scaled_mm is FP8-only; serve fp8-dynamic"),
+                       f"{VLLM_SCALED_MM}; scaled_mm_c3x_sm100.cu: int8 not supported on SM100"),
+            Deployment("int4 weights, dynamic FP8 activations (w4a8, w4a8-rtn)", (4,), "fp8",
+                       ("no vLLM kernel: serve w4a16 (Marlin)", "no vLLM kernel: serve w4a16 (Marlin)",
+                        "vLLM CUTLASS W4A8 mixed-input GEMM",
+                        "no vLLM kernel: the CUTLASS W4A8 kernel is sm90-only; serve w4a16 (Marlin)"),
+                       f"{VLLM_011} (compressed_tensors_w4a8_fp8.py, CutlassW4A8LinearKernel: capability 90)"))),
     NumberFormat(
         # Weight-only: several small ints packed into each int32.
         "pack-quantized", ("int",), INT_BITS, ("tensor", "channel", "group", "block"), False, {"int": "int32"},
         pack=pack_int32, unpack=unpack_int32, packing="packed into int32", stores_shape=True,
-        packed_zero_point=True, transformers_reads_experts=True, runtime_kernels=("int4",)),
+        packed_zero_point=True, transformers_reads_experts=True, runtime_kernels=("int4",),
+        deployments=(
+            Deployment("int4 weight-only (w4a16 and its AWQ, RTN, asymmetric, AutoRound variants)", (4,), None,
+                       WNA16_PATHS, VLLM_MP),
+            Deployment("int8 weight-only (w8a16)", (8,), None,
+                       WNA16_PATHS, VLLM_MP),
+            Deployment("int2 and int3 weight-only (w2a16, w3a16 and variants)", (2, 3), None, (NO_VLLM_KERNEL,) * 4,
+                       f"{VLLM_011} (Marlin and Machete take 4- and 8-bit weights only); llama.cpp Q2_K/Q3_K"))),
     NumberFormat(
         # compressed-tensors' fallback, one value per element: what no row above takes, FP8 weight-only (W8A16-FP8)
         # among ptqlab's schemes.
         "naive-quantized", ("int", "float"), INT_BITS, ALL_WEIGHT_STRATEGIES, None,
         {"int": "int8", "float": "float8_e4m3fn"},
-        transformers_reads_experts=True),  # FP8 experts: the naive-quantized weights ptqlab writes
+        transformers_reads_experts=True,  # FP8 experts: the naive-quantized weights ptqlab writes
+        deployments=(
+            Deployment("FP8 weight-only (w8a16-fp8)", (8,), None, (FP8_MARLIN,) * 4,
+                       f"{VLLM_011} (compressed_tensors_w8a16_fp8.py: Marlin FP8 on every generation)"),)),
 )
 """Every format, first match first: a scheme is stored in the first row that takes it, as compressed-tensors
 picks a compressor (compressors/format.py, COMPRESSION_FORMAT_PRIORITY: the specific formats before naive-quantized;
@@ -319,6 +410,21 @@ def format_of(weights: WeightArgs, with_activations: bool) -> NumberFormat:
             return fmt
     raise ValueError(f"no stored format takes {weights.type}{weights.num_bits} weights with strategy "
                      f"{weights.strategy!r}")
+
+
+def activation_kind(activations) -> str | None:
+    """`int8`, `fp8` or `fp4` for quantized input activations (anything with type and num_bits), None for 16-bit:
+    the key a Deployment covers."""
+    if activations is None:
+        return None
+    return f"{'fp' if activations.type == 'float' else 'int'}{activations.num_bits}"
+
+
+def deployment_of(weights: WeightArgs, activations: WeightArgs | None) -> Deployment | None:
+    """The engine path per GPU generation for a scheme's weights and input activations; None where no row records
+    one (a custom scheme outside the presets' families)."""
+    fmt = format_of(weights, activations is not None)
+    return fmt.deployment(weights, activation_kind(activations))
 
 
 def packed_format(weights: WeightArgs) -> NumberFormat:

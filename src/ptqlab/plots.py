@@ -168,7 +168,35 @@ def place_labels(markers: list[tuple[str, float, float]], area: Box, font_size: 
 
 # ---------------------------------------------------------------- HTML and SVG
 
-MARKER_COLOUR, FRONT_COLOUR = "#3366cc", "#2a9d48"
+MARKER_COLOUR, FRONT_COLOUR, BASELINE_COLOUR = "#3366cc", "#2a9d48", "#777777"
+AXIS_PADDING = 0.08
+"""Fraction of the data's span left free beyond its extremes, so that no marker sits on an axis."""
+
+
+def axis_range(values: list[float], padding: float = AXIS_PADDING) -> tuple[float, float]:
+    """(low, high) that fits `values` with `padding` of their span either side, never below 0 for data that are not
+    (KL, sizes): an axis from 0 would squeeze an 8 % perplexity difference into a few pixels. A single value gets a
+    span of 10 % of itself (1 for 0)."""
+    lo, hi = min(values), max(values)
+    span = hi - lo or abs(hi) * 0.1 or 1.0
+    low, high = lo - padding * span, hi + padding * span
+    if lo >= 0 and low < 0:
+        low = 0.0
+    return low, high
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round values (1, 2 or 5 times a power of ten apart) inside [low, high], about `count` of them (the step whose
+    count comes nearest)."""
+    intervals = max(count - 1, 1)
+    power = 10 ** math.floor(math.log10((high - low) / intervals))
+    step = min((m * power for m in (1, 2, 5, 10)), key=lambda step: abs((high - low) / step - intervals))
+    first = math.ceil(low / step - 1e-9) * step
+    return [round(first + k * step, 12) for k in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def _tick_text(value: float) -> str:
+    return f"{value:.4g}"
 
 
 def _label_svg(label: Label, cx: float, font_size: float) -> str:
@@ -199,25 +227,30 @@ def _legend_svg(rows: list[tuple[str, str]], top: float, width: float, row_heigh
 
 
 def scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, front: tuple[str, ...] | list[str] = (),
-             front_label: str = "Pareto front (size vs KL)", width=520, height=320) -> str:
+             front_label: str = "Pareto front (size vs KL)", baseline: str | None = None, width=520, height=320) -> str:
     """Points with a label beside each (numbered, with a legend, where names find no room); the points named in
-    `front` are coloured and joined by a step line in the given order, with a legend entry `front_label`."""
+    `front` are coloured and joined by a step line in the given order, with a legend entry `front_label`. Both axes
+    fit the data (axis_range). The point named `baseline`, where given, is grey with a dashed line across the plot
+    at its height, and the right axis reads the change against it in percent: what a reader compares."""
     if not points:
         return ""
     left, pad = 72, 60
     xs, ys = [p[1] for p in points], [p[2] for p in points]
-    x0, x1 = 0.0, max(xs) * 1.1 or 1.0
-    y0, y1 = min(0.0, min(ys)), max(ys) * 1.15 or 1.0
+    x0, x1 = axis_range(xs)
+    y0, y1 = axis_range(ys)
+    base_y = next((y for name, _, y in points if name == baseline), None)
+    right = width - (pad + 16 if base_y else pad)  # the Δ% axis's ticks and title need a wider margin
 
     def sx(x):
-        return left + (x - x0) / (x1 - x0) * (width - left - pad)
+        return left + (x - x0) / (x1 - x0) * (right - left)
 
     def sy(y):
         return height - pad + -(y - y0) / (y1 - y0) * (height - 2 * pad)
 
     markers = [(name, sx(x), sy(y)) for name, x, y in points]
-    # Labels may use the top and right margins but stay clear of the axes, their ticks and titles.
-    labels, numbered = place_labels(markers, (left + 2, 4, width - 4, height - pad - 2))
+    # Labels may use the top and right margins but stay clear of the axes, their ticks and titles (the Δ% axis's
+    # in the right margin).
+    labels, numbered = place_labels(markers, (left + 2, 4, right - 2 if base_y else width - 4, height - pad - 2))
     on_front = set(front)
     legend = []
     if on_front:
@@ -228,14 +261,27 @@ def scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, 
                for number, name in numbered]
     total_height = height + (8 + 16 * len(legend) if legend else 0)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_height}" role="img">',
-             f'<line x1="{left}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#333"/>',
+             f'<line x1="{left}" y1="{height - pad}" x2="{right}" y2="{height - pad}" stroke="#333"/>',
              f'<line x1="{left}" y1="{pad}" x2="{left}" y2="{height - pad}" stroke="#333"/>',
-             f'<text x="{(left + width - pad) / 2}" y="{height - 15}" text-anchor="middle" font-size="12">{html.escape(x_label)}</text>',
+             f'<text x="{(left + right) / 2}" y="{height - 15}" text-anchor="middle" font-size="12">{html.escape(x_label)}</text>',
              f'<text x="14" y="{height / 2}" text-anchor="middle" font-size="12" transform="rotate(-90 14 {height / 2})">{html.escape(y_label)}</text>']
-    for frac in (0, 0.5, 1):
-        xv, yv = x0 + frac * (x1 - x0), y0 + frac * (y1 - y0)
-        parts.append(f'<text x="{sx(xv)}" y="{height - pad + 16}" text-anchor="middle" font-size="10">{xv:.3g}</text>')
-        parts.append(f'<text x="{left - 6}" y="{sy(yv) + 3}" text-anchor="end" font-size="10">{yv:.3g}</text>')
+    for xv in nice_ticks(x0, x1):
+        parts.append(f'<text class="x-tick" x="{sx(xv):.1f}" y="{height - pad + 16}" text-anchor="middle" '
+                     f'font-size="10">{_tick_text(xv)}</text>')
+    for yv in nice_ticks(y0, y1):
+        parts.append(f'<text class="y-tick" x="{left - 6}" y="{sy(yv) + 3:.1f}" text-anchor="end" '
+                     f'font-size="10">{_tick_text(yv)}</text>')
+    if base_y is not None:
+        parts.append(f'<line class="baseline" x1="{left}" y1="{sy(base_y):.1f}" x2="{right}" y2="{sy(base_y):.1f}" '
+                     f'stroke="{BASELINE_COLOUR}" stroke-dasharray="4 3"><title>{html.escape(baseline)}: '
+                     f'{base_y:.4g}</title></line>')
+    if base_y:  # a change in percent needs a baseline that is not 0
+        parts.append(f'<line x1="{right}" y1="{pad}" x2="{right}" y2="{height - pad}" stroke="#999"/>')
+        for dv in nice_ticks(100 * (y0 / base_y - 1), 100 * (y1 / base_y - 1)):
+            parts.append(f'<text class="delta-tick" x="{right + 5}" y="{sy(base_y * (1 + dv / 100)) + 3:.1f}" '
+                         f'font-size="10">{f"{dv:+.3g}" if dv else "0"}%</text>')
+        parts.append(f'<text x="{width - 6}" y="{height / 2}" text-anchor="middle" font-size="12" '
+                     f'transform="rotate(-90 {width - 6} {height / 2})">Δ% vs {html.escape(baseline)}</text>')
     at = {name: (cx, cy) for name, cx, cy in markers}
     steps = [at[name] for name in front if name in at]
     if len(steps) > 1:
@@ -243,7 +289,7 @@ def scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, 
         parts.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in path)}" fill="none" '
                      f'stroke="{FRONT_COLOUR}" stroke-width="1.5"/>')
     for (name, x, y), (_, cx, cy) in zip(points, markers):
-        colour = FRONT_COLOUR if name in on_front else MARKER_COLOUR
+        colour = FRONT_COLOUR if name in on_front else BASELINE_COLOUR if name == baseline else MARKER_COLOUR
         parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{MARKER_RADIUS}" fill="{colour}">'
                      f'<title>{html.escape(name)}: {x:.4g}, {y:.4g}</title></circle>')
     parts += [_label_svg(label, markers[label.members[0]][1], LABEL_FONT) for label in labels if label.box]

@@ -8,9 +8,11 @@ scripts can grep it, and progress is plain lines at a modest rate: the first ite
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -38,6 +40,23 @@ class _Console(Console):
 
 
 console = _Console(stderr=True)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Everything written to stdout meanwhile goes to stderr: ptqlab's prints, a library's, and a worker process's
+    (it inherits file descriptor 1, so the descriptor itself is redirected). For a command whose stdout carries
+    only its machine-readable result (bench --json)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def say(message: str) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from ptqlab.errors import PtqlabError
 from ptqlab.measure.quality import perplexity_change
 from ptqlab.output import write_atomically
 from ptqlab.plots import FRONT_COLOUR, bars as _bars, layer_bars, scatter as _scatter
@@ -68,6 +69,35 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 PARETO_LABEL = "Pareto front (size vs KL)"
+CARD_COLUMNS = ("variant", "format", "weights MiB", "perplexity", "ppl Δ%", "KL mean", "top-1 %", "decode tok/s")
+"""The results table's columns a model card or an issue needs (with the throughput column, named by its batch size);
+the rest (load time, memory, tail KL) stay in summary.md and report.html."""
+RESULTS_MD = "results.md"
+
+
+def results_markdown(results: dict) -> str:
+    """The results table as Markdown, from results.json alone (so an old lab folder exports too), with the protocol
+    beside it, since perplexities from different tools and settings are not comparable, and the deployment paths."""
+    rows = [{k: v for k, v in row.items() if k in CARD_COLUMNS or k.startswith("batch-")}
+            for row in _rows(results["variants"], results.get("baseline"))]
+    text = results["text"]
+    versions = results.get("versions") or {}
+    protocol = (f"Perplexity: {text['name']} ({text.get('source', '')}), {results['settings']['protocol']}, context "
+                f"{results['context']}, {results['tokens_scored']} tokens scored; KL against {results.get('baseline')}. "
+                f"Device: {results['device']}. ptqlab {versions.get('ptqlab', '?')}, transformers "
+                f"{versions.get('transformers', '?')}, torch {versions.get('torch', '?')}.")
+    lines = [markdown_table(rows), "", protocol] + deployment_lines(results["variants"])
+    return "\n".join(lines) + "\n"
+
+
+def write_results_markdown(folder: Path) -> Path:
+    """results.md beside the report, from its results.json; a folder without one is refused in one line."""
+    source = Path(folder) / "results.json"
+    if not source.is_file():
+        raise PtqlabError(f"{folder}: no results.json to export; run the lab there first (or name its folder with --out)")
+    path = Path(folder) / RESULTS_MD
+    write_atomically(path, results_markdown(json.loads(source.read_text())))
+    return path
 
 
 def _recommendation_lines(rec: dict) -> list[str]:
@@ -162,6 +192,23 @@ def sweep_lines(variants: list[dict]) -> list[str]:
     return lines
 
 
+def deployment_lines(variants: list[dict]) -> list[str]:
+    """A markdown table of the engine path that serves each quantized variant on each GPU generation (a row per
+    config group family; the 16-bit baseline and GGUF variants have none), with the versions it was read from: the
+    fastest variant on this machine may have no fast path on the reader's GPU."""
+    rows = [(v["name"], d) for v in variants for d in v.get("deployment") or []]
+    if not rows:
+        return []
+    generations = list(rows[0][1]["paths"])
+    sources = list(dict.fromkeys(d["source"] for _, d in rows))
+    lines = ["", "## Deployment paths", "", "Which serving kernel runs each variant, per GPU generation. Read from: "
+             + "; ".join(sources) + ".", "",
+             "| variant | family | " + " | ".join(generations) + " |", "|---|---|" + "---|" * len(generations)]
+    lines += [f"| {name} | {d['family']} | " + " | ".join(d["paths"].get(g, "–") for g in generations) + " |"
+              for name, d in rows]
+    return lines
+
+
 def task_lines(variants: list[dict], baseline: str | None) -> list[str]:
     """A markdown table of task accuracy (lm-eval): each task's main metric per variant, and the variant's recovery
     (its score / the baseline's, in percent) beside it."""
@@ -233,7 +280,8 @@ def write_report(out: Path, variants: list[dict], settings, budget: Budget, base
     md = [f"# ptqlab results{f': {model}' if model else ''}", "", f"Device: {results['device']}. Created {results['created']}.", "",
           markdown_table(rows), "", "## Recommendation", ""]
     md += [f"- {line}" for line in _recommendation_lines(results["recommendation"])]
-    md += sweep_lines(variants) + task_lines(variants, baseline_name) + sensitivity_lines(sensitivity, variants)
+    md += deployment_lines(variants) + sweep_lines(variants) + task_lines(variants, baseline_name)
+    md += sensitivity_lines(sensitivity, variants)
     md += ["", "## Notes", ""] + [f"- {n}" for n in _notes(results)]
     md += expert_coverage_lines(variants)
     md += ["", "## Sample completions", ""] + sample_completion_lines(variants, baseline_name)
@@ -384,7 +432,8 @@ def render_html(results: dict, rows: list[dict]) -> str:
     esc = html.escape
     front = results["recommendation"]["pareto_front"]
     size = [(v["name"], v["size"]["weights_bytes"] / MiB) for v in variants]
-    plots = [_scatter([(n, s, v["perplexity"]["value"]) for (n, s), v in zip(size, variants)], "weights (MiB)", "perplexity")]
+    plots = [_scatter([(n, s, v["perplexity"]["value"]) for (n, s), v in zip(size, variants)], "weights (MiB)", "perplexity",
+                      baseline=baseline)]
     if any(v.get("kl") for v in variants):
         kl_points = [p for p in size_kl_points(variants, baseline) if p[2] is not None]
         plots.append(_scatter(kl_points, "weights (MiB)", "mean KL (nats)", front=front))
@@ -393,7 +442,7 @@ def render_html(results: dict, rows: list[dict]) -> str:
     plots.append(_bars([(v["name"], v["speed"]["throughput_tok_s"]) for v in timed],
                        f"throughput tok/s (batch {variants[0]['speed']['batch_size']})"))
     sensitivity = results.get("sensitivity")
-    sections = markdown_html(sweep_lines(variants) + task_lines(variants, baseline))
+    sections = markdown_html(deployment_lines(variants) + sweep_lines(variants) + task_lines(variants, baseline))
     if sensitivity:  # the findings, the per-layer plot, then the table of the worst parts
         lines = sensitivity_lines(sensitivity, variants)
         table = next(i for i, line in enumerate(lines) if line.startswith("|"))

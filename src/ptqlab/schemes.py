@@ -16,7 +16,7 @@ import reprlib
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
-from ptqlab.number_formats import FP4_FORMATS, NumberFormat, format_of, fp4_format, is_fp4
+from ptqlab.number_formats import FP4_FORMATS, Deployment, NumberFormat, deployment_of, format_of, fp4_format, is_fp4
 
 Strategy = Literal["tensor", "channel", "group", "tensor_group", "block", "token"]
 NumberType = Literal["int", "float"]
@@ -277,6 +277,12 @@ class Scheme:
     def number_format(self) -> NumberFormat:
         """The stored format (number_formats' row) this scheme is saved in."""
         return format_of(self.weights, self.input_activations is not None)
+
+    @property
+    def deployment(self) -> Deployment | None:
+        """Which engine path serves this scheme on each GPU generation (its number_formats row's), None where none is
+        recorded."""
+        return deployment_of(self.weights, self.input_activations)
 
     @property
     def format(self) -> str:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from ptqlab.safetensors_files import SAFETENSORS_DTYPES
-from ptqlab.number_formats import BY_NAME, Layout, NumberFormat
+from ptqlab.number_formats import BY_NAME, Layout, NumberFormat, activation_kind
 from ptqlab.schemes import claiming_group, matches
 
 CHECKED_FORMATS = tuple(BY_NAME)
@@ -85,6 +86,25 @@ def weight_formats(quantization_config: dict) -> list[tuple[list[str], WeightFor
                        or isinstance(parsed.group_size, int) and parsed.group_size > 0)
                   and (parsed.strategy != "block" or parsed.block_structure is not None))
         out.append((list(group.get("targets") or []), parsed if usable else None))
+    return out
+
+
+def deployments(quantization_config: dict) -> list[dict]:
+    """The engine path per GPU generation of each config group (its number_formats row's Deployment.to_dict), in
+    group order and without repeats; a group whose format or family has no recorded path is left out."""
+    groups = quantization_config.get("config_groups") or {}
+    out = []
+    for _, fmt in weight_formats(quantization_config):
+        if fmt is None:
+            continue
+        acts = groups[fmt.group].get("input_activations")
+        try:
+            kind = activation_kind(SimpleNamespace(type=acts.get("type", "int"), num_bits=int(acts["num_bits"])))
+        except (AttributeError, KeyError, TypeError, ValueError):  # None: weight-only; malformed: no claim made
+            kind = None if acts is None else "unknown"
+        found = fmt.number_format.deployment(fmt, kind)
+        if found is not None and found.to_dict() not in out:
+            out.append(found.to_dict())
     return out
 
 

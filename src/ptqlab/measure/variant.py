@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from ptqlab.errors import PtqlabError
 from ptqlab.families import FAMILIES
+from ptqlab.formats.quantized_layouts import deployments
 from ptqlab.formats.readback import experts_misread, stored_expert_schemes
 from ptqlab.formats.validate import validate_checkpoint
 from ptqlab.measure.gguf import (QUALITY_NOTE, RUNTIME, SPEED_NOTE, check_gguf_folder, describe_gguf, gguf_config,
@@ -151,16 +152,18 @@ def expert_coverage(layers) -> list[dict]:
 
 
 def describe_checkpoint(path: Path) -> dict:
-    """Recipe, format and scheme from the run record (ptqlab.json) or config.json; 16-bit when not quantized."""
+    """Recipe, format and scheme from the run record (ptqlab.json) or config.json, 16-bit when not quantized; and the
+    engine path per GPU generation of each of config.json's quantization groups (number_formats' rows)."""
     record = read_record(path)
-    if record is not None:
-        coverage = expert_coverage(record.layers)
-        return {"recipe": record.recipe_name, "format": record.format, "scheme": record.scheme,
-                **({"expert_coverage": coverage} if coverage else {})}
     config = json.loads((path / "config.json").read_text())
     qc = config.get("quantization_config")
+    deployment = {"deployment": deployments(qc)} if isinstance(qc, dict) else {}
+    if record is not None:
+        coverage = expert_coverage(record.layers)
+        return {"recipe": record.recipe_name, "format": record.format, "scheme": record.scheme, **deployment,
+                **({"expert_coverage": coverage} if coverage else {})}
     if qc:
-        return {"recipe": None, "format": qc.get("format"), "scheme": qc.get("quant_method")}
+        return {"recipe": None, "format": qc.get("format"), "scheme": qc.get("quant_method"), **deployment}
     return {"recipe": None, "format": "dense", "scheme": f"{config.get('dtype') or config.get('torch_dtype') or '16-bit'} (not quantized)"}
 
 

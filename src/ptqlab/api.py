@@ -21,7 +21,7 @@ from ptqlab.embedded import DEFAULT_MODEL_NAME, cache_root
 from ptqlab.engine import EngineOptions
 from ptqlab.engine.distributed import World, join, leave, peak_gpu_bytes_per_rank, world_from_environment
 from ptqlab.engine.gpu_memory import check_gpu_budget, cuda_overhead, free_gpu_bytes, out_of_memory_line
-from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, check_budgets, estimate, free_cpu_bytes,
+from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, check_cpu_budget, estimate, free_cpu_bytes,
                                   parse_bytes, resident_bytes, size_flag)
 from ptqlab.engine.resume import Checkpointer
 from ptqlab.engine.steps import kind_of
@@ -163,7 +163,7 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
     if gpu_budget is not None:
         check_gpu_budget(shape, run_shape, memory, free_gpu_bytes(resolve_device(options.device)),
                          None if options.max_gpu_memory is None else _size(options.max_gpu_memory, "--max-gpu-memory"))
-    check_budgets(memory, None, cpu_budget, options.stream)
+    check_cpu_budget(memory, cpu_budget, options.stream)
     check_writable(out, options.overwrite, protect, memory.disk_bytes)  # free space for the checkpoint the plan sizes
     world = world_from_environment()
     if world.rank > 0:  # another rank of a run of several: it calibrates with rank 0, which writes

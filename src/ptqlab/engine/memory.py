@@ -6,7 +6,9 @@ Peak GPU memory of a calibrated run = the embeddings (moved there for the captur
 (every sample's hidden states, position tables and masks) + the decoder layers it holds + the input statistics of
 one layer (one fp32 Hessian per distinct input) + the larger of one batch's forward and one linear's GPTQ work.
 AutoRound adds two more copies of the hidden states (the float model's, and each layer's targets) and one step of
-its descent competes with that forward and GPTQ.
+its descent competes with that forward and GPTQ. Beside its tensors the GPU holds what the process took for the CUDA
+libraries (measured at start-up: engine/gpu_memory.py), the allocator's rounding of each tensor and a margin: the
+plan counts all three, and compares the sum with what the GPU has free.
 Where things live is the plan's choice, the first of these that fits the GPU budget: every layer on the GPU; one
 layer at a time with the next one prefetched (layers wait in CPU memory, or on disk when streaming); that, with the
 hidden states in pinned CPU memory, streamed to the GPU a batch at a time. The engine follows the plan
@@ -364,7 +366,8 @@ class RunShape:
 @dataclass(frozen=True)
 class MemoryPlan:
     gpu_bytes: int | None
-    """Peak on the GPU; None for a run on the CPU."""
+    """Peak on the GPU: the tensors, and beside them the CUDA libraries' measured memory, the allocator's rounding
+    and the margin; None for a run on the CPU."""
     cpu_bytes: int
     disk_bytes: int
     seconds: float
@@ -527,13 +530,8 @@ def size_flag(n: int) -> str:
     return f"{math.ceil(n / GIB * 10) / 10:g}GiB" if n >= GIB else f"{math.ceil(n / 2**20)}MiB"
 
 
-def check_budgets(plan: MemoryPlan, gpu_budget: int | None, cpu_budget: int | None, stream: bool) -> None:
-    """One line saying what to change when the plan does not fit the budgets."""
-    if plan.gpu_bytes is not None and gpu_budget is not None and plan.gpu_bytes > gpu_budget:
-        raise PtqlabError(f"this run needs about {format_bytes(plan.gpu_bytes)} of GPU memory at its peak and "
-                          f"{format_bytes(gpu_budget)} is allowed (--max-gpu-memory, default: what is free): "
-                          "use a smaller --calib-batch-size, fewer --num-samples or a shorter --max-seq-len, or a "
-                          "larger --max-gpu-memory (`--plan` shows where it goes)")
+def check_cpu_budget(plan: MemoryPlan, cpu_budget: int | None, stream: bool) -> None:
+    """One line saying what to change when the plan does not fit the CPU budget (the GPU's: gpu_memory.py)."""
     if cpu_budget is not None and plan.cpu_bytes > cpu_budget:
         advice = "" if stream else "--stream (read the model layer by layer from disk), "
         raise PtqlabError(f"this run needs about {format_bytes(plan.cpu_bytes)} of CPU memory at its peak and "

@@ -21,7 +21,7 @@ from ptqlab.engine.memory import (GIB, GPU_MARGIN_MIN, LIBRARIES_PART, MARGIN_PA
 from ptqlab.errors import OutOfMemory, PtqlabError
 from ptqlab.options import QuantizeOptions
 from test_memory_plan import run_shape
-from test_resume import LAYERS, files
+from test_resume import LAYERS, counting, files
 from tiny import tiny_config
 
 MIB = 2**20
@@ -89,7 +89,8 @@ CALIBRATED = ["--recipe", "w4a16", "--num-samples", "32", "--max-seq-len", "64",
 def test_a_plan_beyond_the_free_gpu_memory_is_refused_in_one_line_before_loading(tiny_model_dir, calibration_file,
                                                                                   tmp_path, shared_gpu):
     """The plan's tensors fit what is free, but not with the libraries, the rounding and the margin: refused before
-    loading, naming each figure, what is free and the batch size that fits, with its peak."""
+    loading (nothing written), naming each figure and what is free; no smaller batch brings the libraries and the
+    margin down, so the line says how much more the GPU must have free."""
     model = str(tiny_model_dir("llama", torch.bfloat16, num_hidden_layers=LAYERS))
     shared_gpu(free=GPU_MARGIN_MIN + 600 * MIB)
     line = one_line(runner.invoke(app, ["quantize", model, *CALIBRATED, "--dataset", str(calibration_file),
@@ -154,6 +155,9 @@ def fail_at_layer(monkeypatch, layer: int) -> None:
 
 def test_out_of_memory_in_a_layer_is_one_line_and_the_same_command_resumes(tiny_model_dir, calibration_file, tmp_path,
                                                                             monkeypatch):
+    """GPTQ of layer 2 runs out of GPU memory: one line naming the phase, the layer, torch's size and what to change,
+    exit status 2, the finished layers kept; the same command computes only layers 2 and 3 and writes the files a
+    run that never failed writes."""
     model = str(tiny_model_dir("llama", torch.bfloat16, num_hidden_layers=LAYERS))
     command = ["quantize", model, "--recipe", "w4a16", "--dataset", str(calibration_file), "--num-samples", "8",
                "--max-seq-len", "32", "--calib-batch-size", "2", "--device", "cpu", "--quiet"]
@@ -164,10 +168,13 @@ def test_out_of_memory_in_a_layer_is_one_line_and_the_same_command_resumes(tiny_
     assert f"decoder layers 0-1 are kept in {partial}" in line and "--calib-batch-size 1" in line
     assert json.loads((partial / "resume.json").read_text())["next_layer"] == 2 and not out.exists()
 
-    monkeypatch.undo()
-    result = runner.invoke(app, [*command, "--out", str(out)])
+    monkeypatch.undo()  # a GPU's advice, a lower --max-gpu-memory, is no part of the resume state: it resumes
+    computed = []
+    counting(monkeypatch, computed)
+    result = runner.invoke(app, [*command, "--out", str(out), "--max-gpu-memory", "4GiB"])
     assert result.exit_code == 0, result.output
     assert "resumed from layer 2: layers 0-1 were done by an earlier run" in result.output
+    assert computed == [2, 3]
     clean = runner.invoke(app, [*command, "--out", str(tmp_path / "clean")])
     assert clean.exit_code == 0, clean.output
     assert files(out) == files(tmp_path / "clean")

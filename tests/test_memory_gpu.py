@@ -165,7 +165,8 @@ def test_out_of_memory_in_a_layer_is_one_line_and_the_same_command_resumes(tiny_
     fail_at_layer(monkeypatch, 2)
     line = one_line(runner.invoke(app, [*command, "--out", str(out)]))
     assert line.startswith("error: the GPU ran out of memory in quantize of layer 2 (tried to allocate 2.00 GiB)")
-    assert f"decoder layers 0-1 are kept in {partial}" in line and "--calib-batch-size 1" in line
+    assert f"decoder layers 0-1 are kept in {partial}" in line
+    assert line.endswith("use --calib-batch-size 1 (starts over: the kept state is per batch) or fewer --num-samples")
     assert json.loads((partial / "resume.json").read_text())["next_layer"] == 2 and not out.exists()
 
     monkeypatch.undo()  # a GPU's advice, a lower --max-gpu-memory, is no part of the resume state: it resumes
@@ -208,4 +209,20 @@ def test_out_of_memory_before_any_layer_says_nothing_is_kept():
                               None, 0)
     assert line == ("the GPU ran out of memory in capture (layer 0's inputs) (the plan's GPU peak 6.0 GiB; the peak "
                     "seen 7.0 GiB (reserved by torch)): no layer was finished, nothing kept; use fewer --num-samples "
-                    "or a shorter --max-seq-len (starts over), or free memory on the GPU")
+                    "or a shorter --max-seq-len, or free memory on the GPU")
+
+
+def test_out_of_memory_outside_the_layer_loop_is_one_line_too(tiny_model_dir, calibration_file, tmp_path,
+                                                              monkeypatch):
+    """Loading or writing (no phase of the engine's): still one line, with torch's size, and nothing kept."""
+    def load(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 ...")
+
+    monkeypatch.setattr(api, "_load", load)
+    line = one_line(runner.invoke(app, ["quantize", str(tiny_model_dir("llama", torch.bfloat16)), "--recipe", "w4a16",
+                                        "--dataset", str(calibration_file), "--num-samples", "8", "--device", "cpu",
+                                        "--quiet", "--out", str(tmp_path / "out")]))
+    assert line == ("error: the GPU ran out of memory in loading or writing (outside the layer loop) (tried to "
+                    "allocate 20.00 MiB): no layer was finished, nothing kept; use --calib-batch-size 8 or fewer "
+                    "--num-samples")
+    assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out").exists()

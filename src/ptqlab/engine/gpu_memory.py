@@ -136,11 +136,12 @@ def out_of_memory_line(phase: str, layer: int | None, detail: str, planned: int 
     else:
         state, resumes = "no layer was finished, nothing kept", "starts over"
     smaller = max(1, batch_size // 2)
+    restart = " (starts over: the kept state is per batch)" if kept is not None and next_layer > 0 else ""
     if lower is not None:
         change = (f"the same command with --max-gpu-memory {lower[0]} ({lower[1]}) {resumes}; or use "
-                  f"--calib-batch-size {smaller}, which starts over")
+                  f"--calib-batch-size {smaller}{restart}")
     elif batch_size > 1:
-        change = f"use --calib-batch-size {smaller} (starts over: the kept state is per batch) or fewer --num-samples"
+        change = f"use --calib-batch-size {smaller}{restart} or fewer --num-samples"
     else:
-        change = "use fewer --num-samples or a shorter --max-seq-len (starts over), or free memory on the GPU"
+        change = "use fewer --num-samples or a shorter --max-seq-len, or free memory on the GPU"
     return f"{head}: {state}; {change}"

@@ -17,7 +17,7 @@ from ptqlab import api
 from ptqlab.cli import app
 from ptqlab.engine.gpu_memory import check_gpu_budget, non_tensor_bytes, out_of_memory_line
 from ptqlab.engine.memory import (GIB, GPU_MARGIN_MIN, LIBRARIES_PART, MARGIN_PART, ROUNDING_PART, ModelShape,
-                                  estimate, format_bytes)
+                                  estimate, format_bytes, parse_bytes, size_flag)
 from ptqlab.errors import OutOfMemory, PtqlabError
 from ptqlab.options import QuantizeOptions
 from test_memory_plan import run_shape
@@ -199,9 +199,9 @@ def test_out_of_memory_on_a_gpu_advises_the_budget_whose_plan_moves_more_to_the_
     lower = estimate(shape, run, memory.gpu_bytes - 1)
     assert not lower.layers_on_gpu and lower.gpu_bytes < memory.gpu_bytes
     assert line.startswith(f"the GPU ran out of memory in propagate of layer 3 (tried to allocate 512.00 MiB; the "
-                           f"plan's GPU peak ")
-    assert (f"decoder layers 0-2 are kept in {partial}; the same command with --max-gpu-memory" in line
-            and f"({lower.placement()}) resumes from layer 3" in line)
+                           f"plan's GPU peak {format_bytes(memory.gpu_bytes)}): ")
+    assert (f"decoder layers 0-2 are kept in {partial}; the same command with --max-gpu-memory "
+            f"{size_flag(lower.gpu_bytes)} ({lower.placement()}) resumes from layer 3" in line)
 
 
 def test_out_of_memory_before_any_layer_says_nothing_is_kept():
@@ -226,3 +226,8 @@ def test_out_of_memory_outside_the_layer_loop_is_one_line_too(tiny_model_dir, ca
                     "allocate 20.00 MiB): no layer was finished, nothing kept; use --calib-batch-size 8 or fewer "
                     "--num-samples")
     assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("n", [1, 700 * MIB + 1, GIB, 7 * GIB + 1, 79 * GIB - 3])
+def test_a_suggested_size_reads_back_as_at_least_what_is_needed(n):
+    assert n <= parse_bytes(size_flag(n), "--max-gpu-memory") <= n + GIB // 10

@@ -1,6 +1,6 @@
 """A GPU shared with another process (issue 37): the memory plan counts what the process takes there besides its
-tensors (the CUDA libraries, measured once per device; the allocator's rounding; a stated margin) against what
-cudaMemGetInfo reports free, and moves more to the CPU or refuses in one line before loading; a GPU that runs out
+tensors (its CUDA context and libraries, measured once per device; the allocator's rounding; a stated margin) against
+what cudaMemGetInfo reports free, and moves more to the CPU or refuses in one line before loading; a GPU that runs out
 of memory during the run ends it in one line naming the phase, the layer and what to change, and the same command
 resumes from the last finished layer. No GPU here: the measurement and the free figure are faked where the run reads
 them, and the out-of-memory error is raised inside the layer loop as torch raises it."""
@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from ptqlab import api
 from ptqlab.cli import app
+from ptqlab.engine import gpu_memory
 from ptqlab.engine.gpu_memory import check_gpu_budget, non_tensor_bytes, out_of_memory_line
 from ptqlab.engine.memory import (GIB, GPU_MARGIN_MIN, LIBRARIES_PART, MARGIN_PART, ROUNDING_PART, ModelShape,
                                   estimate, format_bytes, parse_bytes, size_flag)
@@ -38,6 +39,18 @@ def test_the_libraries_memory_is_the_drop_in_free_memory_across_their_first_use(
     assert non_tensor_bytes(lambda: next(grown), lambda: None) == 0
 
 
+def test_the_context_and_libraries_are_measured_once_per_device(monkeypatch):
+    """The context (NVML's figure) plus the libraries' drop in free memory, measured on a device's first use only."""
+    contexts, frees = [], iter([10 * GIB, 9 * GIB, 20 * GIB, 20 * GIB - 300 * MIB])
+    monkeypatch.setattr(gpu_memory, "_OVERHEAD", {})
+    monkeypatch.setattr(gpu_memory, "_context_bytes", lambda index: contexts.append(index) or 500 * MIB)
+    monkeypatch.setattr(gpu_memory, "_free_to_cudamalloc", lambda index: next(frees))
+    monkeypatch.setattr(gpu_memory, "_use_libraries", lambda index: None)
+    assert [gpu_memory.cuda_overhead(torch.device("cuda", i)) for i in (0, 0, 1, 1)] == [
+        500 * MIB + GIB, 500 * MIB + GIB, 800 * MIB, 800 * MIB]
+    assert contexts == [0, 1]
+
+
 def test_the_gpu_plan_adds_the_measured_libraries_the_rounding_and_the_margin():
     model = ModelShape.from_config(tiny_config("llama", num_hidden_layers=8))
     bare, measured = estimate(model, run_shape()), estimate(model, run_shape(gpu_overhead=700 * MIB))
@@ -45,7 +58,8 @@ def test_the_gpu_plan_adds_the_measured_libraries_the_rounding_and_the_margin():
     assert measured.parts[LIBRARIES_PART] == 700 * MIB
     assert measured.parts[MARGIN_PART] >= GPU_MARGIN_MIN and measured.parts[ROUNDING_PART] >= 2 * MIB * 8
     head = measured.lines()[0]
-    assert "700 MiB of CUDA libraries measured" in head and "margin" in head and "allocator rounding" in head
+    assert "700 MiB of CUDA context and libraries measured" in head and "a 512 MiB margin" in head
+    assert "of allocator rounding" in head
     assert estimate(model, run_shape(device="cpu", gpu_overhead=700 * MIB)).gpu_bytes is None  # a CPU run: no GPU
 
 
@@ -96,7 +110,8 @@ def test_a_plan_beyond_the_free_gpu_memory_is_refused_in_one_line_before_loading
     line = one_line(runner.invoke(app, ["quantize", model, *CALIBRATED, "--dataset", str(calibration_file),
                                         "--device", "cuda", "--out", str(tmp_path / "out")]))
     assert "this run needs about" in line and "of GPU memory at its peak" in line
-    assert "CUDA libraries 700 MiB (measured)" in line and "margin 512 MiB" in line and "allocator rounding" in line
+    assert "CUDA context and libraries 700 MiB (measured)" in line and "margin 512 MiB" in line
+    assert "allocator rounding" in line
     assert "1.1 GiB is free on the GPU" in line and "--max-gpu-memory cannot raise it" in line
     assert ": free " in line and " more on the GPU;" in line  # no batch size brings the libraries and margin down
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
@@ -107,7 +122,8 @@ def test_a_max_gpu_memory_below_the_plan_names_the_budget_that_fits(tiny_model_d
     model = str(tiny_model_dir("llama", torch.bfloat16, num_hidden_layers=LAYERS))
     shared_gpu(free=8 * GIB)
     line = one_line(runner.invoke(app, ["quantize", model, *CALIBRATED, "--dataset", str(calibration_file),
-                                        "--device", "cuda", "--max-gpu-memory", "1GiB", "--out", str(tmp_path / "out")]))
+                                        "--device", "cuda", "--max-gpu-memory", "1GiB",
+                                        "--out", str(tmp_path / "out")]))
     assert "1.0 GiB is allowed (--max-gpu-memory) of 8.0 GiB free on the GPU" in line
     needed = float(line.split("--max-gpu-memory ")[-1].split("GiB")[0])
     assert 1 < needed < 8
@@ -117,8 +133,8 @@ def test_a_max_gpu_memory_below_the_plan_names_the_budget_that_fits(tiny_model_d
 def test_a_refusal_names_the_largest_batch_size_that_fits():
     """An 8B-wide layer at 4096 tokens: the batch's forward dominates, so a smaller --calib-batch-size fits where the
     GPU has room for its plan; the line names the largest that does, and its peak."""
-    model = ModelShape.from_config(tiny_config("llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                                               num_key_value_heads=8, head_dim=128))
+    model = ModelShape.from_config(tiny_config("llama", hidden_size=4096, intermediate_size=14336,
+                                               num_attention_heads=32, num_key_value_heads=8, head_dim=128))
     run = run_shape(samples=64, seq_len=4096, gpu_overhead=700 * MIB)
     free = estimate(model, replace(run, batch_size=4), 1).gpu_bytes  # the most offloaded placement at batch size 4
     assert estimate(model, replace(run, batch_size=8), 1).gpu_bytes > free
@@ -135,7 +151,7 @@ def test_the_printed_plan_names_the_libraries_and_the_margin(tiny_model_dir, sha
     result = runner.invoke(app, ["quantize", model, *CALIBRATED, "--device", "cuda", "--plan"])
     assert result.exit_code == 0, result.output
     head = result.output.splitlines()[0]
-    assert "700 MiB of CUDA libraries measured" in head and "512 MiB margin" in head, head
+    assert "700 MiB of CUDA context and libraries measured" in head and "512 MiB margin" in head, head
     assert f"  {LIBRARIES_PART}: 700 MiB" in result.output and f"  {MARGIN_PART}: 512 MiB" in result.output
 
 

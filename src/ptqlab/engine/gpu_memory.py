@@ -2,10 +2,11 @@
 small for it: refused before loading, or out of memory during the run.
 
 Beside its tensors a process holds on the GPU its CUDA context, the libraries' handles and workspaces (cuBLAS,
-cuSOLVER) and the kernels CUDA loads on first use. The context is outside the free figure already (cudaMemGetInfo
-reports it once the context exists); the libraries are measured once per device at start-up (`cuda_overhead`: the
-drop in free memory across a first use of each library on tiny tensors). The memory plan (engine/memory.py) adds
-that, the allocator's rounding and its margin to its GPU peak before it compares it with what is free.
+cuSOLVER) and the kernels CUDA loads on first use. Both are measured once per device at start-up (`cuda_overhead`:
+the context as NVML's used memory of the device across its creation, the libraries as the drop in free memory
+across a first use of each on tiny tensors). The memory plan (engine/memory.py) adds them, the allocator's rounding
+and its margin to its GPU peak, and compares the sum with what the GPU had free before this process took anything
+(`free_gpu_bytes`).
 """
 
 from __future__ import annotations
@@ -36,22 +37,49 @@ _OVERHEAD: dict[int, int] = {}
 
 
 def cuda_overhead(device: torch.device) -> int:
-    """What this process takes on `device` beside its tensors once it has used the libraries a calibration uses,
-    measured the first time it is asked for (a few milliseconds) and kept for the process."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    """What this process takes on `device` beside its tensors: its CUDA context and what the libraries a calibration
+    uses keep, measured the first time it is asked for (a few milliseconds, before the process has used the GPU
+    otherwise) and kept for the process."""
+    index = _index(device)
     if index not in _OVERHEAD:
-        torch.cuda.mem_get_info(index)  # creates the context first: it is not the libraries', and free excludes it
-        _OVERHEAD[index] = non_tensor_bytes(lambda: _free_to_cudamalloc(index), lambda: _use_libraries(index))
+        context = _context_bytes(index)
+        _OVERHEAD[index] = context + non_tensor_bytes(lambda: _free_to_cudamalloc(index),
+                                                      lambda: _use_libraries(index))
     return _OVERHEAD[index]
 
 
 def free_gpu_bytes(device: torch.device) -> int:
     """What a run can have on `device`: cudaMemGetInfo's free memory (another process's share is not in it), plus
-    what this process already holds that its plan counts again: the libraries' measured memory (an earlier run in
-    this process loaded them) and blocks torch has cached but no tensor uses."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    what this process holds already that its plan counts: its context and libraries (cuda_overhead, measured first
+    if they were not) and blocks torch has cached but no tensor uses. On a GPU another process shares, about what
+    nvidia-smi showed free before this process started."""
+    index = _index(device)
+    overhead = cuda_overhead(device)
     cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
-    return torch.cuda.mem_get_info(index)[0] + _OVERHEAD.get(index, 0) + cached
+    return torch.cuda.mem_get_info(index)[0] + overhead + cached
+
+
+def _index(device: torch.device) -> int:
+    """The device's index, without creating a CUDA context where none exists yet (torch's default device is 0)."""
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+
+
+def _context_bytes(index: int) -> int:
+    """The memory this process's CUDA context takes on device `index`, created here: NVML's used memory of the
+    device (read without a context) just before and after. 0 where it cannot be told (no NVML; a context made
+    earlier): such a context is outside both the free figure and the plan, which still compare alike."""
+    before = None
+    if not torch.cuda.is_initialized():
+        try:
+            before = torch.cuda.device_memory_used(index)
+        except Exception:  # noqa: BLE001 (pynvml missing, or NVML's own errors: the context is left out of both)
+            before = None
+    torch.cuda.mem_get_info(index)  # creates the context
+    if before is None:
+        return 0
+    return max(0, torch.cuda.device_memory_used(index) - before)
 
 
 def _free_to_cudamalloc(index: int) -> int:
@@ -87,13 +115,14 @@ def check_gpu_budget(model: ModelShape, run: RunShape, plan: MemoryPlan, free: i
     if plan.gpu_bytes is None or plan.gpu_bytes <= limit:
         return
     beside = [plan.parts.get(part, 0) for part in (LIBRARIES_PART, ROUNDING_PART, MARGIN_PART)]
-    figures = (f"tensors {format_bytes(plan.gpu_bytes - sum(beside))} + CUDA libraries {format_bytes(beside[0])} "
-               f"(measured) + allocator rounding {format_bytes(beside[1])} + margin {format_bytes(beside[2])}")
+    figures = (f"tensors {format_bytes(plan.gpu_bytes - sum(beside))} + CUDA context and libraries "
+               f"{format_bytes(beside[0])} (measured) + allocator rounding {format_bytes(beside[1])} + margin "
+               f"{format_bytes(beside[2])}")
     if allowed is not None and allowed < free:
         where = f"{format_bytes(allowed)} is allowed (--max-gpu-memory) of {format_bytes(free)} free on the GPU"
     else:
-        where = (f"{format_bytes(free)} is free on the GPU (cudaMemGetInfo: other processes hold the rest, and "
-                 "--max-gpu-memory cannot raise it)")
+        where = (f"{format_bytes(free)} is free on the GPU (cudaMemGetInfo, with what this process holds: other "
+                 "processes hold the rest, and --max-gpu-memory cannot raise it)")
     fixes = [f"--max-gpu-memory {size_flag(plan.gpu_bytes)}"] if allowed is not None and plan.gpu_bytes <= free else []
     for option, field, value in (("--calib-batch-size", "batch_size", run.batch_size),
                                  ("--num-samples", "samples", run.samples)):

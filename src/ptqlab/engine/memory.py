@@ -6,7 +6,7 @@ Peak GPU memory of a calibrated run = the embeddings (moved there for the captur
 (every sample's hidden states, position tables and masks) + the decoder layers it holds + the input statistics of
 one layer (one fp32 Hessian per distinct input) + the larger of one batch's forward and one linear's GPTQ work.
 AutoRound adds two more copies of the hidden states (the float model's, and each layer's targets) and one step of
-its descent competes with that forward and GPTQ. Beside its tensors the GPU holds what the process took for the CUDA
+its descent competes with that forward and GPTQ. Beside its tensors the GPU holds the process's CUDA context and
 libraries (measured at start-up: engine/gpu_memory.py), the allocator's rounding of each tensor and a margin: the
 plan counts all three, and compares the sum with what the GPU has free.
 Where things live is the plan's choice, the first of these that fits the GPU budget: every layer on the GPU; one
@@ -349,8 +349,9 @@ class RunShape:
     descent_samples: int = 0
     """The samples each of those steps computes on."""
     gpu_overhead: int = 0
-    """What the process takes on the GPU besides its tensors once its libraries are in use (cuBLAS and cuSOLVER
-    workspaces, kernels loaded on first use): measured once per device at start-up (gpu_memory.cuda_overhead)."""
+    """What the process takes on the GPU besides its tensors: its CUDA context and, once in use, the libraries'
+    (cuBLAS and cuSOLVER workspaces, kernels loaded on first use); measured once per device at start-up
+    (gpu_memory.cuda_overhead)."""
 
     def __post_init__(self) -> None:
         if self.calibrated:  # the plan divides by them (`quantize` has checked them already; `--plan` has not)
@@ -366,8 +367,8 @@ class RunShape:
 @dataclass(frozen=True)
 class MemoryPlan:
     gpu_bytes: int | None
-    """Peak on the GPU: the tensors, and beside them the CUDA libraries' measured memory, the allocator's rounding
-    and the margin; None for a run on the CPU."""
+    """Peak on the GPU: the tensors, and beside them the CUDA context and libraries' measured memory, the allocator's
+    rounding and the margin; None for a run on the CPU."""
     cpu_bytes: int
     disk_bytes: int
     seconds: float
@@ -392,8 +393,8 @@ class MemoryPlan:
     def lines(self) -> list[str]:
         gpu = "" if self.gpu_bytes is None else (
             f"GPU {format_bytes(self.gpu_bytes)} (with {format_bytes(self.parts.get(LIBRARIES_PART, 0))} of CUDA "
-            f"libraries measured, {format_bytes(self.parts.get(ROUNDING_PART, 0))} of allocator rounding and a "
-            f"{format_bytes(self.parts.get(MARGIN_PART, 0))} margin), ")
+            f"context and libraries measured, {format_bytes(self.parts.get(ROUNDING_PART, 0))} of allocator "
+            f"rounding and a {format_bytes(self.parts.get(MARGIN_PART, 0))} margin), ")
         head = (f"memory plan: peak {gpu}CPU {format_bytes(self.cpu_bytes)}; writes {format_bytes(self.disk_bytes)}; "
                 f"about {self.seconds / 60:.0f} min (rough); {self.placement()}")
         lines = [head] + [f"  {name}: {format_bytes(size)}" for name, size in self.parts.items()]
@@ -506,7 +507,7 @@ def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tu
 WORK_TENSORS = 8
 """Tensors of one linear's GPTQ (its weight, Hessian, factors, quantized values, errors) or one batch's forward, at
 once: for the allocator's rounding."""
-LIBRARIES_PART = "CUDA libraries' workspaces and kernels (measured at start-up)"
+LIBRARIES_PART = "the CUDA context and libraries' workspaces and kernels (measured at start-up)"
 ROUNDING_PART = f"allocator rounding (up to {ALLOCATION_ROUNDING // 2**20} MiB a tensor)"
 MARGIN_PART = f"margin ({GPU_MARGIN_SHARE:.0%} of the tensors, at least {GPU_MARGIN_MIN // 2**20} MiB)"
 
@@ -514,7 +515,8 @@ MARGIN_PART = f"margin ({GPU_MARGIN_SHARE:.0%} of the tensors, at least {GPU_MAR
 def beside_tensors(overhead: int, tensor_bytes: int, tensors: int) -> dict[str, int]:
     """What a GPU holds beside `tensor_bytes` in `tensors` tensors (engine/gpu_memory.py): the libraries' measured
     `overhead`, the allocator's rounding of each tensor, and the margin."""
-    return {LIBRARIES_PART: overhead, ROUNDING_PART: ALLOCATION_ROUNDING * tensors, MARGIN_PART: gpu_margin(tensor_bytes)}
+    return {LIBRARIES_PART: overhead, ROUNDING_PART: ALLOCATION_ROUNDING * tensors,
+            MARGIN_PART: gpu_margin(tensor_bytes)}
 
 
 def _descent_bytes(model: ModelShape, run: RunShape) -> int:

@@ -15,7 +15,8 @@ from ptqlab import quantize
 from ptqlab.api import memory_plan
 from ptqlab.cli import app
 from ptqlab.data import CalibrationConfig
-from ptqlab.engine.memory import GIB, PROCESS_BYTES, ModelShape, RunShape, check_budgets, estimate, parse_bytes
+from ptqlab.engine.gpu_memory import check_gpu_budget
+from ptqlab.engine.memory import GIB, PROCESS_BYTES, ModelShape, RunShape, estimate, parse_bytes
 from ptqlab.errors import PtqlabError
 from ptqlab.recipes import get_recipe
 from tiny import tiny_config
@@ -74,7 +75,7 @@ def test_the_placement_is_the_first_that_fits_the_gpu_budget():
             plan.layers_on_gpu, plan.activations_on_gpu, plan.gpu_bytes)
     assert estimate(model, run_shape(samples=256, stream=True), 10**12).layers_on_gpu is False  # streamed: on disk
     with pytest.raises(PtqlabError, match=r"^this run needs about .* of GPU memory at its peak"):
-        check_budgets(pinned, 1, None, stream=False)
+        check_gpu_budget(model, run, pinned, 1, None)
 
 
 def test_an_autoround_plan_holds_its_float_hidden_states_and_a_descent_step(tiny_model_dir):

@@ -21,12 +21,13 @@ from ptqlab.embedded import DEFAULT_MODEL_NAME, cache_root
 from ptqlab.engine import EngineOptions
 from ptqlab.engine.distributed import World, join, leave, peak_gpu_bytes_per_rank, world_from_environment
 from ptqlab.engine.experts import routed_experts
-from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, check_budgets, estimate, free_cpu_bytes,
-                                  parse_bytes, resident_bytes)
+from ptqlab.engine.gpu_memory import check_gpu_budget, cuda_overhead, free_gpu_bytes, out_of_memory_line
+from ptqlab.engine.memory import (MARGIN, MemoryPlan, ModelShape, RunShape, check_cpu_budget, estimate, free_cpu_bytes,
+                                  parse_bytes, resident_bytes, size_flag)
 from ptqlab.engine.resume import Checkpointer
 from ptqlab.engine.steps import kind_of
 from ptqlab.engine.stream import StreamedModel
-from ptqlab.errors import PtqlabError
+from ptqlab.errors import OutOfMemory, PtqlabError
 from ptqlab.formats.compressed_tensors import (ShardWriter, checkpoint_tensors, module_tensors, write_checkpoint,
                                                write_config)
 from ptqlab.families import FAMILIES, moe_layout
@@ -131,8 +132,10 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
 
     Calibrated recipes (GPTQ) draw `options.calibration` samples (default: ultrachat_200k, offline text without a
     hub) with `options.seed` and run the layer-sequential engine on `options.device` (auto: the GPU if there is one).
-    Before loading anything the run's memory plan (engine/memory.py) is checked against `max_gpu_memory` and
-    `max_cpu_memory` (default: 90 % of what is free now); an explicit GPU budget is also enforced on the allocator.
+    Before loading anything the run's memory plan (engine/memory.py) is checked against `max_gpu_memory` (default:
+    what the GPU has free; the plan counts the CUDA libraries' measured memory, the allocator's rounding and a margin
+    beside its tensors) and `max_cpu_memory` (default: 90 % of what is free now); an explicit GPU budget is also
+    enforced on the allocator.
     With `stream`, the model is read from its safetensors files one decoder layer at a time and the checkpoint is
     written as layers finish (engine/stream.py): neither is ever whole in memory; the tensors are the same. A
     calibrated run keeps its state after every layer and resumes after a crash (engine/resume.py). In a
@@ -157,8 +160,12 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
     checked = check_source(model, options.dtype)
     _check_streamable(checked, options.stream)
     gpu_budget, cpu_budget = budgets(options.device, options.max_gpu_memory, options.max_cpu_memory)
-    memory = _memory_plan(checked, recipe, options, gpu_budget)
-    check_budgets(memory, gpu_budget, cpu_budget, options.stream)
+    shape, run_shape = _plan_shapes(checked, recipe, options)
+    memory = estimate(shape, run_shape, gpu_budget)
+    if gpu_budget is not None:
+        check_gpu_budget(shape, run_shape, memory, free_gpu_bytes(resolve_device(options.device)),
+                         None if options.max_gpu_memory is None else _size(options.max_gpu_memory, "--max-gpu-memory"))
+    check_cpu_budget(memory, cpu_budget, options.stream)
     check_writable(out, options.overwrite, protect, memory.disk_bytes)  # free space for the checkpoint the plan sizes
     world = world_from_environment()
     if world.rank > 0:  # another rank of a run of several: it calibrates with rank 0, which writes
@@ -169,7 +176,8 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
         say(escape(memory.lines()[0]))
     torch.manual_seed(options.seed)
     start = time.perf_counter()
-    with saying_what_is_kept(out, recipe.calibrated), \
+    with saying_out_of_memory(out, recipe.calibrated, shape, run_shape, memory, options), \
+            saying_what_is_kept(out, recipe.calibrated), \
             atomic_dir(out, options.overwrite, protect, resumable=recipe.calibrated, what="quantize") as tmp, \
             gpu_memory_limit(options.device, options.max_gpu_memory and gpu_budget), \
             joined(world, recipe, options.device) as engine_device:
@@ -213,6 +221,40 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
     return out
 
 
+def kept_layers(out: Path, resumable: bool) -> tuple[Path, int]:
+    """(the partial folder of a stopped run on `out`, the first decoder layer its resume state lacks: 0 when it
+    keeps none)."""
+    partial = resumable_partial(out)
+    try:
+        return partial, int(json.loads((partial / RESUME_NAME).read_text())["next_layer"]) if resumable else 0
+    except (OSError, ValueError, TypeError, KeyError):
+        return partial, 0
+
+
+@contextmanager
+def saying_out_of_memory(out: Path, resumable: bool, shape: ModelShape, run: RunShape, memory: MemoryPlan,
+                         options: QuantizeOptions) -> Iterator[None]:
+    """A GPU out of memory anywhere in the run (engine/calibrate.py names the phase and layer; elsewhere it is the
+    run's loading or writing) ends it in one line: the figures, what is kept (the partial folder keeps the finished
+    layers, as after a kill) and what to change: a lower --max-gpu-memory where the plan can then move more to the
+    CPU (the same command with it resumes), else a smaller --calib-batch-size."""
+    try:
+        yield
+    except (OutOfMemory, torch.OutOfMemoryError) as e:
+        where = e if isinstance(e, OutOfMemory) else OutOfMemory("loading or writing (outside the layer loop)", None,
+                                                                   str(e))
+        engine_device = resolve_device(options.device)
+        seen = torch.cuda.max_memory_reserved(engine_device) if engine_device.type == "cuda" else None
+        lower = None
+        if memory.gpu_bytes is not None:  # the placement the plan picks below this one's peak
+            offloaded = estimate(shape, run, memory.gpu_bytes - 1)
+            if offloaded.gpu_bytes < memory.gpu_bytes:
+                lower = (size_flag(offloaded.gpu_bytes), offloaded.placement())
+        partial, next_layer = kept_layers(out, resumable)
+        raise PtqlabError(out_of_memory_line(where.phase, where.layer, where.detail, memory.gpu_bytes, seen, lower,
+                                             options.calib_batch_size, str(partial), next_layer)) from e
+
+
 @contextmanager
 def saying_what_is_kept(out: Path, resumable: bool) -> Iterator[None]:
     """A run stopped by SIGTERM (`timeout`, Slurm, `docker stop`) or Ctrl-C says in one line what it kept and how to
@@ -220,11 +262,7 @@ def saying_what_is_kept(out: Path, resumable: bool) -> Iterator[None]:
     try:
         yield
     except (KeyboardInterrupt, SystemExit):
-        partial = resumable_partial(out)
-        try:
-            next_layer = int(json.loads((partial / RESUME_NAME).read_text())["next_layer"]) if resumable else 0
-        except (OSError, ValueError, TypeError, KeyError):
-            next_layer = 0
+        partial, next_layer = kept_layers(out, resumable)
         if next_layer > 0:
             say(escape(f"stopped: decoder layers 0-{next_layer - 1} are kept in {partial}; the same command resumes "
                        f"from layer {next_layer}"))
@@ -361,10 +399,12 @@ def memory_plan(model: str | None, recipe: Recipe, options: QuantizeOptions | No
     group size and KV cache already set); keyword arguments set `options`' fields."""
     options = given(options, QuantizeOptions, settings)
     gpu_budget, _ = budgets(options.device, options.max_gpu_memory, None)
-    return _memory_plan(check_source(model, options.dtype), recipe, options, gpu_budget)
+    return estimate(*_plan_shapes(check_source(model, options.dtype), recipe, options), gpu_budget)
 
 
-def _memory_plan(checked: ModelSource, recipe: Recipe, options: QuantizeOptions, gpu_budget: int | None) -> MemoryPlan:
+def _plan_shapes(checked: ModelSource, recipe: Recipe, options: QuantizeOptions) -> tuple[ModelShape, RunShape]:
+    """What the memory plan of the run depends on: the model's shape and the run's (with, on a GPU, what this
+    process takes there besides its tensors, measured once per device)."""
     stored = stored_dtype(checked.config, options.dtype)
     engine_device = resolve_device(options.device)
     compute = compute_dtype(engine_device, stored) if recipe.calibrated else stored
@@ -374,21 +414,26 @@ def _memory_plan(checked: ModelSource, recipe: Recipe, options: QuantizeOptions,
     steps, samples = (descent.iters, min(descent.samples_per_step, calibration.num_samples)) if descent else (0, 0)
     run = RunShape(calibration.num_samples, calibration.max_seq_len, options.calib_batch_size, stored.itemsize,
                    compute.itemsize, recipe.calibrated, statistics, recipe.scheme.weights.num_bits,
-                   recipe.scheme.weights.group_size, options.stream, engine_device.type, steps, samples)
-    return estimate(ModelShape.from_config(checked.config), run, gpu_budget)
+                   recipe.scheme.weights.group_size, options.stream, engine_device.type, steps, samples,
+                   cuda_overhead(engine_device) if engine_device.type == "cuda" else 0)
+    return ModelShape.from_config(checked.config), run
+
+
+def _size(value: str | int, option: str) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else parse_bytes(value, option)
 
 
 def budgets(device: str, max_gpu_memory: str | int | None, max_cpu_memory: str | int | None) -> tuple[int | None, int]:
-    """(GPU budget, or None for a CPU run; CPU budget) in bytes: what was asked for, else 90 % of what is free."""
-    def size(value, option: str) -> int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else parse_bytes(value, option)
-
+    """(GPU budget, or None for a CPU run; CPU budget) in bytes. GPU: what the GPU has free (cudaMemGetInfo), or less
+    where --max-gpu-memory asks for less; the plan keeps its own margin. CPU: what was asked for, else 90 % of what
+    is available."""
     engine_device = resolve_device(device)
     gpu = None
     if engine_device.type == "cuda":
-        gpu = (size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory is not None
-               else int(MARGIN * torch.cuda.mem_get_info(engine_device)[0]))
-    cpu = size(max_cpu_memory, "--max-cpu-memory") if max_cpu_memory is not None else int(MARGIN * free_cpu_bytes())
+        gpu = free_gpu_bytes(engine_device)
+        if max_gpu_memory is not None:
+            gpu = min(gpu, _size(max_gpu_memory, "--max-gpu-memory"))
+    cpu = _size(max_cpu_memory, "--max-cpu-memory") if max_cpu_memory is not None else int(MARGIN * free_cpu_bytes())
     return gpu, cpu
 
 

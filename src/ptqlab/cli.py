@@ -58,7 +58,7 @@ def quantize(
     act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by decreasing H_ii.")] = None,
     scale_search: Annotated[Optional[bool], typer.Option("--scale-search/--no-scale-search", help="GPTQ, int formats: clipping-searched scales instead of min-max (recipe default: on for w4a16, w3a16).")] = None,
     stream: Annotated[bool, typer.Option(help="Read the model one decoder layer at a time from its safetensors files and write the checkpoint as layers finish: for models larger than memory (same tensors).")] = False,
-    max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the run may use at its peak, e.g. 24GiB (default: 90 % of what is free).")] = None,
+    max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the run may use at its peak, e.g. 24GiB (default: what the GPU has free; the plan counts the CUDA libraries, allocator rounding and a margin beside its tensors).")] = None,
     max_cpu_memory: Annotated[Optional[str], typer.Option(help="CPU memory the run may use at its peak, e.g. 8GiB (default: 90 % of what is available).")] = None,
     plan: Annotated[bool, typer.Option(help="Print the run's estimated peak GPU and CPU memory, disk and time, and stop.")] = False,
     min_expert_tokens: Annotated[int, typer.Option(min=1, help="Mixture-of-experts models: an expert routed fewer calibration tokens than this in a layer is calibrated on all of that layer's tokens.")] = 128,

@@ -49,8 +49,8 @@ class QuantizeOptions(RunOptions):
     """Read the model one decoder layer at a time from its safetensors files and write the checkpoint as layers
     finish (engine/stream.py): neither is ever whole in memory; the tensors are the same."""
     max_gpu_memory: str | int | None = None
-    """The GPU memory the run may use at its peak, bytes or '24GiB'; None: 90 % of what is free. Also enforced on
-    the allocator when given."""
+    """The GPU memory the run may use at its peak, bytes or '24GiB'; None: what the GPU has free (the plan keeps its
+    own margin: engine/gpu_memory.py). Also enforced on the allocator when given."""
     max_cpu_memory: str | int | None = None
     """The CPU memory the run may use at its peak, bytes or '8GiB'; None: 90 % of what is available."""
     min_expert_tokens: int = MIN_EXPERT_TOKENS

@@ -4,7 +4,8 @@ seconds of each phase and the notes for the run record."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from ptqlab.engine.quantize import quantize_layer
 from ptqlab.engine.statistics import InputStats, collect
 from ptqlab.engine.steps import kind_of, plan_statistics
 from ptqlab.engine.transforms import transform_layer
+from ptqlab.errors import OutOfMemory
 from ptqlab.models import decoder_layers, model_device, model_dtype, names_by_layer, synchronizer
 from ptqlab.progress import track
 
@@ -89,6 +91,16 @@ def calibrate(model: nn.Module, targets: dict[str, nn.Linear], plan: Plan, calib
             cast_back(model, stored, round_only=False)
 
 
+@contextmanager
+def running(phase: str, layer: int | None = None) -> Iterator[None]:
+    """A GPU out-of-memory error inside `phase` (of decoder layer `layer`) becomes an OutOfMemory that says where,
+    instead of torch's multi-screen traceback from deep inside a library."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemory(phase, layer, str(e)) from e
+
+
 class _PhaseClock:
     """Seconds per phase of one layer, each measured after the device has finished the phase's work."""
 
@@ -110,10 +122,12 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
         offload = True  # the layers are not in memory at all
     elif offload is None:
         offload = device.type == "cuda" and _bytes(model) > 0.6 * torch.cuda.mem_get_info(device)[0]
-    if not offload:
-        model.to(device)
+    with running("placing the model on the GPU"):
+        if not offload:
+            model.to(device)
     batches = options.world.share(make_batches(calibration, options.batch_size))
-    capture(model, batches, device, release=offload)  # with offload, the layers stay on the CPU; one at a time moves
+    with running("capture (layer 0's inputs)"):
+        capture(model, batches, device, release=offload)  # with offload, the layers stay on the CPU; one at a time
     if not options.activations_on_gpu and device.type == "cuda":
         for batch in batches:
             batch.hidden = to_host(batch.hidden)
@@ -133,7 +147,8 @@ def _calibrate_layers(model: nn.Module, targets: dict[str, nn.Linear], plan: Pla
     try:
         for index in track(remaining, options.label, total=len(remaining), quiet=options.quiet, status=status):
             following = index + 1 if index + 1 < len(layers) else None
-            layer = layers[index].to(device) if prefetcher is None else prefetcher.get(index, following)
+            with running("loading", index):
+                layer = layers[index].to(device) if prefetcher is None else prefetcher.get(index, following)
             prefix = prefixes[id(layer)]
             layer_targets = {name: targets[name] for name in grouped[index]}  # meta when streaming: names only
             reports.append(_calibrate_layer(model, layer, index, prefix, layer_targets, plan, batches, masks, device,
@@ -165,23 +180,26 @@ def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str
     # Statistics of every linear of the layer (a transform may rescale an ignored one); only targets are quantized.
     linears = {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     statistics = plan_statistics(plan)
-    if statistics:
-        stats = collect(layer, linears, batches, masks, index, device, statistics, prefix, min_expert_tokens,
-                        reduce_statistics if world.several else None)
-    else:  # round-to-nearest calibrating only the KV cache: no step reads the inputs' statistics
-        stats = InputStats(linears, device, frozenset())
+    with running("hessians", index):
+        if statistics:
+            stats = collect(layer, linears, batches, masks, index, device, statistics, prefix, min_expert_tokens,
+                            reduce_statistics if world.several else None)
+        else:  # round-to-nearest calibrating only the KV cache: no step reads the inputs' statistics
+            stats = InputStats(linears, device, frozenset())
     clock.lap("hessians")
     notes, details = [], []
     if plan.transforms:
-        details, notes = transform_layer(layer, model.config, prefix, plan, stats, first=index == 0)
+        with running("transforms", index):
+            details, notes = transform_layer(layer, model.config, prefix, plan, stats, first=index == 0)
         clock.lap("transforms")
     quantizer = kind_of(plan.quantizer)
-    if quantizer.scope == "layer":  # the whole layer at once, from its inputs (engine/autoround.py)
-        layer_notes, layer_details = quantizer.run(plan.quantizer, model, layer, targets, plan, batches, index, device,
-                                                   world, stats)
-        notes, details = notes + layer_notes, details + layer_details
-    else:
-        notes += quantize_layer(model, targets, plan, quantizer, stats, world)
+    with running("quantize", index):
+        if quantizer.scope == "layer":  # the whole layer at once, from its inputs (engine/autoround.py)
+            layer_notes, layer_details = quantizer.run(plan.quantizer, model, layer, targets, plan, batches, index,
+                                                       device, world, stats)
+            notes, details = notes + layer_notes, details + layer_details
+        else:
+            notes += quantize_layer(model, targets, plan, quantizer, stats, world)
     stats_coverage = stats.coverage
     del stats
     if stored is not None:  # the values the checkpoint will hold: smoothed norms, layers kept 16-bit
@@ -190,7 +208,8 @@ def _calibrate_layer(model: nn.Module, layer: nn.Module, index: int, prefix: str
     if saved is not None:
         saved()
     kv = None if plan.kv is None else KVObserver(attention_of(layer, model.config), kv_heads_of(model.config))
-    propagate(layer, batches, index, device, kv)
+    with running("propagate", index):
+        propagate(layer, batches, index, device, kv)
     if kv is not None:
         absmax = kv.attach_scales(plan.kv, plan.scale_dtype, reduce=world.several)
         details.append(f"kv cache ({plan.kv.name}): max |key| {float(absmax[0].max()):.4g}, max |value| "

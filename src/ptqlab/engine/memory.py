@@ -6,7 +6,9 @@ Peak GPU memory of a calibrated run = the embeddings (moved there for the captur
 (every sample's hidden states, position tables and masks) + the decoder layers it holds + the input statistics of
 one layer (one fp32 Hessian per distinct input) + the larger of one batch's forward and one linear's GPTQ work.
 AutoRound adds two more copies of the hidden states (the float model's, and each layer's targets) and one step of
-its descent competes with that forward and GPTQ.
+its descent competes with that forward and GPTQ. Beside its tensors the GPU holds the process's CUDA context and
+libraries (measured at start-up: engine/gpu_memory.py), the allocator's rounding of each tensor and a margin: the
+plan counts all three, and compares the sum with what the GPU has free.
 Where things live is the plan's choice, the first of these that fits the GPU budget: every layer on the GPU; one
 layer at a time with the next one prefetched (layers wait in CPU memory, or on disk when streaming); that, with the
 hidden states in pinned CPU memory, streamed to the GPU a batch at a time. The engine follows the plan
@@ -22,6 +24,7 @@ vision-language model's vision tower), without a formula per family.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -40,7 +43,26 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "ki
 MAX_BYTES = 2**70
 """No size given in bytes is this large (a zebibyte): a larger one is a typo or an overflow."""
 MARGIN = 0.9
-"""Defaults take this share of what is free now: the rest is left to the allocator's fragmentation and to others."""
+"""The CPU budget's default takes this share of what is available now: the rest is left to the allocator's
+fragmentation and to others. (The GPU plan counts its own margin beside what it measures: engine/gpu_memory.py.)"""
+ALLOCATION_ROUNDING = 2 * 2**20
+"""What one tensor can cost beyond its bytes in PyTorch's caching allocator: a request above 1 MiB is rounded up to
+a multiple of 2 MiB and the small ones share 2 MiB blocks, so the plan counts at most this much per tensor it places
+on the GPU."""
+GPU_MARGIN_SHARE = 0.05
+"""The plan keeps this share of its GPU tensors free, and at least GPU_MARGIN_MIN: kernels CUDA loads on first use
+beyond those the start-up probe ran (attention, norms, the engine's own), blocks the allocator cannot reuse between
+layers of different shapes (expandable segments reduce that, do not remove it), and a little growth of another
+process on a shared GPU between the plan and the peak."""
+GPU_MARGIN_MIN = 512 * 2**20
+"""The least margin, whatever the run's size: the lazily loaded kernels do not shrink with a small run."""
+
+
+def gpu_margin(tensor_bytes: int) -> int:
+    """The margin a plan of `tensor_bytes` on the GPU keeps (GPU_MARGIN_SHARE, at least GPU_MARGIN_MIN)."""
+    return max(GPU_MARGIN_MIN, int(GPU_MARGIN_SHARE * tensor_bytes))
+
+
 FLOP_RATE = {"cuda": 2e14, "cpu": 1e11}
 """Nominal FLOP/s of the calibration forwards and Hessian sums per device kind, for the rough time figure only (set
 from the 32B-shape runs of bench/results/big_models.json)."""
@@ -118,6 +140,9 @@ class LayerShape:
     """Parameters of all its routed experts (weights and biases)."""
     expert_inputs: tuple[int, ...] = ()
     """Widths of one routed expert's distinct inputs (its gate/up's, its down's)."""
+    tensors: int = 0
+    """How many tensors the engine holds of the layer (a fused experts' projection as one per expert, as the engine
+    unfuses it): each is one allocation, rounded up by the allocator."""
 
     def active_params(self) -> int:
         """The parameters one token's forward through the layer reads (its routed experts only)."""
@@ -294,8 +319,10 @@ def _layer_shape(layer: nn.Module, hidden: int, top_k: int) -> LayerShape:
     # a gated MLP of width I holds 3 * hidden * I weights: the widest block read as one, which the MLP is (attention
     # rarely outweighs it; where it does, the forward's figure errs high)
     mlp_width = max(blocks.values(), default=0) // (3 * hidden)
+    tensors = len({id(t) for t in layer.state_dict(keep_vars=True).values()}) + sum(
+        count - 1 for _, _, count in linears.values())
     return LayerShape(_tensor_count(layer), linears, tuple(inputs), mlp_width, experts, top_k if experts else 0,
-                      expert_params, expert_inputs)
+                      expert_params, expert_inputs, tensors)
 
 
 @dataclass(frozen=True)
@@ -321,6 +348,10 @@ class RunShape:
     """A layer-wide quantizer's (AutoRound's) gradient steps per layer; 0: the quantizer works linear by linear."""
     descent_samples: int = 0
     """The samples each of those steps computes on."""
+    gpu_overhead: int = 0
+    """What the process takes on the GPU besides its tensors: its CUDA context and, once in use, the libraries'
+    (cuBLAS and cuSOLVER workspaces, kernels loaded on first use); measured once per device at start-up
+    (gpu_memory.cuda_overhead)."""
 
     def __post_init__(self) -> None:
         if self.calibrated:  # the plan divides by them (`quantize` has checked them already; `--plan` has not)
@@ -336,7 +367,8 @@ class RunShape:
 @dataclass(frozen=True)
 class MemoryPlan:
     gpu_bytes: int | None
-    """Peak on the GPU; None for a run on the CPU."""
+    """Peak on the GPU: the tensors, and beside them the CUDA context and libraries' measured memory, the allocator's
+    rounding and the margin; None for a run on the CPU."""
     cpu_bytes: int
     disk_bytes: int
     seconds: float
@@ -359,7 +391,10 @@ class MemoryPlan:
         return f"{layers}; {hidden}"
 
     def lines(self) -> list[str]:
-        gpu = "" if self.gpu_bytes is None else f"GPU {format_bytes(self.gpu_bytes)}, "
+        gpu = "" if self.gpu_bytes is None else (
+            f"GPU {format_bytes(self.gpu_bytes)} (with {format_bytes(self.parts.get(LIBRARIES_PART, 0))} of CUDA "
+            f"context and libraries measured, {format_bytes(self.parts.get(ROUNDING_PART, 0))} of allocator "
+            f"rounding and a {format_bytes(self.parts.get(MARGIN_PART, 0))} margin), ")
         head = (f"memory plan: peak {gpu}CPU {format_bytes(self.cpu_bytes)}; writes {format_bytes(self.disk_bytes)}; "
                 f"about {self.seconds / 60:.0f} min (rough); {self.placement()}")
         lines = [head] + [f"  {name}: {format_bytes(size)}" for name, size in self.parts.items()]
@@ -440,22 +475,48 @@ def _device_work(model: ModelShape, run: RunShape, gpu_budget: int | None) -> tu
     on_gpu = {"calibration activations": hidden + tables, **float_hidden}
     streamed = {"calibration position tables and masks": tables,
                 "hidden states of three batches (in, next, out)": 3 * run.batch_size * run.seq_len * model.hidden * c}
-    choices = [(two_layers, on_gpu, False, True), (two_layers, streamed, False, False)]
+    # tensors of each (for the allocator's rounding): per batch its hidden states, rotary cos and sin, mask (and
+    # AutoRound's copies); a layer's own; the embeddings, each input's statistics and a GPTQ's few
+    largest = max(model.layers, key=lambda layer: layer.tensors)
+    on_gpu_tensors = batches * (3 + run.hidden_copies)
+    streamed_tensors = 3 + 3 * batches
+    fixed_tensors = 1 + len(largest.distinct_inputs()) + WORK_TENSORS
+    choices = [(two_layers, on_gpu, False, True, 2 * largest.tensors + on_gpu_tensors),
+               (two_layers, streamed, False, False, 2 * largest.tensors + streamed_tensors)]
     if not run.stream and run.device == "cuda":
-        choices.insert(0, (every_layer, on_gpu, True, True))
+        choices.insert(0, (every_layer, on_gpu, True, True,
+                           sum(layer.tensors for layer in model.layers) + 2 + on_gpu_tensors))
     if run.device != "cuda":  # the model is in CPU memory already: the layer computing is its compute-dtype copy
-        choices = [({"one decoder layer": model.largest_layer_params() * c}, on_gpu, False, True)]
+        choices = [({"one decoder layer": model.largest_layer_params() * c}, on_gpu, False, True, 0)]
     elif gpu_budget is None:
-        choices = [(two_layers, on_gpu, False, True)]
-    for layers, activations, layers_on_gpu, activations_on_gpu in choices:
+        choices = choices[-2:-1]  # one layer at a time, the activations on the GPU
+    for layers, activations, layers_on_gpu, activations_on_gpu, tensors in choices:
         parts = {**embeddings, **activations, **work, **layers}
         if layers_on_gpu or run.device != "cuda":
             peak = sum(parts.values())
         else:
             peak = sum(activations.values()) + max(sum(embeddings.values()), sum(work.values()) + sum(layers.values()))
+        if run.device == "cuda":
+            beside = beside_tensors(run.gpu_overhead, peak, fixed_tensors + tensors)
+            parts, peak = {**parts, **beside}, peak + sum(beside.values())
         if gpu_budget is None or peak <= gpu_budget:
             break
     return parts, peak, layers_on_gpu, activations_on_gpu
+
+
+WORK_TENSORS = 8
+"""Tensors of one linear's GPTQ (its weight, Hessian, factors, quantized values, errors) or one batch's forward, at
+once: for the allocator's rounding."""
+LIBRARIES_PART = "the CUDA context and libraries' workspaces and kernels (measured at start-up)"
+ROUNDING_PART = f"allocator rounding (up to {ALLOCATION_ROUNDING // 2**20} MiB a tensor)"
+MARGIN_PART = f"margin ({GPU_MARGIN_SHARE:.0%} of the tensors, at least {GPU_MARGIN_MIN // 2**20} MiB)"
+
+
+def beside_tensors(overhead: int, tensor_bytes: int, tensors: int) -> dict[str, int]:
+    """What a GPU holds beside `tensor_bytes` in `tensors` tensors (engine/gpu_memory.py): the libraries' measured
+    `overhead`, the allocator's rounding of each tensor, and the margin."""
+    return {LIBRARIES_PART: overhead, ROUNDING_PART: ALLOCATION_ROUNDING * tensors,
+            MARGIN_PART: gpu_margin(tensor_bytes)}
 
 
 def _descent_bytes(model: ModelShape, run: RunShape) -> int:
@@ -466,13 +527,13 @@ def _descent_bytes(model: ModelShape, run: RunShape) -> int:
     return activations + 5 * 4 * model.largest_layer_params()
 
 
-def check_budgets(plan: MemoryPlan, gpu_budget: int | None, cpu_budget: int | None, stream: bool) -> None:
-    """One line saying what to change when the plan does not fit the budgets."""
-    if plan.gpu_bytes is not None and gpu_budget is not None and plan.gpu_bytes > gpu_budget:
-        raise PtqlabError(f"this run needs about {format_bytes(plan.gpu_bytes)} of GPU memory at its peak and "
-                          f"{format_bytes(gpu_budget)} is allowed (--max-gpu-memory, default: 90 % of what is free): "
-                          "use a smaller --calib-batch-size, fewer --num-samples or a shorter --max-seq-len, or a "
-                          "larger --max-gpu-memory (`--plan` shows where it goes)")
+def size_flag(n: int) -> str:
+    """`n` bytes as a size the command line reads back, rounded up (7.9GiB, 700MiB)."""
+    return f"{math.ceil(n / GIB * 10) / 10:g}GiB" if n >= GIB else f"{math.ceil(n / 2**20)}MiB"
+
+
+def check_cpu_budget(plan: MemoryPlan, cpu_budget: int | None, stream: bool) -> None:
+    """One line saying what to change when the plan does not fit the CPU budget (the GPU's: gpu_memory.py)."""
     if cpu_budget is not None and plan.cpu_bytes > cpu_budget:
         advice = "" if stream else "--stream (read the model layer by layer from disk), "
         raise PtqlabError(f"this run needs about {format_bytes(plan.cpu_bytes)} of CPU memory at its peak and "

@@ -138,11 +138,13 @@ def autoround_layer(config: AutoRoundConfig, model: nn.Module, layer: nn.Module,
             install(chosen)
         tuned = {name: (linear, plan.scheme_of(name).weights, start_params[chosen][name])
                  for name, linear in targets.items()}
+        del start_params  # the other start's offsets, weight-sized: not held through the descent
         for _, _, params in tuned.values():
             for t in params.tensors() if config.tune_range else [params.offsets]:
                 t.requires_grad_(True)
         tensors = [t for _, _, p in tuned.values() for t in p.tensors() if t.requires_grad]
-        at_start = {n: p.copy() for n, (_, _, p) in tuned.items()}
+        # Every start's offsets are 0 (a GPTQ start's rounding is in its fixed `base`): only the factors are kept.
+        at_start = {n: [t.detach().clone() for t in p.tensors()[1:]] for n, (_, _, p) in tuned.items()}
         for step in range(config.iters):
             with torch.enable_grad():
                 loss = output_error(*draw())
@@ -168,7 +170,8 @@ def autoround_layer(config: AutoRoundConfig, model: nn.Module, layer: nn.Module,
         start_kept = config.keep_best and bool(probe_losses[1] > probe_losses[0])
         if start_kept:
             for name, (_, _, params) in tuned.items():
-                for t, kept in zip(params.tensors(), at_start[name].tensors()):
+                params.offsets.data.zero_()
+                for t, kept in zip(params.tensors()[1:], at_start[name]):
                     t.data.copy_(kept)
             last_loss = first_loss
     finally:

@@ -193,5 +193,5 @@ def autoround_layer(config: AutoRoundConfig, model: nn.Module, layer: nn.Module,
     if len(starts) > 1:
         details.append("autoround: start errors " + ", ".join(f"{start} {float(loss):.4g}"
                                                               for start, loss in zip(starts, own_losses))
-                       + f"; started from {chosen}, the lower")
+                       + f"; started from {chosen}, the lower" + (" over all ranks' probes" if world.several else ""))
     return notes, details

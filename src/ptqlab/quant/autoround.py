@@ -55,7 +55,8 @@ class AutoRoundConfig:
     tune_range: bool = True
     """Tune each block's clipping factors too, not only the rounding offsets."""
     keep_best: bool = True
-    """Keep the offsets of the step whose loss was lowest (AutoRound's choice), not the last step's."""
+    """Keep the offsets of the step whose loss was lowest (AutoRound's choice), not the last step's; and the start's
+    where that step's error on the probe samples is above the start's (a step is best on its own draw only)."""
     start: str = setting("better", ("better", "gptq", "nearest"))
     """Where the descent starts: GPTQ's rounding and clipped scales (from the layer's input Hessians, as the gptq step
     with scale_search computes them), round-to-nearest with min-max ranges (AutoRound's own start), or the better of

@@ -123,6 +123,57 @@ def test_scale_search_lowers_gptq_output_error_on_heavy_tailed_weights(args):
     assert errors[True] < 0.95 * errors[False]
 
 
+def low_bit_int_gptq_presets() -> list[str]:
+    """Presets whose GPTQ step writes int weights of 4 bits or fewer (where clipping pays: the grid is coarse)."""
+    from ptqlab.recipes import PRESETS
+
+    return [name for name, recipe in PRESETS.items()
+            if any(isinstance(step, GPTQConfig) for step in recipe.steps)
+            and recipe.scheme.weights.type == "int" and recipe.scheme.weights.num_bits <= 4]
+
+
+def test_low_bit_int_gptq_presets_search_their_scales():
+    names = low_bit_int_gptq_presets()
+    assert {"w4a16", "w4a16-asym", "w3a16", "w2a16"} <= set(names)
+    for name in names:
+        assert all(step.scale_search for step in get_recipe(name).steps if isinstance(step, GPTQConfig)), name
+
+
+def tiny_layers_and_inputs(names: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Linears of a tiny random Llama's first decoder layer -> (weight, its inputs there: 16 random sequences of
+    64 tokens), by name."""
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    inputs = {name: [] for name in names}
+    hooks = [model.model.layers[0].get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: inputs[name].append(args[0].detach())) for name in names]
+    with torch.no_grad():
+        model(torch.randint(3, 384, (16, 64), generator=torch.Generator().manual_seed(0)))
+    for hook in hooks:
+        hook.remove()
+    return {name: (model.model.layers[0].get_submodule(name).weight.detach(),
+                   torch.cat(inputs[name]).flatten(0, -2)) for name in names}
+
+
+@pytest.mark.parametrize("preset,bound", [("w4a16-asym", 0.97), ("w2a16", 0.85), ("w2a16-g32", 0.85)])
+def test_asymmetric_presets_search_lowers_gptq_output_error_on_a_tiny_models_layers(preset, bound):
+    """The asymmetric presets' GPTQ, with its clipping search against the same GPTQ with min-max scales, on three
+    linears of a tiny model (their own inputs, their Hessian): the summed output error is lower by a clear margin
+    (observed 0.945x at int4, 0.67x and 0.77x at int2; the bound leaves room)."""
+    import dataclasses
+
+    recipe = get_recipe(preset)
+    config, args = recipe.steps[0], recipe.scheme.weights
+    assert config.scale_search and not args.symmetric
+    errors = {False: 0.0, True: 0.0}
+    for weight, x in tiny_layers_and_inputs(("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")).values():
+        for search in (False, True):
+            result = gptq(weight, hessian_of(x), args, dataclasses.replace(config, scale_search=search))
+            errors[search] += output_error(x, weight, dequantize(result.q, result.scale, result.zero_point, args))
+    assert errors[True] < bound * errors[False]
+
+
 def test_dead_input_channel_is_quantized_to_zero_without_nan():
     x = correlated_inputs()
     x[:, 7] = 0.0

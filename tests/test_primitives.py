@@ -187,21 +187,23 @@ SEARCH_ARGS = [
 SEARCH_IDS = ["int4-g32", "int4-asym-g32", "int3-g64", "int8-channel"]
 
 
-def reference_search(x: torch.Tensor, args: QuantArgs, importance: torch.Tensor, scale_dtype, steps=40, max_shrink=0.4):
-    """Brute force in float64: every candidate range (min-max's range times p), each block's weighted squared error,
-    the first best candidate per block. -> the best error per block [rows, n_blocks]."""
+def reference_search(x: torch.Tensor, args: QuantArgs, importance: torch.Tensor, scale_dtype, candidates=None):
+    """Brute force in float64: every candidate range (min-max's lo and hi times the candidate's factors; default the
+    search's own candidates), each block's weighted squared error -> the best error per block [rows, n_blocks]."""
+    from ptqlab.quant.primitives import search_candidates
+
+    candidates = search_candidates(args.symmetric) if candidates is None else candidates
     qmin, qmax = -(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1
     gs = args.group_size if args.strategy == "group" else x.shape[1]
     blocks = x.double().unflatten(-1, (x.shape[1] // gs, gs))
     imp = importance.double().unflatten(-1, (x.shape[1] // gs, gs))
     best = None
-    for step in range(steps + 1):
-        p = float(torch.tensor(1.0 - max_shrink * step / steps, dtype=torch.float32))
+    for lo_factor, hi_factor in candidates.double():
         if args.symmetric:
-            lo, scale = None, (blocks.abs().amax(-1) * p / ((qmax - qmin) / 2)).to(scale_dtype).double()
+            scale = (blocks.abs().amax(-1) * hi_factor / ((qmax - qmin) / 2)).to(scale_dtype).double()
             zero = torch.zeros_like(scale)
         else:
-            lo, hi = blocks.amin(-1).clamp(max=0) * p, blocks.amax(-1).clamp(min=0) * p
+            lo, hi = blocks.amin(-1).clamp(max=0) * lo_factor, blocks.amax(-1).clamp(min=0) * hi_factor
             scale = ((hi - lo) / (qmax - qmin)).to(scale_dtype).double()
             zero = (qmin - lo / scale).round().clamp(qmin, qmax)
         approx = ((blocks / scale[..., None] + zero[..., None]).round().clamp(qmin, qmax) - zero[..., None]) * scale[..., None]
@@ -249,6 +251,52 @@ def test_scale_search_clips_an_outlier_on_an_unimportant_input():
     minmax, _ = quant_params(x, args)
     assert (clipped < 0.7 * minmax).all()  # the search stops at its widest clipping (40 %)...
     assert (kept > clipped).all()  # ... but not when the outlier's input matters
+
+
+def common_factor_candidates():
+    """The search before lo and hi were clipped apart: one factor p on both ends (its symmetric candidates)."""
+    from ptqlab.quant.primitives import search_candidates
+
+    return search_candidates(symmetric=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_asymmetric_search_never_loses_to_a_common_clipping_factor(dtype):
+    """Small blocks (16), skewed heavy tails: against float64 brute force, the search hits the optimum over its own
+    candidates, and that optimum is at most the common factor's on every block (its candidates are among them)."""
+    from ptqlab.quant.primitives import search_quant_params
+
+    args = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=16)
+    torch.manual_seed(11)
+    x = ((torch.distributions.StudentT(3).sample((32, 64)) + 0.5 * torch.rand(32, 64) ** 8 * 20) * 0.02).to(dtype)
+    importance = torch.rand(64) + 0.1
+    scale, zero_point = search_quant_params(x, args, importance=importance)
+    ours = block_errors(x, scale, zero_point, args, importance)
+    best = reference_search(x, args, importance, dtype)
+    common = reference_search(x, args, importance, dtype, common_factor_candidates())
+    assert (best <= common).all()  # a superset's minimum, both in float64
+    assert torch.allclose(ours, best, rtol=1e-5, atol=0)  # fp32 error sums may flip a tie of candidates
+    assert (ours <= common * (1 + 1e-5)).all()  # so what the search returns is no worse either, up to such a tie
+    assert (best < common).sum() >= 0.15 * best.numel()  # skewed blocks: clipping one end alone often pays (27 %+)
+
+
+def test_asymmetric_search_clips_only_the_outlier_end():
+    """One big positive weight among small negatives, on an input that is barely active (importance 0.05): clipping
+    hi alone (to 3/4) rounds the negatives on a finer grid at little cost; a common factor must clip the negatives
+    too, so it barely moves from min-max. The separate search's error is clearly lower (0.74x in float64)."""
+    from ptqlab.quant.primitives import search_quant_params
+
+    args = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32)
+    x = torch.cat([-torch.linspace(0.0, 0.3, 31), torch.tensor([1.0])])[None]
+    importance = torch.ones(32)
+    importance[-1] = 0.05
+    scale, zero_point = search_quant_params(x, args, importance=importance)
+    ours = block_errors(x, scale, zero_point, args, importance)
+    common = reference_search(x, args, importance, torch.float32, common_factor_candidates())
+    assert ours < 0.8 * common
+    approx = dequantize(quantize(x, scale, zero_point, args), scale, zero_point, args, torch.float64)
+    assert approx.min() <= -0.3 + 0.5 * scale.double()  # lo kept: the most negative weight is not clipped
+    assert approx.max() < 0.9  # hi clipped
 
 
 @pytest.mark.parametrize("shape", [(256, 384), (10, 7), (130, 260)], ids=["whole blocks", "one partial block", "partial edges"])

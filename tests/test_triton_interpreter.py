@@ -271,18 +271,21 @@ def test_token_quantizer_puts_each_token_on_its_grid(grid, dtype):
 @pytest.mark.parametrize("args", [
     QuantArgs(num_bits=4, strategy="group", group_size=32), QuantArgs(num_bits=4, symmetric=False, strategy="group",
                                                                      group_size=128),
+    QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=16),
+    QuantArgs(num_bits=2, symmetric=False, strategy="group", group_size=64),
     QuantArgs(num_bits=3, strategy="group", group_size=64), QuantArgs(num_bits=8, strategy="channel"),
-], ids=["int4-g32", "int4-asym-g128", "int3-g64", "int8-channel"])
+], ids=["int4-g32", "int4-asym-g128", "int4-asym-g16", "int2-asym-g64", "int3-g64", "int8-channel"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_scale_search_matches_the_torch_loop(args, dtype, monkeypatch):
     """search_quant_params through the kernel against its torch loop (as the GPU test does). On a CPU torch divides
     the range by the half range in IEEE division, as the kernel does, so the scales agree bitwise, except where the
-    error sums (run in another order) flip a choice between candidates that tie to fp32 rounding: one block at most."""
+    error sums (run in another order) flip a choice between candidates that tie to fp32 rounding: one block at most.
+    The weights are skewed (a positive tail), so asymmetric grids take candidates that clip lo and hi apart."""
     from ptqlab.quant import search_triton
     from ptqlab.quant.primitives import search_quant_params
 
     torch.manual_seed(7)
-    weight = (torch.distributions.StudentT(3).sample((16, 256)) * 0.02).to(dtype)
+    weight = ((torch.distributions.StudentT(3).sample((16, 256)) + 10 * torch.rand(16, 256) ** 8) * 0.02).to(dtype)
     importance = torch.rand(256) + 0.1
     plain = search_quant_params(weight, args, importance=importance)
     monkeypatch.setattr(search_triton, "available", lambda x, block, scale_dtype: True)  # CPU tensors, interpreted

@@ -8,10 +8,10 @@ carried beside the quantized ones as `Batch.float_hidden`): so each layer's roun
 that reaches it from the layers before, which GPTQ's per-linear objective, on the inputs as they are, cannot. Each step draws
 `samples_per_step` samples of one calibration batch (seeded by the layer's index: a run repeats exactly) and takes
 a signed-gradient step of the offsets and range factors; the layer's own weights get no gradient. The start is
-GPTQ's rounding of each linear from its input Hessian (the statistics phase collects them) or round-to-nearest
-(quant/autoround.py says why GPTQ's is the default). Several ranks
-each draw from their share and sum their gradients, so every rank takes the same step and ends with the same
-rounding: nothing to send.
+GPTQ's rounding of each linear from its input Hessian (the statistics phase collects them), round-to-nearest, or
+(`start: better`, the default) whichever of the two gives the layer the lower output error on the probe samples,
+chosen per layer (quant/autoround.py says why). Several ranks each draw from their share and sum their gradients
+(and the start's errors), so every rank takes the same step and ends with the same rounding: nothing to send.
 """
 
 from __future__ import annotations
@@ -87,21 +87,24 @@ def autoround_layer(config: AutoRoundConfig, model: nn.Module, layer: nn.Module,
     frozen = [p for p in layer.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    tuned, notes = {}, []
+    starts = ("gptq", "nearest") if config.start == "better" else (config.start,)
+    start_params: dict[str, dict[str, RoundingParams]] = {start: {} for start in starts}  # start -> linear -> params
+    notes = []
     for name, linear in targets.items():
         args = plan.scheme_of(name).weights
-        if config.start == "gptq":
-            params, linear_notes = _gptq_start(config, name, linear, args, stats, plan.scale_dtype)
+        if "gptq" in starts:
+            start_params["gptq"][name], linear_notes = _gptq_start(config, name, linear, args, stats, plan.scale_dtype)
             notes += linear_notes
-        else:
-            params = RoundingParams.initial(linear.weight, args)
-        for t in params.tensors() if config.tune_range else [params.offsets]:
-            t.requires_grad_(True)
-        tuned[name] = (linear, args, params)
-        set_submodule(model, name, _TunedLinear(linear, args, params, plan.scale_dtype))
+        if "nearest" in starts:
+            start_params["nearest"][name] = RoundingParams.initial(linear.weight, args)
+
+    def install(start: str) -> None:
+        for name, linear in targets.items():
+            set_submodule(model, name, _TunedLinear(linear, plan.scheme_of(name).weights, start_params[start][name],
+                                                    plan.scale_dtype))
+
     generator = torch.Generator().manual_seed(index)
     rows_per_batch = torch.tensor([len(batch.input_ids) for batch in batches], dtype=torch.float)
-    tensors = [t for _, _, p in tuned.values() for t in p.tensors() if t.requires_grad]
 
     def draw() -> tuple[int, torch.Tensor]:
         b = int(torch.multinomial(rows_per_batch, 1, generator=generator))
@@ -118,10 +121,30 @@ def autoround_layer(config: AutoRoundConfig, model: nn.Module, layer: nn.Module,
         error = (output.float() - references[b][where].to(device).float()).square().sum(-1)
         return (error * mask).sum() / (mask.sum() * output.shape[-1])
 
-    probe = draw()  # the rounding's error before and after, on the same samples
+    probe = draw()  # the rounding's error before and after (and each start's), on the same samples
     best, best_loss, best_step = None, float("inf"), config.iters - 1
     try:
-        first_loss = float(output_error(*probe))
+        start_losses = torch.zeros(len(starts), device=device)
+        for i, start in enumerate(starts):
+            install(start)
+            with torch.no_grad():
+                start_losses[i] = output_error(*probe)
+        own_losses = start_losses.clone()  # on this rank's probe, as `last_loss`
+        if world.several:  # every rank chooses the same start: the error over all ranks' probes
+            sum_over_ranks([start_losses])
+        chosen = starts[int(start_losses.argmin())]  # a tie keeps the first, GPTQ's
+        first_loss = float(own_losses[starts.index(chosen)])
+        if chosen != starts[-1]:
+            install(chosen)
+        tuned = {name: (linear, plan.scheme_of(name).weights, start_params[chosen][name])
+                 for name, linear in targets.items()}
+        del start_params  # the other start's offsets, weight-sized: not held through the descent
+        for _, _, params in tuned.values():
+            for t in params.tensors() if config.tune_range else [params.offsets]:
+                t.requires_grad_(True)
+        tensors = [t for _, _, p in tuned.values() for t in p.tensors() if t.requires_grad]
+        # Every start's offsets are 0 (a GPTQ start's rounding is in its fixed `base`): only the factors are kept.
+        at_start = {n: [t.detach().clone() for t in p.tensors()[1:]] for n, (_, _, p) in tuned.items()}
         for step in range(config.iters):
             with torch.enable_grad():
                 loss = output_error(*draw())
@@ -139,8 +162,20 @@ def autoround_layer(config: AutoRoundConfig, model: nn.Module, layer: nn.Module,
                 for t, kept in zip(params.tensors(), best[name].tensors()):
                     t.data.copy_(kept)
         last_loss = float(output_error(*probe))
+        # The kept step was the best on its own draw; on the probe it can still be worse than the start (a GPTQ start
+        # is often near a local optimum already), and then the start is kept: tuning never raises the probe's error.
+        probe_losses = torch.tensor([first_loss, last_loss], device=device)
+        if world.several:  # every rank decides alike
+            sum_over_ranks([probe_losses])
+        start_kept = config.keep_best and bool(probe_losses[1] > probe_losses[0])
+        if start_kept:
+            for name, (_, _, params) in tuned.items():
+                params.offsets.data.zero_()
+                for t, kept in zip(params.tensors()[1:], at_start[name]):
+                    t.data.copy_(kept)
+            last_loss = first_loss
     finally:
-        for name, (linear, _, _) in tuned.items():
+        for name, linear in targets.items():
             set_submodule(model, name, linear)
         for p in frozen:
             p.requires_grad_(True)
@@ -152,6 +187,11 @@ def autoround_layer(config: AutoRoundConfig, model: nn.Module, layer: nn.Module,
         linear.to("meta")
     for batch, reference in zip(batches, references):
         batch.float_hidden = reference
-    details = [f"autoround: layer output error {first_loss:.4g} at the start ({config.start}), {last_loss:.4g} tuned "
-               f"(step {best_step + 1} of {config.iters} kept)"]
+    details = [f"autoround: layer output error {first_loss:.4g} at the start ({chosen}), {last_loss:.4g} tuned "
+               + ("(the start kept: tuning raised the probe's error)" if start_kept else
+                  f"(step {best_step + 1} of {config.iters} kept)")]
+    if len(starts) > 1:
+        details.append("autoround: start errors " + ", ".join(f"{start} {float(loss):.4g}"
+                                                              for start, loss in zip(starts, own_losses))
+                       + f"; started from {chosen}, the lower" + (" over all ranks' probes" if world.several else ""))
     return notes, details

@@ -16,6 +16,9 @@ error feedback moves weights) and range factors, and the tuned offsets move each
 there. Signed steps move every offset at the same rate whatever its gradient's size, so a descent from the nearest
 rounding also flips weights that barely matter; starting from GPTQ, which already chose each rounding from the
 layer's input Hessian, the layer-wide descent only has to correct what GPTQ's per-linear objective cannot see.
+But GPTQ's per-linear objective is not the layer's: where GPTQ's rounding gives the layer a higher output error than
+the nearest one (a layer whose inputs the Hessian of a small calibration set misdescribes), starting there is
+starting behind. `start: better` (the default) measures both starts on the layer's output and takes the lower.
 
 The grid is the checkpoint's (primitives.py): a symmetric int grid maps [-absmax, absmax] onto
 [qmin - 0.5, qmax + 0.5], an asymmetric one [min, max] onto [qmin, qmax] with an integer zero point; scales are
@@ -52,10 +55,12 @@ class AutoRoundConfig:
     tune_range: bool = True
     """Tune each block's clipping factors too, not only the rounding offsets."""
     keep_best: bool = True
-    """Keep the offsets of the step whose loss was lowest (AutoRound's choice), not the last step's."""
-    start: str = setting("gptq", ("gptq", "nearest"))
+    """Keep the offsets of the step whose loss was lowest (AutoRound's choice), not the last step's; and the start's
+    where that step's error on the probe samples is above the start's (a step is best on its own draw only)."""
+    start: str = setting("better", ("better", "gptq", "nearest"))
     """Where the descent starts: GPTQ's rounding and clipped scales (from the layer's input Hessians, as the gptq step
-    with scale_search computes them), or round-to-nearest with min-max ranges (AutoRound's own start)."""
+    with scale_search computes them), round-to-nearest with min-max ranges (AutoRound's own start), or the better of
+    the two for each decoder layer: the one whose layer output error on the probe samples is lower."""
 
     @property
     def step_size(self) -> float:

@@ -1,6 +1,7 @@
 """The clipping search of primitives.search_quant_params on the GPU as one Triton kernel.
 
-In torch every candidate range is ~8 passes over the weight (41 candidates: ~330 passes, seconds on an 8B model);
+In torch every candidate range is ~8 passes over the weight (41 candidates: ~330 passes, seconds on an 8B model;
+113 for asymmetric grids, whose lo and hi are clipped apart);
 here one program holds a tile of blocks in registers, tries every candidate there and writes one scale (and zero
 point) per block: one read of the weight. Same formulas as the torch path (round half to even, the scale rounded
 to its storage dtype before use), two differences: the error sum runs in another order, which can flip a choice
@@ -22,7 +23,7 @@ _STORAGE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 if triton is not None:
 
     @triton.jit
-    def _search_kernel(X, IMP, SHRINK, S_OUT, Z_OUT, n_blocks, groups_per_row, n_shrink, qmin, qmax, half_range,
+    def _search_kernel(X, IMP, FACTORS, S_OUT, Z_OUT, n_blocks, groups_per_row, n_candidates, qmin, qmax, half_range,
                        tiny, huge, SYMMETRIC: tl.constexpr, HAS_IMP: tl.constexpr, STORAGE: tl.constexpr,
                        BLOCK_N: tl.constexpr, GS: tl.constexpr):
         b = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -40,12 +41,13 @@ if triton is not None:
         best_err = tl.full((BLOCK_N,), float("inf"), tl.float32)
         best_s = tl.zeros((BLOCK_N,), tl.float32)
         best_z = tl.zeros((BLOCK_N,), tl.float32)
-        for k in range(0, n_shrink):
-            p = tl.load(SHRINK + k)
+        for k in range(0, n_candidates):
+            lo_factor = tl.load(FACTORS + 2 * k)
+            hi_factor = tl.load(FACTORS + 2 * k + 1)
             if SYMMETRIC:
-                s = libdevice.div_rn(hi * p, half_range)
+                s = libdevice.div_rn(hi * hi_factor, half_range)
             else:
-                s = libdevice.div_rn(hi * p - lo * p, qmax - qmin)
+                s = libdevice.div_rn(hi * hi_factor - lo * lo_factor, qmax - qmin)
             s = tl.minimum(tl.maximum(s, tiny), huge)
             if STORAGE == 0:
                 s = s.to(tl.bfloat16).to(tl.float32)
@@ -54,7 +56,7 @@ if triton is not None:
             if SYMMETRIC:
                 z = tl.zeros_like(s)
             else:
-                z = tl.minimum(tl.maximum(libdevice.rint(qmin - libdevice.div_rn(lo * p, s)), qmin), qmax)
+                z = tl.minimum(tl.maximum(libdevice.rint(qmin - libdevice.div_rn(lo * lo_factor, s)), qmin), qmax)
             q = tl.minimum(tl.maximum(libdevice.rint(libdevice.div_rn(x, s[:, None]) + z[:, None]), qmin), qmax)
             d = (q - z[:, None]) * s[:, None] - x
             d = d * d
@@ -74,10 +76,11 @@ def available(x: torch.Tensor, block: int, scale_dtype: torch.dtype) -> bool:
     return triton_support.available(x) and block & (block - 1) == 0 and block <= 1024 and scale_dtype in _STORAGE
 
 
-def search_blocks(blocks: torch.Tensor, importance: torch.Tensor | None, shrinks: torch.Tensor, symmetric: bool,
+def search_blocks(blocks: torch.Tensor, importance: torch.Tensor | None, candidates: torch.Tensor, symmetric: bool,
                   qmin: float, qmax: float, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """blocks [rows, groups, block] or [rows, block] (one block per row) fp32, importance [columns] or None -> the
-    best scale [rows, groups] / [rows] in scale_dtype and zero point likewise, int8 (None if symmetric)."""
+    """blocks [rows, groups, block] or [rows, block] (one block per row) fp32, importance [columns] or None,
+    candidates [n, 2] (factor on lo, factor on hi: primitives.search_candidates) -> the first best scale
+    [rows, groups] / [rows] in scale_dtype and zero point likewise, int8 (None if symmetric)."""
     shape, gs = blocks.shape[:-1], blocks.shape[-1]
     x = blocks.reshape(-1, gs).contiguous()
     n_blocks = x.shape[0]
@@ -88,7 +91,7 @@ def search_blocks(blocks: torch.Tensor, importance: torch.Tensor | None, shrinks
     imp = importance.float().contiguous() if importance is not None else x  # unused when HAS_IMP is False
     block_n = max(1, min(64, 4096 // gs))
     _search_kernel[(triton.cdiv(n_blocks, block_n),)](
-        x, imp, shrinks.float().contiguous(), scale, zero, n_blocks, groups_per_row, shrinks.numel(), qmin, qmax,
+        x, imp, candidates.float().contiguous(), scale, zero, n_blocks, groups_per_row, candidates.shape[0], qmin, qmax,
         (qmax - qmin) / 2, info.tiny, info.max, SYMMETRIC=symmetric, HAS_IMP=importance is not None,
         STORAGE=_STORAGE[scale_dtype], BLOCK_N=block_n, GS=gs, num_warps=4)
     scale = scale.reshape(shape).to(scale_dtype)

@@ -10,6 +10,7 @@ from typing import Union
 
 from ptqlab.engine.awq import AWQStep
 from ptqlab.engine.quantize import RTNStep
+from ptqlab.engine.rotate import RotateStep
 from ptqlab.engine.smoothquant import SmoothQuantStep
 from ptqlab.engine.steps import STEP_KINDS, kind_of
 from ptqlab.errors import PtqlabError
@@ -21,7 +22,7 @@ from ptqlab.schemes import FormatError, QuantArgs, Scheme, brief, check_scheme, 
 from ptqlab.settings import SettingError, check_setting
 
 
-Step = Union[SmoothQuantStep, AWQStep, GPTQConfig, RTNStep, AutoRoundConfig]
+Step = Union[RotateStep, SmoothQuantStep, AWQStep, GPTQConfig, RTNStep, AutoRoundConfig]
 
 
 def step_name(step: Step) -> str:
@@ -48,7 +49,8 @@ class Recipe:
     name: str
     scheme: Scheme
     steps: tuple[Step, ...] = (RTNStep(),)
-    """Transforms (SmoothQuantStep, AWQStep) then one quantizer (GPTQConfig or RTNStep), in order."""
+    """Transforms (RotateStep first, then SmoothQuantStep, AWQStep) then one quantizer (GPTQConfig, RTNStep or
+    AutoRoundConfig), in order."""
     ignore: tuple[str, ...] = ("lm_head",)
     """Layers kept 16-bit: exact module names or `re:` regular expressions (matched from the start), as in
     llm-compressor. The output head stays 16-bit by default: it is small next to the body and sensitive."""
@@ -85,8 +87,13 @@ class Recipe:
         if not roles or roles[-1] != "quantizer":
             raise PtqlabError(f"recipe {self.name}: the last step must be a quantizer ({QUANTIZERS})")
         if any(role != "transform" for role in roles[:-1]):
-            raise PtqlabError(f"recipe {self.name}: only smoothquant and awq may come before the quantizer, "
+            raise PtqlabError(f"recipe {self.name}: only rotate, smoothquant and awq may come before the quantizer, "
                               f"and only one quantizer ({QUANTIZERS}) is allowed, last")
+        whole = [i for i, step in enumerate(self.steps) if kind_of(step).scope == "model"]
+        if whole != list(range(len(whole))):
+            # it changes the float model that the other steps' statistics are taken from
+            raise PtqlabError(f"recipe {self.name}: {step_name(self.steps[whole[-1]])} transforms the whole float model "
+                              "and must be the first step, e.g. steps: [rotate, {gptq: {}}]")
         weights = self.scheme.weights
         if step_name(self.steps[-1]) == "autoround" and (weights.type != "int" or weights.strategy not in ("group", "channel")):
             raise PtqlabError(f"recipe {self.name}: autoround tunes int weights with per-group or per-channel scales, "

@@ -26,7 +26,7 @@ Step = Union[RotateStep, SmoothQuantStep, AWQStep, GPTQConfig, RTNStep, AutoRoun
 
 
 def step_name(step: Step) -> str:
-    """The YAML name of a step: smoothquant, awq, gptq or rtn."""
+    """The YAML name of a step: rotate, smoothquant, awq, gptq, rtn or autoround."""
     return kind_of(step).name
 
 

@@ -50,12 +50,12 @@ class StepKind:
 
 
 STEPS: tuple[StepKind, ...] = (
-    StepKind("rotate", RotateStep, "transform", frozenset(), rotate_model, scope="model"),
     StepKind("smoothquant", SmoothQuantStep, "transform", frozenset({"absmax"}), smoothquant),
     StepKind("awq", AWQStep, "transform", frozenset({"abssum", "hessian"}), awq),
     StepKind("gptq", GPTQConfig, "quantizer", frozenset({"hessian"}), gptq_linears),
     StepKind("rtn", RTNStep, "quantizer", frozenset(), rtn_linears),
     StepKind("autoround", AutoRoundConfig, "quantizer", frozenset({"hessian"}), autoround_layer, scope="layer"),
+    StepKind("rotate", RotateStep, "transform", frozenset(), rotate_model, scope="model"),
 )
 STEP_KINDS: dict[str, StepKind] = {kind.name: kind for kind in STEPS}
 

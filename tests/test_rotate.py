@@ -18,7 +18,7 @@ from ptqlab.recipes import parse_recipe
 from ptqlab.schemes import QuantArgs, Scheme
 from tiny import ARCHS, CHATS, tiny_model, write_jsonl
 
-ACCEPTED = [arch for arch in ARCHS if refusal(None, FAMILIES[arch]) is None]
+ACCEPTED = [arch for arch in ARCHS if refusal(FAMILIES[arch]) is None]
 REFUSED = [arch for arch in ARCHS if arch not in ACCEPTED]
 TOKENS = torch.randint(3, 380, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -107,6 +107,15 @@ def test_rotate_then_quantize_reads_back_in_transformers(quantizer, tiny_model_d
     assert any(note.startswith("rotate: residual stream") for note in record["notes"])
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" in config  # an ordinary llama checkpoint
+
+
+def test_a_rotated_tied_model_reads_back_untied(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama", tie_word_embeddings=True)
+    recipe = parse_recipe({"name": "rot", "scheme": "W4A16", "group_size": 32, "steps": ["rotate", "rtn"]})
+    out = ptqlab.quantize(str(model), recipe, out=tmp_path / "out", quiet=True, device="cpu")
+    record = json.loads((out / "ptqlab.json").read_text())
+    assert {v["reader"]: v["kl"] for v in record["verification"]}["transformers"] == 0.0
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def planted_outlier(factor: float, seed=0):

@@ -102,7 +102,7 @@ def rotate_heads_columns(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 # ---- applying it to a model ------------------------------------------------------------------------------------------
 
-def refusal(config, family: ModelFamily) -> str | None:
+def refusal(family: ModelFamily) -> str | None:
     """Why rotation cannot be exact for this family (None: it can), as the end of one line."""
     norms = family.norms
     if family.experts is not None:
@@ -134,7 +134,7 @@ def rotate_model(step: RotateStep, model: nn.Module) -> list[str]:
     scale must be folded into the head but not into the embeddings (one table cannot be both)."""
     config = text_config(model.config)
     family = family_of(config, "rotate")
-    why = refusal(config, family)
+    why = refusal(family)
     if why is not None:
         raise PtqlabError(f"rotate: {config.model_type}: {why}; remove the rotate step for this model")
     generator = torch.Generator().manual_seed(step.seed)

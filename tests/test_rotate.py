@@ -94,6 +94,14 @@ def test_streaming_refuses_rotation_in_one_line(tmp_path):
         quantize_model(model, recipe, streamed=object(), write_layer=lambda *layer: None)
 
 
+def test_streaming_is_refused_before_loading(tiny_model_dir, tmp_path):
+    recipe = parse_recipe({"name": "r", "scheme": "W4A16", "steps": ["rotate", "rtn"]})
+    with pytest.raises(PtqlabError, match="without --stream") as error:
+        ptqlab.quantize(str(tiny_model_dir("llama")), recipe, out=tmp_path / "out", stream=True, quiet=True,
+                        device="cpu")
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("quantizer", [{"gptq": {}}, "rtn", {"autoround": {"iters": 4, "samples_per_step": 4}}])
 def test_rotate_then_quantize_reads_back_in_transformers(quantizer, tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")

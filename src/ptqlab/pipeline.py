@@ -223,6 +223,14 @@ def _quantize_linear(name: str, linear: nn.Linear, scheme, global_scale: torch.T
     return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, scheme, global_scale=global_scale)
 
 
+def check_streamable_recipe(recipe: Recipe, stream: bool) -> None:
+    """One line refusing --stream for a recipe with a whole-model step (rotate): a streamed model is never whole."""
+    whole = next((step for step in recipe.steps if kind_of(step).scope == "model"), None)
+    if stream and whole is not None:
+        raise PtqlabError(f"recipe {recipe.name}: {step_name(whole)} transforms the whole model before the layer "
+                          "loop, and --stream never holds the whole model: quantize it without --stream")
+
+
 LayerWriter = Callable[[int, nn.Module, str], None]
 """(layer index, a finished decoder layer, its module name) -> None: writes its checkpoint tensors."""
 
@@ -261,9 +269,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
     `options.world`: this process's rank among several that calibrate together (engine/distributed.py)."""
     options = replace(options or EngineOptions(), **engine)
     model_steps = [step for step in recipe.steps if kind_of(step).scope == "model"]
-    if model_steps and streamed is not None:
-        raise PtqlabError(f"recipe {recipe.name}: {step_name(model_steps[0])} transforms the whole model before the "
-                          "layer loop, and --stream never holds the whole model: quantize it without --stream")
+    check_streamable_recipe(recipe, streamed is not None)
     model_notes = [note for step in model_steps for note in kind_of(step).run(step, model)]
     unfuse(model)
     keep, kept_notes = kept_16_bit(model)

@@ -37,7 +37,7 @@ from ptqlab.models import (LoadedModel, ModelSource, check_source, compute_dtype
                            load_checked, load_tokenizer, model_dtype, resolve_device, stored_dtype)
 from ptqlab.options import QuantizeOptions, RunOptions, given
 from ptqlab.output import RESUME_NAME, atomic_dir, check_writable, resumable_partial
-from ptqlab.pipeline import QuantizationResult, quantize_model
+from ptqlab.pipeline import QuantizationResult, check_streamable_recipe, quantize_model
 from ptqlab.progress import say
 from ptqlab.recipe import Recipe
 from ptqlab.recipes import get_recipe
@@ -159,6 +159,7 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
         check_calibration(calibration, batch_size=options.calib_batch_size)
     checked = check_source(model, options.dtype)
     _check_streamable(checked, options.stream)
+    check_streamable_recipe(recipe, options.stream)
     gpu_budget, cpu_budget = budgets(options.device, options.max_gpu_memory, options.max_cpu_memory)
     shape, run_shape = _plan_shapes(checked, recipe, options)
     memory = estimate(shape, run_shape, gpu_budget)

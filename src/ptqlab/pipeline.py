@@ -17,6 +17,7 @@ from torch import nn
 from ptqlab.data import CalibrationSet, check_batch_size
 from ptqlab.engine import EngineOptions, Plan, calibrate
 from ptqlab.engine.experts import unfuse
+from ptqlab.engine.steps import kind_of
 from ptqlab.engine.stream import StreamedModel
 from ptqlab.errors import PtqlabError
 from ptqlab.families import FAMILIES, module_name
@@ -222,6 +223,14 @@ def _quantize_linear(name: str, linear: nn.Linear, scheme, global_scale: torch.T
     return QuantizedLinear.from_weight(linear.weight.detach(), linear.bias, scheme, global_scale=global_scale)
 
 
+def check_streamable_recipe(recipe: Recipe, stream: bool) -> None:
+    """One line refusing --stream for a recipe with a whole-model step (rotate): a streamed model is never whole."""
+    whole = next((step for step in recipe.steps if kind_of(step).scope == "model"), None)
+    if stream and whole is not None:
+        raise PtqlabError(f"recipe {recipe.name}: {step_name(whole)} transforms the whole model before the layer "
+                          "loop, and --stream never holds the whole model: quantize it without --stream")
+
+
 LayerWriter = Callable[[int, nn.Module, str], None]
 """(layer index, a finished decoder layer, its module name) -> None: writes its checkpoint tensors."""
 
@@ -259,6 +268,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
     expert routed fewer than `options.min_expert_tokens` calibration tokens in a layer is calibrated on all of them.
     `options.world`: this process's rank among several that calibrate together (engine/distributed.py)."""
     options = replace(options or EngineOptions(), **engine)
+    model_steps = [step for step in recipe.steps if kind_of(step).scope == "model"]
+    check_streamable_recipe(recipe, streamed is not None)
+    model_notes = [note for step in model_steps for note in kind_of(step).run(step, model)]
     unfuse(model)
     keep, kept_notes = kept_16_bit(model)
     if keep:  # named one by one, in module order, as llm-compressor's configs name them
@@ -268,7 +280,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
     if not targets:
         raise PtqlabError(f"the ignore list {list(recipe.ignore)} leaves no linear layer to quantize")
     recipe, note = resolve_group_size(recipe, targets)
-    result = QuantizationResult(recipe=recipe, ignored=ignored, notes=kept_notes)
+    result = QuantizationResult(recipe=recipe, ignored=ignored, notes=model_notes + kept_notes)
     if note:
         result.notes.append(note)
     for pattern in unused:
@@ -299,7 +311,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: CalibrationSet
                               f"lies outside them: keep it 16-bit with --ignore (e.g. --ignore {outside[0]})")
         for name, linear in targets.items():
             _check_weight(name, linear)
-        plan = Plan(recipe.transforms, recipe.quantizer, recipe.scheme, scale_dtype=model_dtype(model),
+        layer_transforms = tuple(step for step in recipe.transforms if kind_of(step).scope != "model")
+        plan = Plan(layer_transforms, recipe.quantizer, recipe.scheme, scale_dtype=model_dtype(model),
                     kv=kv_cache_format(recipe.kv), overrides=overrides)
         options = replace(options, label=f"{recipe.name} ({steps})", load_layer=load_layer, finish_layer=finish_layer)
         reports = calibrate(model, targets, plan, calibration, options)

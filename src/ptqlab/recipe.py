@@ -10,6 +10,7 @@ from typing import Union
 
 from ptqlab.engine.awq import AWQStep
 from ptqlab.engine.quantize import RTNStep
+from ptqlab.engine.rotate import RotateStep
 from ptqlab.engine.smoothquant import SmoothQuantStep
 from ptqlab.engine.steps import STEP_KINDS, kind_of
 from ptqlab.errors import PtqlabError
@@ -21,11 +22,11 @@ from ptqlab.schemes import FormatError, QuantArgs, Scheme, brief, check_scheme, 
 from ptqlab.settings import SettingError, check_setting
 
 
-Step = Union[SmoothQuantStep, AWQStep, GPTQConfig, RTNStep, AutoRoundConfig]
+Step = Union[RotateStep, SmoothQuantStep, AWQStep, GPTQConfig, RTNStep, AutoRoundConfig]
 
 
 def step_name(step: Step) -> str:
-    """The YAML name of a step: smoothquant, awq, gptq or rtn."""
+    """The YAML name of a step: rotate, smoothquant, awq, gptq, rtn or autoround."""
     return kind_of(step).name
 
 
@@ -55,7 +56,8 @@ class Recipe:
     name: str
     scheme: Scheme
     steps: tuple[Step, ...] = (RTNStep(),)
-    """Transforms (SmoothQuantStep, AWQStep) then one quantizer (GPTQConfig or RTNStep), in order."""
+    """Transforms (RotateStep first, then SmoothQuantStep, AWQStep) then one quantizer (GPTQConfig, RTNStep or
+    AutoRoundConfig), in order."""
     ignore: tuple[str, ...] = ("lm_head",)
     """Layers kept 16-bit: exact module names or `re:` regular expressions (matched from the start), as in
     llm-compressor. The output head stays 16-bit by default: it is small next to the body and sensitive."""
@@ -92,8 +94,13 @@ class Recipe:
         if not roles or roles[-1] != "quantizer":
             raise PtqlabError(f"recipe {self.name}: the last step must be a quantizer ({QUANTIZERS})")
         if any(role != "transform" for role in roles[:-1]):
-            raise PtqlabError(f"recipe {self.name}: only smoothquant and awq may come before the quantizer, "
+            raise PtqlabError(f"recipe {self.name}: only rotate, smoothquant and awq may come before the quantizer, "
                               f"and only one quantizer ({QUANTIZERS}) is allowed, last")
+        whole = [i for i, step in enumerate(self.steps) if kind_of(step).scope == "model"]
+        if whole != list(range(len(whole))):
+            # it changes the float model that the other steps' statistics are taken from
+            raise PtqlabError(f"recipe {self.name}: {step_name(self.steps[whole[-1]])} transforms the whole float model "
+                              "and must be the first step, e.g. steps: [rotate, {gptq: {}}]")
         tuned = step_name(self.steps[-1]) == "autoround"
         if tuned and not _autoround_tunes(self.scheme.weights):
             raise PtqlabError(f"recipe {self.name}: {_AUTOROUND_TUNES}, not {self.scheme.weights.type} "

@@ -17,7 +17,8 @@ A recipe is a YAML document (the presets live in presets.yaml, parsed by the sam
         scheme: W4A16
         group_size: 64                # optional, as the top-level group_size sets the recipe's own scheme
 
-Steps run in order: transforms first (`smoothquant`, `awq`: they rescale the float model exactly), then exactly one
+Steps run in order: transforms first (`rotate`, first of all: it rotates the whole float model before calibration,
+engine/rotate.py; `smoothquant`, `awq`: they rescale the float model exactly), then exactly one
 quantizer, last (`gptq`, `rtn` or `autoround`); the steps, their settings and their allowed values come from the engine's table
 (engine/steps.py) and the settings' own declarations (ptqlab.settings). Keys follow llm-compressor's names where it has one (`smoothing_strength`,
 `dampening_frac`, `actorder`, `group_size`, `ignore`). A wrong key or value is an error naming the key and what is

@@ -8,7 +8,9 @@ leaves that mapping alone. A quantizer's function: (settings, linear names, line
 [(QuantizedLinear, notes)] per linear; same-shaped linears of one scheme come together (engine/quantize.py `batches`),
 and every quantizer takes each linear's scheme from `plan.scheme_of(name)` (a recipe's `overrides`). A quantizer
 of scope "layer" sees the whole decoder layer and its calibration inputs instead (engine/autoround.py): (settings,
-model, layer, targets, plan, batches, layer index, device, world, statistics) -> (notes, details).
+model, layer, targets, plan, batches, layer index, device, world, statistics) -> (notes, details). A transform of
+scope "model" runs once on the whole float model before the layer loop and any statistics (engine/rotate.py):
+(settings, model) -> notes; it must be the first step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ptqlab.engine.autoround import autoround_layer
 from ptqlab.engine.awq import AWQStep, awq
 from ptqlab.engine.plan import Plan
 from ptqlab.engine.quantize import RTNStep, gptq_linears, rtn_linears
+from ptqlab.engine.rotate import RotateStep, rotate_model
 from ptqlab.engine.smoothquant import SmoothQuantStep, smoothquant
 from ptqlab.quant import fp4
 from ptqlab.quant.autoround import AutoRoundConfig
@@ -36,8 +39,9 @@ class StepKind:
     statistics: frozenset[str]
     """What engine/statistics.py must collect for it: hessian, absmax, abssum."""
     run: Callable
-    scope: Literal["linear", "layer"] = "linear"
-    """What a quantizer works on: each linear from its input statistics, or a whole decoder layer from its inputs."""
+    scope: Literal["linear", "layer", "model"] = "linear"
+    """What a step works on: each linear (or smoothing mapping) from its input statistics, a whole decoder layer
+    from its inputs, or the whole float model once, before calibration (a transform that needs no data)."""
 
     @property
     def calibrated(self) -> bool:
@@ -51,6 +55,7 @@ STEPS: tuple[StepKind, ...] = (
     StepKind("gptq", GPTQConfig, "quantizer", frozenset({"hessian"}), gptq_linears),
     StepKind("rtn", RTNStep, "quantizer", frozenset(), rtn_linears),
     StepKind("autoround", AutoRoundConfig, "quantizer", frozenset({"hessian"}), autoround_layer, scope="layer"),
+    StepKind("rotate", RotateStep, "transform", frozenset(), rotate_model, scope="model"),
 )
 STEP_KINDS: dict[str, StepKind] = {kind.name: kind for kind in STEPS}
 

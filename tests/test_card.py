@@ -158,3 +158,16 @@ def test_a_card_for_a_folder_without_a_run_record_is_refused_in_one_line(tmp_pat
     with pytest.raises(PtqlabError, match=r"no run record \(ptqlab.json\).*run `ptqlab quantize`") as e:
         facts_of(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_a_card_that_cannot_be_written_is_said_and_does_not_fail_the_bench(checkpoints, capsys, monkeypatch):
+    folder = checkpoints["fp8-dynamic"]
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("ptqlab.card.write_atomically", refuse)
+    assert update_results(bench_results(folder, 10.5, 0.01)) == []
+    captured = capsys.readouterr()
+    said = " ".join((captured.out + captured.err).split())
+    assert "not updated (Permission denied); the results are in results.json" in said

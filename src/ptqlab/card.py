@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 
 from ptqlab.embedded import DEFAULT_MODEL_NAME
 from ptqlab.errors import PtqlabError
 from ptqlab.formats.readback import _stored_formats  # the formats config.json declares, as the read-back reads them
 from ptqlab.output import write_atomically
+from ptqlab.progress import say
 from ptqlab.record import RunRecord, read_record
 
 CARD_NAME = "README.md"
@@ -214,14 +216,19 @@ def write_card(folder: str | Path) -> list[str]:
 def update_results(results: dict) -> list[Path]:
     """Put each measured ptqlab checkpoint's tables into its README.md's marked section, atomically, leaving the rest
     of the card (the user's edits) as it is -> the cards updated. `results`: what bench/lab wrote to results.json.
-    A variant that is not a ptqlab checkpoint folder (the baseline, a GGUF file) has no card and is skipped."""
+    A variant that is not a ptqlab checkpoint folder (the baseline, a GGUF file) has no card and is skipped; a card
+    that cannot be written (a read-only folder) is said in one line and does not fail the measured run."""
     updated = []
     for variant in results.get("variants", []):
         folder = Path(variant.get("path", ""))
         if variant["name"] == results.get("baseline") or not folder.is_dir() or read_record(folder) is None:
             continue
         card = folder / CARD_NAME
-        text = card.read_text() if card.is_file() else render(facts_of(folder))
-        write_atomically(card, _with_section(text, results_section(results, variant["name"])))
+        try:
+            text = card.read_text() if card.is_file() else render(facts_of(folder))
+            write_atomically(card, _with_section(text, results_section(results, variant["name"])))
+        except (OSError, UnicodeDecodeError) as e:  # the measurements stand in results.json; a card is a copy
+            say(escape(f"{card}: not updated ({getattr(e, 'strerror', None) or e}); the results are in results.json"))
+            continue
         updated.append(card)
     return updated

@@ -171,3 +171,12 @@ def test_a_card_that_cannot_be_written_is_said_and_does_not_fail_the_bench(check
     captured = capsys.readouterr()
     said = " ".join((captured.out + captured.err).split())
     assert "not updated (Permission denied); the results are in results.json" in said
+
+
+def test_a_damaged_run_record_leaves_the_card_alone_and_the_bench_standing(tmp_path, capsys):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "ptqlab.json").write_text("{not json")
+    assert update_results(bench_results(tmp_path / "q", 10.5, 0.01)) == []
+    captured = capsys.readouterr()
+    assert "ptqlab.json is damaged" in " ".join((captured.out + captured.err).split())
+    assert not (tmp_path / "q" / CARD_NAME).exists()

@@ -221,13 +221,14 @@ def update_results(results: dict) -> list[Path]:
     updated = []
     for variant in results.get("variants", []):
         folder = Path(variant.get("path", ""))
-        if variant["name"] == results.get("baseline") or not folder.is_dir() or read_record(folder) is None:
-            continue
         card = folder / CARD_NAME
         try:
+            if variant["name"] == results.get("baseline") or not folder.is_dir() or read_record(folder) is None:
+                continue
             text = card.read_text() if card.is_file() else render(facts_of(folder))
             write_atomically(card, _with_section(text, results_section(results, variant["name"])))
-        except (OSError, UnicodeDecodeError) as e:  # the measurements stand in results.json; a card is a copy
+        except (OSError, UnicodeDecodeError, PtqlabError) as e:  # the measurements stand in results.json; a card
+            # is a copy of them, and a damaged run record or a read-only folder must not fail the measured run
             say(escape(f"{card}: not updated ({getattr(e, 'strerror', None) or e}); the results are in results.json"))
             continue
         updated.append(card)

@@ -8,7 +8,8 @@ the card restates, it owns no fact of its own.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -94,9 +95,10 @@ def facts_of(folder: Path) -> CardFacts:
 def _tags(record: RunRecord) -> list[str]:
     """The hub tags: ptqlab, the format, the recipe, its scheme's short name (w4a16 of w4a16-awq) and its steps
     (gptq, awq, smoothquant, rtn), which is what people search the hub by."""
-    scheme = record.recipe_name.split("-")[0]
+    scheme = re.match(r"(w\d+a\d+|fp8|nvfp4|mxfp4)", record.recipe_name)  # a user recipe's name may say none
     steps = [step if isinstance(step, str) else next(iter(step), "") for step in record.recipe.get("steps") or []]
-    return list(dict.fromkeys(filter(None, ["ptqlab", "compressed-tensors", record.format, scheme, record.recipe_name,
+    return list(dict.fromkeys(filter(None, ["ptqlab", "compressed-tensors", record.format,
+                                            scheme and scheme.group(1), record.recipe_name,
                                             *steps])))
 
 

@@ -31,7 +31,7 @@ def test_quantize_writes_a_complete_checkpoint(tiny_model_dir, tmp_path):
     code, output = run("quantize", tiny_model_dir("llama"), "--recipe", "w8a8-rtn", "--out", tmp_path / "q", "--quiet")
     assert code == 0, output
     assert "14 layers quantized" in output
-    assert {"config.json", "model.safetensors", "ptqlab.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "q").iterdir()}
+    assert {"config.json", "model.safetensors", "ptqlab.json", "tokenizer.json", "README.md"} <= {p.name for p in (tmp_path / "q").iterdir()}
 
 
 def test_recipes_lists_the_presets():

@@ -26,7 +26,8 @@ WINGS: list[tuple[str, tuple[str, ...]]] = [
     ("recipes", ("ptqlab.recipe", "ptqlab.recipes")),
     ("measure", ("ptqlab.measure",)),
     ("assembly", ("ptqlab.pipeline",)),
-    ("verbs", ("ptqlab.options", "ptqlab.api", "ptqlab.recommend", "ptqlab.report", "ptqlab.plots", "ptqlab.export_gguf")),
+    ("verbs", ("ptqlab.options", "ptqlab.api", "ptqlab.recommend", "ptqlab.report", "ptqlab.plots", "ptqlab.export_gguf",
+               "ptqlab.card")),
     ("suite", ("ptqlab.benchmark", "ptqlab.suite")),
     ("interface", ("ptqlab.cli", "ptqlab.launch", "ptqlab.__main__", "ptqlab")),
 ]

@@ -9,6 +9,7 @@ import ptqlab.benchmark
 from ptqlab.measure.variant import BenchSettings
 from ptqlab.errors import PtqlabError
 from ptqlab.benchmark import bench
+from ptqlab.card import CARD_NAME, RESULTS_END, RESULTS_START
 from ptqlab.suite import lab
 
 # Small enough for CI: 4 windows of 64 tokens, 4 generated tokens, batch 2, one repeat.
@@ -46,6 +47,15 @@ def test_lab_measures_every_variant(finished_lab):
         assert len(v["samples"]) == 4 and v["runtime"] == "transformers"
     assert (finished_lab / "variants" / "w8a8-rtn.json").is_file()
     assert (finished_lab / "checkpoints" / "w4a16-rtn" / "ptqlab.json").is_file()
+
+
+def test_lab_puts_its_numbers_in_each_checkpoints_card(finished_lab):
+    results = json.loads((finished_lab / "results.json").read_text())
+    for v in results["variants"][1:]:
+        card = (finished_lab / "checkpoints" / v["name"] / CARD_NAME).read_text()
+        inside = card.split(RESULTS_START, 1)[1].split(RESULTS_END, 1)[0]
+        assert f"| {v['name']} | {v['perplexity']['value']:.4f} | {v['kl']['mean']:.6f} | " in inside
+        assert f"| baseline | {results['variants'][0]['perplexity']['value']:.4f} |" in inside
 
 
 def test_report_files_render_offline(finished_lab):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 
+from ptqlab.card import write_card
 from ptqlab.data import CalibrationConfig, check_calibration, load_calibration
 from ptqlab.embedded import DEFAULT_MODEL_NAME, cache_root
 from ptqlab.engine import EngineOptions
@@ -219,6 +220,9 @@ def quantize(model: str | None = None, recipe: str | Recipe = "fp8-dynamic", out
                     "stream": options.stream, "ranks": world.size, "peak_gpu_bytes_per_rank": peaks,
                     "memory_plan": memory.to_dict(), "gpu_budget_bytes": gpu_budget, "cpu_budget_bytes": cpu_budget}
         _run_record(loaded, result, settings, time.perf_counter() - start, request, verification).write(tmp)
+        for line in write_card(tmp):  # README.md; what transformers cannot compute on it, said once here
+            if not options.quiet:
+                say(escape(line))
     return out
 
 

@@ -24,6 +24,7 @@ from ptqlab.output import check_can_write, locked, write_atomically
 from ptqlab.progress import format_seconds, log_event, say
 from ptqlab.recommend import Budget
 from ptqlab.record import read_record
+from ptqlab.card import update_results
 from ptqlab.report import write_report
 from ptqlab.version import __version__
 
@@ -176,7 +177,7 @@ def bench(paths: list[str], out: str | Path = "ptqlab-bench", baseline: str | No
     say_context_note(settings, base or folders[0], quiet)  # once, not by each variant's process
     with locked(out, "bench"):
         results = run_benchmarks(base, variants, out, settings, quiet)
-        write_report(out, results, settings, budget, baseline_name="baseline" if base else None)
+        update_results(write_report(out, results, settings, budget, baseline_name="baseline" if base else None))
     return out
 
 

@@ -32,6 +32,7 @@ from ptqlab.progress import log_event
 from ptqlab.recipes import get_recipe
 from ptqlab.record import read_record
 from ptqlab.recommend import Budget
+from ptqlab.card import update_results
 from ptqlab.report import write_report
 from ptqlab.version import __version__
 
@@ -159,7 +160,7 @@ def _lab(model, recipes, out: Path, settings: BenchSettings, budget: Budget, opt
     checkpoints += [(variant.name, _exported(base_path, variant, out, options, steps)) for variant in ggufs]
     results = run_benchmarks(base_path, checkpoints, out, settings, quiet, steps)
     found = json.loads((out / "sensitivity.json").read_text()) if sensitivity is not None else None
-    write_report(out, results, settings, budget, baseline_name="baseline", model=source, sensitivity=found)
+    update_results(write_report(out, results, settings, budget, baseline_name="baseline", model=source, sensitivity=found))
     return out
 
 

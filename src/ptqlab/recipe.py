@@ -31,6 +31,7 @@ def step_name(step: Step) -> str:
 
 
 QUANTIZERS = ", ".join(kind.name for kind in STEP_KINDS.values() if kind.role == "quantizer")
+TRANSFORMS = ", ".join(kind.name for kind in STEP_KINDS.values() if kind.role == "transform")
 _AUTOROUND_TUNES = "autoround tunes int weights with per-group or per-channel scales"
 
 
@@ -94,7 +95,7 @@ class Recipe:
         if not roles or roles[-1] != "quantizer":
             raise PtqlabError(f"recipe {self.name}: the last step must be a quantizer ({QUANTIZERS})")
         if any(role != "transform" for role in roles[:-1]):
-            raise PtqlabError(f"recipe {self.name}: only rotate, smoothquant and awq may come before the quantizer, "
+            raise PtqlabError(f"recipe {self.name}: only transforms ({TRANSFORMS}) may come before the quantizer, "
                               f"and only one quantizer ({QUANTIZERS}) is allowed, last")
         whole = [i for i, step in enumerate(self.steps) if kind_of(step).scope == "model"]
         if whole != list(range(len(whole))):

@@ -174,17 +174,23 @@ INT2_RTN = {"name": "w2-rtn", "scheme": {"weights": {"num_bits": 2, "type": "int
 @pytest.fixture(scope="module")
 def measured_int2(tiny_model_dir, tmp_path_factory):
     """A 2-bit recipe measured part by part, planned with its parts kept at 4 bits to a quarter of its KL."""
-    import yaml
-
     base = tiny_model_dir("llama")
     out = tmp_path_factory.mktemp("sensitivity-int2")
-    recipe_file = out / "w2-rtn.yaml"
-    recipe_file.write_text(yaml.safe_dump(INT2_RTN))
-    sensitivity(str(base), str(recipe_file), out, Sensitivity(target_kl=1e-9, windows=2, keep_bits=4), SETTINGS, quiet=True)
-    target = json.loads((out / "sensitivity.json").read_text())["uniform"]["kl_mean"] / 4
-    sensitivity(str(base), str(recipe_file), out, Sensitivity(target_kl=target, windows=2, keep_bits=4), SETTINGS,
+    recipe_file, first = _measure(base, INT2_RTN, out, target_kl=1e-9)
+    target = first["uniform"]["kl_mean"] / 4
+    return base, out, recipe_file, target, _measure(base, INT2_RTN, out, target_kl=target)[1]
+
+
+def _measure(base, recipe: dict, out, target_kl: float):
+    """`recipe` written as a YAML file in `out` and measured part by part there (2 windows, parts kept at 4 bits)
+    -> (the recipe file, sensitivity.json)."""
+    import yaml
+
+    recipe_file = out / f"{recipe['name']}.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    sensitivity(str(base), str(recipe_file), out, Sensitivity(target_kl=target_kl, windows=2, keep_bits=4), SETTINGS,
                 quiet=True)
-    return base, out, recipe_file, target, json.loads((out / "sensitivity.json").read_text())
+    return recipe_file, json.loads((out / "sensitivity.json").read_text())
 
 
 def test_parts_kept_at_4_bits_weigh_exactly_what_the_plan_predicts_and_lower_kl(measured_int2, tmp_path):
@@ -248,15 +254,9 @@ W2_SYMMETRIC = {"name": "w2-sym", "scheme": {"weights": {"num_bits": 2, "type": 
 @pytest.fixture(scope="module")
 def measured_moe(tiny_model_dir, tmp_path_factory):
     """A tiny Qwen3-MoE measured part by part at 2 bits, planned with its parts kept at 4 bits."""
-    import yaml
-
     base = tiny_model_dir("qwen3_moe")
     out = tmp_path_factory.mktemp("sensitivity-moe")
-    recipe_file = out / "w2-sym.yaml"
-    recipe_file.write_text(yaml.safe_dump(W2_SYMMETRIC))
-    sensitivity(str(base), str(recipe_file), out, Sensitivity(target_kl=1e-9, windows=2, keep_bits=4), SETTINGS,
-                quiet=True)
-    return base, out, json.loads((out / "sensitivity.json").read_text())
+    return base, out, _measure(base, W2_SYMMETRIC, out, target_kl=1e-9)[1]
 
 
 def test_an_moe_layers_experts_are_one_measured_part_and_the_mixed_recipe_covers_them(measured_moe):

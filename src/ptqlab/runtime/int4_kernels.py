@@ -82,19 +82,13 @@ if triton is not None:
     _UNPACK_FP16 = tl.constexpr(_unpack_asm(0x64006400, 0xE408E408, 0x3C003C00, "f16x2"))  # 1024, -1032, 1
 
     @triton.jit
-    def _plane_values(words, j: tl.constexpr):
-        """Nibble j of int4 plane words as the values q = u - 8 in fp32 (the interpreter's form of `_planes`)."""
-        return ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0
-
-    @triton.jit
     def _planes(words, DTYPE: tl.constexpr):
-        """Int4 plane words [BLOCK_N, 16] -> the 8 planes' values q = u - 8, each [BLOCK_N, 16] in DTYPE (fp32 under
-        the interpreter), computed elementwise so that the words, loaded straight into the tensor-core operand's
-        registers, never pass through shared memory again as 16-bit values."""
+        """Int4 plane words [BLOCK_N, 16] -> the 8 planes' values q = u - 8, each [BLOCK_N, 16] in DTYPE (bf16 or
+        fp16; fp32 under the interpreter, which runs no PTX), computed elementwise so that the words, loaded straight
+        into the tensor-core operand's registers, never pass through shared memory again as 16-bit values."""
         if _INTERPRETED:
-            return (_plane_values(words, 0), _plane_values(words, 1), _plane_values(words, 2),
-                    _plane_values(words, 3), _plane_values(words, 4), _plane_values(words, 5),
-                    _plane_values(words, 6), _plane_values(words, 7))
+            return (_nibble(words, 0) - 8.0, _nibble(words, 1) - 8.0, _nibble(words, 2) - 8.0, _nibble(words, 3) - 8.0,
+                    _nibble(words, 4) - 8.0, _nibble(words, 5) - 8.0, _nibble(words, 6) - 8.0, _nibble(words, 7) - 8.0)
         elif DTYPE == tl.bfloat16:
             return tl.inline_asm_elementwise(_UNPACK_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
                                              dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
@@ -264,9 +258,6 @@ if triton is not None:
             offset = offset + tl.load(Z + rn[:, None] * stride_zn + group, mask=mask, other=0).to(tl.float32)
         value = (_nibble(packed >> shift[None, :], 0) - offset) * scale
         tl.store(W + rn[:, None] * stride_wn + k[None, :], value.to(W.dtype.element_ty), mask=mask)
-
-
-if triton is not None:
 
     @triton.jit
     def _int4_dequant_planes_kernel(P, S, Z, W, N, K, stride_pn, stride_sn, stride_zn, stride_wn, GROUP: tl.constexpr,

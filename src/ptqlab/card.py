@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from ptqlab.embedded import DEFAULT_MODEL_NAME
 from ptqlab.errors import PtqlabError
-from ptqlab.formats.readback import _stored_formats  # the formats config.json declares, as the read-back reads them
+from ptqlab.formats.readback import stored_formats
 from ptqlab.output import write_atomically
 from ptqlab.progress import say
 from ptqlab.record import RunRecord, read_record
@@ -89,7 +89,7 @@ def facts_of(folder: Path) -> CardFacts:
     if Path(base).expanduser().is_dir():  # a local folder: the hub knows it by no path of this machine
         base = Path(base).expanduser().resolve().name
     return CardFacts(base, record, source_license(Path(record.model_path)),
-                     transformers_limits(_stored_formats(folder)))
+                     transformers_limits(stored_formats(folder)))
 
 
 def _tags(record: RunRecord) -> list[str]:

@@ -271,7 +271,7 @@ def _formats(folder: Path) -> set[str]:
     return {qc.get("format"), *(g.get("format") for g in groups if isinstance(g, dict))} - {None}
 
 
-def _stored_formats(folder: Path) -> list[NumberFormat]:
+def stored_formats(folder: Path) -> list[NumberFormat]:
     """The rows of number_formats for the formats config.json declares (those it has)."""
     return [BY_NAME[name] for name in sorted(_formats(folder)) if name in BY_NAME]
 
@@ -279,7 +279,7 @@ def _stored_formats(folder: Path) -> list[NumberFormat]:
 def _format_bounds(folder: Path) -> dict[str, float]:
     """Bounds other than BOUNDS for the checkpoint's formats: the largest `transformers_bound` of theirs (FP4's:
     transformers reads it rounded to bf16)."""
-    bounds = [f.transformers_bound for f in _stored_formats(folder) if f.transformers_bound is not None]
+    bounds = [f.transformers_bound for f in stored_formats(folder) if f.transformers_bound is not None]
     return {"transformers": max(bounds)} if bounds else {}
 
 
@@ -290,7 +290,7 @@ def _dequantize_at_load(folder: Path) -> dict:
     # Imported here for start-up time: transformers' quantizer configs load its integrations.
     from transformers import CompressedTensorsConfig
 
-    if any(f.dequantize_at_load for f in _stored_formats(folder)):
+    if any(f.dequantize_at_load for f in stored_formats(folder)):
         return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
     return {}
 
